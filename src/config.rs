@@ -1,0 +1,316 @@
+//! The one configuration type: the embedded default (tiergate.toml), then a TOML file, then
+//! flags / TIERGATE_* variables. Validated once at start; every error names its key.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// The repository's tiergate.toml, compiled in so the binary runs with no file at all.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../tiergate.toml");
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listen: String,
+    #[serde(default)]
+    pub metrics_listen: String,
+    pub model_dir: PathBuf,
+    pub heads: PathBuf,
+    #[serde(default = "default_backend")]
+    pub backend: BackendKind,
+    pub batch: BatchConfig,
+    pub threads: ThreadsConfig,
+    pub policy: PolicyConfig,
+    pub catalog: Vec<CatalogEntryConfig>,
+}
+
+fn default_backend() -> BackendKind {
+    BackendKind::Auto
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    pub max_batch_tokens: usize,
+    pub max_batch_requests: usize,
+    pub max_queue: usize,
+    pub max_input_tokens: usize,
+    pub max_pair_tokens: usize,
+    pub max_input_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThreadsConfig {
+    pub compute: usize,
+    pub tokenize: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub quality_floor: f64,
+    pub verify_band: f64,
+    #[serde(default)]
+    pub cost_weight: f64,
+    #[serde(default)]
+    pub verify_threshold: Option<f64>,
+    pub default_output_tokens: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogEntryConfig {
+    pub model: String,
+    pub in_usd_per_mtok: f64,
+    pub out_usd_per_mtok: f64,
+    /// Use the trained head of this data model (for models with no head of their own).
+    #[serde(default)]
+    pub like: Option<String>,
+    #[serde(default)]
+    pub expected_output_tokens: Option<u32>,
+}
+
+/// Overrides from flags and the environment (clap fills these; `None` keeps the file's value).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Overrides {
+    /// TOML config file (default: the embedded tiergate.toml).
+    #[arg(long, env = "TIERGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address, e.g. 127.0.0.1:50051 (port 0 picks a free port).
+    #[arg(long, env = "TIERGATE_LISTEN")]
+    pub listen: Option<String>,
+    /// Prometheus listen address; "" disables the exporter.
+    #[arg(long, env = "TIERGATE_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    #[arg(long, env = "TIERGATE_MODEL_DIR")]
+    pub model_dir: Option<PathBuf>,
+    #[arg(long, env = "TIERGATE_HEADS")]
+    pub heads: Option<PathBuf>,
+    #[arg(long, env = "TIERGATE_BACKEND", value_enum)]
+    pub backend: Option<BackendKind>,
+    #[arg(long, env = "TIERGATE_MAX_BATCH_TOKENS")]
+    pub max_batch_tokens: Option<usize>,
+    #[arg(long, env = "TIERGATE_MAX_BATCH_REQUESTS")]
+    pub max_batch_requests: Option<usize>,
+    #[arg(long, env = "TIERGATE_MAX_QUEUE")]
+    pub max_queue: Option<usize>,
+    #[arg(long, env = "TIERGATE_MAX_INPUT_TOKENS")]
+    pub max_input_tokens: Option<usize>,
+    #[arg(long, env = "TIERGATE_THREADS")]
+    pub threads: Option<usize>,
+    #[arg(long, env = "TIERGATE_QUALITY_FLOOR")]
+    pub quality_floor: Option<f64>,
+}
+
+impl Config {
+    pub fn embedded() -> Result<Config> {
+        toml::from_str(EMBEDDED_DEFAULT).context("embedded tiergate.toml")
+    }
+
+    /// Embedded default, or the file, with overrides applied, validated.
+    pub fn load(o: &Overrides) -> Result<Config> {
+        let mut c = match &o.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading config {}", p.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing config {}", p.display()))?
+            }
+            None => Config::embedded()?,
+        };
+        if let Some(v) = &o.listen {
+            c.listen = v.clone();
+        }
+        if let Some(v) = &o.metrics_listen {
+            c.metrics_listen = v.clone();
+        }
+        if let Some(v) = &o.model_dir {
+            c.model_dir = v.clone();
+        }
+        if let Some(v) = &o.heads {
+            c.heads = v.clone();
+        }
+        if let Some(v) = o.backend {
+            c.backend = v;
+        }
+        if let Some(v) = o.max_batch_tokens {
+            c.batch.max_batch_tokens = v;
+        }
+        if let Some(v) = o.max_batch_requests {
+            c.batch.max_batch_requests = v;
+        }
+        if let Some(v) = o.max_queue {
+            c.batch.max_queue = v;
+        }
+        if let Some(v) = o.max_input_tokens {
+            c.batch.max_input_tokens = v;
+        }
+        if let Some(v) = o.threads {
+            c.threads.compute = v;
+        }
+        if let Some(v) = o.quality_floor {
+            c.policy.quality_floor = v;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr> {
+        self.listen.parse().with_context(|| {
+            format!(
+                "listen: {:?} is not an address like 127.0.0.1:50051",
+                self.listen
+            )
+        })
+    }
+
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>> {
+        if self.metrics_listen.is_empty() {
+            return Ok(None);
+        }
+        self.metrics_listen.parse().map(Some).with_context(|| {
+            format!(
+                "metrics_listen: {:?} is not an address (use \"\" to disable)",
+                self.metrics_listen
+            )
+        })
+    }
+
+    pub fn compute_threads(&self) -> usize {
+        if self.threads.compute == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.threads.compute
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.listen_addr()?;
+        self.metrics_addr()?;
+        let b = &self.batch;
+        for (k, v) in [
+            ("batch.max_batch_tokens", b.max_batch_tokens),
+            ("batch.max_batch_requests", b.max_batch_requests),
+            ("batch.max_queue", b.max_queue),
+            ("batch.max_input_tokens", b.max_input_tokens),
+            ("batch.max_pair_tokens", b.max_pair_tokens),
+            ("batch.max_input_bytes", b.max_input_bytes),
+            ("threads.tokenize", self.threads.tokenize),
+        ] {
+            if v == 0 {
+                bail!("{k} must be > 0");
+            }
+        }
+        // MiniLM has 512 position embeddings; 2 of them go to [CLS]/[SEP].
+        for (k, v) in [
+            ("batch.max_input_tokens", b.max_input_tokens),
+            ("batch.max_pair_tokens", b.max_pair_tokens),
+        ] {
+            if !(8..=512).contains(&v) {
+                bail!("{k} = {v} must be in 8..=512 (the encoder has 512 positions)");
+            }
+            if v > b.max_batch_tokens {
+                bail!("{k} = {v} exceeds batch.max_batch_tokens = {}: such a request could never be batched", b.max_batch_tokens);
+            }
+        }
+        let p = &self.policy;
+        unit("policy.quality_floor", p.quality_floor)?;
+        unit("policy.verify_band", p.verify_band)?;
+        if let Some(t) = p.verify_threshold {
+            unit("policy.verify_threshold", t)?;
+        }
+        if !p.cost_weight.is_finite() || p.cost_weight < 0.0 {
+            bail!(
+                "policy.cost_weight = {} must be finite and >= 0",
+                p.cost_weight
+            );
+        }
+        if self.catalog.is_empty() {
+            bail!("catalog is empty: list at least one [[catalog]] model");
+        }
+        let mut seen = std::collections::HashSet::new();
+        for e in &self.catalog {
+            if e.model.trim().is_empty() {
+                bail!("catalog: an entry has an empty model name");
+            }
+            if !seen.insert(e.model.as_str()) {
+                bail!("catalog: model {:?} is listed twice", e.model);
+            }
+            for (k, v) in [
+                ("in_usd_per_mtok", e.in_usd_per_mtok),
+                ("out_usd_per_mtok", e.out_usd_per_mtok),
+            ] {
+                if !v.is_finite() || v < 0.0 {
+                    bail!("catalog[{}].{k} = {v} must be finite and >= 0", e.model);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn unit(key: &str, v: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&v) {
+        bail!("{key} = {v} must be in [0, 1]");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid_and_has_the_six_current_models() {
+        let c = Config::embedded().unwrap();
+        c.validate().unwrap();
+        let names: Vec<_> = c.catalog.iter().map(|e| e.model.as_str()).collect();
+        for m in [
+            "claude-opus-4.8",
+            "gpt-5.5",
+            "claude-sonnet-4.6",
+            "deepseek-v4",
+            "claude-haiku-4.5",
+            "gemini-2.5-flash",
+        ] {
+            assert!(names.contains(&m), "{m} missing from the default catalog");
+        }
+    }
+
+    fn with(f: impl FnOnce(&mut Config)) -> String {
+        let mut c = Config::embedded().unwrap();
+        f(&mut c);
+        format!("{:#}", c.validate().unwrap_err())
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        assert!(with(|c| c.listen = "nowhere".into()).contains("listen"));
+        assert!(with(|c| c.batch.max_queue = 0).contains("batch.max_queue"));
+        assert!(with(|c| c.batch.max_input_tokens = 1000).contains("512"));
+        assert!(with(|c| c.policy.quality_floor = 1.5).contains("policy.quality_floor"));
+        assert!(with(|c| c.policy.quality_floor = f64::NAN).contains("policy.quality_floor"));
+        assert!(with(|c| c.catalog.clear()).contains("catalog is empty"));
+        assert!(with(|c| c.catalog[0].in_usd_per_mtok = -1.0).contains("in_usd_per_mtok"));
+        assert!(with(|c| {
+            let e = c.catalog[0].clone();
+            c.catalog.push(e)
+        })
+        .contains("twice"));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let text = format!("{EMBEDDED_DEFAULT}\nbogus_key = 1\n");
+        assert!(toml::from_str::<Config>(&text).is_err());
+    }
+}

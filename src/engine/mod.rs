@@ -1,0 +1,71 @@
+//! Backends run the encoder on packed token batches. One backend thread owns a backend.
+pub mod cpu;
+
+use crate::error::TgError;
+
+/// A batch of variable-length sequences packed end to end, no padding.
+/// Sequence `i` is `ids[cu_seqlens[i]..cu_seqlens[i + 1]]` (with its `type_ids`).
+#[derive(Debug, Clone, Default)]
+pub struct PackedBatch {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+    pub cu_seqlens: Vec<u32>,
+}
+
+impl PackedBatch {
+    pub fn new() -> Self {
+        Self {
+            cu_seqlens: vec![0],
+            ..Default::default()
+        }
+    }
+    pub fn push(&mut self, ids: &[u32], type_ids: &[u32]) {
+        debug_assert_eq!(ids.len(), type_ids.len());
+        self.ids.extend_from_slice(ids);
+        self.type_ids.extend_from_slice(type_ids);
+        self.cu_seqlens.push(self.ids.len() as u32);
+    }
+    pub fn len(&self) -> usize {
+        self.cu_seqlens.len().saturating_sub(1)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn tokens(&self) -> usize {
+        self.ids.len()
+    }
+    pub fn seq(&self, i: usize) -> std::ops::Range<usize> {
+        self.cu_seqlens[i] as usize..self.cu_seqlens[i + 1] as usize
+    }
+}
+
+/// The encoder on some device. `embed` returns `batch.len() * dim()` floats: one
+/// mean-pooled, L2-normalised embedding per sequence, in batch order.
+pub trait Backend: Send {
+    fn name(&self) -> &'static str;
+    fn dim(&self) -> usize;
+    /// Largest number of tokens in one sequence (position embeddings).
+    fn max_seq_len(&self) -> usize;
+    fn embed(&mut self, batch: &PackedBatch) -> Result<Vec<f32>, TgError>;
+}
+
+/// Picks the backend. `auto` uses CUDA when its libraries and a device are present (probed
+/// before any CUDA call), else the CPU; `cuda` without a GPU is an error.
+pub fn select(
+    kind: crate::config::BackendKind,
+    model: std::sync::Arc<crate::model::encoder::MiniLm>,
+    threads: usize,
+) -> anyhow::Result<Box<dyn Backend>> {
+    use crate::config::BackendKind;
+    match kind {
+        BackendKind::Cpu => {}
+        BackendKind::Auto => {
+            tracing::info!("backend auto: no CUDA backend in this build, using the CPU");
+            metrics::counter!(crate::metrics::BACKEND_FALLBACK, "reason" => "no_cuda").increment(1);
+        }
+        BackendKind::Cuda => anyhow::bail!("backend cuda: this build has no CUDA backend"),
+    }
+    let b = cpu::CpuBackend::new(model, threads)?;
+    metrics::gauge!(crate::metrics::BACKEND_INFO, "backend" => "cpu").set(1.0);
+    Ok(Box::new(b))
+}

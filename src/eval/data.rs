@@ -1,0 +1,112 @@
+//! Rows of the routing data (JSONL, optionally gzip) and the price catalog.
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+/// One (prompt, model) row. `score`, `cost_usd` and `extra` may be absent (the score input).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Row {
+    pub source: String,
+    #[serde(default)]
+    pub task: Option<String>,
+    pub prompt_id: String,
+    pub prompt: String,
+    pub model: String,
+    #[serde(default)]
+    pub score: Option<f64>,
+    #[serde(default)]
+    pub response: Option<String>,
+    #[serde(default)]
+    pub cost_usd: Option<f64>,
+    #[serde(default)]
+    pub prompt_tokens: Option<u64>,
+    #[serde(default)]
+    pub response_tokens: Option<u64>,
+}
+
+impl Row {
+    /// Pass = score >= 0.5 (the data README's rule).
+    pub fn passed(&self) -> Option<bool> {
+        self.score.map(|s| s >= 0.5)
+    }
+}
+
+/// Reads JSONL or JSONL.gz (detected by the gzip magic). A malformed line is an error naming
+/// its number; nothing is skipped silently (blank lines excepted).
+pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut r = BufReader::new(f);
+    let gz = r.fill_buf()?.starts_with(&[0x1f, 0x8b]);
+    let reader: Box<dyn Read> = if gz {
+        Box::new(flate2::read::MultiGzDecoder::new(r))
+    } else {
+        Box::new(r)
+    };
+    let mut rows = Vec::new();
+    for (i, line) in BufReader::new(reader).lines().enumerate() {
+        let line = line.with_context(|| format!("{}: reading line {}", path.display(), i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row: Row = serde_json::from_str(&line)
+            .with_context(|| format!("{}: line {} is not a valid row", path.display(), i + 1))?;
+        if let Some(s) = row.score {
+            if !(0.0..=1.0).contains(&s) {
+                bail!(
+                    "{}: line {}: score {s} is outside [0, 1]",
+                    path.display(),
+                    i + 1
+                );
+            }
+        }
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Price {
+    pub model: String,
+    pub in_usd_per_mtok: f64,
+    pub out_usd_per_mtok: f64,
+}
+
+pub fn read_catalog(path: &Path) -> Result<BTreeMap<String, Price>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let list: Vec<Price> =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(list.into_iter().map(|p| (p.model.clone(), p)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn reads_plain_and_gzip_and_names_bad_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let good =
+            r#"{"source":"s","prompt_id":"1","prompt":"p","model":"m","score":1.0,"response":"r"}"#;
+        let plain = dir.path().join("a.jsonl");
+        std::fs::write(&plain, format!("{good}\n\n{good}\n")).unwrap();
+        assert_eq!(read_rows(&plain).unwrap().len(), 2);
+
+        let gz = dir.path().join("a.jsonl.gz");
+        let mut enc =
+            flate2::write::GzEncoder::new(std::fs::File::create(&gz).unwrap(), Default::default());
+        writeln!(enc, "{good}").unwrap();
+        enc.finish().unwrap();
+        let rows = read_rows(&gz).unwrap();
+        assert_eq!(rows[0].passed(), Some(true));
+
+        let bad = dir.path().join("b.jsonl");
+        std::fs::write(&bad, format!("{good}\n{{\"source\": 3}}\n")).unwrap();
+        let e = format!("{:#}", read_rows(&bad).unwrap_err());
+        assert!(e.contains("line 2"), "{e}");
+    }
+}

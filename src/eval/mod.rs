@@ -1,0 +1,4 @@
+//! Offline work on the routing data: reading rows, training heads, replaying datasets.
+pub mod data;
+pub mod fit;
+pub mod train;

@@ -1,0 +1,56 @@
+use clap::{Parser, Subcommand};
+use tiergate::config::{Config, Overrides};
+
+#[derive(Parser)]
+#[command(name = "tiergate", version, about = "LLM-routing decision service")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the gRPC service (embedded default config unless --config).
+    Serve(Overrides),
+    /// Fit the route and verify heads on the training split; print dev-split figures.
+    Train(tiergate::eval::train::TrainArgs),
+    /// Print the effective configuration (after file, env and flags) as TOML.
+    Config(Overrides),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Serve(o) => {
+            let cfg = Config::load(&o)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(tiergate::server::serve(
+                cfg,
+                tiergate::server::shutdown_signal(),
+            ))
+        }
+        Cmd::Train(a) => tiergate::eval::train::run(a),
+        Cmd::Config(o) => {
+            let cfg = Config::load(&o)?;
+            print!("{}", toml::to_string(&cfg)?);
+            Ok(())
+        }
+    }
+}

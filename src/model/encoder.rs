@@ -1,0 +1,754 @@
+//! MiniLM (BERT) sentence encoder on the CPU, over packed variable-length batches.
+//!
+//! All linear layers run as one GEMM over the packed `[total_tokens, hidden]` matrix,
+//! so batches carry no padding. Weights are stored as f32, pre-transposed to
+//! `[in, out]` row-major (Q, K and V fused into one `[hidden, 3*hidden]` matrix).
+//! Elementwise work is fused around the GEMMs: bias is written into the GEMM's
+//! destination beforehand, residuals are accumulated by the GEMM itself, and
+//! bias+LayerNorm / GELU are single row passes.
+use std::fs::File;
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use gemm::Parallelism;
+use rayon::prelude::*;
+use safetensors::{Dtype, SafeTensors};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::engine::PackedBatch;
+use crate::error::TgError;
+
+/// The subset of a HF BERT `config.json` the encoder needs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BertConfig {
+    pub hidden_size: usize,
+    pub num_attention_heads: usize,
+    pub num_hidden_layers: usize,
+    pub intermediate_size: usize,
+    pub layer_norm_eps: f64,
+    pub max_position_embeddings: usize,
+    pub vocab_size: usize,
+    pub type_vocab_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_pos")]
+    pub position_embedding_type: String,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_pos() -> String {
+    "absolute".into()
+}
+
+struct Layer {
+    /// `[hidden, 3*hidden]`: columns are Q | K | V.
+    w_qkv: Vec<f32>,
+    b_qkv: Vec<f32>,
+    /// `[hidden, hidden]`
+    w_attn_out: Vec<f32>,
+    b_attn_out: Vec<f32>,
+    ln1_g: Vec<f32>,
+    ln1_b: Vec<f32>,
+    /// `[hidden, intermediate]`
+    w_inter: Vec<f32>,
+    b_inter: Vec<f32>,
+    /// `[intermediate, hidden]`
+    w_out: Vec<f32>,
+    b_out: Vec<f32>,
+    ln2_g: Vec<f32>,
+    ln2_b: Vec<f32>,
+}
+
+/// The encoder with its weights in memory.
+pub struct MiniLm {
+    cfg: BertConfig,
+    head_dim: usize,
+    eps: f32,
+    word: Vec<f32>,
+    pos: Vec<f32>,
+    token_type: Vec<f32>,
+    emb_ln_g: Vec<f32>,
+    emb_ln_b: Vec<f32>,
+    layers: Vec<Layer>,
+    revision: String,
+}
+
+/// Reads named tensors out of a safetensors file, checking shapes.
+struct Weights<'a> {
+    st: SafeTensors<'a>,
+    file: String,
+}
+
+impl Weights<'_> {
+    /// Tensor `name` as f32, which must have exactly `shape`.
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self
+            .st
+            .tensor(name)
+            .with_context(|| format!("{}: missing tensor {name}", self.file))?;
+        ensure!(
+            t.shape() == shape,
+            "{}: tensor {name} has shape {:?}, expected {shape:?}",
+            self.file,
+            t.shape()
+        );
+        let data = t.data();
+        let out: Vec<f32> = match t.dtype() {
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => bail!(
+                "{}: tensor {name} has unsupported dtype {other:?}",
+                self.file
+            ),
+        };
+        ensure!(
+            out.len() == shape.iter().product::<usize>(),
+            "{}: tensor {name} holds {} values for shape {shape:?}",
+            self.file,
+            out.len()
+        );
+        Ok(out)
+    }
+
+    /// A HF `Linear` weight (`[out, in]`) transposed to `[in, out]` row-major.
+    fn linear_t(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<Vec<f32>> {
+        let w = self.get(name, &[out_dim, in_dim])?;
+        let mut t = vec![0.0; w.len()];
+        for (o, row) in w.chunks_exact(in_dim).enumerate() {
+            for (i, &v) in row.iter().enumerate() {
+                t[i * out_dim + o] = v;
+            }
+        }
+        Ok(t)
+    }
+}
+
+impl MiniLm {
+    /// Loads `config.json` and `model.safetensors` from `dir`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let cfg_text = std::fs::read_to_string(&cfg_path)
+            .with_context(|| format!("reading {}", cfg_path.display()))?;
+        let cfg: BertConfig = serde_json::from_str(&cfg_text)
+            .with_context(|| format!("parsing {}", cfg_path.display()))?;
+        ensure!(
+            cfg.hidden_act == "gelu",
+            "{}: hidden_act {:?} unsupported (only erf \"gelu\")",
+            cfg_path.display(),
+            cfg.hidden_act
+        );
+        ensure!(
+            cfg.position_embedding_type == "absolute",
+            "{}: position_embedding_type {:?} unsupported",
+            cfg_path.display(),
+            cfg.position_embedding_type
+        );
+        ensure!(
+            cfg.num_attention_heads > 0
+                && cfg.hidden_size > 0
+                && cfg.hidden_size % cfg.num_attention_heads == 0,
+            "{}: hidden_size {} not divisible by num_attention_heads {}",
+            cfg_path.display(),
+            cfg.hidden_size,
+            cfg.num_attention_heads
+        );
+
+        let st_path = dir.join("model.safetensors");
+        let file =
+            File::open(&st_path).with_context(|| format!("opening {}", st_path.display()))?;
+        // SAFETY: the map is read-only and dropped before `load` returns; the model
+        // files are not modified while the service runs.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("mapping {}", st_path.display()))?;
+        let revision = hex12(&Sha256::digest(&mmap[..]));
+        let w = Weights {
+            st: SafeTensors::deserialize(&mmap)
+                .with_context(|| format!("parsing {}", st_path.display()))?,
+            file: st_path.display().to_string(),
+        };
+
+        let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        // Checkpoints exported from `BertModel` have no "bert." prefix; those from
+        // task models (`BertForX`) do.
+        let prefix = if w.st.tensor("embeddings.word_embeddings.weight").is_ok() {
+            ""
+        } else {
+            "bert."
+        };
+        let emb = |n: &str, shape: &[usize]| w.get(&format!("{prefix}embeddings.{n}"), shape);
+        let word = emb("word_embeddings.weight", &[cfg.vocab_size, h])?;
+        let pos = emb(
+            "position_embeddings.weight",
+            &[cfg.max_position_embeddings, h],
+        )?;
+        let token_type = emb("token_type_embeddings.weight", &[cfg.type_vocab_size, h])?;
+        let emb_ln_g = emb("LayerNorm.weight", &[h])?;
+        let emb_ln_b = emb("LayerNorm.bias", &[h])?;
+
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("{prefix}encoder.layer.{l}.");
+            let q = w.linear_t(&format!("{p}attention.self.query.weight"), h, h)?;
+            let k = w.linear_t(&format!("{p}attention.self.key.weight"), h, h)?;
+            let v = w.linear_t(&format!("{p}attention.self.value.weight"), h, h)?;
+            let mut w_qkv = Vec::with_capacity(3 * h * h);
+            for i in 0..h {
+                for m in [&q, &k, &v] {
+                    w_qkv.extend_from_slice(&m[i * h..(i + 1) * h]);
+                }
+            }
+            let mut b_qkv = w.get(&format!("{p}attention.self.query.bias"), &[h])?;
+            b_qkv.extend(w.get(&format!("{p}attention.self.key.bias"), &[h])?);
+            b_qkv.extend(w.get(&format!("{p}attention.self.value.bias"), &[h])?);
+            layers.push(Layer {
+                w_qkv,
+                b_qkv,
+                w_attn_out: w.linear_t(&format!("{p}attention.output.dense.weight"), h, h)?,
+                b_attn_out: w.get(&format!("{p}attention.output.dense.bias"), &[h])?,
+                ln1_g: w.get(&format!("{p}attention.output.LayerNorm.weight"), &[h])?,
+                ln1_b: w.get(&format!("{p}attention.output.LayerNorm.bias"), &[h])?,
+                w_inter: w.linear_t(&format!("{p}intermediate.dense.weight"), inter, h)?,
+                b_inter: w.get(&format!("{p}intermediate.dense.bias"), &[inter])?,
+                w_out: w.linear_t(&format!("{p}output.dense.weight"), h, inter)?,
+                b_out: w.get(&format!("{p}output.dense.bias"), &[h])?,
+                ln2_g: w.get(&format!("{p}output.LayerNorm.weight"), &[h])?,
+                ln2_b: w.get(&format!("{p}output.LayerNorm.bias"), &[h])?,
+            });
+        }
+        Ok(Self {
+            head_dim: h / cfg.num_attention_heads,
+            eps: cfg.layer_norm_eps as f32,
+            cfg,
+            word,
+            pos,
+            token_type,
+            emb_ln_g,
+            emb_ln_b,
+            layers,
+            revision,
+        })
+    }
+
+    /// Embedding width (384 for MiniLM-L6).
+    pub fn dim(&self) -> usize {
+        self.cfg.hidden_size
+    }
+
+    /// Longest sequence the position embeddings allow.
+    pub fn max_positions(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    pub fn config(&self) -> &BertConfig {
+        &self.cfg
+    }
+
+    /// First 12 hex chars of the sha256 of `model.safetensors`.
+    pub fn revision(&self) -> &str {
+        &self.revision
+    }
+
+    /// Checks what [`Self::forward`] would otherwise panic on: token ids, type ids
+    /// and sequence lengths within the model's tables, and well-formed offsets.
+    pub fn validate(&self, batch: &PackedBatch) -> Result<(), TgError> {
+        let bad = |m: String| Err(TgError::InvalidArgument(m));
+        if batch.ids.len() != batch.type_ids.len() {
+            return bad("ids and type_ids differ in length".into());
+        }
+        match (batch.cu_seqlens.first(), batch.cu_seqlens.last()) {
+            (Some(0), Some(&end)) if end as usize == batch.ids.len() => {}
+            _ => return bad("cu_seqlens must start at 0 and end at the token count".into()),
+        }
+        for w in batch.cu_seqlens.windows(2) {
+            if w[1] < w[0] {
+                return bad("cu_seqlens must be non-decreasing".into());
+            }
+            if (w[1] - w[0]) as usize > self.max_positions() {
+                return bad(format!(
+                    "sequence of {} tokens exceeds the model's {} positions",
+                    w[1] - w[0],
+                    self.max_positions()
+                ));
+            }
+        }
+        if let Some(&id) = batch
+            .ids
+            .iter()
+            .find(|&&i| i as usize >= self.cfg.vocab_size)
+        {
+            return bad(format!("token id {id} outside the vocabulary"));
+        }
+        if let Some(&t) = batch
+            .type_ids
+            .iter()
+            .find(|&&t| t as usize >= self.cfg.type_vocab_size)
+        {
+            return bad(format!("token type id {t} out of range"));
+        }
+        Ok(())
+    }
+
+    /// Embeds every sequence of `batch`: `batch.len() * dim()` floats, each row the
+    /// L2-normalised mean of its sequence's final hidden states (special tokens
+    /// included, as sentence-transformers does). Runs on the current rayon pool.
+    ///
+    /// Panics if the batch fails [`Self::validate`]; backends validate first.
+    pub fn forward(&self, batch: &PackedBatch) -> Vec<f32> {
+        if let Err(e) = self.validate(batch) {
+            panic!("MiniLm::forward on an invalid batch: {e}");
+        }
+        let (h, inter) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        let t = batch.tokens();
+        if batch.is_empty() {
+            return Vec::new();
+        }
+        let mut x = vec![0.0f32; t * h];
+        self.embed_tokens(batch, &mut x);
+
+        let mut qkv = vec![0.0f32; t * 3 * h];
+        let mut ctx = vec![0.0f32; t * h];
+        let mut mid = vec![0.0f32; t * inter];
+        for layer in &self.layers {
+            // Q|K|V = x·Wqkv + b (bias pre-filled, GEMM accumulates onto it).
+            fill_rows(&mut qkv, &layer.b_qkv);
+            matmul(&mut qkv, &x, &layer.w_qkv, t, h, 3 * h, true);
+            self.attention(batch, &qkv, &mut ctx);
+            // x = LN(x + ctx·Wo + bo): the GEMM adds onto the residual in place.
+            matmul(&mut x, &ctx, &layer.w_attn_out, t, h, h, true);
+            bias_layer_norm_rows(
+                &mut x,
+                &layer.b_attn_out,
+                &layer.ln1_g,
+                &layer.ln1_b,
+                self.eps,
+            );
+            // mid = GELU(x·Wi + bi)
+            fill_rows(&mut mid, &layer.b_inter);
+            matmul(&mut mid, &x, &layer.w_inter, t, h, inter, true);
+            mid.par_chunks_mut(inter * 8).for_each(gelu_inplace);
+            // x = LN(x + mid·Wo2 + bo2)
+            matmul(&mut x, &mid, &layer.w_out, t, inter, h, true);
+            bias_layer_norm_rows(&mut x, &layer.b_out, &layer.ln2_g, &layer.ln2_b, self.eps);
+        }
+
+        let mut out = vec![0.0f32; batch.len() * h];
+        out.par_chunks_mut(h).enumerate().for_each(|(s, o)| {
+            mean_pool_normalize(&x[batch.seq(s).start * h..batch.seq(s).end * h], o);
+        });
+        out
+    }
+
+    /// word + position (restarting per sequence) + token type embeddings, then LayerNorm.
+    fn embed_tokens(&self, batch: &PackedBatch, x: &mut [f32]) {
+        let h = self.cfg.hidden_size;
+        let mut starts = Vec::with_capacity(batch.tokens());
+        for s in 0..batch.len() {
+            let r = batch.seq(s);
+            starts.extend(std::iter::repeat_n(r.start, r.len()));
+        }
+        x.par_chunks_mut(h)
+            .with_min_len(16)
+            .enumerate()
+            .for_each(|(i, row)| {
+                let (id, ty, p) = (
+                    batch.ids[i] as usize,
+                    batch.type_ids[i] as usize,
+                    i - starts[i],
+                );
+                let w = &self.word[id * h..(id + 1) * h];
+                let pe = &self.pos[p * h..(p + 1) * h];
+                let te = &self.token_type[ty * h..(ty + 1) * h];
+                for (((r, &a), &b), &c) in row.iter_mut().zip(w).zip(pe).zip(te) {
+                    *r = a + b + c;
+                }
+                layer_norm(row, &self.emb_ln_g, &self.emb_ln_b, self.eps);
+            });
+    }
+
+    /// Multi-head self-attention within each sequence; one task per (sequence, head).
+    fn attention(&self, batch: &PackedBatch, qkv: &[f32], ctx: &mut [f32]) {
+        let (h, d, heads) = (
+            self.cfg.hidden_size,
+            self.head_dim,
+            self.cfg.num_attention_heads,
+        );
+        let scale = 1.0 / (d as f32).sqrt();
+        let ctx_ptr = SendPtr(ctx.as_mut_ptr());
+        let ctx_len = ctx.len();
+        (0..batch.len() * heads).into_par_iter().for_each_init(
+            Vec::new,
+            |scores: &mut Vec<f32>, task| {
+                let (s, head) = (task / heads, task % heads);
+                let r = batch.seq(s);
+                let l = r.len();
+                if l == 0 {
+                    return;
+                }
+                scores.clear();
+                scores.resize(l * l, 0.0);
+                let q = &qkv[r.start * 3 * h + head * d..];
+                let k = &q[h..];
+                let v = &q[2 * h..];
+                assert!(q.len() >= (l - 1) * 3 * h + d);
+                assert!(ctx_len >= (r.end - 1) * h + head * d + d);
+                // SAFETY: each task writes only rows r × columns [head*d, (head+1)*d)
+                // of ctx, disjoint from every other task; bounds asserted above, and
+                // all read strides stay inside `q` (checked by the first assert).
+                unsafe {
+                    // scores = scale · Q·Kᵀ   (K read transposed through its strides)
+                    gemm::gemm(
+                        l,
+                        l,
+                        d,
+                        scores.as_mut_ptr(),
+                        1,
+                        l as isize,
+                        false,
+                        q.as_ptr(),
+                        1,
+                        3 * h as isize,
+                        k.as_ptr(),
+                        3 * h as isize,
+                        1,
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                    for row in scores.chunks_exact_mut(l) {
+                        softmax_inplace(row);
+                    }
+                    // ctx[rows, head] = P·V
+                    gemm::gemm(
+                        l,
+                        d,
+                        l,
+                        ctx_ptr.get().add(r.start * h + head * d),
+                        1,
+                        h as isize,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        l as isize,
+                        v.as_ptr(),
+                        1,
+                        3 * h as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+            },
+        );
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only for disjoint writes from rayon tasks (see `attention`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    // A method (not field access) so closures capture the whole Send wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+fn hex12(digest: &[u8]) -> String {
+    digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `dst[m,n] (+)= a[m,k] · b[k,n]`, all row-major and contiguous. With `accumulate`
+/// the product is added to what `dst` holds. Parallel over the current rayon pool.
+pub fn matmul(
+    dst: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    assert!(dst.len() == m * n && a.len() == m * k && b.len() == k * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the slices' lengths match the dimensions and strides (asserted above).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::Rayon(0),
+        );
+    }
+}
+
+/// Copies `row` into every row of `dst` (bias pre-fill before an accumulating GEMM).
+fn fill_rows(dst: &mut [f32], row: &[f32]) {
+    dst.par_chunks_mut(row.len() * 16).for_each(|chunk| {
+        for r in chunk.chunks_exact_mut(row.len()) {
+            r.copy_from_slice(row);
+        }
+    });
+}
+
+/// Adds `bias` to each row of `x` then LayerNorms it; rows in parallel.
+fn bias_layer_norm_rows(x: &mut [f32], bias: &[f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let h = bias.len();
+    x.par_chunks_mut(h).with_min_len(16).for_each(|row| {
+        for (r, &b) in row.iter_mut().zip(bias) {
+            *r += b;
+        }
+        layer_norm(row, gamma, beta, eps);
+    });
+}
+
+/// Sum with 8 independent lanes, so it vectorises without fast-math.
+#[inline]
+fn sum_lanes(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+/// LayerNorm of one row in place: `(x - mean) / sqrt(var + eps) * gamma + beta`, with
+/// the biased variance computed in a second pass for accuracy.
+/// CPU reference for kernels/*.cu (layer norm kernels).
+pub fn layer_norm(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let n = x.len() as f32;
+    let mean = sum_lanes(x) / n;
+    for v in x.iter_mut() {
+        *v -= mean;
+    }
+    let mut acc = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let mut var: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v * v;
+        }
+    }
+    var = (var + acc.iter().sum::<f32>()) / n;
+    let inv = 1.0 / (var + eps).sqrt();
+    for ((v, &g), &b) in x.iter_mut().zip(gamma).zip(beta) {
+        *v = *v * inv * g + b;
+    }
+}
+
+/// erf for f32 as a rational function on [-4, 4] (±1 beyond, where f32 erf is ±1).
+/// Approximation error 6.5e-8; evaluated in f32 the max abs error is 4.2e-7.
+/// Branch-free so loops over it vectorise.
+/// CPU reference for kernels/*.cu (GELU kernels).
+#[inline]
+pub fn erf(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = x2 * -2.726_142_3e-10 + 2.770_681_4e-8;
+    p = x2 * p - 2.101_024e-6;
+    p = x2 * p - 5.692_506_4e-5;
+    p = x2 * p - 7.349_906_3e-4;
+    p = x2 * p - 2.954_6e-3;
+    p = x2 * p - 1.609_603_3e-2;
+    let mut q = x2 * -1.456_607_2e-5 - 2.133_740_6e-4;
+    q = x2 * q - 1.682_827e-3;
+    q = x2 * q - 7.373_329e-3;
+    q = x2 * q - 1.426_474e-2;
+    x * p / q
+}
+
+/// Exact (erf) GELU: `x/2 · (1 + erf(x/√2))`, as in HF's `"gelu"`.
+/// CPU reference for kernels/*.cu (GELU kernels).
+#[inline]
+pub fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// [`gelu`] over a slice in place.
+/// CPU reference for kernels/*.cu (bias+GELU kernel, applied after the bias add).
+pub fn gelu_inplace(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = gelu(*v);
+    }
+}
+
+/// e^x for f32 (Cephes polynomial, max rel error ~1e-7 over [-87, 88]; inputs are
+/// clamped there). Branch-free so the softmax loop vectorises, unlike `f32::exp`.
+#[inline]
+pub fn exp(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4 * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    // The low mantissa bits of `t` hold n; build 2ⁿ from them.
+    let n_bits = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    y * f32::from_bits(((n_bits + 127) << 23) as u32)
+}
+
+/// Numerically stable softmax of one row in place (max subtracted first).
+/// CPU reference for kernels/*.cu (attention softmax).
+pub fn softmax_inplace(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for v in row.iter_mut() {
+        *v = exp(*v - max);
+    }
+    let inv = 1.0 / sum_lanes(row);
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Mean of the rows of `x` (`[len, out.len()]`) into `out`, then L2-normalised.
+/// CPU reference for kernels/*.cu (pooling kernel).
+pub fn mean_pool_normalize(x: &[f32], out: &mut [f32]) {
+    let h = out.len();
+    out.fill(0.0);
+    let rows = x.len() / h;
+    for row in x.chunks_exact(h) {
+        for (o, &v) in out.iter_mut().zip(row) {
+            *o += v;
+        }
+    }
+    let inv_rows = 1.0 / rows.max(1) as f32;
+    for o in out.iter_mut() {
+        *o *= inv_rows;
+    }
+    let norm = out.iter().map(|v| v * v).sum::<f32>().sqrt();
+    // Same clamp as torch.nn.functional.normalize.
+    let inv = 1.0 / norm.max(1e-12);
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erf_matches_reference_values() {
+        // math.erf in Python (double precision).
+        let cases = [
+            (0.0, 0.0),
+            (0.1, 0.1124629160182849),
+            (-0.5, -0.5204998778130465),
+            (1.0, 0.8427007929497149),
+            (1.7, 0.9837904585907746),
+            (2.5, 0.9995930479825550),
+            (-3.3, -0.9999969422902035),
+            (6.0, 1.0),
+        ];
+        for (x, want) in cases {
+            let got = erf(x as f32) as f64;
+            assert!((got - want).abs() < 5e-7, "erf({x}) = {got}, want {want}");
+        }
+    }
+
+    #[test]
+    fn exp_is_accurate() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let got = exp(x) as f64;
+            assert!(
+                ((got - want) / want).abs() < 2e-7,
+                "exp({x}) = {got}, want {want}"
+            );
+            x += 0.0137;
+        }
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1000.0) < 1e-37);
+    }
+
+    #[test]
+    fn gelu_reference_values() {
+        // torch.nn.functional.gelu (erf form) in double precision.
+        for (x, want) in [
+            (0.0f32, 0.0f64),
+            (1.0, 0.8413447460685429),
+            (-1.0, -0.15865525393145707),
+            (3.0, 2.9959502129533960),
+        ] {
+            assert!((gelu(x) as f64 - want).abs() < 1e-6, "gelu({x})");
+        }
+    }
+
+    #[test]
+    fn layer_norm_and_softmax() {
+        let mut x: Vec<f32> = (0..384)
+            .map(|i| (i as f32 * 0.37).sin() * 3.0 + 1.0)
+            .collect();
+        let g = vec![1.0; 384];
+        let b = vec![0.0; 384];
+        layer_norm(&mut x, &g, &b, 1e-12);
+        let mean: f64 = x.iter().map(|&v| v as f64).sum::<f64>() / 384.0;
+        let var: f64 = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / 384.0;
+        assert!(mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-5);
+
+        let mut row = vec![1000.0, 1001.0, 999.0, -1e30];
+        softmax_inplace(&mut row);
+        let want = [0.24472847, 0.66524096, 0.09003057, 0.0];
+        for (g, w) in row.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn matmul_small() {
+        // [2,3]·[3,2]
+        let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let b = [7.0, 8.0, 9.0, 10.0, 11.0, 12.0];
+        let mut c = [1.0; 4];
+        matmul(&mut c, &a, &b, 2, 3, 2, true);
+        assert_eq!(c, [59.0, 65.0, 140.0, 155.0]);
+        matmul(&mut c, &a, &b, 2, 3, 2, false);
+        assert_eq!(c, [58.0, 64.0, 139.0, 154.0]);
+    }
+}

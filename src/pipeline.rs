@@ -1,0 +1,200 @@
+//! The data path shared by the server and the offline commands: tokenizer pool → batcher →
+//! backend → heads. One `Pipeline` per process.
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::sync::oneshot;
+
+use crate::batch::{Batcher, Embedded, Limits, Priority};
+use crate::config::Config;
+use crate::engine;
+use crate::error::TgError;
+use crate::metrics as m;
+use crate::model::encoder::MiniLm;
+use crate::model::heads::Heads;
+use crate::model::tokenize::{Encoded, TextTokenizer, TruncSide};
+use crate::policy::Catalog;
+
+/// Tokenizer pool + batcher + backend: text in, embeddings out.
+pub struct Encoder {
+    pub tokenizer: Arc<TextTokenizer>,
+    tok_pool: rayon::ThreadPool,
+    pub batcher: Batcher,
+    pub model_revision: String,
+}
+
+/// The encoder plus the heads and catalog that turn embeddings into decisions.
+pub struct Pipeline {
+    pub enc: Encoder,
+    pub heads: Arc<Heads>,
+    pub catalog: Catalog,
+}
+
+/// What one input became: its embedding plus the timings of each stage.
+pub struct EncodedInput {
+    pub enc_len: usize,
+    pub truncated: bool,
+    pub embedding: Vec<f32>,
+    pub tokenize: Duration,
+    pub queue: Duration,
+    pub inference: Duration,
+}
+
+impl Pipeline {
+    pub fn start(cfg: &Config) -> Result<Pipeline> {
+        let heads = Heads::load(&cfg.heads)?;
+        Self::start_with_heads(cfg, heads)
+    }
+
+    pub fn start_with_heads(cfg: &Config, heads: Heads) -> Result<Pipeline> {
+        let catalog = Catalog::build(cfg, &heads)?;
+        let enc = Encoder::start(cfg)?;
+        if enc.dim() != heads.dim {
+            anyhow::bail!(
+                "heads have dim {} but the encoder has {}",
+                heads.dim,
+                enc.dim()
+            );
+        }
+        if enc.model_revision != heads.encoder_revision {
+            tracing::warn!(
+                encoder = %enc.model_revision,
+                heads = %heads.encoder_revision,
+                "heads were fitted on another encoder revision"
+            );
+        }
+        Ok(Pipeline {
+            enc,
+            heads: Arc::new(heads),
+            catalog,
+        })
+    }
+
+    pub fn revision(&self) -> String {
+        format!("{}+{}", self.enc.model_revision, self.heads.revision)
+    }
+
+    pub async fn encode(
+        &self,
+        rpc: &'static str,
+        input: Input,
+        priority: Priority,
+        deadline: Option<Instant>,
+    ) -> Result<EncodedInput, TgError> {
+        self.enc.encode(rpc, input, priority, deadline).await
+    }
+}
+
+impl Encoder {
+    pub fn start(cfg: &Config) -> Result<Encoder> {
+        let tokenizer = TextTokenizer::from_file(
+            &cfg.model_dir.join("tokenizer.json"),
+            cfg.batch.max_input_tokens,
+            cfg.batch.max_pair_tokens,
+        )
+        .map_err(|e| anyhow::anyhow!("{e} (run scripts/setup-model.sh)"))?;
+        let model = load_model(&cfg.model_dir)?;
+        let model_revision = model.revision().to_string();
+        let backend = engine::select(cfg.backend, Arc::new(model), cfg.compute_threads())?;
+        let batcher = Batcher::start(
+            backend,
+            Limits {
+                max_batch_tokens: cfg.batch.max_batch_tokens,
+                max_batch_requests: cfg.batch.max_batch_requests,
+                max_queue: cfg.batch.max_queue,
+            },
+        );
+        let tok_pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.threads.tokenize)
+            .thread_name(|i| format!("tiergate-tok-{i}"))
+            .build()
+            .context("tokenizer thread pool")?;
+        Ok(Encoder {
+            tokenizer: Arc::new(tokenizer),
+            tok_pool,
+            batcher,
+            model_revision,
+        })
+    }
+
+    pub fn dim(&self) -> usize {
+        self.batcher.dim()
+    }
+
+    /// Runs `f` on the tokenizer pool, off the async runtime.
+    async fn on_pool<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&TextTokenizer) -> Result<T, TgError> + Send + 'static,
+    ) -> Result<T, TgError> {
+        let (tx, rx) = oneshot::channel();
+        let tok = self.tokenizer.clone();
+        self.tok_pool.spawn(move || {
+            let _ = tx.send(f(&tok));
+        });
+        rx.await
+            .map_err(|_| TgError::Internal("tokenizer worker stopped".into()))?
+    }
+
+    pub async fn tokenize_single(&self, text: String, side: TruncSide) -> Result<Encoded, TgError> {
+        self.on_pool(move |t| t.encode_single(&text, side)).await
+    }
+
+    pub async fn tokenize_pair(&self, prompt: String, answer: String) -> Result<Encoded, TgError> {
+        self.on_pool(move |t| t.encode_pair(&prompt, &answer)).await
+    }
+
+    /// Tokenizes (single text or pair) and embeds through the batcher.
+    pub async fn encode(
+        &self,
+        rpc: &'static str,
+        input: Input,
+        priority: Priority,
+        deadline: Option<Instant>,
+    ) -> Result<EncodedInput, TgError> {
+        let t0 = Instant::now();
+        let enc = match input {
+            Input::Single(text, side) => self.tokenize_single(text, side).await?,
+            Input::Pair(p, a) => self.tokenize_pair(p, a).await?,
+        };
+        let tokenize = t0.elapsed();
+        metrics::histogram!(m::TOKENIZE_SECONDS).record(tokenize.as_secs_f64());
+        if enc.truncated {
+            metrics::counter!(m::TRUNCATIONS, "rpc" => rpc).increment(1);
+        }
+        let enc_len = enc.ids.len();
+        let truncated = enc.truncated;
+        let Embedded {
+            embedding,
+            queue,
+            inference,
+            ..
+        } = self
+            .batcher
+            .embed(enc.ids, enc.type_ids, priority, deadline)
+            .await?;
+        Ok(EncodedInput {
+            enc_len,
+            truncated,
+            embedding,
+            tokenize,
+            queue,
+            inference,
+        })
+    }
+}
+
+pub enum Input {
+    Single(String, TruncSide),
+    Pair(String, String),
+}
+
+pub fn load_model(dir: &Path) -> Result<MiniLm> {
+    MiniLm::load(dir).with_context(|| {
+        format!(
+            "loading the encoder from {} (run scripts/setup-model.sh)",
+            dir.display()
+        )
+    })
+}
