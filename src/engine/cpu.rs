@@ -50,3 +50,45 @@ impl Backend for CpuBackend {
         Ok(self.pool.install(|| model.forward(batch)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn model() -> Arc<MiniLm> {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/base");
+        match MiniLm::load(&dir) {
+            Ok(m) => Arc::new(m),
+            Err(e) => panic!("{e:#}; run scripts/setup-model.sh first"),
+        }
+    }
+
+    #[test]
+    fn embeds_on_its_pool_and_rejects_bad_batches() {
+        let m = model();
+        let mut b = CpuBackend::new(m.clone(), 2).unwrap();
+        assert_eq!(
+            (b.name(), b.dim(), b.max_seq_len(), b.threads()),
+            ("cpu", 384, 512, 2)
+        );
+        let mut batch = PackedBatch::new();
+        batch.push(&[101, 7592, 2088, 102], &[0; 4]);
+        batch.push(&[101, 102], &[0, 0]);
+        let out = b.embed(&batch).unwrap();
+        assert_eq!(out, m.forward(&batch));
+        let norm: f32 = out[..384].iter().map(|v| v * v).sum();
+        assert!((norm - 1.0).abs() < 1e-5);
+        assert!(b.embed(&PackedBatch::new()).unwrap().is_empty());
+
+        let mut bad = PackedBatch::new();
+        bad.push(&[101, 999_999, 102], &[0; 3]);
+        assert!(matches!(b.embed(&bad), Err(TgError::InvalidArgument(_))));
+        let mut bad = PackedBatch::new();
+        bad.push(&[101, 102], &[0, 7]);
+        assert!(matches!(b.embed(&bad), Err(TgError::InvalidArgument(_))));
+        let mut long = PackedBatch::new();
+        long.push(&vec![100; 513], &[0; 513]);
+        assert!(matches!(b.embed(&long), Err(TgError::InvalidArgument(_))));
+    }
+}

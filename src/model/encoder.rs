@@ -19,6 +19,28 @@ use sha2::{Digest, Sha256};
 use crate::engine::PackedBatch;
 use crate::error::TgError;
 
+/// Runs `$f($arg)` compiled for AVX2+FMA when the CPU has them (the crate targets
+/// baseline x86-64, where the elementwise loops only get 4-wide SSE2). `$f` must be
+/// `#[inline(always)]` so its body is compiled inside the AVX2 wrapper.
+macro_rules! with_avx2 {
+    ($f:ident($arg:expr)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn wide(x: &mut [f32]) {
+                $f(x)
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the features `wide` is compiled for were detected just above.
+                return unsafe { wide($arg) };
+            }
+        }
+        $f($arg)
+    }};
+}
+
 /// The subset of a HF BERT `config.json` the encoder needs.
 #[derive(Debug, Clone, Deserialize)]
 pub struct BertConfig {
@@ -539,7 +561,7 @@ fn bias_layer_norm_rows(x: &mut [f32], bias: &[f32], gamma: &[f32], beta: &[f32]
 }
 
 /// Sum with 8 independent lanes, so it vectorises without fast-math.
-#[inline]
+#[inline(always)]
 fn sum_lanes(x: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let chunks = x.chunks_exact(8);
@@ -580,7 +602,7 @@ pub fn layer_norm(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
 /// Approximation error 6.5e-8; evaluated in f32 the max abs error is 4.2e-7.
 /// Branch-free so loops over it vectorise.
 /// CPU reference for kernels/*.cu (GELU kernels).
-#[inline]
+#[inline(always)]
 pub fn erf(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
@@ -599,7 +621,7 @@ pub fn erf(x: f32) -> f32 {
 
 /// Exact (erf) GELU: `x/2 · (1 + erf(x/√2))`, as in HF's `"gelu"`.
 /// CPU reference for kernels/*.cu (GELU kernels).
-#[inline]
+#[inline(always)]
 pub fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
@@ -607,6 +629,11 @@ pub fn gelu(x: f32) -> f32 {
 /// [`gelu`] over a slice in place.
 /// CPU reference for kernels/*.cu (bias+GELU kernel, applied after the bias add).
 pub fn gelu_inplace(x: &mut [f32]) {
+    with_avx2!(gelu_inplace_impl(x))
+}
+
+#[inline(always)]
+fn gelu_inplace_impl(x: &mut [f32]) {
     for v in x.iter_mut() {
         *v = gelu(*v);
     }
@@ -614,7 +641,7 @@ pub fn gelu_inplace(x: &mut [f32]) {
 
 /// e^x for f32 (Cephes polynomial, max rel error ~1e-7 over [-87, 88]; inputs are
 /// clamped there). Branch-free so the softmax loop vectorises, unlike `f32::exp`.
-#[inline]
+#[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer
     let x = x.clamp(-87.0, 88.0);
@@ -625,7 +652,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     // The low mantissa bits of `t` hold n; build 2ⁿ from them.
     let n_bits = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
@@ -635,7 +662,24 @@ pub fn exp(x: f32) -> f32 {
 /// Numerically stable softmax of one row in place (max subtracted first).
 /// CPU reference for kernels/*.cu (attention softmax).
 pub fn softmax_inplace(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    with_avx2!(softmax_impl(row))
+}
+
+#[inline(always)]
+fn softmax_impl(row: &mut [f32]) {
+    // Lane-wise max so it vectorises (f32::max folds do not).
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = row.chunks_exact(8);
+    let mut max = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    max = lanes.iter().fold(max, |a, &b| a.max(b));
     for v in row.iter_mut() {
         *v = exp(*v - max);
     }
@@ -681,7 +725,7 @@ mod tests {
             (-0.5, -0.5204998778130465),
             (1.0, 0.8427007929497149),
             (1.7, 0.9837904585907746),
-            (2.5, 0.9995930479825550),
+            (2.5, 0.999_593_047_982_555),
             (-3.3, -0.9999969422902035),
             (6.0, 1.0),
         ];
@@ -714,7 +758,7 @@ mod tests {
             (0.0f32, 0.0f64),
             (1.0, 0.8413447460685429),
             (-1.0, -0.15865525393145707),
-            (3.0, 2.9959502129533960),
+            (3.0, 2.995_950_212_953_396),
         ] {
             assert!((gelu(x) as f64 - want).abs() < 1e-6, "gelu({x})");
         }
