@@ -158,6 +158,9 @@ impl Batcher {
                 self.shared.limits.max_batch_tokens
             )));
         }
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            return Err(TgError::DeadlineExceeded);
+        }
         let (reply, rx) = oneshot::channel();
         let mut st = self.shared.lock();
         if st.closed {

@@ -247,7 +247,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         o.0 += r.response_tokens.unwrap_or(1);
         o.1 += 1;
     }
-    let grid = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2];
+    let grid = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1];
     let mut best = (f64::INFINITY, grid[0]);
     let pb = progress((grid.len() * fit_rows.len()) as u64, "route-l2");
     for &l2 in &grid {

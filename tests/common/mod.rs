@@ -1,0 +1,174 @@
+//! Starts the real `tiergate` binary on 127.0.0.1 (ephemeral ports) with the real model.
+#![allow(dead_code)]
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tiergate::proto::router_client::RouterClient;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+pub struct Server {
+    child: Child,
+    pub addr: String,
+    pub metrics: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port on loopback")
+}
+
+impl Server {
+    /// Spawns `tiergate serve` with `extra` flags and waits for its listening line.
+    pub fn spawn(extra: &[&str]) -> Server {
+        let root = env!("CARGO_MANIFEST_DIR");
+        assert!(
+            std::path::Path::new(root)
+                .join("models/base/model.safetensors")
+                .exists(),
+            "models/base is missing: run scripts/setup-model.sh"
+        );
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+            .current_dir(root)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                &metrics,
+            ])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning tiergate");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("reading stdout");
+        let addr = line
+            .trim()
+            .strip_prefix("tiergate listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Server {
+            child,
+            addr,
+            metrics,
+        }
+    }
+
+    pub async fn client(&self) -> RouterClient<Channel> {
+        RouterClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect")
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn health(&self, service: &str) -> ServingStatus {
+        let mut h = HealthClient::new(self.channel().await);
+        let r = h
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health check")
+            .into_inner();
+        ServingStatus::try_from(r.status).expect("status")
+    }
+
+    /// Waits until grpc.health.v1 says SERVING (warm-up done).
+    pub async fn ready(&self) {
+        let t0 = Instant::now();
+        loop {
+            if self.health("tiergate.v1.Router").await == ServingStatus::Serving {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "server never became SERVING"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn metrics_text(&self) -> String {
+        let mut s = std::net::TcpStream::connect(&self.metrics).expect("metrics port");
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    pub fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return st;
+            }
+            assert!(t0.elapsed() < limit, "server did not exit within {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A prompt of roughly `words` words (about as many tokens).
+pub fn prompt_of(words: usize, seed: usize) -> String {
+    const W: &[&str] = &[
+        "explain",
+        "why",
+        "the",
+        "integral",
+        "of",
+        "a",
+        "function",
+        "converges",
+        "when",
+        "its",
+        "derivative",
+        "is",
+        "bounded",
+        "and",
+        "give",
+        "an",
+        "example",
+        "in",
+        "python",
+        "code",
+    ];
+    (0..words)
+        .map(|i| W[(i * 7 + seed * 13) % W.len()])
+        .collect::<Vec<_>>()
+        .join(" ")
+}

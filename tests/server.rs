@@ -1,0 +1,528 @@
+//! The real server on loopback with the real model: every RPC, health, reflection, /metrics,
+//! bad inputs and their codes, overload, and draining on SIGTERM.
+mod common;
+
+use std::time::Duration;
+
+use common::{prompt_of, Server};
+use tiergate::proto::{self, route_request::Input, Decision};
+use tonic::Code;
+
+fn route(prompt: &str) -> proto::RouteRequest {
+    proto::RouteRequest {
+        request_id: "r1".into(),
+        input: Some(Input::Prompt(prompt.into())),
+        ..Default::default()
+    }
+}
+
+fn verify(prompt: &str, answer: &str, model: &str) -> proto::VerifyRequest {
+    proto::VerifyRequest {
+        request_id: "v1".into(),
+        prompt: prompt.into(),
+        answer: answer.into(),
+        model: model.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_health_reflection_and_metrics() {
+    let srv = Server::spawn(&[]);
+    srv.ready().await;
+    assert_eq!(
+        srv.health("").await,
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    let mut c = srv.client().await;
+
+    // Info: the default catalog and limits.
+    let info = c.info(proto::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.backend, "cpu");
+    assert_eq!(info.catalog.len(), 6);
+    assert!(info.catalog.iter().any(|e| e.model == "claude-opus-4.8"));
+    assert_eq!(info.limits.as_ref().unwrap().max_input_tokens, 256);
+    assert!(!info.model_revision.is_empty() && !info.heads_revision.is_empty());
+
+    // Route on a prompt: every catalog model scored, price order, a coherent decision.
+    let r = c
+        .route(route(
+            "What is the derivative of x^3 + 2x? Show your steps.",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.request_id, "r1");
+    assert_eq!(r.candidates.len(), 6);
+    for w in r.candidates.windows(2) {
+        assert!(
+            w[0].expected_cost_usd <= w[1].expected_cost_usd,
+            "not in price order"
+        );
+    }
+    for s in &r.candidates {
+        assert!((0.0..=1.0).contains(&s.p_pass), "{s:?}");
+    }
+    let chosen = r
+        .candidates
+        .iter()
+        .find(|s| s.model == r.model)
+        .expect("chosen is a candidate");
+    let max_cost = r
+        .candidates
+        .iter()
+        .map(|s| s.expected_cost_usd)
+        .fold(0.0, f64::max);
+    assert!((r.expected_saving_usd - (max_cost - chosen.expected_cost_usd)).abs() < 1e-15);
+    match r.reason.as_str() {
+        "floor_met" => {
+            assert!(chosen.p_pass >= info.default_quality_floor);
+            // Nothing cheaper met the floor.
+            for s in r.candidates.iter().take_while(|s| s.model != r.model) {
+                assert!(
+                    s.p_pass < info.default_quality_floor,
+                    "{s:?} was cheaper and met the floor"
+                );
+            }
+        }
+        "best_effort" => {
+            assert!(r.candidates.iter().all(|s| s.p_pass <= chosen.p_pass));
+        }
+        other => panic!("unexpected reason {other}"),
+    }
+    assert!((r.margin - (chosen.p_pass - info.default_quality_floor)).abs() < 1e-12);
+    assert!(!r.truncated && r.input_tokens > 5 && r.input_tokens < 40);
+    let t = r.timings.unwrap();
+    assert!(t.total_ms >= t.inference_ms && t.inference_ms > 0.0);
+
+    // Chat messages, and an explicit candidate set of data models.
+    let mut req = route("");
+    req.input = Some(Input::Messages(proto::Messages {
+        messages: vec![
+            proto::ChatMessage {
+                role: "system".into(),
+                content: "You are terse.".into(),
+            },
+            proto::ChatMessage {
+                role: "user".into(),
+                content: "Name three prime numbers.".into(),
+            },
+        ],
+    }));
+    req.candidates = vec!["gemini-1.5-flash-002".into(), "gemini-1.5-pro-002".into()];
+    let r = c.route(req).await.unwrap().into_inner();
+    assert_eq!(r.candidates.len(), 2);
+    assert!(r.model.starts_with("gemini-1.5-"));
+
+    // A floor of 0 always takes the cheapest; a floor of 1 never meets it.
+    let mut req = route("Translate 'good morning' into French.");
+    req.policy = Some(proto::Policy {
+        quality_floor: Some(0.0),
+        ..Default::default()
+    });
+    let r = c.route(req.clone()).await.unwrap().into_inner();
+    assert_eq!(r.model, r.candidates[0].model);
+    assert_eq!(r.reason, "floor_met");
+    req.policy = Some(proto::Policy {
+        quality_floor: Some(1.0),
+        ..Default::default()
+    });
+    assert_eq!(
+        c.route(req).await.unwrap().into_inner().reason,
+        "best_effort"
+    );
+
+    // A long prompt is truncated to the limit, and says so.
+    let r = c
+        .route(route(&prompt_of(600, 1)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.truncated);
+    assert_eq!(r.input_tokens, 256);
+
+    // Verify: a calibrated p_pass, a decision consistent with the threshold.
+    let v = c
+        .verify(verify(
+            "What is 12 * 12?",
+            "12 * 12 = 144. The answer is 144.",
+            "gemini-2.5-flash",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!((0.0..=1.0).contains(&v.p_pass));
+    let ship = v.p_pass >= v.threshold;
+    assert_eq!(
+        v.decision,
+        if ship {
+            Decision::Ship
+        } else {
+            Decision::Escalate
+        } as i32
+    );
+    if ship {
+        assert!(v.escalate_to.is_empty());
+    } else {
+        // Expected cost at 250 output tokens: flash < deepseek-v4 < haiku < sonnet < opus < gpt-5.5.
+        assert_eq!(v.escalate_to, "deepseek-v4", "next model up in price order");
+    }
+    // An empty answer is never shipped; the top tier has nowhere to escalate to.
+    let v = c
+        .verify(verify("Write a haiku.", "  ", "claude-opus-4.8"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.decision, Decision::Escalate as i32);
+    assert_eq!(v.p_pass, 0.0);
+    assert_eq!(v.escalate_to, "gpt-5.5");
+    let mut top = verify("Write a haiku.", "", "gpt-5.5");
+    top.policy = Some(proto::Policy {
+        quality_floor: Some(0.9),
+        ..Default::default()
+    });
+    let v = c.verify(top).await.unwrap().into_inner();
+    assert_eq!(v.threshold, 0.9);
+    assert!(v.escalate_to.is_empty());
+
+    // Streams keep order; a bad item answers with an error in its place, the stream goes on.
+    let mut reqs: Vec<proto::RouteRequest> = (0..12)
+        .map(|i| {
+            let mut r = route(&prompt_of(5 + i * 9, i));
+            r.request_id = format!("s{i}");
+            r
+        })
+        .collect();
+    reqs[5].input = None;
+    let mut out = c
+        .route_stream(tokio_stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut i = 0;
+    while let Some(item) = out.message().await.unwrap() {
+        match item.result.unwrap() {
+            proto::route_stream_reply::Result::Reply(r) => {
+                assert_eq!(r.request_id, format!("s{i}"));
+                assert_ne!(i, 5);
+            }
+            proto::route_stream_reply::Result::Error(e) => {
+                assert_eq!(i, 5);
+                assert_eq!(e.code, Code::InvalidArgument as i32);
+                assert_eq!(e.request_id, "s5");
+            }
+        }
+        i += 1;
+    }
+    assert_eq!(i, 12);
+
+    let vreqs: Vec<proto::VerifyRequest> = (0..6)
+        .map(|i| {
+            let mut v = verify(
+                "What is 2 + 2?",
+                &format!("It is {}.", i + 2),
+                "deepseek-v4",
+            );
+            v.request_id = format!("v{i}");
+            v
+        })
+        .collect();
+    let mut out = c
+        .verify_stream(tokio_stream::iter(vreqs))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ids = Vec::new();
+    while let Some(item) = out.message().await.unwrap() {
+        match item.result.unwrap() {
+            proto::verify_stream_reply::Result::Reply(v) => ids.push(v.request_id),
+            proto::verify_stream_reply::Result::Error(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(ids, (0..6).map(|i| format!("v{i}")).collect::<Vec<_>>());
+
+    // Reflection lists our service and health, so grpcurl works.
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let mut rc = ServerReflectionClient::new(srv.channel().await);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = rc
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let msg = resp.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+        panic!("unexpected reflection reply");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"tiergate.v1.Router"), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+
+    // Prometheus: the counters moved.
+    let m = srv.metrics_text();
+    for name in [
+        "tiergate_requests_total{rpc=\"Route\",code=\"OK\"}",
+        "tiergate_requests_total{rpc=\"RouteStream\",code=\"INVALID_ARGUMENT\"}",
+        "tiergate_request_duration_seconds_bucket",
+        "tiergate_batch_size_bucket",
+        "tiergate_batch_tokens_bucket",
+        "tiergate_queue_depth",
+        "tiergate_tokenize_seconds_bucket",
+        "tiergate_queue_seconds_bucket",
+        "tiergate_inference_seconds_bucket",
+        "tiergate_route_decisions_total",
+        "tiergate_escalations_total",
+        "tiergate_truncations_total{rpc=\"route\"}",
+        "tiergate_rejections_total",
+    ] {
+        assert!(m.contains(name), "/metrics lacks {name}:\n{m}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_get_typed_errors() {
+    let srv = Server::spawn(&[]);
+    srv.ready().await;
+    let mut c = srv.client().await;
+    let huge = "x ".repeat(140_000);
+    let pol = |p: proto::Policy| {
+        let mut r = route("hello there");
+        r.policy = Some(p);
+        r
+    };
+    let route_cases: Vec<(&str, proto::RouteRequest, Code)> = vec![
+        (
+            "no input",
+            proto::RouteRequest::default(),
+            Code::InvalidArgument,
+        ),
+        ("empty prompt", route("   "), Code::InvalidArgument),
+        ("oversize prompt", route(&huge), Code::InvalidArgument),
+        (
+            "unknown candidate",
+            {
+                let mut r = route("hi");
+                r.candidates = vec!["gpt-7-ultra".into()];
+                r
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "NaN floor",
+            pol(proto::Policy {
+                quality_floor: Some(f64::NAN),
+                ..Default::default()
+            }),
+            Code::InvalidArgument,
+        ),
+        (
+            "floor above 1",
+            pol(proto::Policy {
+                quality_floor: Some(1.5),
+                ..Default::default()
+            }),
+            Code::InvalidArgument,
+        ),
+        (
+            "negative max cost",
+            pol(proto::Policy {
+                max_cost_usd: Some(-1.0),
+                ..Default::default()
+            }),
+            Code::InvalidArgument,
+        ),
+        (
+            "negative cost weight",
+            pol(proto::Policy {
+                cost_weight: Some(-0.5),
+                ..Default::default()
+            }),
+            Code::InvalidArgument,
+        ),
+        (
+            "nothing affordable",
+            pol(proto::Policy {
+                max_cost_usd: Some(0.0),
+                ..Default::default()
+            }),
+            Code::InvalidArgument,
+        ),
+        (
+            "bad priority",
+            {
+                let mut r = route("hi");
+                r.priority = 42;
+                r
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "bad truncation",
+            {
+                let mut r = route("hi");
+                r.truncation = 9;
+                r
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "zero output tokens",
+            {
+                let mut r = route("hi");
+                r.expected_output_tokens = Some(0);
+                r
+            },
+            Code::InvalidArgument,
+        ),
+    ];
+    for (name, req, code) in route_cases {
+        let e = c.route(req).await.expect_err(name);
+        assert_eq!(e.code(), code, "{name}: {}", e.message());
+        assert!(!e.message().is_empty(), "{name}: empty message");
+    }
+    let e = c
+        .route({
+            let mut r = route("hi");
+            r.candidates = vec!["gpt-7-ultra".into()];
+            r
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("gpt-7-ultra"),
+        "names the model: {}",
+        e.message()
+    );
+
+    let verify_cases: Vec<(&str, proto::VerifyRequest, Code)> = vec![
+        (
+            "empty prompt",
+            verify("", "answer", "gpt-5.5"),
+            Code::InvalidArgument,
+        ),
+        (
+            "unknown model",
+            verify("q", "a", "nope"),
+            Code::InvalidArgument,
+        ),
+        (
+            "oversize answer",
+            verify("q", &huge, "gpt-5.5"),
+            Code::InvalidArgument,
+        ),
+        (
+            "NaN floor",
+            {
+                let mut v = verify("q", "a", "gpt-5.5");
+                v.policy = Some(proto::Policy {
+                    quality_floor: Some(f64::NAN),
+                    ..Default::default()
+                });
+                v
+            },
+            Code::InvalidArgument,
+        ),
+    ];
+    for (name, req, code) in verify_cases {
+        let e = c.verify(req).await.expect_err(name);
+        assert_eq!(e.code(), code, "{name}: {}", e.message());
+    }
+
+    // A deadline shorter than the work, sent as grpc-timeout only (no client-side timer): the
+    // server answers DEADLINE_EXCEEDED (our batcher) or CANCELLED (tonic's timeout layer,
+    // whichever fires first), never OK and never a hang.
+    let mut req = tonic::Request::new(route(&prompt_of(250, 3)));
+    req.metadata_mut()
+        .insert("grpc-timeout", "1u".parse().unwrap());
+    let e = c.route(req).await.unwrap_err();
+    assert!(
+        matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{:?} {}",
+        e.code(),
+        e.message()
+    );
+
+    // The server is still healthy after all that.
+    assert!(c.route(route("still alive?")).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_rejects_at_once_and_loses_nothing_accepted() {
+    let srv = Server::spawn(&[
+        "--max-queue",
+        "4",
+        "--max-batch-requests",
+        "2",
+        "--threads",
+        "1",
+    ]);
+    srv.ready().await;
+    let c = srv.client().await;
+    let n = 80;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut r = route(&prompt_of(200, i));
+            r.request_id = format!("o{i}");
+            c.route(r).await.map(|r| r.into_inner().request_id)
+        }));
+    }
+    let (mut ok, mut exhausted) = (0, 0);
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await.unwrap() {
+            Ok(id) => {
+                assert_eq!(id, format!("o{i}"));
+                ok += 1;
+            }
+            Err(e) if e.code() == Code::ResourceExhausted => exhausted += 1,
+            Err(e) => panic!("request {i}: unexpected {:?} {}", e.code(), e.message()),
+        }
+    }
+    assert_eq!(ok + exhausted, n, "every request answered");
+    assert!(
+        exhausted > 0,
+        "a queue of 4 must overflow under {n} concurrent requests"
+    );
+    assert!(ok >= 4, "admitted requests are computed ({ok} ok)");
+    let m = srv.metrics_text();
+    assert!(
+        m.contains("tiergate_rejections_total{rpc=\"Route\",reason=\"queue_full\"}"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_accepted_requests() {
+    let mut srv = Server::spawn(&["--max-batch-requests", "1", "--threads", "1"]);
+    srv.ready().await;
+    let c = srv.client().await;
+    let n = 16;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            c.route(route(&prompt_of(250, i))).await
+        }));
+    }
+    // Let all of them be accepted (one at a time through the backend, so most are queued).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    srv.sigterm();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let r = t.await.unwrap();
+        assert!(
+            r.is_ok(),
+            "request {i} was accepted before SIGTERM but got {:?}",
+            r.err()
+        );
+    }
+    let st = srv.wait_exit(Duration::from_secs(30));
+    assert!(st.success(), "exit status {st}");
+}
