@@ -44,7 +44,7 @@ pub struct BatchConfig {
     pub max_batch_requests: usize,
     pub max_queue: usize,
     pub max_input_tokens: usize,
-    pub max_pair_tokens: usize,
+    pub max_answer_tokens: usize,
     pub max_input_bytes: usize,
 }
 
@@ -202,7 +202,7 @@ impl Config {
             ("batch.max_batch_requests", b.max_batch_requests),
             ("batch.max_queue", b.max_queue),
             ("batch.max_input_tokens", b.max_input_tokens),
-            ("batch.max_pair_tokens", b.max_pair_tokens),
+            ("batch.max_answer_tokens", b.max_answer_tokens),
             ("batch.max_input_bytes", b.max_input_bytes),
             ("threads.tokenize", self.threads.tokenize),
         ] {
@@ -213,7 +213,7 @@ impl Config {
         // MiniLM has 512 position embeddings; 2 of them go to [CLS]/[SEP].
         for (k, v) in [
             ("batch.max_input_tokens", b.max_input_tokens),
-            ("batch.max_pair_tokens", b.max_pair_tokens),
+            ("batch.max_answer_tokens", b.max_answer_tokens),
         ] {
             if !(8..=512).contains(&v) {
                 bail!("{k} = {v} must be in 8..=512 (the encoder has 512 positions)");

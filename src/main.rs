@@ -14,6 +14,8 @@ enum Cmd {
     Serve(Overrides),
     /// Fit the route and verify heads on the training split; print dev-split figures.
     Train(tiergate::eval::train::TrainArgs),
+    /// Score rows offline: p_route and p_verify per row, JSONL out (the evaluation interface).
+    Score(tiergate::eval::score::ScoreArgs),
     /// Print the effective configuration (after file, env and flags) as TOML.
     Config(Overrides),
 }
@@ -47,6 +49,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ))
         }
         Cmd::Train(a) => tiergate::eval::train::run(a),
+        Cmd::Score(a) => tiergate::eval::score::run(a),
         Cmd::Config(o) => {
             let cfg = Config::load(&o)?;
             print!("{}", toml::to_string(&cfg)?);

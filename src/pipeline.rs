@@ -92,7 +92,8 @@ impl Encoder {
         let tokenizer = TextTokenizer::from_file(
             &cfg.model_dir.join("tokenizer.json"),
             cfg.batch.max_input_tokens,
-            cfg.batch.max_pair_tokens,
+            // Pairs are not encoded jointly by the service; the limit only bounds encode_pair.
+            cfg.batch.max_input_tokens,
         )
         .map_err(|e| anyhow::anyhow!("{e} (run scripts/setup-model.sh)"))?;
         let model = load_model(&cfg.model_dir)?;
@@ -141,8 +142,8 @@ impl Encoder {
         self.on_pool(move |t| t.encode_single(&text, side)).await
     }
 
-    pub async fn tokenize_pair(&self, prompt: String, answer: String) -> Result<Encoded, TgError> {
-        self.on_pool(move |t| t.encode_pair(&prompt, &answer)).await
+    pub async fn tokenize_answer(&self, answer: String, limit: usize) -> Result<Encoded, TgError> {
+        self.on_pool(move |t| t.encode_answer(&answer, limit)).await
     }
 
     /// Tokenizes (single text or pair) and embeds through the batcher.
@@ -156,7 +157,7 @@ impl Encoder {
         let t0 = Instant::now();
         let enc = match input {
             Input::Single(text, side) => self.tokenize_single(text, side).await?,
-            Input::Pair(p, a) => self.tokenize_pair(p, a).await?,
+            Input::Answer(a, limit) => self.tokenize_answer(a, limit).await?,
         };
         let tokenize = t0.elapsed();
         metrics::histogram!(m::TOKENIZE_SECONDS).record(tokenize.as_secs_f64());
@@ -187,7 +188,8 @@ impl Encoder {
 
 pub enum Input {
     Single(String, TruncSide),
-    Pair(String, String),
+    /// An answer on its own, mostly its tail, at most this many tokens.
+    Answer(String, usize),
 }
 
 pub fn load_model(dir: &Path) -> Result<MiniLm> {

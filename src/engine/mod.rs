@@ -1,5 +1,6 @@
 //! Backends run the encoder on packed token batches. One backend thread owns a backend.
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::TgError;
 
@@ -59,13 +60,38 @@ pub fn select(
     use crate::config::BackendKind;
     match kind {
         BackendKind::Cpu => {}
-        BackendKind::Auto => {
-            tracing::info!("backend auto: no CUDA backend in this build, using the CPU");
-            metrics::counter!(crate::metrics::BACKEND_FALLBACK, "reason" => "no_cuda").increment(1);
+        BackendKind::Auto => match cuda::probe() {
+            Ok(info) => match start_cuda(&model) {
+                Ok(b) => return Ok(b),
+                Err(e) => {
+                    tracing::warn!("backend auto: CUDA device {} present but the CUDA backend failed ({e:#}); using the CPU", info.name);
+                    metrics::counter!(crate::metrics::BACKEND_FALLBACK, "reason" => "cuda_init")
+                        .increment(1);
+                }
+            },
+            Err(why) => {
+                tracing::info!("backend auto: no CUDA ({why}); using the CPU");
+                metrics::counter!(crate::metrics::BACKEND_FALLBACK, "reason" => "no_cuda")
+                    .increment(1);
+            }
+        },
+        BackendKind::Cuda => {
+            cuda::probe().map_err(|e| anyhow::anyhow!("backend cuda: no usable GPU: {e}"))?;
+            return start_cuda(&model).map_err(|e| e.context("backend cuda"));
         }
-        BackendKind::Cuda => anyhow::bail!("backend cuda: this build has no CUDA backend"),
     }
     let b = cpu::CpuBackend::new(model, threads)?;
     metrics::gauge!(crate::metrics::BACKEND_INFO, "backend" => "cpu").set(1.0);
+    Ok(Box::new(b))
+}
+
+/// The CUDA backend on the weights `model` was loaded from.
+fn start_cuda(
+    model: &std::sync::Arc<crate::model::encoder::MiniLm>,
+) -> anyhow::Result<Box<dyn Backend>> {
+    let dir = cuda::model_dir_for(model)?;
+    let b = cuda::CudaBackend::new(model.clone(), &dir)?;
+    tracing::info!(device = b.device_name(), "backend: cuda");
+    metrics::gauge!(crate::metrics::BACKEND_INFO, "backend" => "cuda").set(1.0);
     Ok(Box::new(b))
 }

@@ -261,3 +261,263 @@ mod tests {
         assert!(ece(&p, &y, 10) < 1e-9);
     }
 }
+
+/// Training rows of the router: (prompt index, model index, soft label).
+pub struct RouterRows {
+    pub rows: Vec<(u32, u32, f32)>,
+}
+
+/// Parameters of the IRT-style router (see model::heads::RouterHead).
+#[derive(Debug, Clone)]
+pub struct RouterFit {
+    pub k: usize,
+    pub proj: Vec<f32>,
+    pub w: Vec<f32>,
+    pub c: f32,
+    pub u: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+impl RouterFit {
+    pub fn logit(&self, z: &[f32], s: f32, m: usize) -> f32 {
+        let k = self.k;
+        s + self.b[m] + crate::model::heads::dot(&self.u[m * k..(m + 1) * k], z)
+    }
+
+    /// (P e, w·e + c) for every prompt embedding in `e` (n × d).
+    pub fn prompt_features(&self, e: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
+        use rayon::prelude::*;
+        let k = self.k;
+        let n = e.len() / d;
+        let mut z = vec![0.0f32; n * k];
+        let mut s = vec![0.0f32; n];
+        z.par_chunks_mut(k)
+            .zip(s.par_iter_mut())
+            .enumerate()
+            .for_each(|(i, (zi, si))| {
+                let ei = &e[i * d..(i + 1) * d];
+                for (j, zj) in zi.iter_mut().enumerate() {
+                    *zj = crate::model::heads::dot(&self.proj[j * d..(j + 1) * d], ei);
+                }
+                *si = self.c + crate::model::heads::dot(&self.w, ei);
+            });
+        (z, s)
+    }
+}
+
+/// Fits the router by full-batch Adam on mean cross-entropy + L2 (abilities and projections;
+/// model intercepts unpenalised). Deterministic for a given seed. `eval` is called every 25
+/// steps with the current fit and may return a held-out loss; the best step is kept.
+pub fn fit_router(
+    e: &[f32],
+    d: usize,
+    n_models: usize,
+    data: &RouterRows,
+    k: usize,
+    l2: f32,
+    steps: usize,
+    seed: u64,
+    mut eval: impl FnMut(&RouterFit) -> Option<f64>,
+) -> (RouterFit, usize, Option<f64>) {
+    let n_prompts = e.len() / d;
+    let mut s0 = seed;
+    let mut rnd = move || {
+        s0 = crate::eval::train::mix(s0);
+        ((s0 >> 11) as f64 / (1u64 << 53) as f64 - 0.5) as f32
+    };
+    let mut f = RouterFit {
+        k,
+        proj: (0..k * d).map(|_| rnd() * 0.2).collect(),
+        w: vec![0.0; d],
+        c: 0.0,
+        u: (0..n_models * k).map(|_| rnd() * 0.2).collect(),
+        b: vec![0.0; n_models],
+    };
+    // Intercepts start at each model's base rate.
+    let mut sum = vec![(0.0f64, 0usize); n_models];
+    for &(_, m, y) in &data.rows {
+        sum[m as usize].0 += y as f64;
+        sum[m as usize].1 += 1;
+    }
+    for (m, (s, n)) in sum.iter().enumerate() {
+        let p = (s / (*n).max(1) as f64).clamp(0.02, 0.98);
+        f.b[m] = (p / (1.0 - p)).ln() as f32;
+    }
+    let sizes = [k * d, d, 1, n_models * k, n_models];
+    let mut adam: Vec<(Vec<f32>, Vec<f32>)> = sizes
+        .iter()
+        .map(|&n| (vec![0.0; n], vec![0.0; n]))
+        .collect();
+    let (lr, b1, b2, eps) = (0.01f32, 0.9f32, 0.999f32, 1e-8f32);
+    let inv_n = 1.0 / data.rows.len().max(1) as f32;
+    let mut best: (Option<f64>, usize, RouterFit) = (None, 0, f.clone());
+    for step in 1..=steps {
+        let (z, s) = f.prompt_features(e, d);
+        let mut gz = vec![0.0f32; n_prompts * k];
+        let mut gs = vec![0.0f32; n_prompts];
+        let mut gu = vec![0.0f32; n_models * k];
+        let mut gb = vec![0.0f32; n_models];
+        for &(p, m, y) in &data.rows {
+            let (p, m) = (p as usize, m as usize);
+            let zp = &z[p * k..(p + 1) * k];
+            let mu = crate::model::heads::sigmoid(f.logit(zp, s[p], m) as f64) as f32;
+            let g = (mu - y) * inv_n;
+            gb[m] += g;
+            gs[p] += g;
+            for j in 0..k {
+                gu[m * k + j] += g * zp[j];
+                gz[p * k + j] += g * f.u[m * k + j];
+            }
+        }
+        let mut gp = vec![0.0f32; k * d];
+        let mut gw = vec![0.0f32; d];
+        let mut gc = 0.0f32;
+        for p in 0..n_prompts {
+            let ep = &e[p * d..(p + 1) * d];
+            for j in 0..k {
+                let g = gz[p * k + j];
+                if g != 0.0 {
+                    for (a, &x) in gp[j * d..(j + 1) * d].iter_mut().zip(ep) {
+                        *a += g * x;
+                    }
+                }
+            }
+            if gs[p] != 0.0 {
+                for (a, &x) in gw.iter_mut().zip(ep) {
+                    *a += gs[p] * x;
+                }
+                gc += gs[p];
+            }
+        }
+        for (g, x) in gp.iter_mut().zip(&f.proj) {
+            *g += l2 * x;
+        }
+        for (g, x) in gw.iter_mut().zip(&f.w) {
+            *g += l2 * x;
+        }
+        for (g, x) in gu.iter_mut().zip(&f.u) {
+            *g += l2 * x;
+        }
+        let t = step as i32;
+        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        let mut gcv = [gc];
+        let mut cv = [f.c];
+        for (idx, (param, grad)) in [
+            (&mut f.proj[..], &gp[..]),
+            (&mut f.w[..], &gw[..]),
+            (&mut cv[..], &gcv[..]),
+            (&mut f.u[..], &gu[..]),
+            (&mut f.b[..], &gb[..]),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (m1, m2) = &mut adam[idx];
+            for i in 0..param.len() {
+                m1[i] = b1 * m1[i] + (1.0 - b1) * grad[i];
+                m2[i] = b2 * m2[i] + (1.0 - b2) * grad[i] * grad[i];
+                param[i] -= lr * (m1[i] / c1) / ((m2[i] / c2).sqrt() + eps);
+            }
+        }
+        f.c = cv[0];
+        gcv[0] = 0.0;
+        let _ = gcv;
+        if step % 25 == 0 || step == steps {
+            match (eval(&f), best.0) {
+                (Some(l), Some(b)) if l >= b => {}
+                (Some(l), _) => best = (Some(l), step, f.clone()),
+                (None, _) => best = (None, step, f.clone()),
+            }
+        }
+    }
+    let (loss, step, fit) = best;
+    (fit, step, loss)
+}
+
+/// One model's ability (u, b) from labelled rows, with the prompt part fixed: Newton on
+/// sum CE + l2/2 |θ - prior|², so a handful of rows moves it little and many rows decide.
+pub fn fit_ability(
+    z: &[f32],
+    s: &[f32],
+    y: &[f32],
+    k: usize,
+    prior: &crate::model::heads::Ability,
+    l2: f64,
+) -> Result<crate::model::heads::Ability> {
+    let n = y.len();
+    let p = k + 1;
+    let mut th: Vec<f64> = prior
+        .u
+        .iter()
+        .map(|&v| v as f64)
+        .chain([prior.b as f64])
+        .collect();
+    let pr = th.clone();
+    for _ in 0..25 {
+        let mut g = vec![0.0f64; p];
+        let mut h = vec![0.0f64; p * p];
+        for i in 0..n {
+            let x: Vec<f64> = z[i * k..(i + 1) * k]
+                .iter()
+                .map(|&v| v as f64)
+                .chain([1.0])
+                .collect();
+            let zl = s[i] as f64 + x.iter().zip(&th).map(|(a, b)| a * b).sum::<f64>();
+            let mu = sigmoid(zl);
+            let w = (mu * (1.0 - mu)).max(1e-9);
+            for a in 0..p {
+                g[a] += (mu - y[i] as f64) * x[a];
+                for b in 0..p {
+                    h[a * p + b] += w * x[a] * x[b];
+                }
+            }
+        }
+        for a in 0..p {
+            g[a] += l2 * (th[a] - pr[a]);
+            h[a * p + a] += l2;
+        }
+        let step = cholesky_solve(&mut h, &g, p)?;
+        let mut mx = 0.0f64;
+        for a in 0..p {
+            th[a] -= step[a];
+            mx = mx.max(step[a].abs());
+        }
+        if mx < 1e-7 {
+            break;
+        }
+    }
+    Ok(crate::model::heads::Ability {
+        u: th[..k].iter().map(|&v| v as f32).collect(),
+        b: th[k] as f32,
+    })
+}
+
+/// Platt scaling: (a, b) minimising the log-loss of sigmoid(a·z + b) (Newton, 2 parameters).
+pub fn platt(z: &[f64], y: &[f32]) -> Result<(f64, f64)> {
+    let (mut a, mut b) = (1.0f64, 0.0f64);
+    for _ in 0..50 {
+        let (mut ga, mut gb, mut haa, mut hab, mut hbb) = (0.0, 0.0, 1e-6, 0.0, 1e-6);
+        for (&zi, &yi) in z.iter().zip(y) {
+            let mu = sigmoid(a * zi + b);
+            let w = (mu * (1.0 - mu)).max(1e-12);
+            let r = mu - yi as f64;
+            ga += r * zi;
+            gb += r;
+            haa += w * zi * zi;
+            hab += w * zi;
+            hbb += w;
+        }
+        let det = haa * hbb - hab * hab;
+        if det.abs() < 1e-18 {
+            bail!("platt: singular");
+        }
+        let da = (hbb * ga - hab * gb) / det;
+        let db = (haa * gb - hab * ga) / det;
+        a -= da;
+        b -= db;
+        if da.abs().max(db.abs()) < 1e-9 {
+            break;
+        }
+    }
+    Ok((a, b))
+}

@@ -1,4 +1,5 @@
 //! Offline work on the routing data: reading rows, training heads, replaying datasets.
 pub mod data;
 pub mod fit;
+pub mod score;
 pub mod train;

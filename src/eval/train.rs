@@ -1,21 +1,22 @@
-//! `tiergate train`: fits the route heads (one logistic head per data model on frozen prompt
-//! embeddings) and the verifier (a logistic head on the prompt+answer pair embedding,
-//! temperature-scaled), selecting the L2 strength and temperature on prompts held back from the
-//! train split, and reporting figures on the dev split only.
-use std::collections::{BTreeMap, HashMap};
+//! `tiergate train`: fits the router (IRT-style abilities over shared prompt skills) and the
+//! verifier on the train split, selecting everything on prompts held back from it, and reports
+//! figures on the dev split only.
+//!
+//! Split of the train prompts (seeded, by prompt id): 70% fit the router while it is selected;
+//! the other 30% give out-of-sample router logits, on which the verifier is fitted (20%) and
+//! calibrated (10%). The router is then refitted on all train prompts for the same number of
+//! steps.
+use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use super::data::{read_catalog, read_rows, Row};
-use super::fit;
-use crate::config::Config;
-use crate::model::heads::{self, Heads, LinearHead, ModelInfo, VerifyHead};
-use crate::model::tokenize::TruncSide;
-use crate::pipeline::Encoder;
+use super::fit::{self, RouterFit, RouterRows};
+use super::score::{offline_encoder, score_with, Embedder, RowFeatures};
+use crate::model::heads::{self, Ability, Heads, LinearHead, ModelInfo, RouterHead, VerifierHead};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainArgs {
@@ -30,12 +31,23 @@ pub struct TrainArgs {
     /// Encoder outputs are cached here (keyed by encoder revision and inputs).
     #[arg(long, default_value = "models/cache")]
     pub cache_dir: PathBuf,
-    /// Training (prompt, answer) pairs for the verifier, spread evenly over sources.
+    /// Answers encoded for the verifier (from the held-back train prompts).
+    #[arg(long, default_value_t = 20000)]
+    pub verify_rows: usize,
+    /// Dev rows used to report the verifier's figures.
     #[arg(long, default_value_t = 6000)]
-    pub verify_pairs: usize,
-    /// Dev pairs used to report the verifier's figures.
-    #[arg(long, default_value_t = 1500)]
-    pub verify_dev_pairs: usize,
+    pub verify_dev_rows: usize,
+    /// Answer tokens the verifier reads (the answer's tail mostly).
+    #[arg(long, default_value_t = 128)]
+    pub max_answer_tokens: usize,
+    /// Skills shared by all models (router rank).
+    #[arg(long, default_value_t = 16)]
+    pub k: usize,
+    #[arg(long, default_value_t = 400)]
+    pub steps: usize,
+    /// Leave this source out of training (leave-one-source-out figures).
+    #[arg(long)]
+    pub exclude_source: Option<String>,
     /// Use at most this many prompts per split (quick runs, tests); 0 = all.
     #[arg(long, default_value_t = 0)]
     pub max_prompts: usize,
@@ -60,90 +72,10 @@ pub fn hash_str(seed: u64, s: &str) -> u64 {
     mix(h.finish() ^ seed)
 }
 
-/// Embeds texts (single or pairs) through the encoder, cached on disk.
-pub struct Embedder<'a> {
-    pub enc: &'a Encoder,
-    pub cache_dir: PathBuf,
-}
-
-impl Embedder<'_> {
-    pub fn embed(&self, label: &str, inputs: &[(&str, Option<&str>)]) -> Result<Vec<f32>> {
-        let dim = self.enc.dim();
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        self.enc.model_revision.hash(&mut h);
-        self.enc.tokenizer.max_tokens().hash(&mut h);
-        self.enc.tokenizer.max_pair_tokens().hash(&mut h);
-        inputs.hash(&mut h);
-        let path = self
-            .cache_dir
-            .join(format!("{label}-{:016x}.f32", h.finish()));
-        if let Ok(bytes) = std::fs::read(&path) {
-            if bytes.len() == inputs.len() * dim * 4 {
-                eprintln!(
-                    "{label}: {} embeddings from cache {}",
-                    inputs.len(),
-                    path.display()
-                );
-                return Ok(bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect());
-            }
-        }
-        let tok = &self.enc.tokenizer;
-        let encoded = {
-            let singles: Vec<&str> = inputs
-                .iter()
-                .filter(|i| i.1.is_none())
-                .map(|i| i.0)
-                .collect();
-            let pairs: Vec<(&str, &str)> = inputs
-                .iter()
-                .filter_map(|i| i.1.map(|a| (i.0, a)))
-                .collect();
-            if !singles.is_empty() && !pairs.is_empty() {
-                bail!("embed: mixed singles and pairs in one call");
-            }
-            if pairs.is_empty() {
-                tok.encode_single_batch(&singles, TruncSide::HeadTail)?
-            } else {
-                tok.encode_pair_batch(&pairs)?
-            }
-        };
-        let tokens: usize = encoded.iter().map(|e| e.ids.len()).sum();
-        let pb = progress(inputs.len() as u64, label);
-        let t0 = std::time::Instant::now();
-        let out = self
-            .enc
-            .batcher
-            .embed_all(encoded.into_iter().map(|e| (e.ids, e.type_ids)), |n| {
-                pb.inc(n as u64)
-            })?;
-        pb.finish_and_clear();
-        let secs = t0.elapsed().as_secs_f64();
-        eprintln!(
-            "{label}: {} inputs, {tokens} tokens in {secs:.1}s ({:.0} tokens/s)",
-            inputs.len(),
-            tokens as f64 / secs
-        );
-        std::fs::create_dir_all(&self.cache_dir)?;
-        let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let tmp = path.with_extension("part");
-        std::fs::write(&tmp, bytes)?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(out)
-    }
-}
-
-fn progress(n: u64, label: &str) -> ProgressBar {
-    let pb = ProgressBar::new(n);
-    if let Ok(style) =
-        ProgressStyle::with_template("{msg:>14} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
-    {
-        pb.set_style(style.progress_chars("=> "));
-    }
-    pb.set_message(label.to_string());
-    pb
+/// Outputs built to flatter a judge (AlpacaEval's gamed, verbose and concise variants): the
+/// verifier does not learn from them, so it cannot learn to love them.
+pub fn judge_gaming(model: &str) -> bool {
+    model == "gpt4_gamed" || model.ends_with("_verbose") || model.ends_with("_concise")
 }
 
 fn limit_prompts(rows: Vec<Row>, max: usize, seed: u64) -> Vec<Row> {
@@ -161,29 +93,92 @@ fn limit_prompts(rows: Vec<Row>, max: usize, seed: u64) -> Vec<Row> {
         .collect()
 }
 
-/// Unique prompts of some rows, keyed by (source, prompt_id), in first-seen order.
-fn unique_prompts(rows: &[Row]) -> (Vec<&str>, HashMap<(String, String), usize>) {
-    let mut texts = Vec::new();
-    let mut index = HashMap::new();
-    for r in rows {
-        index
-            .entry((r.source.clone(), r.prompt_id.clone()))
-            .or_insert_with(|| {
-                texts.push(r.prompt.as_str());
-                texts.len() - 1
-            });
-    }
-    (texts, index)
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Part {
+    RouterFit,
+    VerifierFit,
+    Calibrate,
 }
 
-struct ModelRows {
-    x: Vec<f32>,
-    y: Vec<f32>,
+fn part_of(seed: u64, r: &Row) -> Part {
+    match hash_str(seed ^ 0x51, &format!("{}/{}", r.source, r.prompt_id)) % 100 {
+        0..70 => Part::RouterFit,
+        70..90 => Part::VerifierFit,
+        _ => Part::Calibrate,
+    }
+}
+
+fn router_rows(
+    rows: &[Row],
+    f: &RowFeatures,
+    models: &BTreeMap<String, usize>,
+    keep: impl Fn(&Row) -> bool,
+) -> RouterRows {
+    RouterRows {
+        rows: rows
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| keep(r))
+            .filter_map(|(i, r)| {
+                Some((
+                    f.prompt_of_row[i] as u32,
+                    *models.get(&r.model)? as u32,
+                    r.score? as f32,
+                ))
+            })
+            .collect(),
+    }
+}
+
+fn router_loss(fit: &RouterFit, f: &RowFeatures, data: &RouterRows) -> f64 {
+    let (z, s) = fit.prompt_features(&f.prompt_emb, f.dim);
+    let k = fit.k;
+    let mut loss = 0.0;
+    for &(p, m, y) in &data.rows {
+        let p = p as usize;
+        let l = fit.logit(&z[p * k..(p + 1) * k], s[p], m as usize);
+        loss += fit::bce(heads::sigmoid(l as f64), y as f64);
+    }
+    loss / data.rows.len().max(1) as f64
+}
+
+fn to_head(fit: &RouterFit, names: &[String]) -> RouterHead {
+    let k = fit.k;
+    let models: BTreeMap<String, Ability> = names
+        .iter()
+        .enumerate()
+        .map(|(m, n)| {
+            (
+                n.clone(),
+                Ability {
+                    u: fit.u[m * k..(m + 1) * k].to_vec(),
+                    b: fit.b[m],
+                },
+            )
+        })
+        .collect();
+    let n = names.len().max(1) as f32;
+    let prior = Ability {
+        u: (0..k)
+            .map(|j| models.values().map(|a| a.u[j]).sum::<f32>() / n)
+            .collect(),
+        b: models.values().map(|a| a.b).sum::<f32>() / n,
+    };
+    RouterHead {
+        k,
+        proj: fit.proj.clone(),
+        easiness: LinearHead {
+            w: fit.w.clone(),
+            b: fit.c,
+        },
+        models,
+        prior,
+    }
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let seed = a.seed;
-    let train = limit_prompts(
+    let mut train = limit_prompts(
         read_rows(&a.data_dir.join("train.jsonl.gz"))?,
         a.max_prompts,
         seed,
@@ -193,207 +188,209 @@ pub fn run(a: TrainArgs) -> Result<()> {
         a.max_prompts,
         seed,
     );
+    if let Some(src) = &a.exclude_source {
+        train.retain(|r| &r.source != src);
+        eprintln!("leaving source {src} out of training");
+    }
     let prices = read_catalog(&a.data_dir.join("catalog.json"))?;
     eprintln!("train {} rows, dev {} rows", train.len(), dev.len());
 
-    let mut cfg = Config::embedded()?;
-    cfg.model_dir = a.model_dir.clone();
-    cfg.threads.compute = a.threads;
-    cfg.threads.tokenize = 1;
-    let enc = Encoder::start(&cfg)?;
+    let enc = offline_encoder(&a.model_dir, a.threads, a.max_answer_tokens)?;
     let d = enc.dim();
     let emb = Embedder {
         enc: &enc,
-        cache_dir: a.cache_dir.clone(),
+        cache_dir: Some(a.cache_dir.clone()),
     };
+    let tf = RowFeatures::compute(&emb, "train", &train, false, a.max_answer_tokens)?;
 
-    // ---- route heads ----
-    let (tr_texts, tr_idx) = unique_prompts(&train);
-    let (dv_texts, dv_idx) = unique_prompts(&dev);
-    let tr_inputs: Vec<(&str, Option<&str>)> = tr_texts.iter().map(|t| (*t, None)).collect();
-    let dv_inputs: Vec<(&str, Option<&str>)> = dv_texts.iter().map(|t| (*t, None)).collect();
-    let tr_emb = emb.embed("train-prompts", &tr_inputs)?;
-    let dv_emb = emb.embed("dev-prompts", &dv_inputs)?;
-    let row_emb =
-        |e: &[f32], idx: &HashMap<(String, String), usize>, r: &Row| -> Option<Vec<f32>> {
-            let i = *idx.get(&(r.source.clone(), r.prompt_id.clone()))?;
-            Some(e[i * d..(i + 1) * d].to_vec())
-        };
+    // ---- router ----
+    let names: Vec<String> = {
+        let mut v: Vec<String> = train.iter().map(|r| r.model.clone()).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let index: BTreeMap<String, usize> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.clone(), i))
+        .collect();
+    let fit_rows = router_rows(&train, &tf, &index, |r| part_of(seed, r) == Part::RouterFit);
+    let held_rows = router_rows(&train, &tf, &index, |r| part_of(seed, r) != Part::RouterFit);
+    let all_rows = router_rows(&train, &tf, &index, |_| true);
+    let mut best: Option<(f64, f32, usize, RouterFit)> = None;
+    for l2 in [1e-4f32, 1e-3] {
+        let (f, step, loss) = fit::fit_router(
+            &tf.prompt_emb,
+            d,
+            names.len(),
+            &fit_rows,
+            a.k,
+            l2,
+            a.steps,
+            seed,
+            |f| Some(router_loss(f, &tf, &held_rows)),
+        );
+        let loss = loss.unwrap_or(f64::INFINITY);
+        eprintln!(
+            "router: k {} L2 {l2:e}: held-back log-loss {loss:.4} at step {step}",
+            a.k
+        );
+        if best.as_ref().is_none_or(|b| loss < b.0) {
+            best = Some((loss, l2, step, f));
+        }
+    }
+    let Some((held_loss, l2, steps, held_fit)) = best else {
+        bail!("router: no fit")
+    };
+    let held_head = to_head(&held_fit, &names);
+    let (final_fit, _, _) = fit::fit_router(
+        &tf.prompt_emb,
+        d,
+        names.len(),
+        &all_rows,
+        a.k,
+        l2,
+        steps,
+        seed,
+        |_| None,
+    );
+    let router = to_head(&final_fit, &names);
 
-    // Hold back 15% of train prompts to choose the L2 strength.
-    let held = |r: &Row| hash_str(seed ^ 0x51, &r.prompt_id) % 100 < 15;
-    let mut fit_rows: BTreeMap<String, ModelRows> = BTreeMap::new();
-    let mut hold_rows: BTreeMap<String, ModelRows> = BTreeMap::new();
-    let mut all_rows: BTreeMap<String, ModelRows> = BTreeMap::new();
-    let mut out_tokens: BTreeMap<String, (u64, usize)> = BTreeMap::new();
-    for r in &train {
-        let (Some(s), Some(x)) = (r.score, row_emb(&tr_emb, &tr_idx, r)) else {
+    // ---- verifier, on out-of-sample router logits ----
+    let mut vrows: Vec<Row> = train
+        .iter()
+        .filter(|r| {
+            part_of(seed, r) != Part::RouterFit && r.response.is_some() && r.score.is_some()
+        })
+        .filter(|r| !judge_gaming(&r.model))
+        .cloned()
+        .collect();
+    vrows.sort_by_key(|r| {
+        hash_str(
+            seed ^ 7,
+            &format!("{}/{}/{}", r.source, r.prompt_id, r.model),
+        )
+    });
+    vrows.truncate(a.verify_rows);
+    let vf = RowFeatures::compute(&emb, "verify", &vrows, true, a.max_answer_tokens)?;
+    let mut stage = Heads {
+        format: heads::FORMAT,
+        revision: String::new(),
+        encoder_revision: enc.model_revision.clone(),
+        dim: d,
+        max_input_tokens: enc.tokenizer.max_tokens(),
+        max_answer_tokens: a.max_answer_tokens,
+        router: held_head,
+        verifier: VerifierHead {
+            head: LinearHead {
+                w: vec![0.0; heads::verify_dim(d)],
+                b: 0.0,
+            },
+            platt_a: 1.0,
+            platt_b: 0.0,
+        },
+        models: BTreeMap::new(),
+        default_verify_threshold: 0.5,
+        metrics: json!({}),
+    };
+    let (mut fx, mut fy, mut cx, mut cy) = (vec![], vec![], vec![], vec![]);
+    for (i, r) in vrows.iter().enumerate() {
+        let Some(x) = vf.verify_x(&stage, i, r) else {
             continue;
         };
-        let part = if held(r) {
-            &mut hold_rows
+        let y = r.score.unwrap_or(0.0) as f32;
+        if part_of(seed, r) == Part::VerifierFit {
+            fx.extend(x);
+            fy.push(y);
         } else {
-            &mut fit_rows
-        };
-        for m in [part, &mut all_rows] {
-            let e = m.entry(r.model.clone()).or_insert(ModelRows {
-                x: vec![],
-                y: vec![],
-            });
-            e.x.extend_from_slice(&x);
-            e.y.push(s as f32);
-        }
-        let o = out_tokens.entry(r.model.clone()).or_insert((0, 0));
-        o.0 += r.response_tokens.unwrap_or(1);
-        o.1 += 1;
-    }
-    let grid = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1];
-    let mut best = (f64::INFINITY, grid[0]);
-    let pb = progress((grid.len() * fit_rows.len()) as u64, "route-l2");
-    for &l2 in &grid {
-        let mut loss = 0.0;
-        let mut n = 0usize;
-        for (m, fr) in &fit_rows {
-            pb.inc(1);
-            let Some(hr) = hold_rows.get(m) else { continue };
-            let h = fit::logistic(&fr.x, d, &fr.y, l2)?;
-            let p: Vec<f64> =
-                hr.x.chunks_exact(d)
-                    .map(|x| heads::sigmoid(h.logit(x) as f64))
-                    .collect();
-            loss += fit::log_loss(&p, &hr.y) * hr.y.len() as f64;
-            n += hr.y.len();
-        }
-        let loss = loss / n.max(1) as f64;
-        if loss < best.0 {
-            best = (loss, l2);
+            cx.extend(x);
+            cy.push(y);
         }
     }
-    pb.finish_and_clear();
-    let route_l2 = best.1;
-    eprintln!("route: L2 {route_l2:e} (held-back log-loss {:.4})", best.0);
-    let mut route = BTreeMap::new();
+    if fy.len() < 50 || cy.len() < 20 {
+        bail!(
+            "verifier: too few rows ({} fit, {} calibrate); raise --verify-rows",
+            fy.len(),
+            cy.len()
+        );
+    }
+    let nv = heads::verify_dim(d);
+    let mut vbest: Option<(f64, f64, LinearHead)> = None;
+    for l2 in [1e-4, 1e-3, 1e-2] {
+        let h = fit::logistic(&fx, nv, &fy, l2)?;
+        let p: Vec<f64> = cx
+            .chunks_exact(nv)
+            .map(|x| heads::sigmoid(h.logit(x) as f64))
+            .collect();
+        let loss = fit::log_loss(&p, &cy);
+        eprintln!("verifier: L2 {l2:e}: calibration-part log-loss {loss:.4}");
+        if vbest.as_ref().is_none_or(|b| loss < b.0) {
+            vbest = Some((loss, l2, h));
+        }
+    }
+    let Some((_, verify_l2, vh)) = vbest else {
+        bail!("verifier: no fit")
+    };
+    let cz: Vec<f64> = cx.chunks_exact(nv).map(|x| vh.logit(x) as f64).collect();
+    let (pa, pb) = fit::platt(&cz, &cy)?;
+    eprintln!("verifier: Platt a {pa:.3} b {pb:.3} on {} rows", cy.len());
+
+    // ---- assemble, then measure on dev ----
     let mut models = BTreeMap::new();
-    for (m, rows) in &all_rows {
-        route.insert(m.clone(), fit::logistic(&rows.x, d, &rows.y, route_l2)?);
+    for m in &names {
         let price = prices
             .get(m)
             .with_context(|| format!("model {m} is missing from catalog.json"))?;
-        let (tok, n) = out_tokens.get(m).copied().unwrap_or((0, 1));
+        let rows: Vec<&Row> = train.iter().filter(|r| &r.model == m).collect();
+        let tok: u64 = rows.iter().map(|r| r.response_tokens.unwrap_or(1)).sum();
         models.insert(
             m.clone(),
             ModelInfo {
                 in_usd_per_mtok: price.in_usd_per_mtok,
                 out_usd_per_mtok: price.out_usd_per_mtok,
-                mean_output_tokens: (tok / n.max(1) as u64).max(1) as u32,
-                train_rows: rows.y.len(),
+                mean_output_tokens: (tok / rows.len().max(1) as u64).max(1) as u32,
+                train_rows: rows.len(),
             },
         );
     }
-    // Dev figures: pooled AUROC per source, and the mean of per-model AUROCs.
-    let mut route_dev: BTreeMap<String, (Vec<f64>, Vec<bool>)> = BTreeMap::new();
-    for r in &dev {
-        let (Some(pass), Some(x), Some(h)) = (
-            r.passed(),
-            row_emb(&dv_emb, &dv_idx, r),
-            route.get(&r.model),
-        ) else {
-            continue;
-        };
-        let e = route_dev.entry(r.source.clone()).or_default();
-        e.0.push(heads::sigmoid(h.logit(&x) as f64));
-        e.1.push(pass);
-    }
-    let mut route_metrics = serde_json::Map::new();
-    for (src, (p, y)) in &route_dev {
-        let auc = fit::auroc(p, y);
-        eprintln!("route dev {src}: pooled AUROC {}", fmt_opt(auc));
-        route_metrics.insert(src.clone(), json!({ "pooled_auroc": auc, "rows": y.len() }));
-    }
-
-    // ---- verifier ----
-    let vtrain = sample_pairs(&train, a.verify_pairs, seed);
-    let vdev = sample_pairs(&dev, a.verify_dev_pairs, seed ^ 1);
-    let vt_emb = emb.embed("train-pairs", &pair_inputs(&vtrain))?;
-    let vd_emb = emb.embed("dev-pairs", &pair_inputs(&vdev))?;
-    let (mut fx, mut fy, mut hx, mut hy) = (vec![], vec![], vec![], vec![]);
-    for (i, r) in vtrain.iter().enumerate() {
-        let x = &vt_emb[i * d..(i + 1) * d];
-        let s = r.score.unwrap_or(0.0) as f32;
-        if held(r) {
-            hx.extend_from_slice(x);
-            hy.push(s);
-        } else {
-            fx.extend_from_slice(x);
-            fy.push(s);
-        }
-    }
-    if fy.is_empty() || hy.is_empty() {
-        bail!("verifier: too few pairs to fit and hold back (raise --verify-pairs)");
-    }
-    let mut vbest = (f64::INFINITY, grid[0], None::<LinearHead>);
-    for &l2 in &grid {
-        let h = fit::logistic(&fx, d, &fy, l2)?;
-        let p: Vec<f64> = hx
-            .chunks_exact(d)
-            .map(|x| heads::sigmoid(h.logit(x) as f64))
-            .collect();
-        let loss = fit::log_loss(&p, &hy);
-        if loss < vbest.0 {
-            vbest = (loss, l2, Some(h));
-        }
-    }
-    let (_, verify_l2, Some(vh)) = vbest else {
-        bail!("verifier: no fit")
-    };
-    // Temperature on the held-back pairs (the head never saw them).
-    let hold_logits: Vec<f64> = hx.chunks_exact(d).map(|x| vh.logit(x) as f64).collect();
-    let t = fit::temperature(&hold_logits, &hy);
-    let verify = VerifyHead {
-        head: vh,
-        model_offset: BTreeMap::new(),
-        temperature: t as f32,
-    };
-    let vp: Vec<f64> = (0..vdev.len())
-        .map(|i| heads::sigmoid(verify.head.logit(&vd_emb[i * d..(i + 1) * d]) as f64 / t))
-        .collect();
-    let vy: Vec<bool> = vdev.iter().map(|r| r.passed().unwrap_or(false)).collect();
-    let vys: Vec<f32> = vdev.iter().map(|r| r.score.unwrap_or(0.0) as f32).collect();
-    let v_auc = fit::auroc(&vp, &vy);
-    let v_ece = fit::ece(&vp, &vys, 15);
-    eprintln!(
-        "verify: L2 {verify_l2:e}, temperature {t:.3}; dev AUROC {} ECE {v_ece:.4} ({} pairs)",
-        fmt_opt(v_auc),
-        vdev.len()
-    );
-
-    let revision = {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        format!("{route:?}{verify:?}").hash(&mut h);
-        format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
-    };
-    let out = Heads {
-        format: heads::FORMAT,
-        revision,
-        encoder_revision: enc.model_revision.clone(),
-        dim: d,
-        max_input_tokens: enc.tokenizer.max_tokens(),
-        max_pair_tokens: enc.tokenizer.max_pair_tokens(),
-        route,
+    let mut out = Heads {
+        router,
+        verifier: VerifierHead {
+            head: vh,
+            platt_a: pa as f32,
+            platt_b: pb as f32,
+        },
         models,
-        verify,
-        default_verify_threshold: 0.5,
-        metrics: json!({
-            "split": "dev (figures never from training rows)",
-            "route_l2": route_l2,
-            "route_dev": route_metrics,
-            "verify_l2": verify_l2,
-            "verify_temperature": t,
-            "verify_dev_auroc": v_auc,
-            "verify_dev_ece": v_ece,
-            "verify_dev_pairs": vdev.len(),
-            "verify_train_pairs": vtrain.len(),
-        }),
+        ..stage.clone()
+    };
+    stage.metrics = json!({});
+    let mut dev_rows = dev.clone();
+    dev_rows.sort_by_key(|r| {
+        hash_str(
+            seed ^ 9,
+            &format!("{}/{}/{}", r.source, r.prompt_id, r.model),
+        )
+    });
+    dev_rows.truncate(a.verify_dev_rows.max(1));
+    let df = RowFeatures::compute(&emb, "dev", &dev_rows, true, a.max_answer_tokens)?;
+    let dev_metrics = dev_figures(&out, &dev_rows, &df);
+    eprintln!(
+        "dev figures: {}",
+        serde_json::to_string_pretty(&dev_metrics)?
+    );
+    out.metrics = json!({
+        "split": "dev rows (never used to fit or select)",
+        "dev_rows": dev_rows.len(),
+        "exclude_source": a.exclude_source,
+        "router": { "k": a.k, "l2": l2, "steps": steps, "held_back_log_loss": held_loss },
+        "verifier": { "l2": verify_l2, "platt_a": pa, "platt_b": pb, "fit_rows": fy.len(), "calibration_rows": cy.len() },
+        "dev": dev_metrics,
+    });
+    out.revision = {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        serde_json::to_string(&(&out.router, &out.verifier))?.hash(&mut h);
+        format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
     };
     out.validate()?;
     write_heads(&a.out, &out)?;
@@ -401,32 +398,40 @@ pub fn run(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn pair_inputs<'a>(rows: &[&'a Row]) -> Vec<(&'a str, Option<&'a str>)> {
-    rows.iter()
-        .map(|r| (r.prompt.as_str(), Some(r.response.as_deref().unwrap_or(""))))
-        .collect()
-}
-
-fn fmt_opt(v: Option<f64>) -> String {
-    v.map_or("n/a".into(), |v| format!("{v:.4}"))
-}
-
-/// Up to `n` rows with a response, spread evenly over sources, in a seeded order.
-fn sample_pairs(rows: &[Row], n: usize, seed: u64) -> Vec<&Row> {
-    let mut by_src: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
-    for r in rows
-        .iter()
-        .filter(|r| r.response.is_some() && r.score.is_some())
-    {
-        by_src.entry(r.source.as_str()).or_default().push(r);
+/// Router and verifier AUROC / ECE per source (and pooled) on labelled rows.
+pub fn dev_figures(h: &Heads, rows: &[Row], f: &RowFeatures) -> serde_json::Value {
+    let scores = score_with(h, rows, f);
+    let mut by: BTreeMap<String, (Vec<f64>, Vec<f64>, Vec<bool>, Vec<f32>, Vec<f64>)> =
+        BTreeMap::new();
+    for (r, (pr, pv)) in rows.iter().zip(&scores) {
+        let Some(s) = r.score else { continue };
+        for key in [r.source.clone(), "all".to_string()] {
+            let e = by.entry(key).or_default();
+            e.0.push(*pr);
+            e.1.push(pv.unwrap_or(*pr));
+            e.2.push(s >= 0.5);
+            e.3.push(s as f32);
+            if judge_gaming(&r.model) {
+                e.4.push(pv.unwrap_or(*pr) - s);
+            }
+        }
     }
-    let per = n / by_src.len().max(1);
-    let mut out = Vec::new();
-    for (_, mut v) in by_src {
-        v.sort_by_key(|r| hash_str(seed, &format!("{}\u{0}{}", r.prompt_id, r.model)));
-        out.extend(v.into_iter().take(per));
+    let mut out = serde_json::Map::new();
+    for (k, (pr, pv, y, ys, gamed)) in by {
+        out.insert(
+            k,
+            json!({
+                "rows": y.len(),
+                "router_auroc": fit::auroc(&pr, &y),
+                "router_ece": fit::ece(&pr, &ys, 15),
+                "verifier_auroc": fit::auroc(&pv, &y),
+                "verifier_ece": fit::ece(&pv, &ys, 15),
+                "judge_gaming_rows": gamed.len(),
+                "judge_gaming_mean_overestimate": if gamed.is_empty() { None } else { Some(gamed.iter().sum::<f64>() / gamed.len() as f64) },
+            }),
+        );
     }
-    out
+    serde_json::Value::Object(out)
 }
 
 fn write_heads(path: &Path, h: &Heads) -> Result<()> {

@@ -1,14 +1,19 @@
-//! Trained heads on top of the frozen encoder, stored as one small JSON file (models/heads.json).
-//! Route: one logistic head per data model, P(pass | prompt embedding).
-//! Verify: one logistic head on the (prompt, answer) pair embedding, plus a per-model offset,
-//! temperature-scaled so that its probabilities are calibrated.
+//! Trained heads on top of the frozen encoder, one small JSON file (models/heads.json).
+//!
+//! Router (IRT-style): logit P(model m passes | prompt e) = s(e) + u_m · (P e) + b_m, where
+//! s(e) = w·e + c is the prompt's easiness, P (k × dim) projects the prompt onto k skills shared
+//! by all models, and (u_m, b_m) are model m's abilities. A model with no training rows gets the
+//! population mean, and k + 1 numbers fitted from a small labelled sample make it its own.
+//!
+//! Verifier: logistic on [router logit, answer-form features, answer embedding, prompt ⊙ answer
+//! embedding], then Platt-scaled on held-back rows so that 0.8 means 80%.
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LinearHead {
@@ -22,6 +27,60 @@ impl LinearHead {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Ability {
+    pub u: Vec<f32>,
+    pub b: f32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouterHead {
+    pub k: usize,
+    /// k × dim, row-major.
+    pub proj: Vec<f32>,
+    pub easiness: LinearHead,
+    pub models: BTreeMap<String, Ability>,
+    /// Mean ability: used for models without rows of their own.
+    pub prior: Ability,
+}
+
+impl RouterHead {
+    /// The prompt's part of every model's logit: (s(e), P e).
+    pub fn prompt_features(&self, e: &[f32]) -> (f32, Vec<f32>) {
+        let d = e.len();
+        let z = (0..self.k)
+            .map(|j| dot(&self.proj[j * d..(j + 1) * d], e))
+            .collect();
+        (self.easiness.logit(e), z)
+    }
+
+    pub fn ability(&self, model: &str) -> &Ability {
+        self.models.get(model).unwrap_or(&self.prior)
+    }
+
+    pub fn logit_from(&self, pf: &(f32, Vec<f32>), a: &Ability) -> f32 {
+        pf.0 + dot(&a.u, &pf.1) + a.b
+    }
+}
+
+/// Answer-form features the verifier reads besides the embeddings.
+pub const FORM_FEATURES: usize = 10;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VerifierHead {
+    /// Over `verify_features` (1 + FORM_FEATURES + 2 × dim).
+    pub head: LinearHead,
+    /// Platt scaling: p = sigmoid(a · logit + b).
+    pub platt_a: f32,
+    pub platt_b: f32,
+}
+
+impl VerifierHead {
+    pub fn p(&self, x: &[f32]) -> f64 {
+        sigmoid((self.platt_a * self.head.logit(x) + self.platt_b) as f64)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelInfo {
     pub in_usd_per_mtok: f64,
@@ -32,16 +91,6 @@ pub struct ModelInfo {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VerifyHead {
-    pub head: LinearHead,
-    /// Added to the logit for answers written by this model (its base rate).
-    #[serde(default)]
-    pub model_offset: BTreeMap<String, f32>,
-    /// Logits are divided by this before the sigmoid (temperature scaling).
-    pub temperature: f32,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Heads {
     pub format: u32,
     pub revision: String,
@@ -49,10 +98,11 @@ pub struct Heads {
     pub encoder_revision: String,
     pub dim: usize,
     pub max_input_tokens: usize,
-    pub max_pair_tokens: usize,
-    pub route: BTreeMap<String, LinearHead>,
+    /// The answer is encoded on its own, keeping its last tokens (where final answers sit).
+    pub max_answer_tokens: usize,
+    pub router: RouterHead,
+    pub verifier: VerifierHead,
     pub models: BTreeMap<String, ModelInfo>,
-    pub verify: VerifyHead,
     pub default_verify_threshold: f64,
     /// Held-out figures printed by `tiergate train` (informational).
     #[serde(default)]
@@ -63,8 +113,12 @@ impl Heads {
     pub fn load(path: &Path) -> Result<Heads> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading heads {}", path.display()))?;
-        let h: Heads = serde_json::from_str(&text)
-            .with_context(|| format!("parsing heads {}", path.display()))?;
+        let h: Heads = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "parsing heads {} (retrain with `tiergate train`)",
+                path.display()
+            )
+        })?;
         h.validate()
             .with_context(|| format!("heads {}", path.display()))?;
         Ok(h)
@@ -77,38 +131,132 @@ impl Heads {
                 self.format
             );
         }
-        for (name, h) in self
-            .route
+        let r = &self.router;
+        let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
+        if r.proj.len() != r.k * self.dim || !finite(&r.proj) {
+            bail!("router.proj: expected {} finite values", r.k * self.dim);
+        }
+        if r.easiness.w.len() != self.dim || !finite(&r.easiness.w) {
+            bail!("router.easiness: expected {} finite weights", self.dim);
+        }
+        for (name, a) in r
+            .models
             .iter()
-            .chain(std::iter::once((&"verify".to_string(), &self.verify.head)))
+            .chain(std::iter::once((&"<prior>".to_string(), &r.prior)))
         {
-            if h.w.len() != self.dim {
-                bail!(
-                    "head {name}: {} weights, expected dim {}",
-                    h.w.len(),
-                    self.dim
-                );
-            }
-            if !h.b.is_finite() || h.w.iter().any(|v| !v.is_finite()) {
-                bail!("head {name}: non-finite weights");
+            if a.u.len() != r.k || !finite(&a.u) || !a.b.is_finite() {
+                bail!("router ability {name}: expected {} finite values", r.k);
             }
         }
-        if !(self.verify.temperature.is_finite() && self.verify.temperature > 0.0) {
-            bail!("verify.temperature must be > 0");
+        let nv = verify_dim(self.dim);
+        let v = &self.verifier;
+        if v.head.w.len() != nv
+            || !finite(&v.head.w)
+            || !v.platt_a.is_finite()
+            || !v.platt_b.is_finite()
+        {
+            bail!("verifier: expected {nv} finite weights");
+        }
+        if !(0.0..=1.0).contains(&self.default_verify_threshold) {
+            bail!("default_verify_threshold must be in [0, 1]");
+        }
+        if self.max_answer_tokens < 8 || self.max_answer_tokens > 512 {
+            bail!("max_answer_tokens must be in 8..=512");
         }
         Ok(())
     }
 
-    /// P(pass) for each named head on one prompt embedding.
-    pub fn route_p(&self, head: &str, emb: &[f32]) -> Option<f64> {
-        self.route.get(head).map(|h| sigmoid(h.logit(emb) as f64))
+    /// Router logit of `model` (its own ability, or the population prior).
+    pub fn route_logit(&self, model: &str, prompt_emb: &[f32]) -> f32 {
+        let pf = self.router.prompt_features(prompt_emb);
+        self.router.logit_from(&pf, self.router.ability(model))
     }
 
-    pub fn verify_p(&self, model: &str, pair_emb: &[f32]) -> f64 {
-        let v = &self.verify;
-        let off = v.model_offset.get(model).copied().unwrap_or(0.0);
-        sigmoid(((v.head.logit(pair_emb) + off) / v.temperature) as f64)
+    pub fn route_p(&self, model: &str, prompt_emb: &[f32]) -> f64 {
+        sigmoid(self.route_logit(model, prompt_emb) as f64)
     }
+
+    pub fn verify_p(&self, model: &str, prompt_emb: &[f32], answer: &AnswerInput) -> f64 {
+        let rl = self.route_logit(model, prompt_emb);
+        self.verifier.p(&verify_features(rl, prompt_emb, answer))
+    }
+}
+
+pub fn verify_dim(dim: usize) -> usize {
+    1 + FORM_FEATURES + 2 * dim
+}
+
+/// What the verifier knows of an answer.
+pub struct AnswerInput<'a> {
+    pub text: &'a str,
+    pub prompt_chars: usize,
+    pub embedding: &'a [f32],
+    pub truncated: bool,
+}
+
+fn contains_any(hay: &str, needles: &[&str]) -> bool {
+    needles.iter().any(|n| hay.contains(n))
+}
+
+/// Form of the answer: length, emptiness, refusal, hedging, abrupt ending, explicit final
+/// answer, lines, code, encoder truncation, length relative to the prompt.
+pub fn form_features(text: &str, prompt_chars: usize, truncated: bool) -> [f32; FORM_FEATURES] {
+    let t = text.trim();
+    let lower = t.to_lowercase();
+    let chars = t.chars().count();
+    let flag = |b: bool| if b { 1.0 } else { 0.0 };
+    let ends_clean = t
+        .chars()
+        .last()
+        .is_some_and(|c| matches!(c, '.' | '!' | '?' | '`' | ')' | '"' | '*' | ']'));
+    [
+        ((1 + chars) as f32).ln() / 8.0,
+        flag(chars == 0),
+        flag(contains_any(
+            &lower,
+            &[
+                "i'm sorry",
+                "i am sorry",
+                "i cannot",
+                "i can't",
+                "as an ai",
+                "i apologize",
+                "unable to",
+            ],
+        )),
+        flag(contains_any(
+            &lower,
+            &[
+                "not sure",
+                "i think",
+                "might be",
+                "possibly",
+                "unclear",
+                "i'm not certain",
+                "guess",
+            ],
+        )),
+        flag(ends_clean),
+        flag(contains_any(
+            &lower,
+            &["answer is", "answer:", "final answer", "the answer"],
+        )),
+        ((1 + t.lines().count()) as f32).ln() / 4.0,
+        flag(t.contains("```") || t.contains("def ") || t.contains("return ")),
+        flag(truncated),
+        (((1 + chars) as f32) / ((1 + prompt_chars) as f32)).ln() / 4.0,
+    ]
+}
+
+pub fn verify_features(route_logit: f32, prompt_emb: &[f32], a: &AnswerInput) -> Vec<f32> {
+    let mut x = Vec::with_capacity(verify_dim(prompt_emb.len()));
+    x.push(route_logit);
+    x.extend_from_slice(&form_features(a.text, a.prompt_chars, a.truncated));
+    x.extend_from_slice(a.embedding);
+    // Scaled so the interaction terms are on the scale of the embedding itself.
+    let s = (prompt_emb.len() as f32).sqrt();
+    x.extend(prompt_emb.iter().zip(a.embedding).map(|(p, q)| p * q * s));
+    x
 }
 
 pub fn sigmoid(z: f64) -> f64 {
@@ -117,4 +265,54 @@ pub fn sigmoid(z: f64) -> f64 {
 
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_features_see_refusals_hedges_and_endings() {
+        let f = form_features("I'm sorry, but I cannot help with that.", 40, false);
+        assert_eq!(f[1], 0.0);
+        assert_eq!(f[2], 1.0, "refusal");
+        assert_eq!(f[4], 1.0, "ends cleanly");
+        let f = form_features("I think it might be 42 but the computation of", 40, true);
+        assert_eq!(f[3], 1.0, "hedge");
+        assert_eq!(f[4], 0.0, "abrupt ending");
+        assert_eq!(f[8], 1.0, "truncated");
+        let f = form_features("   ", 40, false);
+        assert_eq!(f[1], 1.0, "empty");
+        let f = form_features("The answer is (B).", 40, false);
+        assert_eq!(f[5], 1.0);
+    }
+
+    #[test]
+    fn unknown_models_use_the_prior() {
+        let dim = 4;
+        let r = RouterHead {
+            k: 2,
+            proj: vec![1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0],
+            easiness: LinearHead {
+                w: vec![0.0; dim],
+                b: 0.5,
+            },
+            models: [(
+                "m".to_string(),
+                Ability {
+                    u: vec![2.0, 0.0],
+                    b: 1.0,
+                },
+            )]
+            .into(),
+            prior: Ability {
+                u: vec![0.0, 0.0],
+                b: -1.0,
+            },
+        };
+        let e = [1.0, 0.0, 0.0, 0.0];
+        let pf = r.prompt_features(&e);
+        assert_eq!(r.logit_from(&pf, r.ability("m")), 0.5 + 2.0 + 1.0);
+        assert_eq!(r.logit_from(&pf, r.ability("new-model")), 0.5 - 1.0);
+    }
 }

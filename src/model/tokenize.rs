@@ -100,15 +100,27 @@ impl TextTokenizer {
 
     /// `[CLS] text [SEP]`, at most `max_tokens`, truncated on `side`.
     pub fn encode_single(&self, text: &str, side: TruncSide) -> Result<Encoded, TgError> {
-        let raw = self.raw_ids(text)?;
-        let full_len = raw.len() + 2;
         let body = self.max_tokens - 2;
         let head = match side {
             TruncSide::HeadTail => body.div_ceil(2),
             TruncSide::Head => body,
             TruncSide::Tail => 0,
         };
-        let mut ids = Vec::with_capacity(full_len.min(self.max_tokens));
+        self.encode_limited(text, self.max_tokens, head)
+    }
+
+    /// An answer on its own, at most `limit` tokens, keeping 1/4 head and 3/4 tail: verdicts
+    /// and final answers sit at the end.
+    pub fn encode_answer(&self, text: &str, limit: usize) -> Result<Encoded, TgError> {
+        let limit = limit.clamp(3, self.max_tokens.max(3));
+        self.encode_limited(text, limit, (limit - 2) / 4)
+    }
+
+    fn encode_limited(&self, text: &str, limit: usize, head: usize) -> Result<Encoded, TgError> {
+        let raw = self.raw_ids(text)?;
+        let full_len = raw.len() + 2;
+        let body = limit - 2;
+        let mut ids = Vec::with_capacity(full_len.min(limit));
         ids.push(self.cls);
         let truncated = push_head_tail(&mut ids, &raw, body, head);
         ids.push(self.sep);

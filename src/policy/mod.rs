@@ -33,7 +33,7 @@ impl Catalog {
     pub fn build(cfg: &Config, heads: &Heads) -> anyhow::Result<Catalog> {
         let mut models = HashMap::new();
         for (name, info) in &heads.models {
-            if heads.route.contains_key(name) {
+            if heads.router.models.contains_key(name) {
                 models.insert(
                     name.clone(),
                     Model {
@@ -48,7 +48,7 @@ impl Catalog {
         }
         let mut default_set = Vec::new();
         for e in &cfg.catalog {
-            let head = match (&e.like, heads.route.contains_key(&e.model)) {
+            let head = match (&e.like, heads.router.models.contains_key(&e.model)) {
                 (Some(like), _) => like.clone(),
                 (None, true) => e.model.clone(),
                 (None, false) => anyhow::bail!(
@@ -59,7 +59,7 @@ impl Catalog {
             let Some(h) = heads
                 .models
                 .get(&head)
-                .filter(|_| heads.route.contains_key(&head))
+                .filter(|_| heads.router.models.contains_key(&head))
             else {
                 anyhow::bail!(
                     "catalog[{}].like = {head:?}: no trained head of that name",

@@ -131,16 +131,7 @@ impl RouterService {
         let scored: Vec<Scored> = cands
             .iter()
             .map(|c| {
-                let p = self
-                    .pipe
-                    .heads
-                    .route_p(&c.head, &e.embedding)
-                    .ok_or_else(|| {
-                        TgError::Internal(format!(
-                            "catalog model {} has no head {}",
-                            c.name, c.head
-                        ))
-                    })?;
+                let p = self.pipe.heads.route_p(&c.head, &e.embedding);
                 Ok(Scored {
                     model: c.name.clone(),
                     p_pass: p,
@@ -222,20 +213,42 @@ impl RouterService {
                 (Duration::ZERO, Duration::ZERO, Duration::ZERO),
             )
         } else {
-            let e = self
-                .pipe
-                .encode(
+            // Prompt and answer are encoded separately (the verifier reads both embeddings,
+            // their interaction and the answer's form), as two jobs in the same batcher.
+            let prompt_chars = r.prompt.chars().count();
+            let limit = self.cfg.batch.max_answer_tokens;
+            let (pe, ae) = tokio::join!(
+                self.pipe.encode(
                     "verify",
-                    Input::Pair(r.prompt, r.answer),
+                    Input::Single(r.prompt, TruncSide::HeadTail),
                     priority,
-                    deadline,
-                )
-                .await?;
+                    deadline
+                ),
+                self.pipe.encode(
+                    "verify",
+                    Input::Answer(r.answer.clone(), limit),
+                    priority,
+                    deadline
+                ),
+            );
+            let (pe, ae) = (pe?, ae?);
+            let answer = crate::model::heads::AnswerInput {
+                text: &r.answer,
+                prompt_chars,
+                embedding: &ae.embedding,
+                truncated: ae.truncated,
+            };
             (
-                self.pipe.heads.verify_p(&model.head, &e.embedding),
-                e.truncated,
-                e.enc_len as u32,
-                (e.tokenize, e.queue, e.inference),
+                self.pipe
+                    .heads
+                    .verify_p(&model.head, &pe.embedding, &answer),
+                pe.truncated || ae.truncated,
+                (pe.enc_len + ae.enc_len) as u32,
+                (
+                    pe.tokenize.max(ae.tokenize),
+                    pe.queue.max(ae.queue),
+                    pe.inference.max(ae.inference),
+                ),
             )
         };
         let ship = p >= threshold;
@@ -525,7 +538,7 @@ async fn warm_up(pipe: &Pipeline) -> Result<Duration, TgError> {
     }
     pipe.encode(
         "warmup",
-        Input::Pair("What is 2 + 2?".into(), "4".into()),
+        Input::Answer("2 + 2 = 4".into(), 128),
         Priority::High,
         None,
     )

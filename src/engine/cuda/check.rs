@@ -1,0 +1,195 @@
+//! `tiergate gpu-check`: CPU-vs-GPU agreement on real prompts, then GPU forward throughput at
+//! a few token budgets (CUDA-event timing, median of repeated runs).
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+
+use super::{probe, write_random_model, CudaBackend};
+use crate::engine::cpu::CpuBackend;
+use crate::engine::{Backend, PackedBatch};
+use crate::model::encoder::MiniLm;
+use crate::model::tokenize::{TextTokenizer, TruncSide};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct GpuCheckArgs {
+    /// Encoder directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long, default_value = "models/base")]
+    pub model_dir: PathBuf,
+    /// Number of distinct prompts compared between CPU and GPU.
+    #[arg(long, default_value_t = 64)]
+    pub prompts: usize,
+    /// Token budgets (tokens per batch) to time the GPU forward at.
+    #[arg(long, value_delimiter = ',', default_value = "1024,4096,16384")]
+    pub budgets: Vec<usize>,
+    /// Prompts to use (JSONL or JSONL.gz rows with a `prompt` field).
+    #[arg(long, default_value = "../shared/data/dev.jsonl.gz")]
+    pub data: PathBuf,
+    /// Random MiniLM-L6-shaped weights and synthetic token ids instead of the real model and
+    /// prompts (timing without the model; the CPU comparison then runs on those weights).
+    #[arg(long)]
+    pub random_weights: bool,
+    /// Timed runs per budget (after 3 warm-up runs).
+    #[arg(long, default_value_t = 20)]
+    pub runs: usize,
+}
+
+/// Removes the random-weights directory however `run` ends.
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `n` synthetic sequences: [CLS] ids [SEP], lengths cycling over 8..=512.
+fn synthetic(n: usize) -> Vec<(Vec<u32>, Vec<u32>)> {
+    const LENS: [usize; 7] = [8, 24, 64, 128, 200, 384, 512];
+    (0..n)
+        .map(|i| {
+            let len = LENS[i % LENS.len()];
+            let mut ids: Vec<u32> = (0..len)
+                .map(|j| 1000 + ((i * 7919 + j * 104_729) % 28_000) as u32)
+                .collect();
+            ids[0] = 101;
+            ids[len - 1] = 102;
+            (ids, vec![0; len])
+        })
+        .collect()
+}
+
+fn real_prompts(a: &GpuCheckArgs) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+    let tok = TextTokenizer::from_file(&a.model_dir.join("tokenizer.json"), 512, 512)?;
+    let rows = crate::eval::data::read_rows(&a.data)?;
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    // Rows repeat each prompt once per model; keep each prompt once.
+    for r in rows.iter().filter(|r| seen.insert(r.prompt_id.as_str())) {
+        if out.len() == a.prompts {
+            break;
+        }
+        let e = tok.encode_single(&r.prompt, TruncSide::HeadTail)?;
+        out.push((e.ids, e.type_ids));
+    }
+    if out.is_empty() {
+        bail!("{}: no prompts", a.data.display());
+    }
+    Ok(out)
+}
+
+fn pack<'a>(seqs: impl IntoIterator<Item = &'a (Vec<u32>, Vec<u32>)>) -> PackedBatch {
+    let mut b = PackedBatch::new();
+    for (ids, types) in seqs {
+        b.push(ids, types);
+    }
+    b
+}
+
+/// Sequences taken in turn (cycling) while they fit in `budget` tokens.
+fn fill(seqs: &[(Vec<u32>, Vec<u32>)], budget: usize) -> PackedBatch {
+    let mut b = PackedBatch::new();
+    let mut misses = 0;
+    for s in seqs.iter().cycle() {
+        if b.tokens() + s.0.len() <= budget {
+            b.push(&s.0, &s.1);
+            misses = 0;
+        } else {
+            misses += 1;
+            if misses == seqs.len() {
+                break; // nothing left fits
+            }
+        }
+    }
+    b
+}
+
+pub fn run(a: GpuCheckArgs) -> Result<()> {
+    let info = probe().map_err(|e| anyhow::anyhow!("gpu-check needs a CUDA device: {e}"))?;
+    println!(
+        "device: {} (compute {}.{}), {} device(s)",
+        info.name, info.compute_capability.0, info.compute_capability.1, info.devices
+    );
+    let (dir, _cleanup) = if a.random_weights {
+        let dir = std::env::temp_dir().join(format!("tiergate-random-{}", std::process::id()));
+        write_random_model(&dir, 0x5eed)?;
+        (dir.clone(), Some(TempDir(dir)))
+    } else {
+        (a.model_dir.clone(), None)
+    };
+    let model = Arc::new(MiniLm::load(&dir).with_context(|| format!("loading {}", dir.display()))?);
+    let t0 = std::time::Instant::now();
+    let mut gpu = CudaBackend::new(model.clone(), &dir)?;
+    println!(
+        "cuda backend on {} ready in {:.2}s (NVRTC compile + weight upload)",
+        gpu.device_name(),
+        t0.elapsed().as_secs_f64()
+    );
+
+    let seqs = if a.random_weights {
+        synthetic(a.prompts.max(1))
+    } else {
+        real_prompts(&a)?
+    };
+    let batch = pack(&seqs);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut cpu = CpuBackend::new(model.clone(), threads)?;
+    let want = cpu.embed(&batch)?;
+    let got = gpu.embed(&batch)?;
+    let dim = model.dim();
+    let (mut min_cos, mut max_abs, mut worst) = (f64::INFINITY, 0.0f32, 0);
+    for (i, (w, g)) in want
+        .chunks_exact(dim)
+        .zip(got.chunks_exact(dim))
+        .enumerate()
+    {
+        let dot: f64 = w.iter().zip(g).map(|(&x, &y)| x as f64 * y as f64).sum();
+        let nw: f64 = w.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        let ng: f64 = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        let cos = dot / (nw * ng).max(1e-30);
+        if cos < min_cos {
+            (min_cos, worst) = (cos, i);
+        }
+        max_abs = w
+            .iter()
+            .zip(g)
+            .fold(max_abs, |m, (&x, &y)| m.max((x - y).abs()));
+    }
+    println!(
+        "cpu vs gpu on {} {} ({} tokens): min cosine {min_cos:.6} (sequence {worst}, {} tokens), max abs diff {max_abs:.2e}",
+        seqs.len(),
+        if a.random_weights { "synthetic sequences" } else { "prompts" },
+        batch.tokens(),
+        seqs[worst].0.len()
+    );
+
+    println!(
+        "\n{:>8} {:>8} {:>6} {:>11} {:>11} {:>12}",
+        "budget", "tokens", "seqs", "median ms", "min ms", "tokens/s"
+    );
+    for &budget in &a.budgets {
+        let b = fill(&seqs, budget);
+        if b.is_empty() {
+            println!("{budget:>8} (no sequence fits)");
+            continue;
+        }
+        for _ in 0..3 {
+            gpu.embed_timed(&b)?;
+        }
+        let mut ms = (0..a.runs.max(1))
+            .map(|_| gpu.embed_timed(&b).map(|r| r.1))
+            .collect::<Result<Vec<f32>>>()?;
+        ms.sort_by(f32::total_cmp);
+        let median = ms[ms.len() / 2];
+        println!(
+            "{budget:>8} {:>8} {:>6} {median:>11.3} {:>11.3} {:>12.0}",
+            b.tokens(),
+            b.len(),
+            ms[0],
+            b.tokens() as f64 / (median as f64 / 1e3)
+        );
+    }
+    if min_cos < 0.999 {
+        bail!("min cosine {min_cos:.6} is below 0.999: the GPU forward disagrees with the CPU");
+    }
+    Ok(())
+}
