@@ -1,0 +1,179 @@
+//! `tiergate score`, the evaluation interface: exact output shape and order, optional fields,
+//! rows without a response, malformed lines, and run-time calibration of a model never seen.
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data")
+}
+
+/// The first `n` dev rows (all models of the first prompts), as JSON values.
+fn dev_rows(n: usize) -> Vec<Value> {
+    let f =
+        std::fs::File::open(data_dir().join("dev.jsonl.gz")).expect("../shared/data/dev.jsonl.gz");
+    let r = std::io::BufReader::new(flate2::read::GzDecoder::new(f));
+    use std::io::BufRead;
+    r.lines()
+        .take(n)
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect()
+}
+
+fn write_jsonl(path: &Path, rows: &[Value]) {
+    let mut f = std::fs::File::create(path).unwrap();
+    for r in rows {
+        writeln!(f, "{r}").unwrap();
+    }
+}
+
+fn score(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("score")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn read_out(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn score_writes_one_row_per_input_in_order_without_needing_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rows = dev_rows(60);
+    for r in rows.iter_mut() {
+        let o = r.as_object_mut().unwrap();
+        o.remove("score");
+        o.remove("cost_usd");
+        o.remove("extra");
+    }
+    rows[3]["response"] = Value::Null;
+    rows[7].as_object_mut().unwrap().remove("response");
+    let input = dir.path().join("in.jsonl");
+    write_jsonl(&input, &rows);
+    let out = dir.path().join("out.jsonl");
+    let o = score(&[
+        "--data",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("rows/s"));
+    let got = read_out(&out);
+    assert_eq!(got.len(), rows.len());
+    for (g, r) in got.iter().zip(&rows) {
+        let keys: Vec<&str> = g.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        assert_eq!(keys.len(), 5, "{g}");
+        for k in ["source", "prompt_id", "model"] {
+            assert_eq!(g[k], r[k], "{k} in order");
+        }
+        let pr = g["p_route"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&pr));
+        if r.get("response").is_none_or(|v| v.is_null()) {
+            assert!(g["p_verify"].is_null(), "no response → null: {g}");
+        } else {
+            assert!((0.0..=1.0).contains(&g["p_verify"].as_f64().unwrap()));
+        }
+    }
+}
+
+#[test]
+fn a_malformed_line_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = dev_rows(3);
+    let input = dir.path().join("in.jsonl");
+    let mut f = std::fs::File::create(&input).unwrap();
+    writeln!(f, "{}", rows[0]).unwrap();
+    writeln!(f, "{}", rows[1]).unwrap();
+    writeln!(f, "{{\"prompt\": \"truncated").unwrap();
+    drop(f);
+    let out = dir.path().join("out.jsonl");
+    let o = score(&[
+        "--data",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("line 3"), "{err}");
+    assert!(!out.exists(), "no partial output");
+}
+
+#[test]
+fn calibration_fits_a_model_never_seen_in_training() {
+    // Rename a real dev model to a name the heads have never seen; calibrate on half of its
+    // prompts, score the other half. The fitted model must rank its outcomes better than the
+    // population prior it starts from, on prompts it was not calibrated on.
+    let all = dev_rows(22381);
+    let model = "gemini-1.5-flash-002";
+    let mut mine: Vec<Value> = all.into_iter().filter(|r| r["model"] == model).collect();
+    assert!(mine.len() > 300, "{} rows", mine.len());
+    mine.truncate(300);
+    for r in mine.iter_mut() {
+        r["model"] = Value::String("brand-new-model".into());
+    }
+    // Interleaved halves: the same mix of prompts on both sides.
+    let calib: Vec<Value> = mine.iter().step_by(2).cloned().collect();
+    let test: Vec<Value> = mine.iter().skip(1).step_by(2).cloned().collect();
+    let (calib, test) = (&calib[..], &test[..]);
+    let dir = tempfile::tempdir().unwrap();
+    let (cp, tp) = (
+        dir.path().join("calib.jsonl"),
+        dir.path().join("test.jsonl"),
+    );
+    write_jsonl(&cp, calib);
+    write_jsonl(&tp, test);
+    let (o1, o2) = (dir.path().join("o1.jsonl"), dir.path().join("o2.jsonl"));
+    let cache = dir.path().join("cache");
+    let a = score(&[
+        "--data",
+        tp.to_str().unwrap(),
+        "--out",
+        o1.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let b = score(&[
+        "--data",
+        tp.to_str().unwrap(),
+        "--out",
+        o2.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--calibration",
+        cp.to_str().unwrap(),
+    ]);
+    assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+    let y: Vec<f64> = test.iter().map(|r| r["score"].as_f64().unwrap()).collect();
+    let base_rate = y.iter().sum::<f64>() / y.len() as f64;
+    let mean = |rows: &[Value]| {
+        rows.iter()
+            .map(|r| r["p_route"].as_f64().unwrap())
+            .sum::<f64>()
+            / rows.len() as f64
+    };
+    let (before, after) = (read_out(&o1), read_out(&o2));
+    let (m1, m2) = (mean(&before), mean(&after));
+    // Calibration moves the mean prediction towards the model's real pass rate.
+    assert!(
+        (m2 - base_rate).abs() < (m1 - base_rate).abs(),
+        "prior {m1:.3}, calibrated {m2:.3}, truth {base_rate:.3}"
+    );
+    assert!(
+        (m2 - base_rate).abs() < 0.1,
+        "calibrated mean {m2:.3} vs pass rate {base_rate:.3}"
+    );
+}
