@@ -16,6 +16,8 @@ enum Cmd {
     Train(tiergate::eval::train::TrainArgs),
     /// Score rows offline: p_route and p_verify per row, JSONL out (the evaluation interface).
     Score(tiergate::eval::score::ScoreArgs),
+    /// Compare the CUDA backend with the CPU and time it (needs a GPU; see benches/GPU.md).
+    GpuCheck(tiergate::engine::cuda::check::GpuCheckArgs),
     /// Print the effective configuration (after file, env and flags) as TOML.
     Config(Overrides),
 }
@@ -50,6 +52,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Train(a) => tiergate::eval::train::run(a),
         Cmd::Score(a) => tiergate::eval::score::run(a),
+        Cmd::GpuCheck(a) => tiergate::engine::cuda::check::run(a),
         Cmd::Config(o) => {
             let cfg = Config::load(&o)?;
             print!("{}", toml::to_string(&cfg)?);

@@ -98,7 +98,12 @@ impl Encoder {
         .map_err(|e| anyhow::anyhow!("{e} (run scripts/setup-model.sh)"))?;
         let model = load_model(&cfg.model_dir)?;
         let model_revision = model.revision().to_string();
-        let backend = engine::select(cfg.backend, Arc::new(model), cfg.compute_threads())?;
+        let backend = engine::select(
+            cfg.backend,
+            Arc::new(model),
+            &cfg.model_dir,
+            cfg.compute_threads(),
+        )?;
         let batcher = Batcher::start(
             backend,
             Limits {

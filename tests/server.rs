@@ -38,7 +38,12 @@ async fn every_rpc_health_reflection_and_metrics() {
 
     // Info: the default catalog and limits.
     let info = c.info(proto::InfoRequest {}).await.unwrap().into_inner();
-    assert_eq!(info.backend, "cpu");
+    // `auto` picks CUDA where a GPU is present, else the CPU.
+    assert!(
+        ["cpu", "cuda"].contains(&info.backend.as_str()),
+        "{}",
+        info.backend
+    );
     assert_eq!(info.catalog.len(), 6);
     assert!(info.catalog.iter().any(|e| e.model == "claude-opus-4.8"));
     assert_eq!(info.limits.as_ref().unwrap().max_input_tokens, 256);

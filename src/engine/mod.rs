@@ -55,16 +55,27 @@ pub trait Backend: Send {
 pub fn select(
     kind: crate::config::BackendKind,
     model: std::sync::Arc<crate::model::encoder::MiniLm>,
+    model_dir: &std::path::Path,
     threads: usize,
 ) -> anyhow::Result<Box<dyn Backend>> {
     use crate::config::BackendKind;
+    let start_cuda = || -> anyhow::Result<Box<dyn Backend>> {
+        let b = cuda::CudaBackend::new(model.clone(), model_dir)?;
+        tracing::info!(device = b.device_name(), "backend: cuda");
+        metrics::gauge!(crate::metrics::BACKEND_INFO, "backend" => "cuda").set(1.0);
+        Ok(Box::new(b))
+    };
     match kind {
         BackendKind::Cpu => {}
         BackendKind::Auto => match cuda::probe() {
-            Ok(info) => match start_cuda(&model) {
+            Ok(info) => match start_cuda() {
                 Ok(b) => return Ok(b),
                 Err(e) => {
-                    tracing::warn!("backend auto: CUDA device {} present but the CUDA backend failed ({e:#}); using the CPU", info.name);
+                    tracing::warn!(
+                        device = %info.name,
+                        error = %format!("{e:#}"),
+                        "backend auto: the CUDA backend failed to start; using the CPU"
+                    );
                     metrics::counter!(crate::metrics::BACKEND_FALLBACK, "reason" => "cuda_init")
                         .increment(1);
                 }
@@ -77,21 +88,10 @@ pub fn select(
         },
         BackendKind::Cuda => {
             cuda::probe().map_err(|e| anyhow::anyhow!("backend cuda: no usable GPU: {e}"))?;
-            return start_cuda(&model).map_err(|e| e.context("backend cuda"));
+            return start_cuda().map_err(|e| e.context("backend cuda"));
         }
     }
     let b = cpu::CpuBackend::new(model, threads)?;
     metrics::gauge!(crate::metrics::BACKEND_INFO, "backend" => "cpu").set(1.0);
-    Ok(Box::new(b))
-}
-
-/// The CUDA backend on the weights `model` was loaded from.
-fn start_cuda(
-    model: &std::sync::Arc<crate::model::encoder::MiniLm>,
-) -> anyhow::Result<Box<dyn Backend>> {
-    let dir = cuda::model_dir_for(model)?;
-    let b = cuda::CudaBackend::new(model.clone(), &dir)?;
-    tracing::info!(device = b.device_name(), "backend: cuda");
-    metrics::gauge!(crate::metrics::BACKEND_INFO, "backend" => "cuda").set(1.0);
     Ok(Box::new(b))
 }

@@ -308,6 +308,7 @@ impl RouterFit {
 /// Fits the router by full-batch Adam on mean cross-entropy + L2 (abilities and projections;
 /// model intercepts unpenalised). Deterministic for a given seed. `eval` is called every 25
 /// steps with the current fit and may return a held-out loss; the best step is kept.
+#[allow(clippy::too_many_arguments)]
 pub fn fit_router(
     e: &[f32],
     d: usize,

@@ -401,8 +401,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
 /// Router and verifier AUROC / ECE per source (and pooled) on labelled rows.
 pub fn dev_figures(h: &Heads, rows: &[Row], f: &RowFeatures) -> serde_json::Value {
     let scores = score_with(h, rows, f);
-    let mut by: BTreeMap<String, (Vec<f64>, Vec<f64>, Vec<bool>, Vec<f32>, Vec<f64>)> =
-        BTreeMap::new();
+    /// Per group: p_route, p_verify, pass, score, judge-gaming overestimates.
+    type Group = (Vec<f64>, Vec<f64>, Vec<bool>, Vec<f32>, Vec<f64>);
+    let mut by: BTreeMap<String, Group> = BTreeMap::new();
     for (r, (pr, pv)) in rows.iter().zip(&scores) {
         let Some(s) = r.score else { continue };
         for key in [r.source.clone(), "all".to_string()] {

@@ -13,8 +13,8 @@ pub mod check;
 pub mod kernels;
 mod weights;
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::panic::catch_unwind;
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, ensure, Context, Result};
@@ -470,34 +470,6 @@ pub struct CudaBackend {
     scratch: Option<Scratch>,
 }
 
-/// The directory whose `model.safetensors` is the one `model` was loaded from (same sha256
-/// revision): `$TIERGATE_MODEL_DIR`, then `models/base`. `engine::select` only receives the
-/// loaded model, and the CPU encoder keeps its tensors private.
-pub fn model_dir_for(model: &MiniLm) -> Result<PathBuf> {
-    let candidates: Vec<PathBuf> = std::env::var_os("TIERGATE_MODEL_DIR")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain([PathBuf::from("models/base")])
-        .collect();
-    for dir in &candidates {
-        let Ok(bytes) = std::fs::read(dir.join("model.safetensors")) else {
-            continue;
-        };
-        let rev: String = <sha2::Sha256 as sha2::Digest>::digest(&bytes)[..6]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        if rev == model.revision() {
-            return Ok(dir.clone());
-        }
-    }
-    Err(anyhow!(
-        "no model.safetensors with revision {} in {:?} (set TIERGATE_MODEL_DIR to the model directory)",
-        model.revision(),
-        candidates
-    ))
-}
-
 impl CudaBackend {
     /// Uploads the weights in `dir` (which must be the ones `model` holds: same revision) to
     /// device 0 and compiles the kernels. `model` validates batches and defines the shapes.
@@ -510,8 +482,12 @@ impl CudaBackend {
             host.revision,
             model.revision()
         );
+        Self::start(model, &host)
+    }
+
+    fn start(model: Arc<MiniLm>, host: &weights::HostWeights) -> Result<Self> {
         let gpu = Gpu::open()?;
-        let w = DeviceWeights::upload(&gpu, &host)?;
+        let w = DeviceWeights::upload(&gpu, host)?;
         drv("synchronising after the upload", gpu.stream.synchronize())?;
         Ok(CudaBackend {
             model,

@@ -1,0 +1,347 @@
+//! The CUDA backend. Runs everywhere: kernel sources are compiled by NVRTC whenever libnvrtc
+//! loads (no GPU needed; `scripts/nvrtc-env.sh` puts the PyPI wheel on LD_LIBRARY_PATH), and
+//! without a GPU `backend = auto` must fall back to the CPU. With a GPU, each kernel is checked
+//! against its CPU reference in `model::encoder` and the whole backend against the CPU backend.
+//! Tests that need what is absent say SKIPPED on stdout (visible with `--nocapture`) and pass.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tiergate::config::BackendKind;
+use tiergate::engine::cpu::CpuBackend;
+use tiergate::engine::cuda::{self, kernels, CudaBackend, KernelHarness};
+use tiergate::engine::{Backend, PackedBatch};
+use tiergate::model::encoder::{self, MiniLm};
+use tiergate::model::tokenize::{TextTokenizer, TruncSide};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn model_dir() -> PathBuf {
+    root().join("models/base")
+}
+
+fn load_model() -> Arc<MiniLm> {
+    match MiniLm::load(&model_dir()) {
+        Ok(m) => Arc::new(m),
+        Err(e) => panic!("{e:#}; run scripts/setup-model.sh first"),
+    }
+}
+
+/// Prints why a test did nothing; `None` when a GPU is there.
+fn skip_without_gpu(test: &str) -> Option<()> {
+    match cuda::probe() {
+        Ok(_) => Some(()),
+        Err(why) => {
+            println!("SKIPPED: no CUDA device ({test}: {why})");
+            None
+        }
+    }
+}
+
+#[test]
+fn nvrtc_compiles_every_kernel() {
+    // Every .cu file under kernels/ must be embedded (so none is forgotten by the backend).
+    let mut on_disk: Vec<String> = std::fs::read_dir(root().join("kernels"))
+        .expect("kernels/ is readable")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".cu"))
+        .collect();
+    on_disk.sort();
+    let mut embedded: Vec<String> = kernels::SOURCES.iter().map(|s| s.0.to_string()).collect();
+    embedded.sort();
+    assert_eq!(
+        on_disk, embedded,
+        "kernels/*.cu and kernels::SOURCES differ"
+    );
+
+    if !cuda::nvrtc_available() {
+        println!(
+            "SKIPPED: libnvrtc not found; `. scripts/nvrtc-env.sh` (pip nvidia-cuda-nvrtc) \
+             puts it on LD_LIBRARY_PATH"
+        );
+        return;
+    }
+    for arch in ["compute_80", "compute_90"] {
+        for (file, _, names) in kernels::SOURCES {
+            // Compile the file as it is on disk now (the embedded copy is the same file).
+            let src = std::fs::read_to_string(root().join("kernels").join(file))
+                .unwrap_or_else(|e| panic!("reading kernels/{file}: {e}"));
+            let ptx = match kernels::compile(file, &src, arch) {
+                Ok(p) => p.to_src(),
+                Err(log) => panic!("{arch}: {log}"),
+            };
+            for n in *names {
+                assert!(
+                    ptx.contains(&format!(".entry {n}(")),
+                    "{file} ({arch}) defines no kernel {n}"
+                );
+            }
+        }
+    }
+    println!("nvrtc: all kernels compile for compute_80 and compute_90");
+}
+
+#[test]
+fn selection_without_a_gpu_falls_back_to_the_cpu() {
+    if cuda::probe().is_ok() {
+        println!("SKIPPED: a CUDA device is present (this test covers machines without one)");
+        return;
+    }
+    let model = load_model();
+    let b = tiergate::engine::select(
+        BackendKind::Auto,
+        model.clone(),
+        Path::new("models/base"),
+        1,
+    )
+    .unwrap();
+    assert_eq!(b.name(), "cpu");
+    let err = match tiergate::engine::select(BackendKind::Cuda, model, Path::new("models/base"), 1)
+    {
+        Ok(b) => panic!("backend cuda without a GPU gave {}", b.name()),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("backend cuda"), "{err}");
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let na: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb).max(1e-30)
+}
+
+#[test]
+fn cuda_backend_matches_the_cpu_backend_on_real_prompts() {
+    if skip_without_gpu("cuda_backend_matches_the_cpu_backend_on_real_prompts").is_none() {
+        return;
+    }
+    let model = load_model();
+    let tok = TextTokenizer::from_file(&model_dir().join("tokenizer.json"), 512, 512).unwrap();
+    let long = "Explain, step by step, how a B-tree keeps itself balanced on insertion and \
+                deletion, and compare it with a red-black tree. "
+        .repeat(40);
+    let prompts = [
+        "Prove that sqrt(2) is irrational.",
+        "What is 12*12?",
+        "Write a haiku about autumn rain.",
+        "Translate 'good morning' into French, German and Japanese.",
+        "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n# make this iterative",
+        "Summarise the causes of the First World War in three sentences.",
+        "x",
+        long.as_str(),
+    ];
+    let mut batch = PackedBatch::new();
+    for p in prompts {
+        let e = tok.encode_single(p, TruncSide::HeadTail).unwrap();
+        batch.push(&e.ids, &e.type_ids);
+    }
+    let pair = tok
+        .encode_pair(
+            "What is 2+2?",
+            "2+2 equals 4, because adding two and two gives four.",
+        )
+        .unwrap();
+    batch.push(&pair.ids, &pair.type_ids);
+    assert!(
+        batch.seq(7).len() == 512,
+        "the long prompt fills all positions"
+    );
+
+    let mut gpu = CudaBackend::new(model.clone(), &model_dir()).unwrap();
+    let mut cpu = CpuBackend::new(model.clone(), 2).unwrap();
+    let want = cpu.embed(&batch).unwrap();
+    // Twice: the second call reuses the scratch buffers.
+    for _ in 0..2 {
+        let got = gpu.embed(&batch).unwrap();
+        assert_eq!(got.len(), want.len());
+        for (i, (w, g)) in want
+            .chunks_exact(384)
+            .zip(got.chunks_exact(384))
+            .enumerate()
+        {
+            let c = cosine(w, g);
+            assert!(c >= 0.999, "sequence {i}: cosine {c}");
+            let norm: f32 = g.iter().map(|v| v * v).sum();
+            assert!((norm - 1.0).abs() < 1e-4, "sequence {i}: |e|² = {norm}");
+        }
+    }
+    // A batch of one, and an empty batch; invalid batches are refused like on the CPU.
+    let mut one = PackedBatch::new();
+    one.push(&batch.ids[batch.seq(0)], &batch.type_ids[batch.seq(0)]);
+    let g = gpu.embed(&one).unwrap();
+    assert!(cosine(&g, &want[..384]) >= 0.999);
+    assert!(gpu.embed(&PackedBatch::new()).unwrap().is_empty());
+    let mut bad = PackedBatch::new();
+    bad.push(&[101, 999_999, 102], &[0; 3]);
+    assert!(gpu.embed(&bad).is_err());
+}
+
+/// Deterministic values in [-scale, scale].
+fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i as f32 * 0.618_034 + seed as f32 * 0.37).sin() * 43_758.547).fract() * scale)
+        .collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
+}
+
+fn f16_round(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+}
+
+#[test]
+fn each_kernel_matches_its_cpu_reference() {
+    if skip_without_gpu("each_kernel_matches_its_cpu_reference").is_none() {
+        return;
+    }
+    let k = KernelHarness::new().unwrap();
+    let (h, eps) = (384usize, 1e-12f32);
+    let gamma: Vec<f32> = values(h, 1, 0.5).iter().map(|v| 1.0 + v).collect();
+    let beta = values(h, 2, 0.1);
+
+    // GEMM (cuBLAS, f16 in, f32 out) against encoder::matmul on the same f16-rounded inputs.
+    let (t, n) = (37usize, 96usize);
+    let x = f16_round(&values(t * h, 3, 1.0));
+    let w = f16_round(&values(n * h, 4, 0.1)); // [n, h]
+    let mut wt = vec![0.0; h * n]; // [h, n] for the CPU reference
+    for o in 0..n {
+        for i in 0..h {
+            wt[i * n + o] = w[o * h + i];
+        }
+    }
+    let mut want = vec![0.0; t * n];
+    encoder::matmul(&mut want, &x, &wt, t, h, n, false);
+    let got = k.gemm(&x, &w, t, n, h).unwrap();
+    assert!(max_abs_diff(&got, &want) < 1e-3, "gemm");
+
+    // Embedding gather + LayerNorm.
+    let (vocab, positions) = (50usize, 20usize);
+    let word = f16_round(&values(vocab * h, 5, 1.0));
+    let pos = f16_round(&values(positions * h, 6, 1.0));
+    let types = f16_round(&values(2 * h, 7, 1.0));
+    let ids: Vec<u32> = (0..t as u32).map(|i| (i * 7) % vocab as u32).collect();
+    let tys: Vec<u32> = (0..t as u32).map(|i| i % 2).collect();
+    let ps: Vec<u32> = (0..t as u32).map(|i| i % positions as u32).collect();
+    let got = k
+        .embed_layernorm(&ids, &tys, &ps, (&word, &pos, &types), &gamma, &beta, eps)
+        .unwrap();
+    let mut want = Vec::with_capacity(t * h);
+    for i in 0..t {
+        let (id, ty, p) = (ids[i] as usize, tys[i] as usize, ps[i] as usize);
+        let mut row: Vec<f32> = (0..h)
+            .map(|c| word[id * h + c] + pos[p * h + c] + types[ty * h + c])
+            .collect();
+        encoder::layer_norm(&mut row, &gamma, &beta, eps);
+        want.extend(row);
+    }
+    assert!(max_abs_diff(&got, &want) < 1e-4, "embed_layernorm");
+
+    // bias + residual + LayerNorm.
+    let xr = values(t * h, 8, 2.0);
+    let y = values(t * h, 9, 2.0);
+    let bias = values(h, 10, 0.5);
+    let got = k
+        .bias_residual_layernorm(&xr, &y, &bias, &gamma, &beta, eps)
+        .unwrap();
+    let mut want = Vec::with_capacity(t * h);
+    for (xrow, yrow) in xr.chunks_exact(h).zip(y.chunks_exact(h)) {
+        let mut row: Vec<f32> = (0..h).map(|c| xrow[c] + yrow[c] + bias[c]).collect();
+        encoder::layer_norm(&mut row, &gamma, &beta, eps);
+        want.extend(row);
+    }
+    assert!(max_abs_diff(&got, &want) < 1e-4, "bias_residual_layernorm");
+
+    // bias + GELU (output is f16: compare within f16 rounding).
+    let inter = 1536usize;
+    let y = values(5 * inter, 11, 6.0);
+    let bias = values(inter, 12, 1.0);
+    let got = k.bias_gelu(&y, &bias).unwrap();
+    let want: Vec<f32> = y
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| encoder::gelu(v + bias[i % inter]))
+        .collect();
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            (g - w).abs() <= 2e-3 * w.abs().max(1.0),
+            "bias_gelu {g} vs {w}"
+        );
+    }
+
+    // Attention over a packed batch with lengths across tile boundaries (1, 63, 64, 65, 300).
+    let heads = 12usize;
+    let d = 32usize;
+    let lens = [1usize, 63, 64, 65, 300];
+    let mut cu = vec![0u32];
+    for l in lens {
+        cu.push(cu[cu.len() - 1] + l as u32);
+    }
+    let tt = cu[cu.len() - 1] as usize;
+    let qkv = values(tt * 3 * h, 13, 1.5);
+    let bias = values(3 * h, 14, 0.3);
+    let got = k.attention(&qkv, &bias, &cu, heads).unwrap();
+    let scale = 1.0 / (d as f32).sqrt();
+    let at = |tok: usize, part: usize, head: usize, j: usize| {
+        qkv[tok * 3 * h + part * h + head * d + j] + bias[part * h + head * d + j]
+    };
+    let mut want = vec![0.0f32; tt * h];
+    for s in 0..lens.len() {
+        let (a, b) = (cu[s] as usize, cu[s + 1] as usize);
+        for head in 0..heads {
+            for qi in a..b {
+                let mut scores: Vec<f32> = (a..b)
+                    .map(|ki| {
+                        (0..d)
+                            .map(|j| at(qi, 0, head, j) * at(ki, 1, head, j))
+                            .sum::<f32>()
+                            * scale
+                    })
+                    .collect();
+                encoder::softmax_inplace(&mut scores);
+                for j in 0..d {
+                    want[qi * h + head * d + j] = (a..b)
+                        .zip(&scores)
+                        .map(|(ki, p)| p * at(ki, 2, head, j))
+                        .sum();
+                }
+            }
+        }
+    }
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            (g - w).abs() <= 2e-3 * w.abs().max(1.0),
+            "attention {g} vs {w}"
+        );
+    }
+
+    // Mean pooling + L2 norm (an empty sequence gives zeros, like the CPU).
+    let cu = [0u32, 5, 5, 42];
+    let x = values(42 * h, 15, 1.0);
+    let got = k.mean_pool_l2(&x, &cu, h).unwrap();
+    let mut want = vec![0.0f32; 3 * h];
+    for s in 0..3 {
+        let (a, b) = (cu[s] as usize, cu[s + 1] as usize);
+        encoder::mean_pool_normalize(&x[a * h..b * h], &mut want[s * h..(s + 1) * h]);
+    }
+    assert!(max_abs_diff(&got, &want) < 1e-5, "mean_pool_l2");
+}
+
+#[test]
+fn random_weights_model_loads_on_the_cpu() {
+    // The gpu-check --random-weights path: the written model must be a valid MiniLM-L6.
+    let dir = tempfile::tempdir().unwrap();
+    cuda::write_random_model(dir.path(), 7).unwrap();
+    let m = MiniLm::load(dir.path()).unwrap();
+    assert_eq!((m.dim(), m.max_positions()), (384, 512));
+    let mut b = PackedBatch::new();
+    b.push(&[101, 2000, 3000, 102], &[0; 4]);
+    let e = m.forward(&b);
+    let norm: f32 = e.iter().map(|v| v * v).sum();
+    assert!((norm - 1.0).abs() < 1e-4);
+}
