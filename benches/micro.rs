@@ -1,0 +1,210 @@
+//! Micro-benchmarks of the request path's parts: tokenization, the encoder forward pass by
+//! batch shape, the heads, and the batcher's own overhead per request.
+//!
+//! `cargo bench --bench micro` (needs models/base from scripts/setup-model.sh, and
+//! models/heads.json for the heads group). Speed is measured here, never asserted in tests.
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use divan::{black_box, Bencher};
+use tiergate::batch::{Batcher, Limits, Priority};
+use tiergate::engine::cpu::CpuBackend;
+use tiergate::engine::{Backend, PackedBatch};
+use tiergate::model::encoder::MiniLm;
+use tiergate::model::heads::{dot, Heads};
+use tiergate::model::tokenize::{TextTokenizer, TruncSide};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn model() -> &'static Arc<MiniLm> {
+    static M: OnceLock<Arc<MiniLm>> = OnceLock::new();
+    M.get_or_init(|| match MiniLm::load(&root().join("models/base")) {
+        Ok(m) => Arc::new(m),
+        Err(e) => panic!("{e:#}"),
+    })
+}
+
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The server's backend: its own pool over all cores (the default `threads.compute = 0`).
+fn backend() -> &'static Mutex<CpuBackend> {
+    static B: OnceLock<Mutex<CpuBackend>> = OnceLock::new();
+    B.get_or_init(|| match CpuBackend::new(model().clone(), threads()) {
+        Ok(b) => Mutex::new(b),
+        Err(e) => panic!("{e}"),
+    })
+}
+
+/// `n` sequences of `len` tokens: [CLS] ... [SEP] with ordinary word-piece ids in between.
+fn batch(n: usize, len: usize) -> PackedBatch {
+    let mut b = PackedBatch::new();
+    for s in 0..n {
+        let mut ids = vec![101u32];
+        ids.extend((0..len - 2).map(|i| 2000 + ((i * 37 + s * 101) % 20_000) as u32));
+        ids.push(102);
+        b.push(&ids, &vec![0; len]);
+    }
+    b
+}
+
+const PARAGRAPH: &str = "The following are multiple choice questions (with answers) about \
+    physics. Think step by step and then finish your answer with \"the answer is (X)\" where X \
+    is the correct letter choice. A 2 kg block slides down a frictionless incline of 30 degrees \
+    starting from rest; how fast is it moving after travelling 4 metres along the slope? ";
+
+mod tokenize {
+    use super::*;
+
+    fn tok() -> &'static TextTokenizer {
+        static T: OnceLock<TextTokenizer> = OnceLock::new();
+        T.get_or_init(|| {
+            match TextTokenizer::from_file(&root().join("models/base/tokenizer.json"), 256, 384) {
+                Ok(t) => t,
+                Err(e) => panic!("{e}"),
+            }
+        })
+    }
+
+    /// Repeats of PARAGRAPH (~75 tokens each): 1 fits, 4 is ~300 tokens (truncated to 256),
+    /// 40 is a ~12 KB prompt (the truncation path on a long input).
+    #[divan::bench(args = [1, 4, 40])]
+    fn encode_single(b: Bencher, repeats: usize) {
+        let text = PARAGRAPH.repeat(repeats);
+        b.counter(divan::counter::BytesCount::new(text.len()))
+            .bench(|| tok().encode_single(black_box(&text), TruncSide::HeadTail));
+    }
+
+    #[divan::bench]
+    fn encode_pair(b: Bencher) {
+        let (p, a) = (PARAGRAPH.repeat(2), PARAGRAPH.repeat(3));
+        b.bench(|| tok().encode_pair(black_box(&p), black_box(&a)));
+    }
+}
+
+mod encoder {
+    use super::*;
+
+    /// (sequences, tokens each). Throughput is reported in sequences.
+    const SHAPES: [(usize, usize); 5] = [(1, 32), (1, 64), (1, 128), (8, 128), (32, 128)];
+
+    #[divan::bench(args = SHAPES, max_time = 4)]
+    fn forward(b: Bencher, (n, len): (usize, usize)) {
+        let batch = batch(n, len);
+        let Ok(mut be) = backend().lock() else {
+            panic!("backend lock poisoned")
+        };
+        b.counter(divan::counter::ItemsCount::new(n))
+            .bench_local(|| be.embed(black_box(&batch)));
+    }
+}
+
+mod heads {
+    use super::*;
+
+    fn heads() -> &'static Heads {
+        static H: OnceLock<Heads> = OnceLock::new();
+        H.get_or_init(|| match Heads::load(&root().join("models/heads.json")) {
+            Ok(h) => h,
+            Err(e) => panic!("{e:#}"),
+        })
+    }
+
+    fn unit(dim: usize) -> Vec<f32> {
+        let v: Vec<f32> = (0..dim)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 40.0)
+            .collect();
+        let n = dot(&v, &v).sqrt();
+        v.into_iter().map(|x| x / n).collect()
+    }
+
+    #[divan::bench]
+    fn dot_384(b: Bencher) {
+        let (x, y) = (unit(384), unit(384));
+        b.bench(|| dot(black_box(&x), black_box(&y)));
+    }
+
+    /// One Route decision's head work: p_pass for every model the heads know.
+    #[divan::bench]
+    fn route_p_all_models(b: Bencher) {
+        let h = heads();
+        let e = unit(h.dim);
+        let names: Vec<&String> = h.models.keys().collect();
+        b.counter(divan::counter::ItemsCount::new(names.len()))
+            .bench(|| {
+                names
+                    .iter()
+                    .map(|m| h.route_p(m, black_box(&e)))
+                    .sum::<f64>()
+            });
+    }
+}
+
+/// The batcher's cost per request: the same 1-sequence batch through `Batcher` (queue, forming
+/// thread, backend thread, oneshot reply) against a direct `embed` on an identical backend.
+/// The difference of the two is the overhead.
+mod batcher {
+    use super::*;
+
+    fn batcher() -> &'static Batcher {
+        static B: OnceLock<Batcher> = OnceLock::new();
+        B.get_or_init(|| {
+            let be = match CpuBackend::new(model().clone(), threads()) {
+                Ok(b) => b,
+                Err(e) => panic!("{e}"),
+            };
+            Batcher::start(
+                Box::new(be),
+                Limits {
+                    max_batch_tokens: 8192,
+                    max_batch_requests: 64,
+                    max_queue: 1024,
+                },
+            )
+        })
+    }
+
+    const LENS: [usize; 2] = [2, 32];
+
+    #[divan::bench(args = LENS)]
+    fn direct(b: Bencher, len: usize) {
+        let batch = batch(1, len);
+        let Ok(mut be) = backend().lock() else {
+            panic!("backend lock poisoned")
+        };
+        b.bench_local(|| be.embed(black_box(&batch)));
+    }
+
+    #[divan::bench(args = LENS)]
+    fn via_batcher(b: Bencher, len: usize) {
+        let batch = batch(1, len);
+        let bt = batcher();
+        b.bench_local(|| {
+            let rx = bt.submit(
+                batch.ids.clone(),
+                batch.type_ids.clone(),
+                Priority::Normal,
+                None,
+            );
+            match rx {
+                Ok(rx) => rx.blocking_recv().ok(),
+                Err(e) => panic!("{e}"),
+            }
+        });
+    }
+}
+
+fn main() {
+    let base = root().join("models/base");
+    if !Path::new(&base).join("model.safetensors").exists() {
+        eprintln!(
+            "micro: {} missing; run scripts/setup-model.sh",
+            base.display()
+        );
+        return;
+    }
+    divan::main();
+}

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Benchmarks of benches/README.md.
+#
+#   scripts/bench.sh [encoder]   encoder throughput, tiergate vs ONNX Runtime (below)
+#   scripts/bench.sh load        the release server under loadgen (default config, loopback)
+#
+# encoder: throughput on the real prompt mix, tiergate vs ONNX Runtime, in one go. Both sides
+# embed the very same token ids (the dev prompts tokenized by tiergate's own tokenizer,
+# head+tail truncated at 256) at the same thread count, at batch 1 and in length-sorted
+# batches; ORT's batches are padded to their longest sequence, ours are packed. Rounds alternate the two sides so drifting machine load hits both alike; medians
+# over rounds are printed, with the ratio tiergate / ORT.
+#
+# load: starts `tiergate serve` (release, embedded default config) on 127.0.0.1:$PORT with
+# metrics off, then per round: Route at concurrency 1 and 32 and Verify at 16 on dev prompts,
+# and Route at concurrency 1 on synthetic 32/64/128-token prompts; prints medians over rounds.
+# The server is stopped (by its pid) on exit. Needs models/heads.json.
+#
+# Env: PORT (50151), THREADS (default: all cores), ROUNDS (3), BATCH (32),
+#      LIMIT (0 = all 905 prompts), GRAPHS ("fused"; "fused standard" also times ORT on a standard-op graph),
+#      OUT (target/bench), DATA (../shared/data/dev.jsonl.gz).
+# Needs: scripts/setup-model.sh done; python3 with onnx onnxruntime numpy safetensors.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+threads="${THREADS:-$(nproc)}"
+rounds="${ROUNDS:-3}"
+batch="${BATCH:-32}"
+limit="${LIMIT:-0}"
+graphs="${GRAPHS:-fused}"
+out="${OUT:-target/bench}"
+data="${DATA:-../shared/data/dev.jsonl.gz}"
+what="${1:-encoder}"
+lg=target/release/loadgen
+mkdir -p "$out"
+
+if [ "$what" = load ]; then
+  port="${PORT:-50151}"
+  cargo build --release --quiet --bin tiergate --bin loadgen
+  target/release/tiergate serve --listen "127.0.0.1:$port" --metrics-listen "" \
+    >"$out/server.log" 2>&1 &
+  srv=$!
+  trap 'kill "$srv" 2>/dev/null || true; wait "$srv" 2>/dev/null || true' EXIT
+  addr="127.0.0.1:$port"
+  for r in $(seq 1 "$rounds"); do
+    echo "== round $r/$rounds (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
+    "$lg" --addr "$addr" --data "$data" --concurrency 1 --requests 300 --out "$out/route-c1.$r.json"
+    "$lg" --addr "$addr" --data "$data" --concurrency 32 --requests 3000 --duration 60 \
+      --out "$out/route-c32.$r.json"
+    "$lg" --addr "$addr" --data "$data" --rpc verify --concurrency 16 --requests 1000 --duration 60 \
+      --out "$out/verify-c16.$r.json"
+    for n in 32 64 128; do
+      "$lg" --addr "$addr" --synthetic-tokens "$n" --concurrency 1 --requests 300 \
+        --out "$out/route-syn$n-c1.$r.json"
+    done
+  done
+  python3 - "$out" "$rounds" <<'PY'
+import json, statistics, sys
+out, rounds = sys.argv[1], int(sys.argv[2])
+print(f"\nmedians of {rounds} rounds")
+print(f"{'scenario':<20}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'tokens':>8}{'errors':>8}")
+summary = {}
+for name in ["route-c1", "route-c32", "verify-c16", "route-syn32-c1", "route-syn64-c1", "route-syn128-c1"]:
+    rs = [json.load(open(f"{out}/{name}.{r}.json")) for r in range(1, rounds + 1)]
+    m = lambda f: statistics.median(f(x) for x in rs)  # noqa: E731
+    row = {"rps": m(lambda x: x["throughput_rps"]), "p50": m(lambda x: x["latency_ms"]["p50"]),
+           "p90": m(lambda x: x["latency_ms"]["p90"]), "p99": m(lambda x: x["latency_ms"]["p99"]),
+           "tokens": m(lambda x: x["mean_input_tokens"]),
+           "errors": sum(sum(x["errors"].values()) for x in rs)}
+    summary[name] = row
+    print(f"{name:<20}{row['rps']:>9.1f}{row['p50']:>9.2f}{row['p90']:>9.2f}{row['p99']:>9.2f}"
+          f"{row['tokens']:>8.1f}{row['errors']:>8}")
+json.dump(summary, open(f"{out}/load-summary.json", "w"), indent=2)
+PY
+  exit 0
+fi
+[ "$what" = encoder ] || { echo "usage: scripts/bench.sh [encoder|load]" >&2; exit 2; }
+
+if ! python3 -c "import onnx, onnxruntime, numpy, safetensors" 2>/dev/null; then
+  echo "bench: python3 needs onnx onnxruntime numpy safetensors:" >&2
+  echo "  python3 -m pip install onnx onnxruntime numpy safetensors" >&2
+  exit 1
+fi
+cargo build --release --quiet --bin loadgen
+"$lg" dump-ids --data "$data" --out "$out/ids.json"
+
+for r in $(seq 1 "$rounds"); do
+  echo "== round $r/$rounds (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
+  "$lg" bench-encoder --ids "$out/ids.json" --threads "$threads" --batch "$batch" --reps 1 \
+    --limit "$limit" --embeddings-out "$out/tiergate.f32" --out "$out/tiergate.$r.json"
+  for g in $graphs; do
+    python3 scripts/onnx_peer.py --ids "$out/ids.json" --threads "$threads" --batch "$batch" \
+      --reps 1 --limit "$limit" --graph "$g" --tiergate-embeddings "$out/tiergate.f32" \
+      --out "$out/ort-$g.$r.json"
+  done
+done
+
+python3 - "$out" "$rounds" $graphs <<'PY'
+import json, statistics, sys
+out, rounds, graphs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+def load(name):
+    return [json.load(open(f"{out}/{name}.{r}.json")) for r in range(1, rounds + 1)]
+def med(reps, mode, key):
+    return statistics.median(x[mode][key] if key != "p50" else x[mode]["latency_ms"]["p50"] for x in reps)
+sides = {"tiergate": load("tiergate")} | {f"ort-{g}": load(f"ort-{g}") for g in graphs}
+t = sides["tiergate"][0]
+print(f"\n{t['sequences']} dev prompts, {t['tokens']} tokens (mean {t['tokens'] / t['sequences']:.1f}), "
+      f"{t['threads']} threads, batch {t['batch']}, median of {rounds} rounds")
+print(f"{'side':<16}{'b1 seq/s':>10}{'b1 p50 ms':>11}{'b' + str(t['batch']) + ' seq/s':>12}{'b' + str(t['batch']) + ' tok/s':>12}")
+rows = {}
+for name, reps in sides.items():
+    rows[name] = (med(reps, "batch1", "seqs_per_s"), med(reps, "batch1", "p50"),
+                  med(reps, "batched", "seqs_per_s"), med(reps, "batched", "tokens_per_s"))
+    print(f"{name:<16}{rows[name][0]:>10.1f}{rows[name][1]:>11.2f}{rows[name][2]:>12.1f}{rows[name][3]:>12.0f}")
+for g in graphs:
+    o, ti = rows[f"ort-{g}"], rows["tiergate"]
+    print(f"ratio tiergate / ort-{g}: batch 1 throughput x{ti[0] / o[0]:.2f}, p50 latency x{o[1] / ti[1]:.2f} "
+          f"faster, batched throughput x{ti[2] / o[2]:.2f}")
+json.dump({k: dict(zip(["b1_seqs_per_s", "b1_p50_ms", "batched_seqs_per_s", "batched_tokens_per_s"], v))
+           for k, v in rows.items()}, open(f"{out}/summary.json", "w"), indent=2)
+PY
