@@ -186,9 +186,20 @@ async fn every_rpc_health_reflection_and_metrics() {
         quality_floor: Some(0.9),
         ..Default::default()
     });
-    let v = c.verify(top).await.unwrap().into_inner();
-    assert_eq!(v.threshold, 0.9);
+    let v = c.verify(top.clone()).await.unwrap().into_inner();
     assert!(v.escalate_to.is_empty());
+    // A higher floor never lowers the shipping bar.
+    top.policy = Some(proto::Policy {
+        quality_floor: Some(0.6),
+        ..Default::default()
+    });
+    let lower = c.verify(top).await.unwrap().into_inner();
+    assert!(
+        lower.threshold <= v.threshold && v.threshold <= 1.0,
+        "{} vs {}",
+        lower.threshold,
+        v.threshold
+    );
 
     // Streams keep order; a bad item answers with an error in its place, the stream goes on.
     let mut reqs: Vec<proto::RouteRequest> = (0..12)

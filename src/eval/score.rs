@@ -50,46 +50,82 @@ impl Embedder<'_> {
         };
         let truncated: Vec<bool> = encoded.iter().map(|e| e.truncated).collect();
         let dim = self.enc.dim();
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (&self.enc.model_revision, tok.max_tokens(), kind, texts).hash(&mut h);
-        let path = self
-            .cache_dir
-            .as_ref()
-            .map(|d| d.join(format!("{label}-{:016x}.f32", h.finish())));
-        if let Some(bytes) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
-            if bytes.len() == texts.len() * dim * 4 {
-                eprintln!("{label}: {} embeddings from cache", texts.len());
-                let emb = bytes
+        // Content-addressed store: one record (text key, embedding) per text, appended, so any
+        // later run (another split, a left-out source, eval) reuses what was computed.
+        let store = self.cache_dir.as_ref().map(|d| {
+            let kind = match kind {
+                Kind::Prompt => format!("prompt{}", tok.max_tokens()),
+                Kind::Answer(n) => format!("answer{n}"),
+            };
+            let rev: String = self.enc.model_revision.chars().take(12).collect();
+            d.join(format!("{kind}-{rev}.emb"))
+        });
+        let key = |t: &str| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            t.hash(&mut h);
+            h.finish()
+        };
+        let rec = 8 + dim * 4;
+        let mut known: HashMap<u64, Vec<f32>> = HashMap::new();
+        if let Some(bytes) = store.as_ref().and_then(|p| std::fs::read(p).ok()) {
+            // A torn last record (interrupted write) is ignored.
+            for r in bytes.chunks_exact(rec) {
+                let k = u64::from_le_bytes(r[..8].try_into().unwrap_or([0; 8]));
+                let v = r[8..]
                     .chunks_exact(4)
                     .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                     .collect();
-                return Ok(Embedded { emb, truncated });
+                known.insert(k, v);
             }
         }
-        let tokens: usize = encoded.iter().map(|e| e.ids.len()).sum();
-        let pb = progress(texts.len() as u64, label);
-        let t0 = Instant::now();
-        let emb = self
-            .enc
-            .batcher
-            .embed_all(encoded.into_iter().map(|e| (e.ids, e.type_ids)), |n| {
-                pb.inc(n as u64)
-            })?;
-        pb.finish_and_clear();
-        let secs = t0.elapsed().as_secs_f64().max(1e-9);
-        eprintln!(
-            "{label}: {} texts, {tokens} tokens in {secs:.1}s ({:.0} tokens/s)",
-            texts.len(),
-            tokens as f64 / secs
-        );
-        if let Some(p) = path {
-            if let Some(dir) = p.parent() {
-                std::fs::create_dir_all(dir)?;
+        let keys: Vec<u64> = texts.iter().map(|t| key(t)).collect();
+        let mut todo: Vec<usize> = (0..texts.len())
+            .filter(|&i| !known.contains_key(&keys[i]))
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        todo.retain(|&i| seen.insert(keys[i]));
+        if !todo.is_empty() {
+            let tokens: usize = todo.iter().map(|&i| encoded[i].ids.len()).sum();
+            let pb = progress(todo.len() as u64, label);
+            let t0 = Instant::now();
+            let out = self.enc.batcher.embed_all(
+                todo.iter()
+                    .map(|&i| (encoded[i].ids.clone(), encoded[i].type_ids.clone())),
+                |n| pb.inc(n as u64),
+            )?;
+            pb.finish_and_clear();
+            let secs = t0.elapsed().as_secs_f64().max(1e-9);
+            eprintln!(
+                "{label}: {} texts, {tokens} tokens in {secs:.1}s ({:.0} tokens/s)",
+                todo.len(),
+                tokens as f64 / secs
+            );
+            let mut bytes = Vec::with_capacity(todo.len() * rec);
+            for (n, &i) in todo.iter().enumerate() {
+                let v = out[n * dim..(n + 1) * dim].to_vec();
+                bytes.extend_from_slice(&keys[i].to_le_bytes());
+                bytes.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+                known.insert(keys[i], v);
             }
-            let bytes: Vec<u8> = emb.iter().flat_map(|v| v.to_le_bytes()).collect();
-            let tmp = p.with_extension("part");
-            std::fs::write(&tmp, bytes)?;
-            std::fs::rename(&tmp, &p)?;
+            if let Some(p) = &store {
+                if let Some(dir) = p.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)?;
+                f.write_all(&bytes)?;
+            }
+        } else {
+            eprintln!("{label}: {} embeddings from cache", texts.len());
+        }
+        let mut emb = Vec::with_capacity(texts.len() * dim);
+        for k in &keys {
+            let v = known
+                .get(k)
+                .ok_or_else(|| anyhow::anyhow!("{label}: embedding missing after encoding"))?;
+            emb.extend_from_slice(v);
         }
         Ok(Embedded { emb, truncated })
     }

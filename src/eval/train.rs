@@ -219,23 +219,20 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let held_rows = router_rows(&train, &tf, &index, |r| part_of(seed, r) != Part::RouterFit);
     let all_rows = router_rows(&train, &tf, &index, |_| true);
     let mut best: Option<(f64, f32, usize, RouterFit)> = None;
-    for l2 in [1e-4f32, 1e-3] {
+    for (k, l2) in [(a.k, 1e-4f32), (a.k, 1e-3), (a.k * 2, 1e-4)] {
         let (f, step, loss) = fit::fit_router(
             &tf.prompt_emb,
             d,
             names.len(),
             &fit_rows,
-            a.k,
+            k,
             l2,
             a.steps,
             seed,
             |f| Some(router_loss(f, &tf, &held_rows)),
         );
         let loss = loss.unwrap_or(f64::INFINITY);
-        eprintln!(
-            "router: k {} L2 {l2:e}: held-back log-loss {loss:.4} at step {step}",
-            a.k
-        );
+        eprintln!("router: k {k} L2 {l2:e}: held-back log-loss {loss:.4} at step {step}");
         if best.as_ref().is_none_or(|b| loss < b.0) {
             best = Some((loss, l2, step, f));
         }
@@ -244,12 +241,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
         bail!("router: no fit")
     };
     let held_head = to_head(&held_fit, &names);
+    let k = held_fit.k;
     let (final_fit, _, _) = fit::fit_router(
         &tf.prompt_emb,
         d,
         names.len(),
         &all_rows,
-        a.k,
+        k,
         l2,
         steps,
         seed,
@@ -292,6 +290,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         },
         models: BTreeMap::new(),
         default_verify_threshold: 0.5,
+        verify_thresholds: vec![],
         metrics: json!({}),
     };
     let (mut fx, mut fy, mut cx, mut cy) = (vec![], vec![], vec![], vec![]);
@@ -335,6 +334,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let cz: Vec<f64> = cx.chunks_exact(nv).map(|x| vh.logit(x) as f64).collect();
     let (pa, pb) = fit::platt(&cz, &cy)?;
     eprintln!("verifier: Platt a {pa:.3} b {pb:.3} on {} rows", cy.len());
+    let cp: Vec<f64> = cz.iter().map(|&z| heads::sigmoid(pa * z + pb)).collect();
+    let thresholds = threshold_table(&cp, &cy);
+    let default_floor = crate::config::Config::embedded()?.policy.quality_floor;
+    let default_threshold = heads::threshold_from(&thresholds, default_floor);
+    eprintln!("verifier: thresholds per floor {thresholds:?}; default {default_threshold:.3}");
 
     // ---- assemble, then measure on dev ----
     let mut models = BTreeMap::new();
@@ -362,6 +366,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
             platt_b: pb as f32,
         },
         models,
+        verify_thresholds: thresholds,
+        default_verify_threshold: default_threshold,
         ..stage.clone()
     };
     stage.metrics = json!({});
@@ -383,7 +389,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         "split": "dev rows (never used to fit or select)",
         "dev_rows": dev_rows.len(),
         "exclude_source": a.exclude_source,
-        "router": { "k": a.k, "l2": l2, "steps": steps, "held_back_log_loss": held_loss },
+        "router": { "k": k, "l2": l2, "steps": steps, "held_back_log_loss": held_loss },
         "verifier": { "l2": verify_l2, "platt_a": pa, "platt_b": pb, "fit_rows": fy.len(), "calibration_rows": cy.len() },
         "dev": dev_metrics,
     });
@@ -396,6 +402,36 @@ pub fn run(a: TrainArgs) -> Result<()> {
     write_heads(&a.out, &out)?;
     eprintln!("wrote {}", a.out.display());
     Ok(())
+}
+
+/// For each quality floor, the lowest p at which the answers with p ≥ it pass at least
+/// `floor` of the time (at least 30 shipped), made non-decreasing in the floor.
+pub fn threshold_table(p: &[f64], y: &[f32]) -> Vec<(f64, f64)> {
+    let mut idx: Vec<usize> = (0..p.len()).collect();
+    idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+    let mut cuts = Vec::with_capacity(idx.len());
+    let mut pass = 0.0;
+    for (n, &i) in idx.iter().enumerate() {
+        pass += if y[i] >= 0.5 { 1.0 } else { 0.0 };
+        cuts.push((p[i], pass / (n + 1) as f64, n + 1));
+    }
+    let floors = [
+        0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99,
+    ];
+    let mut out: Vec<(f64, f64)> = Vec::new();
+    for f in floors {
+        let t = cuts
+            .iter()
+            .filter(|c| c.2 >= 30 && c.1 >= f)
+            .map(|c| c.0)
+            .fold(f64::INFINITY, f64::min);
+        if !t.is_finite() {
+            break; // unreachable on held-back data: beyond the table the floor itself applies
+        }
+        let t = out.last().map_or(t, |&(_, prev): &(f64, f64)| t.max(prev));
+        out.push((f, t));
+    }
+    out
 }
 
 /// Router and verifier AUROC / ECE per source (and pooled) on labelled rows.
@@ -441,4 +477,33 @@ fn write_heads(path: &Path, h: &Heads) -> Result<()> {
     }
     let text = serde_json::to_string(h)?;
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threshold_table_meets_each_floor_on_its_data() {
+        // p = i/100 for i in 0..100, passing exactly when i >= 40: precision of p ≥ t is 1 for
+        // t ≥ 0.40 and falls below it.
+        let p: Vec<f64> = (0..100).map(|i| i as f64 / 100.0).collect();
+        let y: Vec<f32> = (0..100).map(|i| if i >= 40 { 1.0 } else { 0.0 }).collect();
+        let t = threshold_table(&p, &y);
+        assert!(!t.is_empty());
+        for w in t.windows(2) {
+            assert!(w[0].1 <= w[1].1, "non-decreasing: {t:?}");
+        }
+        for &(f, th) in &t {
+            let shipped: Vec<usize> = (0..100).filter(|&i| p[i] >= th).collect();
+            let prec =
+                shipped.iter().filter(|&&i| y[i] > 0.5).count() as f64 / shipped.len() as f64;
+            assert!(
+                prec >= f,
+                "floor {f}: threshold {th} ships at precision {prec}"
+            );
+        }
+        // Precision 1.0 is reached at 0.40: every floor's threshold is at most that.
+        assert!(t.iter().all(|&(_, th)| th <= 0.40 + 1e-12), "{t:?}");
+    }
 }

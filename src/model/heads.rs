@@ -104,6 +104,11 @@ pub struct Heads {
     pub verifier: VerifierHead,
     pub models: BTreeMap<String, ModelInfo>,
     pub default_verify_threshold: f64,
+    /// Verify threshold per requested quality floor, learned on held-back rows: the lowest p at
+    /// which the answers shipped (p ≥ threshold) pass at least `floor` of the time.
+    /// Ascending in floor; empty = use the floor itself.
+    #[serde(default)]
+    pub verify_thresholds: Vec<(f64, f64)>,
     /// Held-out figures printed by `tiergate train` (informational).
     #[serde(default)]
     pub metrics: serde_json::Value,
@@ -157,6 +162,13 @@ impl Heads {
         {
             bail!("verifier: expected {nv} finite weights");
         }
+        let mut last = (f64::NEG_INFINITY, f64::NEG_INFINITY);
+        for &(f, t) in &self.verify_thresholds {
+            if !(0.0..=1.0).contains(&f) || !(0.0..=1.0).contains(&t) || f <= last.0 || t < last.1 {
+                bail!("verify_thresholds must be ascending pairs in [0, 1]");
+            }
+            last = (f, t);
+        }
         if !(0.0..=1.0).contains(&self.default_verify_threshold) {
             bail!("default_verify_threshold must be in [0, 1]");
         }
@@ -164,6 +176,12 @@ impl Heads {
             bail!("max_answer_tokens must be in 8..=512");
         }
         Ok(())
+    }
+
+    /// The shipping threshold for a quality floor (linear between learned points; the floor
+    /// itself outside them, since p_pass is calibrated).
+    pub fn threshold_for(&self, floor: f64) -> f64 {
+        threshold_from(&self.verify_thresholds, floor)
     }
 
     /// Router logit of `model` (its own ability, or the population prior).
@@ -259,6 +277,19 @@ pub fn verify_features(route_logit: f32, prompt_emb: &[f32], a: &AnswerInput) ->
     x
 }
 
+/// See [`Heads::threshold_for`].
+pub fn threshold_from(t: &[(f64, f64)], floor: f64) -> f64 {
+    match t.iter().position(|&(f, _)| f >= floor) {
+        Some(0) if floor < t[0].0 => floor.min(t[0].1),
+        Some(0) => t[0].1,
+        Some(i) => {
+            let ((f0, t0), (f1, t1)) = (t[i - 1], t[i]);
+            t0 + (t1 - t0) * (floor - f0) / (f1 - f0).max(1e-12)
+        }
+        None => t.last().map_or(floor, |&(_, tl)| tl.max(floor)),
+    }
+}
+
 pub fn sigmoid(z: f64) -> f64 {
     1.0 / (1.0 + (-z).exp())
 }
@@ -285,6 +316,20 @@ mod tests {
         assert_eq!(f[1], 1.0, "empty");
         let f = form_features("The answer is (B).", 40, false);
         assert_eq!(f[5], 1.0);
+    }
+
+    #[test]
+    fn thresholds_follow_the_learned_table() {
+        let t = [(0.6, 0.4), (0.8, 0.7)];
+        assert_eq!(threshold_from(&t, 0.6), 0.4);
+        assert!((threshold_from(&t, 0.7) - 0.55).abs() < 1e-12);
+        assert_eq!(threshold_from(&t, 0.9), 0.9, "beyond the table: the floor");
+        assert_eq!(
+            threshold_from(&t, 0.3),
+            0.3,
+            "below: the floor, capped by the first"
+        );
+        assert_eq!(threshold_from(&[], 0.75), 0.75);
     }
 
     #[test]

@@ -190,10 +190,10 @@ impl RouterService {
             ))
         })?;
         let cands = self.pipe.catalog.resolve(&r.candidates)?;
-        // A requested floor is the shipping bar (p_pass is calibrated); else the configured or
-        // learned default.
+        // A requested floor maps to the threshold at which shipped answers met that floor on
+        // held-back data; else the configured or learned default.
         let threshold = if pol.floor_given {
-            pol.quality_floor
+            self.pipe.heads.threshold_for(pol.quality_floor)
         } else {
             self.cfg
                 .policy
