@@ -48,6 +48,9 @@ pub struct TrainArgs {
     /// Leave this source out of training (leave-one-source-out figures).
     #[arg(long)]
     pub exclude_source: Option<String>,
+    /// Model card to write (markdown) beside the heads; "" skips it.
+    #[arg(long, default_value = "models/README.md")]
+    pub card: PathBuf,
     /// Use at most this many prompts per split (quick runs, tests); 0 = all.
     #[arg(long, default_value_t = 0)]
     pub max_prompts: usize,
@@ -401,6 +404,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
     out.validate()?;
     write_heads(&a.out, &out)?;
     eprintln!("wrote {}", a.out.display());
+    if !a.card.as_os_str().is_empty() {
+        std::fs::write(&a.card, model_card(&out, &a))
+            .with_context(|| format!("writing {}", a.card.display()))?;
+        eprintln!("wrote {}", a.card.display());
+    }
     Ok(())
 }
 
@@ -469,6 +477,72 @@ pub fn dev_figures(h: &Heads, rows: &[Row], f: &RowFeatures) -> serde_json::Valu
         );
     }
     serde_json::Value::Object(out)
+}
+
+fn model_card(h: &Heads, a: &TrainArgs) -> String {
+    let m = &h.metrics;
+    let f = |v: &serde_json::Value| v.as_f64().map_or("n/a".to_string(), |x| format!("{x:.3}"));
+    let mut s = String::new();
+    s.push_str("# Model card: tiergate heads\n\n");
+    s.push_str("Written by `tiergate train` (do not edit by hand; re-run it). ");
+    s.push_str(&format!(
+        "Heads revision `{}`, encoder all-MiniLM-L6-v2 revision `{}` (frozen), seed {}.\n\n",
+        h.revision, h.encoder_revision, a.seed
+    ));
+    s.push_str("## What it predicts\n\n");
+    s.push_str("- **Router**: P(model m passes | prompt), IRT-style: prompt easiness + abilities of each model over ");
+    s.push_str(&format!(
+        "k = {} skills shared by all models. {} models have their own abilities; any other model uses the mean ability ",
+        h.router.k,
+        h.router.models.len()
+    ));
+    s.push_str("until `tiergate score --calibration` fits its k + 1 numbers from labelled rows.\n");
+    s.push_str(&format!(
+        "- **Verifier**: P(pass | prompt, answer, model): logistic over the router logit, {} answer-form features ",
+        heads::FORM_FEATURES
+    ));
+    s.push_str(&format!(
+        "(length, refusal, hedging, abrupt ending, explicit final answer, lines, code, truncation, relative length), the answer's \
+         embedding (last {} tokens mostly) and its elementwise product with the prompt's; Platt-scaled on held-back rows. ",
+        h.max_answer_tokens
+    ));
+    s.push_str("Judge-gaming outputs (`gpt4_gamed`, `*_verbose`, `*_concise`) are excluded from its training.\n\n");
+    s.push_str("## Data and selection\n\n");
+    s.push_str("Train split of `../shared/data` (see its README). Train prompts are split by a seeded hash: 70% fit the router ");
+    s.push_str("while its rank, L2 and step count are chosen on the other 30%; the verifier is fitted on 20% (out-of-sample router ");
+    s.push_str("logits) and calibrated on 10%; the router is then refitted on all train prompts. ");
+    if let Some(src) = &a.exclude_source {
+        s.push_str(&format!("**Source `{src}` was left out of training.** "));
+    }
+    s.push_str("Figures below are on dev rows only, which never fitted or selected anything.\n\n");
+    s.push_str("## Dev figures\n\n| source | rows | router AUROC | router ECE | verifier AUROC | verifier ECE | judge-gaming rows: mean p − score |\n|---|---:|---:|---:|---:|---:|---:|\n");
+    if let Some(dev) = m.get("dev").and_then(|d| d.as_object()) {
+        for (src, v) in dev {
+            s.push_str(&format!(
+                "| {src} | {} | {} | {} | {} | {} | {} |\n",
+                v["rows"],
+                f(&v["router_auroc"]),
+                f(&v["router_ece"]),
+                f(&v["verifier_auroc"]),
+                f(&v["verifier_ece"]),
+                f(&v["judge_gaming_mean_overestimate"])
+            ));
+        }
+    }
+    s.push_str("\n## Verify thresholds per quality floor (held-back rows)\n\n| floor | threshold |\n|---:|---:|\n");
+    for (fl, t) in &h.verify_thresholds {
+        s.push_str(&format!("| {fl:.2} | {t:.3} |\n"));
+    }
+    s.push_str(&format!(
+        "\nDefault threshold (for the default floor): {:.3}. Beyond the table the floor itself applies.\n\n",
+        h.default_verify_threshold
+    ));
+    s.push_str("## Limits\n\n- The encoder is frozen and small: it sees topic, form and difficulty cues, not correctness of reasoning; ");
+    s.push_str("verifier AUROC on MMLU-Pro-style chain-of-thought answers is bounded by that.\n");
+    s.push_str("- Models differ by source: each data model was only observed on one source, so abilities do not transfer across ");
+    s.push_str("sources for a given model; the default catalog's current models borrow heads (`like`) as a stop-gap.\n");
+    s.push_str("- Replay figures (cost–quality curves, kNN baseline, leave-one-source-out) are in `models/EVAL.md`.\n");
+    s
 }
 
 fn write_heads(path: &Path, h: &Heads) -> Result<()> {
