@@ -17,7 +17,8 @@
 #
 # Env: PORT (50151), THREADS (default: all cores), ROUNDS (3), BATCH (32),
 #      LIMIT (0 = all 905 prompts), GRAPHS ("fused"; "fused standard" also times ORT on a standard-op graph),
-#      OUT (target/bench), DATA (../shared/data/dev.jsonl.gz).
+#      ORT_ARGS (extra onnx_peer.py flags, e.g. "--no-spin"), OUT (target/bench),
+#      DATA (../shared/data/dev.jsonl.gz).
 # Needs: scripts/setup-model.sh done; python3 with onnx onnxruntime numpy safetensors.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -44,9 +45,9 @@ if [ "$what" = load ]; then
   for r in $(seq 1 "$rounds"); do
     echo "== round $r/$rounds (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
     "$lg" --addr "$addr" --data "$data" --concurrency 1 --requests 300 --out "$out/route-c1.$r.json"
-    "$lg" --addr "$addr" --data "$data" --concurrency 32 --requests 3000 --duration 60 \
+    "$lg" --addr "$addr" --data "$data" --concurrency 32 --requests 2000 --duration 30 \
       --out "$out/route-c32.$r.json"
-    "$lg" --addr "$addr" --data "$data" --rpc verify --concurrency 16 --requests 1000 --duration 60 \
+    "$lg" --addr "$addr" --data "$data" --rpc verify --concurrency 16 --requests 1000 --duration 30 \
       --out "$out/verify-c16.$r.json"
     for n in 32 64 128; do
       "$lg" --addr "$addr" --synthetic-tokens "$n" --concurrency 1 --requests 300 \
@@ -90,7 +91,7 @@ for r in $(seq 1 "$rounds"); do
   for g in $graphs; do
     python3 scripts/onnx_peer.py --ids "$out/ids.json" --threads "$threads" --batch "$batch" \
       --reps 1 --limit "$limit" --graph "$g" --tiergate-embeddings "$out/tiergate.f32" \
-      --out "$out/ort-$g.$r.json"
+      --out "$out/ort-$g.$r.json" ${ORT_ARGS:-}
   done
 done
 
@@ -105,16 +106,21 @@ sides = {"tiergate": load("tiergate")} | {f"ort-{g}": load(f"ort-{g}") for g in 
 t = sides["tiergate"][0]
 print(f"\n{t['sequences']} dev prompts, {t['tokens']} tokens (mean {t['tokens'] / t['sequences']:.1f}), "
       f"{t['threads']} threads, batch {t['batch']}, median of {rounds} rounds")
-print(f"{'side':<16}{'b1 seq/s':>10}{'b1 p50 ms':>11}{'b' + str(t['batch']) + ' seq/s':>12}{'b' + str(t['batch']) + ' tok/s':>12}")
+b = str(t["batch"])
+print(f"{'side':<16}{'b1 seq/s':>10}{'b1 p50 ms':>11}{'b1 cpu ms/seq':>15}{'b' + b + ' seq/s':>12}"
+      f"{'b' + b + ' cpu ms/seq':>16}")
 rows = {}
 for name, reps in sides.items():
     rows[name] = (med(reps, "batch1", "seqs_per_s"), med(reps, "batch1", "p50"),
-                  med(reps, "batched", "seqs_per_s"), med(reps, "batched", "tokens_per_s"))
-    print(f"{name:<16}{rows[name][0]:>10.1f}{rows[name][1]:>11.2f}{rows[name][2]:>12.1f}{rows[name][3]:>12.0f}")
+                  med(reps, "batch1", "cpu_ms_per_seq"), med(reps, "batched", "seqs_per_s"),
+                  med(reps, "batched", "cpu_ms_per_seq"))
+    r = rows[name]
+    print(f"{name:<16}{r[0]:>10.1f}{r[1]:>11.2f}{r[2]:>15.2f}{r[3]:>12.1f}{r[4]:>16.2f}")
 for g in graphs:
     o, ti = rows[f"ort-{g}"], rows["tiergate"]
-    print(f"ratio tiergate / ort-{g}: batch 1 throughput x{ti[0] / o[0]:.2f}, p50 latency x{o[1] / ti[1]:.2f} "
-          f"faster, batched throughput x{ti[2] / o[2]:.2f}")
-json.dump({k: dict(zip(["b1_seqs_per_s", "b1_p50_ms", "batched_seqs_per_s", "batched_tokens_per_s"], v))
-           for k, v in rows.items()}, open(f"{out}/summary.json", "w"), indent=2)
+    print(f"ratio tiergate / ort-{g} (>1: tiergate better): batch 1 throughput x{ti[0] / o[0]:.2f}, "
+          f"p50 latency x{o[1] / ti[1]:.2f}, cpu/seq x{o[2] / ti[2]:.2f}; batched throughput "
+          f"x{ti[3] / o[3]:.2f}, cpu/seq x{o[4] / ti[4]:.2f}")
+keys = ["b1_seqs_per_s", "b1_p50_ms", "b1_cpu_ms_per_seq", "batched_seqs_per_s", "batched_cpu_ms_per_seq"]
+json.dump({k: dict(zip(keys, v)) for k, v in rows.items()}, open(f"{out}/summary.json", "w"), indent=2)
 PY

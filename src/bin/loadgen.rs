@@ -372,6 +372,10 @@ struct ModeReport {
     seqs_per_s: f64,
     tokens_per_s: f64,
     pass_s: Vec<f64>,
+    /// CPU time of the process per sequence, median over reps: steadier than wall time when
+    /// other work shares the cores.
+    cpu_ms_per_seq: f64,
+    pass_cpu_s: Vec<f64>,
     /// Batch 1 only: per-sequence latency percentiles over all reps (ms).
     #[serde(skip_serializing_if = "Option::is_none")]
     latency_ms: Option<BTreeMap<String, f64>>,
@@ -387,6 +391,22 @@ struct EncoderReport {
     reps: usize,
     batch1: ModeReport,
     batched: ModeReport,
+}
+
+/// User + system CPU seconds of this process (all threads), from /proc/self/stat in
+/// USER_HZ (100 on Linux); NaN where unavailable.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+    match (tick(11), tick(12)) {
+        (Some(u), Some(s)) => (u + s) / 100.0,
+        _ => f64::NAN,
+    }
 }
 
 fn pack(seqs: &[&[u32]]) -> PackedBatch {
@@ -424,11 +444,11 @@ fn bench_encoder(a: &BenchArgs) -> Result<()> {
     }
 
     // Batch 1, in file order: the latency-bound case (one request, nothing to batch with).
-    let mut b1_pass = Vec::new();
+    let (mut b1_pass, mut b1_cpu) = (Vec::new(), Vec::new());
     let mut lat = Vec::with_capacity(seqs.len() * a.reps);
     let mut embeddings = vec![0.0f32; seqs.len() * dim];
     for rep in 0..a.reps {
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), cpu_seconds());
         for (i, s) in seqs.iter().enumerate() {
             let t = Instant::now();
             let e = be.embed(&pack(&[s]))?;
@@ -438,6 +458,7 @@ fn bench_encoder(a: &BenchArgs) -> Result<()> {
             }
         }
         b1_pass.push(t0.elapsed().as_secs_f64());
+        b1_cpu.push(cpu_seconds() - c0);
     }
 
     // Batched: length-sorted, packed `batch` at a time (the same grouping the peer pads).
@@ -447,13 +468,14 @@ fn bench_encoder(a: &BenchArgs) -> Result<()> {
         .chunks(a.batch)
         .map(|c| pack(&c.iter().map(|&i| seqs[i].as_slice()).collect::<Vec<_>>()))
         .collect();
-    let mut bb_pass = Vec::new();
+    let (mut bb_pass, mut bb_cpu) = (Vec::new(), Vec::new());
     for _ in 0..a.reps {
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), cpu_seconds());
         for b in &batches {
             be.embed(b)?;
         }
         bb_pass.push(t0.elapsed().as_secs_f64());
+        bb_cpu.push(cpu_seconds() - c0);
     }
 
     lat.sort_by(f64::total_cmp);
@@ -462,12 +484,14 @@ fn bench_encoder(a: &BenchArgs) -> Result<()> {
         .map(|&p| (format!("p{p}"), percentile(&lat, p)))
         .collect();
     let n = seqs.len() as f64;
-    let mode = |passes: Vec<f64>, latency| {
+    let mode = |passes: Vec<f64>, cpu: Vec<f64>, latency| {
         let m = median(&mut passes.clone());
         ModeReport {
             seqs_per_s: n / m,
             tokens_per_s: tokens as f64 / m,
             pass_s: passes,
+            cpu_ms_per_seq: median(&mut cpu.clone()) * 1e3 / n,
+            pass_cpu_s: cpu,
             latency_ms: latency,
         }
     };
@@ -478,8 +502,8 @@ fn bench_encoder(a: &BenchArgs) -> Result<()> {
         tokens,
         batch: a.batch,
         reps: a.reps,
-        batch1: mode(b1_pass, Some(pcts)),
-        batched: mode(bb_pass, None),
+        batch1: mode(b1_pass, b1_cpu, Some(pcts)),
+        batched: mode(bb_pass, bb_cpu, None),
     };
     println!(
         "tiergate: {} seqs ({tokens} tokens), {threads} threads: batch 1 {:.1} seq/s (p50 {:.2} ms), \
