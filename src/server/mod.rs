@@ -11,6 +11,7 @@ use crate::batch::Priority;
 use crate::config::Config;
 use crate::error::TgError;
 use crate::metrics as m;
+use crate::model::heads;
 use crate::model::tokenize::TruncSide;
 use crate::pipeline::{Input, Pipeline};
 use crate::policy::{self, Scored};
@@ -128,10 +129,13 @@ impl RouterService {
             .pipe
             .encode("route", Input::Single(text, side), priority, deadline)
             .await?;
+        // The prompt's part of the router is shared by all candidates: compute it once.
+        let router = &self.pipe.heads.router;
+        let pf = router.prompt_features(&e.embedding);
         let scored: Vec<Scored> = cands
             .iter()
             .map(|c| {
-                let p = self.pipe.heads.route_p(&c.head, &e.embedding);
+                let p = heads::sigmoid(router.logit_from(&pf, router.ability(&c.head)) as f64);
                 Ok(Scored {
                     model: c.name.clone(),
                     p_pass: p,
