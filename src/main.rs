@@ -16,6 +16,8 @@ enum Cmd {
     Train(tiergate::eval::train::TrainArgs),
     /// Score rows offline: p_route and p_verify per row, JSONL out (the evaluation interface).
     Score(tiergate::eval::score::ScoreArgs),
+    /// Replay labelled rows: cost–quality curves, savings, APGR, router/verifier figures.
+    Eval(tiergate::eval::replay::EvalArgs),
     /// Compare the CUDA backend with the CPU and time it (needs a GPU; see benches/GPU.md).
     GpuCheck(tiergate::engine::cuda::check::GpuCheckArgs),
     /// Print the effective configuration (after file, env and flags) as TOML.
@@ -52,6 +54,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Train(a) => tiergate::eval::train::run(a),
         Cmd::Score(a) => tiergate::eval::score::run(a),
+        Cmd::Eval(a) => tiergate::eval::replay::run(a),
         Cmd::GpuCheck(a) => tiergate::engine::cuda::check::run(a),
         Cmd::Config(o) => {
             let cfg = Config::load(&o)?;

@@ -1,5 +1,8 @@
 //! Offline work on the routing data: reading rows, training heads, replaying datasets.
 pub mod data;
 pub mod fit;
+pub mod knn;
+pub mod plot;
+pub mod replay;
 pub mod score;
 pub mod train;

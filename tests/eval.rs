@@ -1,0 +1,171 @@
+//! `tiergate eval` on a small real slice of dev (structure and invariants of eval.json, the SVG),
+//! and the replay's figures (APGR / CPT(50%), cost at a quality level) on hand-made inputs.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use tiergate::eval::replay::{cost_at_quality, pgr};
+
+fn data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data")
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() < 1e-9
+}
+
+#[test]
+fn apgr_and_cpt_on_known_inputs() {
+    // Strong passes prompts 0 and 1 only, weak passes nothing: gap = 0.5.
+    let weak = [0.0, 0.0, 0.0, 0.0];
+    let strong = [1.0, 1.0, 0.0, 0.0];
+    // Perfect ranking: PGR 0, 0.5, 1, 1, 1 at x = 0, ¼, ½, ¾, 1 → area 0.0625+0.1875+0.25+0.25.
+    let g = pgr(&[0.9, 0.8, 0.1, 0.0], &weak, &strong).unwrap();
+    assert!(close(g.apgr, 0.75), "{g:?}");
+    assert!(close(g.cpt50.unwrap(), 0.25), "{g:?}");
+    // Worst ranking: PGR 0, 0, 0, 0.5, 1 → area 0.0625 + 0.1875.
+    let g = pgr(&[0.0, 0.1, 0.8, 0.9], &weak, &strong).unwrap();
+    assert!(close(g.apgr, 0.25), "{g:?}");
+    assert!(close(g.cpt50.unwrap(), 0.75), "{g:?}");
+    // All tied = random routing in expectation: the diagonal, APGR ½, CPT(50%) = 50%.
+    let g = pgr(&[0.5; 4], &weak, &strong).unwrap();
+    assert!(close(g.apgr, 0.5) && close(g.cpt50.unwrap(), 0.5), "{g:?}");
+    assert_eq!(g.curve, vec![(0.0, 0.0), (1.0, 1.0)]);
+    // No gap to recover: undefined.
+    assert!(pgr(&[0.5; 4], &strong, &weak).is_none());
+    // A prompt where strong is worse than weak costs PGR on the way (curve exceeds 1 first).
+    let g = pgr(&[0.9, 0.1], &[0.0, 1.0], &[1.0, 0.5]).unwrap();
+    assert_eq!(g.curve, vec![(0.0, 0.0), (0.5, 2.0), (1.0, 1.0)]);
+    assert!(
+        close(g.apgr, 1.25) && close(g.cpt50.unwrap(), 0.125),
+        "{g:?}"
+    );
+}
+
+#[test]
+fn cost_at_quality_interpolates_between_cost_adjacent_points() {
+    let curve = [(1.0, 0.5), (3.0, 0.9), (2.0, 0.7), (10.0, 1.0)];
+    assert!(close(cost_at_quality(&curve, 0.6).unwrap(), 1.5));
+    assert!(close(cost_at_quality(&curve, 0.8).unwrap(), 2.5));
+    assert!(
+        close(cost_at_quality(&curve, 0.7).unwrap(), 2.0),
+        "a point exactly on it"
+    );
+    assert!(
+        close(cost_at_quality(&curve, 0.4).unwrap(), 1.0),
+        "cheapest point already does"
+    );
+    assert!(close(cost_at_quality(&curve, 0.95).unwrap(), 6.5));
+    assert_eq!(cost_at_quality(&curve, 1.01), None);
+    // Non-monotone curve: the first upward crossing in cost order is the cheapest.
+    let wiggle = [(1.0, 0.4), (2.0, 0.8), (3.0, 0.5), (4.0, 0.9)];
+    assert!(close(cost_at_quality(&wiggle, 0.6).unwrap(), 1.5));
+    assert_eq!(cost_at_quality(&[], 0.5), None);
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64()
+        .unwrap_or_else(|| panic!("expected a number, got {v}"))
+}
+
+#[test]
+fn eval_replays_a_dev_slice() {
+    let data = data_dir();
+    assert!(
+        data.join("dev.jsonl.gz").exists(),
+        "../shared/data/dev.jsonl.gz is missing"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["eval", "--data"])
+        .arg(data.join("dev.jsonl.gz"))
+        .arg("--train")
+        .arg(data.join("train.jsonl.gz"))
+        // Bounded kNN index: the test stays fast even where the encoder cache is cold.
+        .args(["--max-prompts", "30", "--knn-max-train-prompts", "400"])
+        .arg("--out-dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("saved@98%"), "table on stderr: {stderr}");
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("eval.json")).unwrap())
+            .unwrap();
+    let sources = v["sources"].as_object().unwrap();
+    assert_eq!(sources.len(), 3, "{:?}", sources.keys());
+    for (name, s) in sources {
+        assert!(dir.path().join(format!("curves-{name}.svg")).exists());
+        assert_eq!(s["prompts"], 30, "{name}");
+        let tier = s["tier"].as_array().unwrap();
+        assert!((2..=4).contains(&tier.len()), "{name}: {tier:?}");
+        for w in tier.windows(2) {
+            assert!(f(&w[0]["train_mean_cost"]) <= f(&w[1]["train_mean_cost"]));
+        }
+        let c = &s["curves"];
+        let singles = c["single"].as_array().unwrap();
+        assert_eq!(singles.len(), tier.len());
+        let oracle = &c["oracle"];
+        // The oracle passes whatever any tier model passes; against a model that passes as
+        // often, it never pays more (it ships that model's answer or a cheaper passing one).
+        for m in singles {
+            assert!(
+                f(&oracle["pass_rate"]) >= f(&m["pass_rate"]) - 1e-12,
+                "{name}"
+            );
+            if f(&m["pass_rate"]) >= f(&oracle["pass_rate"]) - 1e-12 {
+                assert!(f(&oracle["cost"]) <= f(&m["cost"]) + 1e-15, "{name}");
+            }
+        }
+        let best = singles
+            .iter()
+            .map(|m| f(&m["quality"]))
+            .fold(f64::MIN, f64::max);
+        assert!(close(f(&s["best_quality"]), best));
+        assert!(close(f(&s["target_quality"]), 0.98 * best));
+        // Cascades: a higher threshold only escalates further, so cost and calls never fall.
+        for k in ["cascade", "route_cascade"] {
+            let pts = c[k].as_array().unwrap();
+            assert!(pts.len() > 10, "{name} {k}");
+            for w in pts.windows(2) {
+                assert!(f(&w[0]["param"]) < f(&w[1]["param"]));
+                assert!(f(&w[0]["cost"]) <= f(&w[1]["cost"]) + 1e-15, "{name} {k}");
+                assert!(f(&w[0]["calls"]) <= f(&w[1]["calls"]) + 1e-12, "{name} {k}");
+            }
+            let last = pts.last().unwrap();
+            assert!(f(&last["calls"]) >= 1.0);
+        }
+        // Route-only at floor 0 calls the cheapest model for every prompt.
+        for k in ["route", "knn"] {
+            let first = &c[k][0];
+            assert_eq!(f(&first["param"]), 0.0);
+            assert!(
+                close(f(&first["cost"]), f(&singles[0]["cost"])),
+                "{name} {k}"
+            );
+            assert!(close(f(&first["calls"]), 1.0));
+        }
+        for k in ["router", "knn", "verifier"] {
+            let a = f(&s[k]["auroc"]);
+            assert!((0.0..=1.0).contains(&a), "{name} {k} auroc {a}");
+            let e = f(&s[k]["ece"]);
+            assert!((0.0..=1.0).contains(&e), "{name} {k} ece {e}");
+        }
+        let far = &s["verifier"]["false_accept_rate"];
+        assert!(far.is_null() || (0.0..=1.0).contains(&f(far)));
+        for (k, p) in s["pair_routing"].as_object().unwrap() {
+            let a = f(&p["apgr"]);
+            assert!(a.is_finite() && a > -1.0 && a < 2.0, "{name} {k} apgr {a}");
+            let c = &p["cpt50_pct"];
+            assert!(c.is_null() || (0.0..=100.0).contains(&f(c)), "{name} {k}");
+        }
+        // Savings are relative to the best single model's cost: at most 100%.
+        for (k, r) in s["cost_reduction_at_target"].as_object().unwrap() {
+            let p = &r["saved_pct"];
+            assert!(p.is_null() || f(p) <= 100.0, "{name} {k}");
+        }
+    }
+}
