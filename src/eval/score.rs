@@ -255,7 +255,6 @@ pub fn score_with(heads: &Heads, rows: &[Row], f: &RowFeatures) -> Vec<(f64, Opt
 /// Fits per-model abilities (new models from scratch, known ones adjusted) and re-fits the
 /// verifier's Platt scaling on labelled rows of the target traffic. The encoder is untouched.
 pub fn adapt(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<serde_json::Value> {
-    let d = f.dim;
     let k = heads.router.k;
     let mut by_model: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, r) in rows.iter().enumerate() {
@@ -283,22 +282,24 @@ pub fn adapt(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<serde_j
         );
         heads.router.models.insert(m.to_string(), a);
     }
-    // Platt re-fit of the verifier on the calibration answers (with the adapted router).
-    let mut zs = Vec::new();
+    // Re-fit how the verifier's logit and the (adapted) router's logit combine, on the
+    // calibration answers: calibrated on the target traffic, and never much worse than the
+    // router where the answer features do not transfer.
+    let mut xs: Vec<f32> = Vec::new();
     let mut ys = Vec::new();
     for (i, r) in rows.iter().enumerate() {
         if let (Some(s), Some(x)) = (r.score, f.verify_x(heads, i, r)) {
-            zs.push(heads.verifier.head.logit(&x) as f64);
+            xs.extend([heads.verifier.head.logit(&x), x[0]]);
             ys.push(s as f32);
         }
     }
-    if zs.len() >= 50 {
-        let (a, b) = fit::platt(&zs, &ys)?;
-        heads.verifier.platt_a = a as f32;
-        heads.verifier.platt_b = b as f32;
+    if ys.len() >= 50 {
+        let h = fit::logistic(&xs, 2, &ys, 1e-4)?;
+        heads.verifier.platt_a = h.w[0];
+        heads.verifier.router_coef = h.w[1];
+        heads.verifier.platt_b = h.b;
     }
-    let _ = d;
-    Ok(serde_json::json!({ "models": report, "verifier_rows": zs.len() }))
+    Ok(serde_json::json!({ "models": report, "verifier_rows": ys.len() }))
 }
 
 #[derive(Debug, Clone, clap::Args)]

@@ -73,11 +73,17 @@ pub struct VerifierHead {
     /// Platt scaling: p = sigmoid(a · logit + b).
     pub platt_a: f32,
     pub platt_b: f32,
+    /// Weight of the router logit (feature 0) beside the head's logit; 0 after training, set
+    /// by run-time calibration so that traffic unlike the training data can lean on the
+    /// (re-fitted) router where the answer features do not transfer.
+    #[serde(default)]
+    pub router_coef: f32,
 }
 
 impl VerifierHead {
     pub fn p(&self, x: &[f32]) -> f64 {
-        sigmoid((self.platt_a * self.head.logit(x) + self.platt_b) as f64)
+        let z = self.platt_a * self.head.logit(x) + self.router_coef * x[0] + self.platt_b;
+        sigmoid(z as f64)
     }
 }
 
