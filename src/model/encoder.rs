@@ -107,42 +107,7 @@ struct Weights<'a> {
 impl Weights<'_> {
     /// Tensor `name` as f32, which must have exactly `shape`.
     fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let t = self
-            .st
-            .tensor(name)
-            .with_context(|| format!("{}: missing tensor {name}", self.file))?;
-        ensure!(
-            t.shape() == shape,
-            "{}: tensor {name} has shape {:?}, expected {shape:?}",
-            self.file,
-            t.shape()
-        );
-        let data = t.data();
-        let out: Vec<f32> = match t.dtype() {
-            Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => bail!(
-                "{}: tensor {name} has unsupported dtype {other:?}",
-                self.file
-            ),
-        };
-        ensure!(
-            out.len() == shape.iter().product::<usize>(),
-            "{}: tensor {name} holds {} values for shape {shape:?}",
-            self.file,
-            out.len()
-        );
-        Ok(out)
+        read_tensor(&self.st, &self.file, name, shape)
     }
 
     /// A HF `Linear` weight (`[out, in]`) transposed to `[in, out]` row-major.
@@ -156,6 +121,41 @@ impl Weights<'_> {
         }
         Ok(t)
     }
+}
+
+/// Tensor `name` of a safetensors file as f32 (from f32, f16 or bf16), which must have exactly
+/// `shape`; errors name the file and tensor. Shared with the CUDA backend's weight loader.
+pub fn read_tensor(st: &SafeTensors, file: &str, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    let t = st
+        .tensor(name)
+        .with_context(|| format!("{file}: missing tensor {name}"))?;
+    ensure!(
+        t.shape() == shape,
+        "{file}: tensor {name} has shape {:?}, expected {shape:?}",
+        t.shape()
+    );
+    let data = t.data();
+    let out: Vec<f32> = match t.dtype() {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => bail!("{file}: tensor {name} has unsupported dtype {other:?}"),
+    };
+    ensure!(
+        out.len() == shape.iter().product::<usize>(),
+        "{file}: tensor {name} holds {} values for shape {shape:?}",
+        out.len()
+    );
+    Ok(out)
 }
 
 impl MiniLm {

@@ -3,12 +3,12 @@
 //! LayerNorm parameters stay f32 (a few KB, and they feed f32 epilogues).
 use std::path::Path;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{Context, Result};
 use half::f16;
 use safetensors::{Dtype, SafeTensors};
 use sha2::{Digest, Sha256};
 
-use crate::model::encoder::BertConfig;
+use crate::model::encoder::{read_tensor, BertConfig};
 
 pub(super) struct HostLayer {
     /// `[3*hidden, hidden]` row-major (HF `[out, in]`): rows are Q | K | V.
@@ -39,40 +39,6 @@ pub(super) struct HostWeights {
     pub emb_ln_g: Vec<f32>,
     pub emb_ln_b: Vec<f32>,
     pub layers: Vec<HostLayer>,
-}
-
-/// Tensor `name` of shape `shape` as f32 (from f32, f16 or bf16 storage).
-fn tensor(st: &SafeTensors, file: &str, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-    let t = st
-        .tensor(name)
-        .with_context(|| format!("{file}: missing tensor {name}"))?;
-    ensure!(
-        t.shape() == shape,
-        "{file}: tensor {name} has shape {:?}, expected {shape:?}",
-        t.shape()
-    );
-    let data = t.data();
-    let out: Vec<f32> = match t.dtype() {
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::F16 => data
-            .chunks_exact(2)
-            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => data
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        other => bail!("{file}: tensor {name} has unsupported dtype {other:?}"),
-    };
-    ensure!(
-        out.len() == shape.iter().product::<usize>(),
-        "{file}: tensor {name} holds {} values for shape {shape:?}",
-        out.len()
-    );
-    Ok(out)
 }
 
 fn to_f16(v: &[f32]) -> Vec<f16> {
@@ -108,7 +74,8 @@ impl HostWeights {
         } else {
             "bert."
         };
-        let get = |n: &str, shape: &[usize]| tensor(&st, &name, &format!("{prefix}{n}"), shape);
+        let get =
+            |n: &str, shape: &[usize]| read_tensor(&st, &name, &format!("{prefix}{n}"), shape);
         let word = to_f16(&get(
             "embeddings.word_embeddings.weight",
             &[cfg.vocab_size, h],
