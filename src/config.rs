@@ -46,6 +46,9 @@ pub struct BatchConfig {
     pub max_input_tokens: usize,
     pub max_answer_tokens: usize,
     pub max_input_bytes: usize,
+    /// Recent embeddings kept by input (0 disables).
+    #[serde(default)]
+    pub embedding_cache: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

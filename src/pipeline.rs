@@ -23,6 +23,55 @@ pub struct Encoder {
     tok_pool: rayon::ThreadPool,
     pub batcher: Batcher,
     pub model_revision: String,
+    cache: EmbeddingCache,
+}
+
+/// Recent embeddings by input: a gateway's Verify after Route sends the same prompt again,
+/// and retried or repeated prompts are common. Bounded, first-in first-out.
+struct EmbeddingCache {
+    cap: usize,
+    inner: std::sync::Mutex<(
+        std::collections::HashMap<u64, CachedEmbedding>,
+        std::collections::VecDeque<u64>,
+    )>,
+}
+
+/// (tokens, truncated, embedding).
+type CachedEmbedding = (usize, bool, Arc<Vec<f32>>);
+
+impl EmbeddingCache {
+    fn key(input: &Input) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        match input {
+            Input::Single(t, side) => (0u8, t, *side as u8).hash(&mut h),
+            Input::Answer(t, limit) => (1u8, t, *limit).hash(&mut h),
+        }
+        h.finish()
+    }
+
+    fn get(&self, k: u64) -> Option<CachedEmbedding> {
+        if self.cap == 0 {
+            return None;
+        }
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.0.get(&k).cloned()
+    }
+
+    fn put(&self, k: u64, v: CachedEmbedding) {
+        if self.cap == 0 {
+            return;
+        }
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if g.0.insert(k, v).is_none() {
+            g.1.push_back(k);
+            while g.1.len() > self.cap {
+                if let Some(old) = g.1.pop_front() {
+                    g.0.remove(&old);
+                }
+            }
+        }
+    }
 }
 
 /// The encoder plus the heads and catalog that turn embeddings into decisions.
@@ -122,6 +171,10 @@ impl Encoder {
             tok_pool,
             batcher,
             model_revision,
+            cache: EmbeddingCache {
+                cap: cfg.batch.embedding_cache,
+                inner: Default::default(),
+            },
         })
     }
 
@@ -160,6 +213,19 @@ impl Encoder {
         deadline: Option<Instant>,
     ) -> Result<EncodedInput, TgError> {
         let t0 = Instant::now();
+        let key = EmbeddingCache::key(&input);
+        if let Some((enc_len, truncated, embedding)) = self.cache.get(key) {
+            metrics::counter!(m::EMBEDDING_CACHE, "result" => "hit").increment(1);
+            return Ok(EncodedInput {
+                enc_len,
+                truncated,
+                embedding: embedding.to_vec(),
+                tokenize: Duration::ZERO,
+                queue: Duration::ZERO,
+                inference: Duration::ZERO,
+            });
+        }
+        metrics::counter!(m::EMBEDDING_CACHE, "result" => "miss").increment(1);
         let enc = match input {
             Input::Single(text, side) => self.tokenize_single(text, side).await?,
             Input::Answer(a, limit) => self.tokenize_answer(a, limit).await?,
@@ -180,6 +246,8 @@ impl Encoder {
             .batcher
             .embed(enc.ids, enc.type_ids, priority, deadline)
             .await?;
+        self.cache
+            .put(key, (enc_len, truncated, Arc::new(embedding.clone())));
         Ok(EncodedInput {
             enc_len,
             truncated,

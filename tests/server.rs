@@ -146,6 +146,9 @@ async fn every_rpc_health_reflection_and_metrics() {
     assert!(r.truncated);
     assert_eq!(r.input_tokens, 256);
 
+    // A gateway's Verify after Route on the same prompt reuses the prompt's embedding.
+    c.route(route("What is 12 * 12?")).await.unwrap();
+
     // Verify: a calibrated p_pass, a decision consistent with the threshold.
     let v = c
         .verify(verify(
@@ -297,6 +300,7 @@ async fn every_rpc_health_reflection_and_metrics() {
         "tiergate_escalations_total",
         "tiergate_truncations_total{rpc=\"route\"}",
         "tiergate_rejections_total",
+        "tiergate_embedding_cache_total{result=\"hit\"}",
     ] {
         assert!(m.contains(name), "/metrics lacks {name}:\n{m}");
     }
