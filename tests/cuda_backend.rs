@@ -345,3 +345,36 @@ fn random_weights_model_loads_on_the_cpu() {
     let norm: f32 = e.iter().map(|v| v * v).sum();
     assert!((norm - 1.0).abs() < 1e-4);
 }
+
+/// The start-up self-check that keeps a disagreeing GPU from serving: equal backends pass,
+/// a backend with a fault (here: the CPU's output with its sign flipped on one sequence) fails.
+#[test]
+fn self_check_detects_a_disagreeing_backend() {
+    struct Faulty(CpuBackend);
+    impl Backend for Faulty {
+        fn name(&self) -> &'static str {
+            "faulty"
+        }
+        fn dim(&self) -> usize {
+            self.0.dim()
+        }
+        fn max_seq_len(&self) -> usize {
+            self.0.max_seq_len()
+        }
+        fn embed(&mut self, b: &PackedBatch) -> Result<Vec<f32>, tiergate::error::TgError> {
+            let mut v = self.0.embed(b)?;
+            let d = self.0.dim();
+            v[d..2 * d].iter_mut().for_each(|x| *x = -*x);
+            Ok(v)
+        }
+    }
+    let model =
+        Arc::new(MiniLm::load(Path::new("models/base")).expect("run scripts/setup-model.sh"));
+    let mut a = CpuBackend::new(model.clone(), 1).unwrap();
+    let mut b = CpuBackend::new(model.clone(), 2).unwrap();
+    let ok = tiergate::engine::self_check(&mut a, &mut b).unwrap();
+    assert!(ok > 0.9999, "{ok}");
+    let mut f = Faulty(CpuBackend::new(model, 1).unwrap());
+    let bad = tiergate::engine::self_check(&mut a, &mut f).unwrap();
+    assert!(bad < 0.0, "{bad}");
+}

@@ -60,8 +60,19 @@ pub fn select(
 ) -> anyhow::Result<Box<dyn Backend>> {
     use crate::config::BackendKind;
     let start_cuda = || -> anyhow::Result<Box<dyn Backend>> {
-        let b = cuda::CudaBackend::new(model.clone(), model_dir)?;
-        tracing::info!(device = b.device_name(), "backend: cuda");
+        let mut b = cuda::CudaBackend::new(model.clone(), model_dir)?;
+        // A device that runs but disagrees with the CPU reference must not serve decisions.
+        let mut cpu = cpu::CpuBackend::new(model.clone(), 1)?;
+        let worst = self_check(&mut b, &mut cpu)?;
+        anyhow::ensure!(
+            worst >= 0.999,
+            "CUDA embeddings disagree with the CPU reference (min cosine {worst:.5})"
+        );
+        tracing::info!(
+            device = b.device_name(),
+            min_cosine = worst,
+            "backend: cuda"
+        );
         metrics::gauge!(crate::metrics::BACKEND_INFO, "backend" => "cuda").set(1.0);
         Ok(Box::new(b))
     };
@@ -94,4 +105,35 @@ pub fn select(
     let b = cpu::CpuBackend::new(model, threads)?;
     metrics::gauge!(crate::metrics::BACKEND_INFO, "backend" => "cpu").set(1.0);
     Ok(Box::new(b))
+}
+
+/// Min cosine between two backends' embeddings of a few fixed sequences (ids of the MiniLM
+/// vocabulary: [CLS] ... [SEP], of different lengths, packed together).
+pub fn self_check(a: &mut dyn Backend, b: &mut dyn Backend) -> anyhow::Result<f32> {
+    let mut batch = PackedBatch::new();
+    for n in [6usize, 37, 130] {
+        let mut ids: Vec<u32> = (0..n as u32).map(|i| 1000 + (i * 7919) % 20000).collect();
+        ids[0] = 101;
+        ids[n - 1] = 102;
+        batch.push(&ids, &vec![0; n]);
+    }
+    let (x, y) = (a.embed(&batch)?, b.embed(&batch)?);
+    let d = a.dim();
+    anyhow::ensure!(
+        x.len() == y.len() && x.len() == batch.len() * d,
+        "self-check: output sizes differ"
+    );
+    Ok(x.chunks_exact(d)
+        .zip(y.chunks_exact(d))
+        .map(|(p, q)| {
+            let dot: f32 = p.iter().zip(q).map(|(u, v)| u * v).sum();
+            let n = (p.iter().map(|u| u * u).sum::<f32>() * q.iter().map(|v| v * v).sum::<f32>())
+                .sqrt();
+            if n > 0.0 {
+                dot / n
+            } else {
+                0.0
+            }
+        })
+        .fold(f32::INFINITY, f32::min))
 }
