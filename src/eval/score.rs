@@ -115,6 +115,12 @@ impl Embedder<'_> {
                     .create(true)
                     .append(true)
                     .open(p)?;
+                // Cut a torn record left by an interrupted run, so appends stay aligned.
+                let len = f.metadata()?.len();
+                let whole = len - len % rec as u64;
+                if whole != len {
+                    f.set_len(whole)?;
+                }
                 f.write_all(&bytes)?;
             }
         } else {
@@ -145,11 +151,12 @@ pub fn progress(n: u64, label: &str) -> ProgressBar {
 /// Unique prompts of some rows in first-seen order, and each row's prompt index.
 pub fn unique_prompts(rows: &[Row]) -> (Vec<&str>, Vec<usize>) {
     let mut texts = Vec::new();
-    let mut index: HashMap<(&str, &str), usize> = HashMap::new();
+    // Keyed by the text too: rows that share an id but not a prompt get their own embedding.
+    let mut index: HashMap<(&str, &str, &str), usize> = HashMap::new();
     let mut of_row = Vec::with_capacity(rows.len());
     for r in rows {
         let i = *index
-            .entry((r.source.as_str(), r.prompt_id.as_str()))
+            .entry((r.source.as_str(), r.prompt_id.as_str(), r.prompt.as_str()))
             .or_insert_with(|| {
                 texts.push(r.prompt.as_str());
                 texts.len() - 1
@@ -344,6 +351,15 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     let mut heads = Heads::load(&a.heads)?;
     let rows = read_rows(&a.data)?;
     let enc = offline_encoder(&a.model_dir, a.threads, heads.max_answer_tokens)?;
+    if enc.dim() != heads.dim {
+        anyhow::bail!(
+            "{}: heads have dim {} but the encoder in {} has {}",
+            a.heads.display(),
+            heads.dim,
+            a.model_dir.display(),
+            enc.dim()
+        );
+    }
     let emb = Embedder {
         enc: &enc,
         cache_dir: a.cache_dir.clone(),
