@@ -121,30 +121,6 @@ fn cholesky_solve(a: &mut [f64], b: &[f64], n: usize) -> Result<Vec<f64>> {
     Ok(z)
 }
 
-/// Temperature T > 0 minimising the log-loss of sigmoid(z / T) (golden-section on log T).
-pub fn temperature(logits: &[f64], y: &[f32]) -> f64 {
-    let loss = |lt: f64| {
-        let t = lt.exp();
-        logits
-            .iter()
-            .zip(y)
-            .map(|(&z, &y)| bce(sigmoid(z / t), y as f64))
-            .sum::<f64>()
-    };
-    let (mut a, mut b) = (-3.0f64, 3.0f64);
-    let g = (5f64.sqrt() - 1.0) / 2.0;
-    for _ in 0..80 {
-        let c = b - g * (b - a);
-        let d = a + g * (b - a);
-        if loss(c) < loss(d) {
-            b = d;
-        } else {
-            a = c;
-        }
-    }
-    ((a + b) / 2.0).exp()
-}
-
 pub fn sigmoid(z: f64) -> f64 {
     1.0 / (1.0 + (-z).exp())
 }
@@ -251,14 +227,13 @@ mod tests {
     }
 
     #[test]
-    fn temperature_undoes_overconfidence() {
-        // Labels drawn at p = sigmoid(z); logits reported 3x too large → T ≈ 3.
+    fn ece_is_zero_for_calibrated_soft_labels() {
         let z: Vec<f64> = (0..2000).map(|i| (i as f64 / 1000.0) - 1.0).collect();
         let y: Vec<f32> = z.iter().map(|&z| sigmoid(z) as f32).collect();
-        let t = temperature(&z.iter().map(|z| z * 3.0).collect::<Vec<_>>(), &y);
-        assert!((t - 3.0).abs() < 0.05, "{t}");
         let p: Vec<f64> = z.iter().map(|&z| sigmoid(z)).collect();
         assert!(ece(&p, &y, 10) < 1e-9);
+        let over: Vec<f64> = z.iter().map(|&z| sigmoid(3.0 * z)).collect();
+        assert!(ece(&over, &y, 10) > 0.01, "overconfidence shows");
     }
 }
 
