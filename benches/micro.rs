@@ -10,7 +10,7 @@ use divan::{black_box, Bencher};
 use tiergate::batch::{Batcher, Limits, Priority};
 use tiergate::engine::cpu::CpuBackend;
 use tiergate::engine::{Backend, PackedBatch};
-use tiergate::model::encoder::MiniLm;
+use tiergate::model::encoder::{MiniLm, Precision};
 use tiergate::model::heads::{dot, Heads};
 use tiergate::model::tokenize::{TextTokenizer, TruncSide};
 
@@ -33,10 +33,12 @@ fn threads() -> usize {
 /// The server's backend: its own pool over all cores (the default `threads.compute = 0`).
 fn backend() -> &'static Mutex<CpuBackend> {
     static B: OnceLock<Mutex<CpuBackend>> = OnceLock::new();
-    B.get_or_init(|| match CpuBackend::new(model().clone(), threads()) {
-        Ok(b) => Mutex::new(b),
-        Err(e) => panic!("{e}"),
-    })
+    B.get_or_init(
+        || match CpuBackend::new(model().clone(), threads(), Precision::Auto) {
+            Ok(b) => Mutex::new(b),
+            Err(e) => panic!("{e}"),
+        },
+    )
 }
 
 /// `n` sequences of `len` tokens: [CLS] ... [SEP] with ordinary word-piece ids in between.
@@ -152,7 +154,7 @@ mod batcher {
     fn batcher() -> &'static Batcher {
         static B: OnceLock<Batcher> = OnceLock::new();
         B.get_or_init(|| {
-            let be = match CpuBackend::new(model().clone(), threads()) {
+            let be = match CpuBackend::new(model().clone(), threads(), Precision::Auto) {
                 Ok(b) => b,
                 Err(e) => panic!("{e}"),
             };

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+pub use crate::model::encoder::Precision;
+
 /// The repository's tiergate.toml, compiled in so the binary runs with no file at all.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../tiergate.toml");
 
@@ -19,6 +21,9 @@ pub struct Config {
     pub heads: PathBuf,
     #[serde(default = "default_backend")]
     pub backend: BackendKind,
+    /// CPU backend: arithmetic of the linear layers.
+    #[serde(default = "default_precision")]
+    pub precision: Precision,
     pub batch: BatchConfig,
     pub threads: ThreadsConfig,
     pub policy: PolicyConfig,
@@ -27,6 +32,10 @@ pub struct Config {
 
 fn default_backend() -> BackendKind {
     BackendKind::Auto
+}
+
+fn default_precision() -> Precision {
+    Precision::Auto
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -101,6 +110,9 @@ pub struct Overrides {
     pub heads: Option<PathBuf>,
     #[arg(long, env = "TIERGATE_BACKEND", value_enum)]
     pub backend: Option<BackendKind>,
+    /// CPU backend arithmetic: auto (bf16 where the CPU has AVX512-BF16), f32, bf16.
+    #[arg(long, env = "TIERGATE_PRECISION", value_enum)]
+    pub precision: Option<Precision>,
     #[arg(long, env = "TIERGATE_MAX_BATCH_TOKENS")]
     pub max_batch_tokens: Option<usize>,
     #[arg(long, env = "TIERGATE_MAX_BATCH_REQUESTS")]
@@ -144,6 +156,9 @@ impl Config {
         }
         if let Some(v) = o.backend {
             c.backend = v;
+        }
+        if let Some(v) = o.precision {
+            c.precision = v;
         }
         if let Some(v) = o.max_batch_tokens {
             c.batch.max_batch_tokens = v;
@@ -197,6 +212,9 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<()> {
+        if let Err(e) = self.precision.resolve() {
+            bail!("precision: {e}");
+        }
         self.listen_addr()?;
         self.metrics_addr()?;
         let b = &self.batch;

@@ -152,6 +152,7 @@ impl Encoder {
             Arc::new(model),
             &cfg.model_dir,
             cfg.compute_threads(),
+            cfg.precision,
         )?;
         let batcher = Batcher::start(
             backend,

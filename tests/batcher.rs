@@ -8,13 +8,13 @@ use tiergate::batch::{Batcher, Limits, Priority};
 use tiergate::config::Config;
 use tiergate::engine::cpu::CpuBackend;
 use tiergate::error::TgError;
-use tiergate::model::encoder::MiniLm;
+use tiergate::model::encoder::{MiniLm, Precision};
 
 fn batcher(limits: Limits) -> Batcher {
     let model = MiniLm::load(std::path::Path::new("models/base"))
         .expect("models/base missing: run scripts/setup-model.sh");
     Batcher::start(
-        Box::new(CpuBackend::new(Arc::new(model), 1).unwrap()),
+        Box::new(CpuBackend::new(Arc::new(model), 1, Precision::Auto).unwrap()),
         limits,
     )
 }

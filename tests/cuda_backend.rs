@@ -10,7 +10,7 @@ use tiergate::config::BackendKind;
 use tiergate::engine::cpu::CpuBackend;
 use tiergate::engine::cuda::{self, kernels, CudaBackend, KernelHarness};
 use tiergate::engine::{Backend, PackedBatch};
-use tiergate::model::encoder::{self, MiniLm};
+use tiergate::model::encoder::{self, MiniLm, Precision};
 use tiergate::model::tokenize::{TextTokenizer, TruncSide};
 
 fn root() -> PathBuf {
@@ -95,11 +95,17 @@ fn selection_without_a_gpu_falls_back_to_the_cpu() {
         model.clone(),
         Path::new("models/base"),
         1,
+        Precision::Auto,
     )
     .unwrap();
     assert_eq!(b.name(), "cpu");
-    let err = match tiergate::engine::select(BackendKind::Cuda, model, Path::new("models/base"), 1)
-    {
+    let err = match tiergate::engine::select(
+        BackendKind::Cuda,
+        model,
+        Path::new("models/base"),
+        1,
+        Precision::F32,
+    ) {
         Ok(b) => panic!("backend cuda without a GPU gave {}", b.name()),
         Err(e) => format!("{e:#}"),
     };
@@ -151,7 +157,7 @@ fn cuda_backend_matches_the_cpu_backend_on_real_prompts() {
     );
 
     let mut gpu = CudaBackend::new(model.clone(), &model_dir()).unwrap();
-    let mut cpu = CpuBackend::new(model.clone(), 2).unwrap();
+    let mut cpu = CpuBackend::new(model.clone(), 2, Precision::F32).unwrap();
     let want = cpu.embed(&batch).unwrap();
     // Twice: the second call reuses the scratch buffers.
     for _ in 0..2 {
@@ -370,11 +376,11 @@ fn self_check_detects_a_disagreeing_backend() {
     }
     let model =
         Arc::new(MiniLm::load(Path::new("models/base")).expect("run scripts/setup-model.sh"));
-    let mut a = CpuBackend::new(model.clone(), 1).unwrap();
-    let mut b = CpuBackend::new(model.clone(), 2).unwrap();
+    let mut a = CpuBackend::new(model.clone(), 1, Precision::F32).unwrap();
+    let mut b = CpuBackend::new(model.clone(), 2, Precision::F32).unwrap();
     let ok = tiergate::engine::self_check(&mut a, &mut b).unwrap();
     assert!(ok > 0.9999, "{ok}");
-    let mut f = Faulty(CpuBackend::new(model, 1).unwrap());
+    let mut f = Faulty(CpuBackend::new(model, 1, Precision::F32).unwrap());
     let bad = tiergate::engine::self_check(&mut a, &mut f).unwrap();
     assert!(bad < 0.0, "{bad}");
 }

@@ -21,7 +21,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 use tiergate::engine::cpu::CpuBackend;
 use tiergate::engine::{Backend, PackedBatch};
-use tiergate::model::encoder::MiniLm;
+use tiergate::model::encoder::{MiniLm, Precision};
 use tiergate::model::tokenize::{TextTokenizer, TruncSide};
 use tiergate::proto::router_client::RouterClient;
 use tiergate::proto::{self, RouteRequest, VerifyRequest};
@@ -129,6 +129,9 @@ struct BenchArgs {
     /// Encoder threads (0 = all cores, as the server's default).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Linear-layer arithmetic, as the server's `precision`.
+    #[arg(long, value_enum, default_value = "auto")]
+    precision: Precision,
     /// Sequences per batch in the batched run.
     #[arg(long, default_value_t = 32)]
     batch: usize,
@@ -435,7 +438,7 @@ fn bench_encoder(a: &BenchArgs) -> Result<()> {
     };
     let model = Arc::new(MiniLm::load(&a.model_dir)?);
     let dim = model.dim();
-    let mut be = CpuBackend::new(model, threads)?;
+    let mut be = CpuBackend::new(model, threads, a.precision)?;
     let tokens: usize = seqs.iter().map(Vec::len).sum();
 
     // Warm the pool and allocator.

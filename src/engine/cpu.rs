@@ -4,22 +4,34 @@ use std::sync::Arc;
 
 use super::{Backend, PackedBatch};
 use crate::error::TgError;
-use crate::model::encoder::MiniLm;
+use crate::model::encoder::{MiniLm, Precision};
 
 pub struct CpuBackend {
     model: Arc<MiniLm>,
     pool: rayon::ThreadPool,
+    precision: Precision,
 }
 
 impl CpuBackend {
-    /// A backend running on its own pool of `threads` threads (at least 1).
-    pub fn new(model: Arc<MiniLm>, threads: usize) -> Result<Self, TgError> {
+    /// A backend running on its own pool of `threads` threads (at least 1), its linear
+    /// layers in `precision` (`auto` resolved here; `bf16` on a CPU without it is an error).
+    pub fn new(model: Arc<MiniLm>, threads: usize, precision: Precision) -> Result<Self, TgError> {
+        let precision = precision.resolve()?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
             .thread_name(|i| format!("tg-cpu-{i}"))
             .build()
             .map_err(|e| TgError::Internal(format!("building the CPU backend pool: {e}")))?;
-        Ok(Self { model, pool })
+        Ok(Self {
+            model,
+            pool,
+            precision,
+        })
+    }
+
+    /// The resolved precision: `F32` or `Bf16`.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     pub fn model(&self) -> &Arc<MiniLm> {
@@ -46,8 +58,8 @@ impl Backend for CpuBackend {
 
     fn embed(&mut self, batch: &PackedBatch) -> Result<Vec<f32>, TgError> {
         self.model.validate(batch)?;
-        let model = &self.model;
-        Ok(self.pool.install(|| model.forward(batch)))
+        let (model, p) = (&self.model, self.precision);
+        Ok(self.pool.install(|| model.forward_with(batch, p)))
     }
 }
 
@@ -67,7 +79,7 @@ mod tests {
     #[test]
     fn embeds_on_its_pool_and_rejects_bad_batches() {
         let m = model();
-        let mut b = CpuBackend::new(m.clone(), 2).unwrap();
+        let mut b = CpuBackend::new(m.clone(), 2, Precision::F32).unwrap();
         assert_eq!(
             (b.name(), b.dim(), b.max_seq_len(), b.threads()),
             ("cpu", 384, 512, 2)

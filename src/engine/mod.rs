@@ -57,12 +57,14 @@ pub fn select(
     model: std::sync::Arc<crate::model::encoder::MiniLm>,
     model_dir: &std::path::Path,
     threads: usize,
+    precision: crate::model::encoder::Precision,
 ) -> anyhow::Result<Box<dyn Backend>> {
     use crate::config::BackendKind;
     let start_cuda = || -> anyhow::Result<Box<dyn Backend>> {
         let mut b = cuda::CudaBackend::new(model.clone(), model_dir)?;
         // A device that runs but disagrees with the CPU reference must not serve decisions.
-        let mut cpu = cpu::CpuBackend::new(model.clone(), 1)?;
+        let mut cpu =
+            cpu::CpuBackend::new(model.clone(), 1, crate::model::encoder::Precision::F32)?;
         let worst = self_check(&mut b, &mut cpu)?;
         anyhow::ensure!(
             worst >= 0.999,
@@ -102,8 +104,10 @@ pub fn select(
             return start_cuda().map_err(|e| e.context("backend cuda"));
         }
     }
-    let b = cpu::CpuBackend::new(model, threads)?;
-    metrics::gauge!(crate::metrics::BACKEND_INFO, "backend" => "cpu").set(1.0);
+    let b = cpu::CpuBackend::new(model, threads, precision)?;
+    tracing::info!(threads, precision = b.precision().as_str(), "backend: cpu");
+    metrics::gauge!(crate::metrics::BACKEND_INFO, "backend" => "cpu", "precision" => b.precision().as_str())
+        .set(1.0);
     Ok(Box::new(b))
 }
 

@@ -16,8 +16,43 @@ use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use super::bf16::{self, PackedB};
 use crate::engine::PackedBatch;
 use crate::error::TgError;
+
+/// Arithmetic of the linear layers (everything else is f32 either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// bf16 where the CPU has AVX512-BF16, else f32.
+    Auto,
+    /// f32 weights and activations (the `gemm` crate): the reference.
+    F32,
+    /// bf16 weights and activations, f32 accumulation (AVX512-BF16 only).
+    Bf16,
+}
+
+impl Precision {
+    /// What `self` runs as on this CPU; `Bf16` without AVX512-BF16 is an error.
+    pub fn resolve(self) -> Result<Self, TgError> {
+        match self {
+            Self::Auto if bf16::available() => Ok(Self::Bf16),
+            Self::Auto => Ok(Self::F32),
+            Self::Bf16 if !bf16::available() => Err(TgError::Unavailable(
+                "precision bf16 needs a CPU with AVX512-BF16; use f32 or auto".into(),
+            )),
+            p => Ok(p),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
+}
 
 /// Runs `$f($arg)` compiled for AVX2+FMA when the CPU has them (the crate targets
 /// baseline x86-64, where the elementwise loops only get 4-wide SSE2). `$f` must be
@@ -82,6 +117,8 @@ struct Layer {
     b_out: Vec<f32>,
     ln2_g: Vec<f32>,
     ln2_b: Vec<f32>,
+    /// The four weight matrices rounded and packed for the bf16 kernel (when the CPU has it).
+    packed: Option<[PackedB; 4]>,
 }
 
 /// The encoder with its weights in memory.
@@ -248,7 +285,18 @@ impl MiniLm {
                 b_out: w.get(&format!("{p}output.dense.bias"), &[h])?,
                 ln2_g: w.get(&format!("{p}output.LayerNorm.weight"), &[h])?,
                 ln2_b: w.get(&format!("{p}output.LayerNorm.bias"), &[h])?,
+                packed: None,
             });
+        }
+        if bf16::available() {
+            for l in &mut layers {
+                l.packed = Some([
+                    PackedB::pack(&l.w_qkv, h, 3 * h),
+                    PackedB::pack(&l.w_attn_out, h, h),
+                    PackedB::pack(&l.w_inter, h, inter),
+                    PackedB::pack(&l.w_out, inter, h),
+                ]);
+            }
         }
         Ok(Self {
             head_dim: h / cfg.num_attention_heads,
@@ -329,6 +377,12 @@ impl MiniLm {
     ///
     /// Panics if the batch fails [`Self::validate`]; backends validate first.
     pub fn forward(&self, batch: &PackedBatch) -> Vec<f32> {
+        self.forward_with(batch, Precision::F32)
+    }
+
+    /// [`Self::forward`] with the linear layers in `precision` (resolved as
+    /// [`Precision::resolve`] does; `Bf16` without AVX512-BF16 falls back to f32).
+    pub fn forward_with(&self, batch: &PackedBatch, precision: Precision) -> Vec<f32> {
         if let Err(e) = self.validate(batch) {
             panic!("MiniLm::forward on an invalid batch: {e}");
         }
@@ -343,13 +397,22 @@ impl MiniLm {
         let mut qkv = vec![0.0f32; t * 3 * h];
         let mut ctx = vec![0.0f32; t * h];
         let mut mid = vec![0.0f32; t * inter];
+        let use_bf16 = precision != Precision::F32;
         for layer in &self.layers {
+            // dst (+)= a·W[i] in the chosen precision.
+            let mm = |dst: &mut [f32], a: &[f32], i: usize, w: &[f32], k: usize, n: usize| match (
+                &layer.packed,
+                use_bf16,
+            ) {
+                (Some(p), true) => bf16::matmul(dst, a, &p[i], t, true),
+                _ => matmul(dst, a, w, t, k, n, true),
+            };
             // Q|K|V = x·Wqkv + b (bias pre-filled, GEMM accumulates onto it).
             fill_rows(&mut qkv, &layer.b_qkv);
-            matmul(&mut qkv, &x, &layer.w_qkv, t, h, 3 * h, true);
+            mm(&mut qkv, &x, 0, &layer.w_qkv, h, 3 * h);
             self.attention(batch, &qkv, &mut ctx);
             // x = LN(x + ctx·Wo + bo): the GEMM adds onto the residual in place.
-            matmul(&mut x, &ctx, &layer.w_attn_out, t, h, h, true);
+            mm(&mut x, &ctx, 1, &layer.w_attn_out, h, h);
             bias_layer_norm_rows(
                 &mut x,
                 &layer.b_attn_out,
@@ -359,10 +422,10 @@ impl MiniLm {
             );
             // mid = GELU(x·Wi + bi)
             fill_rows(&mut mid, &layer.b_inter);
-            matmul(&mut mid, &x, &layer.w_inter, t, h, inter, true);
+            mm(&mut mid, &x, 2, &layer.w_inter, h, inter);
             mid.par_chunks_mut(inter * 8).for_each(gelu_inplace);
             // x = LN(x + mid·Wo2 + bo2)
-            matmul(&mut x, &mid, &layer.w_out, t, inter, h, true);
+            mm(&mut x, &mid, 3, &layer.w_out, inter, h);
             bias_layer_norm_rows(&mut x, &layer.b_out, &layer.ln2_g, &layer.ln2_b, self.eps);
         }
 

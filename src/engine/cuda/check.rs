@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use super::{probe, write_random_model, CudaBackend};
 use crate::engine::cpu::CpuBackend;
 use crate::engine::{Backend, PackedBatch};
-use crate::model::encoder::MiniLm;
+use crate::model::encoder::{MiniLm, Precision};
 use crate::model::tokenize::{TextTokenizer, TruncSide};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -132,7 +132,7 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
     };
     let batch = pack(&seqs);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut cpu = CpuBackend::new(model.clone(), threads)?;
+    let mut cpu = CpuBackend::new(model.clone(), threads, Precision::F32)?;
     let want = cpu.embed(&batch)?;
     let got = gpu.embed(&batch)?;
     let dim = model.dim();
