@@ -23,6 +23,8 @@ pub struct Encoder {
     tok_pool: rayon::ThreadPool,
     pub batcher: Batcher,
     pub model_revision: String,
+    /// The backend's arithmetic (`Backend::numerics`), e.g. "bf16".
+    pub numerics: &'static str,
     cache: EmbeddingCache,
 }
 
@@ -154,6 +156,7 @@ impl Encoder {
             cfg.compute_threads(),
             cfg.precision,
         )?;
+        let numerics = backend.numerics();
         let batcher = Batcher::start(
             backend,
             Limits {
@@ -172,6 +175,7 @@ impl Encoder {
             tok_pool,
             batcher,
             model_revision,
+            numerics,
             cache: EmbeddingCache {
                 cap: cfg.batch.embedding_cache,
                 inner: Default::default(),

@@ -358,6 +358,9 @@ fn random_weights_model_loads_on_the_cpu() {
 fn self_check_detects_a_disagreeing_backend() {
     struct Faulty(CpuBackend);
     impl Backend for Faulty {
+        fn numerics(&self) -> &'static str {
+            self.0.numerics()
+        }
         fn name(&self) -> &'static str {
             "faulty"
         }

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 use tiergate::engine::PackedBatch;
-use tiergate::model::encoder::MiniLm;
+use tiergate::model::encoder::{MiniLm, Precision};
 use tiergate::model::tokenize::{TextTokenizer, TruncSide};
 
 fn root() -> PathBuf {
@@ -157,6 +157,46 @@ fn encoder_matches_reference() {
          (max abs diff {worst_abs:.2e}), worst packed-vs-alone max abs diff = {worst_packing:.3e}",
         r.items.len()
     );
+}
+
+/// bf16 linear layers (the default where the CPU has AVX512-BF16) against the same numpy
+/// f32 reference: rounding costs a little agreement, never direction. The dev-set decision
+/// gate (AUROC, flipped decisions) is `scripts/precision_gate.py`.
+#[test]
+fn bf16_encoder_stays_close_to_reference() {
+    if !tiergate::model::bf16::available() {
+        eprintln!("SKIPPED: this CPU has no AVX512-BF16; the bf16 path cannot run here");
+        return;
+    }
+    let r = reference();
+    let model = MiniLm::load(&model_dir()).expect("model loads");
+    let mut packed = PackedBatch::new();
+    for it in &r.items {
+        packed.push(&it.ids, &it.type_ids);
+    }
+    let all = model.forward_with(&packed, Precision::Bf16);
+    let f32_all = model.forward_with(&packed, Precision::F32);
+    assert_ne!(all, f32_all, "bf16 must actually run a different path");
+    let mut worst = 0.0f64;
+    for (i, it) in r.items.iter().enumerate() {
+        let batched = &all[i * 384..(i + 1) * 384];
+        let cos = cosine(batched, &it.embedding);
+        worst = worst.max(1.0 - cos);
+        assert!(cos >= 0.999, "item {i}: bf16 cosine {cos} vs reference");
+        let mut one = PackedBatch::new();
+        one.push(&it.ids, &it.type_ids);
+        let single = model.forward_with(&one, Precision::Bf16);
+        let diff = single
+            .iter()
+            .zip(batched)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            diff < 1e-5,
+            "item {i}: bf16 packed vs alone max abs diff {diff}"
+        );
+    }
+    eprintln!("golden bf16: worst 1-cos vs numpy reference = {worst:.3e}");
 }
 
 fn bench_batch(n: usize, len: usize) -> PackedBatch {

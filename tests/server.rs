@@ -44,6 +44,13 @@ async fn every_rpc_health_reflection_and_metrics() {
         "{}",
         info.backend
     );
+    // `precision = auto`: bf16 on a CPU with AVX512-BF16, else f32; f16 on CUDA.
+    let want = match info.backend.as_str() {
+        "cuda" => "f16",
+        _ if tiergate::model::bf16::available() => "bf16",
+        _ => "f32",
+    };
+    assert_eq!(info.numerics, want);
     assert_eq!(info.catalog.len(), 6);
     assert!(info.catalog.iter().any(|e| e.model == "claude-opus-4.8"));
     assert_eq!(info.limits.as_ref().unwrap().max_input_tokens, 256);

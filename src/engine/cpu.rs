@@ -56,6 +56,10 @@ impl Backend for CpuBackend {
         self.model.max_positions()
     }
 
+    fn numerics(&self) -> &'static str {
+        self.precision.as_str()
+    }
+
     fn embed(&mut self, batch: &PackedBatch) -> Result<Vec<f32>, TgError> {
         self.model.validate(batch)?;
         let (model, p) = (&self.model, self.precision);

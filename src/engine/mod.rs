@@ -48,6 +48,9 @@ pub trait Backend: Send {
     /// Largest number of tokens in one sequence (position embeddings).
     fn max_seq_len(&self) -> usize;
     fn embed(&mut self, batch: &PackedBatch) -> Result<Vec<f32>, TgError>;
+    /// The arithmetic behind the embeddings ("f32", "bf16", "f16"): caches of embeddings
+    /// must not mix them.
+    fn numerics(&self) -> &'static str;
 }
 
 /// Picks the backend. `auto` uses CUDA when its libraries and a device are present (probed

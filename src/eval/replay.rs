@@ -56,6 +56,9 @@ pub struct EvalArgs {
     /// Encoder threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Encoder arithmetic on the CPU, as the server's `precision`.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub precision: crate::config::Precision,
 }
 
 /// Share of a source's prompts a model must have rows for to be a tier candidate (MMLU-Pro's
@@ -498,7 +501,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .map(|s| plan_source(s, &rows, &train, a.max_prompts, a.seed))
         .collect::<Result<_>>()?;
 
-    let enc = offline_encoder(&a.model_dir, a.threads, heads.max_answer_tokens)?;
+    let enc = offline_encoder(
+        &a.model_dir,
+        a.threads,
+        a.precision,
+        heads.max_answer_tokens,
+    )?;
     if enc.model_revision != heads.encoder_revision {
         eprintln!(
             "warning: heads were fitted on encoder {} but {} is {}",

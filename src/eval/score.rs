@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::data::{read_rows, Row};
 use super::fit;
-use crate::config::Config;
+use crate::config::{Config, Precision};
 use crate::model::heads::{self, AnswerInput, Heads};
 use crate::model::tokenize::TruncSide;
 use crate::pipeline::Encoder;
@@ -58,7 +58,11 @@ impl Embedder<'_> {
                 Kind::Answer(n) => format!("answer{n}"),
             };
             let rev: String = self.enc.model_revision.chars().take(12).collect();
-            d.join(format!("{kind}-{rev}.emb"))
+            // f32 records keep their original name; other arithmetic gets its own file.
+            match self.enc.numerics {
+                "f32" => d.join(format!("{kind}-{rev}.emb")),
+                n => d.join(format!("{kind}-{rev}-{n}.emb")),
+            }
         });
         let key = |t: &str| {
             let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -330,17 +334,22 @@ pub struct ScoreArgs {
     /// Encoder threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Encoder arithmetic on the CPU, as the server's `precision`.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub precision: crate::config::Precision,
 }
 
 /// The encoder for offline work: the embedded config with the given model and threads.
 pub fn offline_encoder(
     model_dir: &Path,
     threads: usize,
+    precision: Precision,
     max_answer_tokens: usize,
 ) -> Result<Encoder> {
     let mut cfg = Config::embedded()?;
     cfg.model_dir = model_dir.to_path_buf();
     cfg.threads.compute = threads;
+    cfg.precision = precision;
     cfg.batch.max_answer_tokens = max_answer_tokens;
     cfg.validate()?;
     Encoder::start(&cfg)
@@ -350,7 +359,12 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut heads = Heads::load(&a.heads)?;
     let rows = read_rows(&a.data)?;
-    let enc = offline_encoder(&a.model_dir, a.threads, heads.max_answer_tokens)?;
+    let enc = offline_encoder(
+        &a.model_dir,
+        a.threads,
+        a.precision,
+        heads.max_answer_tokens,
+    )?;
     if enc.dim() != heads.dim {
         anyhow::bail!(
             "{}: heads have dim {} but the encoder in {} has {}",

@@ -59,6 +59,9 @@ pub struct TrainArgs {
     /// Encoder threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Encoder arithmetic on the CPU, as the server's `precision`.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub precision: crate::config::Precision,
 }
 
 /// Deterministic 64-bit mix (splitmix64): seeded shuffles and splits without a rand crate.
@@ -198,7 +201,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let prices = read_catalog(&a.data_dir.join("catalog.json"))?;
     eprintln!("train {} rows, dev {} rows", train.len(), dev.len());
 
-    let enc = offline_encoder(&a.model_dir, a.threads, a.max_answer_tokens)?;
+    let enc = offline_encoder(&a.model_dir, a.threads, a.precision, a.max_answer_tokens)?;
     let d = enc.dim();
     let emb = Embedder {
         enc: &enc,

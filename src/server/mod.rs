@@ -292,6 +292,7 @@ impl RouterService {
             model_revision: self.pipe.enc.model_revision.clone(),
             heads_revision: heads.revision.clone(),
             backend: self.pipe.enc.batcher.backend_name().to_string(),
+            numerics: self.pipe.enc.numerics.to_string(),
             limits: Some(proto::Limits {
                 max_batch_tokens: b.max_batch_tokens as u32,
                 max_batch_requests: b.max_batch_requests as u32,
@@ -470,7 +471,7 @@ pub async fn serve(
     let local = listener.local_addr()?;
     // Tests and scripts read this line to find an ephemeral port.
     println!("tiergate listening on {local}");
-    tracing::info!(%local, backend = pipe.enc.batcher.backend_name(), revision = %pipe.revision(), "listening");
+    tracing::info!(%local, backend = pipe.enc.batcher.backend_name(), numerics = pipe.enc.numerics, revision = %pipe.revision(), "listening");
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     health

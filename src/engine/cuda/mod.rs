@@ -604,6 +604,10 @@ impl Backend for CudaBackend {
         "cuda"
     }
 
+    fn numerics(&self) -> &'static str {
+        "f16"
+    }
+
     fn dim(&self) -> usize {
         self.model.dim()
     }
