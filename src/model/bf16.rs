@@ -89,7 +89,11 @@ impl PackedB {
     pub fn get(&self, row: usize, col: usize) -> f32 {
         let (p, c) = (col / NR, col % NR);
         let v = self.data[p * self.k2 * NR + (row / 2) * NR + c];
-        let bits = if row % 2 == 0 { v & 0xffff } else { v >> 16 };
+        let bits = if row.is_multiple_of(2) {
+            v & 0xffff
+        } else {
+            v >> 16
+        };
         half::bf16::from_bits(bits as u16).to_f32()
     }
 }
@@ -197,6 +201,19 @@ pub fn matmul(dst: &mut [f32], a: &[f32], b: &PackedB, m: usize, accumulate: boo
 mod x86 {
     use super::{MR, NR};
     use std::arch::x86_64::*;
+    use std::mem::transmute;
+
+    // There are no cast intrinsics for `__m512bh`; both types are 64 plain bytes.
+    #[inline(always)]
+    fn bh(v: __m512i) -> __m512bh {
+        // SAFETY: same size, every bit pattern valid for both.
+        unsafe { transmute::<__m512i, __m512bh>(v) }
+    }
+    #[inline(always)]
+    fn si(v: __m512bh) -> __m512i {
+        // SAFETY: as for `bh`.
+        unsafe { transmute::<__m512bh, __m512i>(v) }
+    }
 
     /// bf16 pairs of one row; vector conversion in 32-float steps, scalar tail.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
@@ -209,7 +226,7 @@ mod x86 {
                 let hi = _mm512_loadu_ps(s.as_ptr().add(32 * i + 16));
                 // The second operand fills the low half: floats stay in order.
                 let v = _mm512_cvtne2ps_pbh(hi, lo);
-                _mm512_storeu_si512(d.as_mut_ptr().add(16 * i) as *mut _, std::mem::transmute(v));
+                _mm512_storeu_si512(d.as_mut_ptr().add(16 * i) as *mut _, si(v));
             }
         }
         super::round_row_scalar(&s[32 * full..], &mut d[16 * full..]);
@@ -236,14 +253,13 @@ mod x86 {
             unsafe {
                 let b = bp.add(j * NR);
                 let bv: [__m512bh; NR / 16] = [
-                    std::mem::transmute(_mm512_loadu_si512(b as *const _)),
-                    std::mem::transmute(_mm512_loadu_si512(b.add(16) as *const _)),
-                    std::mem::transmute(_mm512_loadu_si512(b.add(32) as *const _)),
-                    std::mem::transmute(_mm512_loadu_si512(b.add(48) as *const _)),
+                    bh(_mm512_loadu_si512(b as *const _)),
+                    bh(_mm512_loadu_si512(b.add(16) as *const _)),
+                    bh(_mm512_loadu_si512(b.add(32) as *const _)),
+                    bh(_mm512_loadu_si512(b.add(48) as *const _)),
                 ];
                 for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let av: __m512bh =
-                        std::mem::transmute(_mm512_set1_epi32(*ap.add(r * k2 + j) as i32));
+                    let av = bh(_mm512_set1_epi32(*ap.add(r * k2 + j) as i32));
                     for (q, acc_q) in acc_r.iter_mut().enumerate() {
                         *acc_q = _mm512_dpbf16_ps(*acc_q, av, bv[q]);
                     }

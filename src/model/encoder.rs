@@ -218,7 +218,7 @@ impl MiniLm {
         ensure!(
             cfg.num_attention_heads > 0
                 && cfg.hidden_size > 0
-                && cfg.hidden_size % cfg.num_attention_heads == 0,
+                && cfg.hidden_size.is_multiple_of(cfg.num_attention_heads),
             "{}: hidden_size {} not divisible by num_attention_heads {}",
             cfg_path.display(),
             cfg.hidden_size,

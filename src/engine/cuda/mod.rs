@@ -700,7 +700,7 @@ impl KernelHarness {
         eps: f32,
     ) -> Result<Vec<f32>> {
         let h = gamma.len();
-        ensure!(h > 0 && x.len() == y.len() && x.len() % h == 0);
+        ensure!(h > 0 && x.len() == y.len() && x.len().is_multiple_of(h));
         let t = x.len() / h;
         let mut x32 = self.gpu.upload(x)?;
         let mut x16 = self.gpu.zeros::<f16>(t * h)?;
@@ -718,7 +718,7 @@ impl KernelHarness {
     /// GELU(y + bias) per row of `bias.len()` columns (returned from f16).
     pub fn bias_gelu(&self, y: &[f32], bias: &[f32]) -> Result<Vec<f32>> {
         let cols = bias.len();
-        ensure!(cols > 0 && y.len() % cols == 0);
+        ensure!(cols > 0 && y.len().is_multiple_of(cols));
         let (yd, bd) = (self.gpu.upload(y)?, self.gpu.upload(bias)?);
         let mut out = self.gpu.zeros::<f16>(y.len())?;
         self.gpu
@@ -741,7 +741,7 @@ impl KernelHarness {
         heads: usize,
     ) -> Result<Vec<f32>> {
         let h = heads * HEAD_DIM;
-        ensure!(qkv.len() % (3 * h) == 0 && bias.len() == 3 * h && !cu_seqlens.is_empty());
+        ensure!(qkv.len().is_multiple_of(3 * h) && bias.len() == 3 * h && !cu_seqlens.is_empty());
         let t = qkv.len() / (3 * h);
         let seqs = cu_seqlens.len() - 1;
         let max_len = cu_seqlens
@@ -767,7 +767,7 @@ impl KernelHarness {
 
     /// Mean of each sequence's rows of `x` (`h` columns), L2-normalised.
     pub fn mean_pool_l2(&self, x: &[f32], cu_seqlens: &[u32], h: usize) -> Result<Vec<f32>> {
-        ensure!(h > 0 && x.len() % h == 0 && !cu_seqlens.is_empty());
+        ensure!(h > 0 && x.len().is_multiple_of(h) && !cu_seqlens.is_empty());
         let seqs = cu_seqlens.len() - 1;
         let (xd, cu) = (self.gpu.upload(x)?, self.gpu.upload(cu_seqlens)?);
         let mut out = self.gpu.zeros::<f32>(seqs * h)?;
