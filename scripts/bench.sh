@@ -28,6 +28,14 @@ rounds="${ROUNDS:-3}"
 batch="${BATCH:-32}"
 limit="${LIMIT:-0}"
 graphs="${GRAPHS:-fused}"
+# Our sides: f32 (the reference, checked against ORT's embeddings) and, where the CPU has
+# AVX512-BF16, bf16 (the `precision = auto` default there).
+if grep -q avx512_bf16 /proc/cpuinfo 2>/dev/null; then
+  precisions="${PRECISIONS:-bf16 f32}"
+else
+  precisions="${PRECISIONS:-f32}"
+fi
+case " $precisions " in *" f32 "*) ;; *) echo "bench: PRECISIONS must include f32" >&2; exit 2 ;; esac
 out="${OUT:-target/bench}"
 data="${DATA:-../shared/data/dev.jsonl.gz}"
 what="${1:-encoder}"
@@ -86,24 +94,35 @@ cargo build --release --quiet --bin loadgen
 
 for r in $(seq 1 "$rounds"); do
   echo "== round $r/$rounds (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
-  "$lg" bench-encoder --ids "$out/ids.json" --threads "$threads" --batch "$batch" --reps 1 \
-    --limit "$limit" --embeddings-out "$out/tiergate.f32" --out "$out/tiergate.$r.json"
+  for p in $precisions; do
+    "$lg" bench-encoder --ids "$out/ids.json" --threads "$threads" --batch "$batch" --reps 1 \
+      --limit "$limit" --precision "$p" --embeddings-out "$out/tiergate-$p.emb" \
+      --out "$out/tiergate-$p.$r.json"
+  done
   for g in $graphs; do
     python3 scripts/onnx_peer.py --ids "$out/ids.json" --threads "$threads" --batch "$batch" \
-      --reps 1 --limit "$limit" --graph "$g" --tiergate-embeddings "$out/tiergate.f32" \
+      --reps 1 --limit "$limit" --graph "$g" --tiergate-embeddings "$out/tiergate-f32.emb" \
       --out "$out/ort-$g.$r.json" ${ORT_ARGS:-}
   done
 done
 
-python3 - "$out" "$rounds" $graphs <<'PY'
+python3 - "$out" "$rounds" "$precisions" $graphs <<'PY'
 import json, statistics, sys
-out, rounds, graphs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+import numpy as np
+out, rounds, precisions, graphs = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4:]
 def load(name):
     return [json.load(open(f"{out}/{name}.{r}.json")) for r in range(1, rounds + 1)]
 def med(reps, mode, key):
     return statistics.median(x[mode][key] if key != "p50" else x[mode]["latency_ms"]["p50"] for x in reps)
-sides = {"tiergate": load("tiergate")} | {f"ort-{g}": load(f"ort-{g}") for g in graphs}
-t = sides["tiergate"][0]
+sides = {f"tiergate-{p}": load(f"tiergate-{p}") for p in precisions}
+sides |= {f"ort-{g}": load(f"ort-{g}") for g in graphs}
+t = sides["tiergate-f32"][0]
+ref = np.fromfile(f"{out}/tiergate-f32.emb", dtype="<f4").reshape(t["sequences"], -1)
+for p in precisions:
+    if p != "f32":
+        e = np.fromfile(f"{out}/tiergate-{p}.emb", dtype="<f4").reshape(ref.shape)
+        c = (e * ref).sum(1) / np.linalg.norm(e, axis=1) / np.linalg.norm(ref, axis=1)
+        print(f"tiergate-{p} vs f32 embeddings: min cosine {c.min():.6f}, mean {c.mean():.7f}")
 print(f"\n{t['sequences']} dev prompts, {t['tokens']} tokens (mean {t['tokens'] / t['sequences']:.1f}), "
       f"{t['threads']} threads, batch {t['batch']}, median of {rounds} rounds")
 b = str(t["batch"])
@@ -116,9 +135,9 @@ for name, reps in sides.items():
                   med(reps, "batched", "cpu_ms_per_seq"))
     r = rows[name]
     print(f"{name:<16}{r[0]:>10.1f}{r[1]:>11.2f}{r[2]:>15.2f}{r[3]:>12.1f}{r[4]:>16.2f}")
-for g in graphs:
-    o, ti = rows[f"ort-{g}"], rows["tiergate"]
-    print(f"ratio tiergate / ort-{g} (>1: tiergate better): batch 1 throughput x{ti[0] / o[0]:.2f}, "
+for g, p in [(g, p) for g in graphs for p in precisions]:
+    o, ti = rows[f"ort-{g}"], rows[f"tiergate-{p}"]
+    print(f"ratio tiergate-{p} / ort-{g} (>1: tiergate better): batch 1 throughput x{ti[0] / o[0]:.2f}, "
           f"p50 latency x{o[1] / ti[1]:.2f}, cpu/seq x{o[2] / ti[2]:.2f}; batched throughput "
           f"x{ti[3] / o[3]:.2f}, cpu/seq x{o[4] / ti[4]:.2f}")
 keys = ["b1_seqs_per_s", "b1_p50_ms", "b1_cpu_ms_per_seq", "batched_seqs_per_s", "batched_cpu_ms_per_seq"]

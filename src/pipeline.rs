@@ -29,38 +29,51 @@ pub struct Encoder {
 }
 
 /// Recent embeddings by input: a gateway's Verify after Route sends the same prompt again,
-/// and retried or repeated prompts are common. Bounded, first-in first-out.
+/// and retried or repeated prompts are common. Bounded, first-in first-out. Keyed by a
+/// SHA-256 of the input, so one client cannot craft a text that collides with another's
+/// and be served its embedding (a 64-bit unkeyed hash would allow that).
 struct EmbeddingCache {
     cap: usize,
     inner: std::sync::Mutex<(
-        std::collections::HashMap<u64, CachedEmbedding>,
-        std::collections::VecDeque<u64>,
+        std::collections::HashMap<CacheKey, CachedEmbedding>,
+        std::collections::VecDeque<CacheKey>,
     )>,
 }
+
+type CacheKey = [u8; 32];
 
 /// (tokens, truncated, embedding).
 type CachedEmbedding = (usize, bool, Arc<Vec<f32>>);
 
 impl EmbeddingCache {
-    fn key(input: &Input) -> u64 {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
+    fn key(input: &Input) -> CacheKey {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        // A fixed-width prefix (kind, option) before the text: no two inputs share bytes.
         match input {
-            Input::Single(t, side) => (0u8, t, *side as u8).hash(&mut h),
-            Input::Answer(t, limit) => (1u8, t, *limit).hash(&mut h),
+            Input::Single(t, side) => {
+                h.update([0u8, *side as u8]);
+                h.update(0u64.to_le_bytes());
+                h.update(t.as_bytes());
+            }
+            Input::Answer(t, limit) => {
+                h.update([1u8, 0]);
+                h.update((*limit as u64).to_le_bytes());
+                h.update(t.as_bytes());
+            }
         }
-        h.finish()
+        h.finalize().into()
     }
 
-    fn get(&self, k: u64) -> Option<CachedEmbedding> {
+    fn get(&self, k: &CacheKey) -> Option<CachedEmbedding> {
         if self.cap == 0 {
             return None;
         }
         let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        g.0.get(&k).cloned()
+        g.0.get(k).cloned()
     }
 
-    fn put(&self, k: u64, v: CachedEmbedding) {
+    fn put(&self, k: CacheKey, v: CachedEmbedding) {
         if self.cap == 0 {
             return;
         }
@@ -108,6 +121,28 @@ impl Pipeline {
                 heads.dim,
                 enc.dim()
             );
+        }
+        // Other truncation limits are allowed (shorter is faster) but shift what the heads see.
+        for (key, serving, fitted) in [
+            (
+                "batch.max_input_tokens",
+                cfg.batch.max_input_tokens,
+                heads.max_input_tokens,
+            ),
+            (
+                "batch.max_answer_tokens",
+                cfg.batch.max_answer_tokens,
+                heads.max_answer_tokens,
+            ),
+        ] {
+            if serving != fitted {
+                tracing::warn!(
+                    key,
+                    serving,
+                    fitted,
+                    "the heads were fitted at another truncation limit; probabilities may drift"
+                );
+            }
         }
         if enc.model_revision != heads.encoder_revision {
             tracing::warn!(
@@ -219,7 +254,7 @@ impl Encoder {
     ) -> Result<EncodedInput, TgError> {
         let t0 = Instant::now();
         let key = EmbeddingCache::key(&input);
-        if let Some((enc_len, truncated, embedding)) = self.cache.get(key) {
+        if let Some((enc_len, truncated, embedding)) = self.cache.get(&key) {
             metrics::counter!(m::EMBEDDING_CACHE, "result" => "hit").increment(1);
             return Ok(EncodedInput {
                 enc_len,
