@@ -158,14 +158,18 @@ mod batcher {
                 Ok(b) => b,
                 Err(e) => panic!("{e}"),
             };
-            Batcher::start(
+            let b = Batcher::start(
                 Box::new(be),
                 Limits {
                     max_batch_tokens: 8192,
                     max_batch_requests: 64,
                     max_queue: 1024,
                 },
-            )
+            );
+            match b {
+                Ok(b) => b,
+                Err(e) => panic!("{e}"),
+            }
         })
     }
 

@@ -7,17 +7,20 @@
 # encoder: throughput on the real prompt mix, tiergate vs ONNX Runtime, in one go. Both sides
 # embed the very same token ids (the dev prompts tokenized by tiergate's own tokenizer,
 # head+tail truncated at 256) at the same thread count, at batch 1 and in length-sorted
-# batches; ORT's batches are padded to their longest sequence, ours are packed. Rounds alternate the two sides so drifting machine load hits both alike; medians
-# over rounds are printed, with the ratio tiergate / ORT.
+# batches; ORT's batches are padded to their longest sequence, ours are packed. Rounds
+# alternate the sides so drifting machine load hits all alike; medians over rounds are
+# printed, with the ratios tiergate / ORT.
 #
-# load: starts `tiergate serve` (release, embedded default config) on 127.0.0.1:$PORT with
-# metrics off, then per round: Route at concurrency 1 and 32 and Verify at 16 on dev prompts,
-# and Route at concurrency 1 on synthetic 32/64/128-token prompts; prints medians over rounds.
+# load: per round and precision, starts `tiergate serve` (release, embedded default config,
+# embedding cache off) on 127.0.0.1:$PORT with metrics off, then: Route at concurrency 1
+# and 32 and Verify at 16 on dev prompts, and Route at concurrency 1 on synthetic
+# 32/64/128-token prompts; prints medians over rounds.
 # The server is stopped (by its pid) on exit. Needs models/heads.json.
 #
 # Env: PORT (50151), THREADS (default: all cores), ROUNDS (3), BATCH (32),
 #      LIMIT (0 = all 905 prompts), GRAPHS ("fused"; "fused standard" also times ORT on a standard-op graph),
 #      ORT_ARGS (extra onnx_peer.py flags, e.g. "--no-spin"), OUT (target/bench),
+#      PRECISIONS (tiergate sides; default "bf16 f32" on AVX512-BF16 CPUs, else "f32"),
 #      DATA (../shared/data/dev.jsonl.gz).
 # Needs: scripts/setup-model.sh done; python3 with onnx onnxruntime numpy safetensors.
 set -euo pipefail
@@ -45,39 +48,48 @@ mkdir -p "$out"
 if [ "$what" = load ]; then
   port="${PORT:-50151}"
   cargo build --release --quiet --bin tiergate --bin loadgen
-  target/release/tiergate serve --listen "127.0.0.1:$port" --metrics-listen "" \
-    >"$out/server.log" 2>&1 &
-  srv=$!
-  trap 'kill "$srv" 2>/dev/null || true; wait "$srv" 2>/dev/null || true' EXIT
+  srv=
+  trap '[ -n "$srv" ] && kill "$srv" 2>/dev/null; wait 2>/dev/null || true' EXIT
   addr="127.0.0.1:$port"
   for r in $(seq 1 "$rounds"); do
     echo "== round $r/$rounds (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
-    "$lg" --addr "$addr" --data "$data" --concurrency 1 --requests 300 --out "$out/route-c1.$r.json"
-    "$lg" --addr "$addr" --data "$data" --concurrency 32 --requests 2000 --duration 30 \
-      --out "$out/route-c32.$r.json"
-    "$lg" --addr "$addr" --data "$data" --rpc verify --concurrency 16 --requests 1000 --duration 30 \
-      --out "$out/verify-c16.$r.json"
-    for n in 32 64 128; do
-      "$lg" --addr "$addr" --synthetic-tokens "$n" --concurrency 1 --requests 300 \
-        --out "$out/route-syn$n-c1.$r.json"
+    for p in $precisions; do
+      # A fresh server per round and precision, its embedding cache off: every request is
+      # encoded (dev prompts repeat across scenarios and would otherwise hit the cache).
+      target/release/tiergate serve --listen "$addr" --metrics-listen "" --precision "$p" \
+        --embedding-cache 0 >"$out/server-$p.$r.log" 2>&1 &
+      srv=$!
+      "$lg" --addr "$addr" --data "$data" --concurrency 1 --requests 300 \
+        --out "$out/$p-route-c1.$r.json"
+      "$lg" --addr "$addr" --data "$data" --concurrency 32 --requests 2000 --duration 30 \
+        --out "$out/$p-route-c32.$r.json"
+      "$lg" --addr "$addr" --data "$data" --rpc verify --concurrency 16 --requests 1000 \
+        --duration 30 --out "$out/$p-verify-c16.$r.json"
+      for n in 32 64 128; do
+        "$lg" --addr "$addr" --synthetic-tokens "$n" --concurrency 1 --requests 300 \
+          --out "$out/$p-route-syn$n-c1.$r.json"
+      done
+      kill "$srv"; wait "$srv" 2>/dev/null || true; srv=
     done
   done
-  python3 - "$out" "$rounds" <<'PY'
+  python3 - "$out" "$rounds" $precisions <<'PY'
 import json, statistics, sys
-out, rounds = sys.argv[1], int(sys.argv[2])
-print(f"\nmedians of {rounds} rounds")
-print(f"{'scenario':<20}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'tokens':>8}{'errors':>8}")
+out, rounds, precisions = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+print(f"\nmedians of {rounds} rounds (embedding cache off)")
+print(f"{'scenario':<26}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'tokens':>8}{'errors':>8}")
 summary = {}
-for name in ["route-c1", "route-c32", "verify-c16", "route-syn32-c1", "route-syn64-c1", "route-syn128-c1"]:
-    rs = [json.load(open(f"{out}/{name}.{r}.json")) for r in range(1, rounds + 1)]
-    m = lambda f: statistics.median(f(x) for x in rs)  # noqa: E731
-    row = {"rps": m(lambda x: x["throughput_rps"]), "p50": m(lambda x: x["latency_ms"]["p50"]),
-           "p90": m(lambda x: x["latency_ms"]["p90"]), "p99": m(lambda x: x["latency_ms"]["p99"]),
-           "tokens": m(lambda x: x["mean_input_tokens"]),
-           "errors": sum(sum(x["errors"].values()) for x in rs)}
-    summary[name] = row
-    print(f"{name:<20}{row['rps']:>9.1f}{row['p50']:>9.2f}{row['p90']:>9.2f}{row['p99']:>9.2f}"
-          f"{row['tokens']:>8.1f}{row['errors']:>8}")
+for p in precisions:
+    for name in ["route-c1", "route-c32", "verify-c16", "route-syn32-c1", "route-syn64-c1",
+                 "route-syn128-c1"]:
+        rs = [json.load(open(f"{out}/{p}-{name}.{r}.json")) for r in range(1, rounds + 1)]
+        m = lambda f: statistics.median(f(x) for x in rs)  # noqa: E731
+        row = {"rps": m(lambda x: x["throughput_rps"]), "p50": m(lambda x: x["latency_ms"]["p50"]),
+               "p90": m(lambda x: x["latency_ms"]["p90"]), "p99": m(lambda x: x["latency_ms"]["p99"]),
+               "tokens": m(lambda x: x["mean_input_tokens"]),
+               "errors": sum(sum(x["errors"].values()) for x in rs)}
+        summary[f"{p}-{name}"] = row
+        print(f"{p + ' ' + name:<26}{row['rps']:>9.1f}{row['p50']:>9.2f}{row['p90']:>9.2f}"
+              f"{row['p99']:>9.2f}{row['tokens']:>8.1f}{row['errors']:>8}")
 json.dump(summary, open(f"{out}/load-summary.json", "w"), indent=2)
 PY
   exit 0

@@ -121,6 +121,9 @@ pub struct Overrides {
     pub max_queue: Option<usize>,
     #[arg(long, env = "TIERGATE_MAX_INPUT_TOKENS")]
     pub max_input_tokens: Option<usize>,
+    /// Recent embeddings kept by input (0 disables the cache).
+    #[arg(long, env = "TIERGATE_EMBEDDING_CACHE")]
+    pub embedding_cache: Option<usize>,
     #[arg(long, env = "TIERGATE_THREADS")]
     pub threads: Option<usize>,
     #[arg(long, env = "TIERGATE_QUALITY_FLOOR")]
@@ -171,6 +174,9 @@ impl Config {
         }
         if let Some(v) = o.max_input_tokens {
             c.batch.max_input_tokens = v;
+        }
+        if let Some(v) = o.embedding_cache {
+            c.batch.embedding_cache = v;
         }
         if let Some(v) = o.threads {
             c.threads.compute = v;

@@ -199,7 +199,7 @@ impl Encoder {
                 max_batch_requests: cfg.batch.max_batch_requests,
                 max_queue: cfg.batch.max_queue,
             },
-        );
+        )?;
         let tok_pool = rayon::ThreadPoolBuilder::new()
             .num_threads(cfg.threads.tokenize)
             .thread_name(|i| format!("tiergate-tok-{i}"))

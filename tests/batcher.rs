@@ -17,6 +17,7 @@ fn batcher(limits: Limits) -> Batcher {
         Box::new(CpuBackend::new(Arc::new(model), 1, Precision::Auto).unwrap()),
         limits,
     )
+    .unwrap()
 }
 
 /// `n` tokens: [CLS] n-2 × "the" [SEP].

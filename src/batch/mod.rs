@@ -80,6 +80,42 @@ struct State {
     queues: [VecDeque<Job>; 3],
     len: usize,
     closed: bool,
+    /// Why a worker thread ended without a shutdown request; admission is then refused.
+    stopped: Option<String>,
+}
+
+/// Held by each worker thread: if the thread ends while the batcher is open (a panic
+/// outside the backend's own guard, a channel torn down), nothing would ever serve the
+/// queue again. Close admission and answer everything queued, so no client hangs.
+struct ExitGuard {
+    shared: Arc<Shared>,
+    thread: &'static str,
+}
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        if st.closed {
+            return;
+        }
+        let why = format!("the {} thread stopped", self.thread);
+        tracing::error!(
+            thread = self.thread,
+            "batcher worker ended unexpectedly; refusing work"
+        );
+        st.closed = true;
+        st.stopped = Some(why.clone());
+        let jobs: Vec<Job> = st.queues.iter_mut().flat_map(|q| q.drain(..)).collect();
+        st.len = 0;
+        metrics::gauge!(m::QUEUE_DEPTH).set(0.0);
+        drop(st);
+        self.shared.ready.notify_all();
+        for j in jobs {
+            let _ = j.reply.send(Err(TgError::Unavailable(format!(
+                "encoder unavailable: {why}"
+            ))));
+        }
+    }
 }
 
 struct Shared {
@@ -106,7 +142,8 @@ pub struct Batcher {
 type Formed = (PackedBatch, Vec<Job>, Instant);
 
 impl Batcher {
-    pub fn start(backend: Box<dyn Backend>, limits: Limits) -> Batcher {
+    /// Starts the forming and backend threads; an error if the OS refuses a thread.
+    pub fn start(backend: Box<dyn Backend>, limits: Limits) -> Result<Batcher, TgError> {
         let backend_name = backend.name();
         let dim = backend.dim();
         let shared = Arc::new(Shared {
@@ -115,20 +152,49 @@ impl Batcher {
             limits,
         });
         let (tx, rx) = sync_channel::<Formed>(1);
-        let s = shared.clone();
-        let former = std::thread::Builder::new()
-            .name("tiergate-batcher".into())
-            .spawn(move || form_batches(&s, tx));
+        let spawn_err =
+            |e: std::io::Error| TgError::Internal(format!("starting a batcher thread: {e}"));
+        let guard = ExitGuard {
+            shared: shared.clone(),
+            thread: "backend",
+        };
         let exec = std::thread::Builder::new()
             .name("tiergate-backend".into())
-            .spawn(move || run_batches(backend, rx));
-        let threads = [former, exec].into_iter().filter_map(Result::ok).collect();
-        Batcher {
+            .spawn(move || {
+                let _guard = guard;
+                run_batches(backend, rx)
+            })
+            .map_err(spawn_err)?;
+        let s = shared.clone();
+        let guard = ExitGuard {
+            shared: shared.clone(),
+            thread: "batch-forming",
+        };
+        let former = std::thread::Builder::new()
+            .name("tiergate-batcher".into())
+            .spawn(move || {
+                let _guard = guard;
+                form_batches(&s, tx)
+            });
+        let former = match former {
+            Ok(t) => t,
+            Err(e) => {
+                // `tx` went with the failed closure, so the backend thread ends by itself.
+                let _ = exec.join();
+                return Err(spawn_err(e));
+            }
+        };
+        Ok(Batcher {
             shared,
-            threads: Mutex::new(threads),
+            threads: Mutex::new(vec![former, exec]),
             backend_name,
             dim,
-        }
+        })
+    }
+
+    /// Why the batcher stopped serving on its own (a worker thread ended), if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.lock().stopped.clone()
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -164,7 +230,10 @@ impl Batcher {
         let (reply, rx) = oneshot::channel();
         let mut st = self.shared.lock();
         if st.closed {
-            return Err(TgError::Unavailable("server is shutting down".into()));
+            return Err(TgError::Unavailable(match &st.stopped {
+                Some(why) => format!("encoder unavailable: {why}"),
+                None => "server is shutting down".into(),
+            }));
         }
         if st.len >= self.shared.limits.max_queue {
             return Err(TgError::Overloaded(format!(
@@ -376,5 +445,75 @@ fn fail_all(jobs: Vec<Job>, e: TgError) {
     let msg = e.to_string();
     for j in jobs {
         let _ = j.reply.send(Err(TgError::Backend(msg.clone())));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(n: u32) -> (Job, oneshot::Receiver<Result<Embedded, TgError>>) {
+        let (reply, rx) = oneshot::channel();
+        let j = Job {
+            ids: vec![101, n, 102],
+            type_ids: vec![0; 3],
+            deadline: None,
+            enqueued: Instant::now(),
+            reply,
+        };
+        (j, rx)
+    }
+
+    #[test]
+    fn a_worker_ending_answers_the_queue_and_closes_admission() {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            ready: Condvar::new(),
+            limits: Limits {
+                max_batch_tokens: 64,
+                max_batch_requests: 4,
+                max_queue: 8,
+            },
+        });
+        let mut waiting = Vec::new();
+        for (q, n) in [(0usize, 1u32), (1, 2), (2, 3)] {
+            let (j, rx) = job(n);
+            shared.lock().queues[q].push_back(j);
+            shared.lock().len += 1;
+            waiting.push(rx);
+        }
+        // A thread holding this guard ends while the batcher is open.
+        drop(ExitGuard {
+            shared: shared.clone(),
+            thread: "backend",
+        });
+        for mut rx in waiting {
+            match rx.try_recv() {
+                Ok(Err(TgError::Unavailable(m))) => assert!(m.contains("backend"), "{m}"),
+                other => panic!("queued job got {other:?}"),
+            }
+        }
+        let st = shared.lock();
+        assert!(st.closed && st.len == 0 && st.queues.iter().all(VecDeque::is_empty));
+        assert_eq!(st.stopped.as_deref(), Some("the backend thread stopped"));
+    }
+
+    #[test]
+    fn a_requested_shutdown_is_not_a_failure() {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            ready: Condvar::new(),
+            limits: Limits {
+                max_batch_tokens: 64,
+                max_batch_requests: 4,
+                max_queue: 8,
+            },
+        });
+        shared.lock().closed = true;
+        drop(ExitGuard {
+            shared: shared.clone(),
+            thread: "backend",
+        });
+        assert!(shared.lock().stopped.is_none());
     }
 }

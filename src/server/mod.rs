@@ -507,6 +507,27 @@ pub async fn serve(
         });
     }
 
+    {
+        // A batcher that stopped serving on its own must take the pod out of rotation.
+        let (pipe, health) = (pipe.clone(), health.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if let Some(why) = pipe.enc.batcher.failure() {
+                    tracing::error!(%why, "encoder stopped; health is NOT_SERVING");
+                    health
+                        .set_service_status("", tonic_health::ServingStatus::NotServing)
+                        .await;
+                    health
+                        .set_not_serving::<proto::router_server::RouterServer<Arc<RouterService>>>()
+                        .await;
+                    return;
+                }
+            }
+        });
+    }
+
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let health_down = health.clone();
     tonic::transport::Server::builder()
