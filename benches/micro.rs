@@ -104,6 +104,67 @@ mod encoder {
     }
 }
 
+/// The linear-layer kernels alone on the FFN-in shape (tokens × 384 → 1536): the divan
+/// throughput is in FLOP (2·m·k·n per call), so bf16 and f32 read as GFLOP/s side by side.
+mod linear {
+    use super::*;
+    use tiergate::model::bf16;
+
+    const M: [usize; 2] = [64, 1024];
+    const K: usize = 384;
+    const N: usize = 1536;
+
+    fn data(m: usize) -> (Vec<f32>, Vec<f32>) {
+        let a = (0..m * K)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+            .collect();
+        let w = (0..K * N)
+            .map(|i| ((i * 104_729) % 1000) as f32 / 1000.0 - 0.5)
+            .collect();
+        (a, w)
+    }
+
+    fn pool() -> &'static rayon::ThreadPool {
+        static P: OnceLock<rayon::ThreadPool> = OnceLock::new();
+        P.get_or_init(|| {
+            match rayon::ThreadPoolBuilder::new()
+                .num_threads(threads())
+                .build()
+            {
+                Ok(p) => p,
+                Err(e) => panic!("{e}"),
+            }
+        })
+    }
+
+    #[divan::bench(args = M, max_time = 3)]
+    fn bf16_packed(b: Bencher, m: usize) {
+        if !bf16::available() {
+            eprintln!("linear::bf16_packed skipped: no AVX512-BF16");
+            return;
+        }
+        let (a, w) = data(m);
+        let packed = bf16::PackedB::pack(&w, K, N);
+        let mut c = vec![0.0f32; m * N];
+        b.counter(divan::counter::ItemsCount::new(2 * m * K * N))
+            .bench_local(|| {
+                pool().install(|| bf16::matmul(&mut c, black_box(&a), &packed, m, false))
+            });
+    }
+
+    #[divan::bench(args = M, max_time = 3)]
+    fn f32_gemm(b: Bencher, m: usize) {
+        let (a, w) = data(m);
+        let mut c = vec![0.0f32; m * N];
+        b.counter(divan::counter::ItemsCount::new(2 * m * K * N))
+            .bench_local(|| {
+                pool().install(|| {
+                    tiergate::model::encoder::matmul(&mut c, black_box(&a), &w, m, K, N, false)
+                })
+            });
+    }
+}
+
 mod heads {
     use super::*;
 

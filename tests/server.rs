@@ -553,3 +553,34 @@ async fn sigterm_drains_accepted_requests() {
     let st = srv.wait_exit(Duration::from_secs(30));
     assert!(st.success(), "exit status {st}");
 }
+
+/// An open stream whose client neither sends nor closes must not hold the drain: on SIGTERM
+/// the server answers what the stream already sent, ends it with OK, and exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_idle_open_streams() {
+    let mut srv = Server::spawn(&[]);
+    srv.ready().await;
+    let mut c = srv.client().await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<proto::RouteRequest>(4);
+    let mut r = route(&prompt_of(20, 1));
+    r.request_id = "first".into();
+    tx.send(r).await.unwrap();
+    let mut out = c
+        .route_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    match out.message().await.unwrap().and_then(|m| m.result) {
+        Some(proto::route_stream_reply::Result::Reply(rep)) => assert_eq!(rep.request_id, "first"),
+        other => panic!("first stream item got {other:?}"),
+    }
+    // `tx` stays alive: the client keeps its side of the stream open and idle.
+    srv.sigterm();
+    let end = tokio::time::timeout(Duration::from_secs(30), out.message())
+        .await
+        .expect("the stream was not ended by the drain");
+    assert!(matches!(end, Ok(None)), "stream ended with {end:?}");
+    let st = srv.wait_exit(Duration::from_secs(30));
+    assert!(st.success(), "exit status {st}");
+    drop(tx);
+}

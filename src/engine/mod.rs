@@ -78,7 +78,8 @@ pub fn select(
             min_cosine = worst,
             "backend: cuda"
         );
-        metrics::gauge!(crate::metrics::BACKEND_INFO, "backend" => "cuda").set(1.0);
+        metrics::gauge!(crate::metrics::BACKEND_INFO, "backend" => "cuda", "precision" => "f16")
+            .set(1.0);
         Ok(Box::new(b))
     };
     match kind {

@@ -24,6 +24,9 @@ pub struct RouterService {
     cfg: Config,
     pipe: Arc<Pipeline>,
     ready: Arc<AtomicBool>,
+    /// Set on shutdown: open streams stop reading, answer what they already read, and end,
+    /// so an idle client stream cannot hold the drain open.
+    drain: tokio::sync::watch::Sender<bool>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -66,7 +69,25 @@ fn check_priority(p: i32) -> Result<Priority, TgError> {
 
 impl RouterService {
     pub fn new(cfg: Config, pipe: Arc<Pipeline>, ready: Arc<AtomicBool>) -> Self {
-        Self { cfg, pipe, ready }
+        Self {
+            cfg,
+            pipe,
+            ready,
+            drain: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    /// Ends every open stream after the replies to what it has already read.
+    pub fn begin_drain(&self) {
+        self.drain.send_replace(true);
+    }
+
+    /// Resolves once draining has begun.
+    fn drained(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.drain.subscribe();
+        async move {
+            let _ = rx.wait_for(|d| *d).await;
+        }
     }
 
     fn check_ready(&self) -> Result<(), TgError> {
@@ -391,6 +412,7 @@ impl Router for Arc<RouterService> {
         let svc = self.clone();
         let out = req
             .into_inner()
+            .take_until(self.drained())
             .map(move |item| {
                 let svc = svc.clone();
                 async move {
@@ -419,6 +441,7 @@ impl Router for Arc<RouterService> {
         let svc = self.clone();
         let out = req
             .into_inner()
+            .take_until(self.drained())
             .map(move |item| {
                 let svc = svc.clone();
                 async move {
@@ -487,6 +510,7 @@ pub async fn serve(
 
     let ready = Arc::new(AtomicBool::new(false));
     let svc = Arc::new(RouterService::new(cfg.clone(), pipe.clone(), ready.clone()));
+    let svc_drain = svc.clone();
     {
         let pipe = pipe.clone();
         let health = health.clone();
@@ -537,6 +561,7 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             tracing::info!("shutdown requested: draining");
+            svc_drain.begin_drain();
             health_down
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
