@@ -54,16 +54,28 @@ impl Precision {
     }
 }
 
-/// Runs `$f($arg)` compiled for AVX2+FMA when the CPU has them (the crate targets
-/// baseline x86-64, where the elementwise loops only get 4-wide SSE2). `$f` must be
-/// `#[inline(always)]` so its body is compiled inside the AVX2 wrapper.
+/// Runs `$f($arg)` compiled for AVX-512 or AVX2+FMA when the CPU has them (the crate
+/// targets baseline x86-64, where the elementwise loops only get 4-wide SSE2). `$f` must be
+/// `#[inline(always)]` so its body is compiled inside the wrapper.
 macro_rules! with_avx2 {
     ($f:ident($arg:expr)) => {{
         #[cfg(target_arch = "x86_64")]
         {
+            #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+            unsafe fn wider(x: &mut [f32]) {
+                $f(x)
+            }
             #[target_feature(enable = "avx2,fma")]
             unsafe fn wide(x: &mut [f32]) {
                 $f(x)
+            }
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512dq")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+            {
+                // SAFETY: the features `wider` is compiled for were detected just above.
+                return unsafe { wider($arg) };
             }
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
