@@ -70,7 +70,9 @@ pub struct ThreadsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
-    pub quality_floor: f64,
+    /// Route's default floor; unset = the floor learned with the heads.
+    #[serde(default)]
+    pub quality_floor: Option<f64>,
     pub verify_band: f64,
     #[serde(default)]
     pub cost_weight: f64,
@@ -182,7 +184,7 @@ impl Config {
             c.threads.compute = v;
         }
         if let Some(v) = o.quality_floor {
-            c.policy.quality_floor = v;
+            c.policy.quality_floor = Some(v);
         }
         c.validate()?;
         Ok(c)
@@ -250,7 +252,9 @@ impl Config {
             }
         }
         let p = &self.policy;
-        unit("policy.quality_floor", p.quality_floor)?;
+        if let Some(f) = p.quality_floor {
+            unit("policy.quality_floor", f)?;
+        }
         unit("policy.verify_band", p.verify_band)?;
         if let Some(t) = p.verify_threshold {
             unit("policy.verify_threshold", t)?;
@@ -324,8 +328,8 @@ mod tests {
         assert!(with(|c| c.listen = "nowhere".into()).contains("listen"));
         assert!(with(|c| c.batch.max_queue = 0).contains("batch.max_queue"));
         assert!(with(|c| c.batch.max_input_tokens = 1000).contains("512"));
-        assert!(with(|c| c.policy.quality_floor = 1.5).contains("policy.quality_floor"));
-        assert!(with(|c| c.policy.quality_floor = f64::NAN).contains("policy.quality_floor"));
+        assert!(with(|c| c.policy.quality_floor = Some(1.5)).contains("policy.quality_floor"));
+        assert!(with(|c| c.policy.quality_floor = Some(f64::NAN)).contains("policy.quality_floor"));
         assert!(with(|c| c.catalog.clear()).contains("catalog is empty"));
         assert!(with(|c| c.catalog[0].in_usd_per_mtok = -1.0).contains("in_usd_per_mtok"));
         assert!(with(|c| {

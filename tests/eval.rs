@@ -169,3 +169,41 @@ fn eval_replays_a_dev_slice() {
         }
     }
 }
+
+/// `tiergate train` end to end on a small real slice: the heads it writes load, and carry the
+/// defaults it learned on held-back prompts (the floor in its grid, the Verify threshold being
+/// that floor's from the learned table), which the model card reports.
+#[test]
+fn train_learns_its_defaults_on_held_back_prompts() {
+    let data = data_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let heads_path = dir.path().join("heads.json");
+    let card = dir.path().join("card.md");
+    let o = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["train", "--data-dir"])
+        .arg(&data)
+        .args(["--max-prompts", "120", "--verify-rows", "800"])
+        .args(["--verify-dev-rows", "300", "--steps", "60"])
+        .arg("--out")
+        .arg(&heads_path)
+        .arg("--card")
+        .arg(&card)
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let h = tiergate::model::heads::Heads::load(&heads_path).unwrap();
+    let floor = h.default_quality_floor.expect("a learned floor");
+    assert!((0.30..=0.95).contains(&floor), "floor {floor}");
+    assert_eq!(h.default_verify_threshold, h.threshold_for(floor));
+    assert_eq!(h.metrics["default_floor"]["floor"].as_f64(), Some(floor));
+    let text = std::fs::read_to_string(&card).unwrap();
+    assert!(
+        text.contains(&format!("Default quality floor: {floor:.2} (learned)")),
+        "{text}"
+    );
+}

@@ -51,6 +51,21 @@ async fn every_rpc_health_reflection_and_metrics() {
         _ => "f32",
     };
     assert_eq!(info.numerics, want);
+    // No floor in the config: the defaults learned with the heads.
+    let heads = tiergate::model::heads::Heads::load(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/models/heads.json"
+    )))
+    .unwrap();
+    assert_eq!(
+        Some(info.default_quality_floor),
+        heads.default_quality_floor,
+        "the committed heads carry a learned floor"
+    );
+    assert_eq!(
+        info.default_verify_threshold,
+        heads.default_verify_threshold
+    );
     assert_eq!(info.catalog.len(), 6);
     assert!(info.catalog.iter().any(|e| e.model == "claude-opus-4.8"));
     assert_eq!(info.limits.as_ref().unwrap().max_input_tokens, 256);
@@ -583,4 +598,34 @@ async fn sigterm_ends_idle_open_streams() {
     let st = srv.wait_exit(Duration::from_secs(30));
     assert!(st.success(), "exit status {st}");
     drop(tx);
+}
+
+/// A floor in the config replaces the learned one, and Verify's default threshold follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_floor_overrides_the_learned_defaults() {
+    let srv = Server::spawn(&["--quality-floor", "0.55"]);
+    srv.ready().await;
+    let mut c = srv.client().await;
+    let info = c.info(proto::InfoRequest {}).await.unwrap().into_inner();
+    let heads = tiergate::model::heads::Heads::load(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/models/heads.json"
+    )))
+    .unwrap();
+    assert_eq!(info.default_quality_floor, 0.55);
+    assert_eq!(info.default_verify_threshold, heads.threshold_for(0.55));
+    assert_ne!(
+        info.default_verify_threshold,
+        heads.default_verify_threshold
+    );
+    let r = c
+        .route(route("Summarise the causes of the French Revolution."))
+        .await
+        .unwrap()
+        .into_inner();
+    let chosen = r.candidates.iter().find(|s| s.model == r.model).unwrap();
+    if r.reason == "floor_met" {
+        assert!(chosen.p_pass >= 0.55);
+        assert!((r.margin - (chosen.p_pass - 0.55)).abs() < 1e-12);
+    }
 }

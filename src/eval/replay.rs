@@ -67,7 +67,9 @@ const MIN_COVERAGE: f64 = 0.95;
 /// Models priced strictly between the cheap and the strong one that join the tier.
 const MAX_MIDS: usize = 2;
 /// Fraction of the best tier model's quality the cost-reduction figure asks for.
-const TARGET: f64 = 0.98;
+pub const TARGET: f64 = 0.98;
+/// Route's floor for heads trained before the floor was learned.
+pub use crate::model::heads::FALLBACK_FLOOR;
 
 /// (model, mean cost, mean score) of a tier candidate.
 #[derive(Debug, Clone)]
@@ -394,15 +396,15 @@ fn model_stats<'a>(rows: impl Iterator<Item = &'a Row>) -> BTreeMap<String, (f64
 }
 
 /// One source's tier, prompts and row indices (prompt × tier model) into the eval rows.
-struct SourcePlan {
-    source: String,
-    tier: Vec<ModelStat>,
-    prompts: Vec<String>,
-    dropped: usize,
-    rows: Vec<usize>,
+pub struct SourcePlan {
+    pub source: String,
+    pub tier: Vec<ModelStat>,
+    pub prompts: Vec<String>,
+    pub dropped: usize,
+    pub rows: Vec<usize>,
 }
 
-fn plan_source(
+pub fn plan_source(
     source: &str,
     rows: &[Row],
     train: &[Row],
@@ -556,7 +558,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     );
     eprintln!("knn: {} training prompts, k = {}", index.len(), a.k);
 
-    let floor = crate::config::Config::embedded()?.policy.quality_floor;
+    let floor = heads.default_quality_floor.unwrap_or(FALLBACK_FLOOR);
     let t_op = heads.default_verify_threshold;
     let mut out_sources = serde_json::Map::new();
     let mut table = String::new();
@@ -660,6 +662,8 @@ fn report_source(
     let cascade = r.cascade_curve(&tg, |_| 0);
     let route_cascade = r.cascade_curve(&tg, |i| route_pick(r.row(&r.route, i), floor));
     let oracle = r.oracle();
+    // The service's default: route-only at the learned floor.
+    let at_default = r.route_curve(&r.route, &[floor])[0];
     let curves: [(&str, &str, &Vec<Point>); 4] = [
         ("route", "#1f77b4", &route),
         ("knn", "#ff7f0e", &knn),
@@ -786,6 +790,12 @@ fn report_source(
             "route_cascade": pts(&route_cascade),
         },
         "cost_reduction_at_target": reduction,
+        "route_at_default_floor": {
+            "floor": floor,
+            "quality_of_best": at_default.quality / q_best.max(1e-12),
+            "saved_pct": 100.0 * (1.0 - at_default.cost / c_best.max(1e-300)),
+            "point": at_default.json(),
+        },
         "pair_routing": pair_json,
         "router": router,
         "knn": knn_fig,
@@ -860,6 +870,11 @@ fn report_source(
             num(a)
         ));
     }
+    t.push_str(&format!(
+        "  route-only @ default floor {floor:.2}: {:.1}% of best quality, {:.1}% cost saved\n",
+        100.0 * at_default.quality / q_best.max(1e-12),
+        100.0 * (1.0 - at_default.cost / c_best.max(1e-300)),
+    ));
     t.push_str(&format!(
         "  verifier @ {t_op:.3}: ECE {:.3}, false-accept {} of rows accepted, cascade ships q {:.3} at cost {:.2e} (escalates {:.0}%, false-accept {})\n",
         v["verifier"]["ece"].as_f64().unwrap_or(f64::NAN),

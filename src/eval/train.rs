@@ -297,6 +297,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         },
         models: BTreeMap::new(),
         default_verify_threshold: 0.5,
+        default_quality_floor: None,
         verify_thresholds: vec![],
         metrics: json!({}),
     };
@@ -343,9 +344,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     eprintln!("verifier: Platt a {pa:.3} b {pb:.3} on {} rows", cy.len());
     let cp: Vec<f64> = cz.iter().map(|&z| heads::sigmoid(pa * z + pb)).collect();
     let thresholds = threshold_table(&cp, &cy);
-    let default_floor = crate::config::Config::embedded()?.policy.quality_floor;
-    let default_threshold = heads::threshold_from(&thresholds, default_floor);
-    eprintln!("verifier: thresholds per floor {thresholds:?}; default {default_threshold:.3}");
+    eprintln!("verifier: thresholds per floor {thresholds:?}");
 
     // ---- assemble, then measure on dev ----
     let mut models = BTreeMap::new();
@@ -375,9 +374,17 @@ pub fn run(a: TrainArgs) -> Result<()> {
         },
         models,
         verify_thresholds: thresholds,
-        default_verify_threshold: default_threshold,
         ..stage.clone()
     };
+    // Defaults learned on the prompts the router never fitted: the floor, then the Verify
+    // threshold that floor maps to.
+    let (floor, floor_report) = learn_default_floor(&out, &train, &tf, seed)?;
+    out.default_quality_floor = Some(floor);
+    out.default_verify_threshold = heads::threshold_from(&out.verify_thresholds, floor);
+    eprintln!(
+        "default quality floor {floor:.2} (verify threshold {:.3}): {floor_report}",
+        out.default_verify_threshold
+    );
     stage.metrics = json!({});
     let mut dev_rows = dev.clone();
     dev_rows.sort_by_key(|r| {
@@ -399,11 +406,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
         "exclude_source": a.exclude_source,
         "router": { "k": k, "l2": l2, "steps": steps, "held_back_log_loss": held_loss },
         "verifier": { "l2": verify_l2, "platt_a": pa, "platt_b": pb, "fit_rows": fy.len(), "calibration_rows": cy.len() },
+        "default_floor": floor_report,
         "dev": dev_metrics,
     });
     out.revision = {
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        serde_json::to_string(&(&out.router, &out.verifier))?.hash(&mut h);
+        serde_json::to_string(&(
+            &out.router,
+            &out.verifier,
+            out.default_quality_floor,
+            out.default_verify_threshold,
+        ))?
+        .hash(&mut h);
         format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
     };
     out.validate()?;
@@ -415,6 +429,129 @@ pub fn run(a: TrainArgs) -> Result<()> {
         eprintln!("wrote {}", a.card.display());
     }
     Ok(())
+}
+
+/// Route's default quality floor, learned where the router never fitted (the 30% of train
+/// prompts held back from it): per source the tier ladder `tiergate eval` uses, route-only
+/// at floors 0.30–0.95; the lowest floor at which every source keeps ≥ 98% of its
+/// best tier model's quality. If no floor does, the one with the best worst-source ratio.
+fn learn_default_floor(
+    h: &Heads,
+    train: &[Row],
+    tf: &RowFeatures,
+    seed: u64,
+) -> Result<(f64, serde_json::Value)> {
+    use super::replay::{plan_source, Replay, TARGET};
+    let held_idx: Vec<usize> = (0..train.len())
+        .filter(|&i| part_of(seed, &train[i]) != Part::RouterFit && train[i].score.is_some())
+        .collect();
+    let held: Vec<Row> = held_idx.iter().map(|&i| train[i].clone()).collect();
+    let mut sources: Vec<&str> = held.iter().map(|r| r.source.as_str()).collect();
+    sources.sort_unstable();
+    sources.dedup();
+    let grid: Vec<f64> = (30..=95).map(|i| i as f64 / 100.0).collect();
+    // Per source: (name, prompts, best quality, best cost, route-only points over the grid).
+    let mut curves = Vec::new();
+    for src in sources {
+        let Ok(plan) = plan_source(src, &held, train, 0, seed) else {
+            continue; // no tier on this source's held-back prompts
+        };
+        if plan.prompts.is_empty() || plan.tier.len() < 2 {
+            continue;
+        }
+        let rows = &plan.rows;
+        let r = Replay {
+            m: plan.tier.len(),
+            score: rows.iter().map(|&i| held[i].score.unwrap_or(0.0)).collect(),
+            cost: rows
+                .iter()
+                .map(|&i| held[i].cost_usd.unwrap_or(0.0))
+                .collect(),
+            route: rows
+                .iter()
+                .map(|&i| h.route_p(&held[i].model, tf.prompt(held_idx[i])))
+                .collect(),
+            verify: vec![None; rows.len()],
+            knn: vec![0.0; rows.len()],
+        };
+        let best = (0..r.m).map(|j| r.single(j)).max_by(|a, b| {
+            a.quality
+                .total_cmp(&b.quality)
+                .then(b.cost.total_cmp(&a.cost))
+        });
+        let Some(best) = best else { continue };
+        curves.push((
+            src.to_string(),
+            plan.prompts.len(),
+            best,
+            r.route_curve(&r.route, &grid),
+        ));
+    }
+    if curves.is_empty() {
+        let floor = heads::FALLBACK_FLOOR;
+        eprintln!("default floor: no source has a tier on the held-back prompts; using {floor}");
+        return Ok((
+            floor,
+            json!({ "floor": floor, "met": false, "reason": "no tier on the held-back prompts" }),
+        ));
+    }
+    let ratios: Vec<Vec<f64>> = curves
+        .iter()
+        .map(|(_, _, b, pts)| {
+            pts.iter()
+                .map(|p| p.quality / b.quality.max(1e-12))
+                .collect()
+        })
+        .collect();
+    let g = choose_floor(&ratios, TARGET);
+    let worst_ratio = |g: usize| ratios.iter().map(|r| r[g]).fold(f64::INFINITY, f64::min);
+    let report: serde_json::Map<String, serde_json::Value> = curves
+        .iter()
+        .map(|(s, n, b, pts)| {
+            (
+                s.clone(),
+                json!({
+                    "held_back_prompts": n,
+                    "quality_of_best": pts[g].quality / b.quality.max(1e-12),
+                    "cost_saved_vs_best": 1.0 - pts[g].cost / b.cost.max(1e-300),
+                }),
+            )
+        })
+        .collect();
+    // The trade-off around it: per floor, each source's (quality / best, cost saved).
+    let by_floor: serde_json::Map<String, serde_json::Value> = (0..grid.len())
+        .filter(|&i| i % 5 == 0 || i == g)
+        .map(|i| {
+            let per: serde_json::Map<String, serde_json::Value> = curves
+                .iter()
+                .map(|(s, _, b, pts)| {
+                    let q = pts[i].quality / b.quality.max(1e-12);
+                    let saved = 1.0 - pts[i].cost / b.cost.max(1e-300);
+                    (s.clone(), json!([q, saved]))
+                })
+                .collect();
+            (format!("{:.2}", grid[i]), serde_json::Value::Object(per))
+        })
+        .collect();
+    Ok((
+        grid[g],
+        json!({ "floor": grid[g], "target_of_best": TARGET, "met": worst_ratio(g) >= TARGET,
+                "sources": report, "by_floor_quality_of_best_and_saved": by_floor }),
+    ))
+}
+
+/// Index of the lowest grid floor at which every source's quality ratio (route-only quality /
+/// best model's, one row per source, one column per floor) reaches `target`; if none does,
+/// the floor with the best worst-source ratio (the lowest such on ties).
+fn choose_floor(ratios: &[Vec<f64>], target: f64) -> usize {
+    let n = ratios.iter().map(Vec::len).min().unwrap_or(0);
+    let worst = |g: usize| ratios.iter().map(|r| r[g]).fold(f64::INFINITY, f64::min);
+    (0..n).find(|&g| worst(g) >= target).unwrap_or_else(|| {
+        (0..n)
+            .rev()
+            .max_by(|&a, &b| worst(a).total_cmp(&worst(b)))
+            .unwrap_or(0)
+    })
 }
 
 /// For each quality floor, the lowest p at which the answers with p ≥ it pass at least
@@ -542,6 +679,45 @@ fn model_card(h: &Heads, a: &TrainArgs) -> String {
         "\nDefault threshold (for the default floor): {:.3}. Beyond the table the floor itself applies.\n\n",
         h.default_verify_threshold
     ));
+    if let Some(fl) = h.default_quality_floor {
+        let d = &m["default_floor"];
+        s.push_str(&format!(
+            "## Default quality floor: {fl:.2} (learned)\n\nRoute's default floor is the lowest p_pass floor at which route-only keeps ≥ {:.0}% of the best \
+             tier model's quality on every source, on the train prompts held back from the router (the tier ladders of \
+             `tiergate eval`; met: {}). One floor serves all traffic, so the hardest source sets it; a client that \
+             knows its traffic passes its own `policy.quality_floor`. Quality / best and cost saved per source:\n\n\
+             | floor | {} |\n|---:|{}\n",
+            100.0 * d["target_of_best"].as_f64().unwrap_or(0.98),
+            d["met"],
+            d["sources"].as_object().map_or(String::new(), |o| o.keys().cloned().collect::<Vec<_>>().join(" | ")),
+            d["sources"].as_object().map_or(String::new(), |o| "---:|".repeat(o.len())),
+        ));
+        if let Some(rows) = d["by_floor_quality_of_best_and_saved"].as_object() {
+            for (f, per) in rows {
+                let cells: Vec<String> = per
+                    .as_object()
+                    .map(|o| {
+                        o.values()
+                            .map(|v| {
+                                format!(
+                                    "{:.1}% / {:.1}%",
+                                    100.0 * v[0].as_f64().unwrap_or(f64::NAN),
+                                    100.0 * v[1].as_f64().unwrap_or(f64::NAN)
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let mark = if f == &format!("{fl:.2}") {
+                    " (default)"
+                } else {
+                    ""
+                };
+                s.push_str(&format!("| {f}{mark} | {} |\n", cells.join(" | ")));
+            }
+        }
+        s.push('\n');
+    }
     s.push_str("## Limits\n\n- The encoder is frozen and small: it sees topic, form and difficulty cues, not correctness of reasoning; ");
     s.push_str("verifier AUROC on MMLU-Pro-style chain-of-thought answers is bounded by that.\n");
     s.push_str("- Models differ by source: each data model was only observed on one source, so abilities do not transfer across ");
@@ -561,6 +737,19 @@ fn write_heads(path: &Path, h: &Heads) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_floor_is_the_lowest_meeting_the_target_everywhere() {
+        // Source a reaches 0.98 at index 1, source b only at index 3.
+        let a = vec![0.90, 0.98, 0.99, 1.00, 1.00];
+        let b = vec![0.70, 0.80, 0.95, 0.985, 0.99];
+        assert_eq!(choose_floor(&[a.clone(), b.clone()], 0.98), 3);
+        assert_eq!(choose_floor(std::slice::from_ref(&a), 0.98), 1);
+        // Unreachable: the best worst-source ratio, the lowest floor among equals.
+        let c = vec![0.50, 0.60, 0.60, 0.55, 0.40];
+        assert_eq!(choose_floor(&[a, c], 0.98), 1);
+        assert_eq!(choose_floor(&[], 0.98), 0);
+    }
 
     #[test]
     fn threshold_table_meets_each_floor_on_its_data() {

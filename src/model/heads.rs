@@ -96,6 +96,9 @@ pub struct ModelInfo {
     pub train_rows: usize,
 }
 
+/// Route's quality floor when neither the config nor the heads give one.
+pub const FALLBACK_FLOOR: f64 = 0.7;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Heads {
     pub format: u32,
@@ -110,6 +113,10 @@ pub struct Heads {
     pub verifier: VerifierHead,
     pub models: BTreeMap<String, ModelInfo>,
     pub default_verify_threshold: f64,
+    /// Route's default quality floor, learned on held-back prompts (`tiergate train`); absent
+    /// in heads trained before it was learned, which then use [`FALLBACK_FLOOR`].
+    #[serde(default)]
+    pub default_quality_floor: Option<f64>,
     /// Verify threshold per requested quality floor, learned on held-back rows: the lowest p at
     /// which the answers shipped (p ≥ threshold) pass at least `floor` of the time.
     /// Ascending in floor; empty = use the floor itself.
@@ -174,6 +181,11 @@ impl Heads {
                 bail!("verify_thresholds must be ascending pairs in [0, 1]");
             }
             last = (f, t);
+        }
+        if let Some(f) = self.default_quality_floor {
+            if !(0.0..=1.0).contains(&f) {
+                bail!("default_quality_floor must be in [0, 1]");
+            }
         }
         if !(0.0..=1.0).contains(&self.default_verify_threshold) {
             bail!("default_verify_threshold must be in [0, 1]");

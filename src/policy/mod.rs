@@ -129,7 +129,12 @@ pub struct Effective {
     pub floor_given: bool,
 }
 
-pub fn effective(p: Option<&crate::proto::Policy>, d: &PolicyConfig) -> Result<Effective, TgError> {
+/// `default_floor` is the server's resolved default (config, else the heads' learned floor).
+pub fn effective(
+    p: Option<&crate::proto::Policy>,
+    d: &PolicyConfig,
+    default_floor: f64,
+) -> Result<Effective, TgError> {
     let floor = p.and_then(|p| p.quality_floor);
     let max_cost = p.and_then(|p| p.max_cost_usd);
     let weight = p.and_then(|p| p.cost_weight);
@@ -155,7 +160,7 @@ pub fn effective(p: Option<&crate::proto::Policy>, d: &PolicyConfig) -> Result<E
         }
     }
     Ok(Effective {
-        quality_floor: floor.unwrap_or(d.quality_floor),
+        quality_floor: floor.unwrap_or(default_floor),
         max_cost_usd: max_cost,
         cost_weight: weight.unwrap_or(d.cost_weight),
         floor_given: floor.is_some(),
@@ -366,7 +371,7 @@ mod tests {
     #[test]
     fn policy_validation() {
         let d = crate::config::Config::embedded().unwrap().policy;
-        let bad = |p: crate::proto::Policy| effective(Some(&p), &d).is_err();
+        let bad = |p: crate::proto::Policy| effective(Some(&p), &d, 0.6).is_err();
         assert!(bad(crate::proto::Policy {
             quality_floor: Some(f64::NAN),
             ..Default::default()
@@ -383,7 +388,8 @@ mod tests {
             cost_weight: Some(f64::INFINITY),
             ..Default::default()
         }));
-        let e = effective(None, &d).unwrap();
-        assert_eq!(e.quality_floor, d.quality_floor);
+        let e = effective(None, &d, 0.6).unwrap();
+        assert_eq!(e.quality_floor, 0.6);
+        assert!(!e.floor_given);
     }
 }

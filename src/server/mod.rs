@@ -90,6 +90,26 @@ impl RouterService {
         }
     }
 
+    /// Route's default floor: the config's, else the one learned with the heads.
+    pub fn default_floor(&self) -> f64 {
+        self.cfg.policy.quality_floor.unwrap_or(
+            self.pipe
+                .heads
+                .default_quality_floor
+                .unwrap_or(crate::model::heads::FALLBACK_FLOOR),
+        )
+    }
+
+    /// Verify's default ship threshold (see `verify_one`).
+    pub fn default_threshold(&self) -> f64 {
+        let p = &self.cfg.policy;
+        match (p.verify_threshold, p.quality_floor) {
+            (Some(t), _) => t,
+            (None, Some(f)) => self.pipe.heads.threshold_for(f),
+            (None, None) => self.pipe.heads.default_verify_threshold,
+        }
+    }
+
     fn check_ready(&self) -> Result<(), TgError> {
         if self.ready.load(Ordering::Acquire) {
             Ok(())
@@ -138,7 +158,7 @@ impl RouterService {
         self.check_text("prompt", &text, false)?;
         let side = truncation(r.truncation)?;
         let priority = check_priority(r.priority)?;
-        let pol = policy::effective(r.policy.as_ref(), &self.cfg.policy)?;
+        let pol = policy::effective(r.policy.as_ref(), &self.cfg.policy, self.default_floor())?;
         let cands = self.pipe.catalog.resolve(&r.candidates)?;
         if let Some(0) = r.expected_output_tokens {
             return Err(TgError::InvalidArgument(
@@ -207,7 +227,7 @@ impl RouterService {
         self.check_text("prompt", &r.prompt, false)?;
         self.check_text("answer", &r.answer, true)?;
         let priority = check_priority(r.priority)?;
-        let pol = policy::effective(r.policy.as_ref(), &self.cfg.policy)?;
+        let pol = policy::effective(r.policy.as_ref(), &self.cfg.policy, self.default_floor())?;
         let model = self.pipe.catalog.get(&r.model).ok_or_else(|| {
             TgError::InvalidArgument(format!(
                 "unknown model {:?}: not in the catalog and no trained head (see Info)",
@@ -216,14 +236,12 @@ impl RouterService {
         })?;
         let cands = self.pipe.catalog.resolve(&r.candidates)?;
         // A requested floor maps to the threshold at which shipped answers met that floor on
-        // held-back data; else the configured or learned default.
+        // held-back data; else the configured threshold, else the configured floor's, else
+        // the learned default (the learned floor's).
         let threshold = if pol.floor_given {
             self.pipe.heads.threshold_for(pol.quality_floor)
         } else {
-            self.cfg
-                .policy
-                .verify_threshold
-                .unwrap_or(self.pipe.heads.default_verify_threshold)
+            self.default_threshold()
         };
         let prompt_tokens = policy::proxy_tokens(r.prompt.len());
         let escalate_to = policy::escalation_target(model, &cands, prompt_tokens)
@@ -333,12 +351,8 @@ impl RouterService {
                     expected_output_tokens: c.expected_output_tokens,
                 })
                 .collect(),
-            default_quality_floor: self.cfg.policy.quality_floor,
-            default_verify_threshold: self
-                .cfg
-                .policy
-                .verify_threshold
-                .unwrap_or(heads.default_verify_threshold),
+            default_quality_floor: self.default_floor(),
+            default_verify_threshold: self.default_threshold(),
         }
     }
 }
