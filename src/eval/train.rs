@@ -376,9 +376,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
         verify_thresholds: thresholds,
         ..stage.clone()
     };
-    // Defaults learned on the prompts the router never fitted: the floor, then the Verify
-    // threshold that floor maps to.
-    let (floor, floor_report) = learn_default_floor(&out, &train, &tf, seed)?;
+    // Defaults learned on the 30% of prompts held back from the router, scored by the router
+    // fitted without them (`stage`; the final router has seen them): the floor, then the
+    // Verify threshold that floor maps to.
+    let (floor, floor_report) = learn_default_floor(&stage, &train, &tf, seed)?;
     out.default_quality_floor = Some(floor);
     out.default_verify_threshold = heads::threshold_from(&out.verify_thresholds, floor);
     eprintln!(
