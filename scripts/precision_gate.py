@@ -3,7 +3,8 @@
 same labelled file (reference f32 vs candidate) on router/verifier AUROC per source, the
 largest probability shifts, and how often a threshold decision flips.
 
-usage: scripts/precision_gate.py DATA.jsonl.gz REF.jsonl CAND.jsonl [--floor 0.7 --ship 0.489]
+usage: scripts/precision_gate.py DATA.jsonl.gz REF.jsonl CAND.jsonl [--heads models/heads.json]
+       [--floor F --ship T]   (default: the heads' learned floor and Verify threshold)
 """
 import argparse
 import gzip
@@ -33,9 +34,13 @@ def main():
     ap.add_argument("data")
     ap.add_argument("ref")
     ap.add_argument("cand")
-    ap.add_argument("--floor", type=float, default=0.7)
-    ap.add_argument("--ship", type=float, default=0.489)
+    ap.add_argument("--heads", default="models/heads.json")
+    ap.add_argument("--floor", type=float)
+    ap.add_argument("--ship", type=float)
     a = ap.parse_args()
+    heads = json.load(open(a.heads))
+    a.floor = a.floor if a.floor is not None else heads.get("default_quality_floor") or 0.7
+    a.ship = a.ship if a.ship is not None else heads["default_verify_threshold"]
     op = gzip.open if a.data.endswith(".gz") else open
     labels = [json.loads(l)["score"] >= 0.5 for l in op(a.data, "rt")]
     ref = [json.loads(l) for l in open(a.ref)]
@@ -62,9 +67,9 @@ def main():
              for r, c in zip(ref, cand) if r["p_verify"] is not None)
     dr.sort(), dv.sort()
     print(f"|Δp_route|: median {dr[len(dr) // 2]:.2e}, p99 {dr[int(len(dr) * .99)]:.2e}, max {dr[-1]:.2e}; "
-          f"route decisions (p ≥ {a.floor}) flipped: {fr}/{len(dr)}")
+          f"route decisions (p ≥ {a.floor:.3f}) flipped: {fr}/{len(dr)}")
     print(f"|Δp_verify|: median {dv[len(dv) // 2]:.2e}, p99 {dv[int(len(dv) * .99)]:.2e}, max {dv[-1]:.2e}; "
-          f"ship decisions (p ≥ {a.ship}) flipped: {fv}/{len(dv)}")
+          f"ship decisions (p ≥ {a.ship:.3f}) flipped: {fv}/{len(dv)}")
     print(f"largest AUROC drop: {worst:+.4f} (gate: ≤ 0.005)")
     raise SystemExit(0 if worst <= 0.005 else 1)
 

@@ -264,8 +264,9 @@ impl Batcher {
         deadline: Option<Instant>,
     ) -> Result<Embedded, TgError> {
         let rx = self.submit(ids, type_ids, priority, deadline)?;
+        // UNAVAILABLE, not INTERNAL: the request is safe to retry on another replica.
         rx.await
-            .map_err(|_| TgError::Internal("backend thread stopped before answering".into()))?
+            .map_err(|_| TgError::Unavailable("backend thread stopped before answering".into()))?
     }
 
     /// Embeds many sequences offline (train, score) through the same queue and backend,

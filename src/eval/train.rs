@@ -499,8 +499,15 @@ fn learn_default_floor(
     let ratios: Vec<Vec<f64>> = curves
         .iter()
         .map(|(_, _, b, pts)| {
+            // A source whose best model scores 0 is met by any floor.
             pts.iter()
-                .map(|p| p.quality / b.quality.max(1e-12))
+                .map(|p| {
+                    if b.quality > 0.0 {
+                        p.quality / b.quality
+                    } else {
+                        1.0
+                    }
+                })
                 .collect()
         })
         .collect();

@@ -55,6 +55,9 @@ impl PackedB {
         let k2 = k.div_ceil(2);
         let panels = n.div_ceil(NR);
         let mut data = vec![0u32; panels * k2 * NR];
+        if data.is_empty() {
+            return Self { k, n, k2, data }; // k or n is 0: `matmul` never reads it
+        }
         data.par_chunks_mut(k2 * NR)
             .enumerate()
             .for_each(|(p, panel)| {
@@ -372,5 +375,12 @@ mod tests {
         let mut d: Vec<f32> = Vec::new();
         matmul(&mut d, &[], &b, 0, false);
         assert!(d.is_empty());
+        // k = 0: the product is zero (or leaves dst as it is when accumulating).
+        let b = PackedB::pack(&[], 0, 3);
+        let mut d = vec![5.0f32; 6];
+        matmul(&mut d, &[], &b, 2, true);
+        assert_eq!(d, vec![5.0; 6]);
+        matmul(&mut d, &[], &b, 2, false);
+        assert_eq!(d, vec![0.0; 6]);
     }
 }

@@ -391,6 +391,51 @@ fn stream_error(request_id: String, e: TgError) -> proto::StreamError {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+/// Answers a client stream in order, up to STREAM_WINDOW requests in flight. On drain it stops
+/// reading and, after the replies to what it read, ends with UNAVAILABLE if the client had not
+/// ended its side: the client then knows that requests without a reply were not processed and
+/// can retry them elsewhere (an idle stream cannot hold the drain open).
+fn serve_stream<Req, Rep, F, Fut>(
+    svc: Arc<RouterService>,
+    inbound: Streaming<Req>,
+    answer: F,
+) -> BoxStream<Rep>
+where
+    Req: Send + 'static,
+    Rep: Send + 'static,
+    F: Fn(Arc<RouterService>, Req) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Rep> + Send + 'static,
+{
+    let ended = Arc::new(AtomicBool::new(false));
+    let seen_end = ended.clone();
+    let answer = Arc::new(answer);
+    let drained = svc.drained();
+    let replies = inbound
+        .map(Some)
+        .chain(futures::stream::iter([None])) // marks the client's own end
+        .take_until(drained)
+        .filter_map(move |item| {
+            if item.is_none() {
+                seen_end.store(true, Ordering::Release);
+            }
+            futures::future::ready(item)
+        })
+        .map(move |item| {
+            let (svc, answer) = (svc.clone(), answer.clone());
+            async move { Ok(answer(svc, item?).await) }
+        })
+        .buffered(STREAM_WINDOW);
+    let tail = futures::stream::once(async move {
+        (!ended.load(Ordering::Acquire)).then(|| {
+            Err(Status::unavailable(
+                "server draining: stream closed; requests without a reply were not processed",
+            ))
+        })
+    })
+    .filter_map(futures::future::ready);
+    Box::pin(replies.chain(tail))
+}
+
 #[tonic::async_trait]
 impl Router for Arc<RouterService> {
     async fn route(
@@ -423,28 +468,19 @@ impl Router for Arc<RouterService> {
         req: Request<Streaming<proto::RouteRequest>>,
     ) -> Result<Response<Self::RouteStreamStream>, Status> {
         let dl = deadline_of(&req);
-        let svc = self.clone();
-        let out = req
-            .into_inner()
-            .take_until(self.drained())
-            .map(move |item| {
-                let svc = svc.clone();
-                async move {
-                    let r = item?;
-                    let t0 = Instant::now();
-                    let id = r.request_id.clone();
-                    let res = svc.route_one(r, dl).await;
-                    observe("RouteStream", t0, &res);
-                    Ok(proto::RouteStreamReply {
-                        result: Some(match res {
-                            Ok(rep) => proto::route_stream_reply::Result::Reply(rep),
-                            Err(e) => proto::route_stream_reply::Result::Error(stream_error(id, e)),
-                        }),
-                    })
-                }
-            })
-            .buffered(STREAM_WINDOW);
-        Ok(Response::new(Box::pin(out)))
+        let out = serve_stream(self.clone(), req.into_inner(), move |svc, r| async move {
+            let t0 = Instant::now();
+            let id = r.request_id.clone();
+            let res = svc.route_one(r, dl).await;
+            observe("RouteStream", t0, &res);
+            proto::RouteStreamReply {
+                result: Some(match res {
+                    Ok(rep) => proto::route_stream_reply::Result::Reply(rep),
+                    Err(e) => proto::route_stream_reply::Result::Error(stream_error(id, e)),
+                }),
+            }
+        });
+        Ok(Response::new(out))
     }
 
     async fn verify_stream(
@@ -452,30 +488,19 @@ impl Router for Arc<RouterService> {
         req: Request<Streaming<proto::VerifyRequest>>,
     ) -> Result<Response<Self::VerifyStreamStream>, Status> {
         let dl = deadline_of(&req);
-        let svc = self.clone();
-        let out = req
-            .into_inner()
-            .take_until(self.drained())
-            .map(move |item| {
-                let svc = svc.clone();
-                async move {
-                    let r = item?;
-                    let t0 = Instant::now();
-                    let id = r.request_id.clone();
-                    let res = svc.verify_one(r, dl).await;
-                    observe("VerifyStream", t0, &res);
-                    Ok(proto::VerifyStreamReply {
-                        result: Some(match res {
-                            Ok(rep) => proto::verify_stream_reply::Result::Reply(rep),
-                            Err(e) => {
-                                proto::verify_stream_reply::Result::Error(stream_error(id, e))
-                            }
-                        }),
-                    })
-                }
-            })
-            .buffered(STREAM_WINDOW);
-        Ok(Response::new(Box::pin(out)))
+        let out = serve_stream(self.clone(), req.into_inner(), move |svc, r| async move {
+            let t0 = Instant::now();
+            let id = r.request_id.clone();
+            let res = svc.verify_one(r, dl).await;
+            observe("VerifyStream", t0, &res);
+            proto::VerifyStreamReply {
+                result: Some(match res {
+                    Ok(rep) => proto::verify_stream_reply::Result::Reply(rep),
+                    Err(e) => proto::verify_stream_reply::Result::Error(stream_error(id, e)),
+                }),
+            }
+        });
+        Ok(Response::new(out))
     }
 
     async fn info(
@@ -530,6 +555,9 @@ pub async fn serve(
         let health = health.clone();
         tokio::spawn(async move {
             match warm_up(&pipe).await {
+                Ok(_) if pipe.enc.batcher.failure().is_some() => {
+                    tracing::error!("encoder stopped during warm-up; staying NOT_SERVING")
+                }
                 Ok(d) => {
                     ready.store(true, Ordering::Release);
                     health
@@ -550,17 +578,21 @@ pub async fn serve(
         let (pipe, health) = (pipe.clone(), health.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut reported = false;
             loop {
                 tick.tick().await;
+                // Re-asserted every tick, so a late warm-up cannot flip it back.
                 if let Some(why) = pipe.enc.batcher.failure() {
-                    tracing::error!(%why, "encoder stopped; health is NOT_SERVING");
+                    if !reported {
+                        tracing::error!(%why, "encoder stopped; health is NOT_SERVING");
+                        reported = true;
+                    }
                     health
                         .set_service_status("", tonic_health::ServingStatus::NotServing)
                         .await;
                     health
                         .set_not_serving::<proto::router_server::RouterServer<Arc<RouterService>>>()
                         .await;
-                    return;
                 }
             }
         });
