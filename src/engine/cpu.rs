@@ -17,6 +17,9 @@ impl CpuBackend {
     /// layers in `precision` (`auto` resolved here; `bf16` on a CPU without it is an error).
     pub fn new(model: Arc<MiniLm>, threads: usize, precision: Precision) -> Result<Self, TgError> {
         let precision = precision.resolve()?;
+        if precision == Precision::Bf16 {
+            model.prepare_bf16();
+        }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
             .thread_name(|i| format!("tg-cpu-{i}"))

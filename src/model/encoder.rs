@@ -129,8 +129,9 @@ struct Layer {
     b_out: Vec<f32>,
     ln2_g: Vec<f32>,
     ln2_b: Vec<f32>,
-    /// The four weight matrices rounded and packed for the bf16 kernel (when the CPU has it).
-    packed: Option<[PackedB; 4]>,
+    /// The four weight matrices rounded and packed for the bf16 kernel, made on first use
+    /// (f32-only users, such as the CUDA self-check, never pay the memory).
+    packed: std::sync::OnceLock<[PackedB; 4]>,
 }
 
 /// The encoder with its weights in memory.
@@ -297,18 +298,8 @@ impl MiniLm {
                 b_out: w.get(&format!("{p}output.dense.bias"), &[h])?,
                 ln2_g: w.get(&format!("{p}output.LayerNorm.weight"), &[h])?,
                 ln2_b: w.get(&format!("{p}output.LayerNorm.bias"), &[h])?,
-                packed: None,
+                packed: std::sync::OnceLock::new(),
             });
-        }
-        if bf16::available() {
-            for l in &mut layers {
-                l.packed = Some([
-                    PackedB::pack(&l.w_qkv, h, 3 * h),
-                    PackedB::pack(&l.w_attn_out, h, h),
-                    PackedB::pack(&l.w_inter, h, inter),
-                    PackedB::pack(&l.w_out, inter, h),
-                ]);
-            }
         }
         Ok(Self {
             head_dim: h / cfg.num_attention_heads,
@@ -321,6 +312,28 @@ impl MiniLm {
             emb_ln_b,
             layers,
             revision,
+        })
+    }
+
+    /// Packs the weights for the bf16 kernel now rather than on the first bf16 forward pass
+    /// (a no-op on CPUs without AVX512-BF16, or when already packed).
+    pub fn prepare_bf16(&self) {
+        if bf16::available() {
+            for l in &self.layers {
+                self.packed(l);
+            }
+        }
+    }
+
+    fn packed<'a>(&self, l: &'a Layer) -> &'a [PackedB; 4] {
+        let (h, inter) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        l.packed.get_or_init(|| {
+            [
+                PackedB::pack(&l.w_qkv, h, 3 * h),
+                PackedB::pack(&l.w_attn_out, h, h),
+                PackedB::pack(&l.w_inter, h, inter),
+                PackedB::pack(&l.w_out, inter, h),
+            ]
         })
     }
 
@@ -409,15 +422,15 @@ impl MiniLm {
         let mut qkv = vec![0.0f32; t * 3 * h];
         let mut ctx = vec![0.0f32; t * h];
         let mut mid = vec![0.0f32; t * inter];
-        let use_bf16 = precision != Precision::F32;
+        let use_bf16 = precision != Precision::F32 && bf16::available();
         for layer in &self.layers {
+            let packed = use_bf16.then(|| self.packed(layer));
             // dst (+)= a·W[i] in the chosen precision.
-            let mm = |dst: &mut [f32], a: &[f32], i: usize, w: &[f32], k: usize, n: usize| match (
-                &layer.packed,
-                use_bf16,
-            ) {
-                (Some(p), true) => bf16::matmul(dst, a, &p[i], t, true),
-                _ => matmul(dst, a, w, t, k, n, true),
+            let mm = |dst: &mut [f32], a: &[f32], i: usize, w: &[f32], k: usize, n: usize| {
+                match packed {
+                    Some(p) => bf16::matmul(dst, a, &p[i], t, true),
+                    None => matmul(dst, a, w, t, k, n, true),
+                }
             };
             // Q|K|V = x·Wqkv + b (bias pre-filled, GEMM accumulates onto it).
             fill_rows(&mut qkv, &layer.b_qkv);
