@@ -1,6 +1,6 @@
 //! bf16 GEMM for the encoder's linear layers on CPUs with AVX512-BF16 (Zen 4, Sapphire
 //! Rapids and later). `vdpbf16ps` does two multiply-adds per f32 lane, twice the f32 FMA
-//! rate, and accumulates in f32. Weights are rounded and packed once at load, so no call
+//! rate, and accumulates in f32. Weights are rounded and packed once (first use), so no call
 //! re-packs them (the f32 `gemm` crate re-packs all 42 MB per forward pass); activations
 //! are rounded to bf16 (round-to-nearest-even) per call.
 //!
