@@ -15,7 +15,7 @@ use super::data::{read_rows, Row};
 use super::fit;
 use super::knn::KnnIndex;
 use super::plot;
-use super::score::{offline_encoder, score_with, Embedder, RowFeatures};
+use super::score::{offline_encoder, score_with, Embedder, EncoderArgs, RowFeatures};
 use super::train::{hash_str, judge_gaming};
 use crate::model::heads::Heads;
 
@@ -32,8 +32,6 @@ pub struct EvalArgs {
     /// eval.json and curves-<source>.svg are written here.
     #[arg(long, default_value = "eval-out")]
     pub out_dir: PathBuf,
-    #[arg(long, default_value = "models/base")]
-    pub model_dir: PathBuf,
     #[arg(long, default_value = "models/cache")]
     pub cache_dir: PathBuf,
     /// Replay at most this many prompts per source (seeded choice); 0 = all.
@@ -53,12 +51,8 @@ pub struct EvalArgs {
     pub knn_max_train_prompts: usize,
     #[arg(long, default_value_t = 20261124)]
     pub seed: u64,
-    /// Encoder threads (0 = all cores).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
-    /// Encoder arithmetic on the CPU, as the server's `precision`.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub precision: crate::config::Precision,
+    #[command(flatten)]
+    pub encoder: EncoderArgs,
 }
 
 /// Share of a source's prompts a model must have rows for to be a tier candidate (MMLU-Pro's
@@ -503,17 +497,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .map(|s| plan_source(s, &rows, &train, a.max_prompts, a.seed))
         .collect::<Result<_>>()?;
 
-    let enc = offline_encoder(
-        &a.model_dir,
-        a.threads,
-        a.precision,
-        heads.max_answer_tokens,
-    )?;
+    let enc = offline_encoder(&a.encoder, heads.max_answer_tokens)?;
     if enc.model_revision != heads.encoder_revision {
         eprintln!(
             "warning: heads were fitted on encoder {} but {} is {}",
             heads.encoder_revision,
-            a.model_dir.display(),
+            a.encoder.model_dir.display(),
             enc.model_revision
         );
     }

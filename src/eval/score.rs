@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -326,30 +326,33 @@ pub struct ScoreArgs {
     pub out: PathBuf,
     #[arg(long, default_value = "models/heads.json")]
     pub heads: PathBuf,
-    #[arg(long, default_value = "models/base")]
-    pub model_dir: PathBuf,
     /// Cache encoder outputs here (off by default).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub encoder: EncoderArgs,
+}
+
+/// The encoder options shared by `score`, `train` and `eval`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EncoderArgs {
+    #[arg(long, default_value = "models/base")]
+    pub model_dir: PathBuf,
     /// Encoder threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     /// Encoder arithmetic on the CPU, as the server's `precision`.
     #[arg(long, value_enum, default_value = "auto")]
-    pub precision: crate::config::Precision,
+    pub precision: Precision,
 }
 
-/// The encoder for offline work: the embedded config with the given model and threads.
-pub fn offline_encoder(
-    model_dir: &Path,
-    threads: usize,
-    precision: Precision,
-    max_answer_tokens: usize,
-) -> Result<Encoder> {
+/// The encoder for offline work: the embedded config with the given model, threads and
+/// precision.
+pub fn offline_encoder(e: &EncoderArgs, max_answer_tokens: usize) -> Result<Encoder> {
     let mut cfg = Config::embedded()?;
-    cfg.model_dir = model_dir.to_path_buf();
-    cfg.threads.compute = threads;
-    cfg.precision = precision;
+    cfg.model_dir = e.model_dir.clone();
+    cfg.threads.compute = e.threads;
+    cfg.precision = e.precision;
     cfg.batch.max_answer_tokens = max_answer_tokens;
     cfg.validate()?;
     Encoder::start(&cfg)
@@ -359,18 +362,13 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut heads = Heads::load(&a.heads)?;
     let rows = read_rows(&a.data)?;
-    let enc = offline_encoder(
-        &a.model_dir,
-        a.threads,
-        a.precision,
-        heads.max_answer_tokens,
-    )?;
+    let enc = offline_encoder(&a.encoder, heads.max_answer_tokens)?;
     if enc.dim() != heads.dim {
         anyhow::bail!(
             "{}: heads have dim {} but the encoder in {} has {}",
             a.heads.display(),
             heads.dim,
-            a.model_dir.display(),
+            a.encoder.model_dir.display(),
             enc.dim()
         );
     }

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::data::{read_catalog, read_rows, Row};
 use super::fit::{self, RouterFit, RouterRows};
-use super::score::{offline_encoder, score_with, Embedder, RowFeatures};
+use super::score::{offline_encoder, score_with, Embedder, EncoderArgs, RowFeatures};
 use crate::model::heads::{self, Ability, Heads, LinearHead, ModelInfo, RouterHead, VerifierHead};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -26,8 +26,6 @@ pub struct TrainArgs {
     /// Where to write the heads.
     #[arg(long, default_value = "models/heads.json")]
     pub out: PathBuf,
-    #[arg(long, default_value = "models/base")]
-    pub model_dir: PathBuf,
     /// Encoder outputs are cached here (keyed by encoder revision and inputs).
     #[arg(long, default_value = "models/cache")]
     pub cache_dir: PathBuf,
@@ -56,12 +54,8 @@ pub struct TrainArgs {
     pub max_prompts: usize,
     #[arg(long, default_value_t = 20261124)]
     pub seed: u64,
-    /// Encoder threads (0 = all cores).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
-    /// Encoder arithmetic on the CPU, as the server's `precision`.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub precision: crate::config::Precision,
+    #[command(flatten)]
+    pub encoder: EncoderArgs,
 }
 
 /// Deterministic 64-bit mix (splitmix64): seeded shuffles and splits without a rand crate.
@@ -201,7 +195,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let prices = read_catalog(&a.data_dir.join("catalog.json"))?;
     eprintln!("train {} rows, dev {} rows", train.len(), dev.len());
 
-    let enc = offline_encoder(&a.model_dir, a.threads, a.precision, a.max_answer_tokens)?;
+    let enc = offline_encoder(&a.encoder, a.max_answer_tokens)?;
     let d = enc.dim();
     let emb = Embedder {
         enc: &enc,
