@@ -465,9 +465,8 @@ mod tests {
         (j, rx)
     }
 
-    #[test]
-    fn a_worker_ending_answers_the_queue_and_closes_admission() {
-        let shared = Arc::new(Shared {
+    fn shared() -> Arc<Shared> {
+        Arc::new(Shared {
             state: Mutex::new(State::default()),
             ready: Condvar::new(),
             limits: Limits {
@@ -475,7 +474,12 @@ mod tests {
                 max_batch_requests: 4,
                 max_queue: 8,
             },
-        });
+        })
+    }
+
+    #[test]
+    fn a_worker_ending_answers_the_queue_and_closes_admission() {
+        let shared = shared();
         let mut waiting = Vec::new();
         for (q, n) in [(0usize, 1u32), (1, 2), (2, 3)] {
             let (j, rx) = job(n);
@@ -501,15 +505,7 @@ mod tests {
 
     #[test]
     fn a_requested_shutdown_is_not_a_failure() {
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
-            ready: Condvar::new(),
-            limits: Limits {
-                max_batch_tokens: 64,
-                max_batch_requests: 4,
-                max_queue: 8,
-            },
-        });
+        let shared = shared();
         shared.lock().closed = true;
         drop(ExitGuard {
             shared: shared.clone(),

@@ -9,6 +9,9 @@
 //! one 32-bit lane of `vdpbf16ps` multiplies against a broadcast pair `(a[2j], a[2j+1])`.
 use rayon::prelude::*;
 
+// Tasks write disjoint (row block × panel) regions of the output (see `matmul`).
+use super::encoder::SendPtr;
+
 /// Columns per panel: four zmm accumulators per row.
 const NR: usize = 64;
 /// Rows per micro-tile: 6 × 4 = 24 accumulators, leaving registers for B and the broadcast.
@@ -129,17 +132,6 @@ fn round_row_scalar(s: &[f32], d: &mut [u32]) {
         let lo = bf16_bits(s[2 * j]);
         let hi = s.get(2 * j + 1).map_or(0, |&v| bf16_bits(v));
         *w = (hi << 16) | lo;
-    }
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint (row block × panel) regions of the output (see `matmul`).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

@@ -571,14 +571,16 @@ impl MiniLm {
     }
 }
 
+/// A raw output pointer shared by rayon tasks that each write a disjoint region of it
+/// (`attention` here, the bf16 GEMM's tiles in `bf16::matmul`).
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only for disjoint writes from rayon tasks (see `attention`).
+pub(super) struct SendPtr(pub(super) *mut f32);
+// SAFETY: used only for disjoint writes from rayon tasks (see the users above).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 impl SendPtr {
     // A method (not field access) so closures capture the whole Send wrapper.
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }
