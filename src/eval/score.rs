@@ -232,7 +232,7 @@ impl RowFeatures {
         let a = self.answer_of_row[row]?;
         Some(AnswerInput {
             text: r.response.as_deref().unwrap_or(""),
-            prompt_chars: r.prompt.chars().count(),
+            prompt: &r.prompt,
             embedding: &self.answer_emb[a * self.dim..(a + 1) * self.dim],
             truncated: self.answer_truncated[a],
         })

@@ -16,6 +16,7 @@ use serde_json::json;
 use super::data::{read_catalog, read_rows, Row};
 use super::fit::{self, RouterFit, RouterRows};
 use super::score::{offline_encoder, score_with, Embedder, EncoderArgs, RowFeatures};
+use crate::model::answer;
 use crate::model::heads::{self, Ability, Heads, LinearHead, ModelInfo, RouterHead, VerifierHead};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -29,8 +30,9 @@ pub struct TrainArgs {
     /// Encoder outputs are cached here (keyed by encoder revision and inputs).
     #[arg(long, default_value = "models/cache")]
     pub cache_dir: PathBuf,
-    /// Answers encoded for the verifier (from the held-back train prompts).
-    #[arg(long, default_value_t = 20000)]
+    /// Most answers the verifier fits and calibrates on (from the held-back train prompts;
+    /// the default takes all of them).
+    #[arg(long, default_value_t = 60000)]
     pub verify_rows: usize,
     /// Dev rows used to report the verifier's figures.
     #[arg(long, default_value_t = 6000)]
@@ -318,7 +320,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     let nv = heads::verify_dim(d);
     let mut vbest: Option<(f64, f64, LinearHead)> = None;
-    for l2 in [1e-4, 1e-3, 1e-2] {
+    for l2 in [1e-5, 1e-4, 1e-3, 1e-2] {
         let h = fit::logistic(&fx, nv, &fy, l2)?;
         let p: Vec<f64> = cx
             .chunks_exact(nv)
@@ -646,8 +648,13 @@ fn model_card(h: &Heads, a: &TrainArgs) -> String {
         heads::FORM_FEATURES
     ));
     s.push_str(&format!(
-        "(length, refusal, hedging, abrupt ending, explicit final answer, lines, code, truncation, relative length), the answer's \
-         embedding (last {} tokens mostly) and its elementwise product with the prompt's; Platt-scaled on held-back rows. ",
+        "(length, refusal, hedging, abrupt ending, explicit final answer, lines, code, truncation, relative length), {} \
+         features of the pair's text (`src/model/answer.rs`: for multiple-choice prompts the option picked, whether it is \
+         valid, its length rank and position among the options, whether its text and numbers appear in the reasoning, \
+         changed picks; for any answer repetition and approximation words), products of these with the router logit, \
+         the multiple-choice flag and a bare-letter flag, the prompt–answer cosine and the answer's embedding (last {} \
+         tokens mostly); Platt-scaled on held-back rows. ",
+        answer::TEXT_FEATURES,
         h.max_answer_tokens
     ));
     s.push_str("Judge-gaming outputs (`gpt4_gamed`, `*_verbose`, `*_concise`) are excluded from its training.\n\n");

@@ -5,15 +5,19 @@
 //! by all models, and (u_m, b_m) are model m's abilities. A model with no training rows gets the
 //! population mean, and k + 1 numbers fitted from a small labelled sample make it its own.
 //!
-//! Verifier: logistic on [router logit, answer-form features, answer embedding, prompt ⊙ answer
-//! embedding], then Platt-scaled on held-back rows so that 0.8 means 80%.
+//! Verifier: logistic on [router logit, answer-form features, the pair's text features
+//! (model::answer), their interactions, prompt–answer cosine, answer embedding], then
+//! Platt-scaled on held-back rows so that 0.8 means 80%.
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-pub const FORMAT: u32 = 2;
+use super::answer::{self, TEXT_FEATURES};
+
+/// 3: the verifier reads the pair's text (model::answer) instead of prompt ⊙ answer.
+pub const FORMAT: u32 = 3;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LinearHead {
@@ -218,14 +222,17 @@ impl Heads {
     }
 }
 
+/// Verifier input width: router logit, form, text, their interactions (see
+/// [`verify_features`]), the prompt–answer cosine and the answer embedding.
 pub fn verify_dim(dim: usize) -> usize {
-    1 + FORM_FEATURES + 2 * dim
+    1 + 2 * FORM_FEATURES + 2 * TEXT_FEATURES + FORM_FEATURES + TEXT_FEATURES + 1 + 1 + dim
 }
 
 /// What the verifier knows of an answer.
 pub struct AnswerInput<'a> {
     pub text: &'a str,
-    pub prompt_chars: usize,
+    /// The prompt's text (multiple-choice options are read from it).
+    pub prompt: &'a str,
     pub embedding: &'a [f32],
     pub truncated: bool,
 }
@@ -284,14 +291,31 @@ pub fn form_features(text: &str, prompt_chars: usize, truncated: bool) -> [f32; 
     ]
 }
 
+/// The verifier's input. Besides the raw features, a few products let one linear head act
+/// differently where they matter: text cues weighed by the router's confidence, form cues
+/// for multiple-choice prompts, and text cues for bare one-letter answers (0-shot
+/// multiple choice, where the reasoning is absent).
 pub fn verify_features(route_logit: f32, prompt_emb: &[f32], a: &AnswerInput) -> Vec<f32> {
     let mut x = Vec::with_capacity(verify_dim(prompt_emb.len()));
+    let form = form_features(a.text, a.prompt.chars().count(), a.truncated);
+    let text = answer::text_features(a.prompt, a.text);
+    let mc = text[0];
+    let bare = if a.text.trim().chars().count() <= 4 {
+        1.0
+    } else {
+        0.0
+    };
     x.push(route_logit);
-    x.extend_from_slice(&form_features(a.text, a.prompt_chars, a.truncated));
+    x.extend_from_slice(&form);
+    x.extend_from_slice(&text);
+    x.extend(text.iter().map(|v| v * route_logit));
+    x.extend(form.iter().map(|v| v * route_logit));
+    x.extend(form.iter().map(|v| v * mc));
+    x.extend(text.iter().map(|v| v * bare));
+    x.push(bare);
+    // Both embeddings are L2-normalised: the dot is their cosine.
+    x.push(dot(prompt_emb, a.embedding));
     x.extend_from_slice(a.embedding);
-    // Scaled so the interaction terms are on the scale of the embedding itself.
-    let s = (prompt_emb.len() as f32).sqrt();
-    x.extend(prompt_emb.iter().zip(a.embedding).map(|(p, q)| p * q * s));
     x
 }
 

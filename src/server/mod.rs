@@ -256,14 +256,13 @@ impl RouterService {
                 (Duration::ZERO, Duration::ZERO, Duration::ZERO),
             )
         } else {
-            // Prompt and answer are encoded separately (the verifier reads both embeddings,
-            // their interaction and the answer's form), as two jobs in the same batcher.
-            let prompt_chars = r.prompt.chars().count();
+            // Prompt and answer are encoded separately (the verifier reads both embeddings
+            // and the pair's text), as two jobs in the same batcher.
             let limit = self.cfg.batch.max_answer_tokens;
             let (pe, ae) = tokio::join!(
                 self.pipe.encode(
                     "verify",
-                    Input::Single(r.prompt, TruncSide::HeadTail),
+                    Input::Single(r.prompt.clone(), TruncSide::HeadTail),
                     priority,
                     deadline
                 ),
@@ -277,7 +276,7 @@ impl RouterService {
             let (pe, ae) = (pe?, ae?);
             let answer = crate::model::heads::AnswerInput {
                 text: &r.answer,
-                prompt_chars,
+                prompt: &r.prompt,
                 embedding: &ae.embedding,
                 truncated: ae.truncated,
             };

@@ -1,0 +1,319 @@
+//! What the verifier reads in the text of a (prompt, answer) pair beyond the embeddings: for
+//! multiple-choice prompts, which option the answer picked and how that option relates to the
+//! others and to the reasoning; for any answer, repetition (looping) and approximation.
+//!
+//! Why: a frozen sentence encoder cannot tell a right chain of thought from a wrong one, but
+//! the pair's text carries cheap, strong cues. On dev (held out), these lift verifier AUROC on
+//! MMLU-Pro from 0.80 to about 0.85: no letter picked (3% pass), a letter out of range, the
+//! picked option's length rank among the options (benchmarks' distractors are often shorter),
+//! the picked option's text or numbers appearing in the reasoning.
+
+/// Number of features [`text_features`] returns.
+pub const TEXT_FEATURES: usize = 14;
+
+const LETTERS: &[u8] = b"ABCDEFGHIJ";
+
+fn letter_index(c: char) -> Option<usize> {
+    LETTERS.iter().position(|&l| l as char == c)
+}
+
+/// Options a multiple-choice prompt offers, in order (empty when it offers none). Two forms:
+/// `Options: ["…", …]` (a JSON list on one line) and lines `A) …` / `A. …` / `(A) …` of the
+/// last question (earlier few-shot questions, each ending `Answer: X`, are skipped).
+pub fn options(prompt: &str) -> Vec<String> {
+    if let Some(i) = prompt.rfind("Options: [") {
+        let rest = &prompt[i + "Options: ".len()..];
+        let line = rest.lines().next().unwrap_or("");
+        if let Ok(v) = serde_json::from_str::<Vec<serde_json::Value>>(line) {
+            return v
+                .into_iter()
+                .map(|x| match x {
+                    serde_json::Value::String(s) => s,
+                    other => other.to_string(),
+                })
+                .collect();
+        }
+    }
+    let tail = tail_chars(prompt, 2000);
+    let last_q = &tail[after_last_worked_answer(tail)..];
+    let mut out: Vec<String> = Vec::new();
+    for line in last_q.lines() {
+        let l = line.strip_prefix('(').unwrap_or(line);
+        let mut cs = l.chars();
+        let (Some(c), Some(sep)) = (cs.next(), cs.next()) else {
+            continue;
+        };
+        if letter_index(c).is_none() || !matches!(sep, ')' | '.') {
+            continue;
+        }
+        let text = cs.as_str().trim();
+        if text.is_empty() {
+            continue;
+        }
+        if letter_index(c) == Some(out.len()) {
+            out.push(text.to_string());
+        } else if c == 'A' {
+            out = vec![text.to_string()];
+        }
+    }
+    out
+}
+
+/// The last `n` characters of `s` (on a char boundary).
+fn tail_chars(s: &str, n: usize) -> &str {
+    match s.char_indices().rev().nth(n.saturating_sub(1)) {
+        Some((i, _)) if n > 0 => &s[i..],
+        _ => s,
+    }
+}
+
+/// Byte offset just past the last few-shot answer line (`Answer: X` then a newline), or 0.
+fn after_last_worked_answer(s: &str) -> usize {
+    let mut end = 0;
+    for (i, _) in s.match_indices("Answer:") {
+        let rest = &s[i + "Answer:".len()..];
+        let trimmed = rest.trim_start();
+        let mut cs = trimmed.chars();
+        if cs.next().is_none_or(|c| letter_index(c).is_none()) {
+            continue;
+        }
+        let after = cs.as_str();
+        let after_ws = after.trim_start_matches([' ', '\t', '\r']);
+        if after_ws.starts_with('\n') {
+            end = s.len() - after_ws.len() + 1;
+        }
+    }
+    end
+}
+
+/// The option letter an answer picked and how many different letters it declared along the
+/// way: a bare letter (`B`, `'B'`, `(B)`), else the last `answer is (X)` / `answer: X`, else
+/// a leading `X)` / `X.` / `X:`.
+pub fn chosen(answer: &str) -> (Option<char>, usize) {
+    let bare = answer
+        .trim()
+        .trim_matches(|c: char| "'\"`*. ()[]".contains(c) || c.is_whitespace());
+    let mut cs = bare.chars();
+    if let (Some(c), None) = (cs.next(), cs.next()) {
+        let u = c.to_ascii_uppercase();
+        if letter_index(u).is_some() {
+            return (Some(u), 1);
+        }
+    }
+    // ASCII lowercase keeps byte offsets.
+    let lower = answer.to_ascii_lowercase();
+    let mut found: Vec<(usize, char)> = Vec::new();
+    for (pat, colon_optional) in [("answer is", true), ("answer:", false)] {
+        for (i, _) in lower.match_indices(pat) {
+            let mut rest = &answer[i + pat.len()..];
+            if colon_optional {
+                rest = rest.strip_prefix(':').unwrap_or(rest);
+            }
+            let rest = rest.trim_start();
+            let rest = rest.strip_prefix('(').unwrap_or(rest);
+            let rest = rest.trim_start_matches('*').trim_start();
+            let mut cs = rest.chars();
+            if let Some(c) = cs.next().filter(|&c| letter_index(c).is_some()) {
+                if !cs.next().is_some_and(|n| n.is_alphanumeric()) {
+                    found.push((i, c));
+                }
+            }
+        }
+    }
+    found.sort_unstable();
+    if let Some(&(_, c)) = found.last() {
+        let mut distinct: Vec<char> = found.iter().map(|&(_, c)| c).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        return (Some(c), distinct.len());
+    }
+    let t = answer.trim_start();
+    let t = t.strip_prefix('(').unwrap_or(t);
+    let mut cs = t.chars();
+    if let (Some(c), Some(sep)) = (cs.next(), cs.next()) {
+        if letter_index(c).is_some() && matches!(sep, ')' | '.' | ':') {
+            return (Some(c), 1);
+        }
+    }
+    (None, 0)
+}
+
+/// Lowercase with runs of whitespace collapsed to one space.
+fn norm(s: &str) -> String {
+    s.split_whitespace()
+        .map(|w| w.to_lowercase())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Numbers as written (`-12`, `3.5`).
+fn numbers(s: &str) -> Vec<&str> {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let neg = b[i] == b'-' && b.get(i + 1).is_some_and(|c| c.is_ascii_digit());
+        if b[i].is_ascii_digit() || neg {
+            let start = i;
+            i += 1;
+            while i < b.len() && b[i].is_ascii_digit() {
+                i += 1;
+            }
+            if i + 1 < b.len() && b[i] == b'.' && b[i + 1].is_ascii_digit() {
+                i += 1;
+                while i < b.len() && b[i].is_ascii_digit() {
+                    i += 1;
+                }
+            }
+            out.push(&s[start..i]);
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+/// 1 − unique / total (0 for none): how much an answer repeats itself.
+fn dup_ratio<T: Ord>(mut v: Vec<T>) -> f32 {
+    let n = v.len();
+    if n == 0 {
+        return 0.0;
+    }
+    v.sort_unstable();
+    v.dedup();
+    1.0 - v.len() as f32 / n as f32
+}
+
+/// Features of the pair's text; see the module doc. Order: multiple choice, picked a valid
+/// option, picked none, changed its mind, picked option's length rank, picked the longest,
+/// picked position, picked text in the answer, picked option has numbers, share of them in
+/// the answer, repeated lines, repeated 4-grams, approximation words, options / 10.
+pub fn text_features(prompt: &str, answer: &str) -> [f32; TEXT_FEATURES] {
+    let opts = options(prompt);
+    let (c, distinct) = chosen(answer);
+    let flag = |b: bool| if b { 1.0 } else { 0.0 };
+    let has = !opts.is_empty();
+    let pick = c.and_then(letter_index).filter(|&i| i < opts.len());
+    let (mut rank, mut longest, mut pos) = (0.0, 0.0, 0.0);
+    let (mut in_resp, mut has_num, mut num_match) = (0.0, 0.0, 0.0);
+    if let Some(i) = pick {
+        let lens: Vec<usize> = opts.iter().map(|o| o.chars().count()).collect();
+        let li = lens[i];
+        rank = lens.iter().filter(|&&l| l < li).count() as f32 / (lens.len() - 1).max(1) as f32;
+        longest = flag(lens.iter().all(|&l| l <= li));
+        pos = i as f32 / (opts.len() - 1).max(1) as f32;
+        let o = norm(&opts[i]);
+        let a = norm(answer);
+        in_resp = flag(!o.is_empty() && a.contains(&o));
+        let on = numbers(&o);
+        if !on.is_empty() {
+            has_num = 1.0;
+            let an = numbers(&a);
+            num_match = on.iter().filter(|n| an.contains(n)).count() as f32 / on.len() as f32;
+        }
+    }
+    let lines: Vec<&str> = answer
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let words: Vec<&str> = answer.split_whitespace().collect();
+    let grams: Vec<&[&str]> = words.windows(4).collect();
+    let lower = answer.to_lowercase();
+    let approx = [
+        "approximately",
+        "closest",
+        "nearest",
+        "none of the",
+        "not listed",
+        "not among",
+        "rounding",
+    ]
+    .iter()
+    .any(|w| lower.contains(w));
+    [
+        flag(has),
+        flag(pick.is_some()),
+        flag(has && c.is_none()),
+        flag(distinct > 1),
+        rank,
+        longest,
+        pos,
+        in_resp,
+        has_num,
+        num_match,
+        dup_ratio(lines),
+        dup_ratio(grams),
+        flag(approx),
+        opts.len().min(10) as f32 / 10.0,
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MMLU: &str = "Which is largest?\nOptions: [\"1 m\", \"a very long distance of 5 km\", \"3 cm\", \"2 mm\"]";
+    const ARC: &str = "Q: Sky?\nA) red\nB) blue\nPrint only a single choice.\nAnswer: B\n\n\
+                       Which list is hottest?\nA) Object 2\nB) Object 1, Object 3\nC) Object 3\nAnswer:";
+
+    #[test]
+    fn reads_both_option_forms() {
+        assert_eq!(options(MMLU).len(), 4);
+        assert_eq!(options(MMLU)[1], "a very long distance of 5 km");
+        let o = options(ARC);
+        assert_eq!(
+            o,
+            ["Object 2", "Object 1, Object 3", "Object 3"],
+            "last question only"
+        );
+        assert!(options("Write a poem about rain.").is_empty());
+        assert!(options("Options: [not json").is_empty());
+    }
+
+    #[test]
+    fn finds_the_picked_letter() {
+        assert_eq!(chosen("'D'"), (Some('D'), 1));
+        assert_eq!(chosen(" b "), (Some('B'), 1));
+        assert_eq!(chosen("So the answer is (C)."), (Some('C'), 1));
+        assert_eq!(
+            chosen("The answer is (A). Wait, no: the answer is **B**"),
+            (Some('B'), 2)
+        );
+        assert_eq!(chosen("Answer: J"), (Some('J'), 1));
+        assert_eq!(
+            chosen("B) because the sky scatters blue light"),
+            (Some('B'), 1)
+        );
+        assert_eq!(chosen("the answer is a function of x"), (None, 0));
+        assert_eq!(chosen("Unfortunately I cannot"), (None, 0));
+    }
+
+    #[test]
+    fn features_of_a_picked_option() {
+        let f = text_features(MMLU, "5 km is far more than the rest. The answer is (B).");
+        assert_eq!(f[0], 1.0, "multiple choice");
+        assert_eq!(f[1], 1.0, "valid pick");
+        assert_eq!(f[2], 0.0);
+        assert_eq!(f[4], 1.0, "longest of four: rank 3/3");
+        assert_eq!(f[5], 1.0);
+        assert!((f[6] - 1.0 / 3.0).abs() < 1e-6, "position B of A–D");
+        assert_eq!(f[7], 0.0, "the option's full text is not in the answer");
+        assert_eq!((f[8], f[9]), (1.0, 1.0), "its number 5 is");
+        assert!((f[13] - 0.4).abs() < 1e-6);
+        let none = text_features(MMLU, "I am not sure.");
+        assert_eq!((none[1], none[2]), (0.0, 1.0), "no pick");
+        let out_of_range = text_features(MMLU, "The answer is (H).");
+        assert_eq!((out_of_range[1], out_of_range[2]), (0.0, 0.0));
+        let free = text_features("Write a poem.", "Rain falls.\nRain falls.\nRain falls.");
+        assert_eq!(free[0], 0.0);
+        assert!((free[10] - 2.0 / 3.0).abs() < 1e-6, "repeated lines");
+    }
+
+    #[test]
+    fn numbers_and_tails() {
+        assert_eq!(numbers("x=-1.5, y=20. z"), ["-1.5", "20"]);
+        assert_eq!(tail_chars("héllo", 3), "llo");
+        assert_eq!(tail_chars("hé", 9), "hé");
+    }
+}
