@@ -361,6 +361,62 @@ mod tests {
     }
 
     #[test]
+    fn verify_features_have_the_declared_layout() {
+        let dim = 8;
+        let e = vec![0.5f32; dim];
+        let prompt = "Which is largest?\nOptions: [\"1 m\", \"5 km\", \"3 cm\"]";
+        let a = AnswerInput {
+            text: "B",
+            prompt,
+            embedding: &e,
+            truncated: false,
+        };
+        let x = verify_features(1.5, &e, &a);
+        assert_eq!(x.len(), verify_dim(dim));
+        assert_eq!(x[0], 1.5, "router logit first");
+        let text = 1 + FORM_FEATURES;
+        assert_eq!(x[text], 1.0, "multiple choice");
+        assert_eq!(x[text + 1], 1.0, "valid pick");
+        assert_eq!(x[text + TEXT_FEATURES + 1], 1.5, "pick × router logit");
+        let bare = verify_dim(dim) - dim - 2;
+        assert_eq!(x[bare], 1.0, "a one-letter answer is bare");
+        assert!((x[bare + 1] - 2.0).abs() < 1e-6, "cosine term is the dot");
+        assert_eq!(&x[verify_dim(dim) - dim..], &e[..], "answer embedding last");
+    }
+
+    /// The committed heads read the text: with the embeddings held fixed, picking a valid
+    /// option of a multiple-choice prompt scores above picking none or one out of range.
+    #[test]
+    fn committed_verifier_prefers_a_valid_pick() -> Result<()> {
+        let h = Heads::load(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/models/heads.json"
+        )))?;
+        let e: Vec<f32> = (0..h.dim).map(|i| ((i % 7) as f32 - 3.0) / 40.0).collect();
+        let prompt = "A wire of 2 m carries 3 A. What is the charge in 4 s?\n\
+                      Options: [\"6 C\", \"12 C\", \"24 C\", \"1.5 C\"]";
+        let model = h.models.keys().next().cloned().unwrap_or_default();
+        let p = |text: &str| {
+            let a = AnswerInput {
+                text,
+                prompt,
+                embedding: &e,
+                truncated: false,
+            };
+            h.verify_p(&model, &e, &a)
+        };
+        let valid = p("Q = I t = 3 A × 4 s = 12 C. The answer is (B).");
+        let none = p("Q = I t, so the charge follows from the current and the time.");
+        let out_of_range = p("Q = I t = 3 A × 4 s = 12 C. The answer is (H).");
+        assert!(valid > none, "valid {valid} vs none {none}");
+        assert!(
+            valid > out_of_range,
+            "valid {valid} vs out of range {out_of_range}"
+        );
+        Ok(())
+    }
+
+    #[test]
     fn thresholds_follow_the_learned_table() {
         let t = [(0.6, 0.4), (0.8, 0.7)];
         assert_eq!(threshold_from(&t, 0.6), 0.4);
