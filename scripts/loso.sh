@@ -21,7 +21,7 @@ for S in "${SOURCES[@]}"; do
   heads="$OUT/heads-wo-$S.json"
   if [ ! -s "$heads" ]; then
     # shellcheck disable=SC2086
-    "$BIN" train --data-dir "$DATA" --exclude-source "$S" --out "$heads" --card "" \
+    "$BIN" train --data-dir "$DATA" --exclude-source "$S" --out "$heads" --card "$OUT/card-wo-$S.md" \
       ${EXTRA_TRAIN:-} 2> "$OUT/train-wo-$S.log"
   fi
   t1=$(date +%s)

@@ -3,6 +3,7 @@ without that source (scripts/loso.sh makes them), with and without `--calibratio
 its prompts, and print router / verifier AUROC and ECE on the other 70%.
 
 usage: python3 scripts/loso_calibrated.py SOURCE HEADS.json [CALIBRATION_FRACTION]
+env: OUT (work dir), PRECISION (the encoder's, default auto)
 """
 import gzip, json, sys, subprocess, hashlib, os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,6 +37,7 @@ def ece(p, y, b=15):
 for mode in ('none', 'calib'):
     out = f'{d}/out-{mode}.jsonl'
     args = [os.path.join(ROOT, 'target/release/tiergate'), 'score', '--heads', heads, '--data', f'{d}/test.jsonl', '--out', out, '--cache-dir', os.path.join(ROOT, 'models/cache')]
+    args += ['--precision', os.environ.get('PRECISION', 'auto')]
     if mode == 'calib': args += ['--calibration', f'{d}/calib.jsonl']
     subprocess.run(args, check=True, cwd=ROOT, stderr=subprocess.DEVNULL)
     o = [json.loads(l) for l in open(out)]

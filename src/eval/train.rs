@@ -48,8 +48,11 @@ pub struct TrainArgs {
     /// Leave this source out of training (leave-one-source-out figures).
     #[arg(long)]
     pub exclude_source: Option<String>,
-    /// Model card to write (markdown) beside the heads; "" skips it.
-    #[arg(long, default_value = "models/README.md")]
+    /// Model card to write (markdown) beside the heads; "" skips it (clap's path parser
+    /// would refuse an empty value, hence the string parser).
+    #[arg(long, default_value = "models/README.md",
+          value_parser = clap::builder::TypedValueParser::map(
+              clap::builder::StringValueParser::new(), PathBuf::from))]
     pub card: PathBuf,
     /// Use at most this many prompts per split (quick runs, tests); 0 = all.
     #[arg(long, default_value_t = 0)]
