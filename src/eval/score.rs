@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::data::{read_rows, Row};
 use super::fit;
 use crate::config::{Config, Precision};
-use crate::model::heads::{self, AnswerInput, Heads};
+use crate::model::heads::{self, AnswerInput, Heads, LinearHead, VerifierHead};
 use crate::model::tokenize::TruncSide;
 use crate::pipeline::Encoder;
 
@@ -293,25 +293,104 @@ pub fn adapt(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<serde_j
         );
         heads.router.models.insert(m.to_string(), a);
     }
-    // Re-fit how the verifier's logit and the (adapted) router's logit combine, on the
-    // calibration answers: calibrated on the target traffic, and never much worse than the
-    // router where the answer features do not transfer.
-    let mut xs: Vec<f32> = Vec::new();
-    let mut ys = Vec::new();
+    // Re-fit the verifier on the calibration answers, the encoder untouched. Always: how its
+    // logit and the (adapted) router's logit combine, so it is calibrated on the target
+    // traffic and never much worse than the router where the answer features do not
+    // transfer. With enough rows, also the weights of its text and form features (not the
+    // embedding's), so cues that mean something else on this traffic (an option's length
+    // rank, a bare letter) are re-weighed; the L2 is chosen on a held-out fifth of the
+    // calibration prompts.
+    let nv = heads::verify_dim(heads.dim);
+    let small = nv - heads.dim - 1; // router logit + text/form features + interactions
+    let (mut xs, mut ys, mut prompt_keys) = (Vec::new(), Vec::new(), Vec::new());
     for (i, r) in rows.iter().enumerate() {
         if let (Some(s), Some(x)) = (r.score, f.verify_x(heads, i, r)) {
-            xs.extend([heads.verifier.head.logit(&x), x[0]]);
+            xs.push(x);
             ys.push(s as f32);
+            prompt_keys.push(crate::eval::train::hash_str(
+                0x5eed,
+                &format!("{}/{}", r.source, r.prompt_id),
+            ));
         }
     }
+    let mut refit = serde_json::Value::Null;
     if ys.len() >= 50 {
-        let h = fit::logistic(&xs, 2, &ys, 1e-4)?;
-        heads.verifier.platt_a = h.w[0];
-        heads.verifier.router_coef = h.w[1];
-        heads.verifier.platt_b = h.b;
+        let v = heads.verifier.clone();
+        // Features of the re-fit: [trained head logit, router logit, small features...].
+        let feats = |x: &[f32], width: usize| -> Vec<f32> {
+            let mut z = vec![v.head.logit(x), x[0]];
+            z.extend_from_slice(&x[1..width]);
+            z
+        };
+        // Candidates (features, L2): the combination alone, or the small features too. With
+        // enough rows, the one with the lowest log-loss on a held-out fifth of the calibration
+        // prompts wins (on traffic the heads know, re-weighing rarely pays; on new traffic it
+        // does), then it is re-fitted on all rows.
+        let mut cands = vec![(1usize, 1e-4)];
+        if ys.len() >= MIN_ROWS_FOR_FEATURE_REFIT {
+            cands.extend([(small, 1e-3), (small, 1e-2), (small, 1e-1)]);
+        }
+        let rows_of = |width: usize, want_held: Option<bool>| -> (Vec<f32>, Vec<f32>) {
+            let mut fx = Vec::new();
+            let mut fy = Vec::new();
+            for (j, x) in xs.iter().enumerate() {
+                if want_held.is_none_or(|w| (prompt_keys[j] % 5 == 0) == w) {
+                    fx.extend(feats(x, width));
+                    fy.push(ys[j]);
+                }
+            }
+            (fx, fy)
+        };
+        let mut chosen = cands[0];
+        if cands.len() > 1 {
+            let mut best = f64::INFINITY;
+            for &(width, l2) in &cands {
+                let d = 1 + width;
+                let ((fx, fy), (hx, hy)) =
+                    (rows_of(width, Some(false)), rows_of(width, Some(true)));
+                if fy.is_empty() || hy.is_empty() {
+                    break;
+                }
+                let h = fit::logistic(&fx, d, &fy, l2)?;
+                let p: Vec<f64> = hx
+                    .chunks_exact(d)
+                    .map(|x| heads::sigmoid(h.logit(x) as f64))
+                    .collect();
+                let loss = fit::log_loss(&p, &hy);
+                if loss < best {
+                    best = loss;
+                    chosen = (width, l2);
+                }
+            }
+        }
+        let (width, l2) = chosen;
+        let d = 1 + width;
+        let (flat, _) = rows_of(width, None);
+        let h = fit::logistic(&flat, d, &ys, l2)?;
+        // Fold the re-fit into the head: z = a·(w·x + b0) + c·x0 + Σ v_j x_j + b.
+        let a = h.w[0];
+        let mut w: Vec<f32> = v.head.w.iter().map(|wi| a * wi).collect();
+        // h.w[1..] are the deltas for x[0..width] (router logit, then the small features).
+        for (wj, dj) in w.iter_mut().zip(&h.w[1..]) {
+            *wj += dj;
+        }
+        heads.verifier = VerifierHead {
+            head: LinearHead {
+                w,
+                b: a * v.head.b + h.b,
+            },
+            platt_a: 1.0,
+            platt_b: 0.0,
+            router_coef: 0.0,
+        };
+        refit = serde_json::json!({ "features": width, "l2": l2 });
     }
-    Ok(serde_json::json!({ "models": report, "verifier_rows": ys.len() }))
+    Ok(serde_json::json!({ "models": report, "verifier_rows": ys.len(), "verifier_refit": refit }))
 }
+
+/// Labelled answers needed before run-time calibration re-weighs the verifier's text and
+/// form features (below it, only how its logit and the router's combine is re-fitted).
+pub const MIN_ROWS_FOR_FEATURE_REFIT: usize = 500;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ScoreArgs {
@@ -417,4 +496,89 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Synthetic traffic on which a cue means the opposite of what the trained heads learned:
+    /// here the longest option is the wrong one. Calibration on enough rows must re-weigh it.
+    fn traffic(n: usize, offset: usize, dim: usize) -> (Vec<Row>, RowFeatures) {
+        let mut rows = Vec::new();
+        for i in 0..n {
+            let longest = i % 2 == 0;
+            let id = offset + i;
+            rows.push(Row {
+                source: "new-benchmark".into(),
+                task: None,
+                prompt_id: format!("q{id}"),
+                prompt: format!(
+                    "Question {id}: which holds?\nOptions: [\"a long and detailed option number {id}\", \"b\", \"c\", \"d\"]"
+                ),
+                model: "brand-new-model".into(),
+                score: Some(if longest { 0.0 } else { 1.0 }),
+                response: Some(
+                    if longest {
+                        "Reasoning done. The answer is (A)."
+                    } else {
+                        "Reasoning done. The answer is (B)."
+                    }
+                    .into(),
+                ),
+                cost_usd: None,
+                prompt_tokens: None,
+                response_tokens: None,
+            });
+        }
+        let e: Vec<f32> = (0..dim).map(|i| ((i % 5) as f32 - 2.0) / 30.0).collect();
+        let f = RowFeatures {
+            dim,
+            prompt_emb: e.repeat(n),
+            prompt_of_row: (0..n).collect(),
+            answer_of_row: (0..n).map(Some).collect(),
+            answer_emb: e.repeat(n),
+            answer_truncated: vec![false; n],
+        };
+        (rows, f)
+    }
+
+    fn verifier_auroc(h: &Heads, rows: &[Row], f: &RowFeatures) -> f64 {
+        let s = score_with(h, rows, f);
+        let p: Vec<f64> = s.iter().map(|(_, v)| v.unwrap_or(0.0)).collect();
+        let y: Vec<bool> = rows.iter().map(|r| r.passed() == Some(true)).collect();
+        fit::auroc(&p, &y).unwrap_or(0.5)
+    }
+
+    #[test]
+    fn calibration_reweighs_text_cues_on_new_traffic() -> Result<()> {
+        let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/heads.json"));
+        let mut h = Heads::load(path)?;
+        let (test, tf) = traffic(200, 10_000, h.dim);
+        let before = verifier_auroc(&h, &test, &tf);
+        assert!(
+            before < 0.5,
+            "trained heads favour the longest option: {before}"
+        );
+        let (calib, cf) = traffic(MIN_ROWS_FOR_FEATURE_REFIT + 100, 0, h.dim);
+        let rep = adapt(&mut h, &calib, &cf)?;
+        assert!(
+            rep["verifier_refit"]["features"].as_u64() > Some(1),
+            "{rep}"
+        );
+        h.validate()?;
+        let after = verifier_auroc(&h, &test, &tf);
+        assert!(after > 0.9, "after calibration {after} (before {before})");
+        Ok(())
+    }
+
+    #[test]
+    fn few_calibration_rows_only_recombine() -> Result<()> {
+        let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/heads.json"));
+        let mut h = Heads::load(path)?;
+        let (calib, cf) = traffic(100, 0, h.dim);
+        let rep = adapt(&mut h, &calib, &cf)?;
+        assert_eq!(rep["verifier_refit"]["features"].as_u64(), Some(1), "{rep}");
+        Ok(())
+    }
 }
