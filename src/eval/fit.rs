@@ -138,6 +138,26 @@ pub fn log_loss(p: &[f64], y: &[f32]) -> f64 {
         / p.len().max(1) as f64
 }
 
+/// The shift c minimising mean CE(y, sigmoid(z + c)) (Newton; soft labels). Bounded to
+/// ±20 so a one-class sample cannot run it off to infinity.
+pub fn shift(z: &[f64], y: &[f32]) -> f64 {
+    let mut c = 0.0f64;
+    for _ in 0..50 {
+        let (mut g, mut h) = (0.0f64, 1e-9f64);
+        for (&zi, &yi) in z.iter().zip(y) {
+            let mu = sigmoid(zi + c);
+            g += mu - yi as f64;
+            h += mu * (1.0 - mu);
+        }
+        let step = (g / h).clamp(-5.0, 5.0);
+        c = (c - step).clamp(-20.0, 20.0);
+        if step.abs() < 1e-9 {
+            break;
+        }
+    }
+    c
+}
+
 /// Area under the ROC curve for binary labels (ties count one half). None if one class is absent.
 pub fn auroc(scores: &[f64], labels: &[bool]) -> Option<f64> {
     let mut idx: Vec<usize> = (0..scores.len()).collect();
@@ -224,6 +244,14 @@ mod tests {
         assert!((h.w[1] + 2.0).abs() < 0.4, "{:?}", h);
         assert!(h.w[2].abs() < 0.3, "{:?}", h);
         assert!((h.b - 0.5).abs() < 0.2, "{:?}", h);
+    }
+
+    #[test]
+    fn shift_recovers_an_offset() {
+        let z: Vec<f64> = (0..400).map(|i| (i as f64 / 100.0) - 2.0).collect();
+        let y: Vec<f32> = z.iter().map(|&z| sigmoid(z - 1.5) as f32).collect();
+        assert!((shift(&z, &y) + 1.5).abs() < 1e-6);
+        assert_eq!(shift(&z, &vec![1.0; z.len()]), 20.0, "one class: bounded");
     }
 
     #[test]

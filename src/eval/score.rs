@@ -273,6 +273,24 @@ pub fn adapt(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<serde_j
             by_model.entry(r.model.as_str()).or_default().push(i);
         }
     }
+    // Models the heads have never seen start from the population-mean ability. Move that start
+    // to this traffic's pass rate first (one logit shift, fitted on those models' rows): a few
+    // rows per model then refine a start that is already right on average, instead of pulling
+    // away from the training mix's rate (AlpacaEval's preferences grade far below it).
+    let (mut uz, mut uy) = (Vec::new(), Vec::new());
+    for (i, r) in rows.iter().enumerate() {
+        if let (Some(s), false) = (r.score, heads.router.models.contains_key(&r.model)) {
+            uz.push(heads.route_logit(&r.model, f.prompt(i)) as f64);
+            uy.push(s as f32);
+        }
+    }
+    let prior_shift = if uy.len() >= 20 {
+        let c = fit::shift(&uz, &uy);
+        heads.router.prior.b += c as f32;
+        Some(c)
+    } else {
+        None
+    };
     let mut report = serde_json::Map::new();
     for (m, idx) in &by_model {
         let (mut z, mut s, mut y) = (Vec::new(), Vec::new(), Vec::new());
@@ -385,7 +403,12 @@ pub fn adapt(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<serde_j
         };
         refit = serde_json::json!({ "features": width, "l2": l2 });
     }
-    Ok(serde_json::json!({ "models": report, "verifier_rows": ys.len(), "verifier_refit": refit }))
+    Ok(serde_json::json!({
+        "prior_shift": prior_shift,
+        "models": report,
+        "verifier_rows": ys.len(),
+        "verifier_refit": refit,
+    }))
 }
 
 /// Labelled answers needed before run-time calibration re-weighs the verifier's text and
