@@ -311,6 +311,32 @@ mod tests {
     }
 
     #[test]
+    fn odd_text_never_panics() {
+        let odd = [
+            "",
+            "Options: [",
+            "Options: [\"é\", 3, null, {\"a\": 1}]",
+            "Answer:",
+            "Answer: A",
+            "x\nA)\n(B\nC)😀 ok\nAnswer: Z\n",
+            "the answer is",
+            "answer: (",
+            "Ａ) full-width\nB) ok",
+            "-",
+            "1.",
+            "é-3.é",
+            "(",
+        ];
+        for p in odd {
+            for a in odd {
+                let f = text_features(p, a);
+                assert!(f.iter().all(|v| v.is_finite()), "{p:?} / {a:?}");
+            }
+        }
+        assert_eq!(options("Options: [\"é\", 3, null]"), ["é", "3", "null"]);
+    }
+
+    #[test]
     fn numbers_and_tails() {
         assert_eq!(numbers("x=-1.5, y=20. z"), ["-1.5", "20"]);
         assert_eq!(tail_chars("héllo", 3), "llo");
