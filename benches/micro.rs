@@ -204,6 +204,35 @@ mod heads {
                     .sum::<f64>()
             });
     }
+
+    /// One Verify decision's head work on a long multiple-choice pair (an MMLU-Pro-sized
+    /// prompt with ten options, a ~2,000-character chain of thought): the text features
+    /// (options parsed, pick found, repetition counted) plus the logistic head.
+    #[divan::bench]
+    fn verify_p_mc_pair(b: Bencher) {
+        let h = heads();
+        let e = unit(h.dim);
+        let opts: Vec<String> = (0..10)
+            .map(|i| format!("\"{} metres per second, option {i}\"", 3 * i + 7))
+            .collect();
+        let prompt = format!(
+            "{}\nOptions: [{}]",
+            "A ball is thrown upwards at 20 m/s. What is its speed after 1.5 s? ".repeat(6),
+            opts.join(", ")
+        );
+        let answer = format!(
+            "{}The answer is (C).",
+            "Using v = u - g t with g = 9.8 m/s^2 gives v = 20 - 14.7 = 5.3 m/s. ".repeat(30)
+        );
+        let model = h.models.keys().next().cloned().unwrap_or_default();
+        let a = tiergate::model::heads::AnswerInput {
+            text: &answer,
+            prompt: &prompt,
+            embedding: &e,
+            truncated: false,
+        };
+        b.bench(|| h.verify_p(&model, black_box(&e), black_box(&a)));
+    }
 }
 
 /// The batcher's cost per request: the same 1-sequence batch through `Batcher` (queue, forming
