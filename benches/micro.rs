@@ -190,7 +190,8 @@ mod heads {
         b.bench(|| dot(black_box(&x), black_box(&y)));
     }
 
-    /// One Route decision's head work: p_pass for every model the heads know.
+    /// One Route decision's head work as the server does it: the prompt's projection once,
+    /// then p_pass for every model the heads know.
     #[divan::bench]
     fn route_p_all_models(b: Bencher) {
         let h = heads();
@@ -198,9 +199,13 @@ mod heads {
         let names: Vec<&String> = h.models.keys().collect();
         b.counter(divan::counter::ItemsCount::new(names.len()))
             .bench(|| {
+                let pf = h.router.prompt_features(black_box(&e));
                 names
                     .iter()
-                    .map(|m| h.route_p(m, black_box(&e)))
+                    .map(|m| {
+                        let z = h.router.logit_from(&pf, h.router.ability(m));
+                        1.0 / (1.0 + (-(z as f64)).exp())
+                    })
                     .sum::<f64>()
             });
     }
