@@ -291,45 +291,74 @@ pub fn adapt(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<serde_j
     } else {
         None
     };
-    let mut report = serde_json::Map::new();
+    // Calibration rows are split into five folds by prompt. Each model's ability is fitted on
+    // all its rows (what scoring uses) and, for the verifier's re-fit below, once per fold
+    // without that fold: the re-fit then sees router logits as out-of-sample as they will be
+    // on the rows it scores, not ones fitted on the very rows it learns from.
+    let fold_of = |i: usize| {
+        let r = &rows[i];
+        (crate::eval::train::hash_str(0x5eed, &format!("{}/{}", r.source, r.prompt_id)) % 5)
+            as usize
+    };
+    let fit_model =
+        |heads: &Heads, m: &str, idx: &[usize]| -> Result<crate::model::heads::Ability> {
+            let (mut z, mut s, mut y) = (Vec::new(), Vec::new(), Vec::new());
+            for &i in idx {
+                let (si, zi) = heads.router.prompt_features(f.prompt(i));
+                z.extend_from_slice(&zi);
+                s.push(si);
+                y.push(rows[i].score.unwrap_or(0.0) as f32);
+            }
+            // Known models keep more of their trained ability than new ones keep of the prior.
+            let l2 = if heads.router.models.contains_key(m) {
+                20.0
+            } else {
+                2.0
+            };
+            fit::fit_ability(&z, &s, &y, k, heads.router.ability(m), l2)
+        };
+    let mut oof_logit: HashMap<usize, f32> = HashMap::new();
     for (m, idx) in &by_model {
-        let (mut z, mut s, mut y) = (Vec::new(), Vec::new(), Vec::new());
-        for &i in idx {
-            let (si, zi) = heads.router.prompt_features(f.prompt(i));
-            z.extend_from_slice(&zi);
-            s.push(si);
-            y.push(rows[i].score.unwrap_or(0.0) as f32);
+        for fold in 0..5 {
+            let (inside, outside): (Vec<usize>, Vec<usize>) =
+                idx.iter().partition(|&&i| fold_of(i) == fold);
+            if inside.is_empty() {
+                continue;
+            }
+            let a = fit_model(heads, m, &outside)?;
+            for i in inside {
+                let pf = heads.router.prompt_features(f.prompt(i));
+                oof_logit.insert(i, heads.router.logit_from(&pf, &a));
+            }
         }
-        let known = heads.router.models.contains_key(*m);
-        let prior = heads.router.ability(m).clone();
-        // Known models keep more of their trained ability than new ones keep of the prior.
-        let l2 = if known { 20.0 } else { 2.0 };
-        let a = fit::fit_ability(&z, &s, &y, k, &prior, l2)?;
+    }
+    let mut report = serde_json::Map::new();
+    let mut fitted = Vec::new();
+    for (m, idx) in &by_model {
+        let a = fit_model(heads, m, idx)?;
         report.insert(
             m.to_string(),
-            serde_json::json!({ "rows": idx.len(), "known": known, "b": a.b }),
+            serde_json::json!({ "rows": idx.len(), "known": heads.router.models.contains_key(*m), "b": a.b }),
         );
-        heads.router.models.insert(m.to_string(), a);
+        fitted.push((m.to_string(), a));
     }
+    heads.router.models.extend(fitted);
     // Re-fit the verifier on the calibration answers, the encoder untouched. Always: how its
     // logit and the (adapted) router's logit combine, so it is calibrated on the target
     // traffic and never much worse than the router where the answer features do not
     // transfer. With enough rows, also the weights of its text and form features (not the
     // embedding's), so cues that mean something else on this traffic (an option's length
-    // rank, a bare letter) are re-weighed; the L2 is chosen on a held-out fifth of the
-    // calibration prompts.
+    // rank, a bare letter) are re-weighed.
     let nv = heads::verify_dim(heads.dim);
     let small = nv - heads.dim - 1; // router logit + text/form features + interactions
-    let (mut xs, mut ys, mut prompt_keys) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut xs, mut ys, mut folds) = (Vec::new(), Vec::new(), Vec::new());
     for (i, r) in rows.iter().enumerate() {
-        if let (Some(s), Some(x)) = (r.score, f.verify_x(heads, i, r)) {
-            xs.push(x);
-            ys.push(s as f32);
-            prompt_keys.push(crate::eval::train::hash_str(
-                0x5eed,
-                &format!("{}/{}", r.source, r.prompt_id),
-            ));
-        }
+        let (Some(s), Some(a), Some(&rl)) = (r.score, f.answer(i, r), oof_logit.get(&i)) else {
+            continue;
+        };
+        xs.push(heads::verify_features(rl, f.prompt(i), &a));
+        ys.push(s as f32);
+        folds.push(fold_of(i));
     }
     let mut refit = serde_json::Value::Null;
     if ys.len() >= 50 {
@@ -352,7 +381,7 @@ pub fn adapt(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<serde_j
             let mut fx = Vec::new();
             let mut fy = Vec::new();
             for (j, x) in xs.iter().enumerate() {
-                if want_held.is_none_or(|w| (prompt_keys[j] % 5 == 0) == w) {
+                if want_held.is_none_or(|w| (folds[j] == 0) == w) {
                     fx.extend(feats(x, width));
                     fy.push(ys[j]);
                 }
@@ -525,13 +554,21 @@ pub fn run(a: ScoreArgs) -> Result<()> {
 mod tests {
     use super::*;
 
-    /// Synthetic traffic on which a cue means the opposite of what the trained heads learned:
-    /// here the longest option is the wrong one. Calibration on enough rows must re-weigh it.
+    /// Synthetic traffic on which one cue means the opposite of what the trained heads learned
+    /// (here the longest option is the wrong one) while another keeps its meaning (a pick out
+    /// of range fails). Three kinds of rows: longest picked (fails), a short option picked
+    /// (passes), a letter out of range (fails). The trained head ranks them longest > short >
+    /// out of range, so no monotone transform of its logit, which is all that re-combining
+    /// can do, ranks the passing kind first; only re-weighing the cues can.
     fn traffic(n: usize, offset: usize, dim: usize) -> (Vec<Row>, RowFeatures) {
         let mut rows = Vec::new();
         for i in 0..n {
-            let longest = i % 2 == 0;
             let id = offset + i;
+            let (answer, score) = match i % 3 {
+                0 => ("Reasoning done. The answer is (A).", 0.0),
+                1 => ("Reasoning done. The answer is (B).", 1.0),
+                _ => ("Reasoning done. The answer is (H).", 0.0),
+            };
             rows.push(Row {
                 source: "new-benchmark".into(),
                 task: None,
@@ -540,15 +577,8 @@ mod tests {
                     "Question {id}: which holds?\nOptions: [\"a long and detailed option number {id}\", \"b\", \"c\", \"d\"]"
                 ),
                 model: "brand-new-model".into(),
-                score: Some(if longest { 0.0 } else { 1.0 }),
-                response: Some(
-                    if longest {
-                        "Reasoning done. The answer is (A)."
-                    } else {
-                        "Reasoning done. The answer is (B)."
-                    }
-                    .into(),
-                ),
+                score: Some(score),
+                response: Some(answer.into()),
                 cost_usd: None,
                 prompt_tokens: None,
                 response_tokens: None,
@@ -583,7 +613,7 @@ mod tests {
             before < 0.5,
             "trained heads favour the longest option: {before}"
         );
-        let (calib, cf) = traffic(MIN_ROWS_FOR_FEATURE_REFIT + 100, 0, h.dim);
+        let (calib, cf) = traffic(MIN_ROWS_FOR_FEATURE_REFIT + 300, 0, h.dim);
         let rep = adapt(&mut h, &calib, &cf)?;
         assert!(
             rep["verifier_refit"]["features"].as_u64() > Some(1),

@@ -31,8 +31,8 @@ pub struct TrainArgs {
     #[arg(long, default_value = "models/cache")]
     pub cache_dir: PathBuf,
     /// Most answers the verifier fits and calibrates on (from the held-back train prompts;
-    /// the default takes all of them).
-    #[arg(long, default_value_t = 60000)]
+    /// 0 = all of them).
+    #[arg(long, default_value_t = 0)]
     pub verify_rows: usize,
     /// Dev rows used to report the verifier's figures.
     #[arg(long, default_value_t = 6000)]
@@ -275,7 +275,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
             &format!("{}/{}/{}", r.source, r.prompt_id, r.model),
         )
     });
-    vrows.truncate(a.verify_rows);
+    if a.verify_rows > 0 {
+        vrows.truncate(a.verify_rows);
+    }
     let vf = RowFeatures::compute(&emb, "verify", &vrows, true, a.max_answer_tokens)?;
     let mut stage = Heads {
         format: heads::FORMAT,
@@ -749,6 +751,24 @@ fn write_heads(path: &Path, h: &Heads) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        train: TrainArgs,
+    }
+
+    #[test]
+    fn an_empty_card_path_parses_and_means_none() {
+        use clap::Parser;
+        let c = Cli::try_parse_from(["train", "--card", ""]).map_err(|e| e.to_string());
+        assert_eq!(c.map(|c| c.train.card), Ok(PathBuf::new()));
+        let c = Cli::try_parse_from(["train"]).map_err(|e| e.to_string());
+        assert_eq!(
+            c.map(|c| c.train.card),
+            Ok(PathBuf::from("models/README.md"))
+        );
+    }
 
     #[test]
     fn default_floor_is_the_lowest_meeting_the_target_everywhere() {

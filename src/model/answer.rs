@@ -24,7 +24,9 @@ pub fn options(prompt: &str) -> Vec<String> {
     if let Some(i) = prompt.rfind("Options: [") {
         let rest = &prompt[i + "Options: ".len()..];
         let line = rest.lines().next().unwrap_or("");
-        if let Ok(v) = serde_json::from_str::<Vec<serde_json::Value>>(line) {
+        // Streaming, so text after the closing `]` on the same line does not spoil the list.
+        let mut it = serde_json::Deserializer::from_str(line).into_iter::<Vec<serde_json::Value>>();
+        if let Some(Ok(v)) = it.next() {
             return v
                 .into_iter()
                 .map(|x| match x {
@@ -38,6 +40,7 @@ pub fn options(prompt: &str) -> Vec<String> {
     let last_q = &tail[after_last_worked_answer(tail)..];
     let mut out: Vec<String> = Vec::new();
     for line in last_q.lines() {
+        let line = line.trim_start();
         let l = line.strip_prefix('(').unwrap_or(line);
         let mut cs = l.chars();
         let (Some(c), Some(sep)) = (cs.next(), cs.next()) else {
@@ -103,20 +106,10 @@ pub fn chosen(answer: &str) -> (Option<char>, usize) {
     // ASCII lowercase keeps byte offsets.
     let lower = answer.to_ascii_lowercase();
     let mut found: Vec<(usize, char)> = Vec::new();
-    for (pat, colon_optional) in [("answer is", true), ("answer:", false)] {
+    for pat in ["answer is", "answer:", "\\boxed{"] {
         for (i, _) in lower.match_indices(pat) {
-            let mut rest = &answer[i + pat.len()..];
-            if colon_optional {
-                rest = rest.strip_prefix(':').unwrap_or(rest);
-            }
-            let rest = rest.trim_start();
-            let rest = rest.strip_prefix('(').unwrap_or(rest);
-            let rest = rest.trim_start_matches('*').trim_start();
-            let mut cs = rest.chars();
-            if let Some(c) = cs.next().filter(|&c| letter_index(c).is_some()) {
-                if !cs.next().is_some_and(|n| n.is_alphanumeric()) {
-                    found.push((i, c));
-                }
+            if let Some(c) = declared_letter(&answer[i + pat.len()..]) {
+                found.push((i, c));
             }
         }
     }
@@ -136,6 +129,34 @@ pub fn chosen(answer: &str) -> (Option<char>, usize) {
         }
     }
     (None, 0)
+}
+
+/// The letter declared right after `answer is` / `answer:` / `\boxed{`, through Markdown and
+/// brackets: `(B)`, `**B**`, `:** (b)`, `$\boxed{C}$`. A bracketed letter may be lower case;
+/// a bare one must be upper case and not start a word or a sentence (`Answer: I think`,
+/// `answer is A good estimate`).
+fn declared_letter(rest: &str) -> Option<char> {
+    let rest = rest.trim_start_matches(|c: char| c.is_whitespace() || "*_:$".contains(c));
+    let (bracketed, rest) = match rest.strip_prefix(['(', '[', '{']) {
+        Some(r) => (true, r.trim_start_matches(['*', '_', ' '])),
+        None => (false, rest),
+    };
+    let mut cs = rest.chars();
+    let c = cs.next()?;
+    let u = if bracketed { c.to_ascii_uppercase() } else { c };
+    letter_index(u)?;
+    let after = cs.as_str();
+    if after.starts_with(|n: char| n.is_alphanumeric()) {
+        return None;
+    }
+    if !bracketed {
+        // "A good …", "I think …": a word, not a pick.
+        let next = after.trim_start_matches(' ');
+        if after.starts_with(' ') && next.starts_with(|n: char| n.is_lowercase()) {
+            return None;
+        }
+    }
+    Some(u)
 }
 
 /// Lowercase with runs of whitespace collapsed to one space.
@@ -208,8 +229,9 @@ pub fn text_features(prompt: &str, answer: &str) -> [f32; TEXT_FEATURES] {
         let on = numbers(&o);
         if !on.is_empty() {
             has_num = 1.0;
-            let an = numbers(&a);
-            num_match = on.iter().filter(|n| an.contains(n)).count() as f32 / on.len() as f32;
+            // A set: both lists can run to 100k numbers in a crafted request.
+            let an: std::collections::HashSet<&str> = numbers(&a).into_iter().collect();
+            num_match = on.iter().filter(|n| an.contains(*n)).count() as f32 / on.len() as f32;
         }
     }
     let lines: Vec<&str> = answer
@@ -268,6 +290,8 @@ mod tests {
             "last question only"
         );
         assert!(options("Write a poem about rain.").is_empty());
+        assert_eq!(options("Options: [\"x\", \"y\"] (pick one)"), ["x", "y"]);
+        assert_eq!(options("Pick:\n  A) x\n  B) y"), ["x", "y"], "indented");
         assert!(options("Options: [not json").is_empty());
     }
 
@@ -287,6 +311,17 @@ mod tests {
         );
         assert_eq!(chosen("the answer is a function of x"), (None, 0));
         assert_eq!(chosen("Unfortunately I cannot"), (None, 0));
+        assert_eq!(chosen("**Answer:** (B)"), (Some('B'), 1));
+        assert_eq!(chosen("So the answer is **(D)**."), (Some('D'), 1));
+        assert_eq!(chosen("the answer is (c)"), (Some('C'), 1));
+        assert_eq!(chosen("Hence $\\boxed{E}$"), (Some('E'), 1));
+        assert_eq!(
+            chosen("Answer: I think it is (C)"),
+            (None, 0),
+            "a pronoun, not a pick"
+        );
+        assert_eq!(chosen("The answer is A good estimate"), (None, 0));
+        assert_eq!(chosen("The answer is A."), (Some('A'), 1));
     }
 
     #[test]
@@ -334,6 +369,17 @@ mod tests {
             }
         }
         assert_eq!(options("Options: [\"é\", 3, null]"), ["é", "3", "null"]);
+    }
+
+    /// A crafted pair with ~100k numbers on each side (the matching was quadratic: ~10^10
+    /// comparisons inside one Verify; now a hash set). Not timed here: a regression shows as
+    /// a test that runs for minutes.
+    #[test]
+    fn huge_number_lists() {
+        let prompt = format!("Options: [\"{}\", \"b\"]", "2 ".repeat(100_000));
+        let answer = format!("The answer is (A). {}", "1 ".repeat(100_000));
+        let f = text_features(&prompt, &answer);
+        assert_eq!((f[8], f[9]), (1.0, 0.0));
     }
 
     #[test]
