@@ -130,6 +130,15 @@ pub fn bce(p: f64, y: f64) -> f64 {
     -(y * p.ln() + (1.0 - y) * (1.0 - p).ln())
 }
 
+/// Mean log-loss of a logistic head on rows `x` (row-major, width `d`) with labels `y`.
+pub fn head_log_loss(h: &LinearHead, x: &[f32], d: usize, y: &[f32]) -> f64 {
+    let p: Vec<f64> = x
+        .chunks_exact(d)
+        .map(|x| sigmoid(h.logit(x) as f64))
+        .collect();
+    log_loss(&p, y)
+}
+
 pub fn log_loss(p: &[f64], y: &[f32]) -> f64 {
     p.iter()
         .zip(y)

@@ -388,11 +388,7 @@ pub fn adapt(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<serde_j
                     break;
                 }
                 let h = fit::logistic(&fx, d, &fy, l2)?;
-                let p: Vec<f64> = hx
-                    .chunks_exact(d)
-                    .map(|x| heads::sigmoid(h.logit(x) as f64))
-                    .collect();
-                let loss = fit::log_loss(&p, &hy);
+                let loss = fit::head_log_loss(&h, &hx, d, &hy);
                 if loss < best {
                     best = loss;
                     chosen = (width, l2);

@@ -327,11 +327,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let mut vbest: Option<(f64, f64, LinearHead)> = None;
     for l2 in [1e-5, 1e-4, 1e-3, 1e-2] {
         let h = fit::logistic(&fx, nv, &fy, l2)?;
-        let p: Vec<f64> = cx
-            .chunks_exact(nv)
-            .map(|x| heads::sigmoid(h.logit(x) as f64))
-            .collect();
-        let loss = fit::log_loss(&p, &cy);
+        let loss = fit::head_log_loss(&h, &cx, nv, &cy);
         eprintln!("verifier: L2 {l2:e}: calibration-part log-loss {loss:.4}");
         if vbest.as_ref().is_none_or(|b| loss < b.0) {
             vbest = Some((loss, l2, h));
