@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::data::{read_rows, Row};
 use super::fit;
 use crate::config::{Config, Precision};
-use crate::model::heads::{self, AnswerInput, Heads, LinearHead, VerifierHead};
+use crate::model::heads::{self, AnswerInput, Heads, LinearHead, ModelInfo, VerifierHead};
 use crate::model::tokenize::TruncSide;
 use crate::pipeline::Encoder;
 
@@ -241,12 +241,7 @@ impl RowFeatures {
     /// Verifier features of a row (None without a response).
     pub fn verify_x(&self, heads: &Heads, row: usize, r: &Row) -> Option<Vec<f32>> {
         let a = self.answer(row, r)?;
-        let e = self.prompt(row);
-        Some(heads::verify_features(
-            heads.route_logit(&r.model, e),
-            e,
-            &a,
-        ))
+        Some(heads.verify_x(&r.model, self.prompt(row), &a))
     }
 }
 
@@ -326,6 +321,28 @@ pub fn adapt(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<serde_j
         fitted.push((m.to_string(), a));
     }
     heads.router.models.extend(fitted);
+    // The verifier compares an answer's length with its model's usual; a model the heads have
+    // not seen gets its usual from its calibration answers. Its prices stay unknown (0):
+    // scoring never reads them.
+    let mut lens: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    for r in rows {
+        if let (Some(t), false) = (&r.response, heads.models.contains_key(&r.model)) {
+            let e = lens.entry(r.model.as_str()).or_default();
+            e.0 += t.len().div_ceil(4) as u64;
+            e.1 += 1;
+        }
+    }
+    for (m, (tok, n)) in lens {
+        heads.models.insert(
+            m.to_string(),
+            ModelInfo {
+                in_usd_per_mtok: 0.0,
+                out_usd_per_mtok: 0.0,
+                mean_output_tokens: (tok / n.max(1)).max(1) as u32,
+                train_rows: 0,
+            },
+        );
+    }
     // Re-fit the verifier on the calibration answers, the encoder untouched. Always: how its
     // logit and the (adapted) router's logit combine, so it is calibrated on the target
     // traffic and never much worse than the router where the answer features do not
@@ -344,8 +361,7 @@ pub fn adapt(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<serde_j
         // AlpacaEval's verifier AUROC from 0.838 to 0.809 (MMLU-Pro 0.843 → 0.840). What the
         // abilities learn is mostly each model's level, which carries over to new prompts of
         // the same traffic, so these logits are less optimistic than usual in-sample ones.
-        let rl = heads.route_logit(&r.model, f.prompt(i));
-        xs.push(heads::verify_features(rl, f.prompt(i), &a));
+        xs.push(heads.verify_x(&r.model, f.prompt(i), &a));
         ys.push(s as f32);
         folds.push(fold_of(i));
     }
@@ -354,7 +370,7 @@ pub fn adapt(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<serde_j
         let v = heads.verifier.clone();
         // Features of the re-fit: [trained head logit, router logit, small features...].
         let feats = |x: &[f32], width: usize| -> Vec<f32> {
-            let mut z = vec![v.head.logit(x), x[0]];
+            let mut z = vec![v.raw_logit(x), x[0]];
             z.extend_from_slice(&x[1..width]);
             z
         };
@@ -399,9 +415,11 @@ pub fn adapt(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<serde_j
         let d = 1 + width;
         let (flat, _) = rows_of(width, None);
         let h = fit::logistic(&flat, d, &ys, l2)?;
-        // Fold the re-fit into the head: z = a·(w·x + b0) + c·x0 + Σ v_j x_j + b.
+        // Fold the re-fit into the head: z = a·(w·x + b0 + trees(x)) + c·x0 + Σ v_j x_j + b.
         let a = h.w[0];
         let mut w: Vec<f32> = v.head.w.iter().map(|wi| a * wi).collect();
+        let mut trees = v.trees.clone();
+        trees.scale(a);
         // h.w[1..] are the deltas for x[0..width] (router logit, then the small features).
         for (wj, dj) in w.iter_mut().zip(&h.w[1..]) {
             *wj += dj;
@@ -411,6 +429,7 @@ pub fn adapt(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<serde_j
                 w,
                 b: a * v.head.b + h.b,
             },
+            trees,
             platt_a: 1.0,
             platt_b: 0.0,
             router_coef: 0.0,

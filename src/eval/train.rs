@@ -18,6 +18,7 @@ use super::fit::{self, RouterFit, RouterRows};
 use super::score::{offline_encoder, score_with, Embedder, EncoderArgs, RowFeatures};
 use crate::model::answer;
 use crate::model::heads::{self, Ability, Heads, LinearHead, ModelInfo, RouterHead, VerifierHead};
+use crate::model::trees::{boost, BoostParams, Rows};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainArgs {
@@ -34,6 +35,10 @@ pub struct TrainArgs {
     /// 0 = all of them).
     #[arg(long, default_value_t = 0)]
     pub verify_rows: usize,
+    /// Most boosting rounds of the verifier's trees (cut at the best on held-back rows; 0 =
+    /// linear head only).
+    #[arg(long, default_value_t = 400)]
+    pub verify_trees: usize,
     /// Dev rows used to report the verifier's figures.
     #[arg(long, default_value_t = 6000)]
     pub verify_dev_rows: usize,
@@ -279,6 +284,23 @@ pub fn run(a: TrainArgs) -> Result<()> {
         vrows.truncate(a.verify_rows);
     }
     let vf = RowFeatures::compute(&emb, "verify", &vrows, true, a.max_answer_tokens)?;
+    let mut models = BTreeMap::new();
+    for m in &names {
+        let price = prices
+            .get(m)
+            .with_context(|| format!("model {m} is missing from catalog.json"))?;
+        let rows: Vec<&Row> = train.iter().filter(|r| &r.model == m).collect();
+        let tok: u64 = rows.iter().map(|r| r.response_tokens.unwrap_or(1)).sum();
+        models.insert(
+            m.clone(),
+            ModelInfo {
+                in_usd_per_mtok: price.in_usd_per_mtok,
+                out_usd_per_mtok: price.out_usd_per_mtok,
+                mean_output_tokens: (tok / rows.len().max(1) as u64).max(1) as u32,
+                train_rows: rows.len(),
+            },
+        );
+    }
     let mut stage = Heads {
         format: heads::FORMAT,
         revision: String::new(),
@@ -295,8 +317,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
             platt_a: 1.0,
             platt_b: 0.0,
             router_coef: 0.0,
+            trees: Default::default(),
         },
-        models: BTreeMap::new(),
+        models: models.clone(),
         default_verify_threshold: 0.5,
         default_quality_floor: None,
         verify_thresholds: vec![],
@@ -336,7 +359,56 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let Some((_, verify_l2, vh)) = vbest else {
         bail!("verifier: no fit")
     };
-    let cz: Vec<f64> = cx.chunks_exact(nv).map(|x| vh.logit(x) as f64).collect();
+    // Trees on the linear head's residual, cut at the round of least calibration-part loss.
+    let (fb, cb): (Vec<f32>, Vec<f32>) = (
+        fx.chunks_exact(nv).map(|x| vh.logit(x)).collect(),
+        cx.chunks_exact(nv).map(|x| vh.logit(x)).collect(),
+    );
+    let bp = BoostParams {
+        rounds: a.verify_trees,
+        ..Default::default()
+    };
+    let (trees, rep) = boost(
+        &Rows {
+            x: &fx,
+            y: &fy,
+            base: &fb,
+        },
+        Some(&Rows {
+            x: &cx,
+            y: &cy,
+            base: &cb,
+        }),
+        nv,
+        &heads::tree_inputs(d),
+        &bp,
+    )?;
+    let linear_loss = fit::log_loss(
+        &cb.iter()
+            .map(|&z| heads::sigmoid(z as f64))
+            .collect::<Vec<_>>(),
+        &cy,
+    );
+    eprintln!(
+        "verifier: {} trees kept of {}; calibration-part log-loss {linear_loss:.4} → {:.4}",
+        rep.rounds_kept,
+        bp.rounds,
+        rep.valid_loss
+            .get(rep.rounds_kept.wrapping_sub(1))
+            .copied()
+            .unwrap_or(linear_loss)
+    );
+    let vhead = VerifierHead {
+        head: vh,
+        trees,
+        platt_a: 1.0,
+        platt_b: 0.0,
+        router_coef: 0.0,
+    };
+    let cz: Vec<f64> = cx
+        .chunks_exact(nv)
+        .map(|x| vhead.raw_logit(x) as f64)
+        .collect();
     let (pa, pb) = fit::platt(&cz, &cy)?;
     eprintln!("verifier: Platt a {pa:.3} b {pb:.3} on {} rows", cy.len());
     let cp: Vec<f64> = cz.iter().map(|&z| heads::sigmoid(pa * z + pb)).collect();
@@ -344,30 +416,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
     eprintln!("verifier: thresholds per floor {thresholds:?}");
 
     // ---- assemble, then measure on dev ----
-    let mut models = BTreeMap::new();
-    for m in &names {
-        let price = prices
-            .get(m)
-            .with_context(|| format!("model {m} is missing from catalog.json"))?;
-        let rows: Vec<&Row> = train.iter().filter(|r| &r.model == m).collect();
-        let tok: u64 = rows.iter().map(|r| r.response_tokens.unwrap_or(1)).sum();
-        models.insert(
-            m.clone(),
-            ModelInfo {
-                in_usd_per_mtok: price.in_usd_per_mtok,
-                out_usd_per_mtok: price.out_usd_per_mtok,
-                mean_output_tokens: (tok / rows.len().max(1) as u64).max(1) as u32,
-                train_rows: rows.len(),
-            },
-        );
-    }
     let mut out = Heads {
         router,
         verifier: VerifierHead {
-            head: vh,
             platt_a: pa as f32,
             platt_b: pb as f32,
-            router_coef: 0.0,
+            ..vhead
         },
         models,
         verify_thresholds: thresholds,
@@ -653,10 +707,13 @@ fn model_card(h: &Heads, a: &TrainArgs) -> String {
          features of the pair's text (`src/model/answer.rs`: for multiple-choice prompts the option picked, whether it is \
          valid, its length rank and position among the options, whether its text and numbers appear in the reasoning, \
          changed picks; for any answer repetition and approximation words), products of these with the router logit, \
-         the multiple-choice flag and a bare-letter flag, the prompt–answer cosine and the answer's embedding (last {} \
-         tokens mostly); Platt-scaled on held-back rows. ",
+         the multiple-choice flag and a bare-letter flag, the answer's length against its model's usual, the \
+         prompt–answer cosine and the answer's embedding (last {} tokens mostly); plus {} boosted depth-3 trees over the \
+         non-embedding features (`src/model/trees.rs`, on the linear head's residual, cut at the round of least \
+         held-back log-loss); Platt-scaled on held-back rows. ",
         answer::TEXT_FEATURES,
-        h.max_answer_tokens
+        h.max_answer_tokens,
+        h.verifier.trees.trees.len()
     ));
     s.push_str("Judge-gaming outputs (`gpt4_gamed`, `*_verbose`, `*_concise`) are excluded from its training.\n\n");
     s.push_str("## Data and selection\n\n");

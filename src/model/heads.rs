@@ -6,8 +6,9 @@
 //! population mean, and k + 1 numbers fitted from a small labelled sample make it its own.
 //!
 //! Verifier: logistic on [router logit, answer-form features, the pair's text features
-//! (model::answer), their interactions, prompt–answer cosine, answer embedding], then
-//! Platt-scaled on held-back rows so that 0.8 means 80%.
+//! (model::answer), their interactions, the answer's length against its model's usual,
+//! prompt–answer cosine, answer embedding], plus boosted trees (model::trees) over the
+//! non-embedding features, then Platt-scaled on held-back rows so that 0.8 means 80%.
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -15,9 +16,10 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::answer::{self, TEXT_FEATURES};
+use super::trees::Forest;
 
-/// 3: the verifier reads the pair's text (model::answer) instead of prompt ⊙ answer.
-pub const FORMAT: u32 = 3;
+/// 4: the verifier adds boosted trees and the answer's relative length (3: the pair's text).
+pub const FORMAT: u32 = 4;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LinearHead {
@@ -72,8 +74,11 @@ pub const FORM_FEATURES: usize = 10;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VerifierHead {
-    /// Over `verify_features` (1 + FORM_FEATURES + 2 × dim).
+    /// Over `verify_features` (see [`verify_dim`]).
     pub head: LinearHead,
+    /// Added to the head's logit; reads only the non-embedding features ([`tree_inputs`]).
+    #[serde(default)]
+    pub trees: Forest,
     /// Platt scaling: p = sigmoid(a · logit + b).
     pub platt_a: f32,
     pub platt_b: f32,
@@ -85,8 +90,14 @@ pub struct VerifierHead {
 }
 
 impl VerifierHead {
+    /// The logit before Platt scaling: linear head plus trees.
+    pub fn raw_logit(&self, x: &[f32]) -> f32 {
+        self.head.logit(x) + self.trees.margin(x)
+    }
+
     pub fn p(&self, x: &[f32]) -> f64 {
-        let z = self.platt_a * self.head.logit(x) + self.router_coef * x[0] + self.platt_b;
+        let x0 = x.first().copied().unwrap_or(0.0);
+        let z = self.platt_a * self.raw_logit(x) + self.router_coef * x0 + self.platt_b;
         sigmoid(z as f64)
     }
 }
@@ -179,6 +190,7 @@ impl Heads {
         {
             bail!("verifier: expected {nv} finite weights");
         }
+        v.trees.validate(nv).context("verifier.trees")?;
         let mut last = (f64::NEG_INFINITY, f64::NEG_INFINITY);
         for &(f, t) in &self.verify_thresholds {
             if !(0.0..=1.0).contains(&f) || !(0.0..=1.0).contains(&t) || f <= last.0 || t < last.1 {
@@ -217,15 +229,32 @@ impl Heads {
     }
 
     pub fn verify_p(&self, model: &str, prompt_emb: &[f32], answer: &AnswerInput) -> f64 {
+        self.verifier.p(&self.verify_x(model, prompt_emb, answer))
+    }
+
+    /// The verifier's input for `model`'s answer (router logit and usual answer length from
+    /// the heads).
+    pub fn verify_x(&self, model: &str, prompt_emb: &[f32], answer: &AnswerInput) -> Vec<f32> {
         let rl = self.route_logit(model, prompt_emb);
-        self.verifier.p(&verify_features(rl, prompt_emb, answer))
+        let usual = self.models.get(model).map(|m| m.mean_output_tokens);
+        verify_features(rl, usual, prompt_emb, answer)
     }
 }
 
 /// Verifier input width: router logit, form, text, their interactions (see
-/// [`verify_features`]), the prompt–answer cosine and the answer embedding.
+/// [`verify_features`]), bare flag, relative length, the prompt–answer cosine and the answer
+/// embedding.
 pub fn verify_dim(dim: usize) -> usize {
-    1 + 2 * FORM_FEATURES + 2 * TEXT_FEATURES + FORM_FEATURES + TEXT_FEATURES + 1 + 1 + dim
+    1 + 2 * FORM_FEATURES + 2 * TEXT_FEATURES + FORM_FEATURES + TEXT_FEATURES + 3 + dim
+}
+
+/// Columns of `verify_features` the trees read: router logit, form, text, bare flag,
+/// relative length, cosine (the products are there for the linear head; trees make their own).
+pub fn tree_inputs(dim: usize) -> Vec<usize> {
+    let tail = verify_dim(dim) - dim;
+    (0..1 + FORM_FEATURES + TEXT_FEATURES)
+        .chain(tail - 3..tail)
+        .collect()
 }
 
 /// What the verifier knows of an answer.
@@ -295,7 +324,15 @@ pub fn form_features(text: &str, prompt_chars: usize, truncated: bool) -> [f32; 
 /// differently where they matter: text cues weighed by the router's confidence, form cues
 /// for multiple-choice prompts, and text cues for bare one-letter answers (0-shot
 /// multiple choice, where the reasoning is absent).
-pub fn verify_features(route_logit: f32, prompt_emb: &[f32], a: &AnswerInput) -> Vec<f32> {
+///
+/// `usual_tokens`: the model's mean answer length in training (byte-proxy tokens); an answer
+/// far shorter or longer than its model's usual is a cue (cut off, rambling). Unknown: 0.
+pub fn verify_features(
+    route_logit: f32,
+    usual_tokens: Option<u32>,
+    prompt_emb: &[f32],
+    a: &AnswerInput,
+) -> Vec<f32> {
     let mut x = Vec::with_capacity(verify_dim(prompt_emb.len()));
     let form = form_features(a.text, a.prompt.chars().count(), a.truncated);
     let text = answer::text_features(a.prompt, a.text);
@@ -313,6 +350,10 @@ pub fn verify_features(route_logit: f32, prompt_emb: &[f32], a: &AnswerInput) ->
     x.extend(form.iter().map(|v| v * mc));
     x.extend(text.iter().map(|v| v * bare));
     x.push(bare);
+    x.push(usual_tokens.map_or(0.0, |u| {
+        let tokens = a.text.len().div_ceil(4) as f32;
+        (1.0 + tokens).ln() - (1.0 + u as f32).ln()
+    }));
     // Both embeddings are L2-normalised: the dot is their cosine.
     x.push(dot(prompt_emb, a.embedding));
     x.extend_from_slice(a.embedding);
@@ -371,16 +412,26 @@ mod tests {
             embedding: &e,
             truncated: false,
         };
-        let x = verify_features(1.5, &e, &a);
+        let x = verify_features(1.5, Some(3), &e, &a);
         assert_eq!(x.len(), verify_dim(dim));
         assert_eq!(x[0], 1.5, "router logit first");
         let text = 1 + FORM_FEATURES;
         assert_eq!(x[text], 1.0, "multiple choice");
         assert_eq!(x[text + 1], 1.0, "valid pick");
         assert_eq!(x[text + TEXT_FEATURES + 1], 1.5, "pick × router logit");
-        let bare = verify_dim(dim) - dim - 2;
+        let bare = verify_dim(dim) - dim - 3;
         assert_eq!(x[bare], 1.0, "a one-letter answer is bare");
-        assert!((x[bare + 1] - 2.0).abs() < 1e-6, "cosine term is the dot");
+        // One byte-proxy token against a usual 3: ln(2/4).
+        assert!((x[bare + 1] - 0.5f32.ln()).abs() < 1e-6, "relative length");
+        assert_eq!(
+            verify_features(1.5, None, &e, &a)[bare + 1],
+            0.0,
+            "unknown model"
+        );
+        assert!((x[bare + 2] - 2.0).abs() < 1e-6, "cosine term is the dot");
+        let t = tree_inputs(dim);
+        assert_eq!(t.len(), 1 + FORM_FEATURES + TEXT_FEATURES + 3);
+        assert_eq!(&t[t.len() - 3..], &[bare, bare + 1, bare + 2]);
         assert_eq!(&x[verify_dim(dim) - dim..], &e[..], "answer embedding last");
     }
 

@@ -4,3 +4,4 @@ pub mod bf16;
 pub mod encoder;
 pub mod heads;
 pub mod tokenize;
+pub mod trees;
