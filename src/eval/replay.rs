@@ -115,6 +115,13 @@ pub fn route_pick(p: &[f64], floor: f64) -> usize {
     })
 }
 
+/// Route-only by expected utility (Route's `cost_weight` mode): the model maximising
+/// p − λ·cost, the cheaper on ties. `cost`: each model's expected cost per call.
+pub fn utility_pick(p: &[f64], cost: &[f64], lambda: f64) -> usize {
+    let u = |j: usize| p[j] - lambda * cost.get(j).copied().unwrap_or(0.0);
+    (0..p.len()).fold(0, |b, j| if u(j) > u(b) { j } else { b })
+}
+
 /// Cascade from `start`: ship the first answer whose verifier p ≥ t (an answer the verifier
 /// cannot read counts as rejected), the last model's answer regardless. Returns the model
 /// shipped and whether the verifier accepted it.
@@ -284,6 +291,20 @@ impl Replay {
             .map(|&f| {
                 self.point(f, |i| {
                     let j = route_pick(self.row(p, i), f);
+                    (j, j)
+                })
+            })
+            .collect()
+    }
+
+    /// Route-only by utility over a grid of cost weights λ, with p from `p` and each model's
+    /// expected cost `cost` (its training mean: known before the call).
+    pub fn utility_curve(&self, p: &[f64], cost: &[f64], lambdas: &[f64]) -> Vec<Point> {
+        lambdas
+            .iter()
+            .map(|&l| {
+                self.point(l, |i| {
+                    let j = utility_pick(self.row(p, i), cost, l);
                     (j, j)
                 })
             })
@@ -648,14 +669,25 @@ fn report_source(
     tg.dedup();
     let route = r.route_curve(&r.route, &g);
     let knn = r.route_curve(&r.knn, &g);
+    // Cost weights from "price only matters for near-ties" to "always the cheapest": λ·c_best
+    // over 1e-3 … 1e5 (tier models can be priced within a few percent of each other).
+    let expected: Vec<f64> = p.tier.iter().map(|t| t.cost).collect();
+    let c_ref = expected.iter().cloned().fold(0.0, f64::max).max(1e-300);
+    let lambdas: Vec<f64> = std::iter::once(0.0)
+        .chain((0..=80).map(|k| 10f64.powf(-3.0 + k as f64 / 10.0) / c_ref))
+        .collect();
+    let route_u = r.utility_curve(&r.route, &expected, &lambdas);
+    let knn_u = r.utility_curve(&r.knn, &expected, &lambdas);
     let cascade = r.cascade_curve(&tg, |_| 0);
     let route_cascade = r.cascade_curve(&tg, |i| route_pick(r.row(&r.route, i), floor));
     let oracle = r.oracle();
     // The service's default: route-only at the learned floor.
     let at_default = r.route_curve(&r.route, &[floor])[0];
-    let curves: [(&str, &str, &Vec<Point>); 4] = [
+    let curves: [(&str, &str, &Vec<Point>); 6] = [
         ("route", "#1f77b4", &route),
         ("knn", "#ff7f0e", &knn),
+        ("route_utility", "#17becf", &route_u),
+        ("knn_utility", "#bcbd22", &knn_u),
         ("cascade", "#2ca02c", &cascade),
         ("route_cascade", "#9467bd", &route_cascade),
     ];
@@ -775,6 +807,8 @@ fn report_source(
             "oracle": oracle.json(),
             "route": pts(&route),
             "knn": pts(&knn),
+            "route_utility": pts(&route_u),
+            "knn_utility": pts(&knn_u),
             "cascade": pts(&cascade),
             "route_cascade": pts(&route_cascade),
         },
@@ -802,6 +836,8 @@ fn report_source(
                 label: match *name {
                     "route" => "route-only (floor sweep)",
                     "knn" => "kNN router (floor sweep)",
+                    "route_utility" => "route-only (utility, λ sweep)",
+                    "knn_utility" => "kNN router (utility, λ sweep)",
                     "cascade" => "cascade from cheapest",
                     _ => "route, then cascade",
                 },
@@ -847,6 +883,8 @@ fn report_source(
     for (label, key, pk, a) in [
         ("route-only", "route", "router", au(&v["router"])),
         ("kNN", "knn", "knn", au(&v["knn"])),
+        ("route utility", "route_utility", "", None),
+        ("kNN utility", "knn_utility", "", None),
         ("cascade", "cascade", "verifier", au(&v["verifier"])),
         ("route+cascade", "route_cascade", "", None),
         ("oracle", "oracle", "", None),
@@ -917,5 +955,18 @@ mod tests {
         );
         assert_eq!(cascade_stop(&[Some(0.2), Some(0.3)], 0, 0.5), (1, false));
         assert_eq!(cascade_stop(&[Some(0.9), Some(0.3)], 1, 0.5), (1, false));
+        let (p, c) = ([0.5, 0.7, 0.9], [1.0, 2.0, 10.0]);
+        assert_eq!(utility_pick(&p, &c, 0.0), 2, "free: the most likely");
+        assert_eq!(
+            utility_pick(&p, &c, 0.1),
+            1,
+            "0.7 − 0.2 beats 0.9 − 1 and 0.5 − 0.1"
+        );
+        assert_eq!(utility_pick(&p, &c, 1.0), 0, "dear: the cheapest");
+        assert_eq!(
+            utility_pick(&[0.5, 0.5], &[1.0, 1.0], 0.0),
+            0,
+            "ties: the cheaper"
+        );
     }
 }
