@@ -148,6 +148,16 @@ fn eval_replays_a_dev_slice() {
             );
             assert!(close(f(&first["calls"]), 1.0));
         }
+        // Route-only by utility: one call per prompt, λ ascending from 0.
+        for k in ["route_utility", "knn_utility"] {
+            let pts = c[k].as_array().unwrap();
+            assert!(pts.len() > 10, "{name} {k}");
+            assert_eq!(f(&pts[0]["param"]), 0.0);
+            for w in pts.windows(2) {
+                assert!(f(&w[0]["param"]) < f(&w[1]["param"]), "{name} {k}");
+            }
+            assert!(pts.iter().all(|p| close(f(&p["calls"]), 1.0)), "{name} {k}");
+        }
         for k in ["router", "knn", "verifier"] {
             let a = f(&s[k]["auroc"]);
             assert!((0.0..=1.0).contains(&a), "{name} {k} auroc {a}");
@@ -205,7 +215,10 @@ fn train_learns_its_defaults_on_held_back_prompts() {
     // Learned, not the fallback: the held-back prompts gave at least one source's tier.
     assert!(d.get("reason").is_none(), "{d}");
     assert!(!d["sources"].as_object().unwrap().is_empty(), "{d}");
+    // The verifier fitted on out-of-fold router logits (the default 5 folds).
+    assert!(stderr.contains("router without fold 5/5"), "{stderr}");
     let text = std::fs::read_to_string(&card).unwrap();
+    assert!(text.contains("5 folds"), "{text}");
     assert!(
         text.contains(&format!("Default quality floor: {floor:.2} (learned)")),
         "{text}"

@@ -35,10 +35,18 @@ pub struct TrainArgs {
     /// 0 = all of them).
     #[arg(long, default_value_t = 0)]
     pub verify_rows: usize,
+    /// F > 0: the verifier fits on every train prompt outside the calibration part, each
+    /// row's router logit from a router fitted without its fold (F folds); 0: only on the 20%
+    /// verifier part, logits from the router fitted on the 70% router part.
+    #[arg(long, default_value_t = 5)]
+    pub verify_folds: usize,
     /// Most boosting rounds of the verifier's trees (cut at the best on held-back rows; 0 =
     /// linear head only).
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 600)]
     pub verify_trees: usize,
+    /// Learning rate (shrinkage) of those trees.
+    #[arg(long, default_value_t = 0.1)]
+    pub verify_tree_lr: f32,
     /// Dev rows used to report the verifier's figures.
     #[arg(long, default_value_t = 6000)]
     pub verify_dev_rows: usize,
@@ -266,11 +274,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let router = to_head(&final_fit, &names);
 
     // ---- verifier, on out-of-sample router logits ----
+    let folds = a.verify_folds;
+    let verifier_part = |r: &Row| match part_of(seed, r) {
+        Part::RouterFit => folds > 0,
+        Part::VerifierFit | Part::Calibrate => true,
+    };
     let mut vrows: Vec<Row> = train
         .iter()
-        .filter(|r| {
-            part_of(seed, r) != Part::RouterFit && r.response.is_some() && r.score.is_some()
-        })
+        .filter(|r| verifier_part(r) && r.response.is_some() && r.score.is_some())
         .filter(|r| !judge_gaming(&r.model))
         .cloned()
         .collect();
@@ -325,13 +336,46 @@ pub fn run(a: TrainArgs) -> Result<()> {
         verify_thresholds: vec![],
         metrics: json!({}),
     };
+    // Out-of-fold router logits: fold f's rows are read by a router fitted on the other
+    // folds (the calibration part never fits one, and is read by the 70% router).
+    let fold_of = |r: &Row| {
+        (hash_str(seed ^ 0xf01d, &format!("{}/{}", r.source, r.prompt_id)) % folds.max(1) as u64)
+            as usize
+    };
+    let mut fold_heads: Vec<Heads> = Vec::with_capacity(folds);
+    for f in 0..folds {
+        let rows = router_rows(&train, &tf, &index, |r| {
+            part_of(seed, r) != Part::Calibrate && fold_of(r) != f
+        });
+        let (fit, _, _) = fit::fit_router(
+            &tf.prompt_emb,
+            d,
+            names.len(),
+            &rows,
+            k,
+            l2,
+            steps,
+            seed,
+            |_| None,
+        );
+        fold_heads.push(Heads {
+            router: to_head(&fit, &names),
+            ..stage.clone()
+        });
+        eprintln!("verifier: router without fold {}/{folds} fitted", f + 1);
+    }
     let (mut fx, mut fy, mut cx, mut cy) = (vec![], vec![], vec![], vec![]);
     for (i, r) in vrows.iter().enumerate() {
-        let Some(x) = vf.verify_x(&stage, i, r) else {
+        let calibrate = part_of(seed, r) == Part::Calibrate;
+        let h = match fold_heads.get(fold_of(r)) {
+            Some(h) if !calibrate => h,
+            _ => &stage,
+        };
+        let Some(x) = vf.verify_x(h, i, r) else {
             continue;
         };
         let y = r.score.unwrap_or(0.0) as f32;
-        if part_of(seed, r) == Part::VerifierFit {
+        if !calibrate {
             fx.extend(x);
             fy.push(y);
         } else {
@@ -366,6 +410,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     );
     let bp = BoostParams {
         rounds: a.verify_trees,
+        learning_rate: a.verify_tree_lr,
         ..Default::default()
     };
     let (trees, rep) = boost(
@@ -718,8 +763,16 @@ fn model_card(h: &Heads, a: &TrainArgs) -> String {
     s.push_str("Judge-gaming outputs (`gpt4_gamed`, `*_verbose`, `*_concise`) are excluded from its training.\n\n");
     s.push_str("## Data and selection\n\n");
     s.push_str("Train split of `../shared/data` (see its README). Train prompts are split by a seeded hash: 70% fit the router ");
-    s.push_str("while its rank, L2 and step count are chosen on the other 30%; the verifier is fitted on 20% (out-of-sample router ");
-    s.push_str("logits) and calibrated on 10%; the router is then refitted on all train prompts. ");
+    s.push_str("while its rank, L2 and step count are chosen on the other 30%; ");
+    if a.verify_folds > 0 {
+        s.push_str(&format!(
+            "the verifier is fitted on 90% (each row's router logit from a router fitted without its fold, {} folds) ",
+            a.verify_folds
+        ));
+    } else {
+        s.push_str("the verifier is fitted on 20% (out-of-sample router logits) ");
+    }
+    s.push_str("and calibrated on the last 10% (trees cut, L2 and Platt chosen there); the router is then refitted on all train prompts. ");
     if let Some(src) = &a.exclude_source {
         s.push_str(&format!("**Source `{src}` was left out of training.** "));
     }
