@@ -37,14 +37,17 @@ import json, sys
 out, sources = sys.argv[1], sys.argv[2:]
 fmt = lambda v, p="": "n/a" if v is None else f"{v:.3f}" if not p else f"{v:.1f}%"
 print("| left-out source | router AUROC | kNN AUROC | verifier AUROC | saved@98% route | saved@98% kNN "
+      "| saved@98% route utility | saved@98% kNN utility "
       "| saved@98% cascade | APGR router | APGR kNN | CPT50 router |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for s in sources:
     e = json.load(open(f"{out}/{s}/eval.json"))["sources"][s]
     red, pair = e["cost_reduction_at_target"], e["pair_routing"]
     g = lambda k, f: (pair.get(k) or {}).get(f)
     print(f"| {s} | {fmt(e['router']['auroc'])} | {fmt(e['knn']['auroc'])} | {fmt(e['verifier']['auroc'])} "
           f"| {fmt(red['route']['saved_pct'], '%')} | {fmt(red['knn']['saved_pct'], '%')} "
+          f"| {fmt(red.get('route_utility', {}).get('saved_pct'), '%')} "
+          f"| {fmt(red.get('knn_utility', {}).get('saved_pct'), '%')} "
           f"| {fmt(red['cascade']['saved_pct'], '%')} | {fmt(g('router', 'apgr'))} | {fmt(g('knn', 'apgr'))} "
           f"| {fmt(g('router', 'cpt50_pct'), '%')} |")
 PY

@@ -393,25 +393,39 @@ pub fn adapt(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<serde_j
             }
             (fx, fy)
         };
-        let mut chosen = cands[0];
-        if cands.len() > 1 {
-            let mut best = f64::INFINITY;
+        // The trained verifier, unchanged (it reads the adapted router), is a candidate too:
+        // on traffic the heads already know, a re-fit on a few thousand rows can cost more
+        // than it brings.
+        let held: Vec<usize> = (0..xs.len()).filter(|&j| folds[j] == 0).collect();
+        let keep_loss = (!held.is_empty() && held.len() < xs.len()).then(|| {
+            let p: Vec<f64> = held.iter().map(|&j| v.p(&xs[j])).collect();
+            let y: Vec<f32> = held.iter().map(|&j| ys[j]).collect();
+            fit::log_loss(&p, &y)
+        });
+        let mut chosen = Some(cands[0]);
+        if let Some(keep) = keep_loss {
+            let mut best = keep;
+            chosen = None;
             for &(width, l2) in &cands {
                 let d = 1 + width;
                 let ((fx, fy), (hx, hy)) =
                     (rows_of(width, Some(false)), rows_of(width, Some(true)));
-                if fy.is_empty() || hy.is_empty() {
-                    break;
-                }
                 let h = fit::logistic(&fx, d, &fy, l2)?;
                 let loss = fit::head_log_loss(&h, &hx, d, &hy);
                 if loss < best {
                     best = loss;
-                    chosen = (width, l2);
+                    chosen = Some((width, l2));
                 }
             }
         }
-        let (width, l2) = chosen;
+        let Some((width, l2)) = chosen else {
+            return Ok(serde_json::json!({
+                "prior_shift": prior_shift,
+                "models": report,
+                "verifier_rows": ys.len(),
+                "verifier_refit": { "kept": true },
+            }));
+        };
         let d = 1 + width;
         let (flat, _) = rows_of(width, None);
         let h = fit::logistic(&flat, d, &ys, l2)?;
