@@ -2,10 +2,10 @@
 //! verifier on the train split, selecting everything on prompts held back from it, and reports
 //! figures on the dev split only.
 //!
-//! Split of the train prompts (seeded, by prompt id): 70% fit the router while it is selected;
-//! the other 30% give out-of-sample router logits, on which the verifier is fitted (20%) and
-//! calibrated (10%). The router is then refitted on all train prompts for the same number of
-//! steps.
+//! Split of the train prompts (seeded, by prompt id): 70% fit the router while it is selected
+//! on the other 30%. The verifier fits on 90% (router logits out of fold: each row's from a
+//! router fitted without its fold) and is calibrated on the last 10% (router logits from the
+//! 70% router). The router is then refitted on all train prompts for the same number of steps.
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -275,6 +275,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
 
     // ---- verifier, on out-of-sample router logits ----
     let folds = a.verify_folds;
+    if folds == 1 {
+        bail!("--verify-folds 1 leaves no rows to fit a fold's router: use 0 or at least 2");
+    }
+    if !(a.verify_tree_lr.is_finite() && a.verify_tree_lr > 0.0) {
+        bail!("--verify-tree-lr must be a positive number");
+    }
     let verifier_part = |r: &Row| match part_of(seed, r) {
         Part::RouterFit => folds > 0,
         Part::VerifierFit | Part::Calibrate => true,

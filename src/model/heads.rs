@@ -185,8 +185,10 @@ impl Heads {
         let v = &self.verifier;
         if v.head.w.len() != nv
             || !finite(&v.head.w)
+            || !v.head.b.is_finite()
             || !v.platt_a.is_finite()
             || !v.platt_b.is_finite()
+            || !v.router_coef.is_finite()
         {
             bail!("verifier: expected {nv} finite weights");
         }

@@ -178,6 +178,11 @@ fn thresholds(mut v: Vec<f32>, bins: usize) -> Vec<f32> {
     if t.last() == v.last() {
         t.pop();
     }
+    // Rare low values (under 1/bins of the rows, e.g. a flag that is almost always 1) would
+    // otherwise share the one bin with the maximum: split them off.
+    if t.is_empty() && v[0] < v[v.len() - 1] {
+        t.push(v[0]);
+    }
     t
 }
 
@@ -206,21 +211,29 @@ pub fn boost(
     if n == 0 || !(2..=256).contains(&p.bins) || p.depth == 0 || p.depth > 8 {
         bail!("boost: no rows, or bins/depth out of range");
     }
+    if valid.is_some_and(|v| v.y.is_empty()) {
+        bail!("boost: validation rows given but empty");
+    }
+    let lr_ok = p.learning_rate.is_finite() && p.learning_rate > 0.0;
+    if !lr_ok || !p.l2.is_finite() || p.l2 < 0.0 || p.min_leaf == 0 {
+        bail!("boost: learning rate must be > 0, l2 ≥ 0, min_leaf ≥ 1");
+    }
     let nf = inputs.len();
     let cuts: Vec<Vec<f32>> = inputs
         .iter()
         .map(|&j| thresholds((0..n).map(|i| train.x[i * width + j]).collect(), p.bins))
         .collect();
     let nb = p.bins;
-    // Binned rows, row-major n × nf (non-finite values fall in the top bin).
+    // Binned rows, row-major n × nf. NaN falls in the top bin and ±inf at the ends, as
+    // `Tree::leaf_value` routes them (`x <= t` is false for NaN).
     let binned: Vec<u8> = (0..n)
         .flat_map(|i| {
             inputs.iter().zip(&cuts).map(move |(&j, c)| {
                 let x = train.x[i * width + j];
-                (if x.is_finite() {
-                    c.partition_point(|&t| t < x)
-                } else {
+                (if x.is_nan() {
                     c.len()
+                } else {
+                    c.partition_point(|&t| t < x)
                 }) as u8
             })
         })
@@ -524,6 +537,20 @@ mod tests {
     }
 
     #[test]
+    fn a_rare_low_value_gets_its_own_bin() {
+        let mut v = vec![1.0f32; 1000];
+        v[3] = 0.0;
+        assert_eq!(thresholds(v, 64), vec![0.0]);
+        assert!(
+            thresholds(vec![2.0; 10], 64).is_empty(),
+            "a constant splits nothing"
+        );
+        let t = thresholds((0..1000).map(|i| i as f32).collect(), 64);
+        assert_eq!(t.len(), 63);
+        assert!(t.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
     fn bad_shapes_are_errors() {
         let p = BoostParams::default();
         let x = [0.0f32; 6];
@@ -540,5 +567,16 @@ mod tests {
         };
         assert!(boost(&r, None, 3, &[3], &p).is_err());
         assert!(boost(&r, None, 3, &[0], &p).is_ok());
+        let empty = Rows {
+            x: &[],
+            y: &[],
+            base: &[],
+        };
+        assert!(boost(&r, Some(&empty), 3, &[0], &p).is_err());
+        let bad = BoostParams {
+            learning_rate: f32::NAN,
+            ..BoostParams::default()
+        };
+        assert!(boost(&r, None, 3, &[0], &bad).is_err());
     }
 }
