@@ -224,3 +224,22 @@ fn train_learns_its_defaults_on_held_back_prompts() {
         "{text}"
     );
 }
+
+/// Bad training flags fail before any data is read or encoded, naming the flag.
+#[test]
+fn bad_train_flags_fail_at_once_naming_the_flag() {
+    for (flag, value) in [
+        ("--verify-folds", "1"),
+        ("--verify-tree-depth", "0"),
+        ("--verify-tree-lr", "0"),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["train", "--data-dir", "/nonexistent", flag, value])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{flag} {value}");
+        assert!(stderr.contains(flag), "{flag}: {stderr}");
+    }
+}

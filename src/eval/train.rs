@@ -47,6 +47,9 @@ pub struct TrainArgs {
     /// Learning rate (shrinkage) of those trees.
     #[arg(long, default_value_t = 0.1)]
     pub verify_tree_lr: f32,
+    /// Depth of those trees (1–8).
+    #[arg(long, default_value_t = 3)]
+    pub verify_tree_depth: usize,
     /// Dev rows used to report the verifier's figures.
     #[arg(long, default_value_t = 6000)]
     pub verify_dev_rows: usize,
@@ -196,6 +199,16 @@ fn to_head(fit: &RouterFit, names: &[String]) -> RouterHead {
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let seed = a.seed;
+    // Flags first: a bad one should not cost the encoder pass.
+    if a.verify_folds == 1 {
+        bail!("--verify-folds 1 leaves no rows to fit a fold's router: use 0 or at least 2");
+    }
+    if !(a.verify_tree_lr.is_finite() && a.verify_tree_lr > 0.0) {
+        bail!("--verify-tree-lr must be a positive number");
+    }
+    if !(1..=8).contains(&a.verify_tree_depth) {
+        bail!("--verify-tree-depth must be in 1..=8");
+    }
     let mut train = limit_prompts(
         read_rows(&a.data_dir.join("train.jsonl.gz"))?,
         a.max_prompts,
@@ -275,12 +288,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
 
     // ---- verifier, on out-of-sample router logits ----
     let folds = a.verify_folds;
-    if folds == 1 {
-        bail!("--verify-folds 1 leaves no rows to fit a fold's router: use 0 or at least 2");
-    }
-    if !(a.verify_tree_lr.is_finite() && a.verify_tree_lr > 0.0) {
-        bail!("--verify-tree-lr must be a positive number");
-    }
     let verifier_part = |r: &Row| match part_of(seed, r) {
         Part::RouterFit => folds > 0,
         Part::VerifierFit | Part::Calibrate => true,
@@ -417,6 +424,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let bp = BoostParams {
         rounds: a.verify_trees,
         learning_rate: a.verify_tree_lr,
+        depth: a.verify_tree_depth,
         ..Default::default()
     };
     let (trees, rep) = boost(
