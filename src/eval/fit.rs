@@ -121,9 +121,7 @@ fn cholesky_solve(a: &mut [f64], b: &[f64], n: usize) -> Result<Vec<f64>> {
     Ok(z)
 }
 
-pub fn sigmoid(z: f64) -> f64 {
-    1.0 / (1.0 + (-z).exp())
-}
+pub use crate::model::heads::sigmoid;
 
 pub fn bce(p: f64, y: f64) -> f64 {
     let p = p.clamp(1e-7, 1.0 - 1e-7);

@@ -285,30 +285,33 @@ impl Replay {
         })
     }
 
-    /// Route-only over a grid of floors, with p from `p` (router or kNN).
-    pub fn route_curve(&self, p: &[f64], grid: &[f64]) -> Vec<Point> {
+    /// Route-only over a grid of a policy's parameter: one call per prompt, to the model
+    /// `pick(p of the prompt's models, parameter)` chooses, with p from `p` (router or kNN).
+    fn pick_curve(
+        &self,
+        p: &[f64],
+        grid: &[f64],
+        pick: impl Fn(&[f64], f64) -> usize,
+    ) -> Vec<Point> {
         grid.iter()
-            .map(|&f| {
-                self.point(f, |i| {
-                    let j = route_pick(self.row(p, i), f);
+            .map(|&x| {
+                self.point(x, |i| {
+                    let j = pick(self.row(p, i), x);
                     (j, j)
                 })
             })
             .collect()
     }
 
-    /// Route-only by utility over a grid of cost weights λ, with p from `p` and each model's
-    /// expected cost `cost` (its training mean: known before the call).
+    /// Route-only over a grid of floors.
+    pub fn route_curve(&self, p: &[f64], grid: &[f64]) -> Vec<Point> {
+        self.pick_curve(p, grid, route_pick)
+    }
+
+    /// Route-only by utility over a grid of cost weights λ, with each model's expected cost
+    /// `cost` (its training mean: known before the call).
     pub fn utility_curve(&self, p: &[f64], cost: &[f64], lambdas: &[f64]) -> Vec<Point> {
-        lambdas
-            .iter()
-            .map(|&l| {
-                self.point(l, |i| {
-                    let j = utility_pick(self.row(p, i), cost, l);
-                    (j, j)
-                })
-            })
-            .collect()
+        self.pick_curve(p, lambdas, |row, l| utility_pick(row, cost, l))
     }
 
     /// Cascade over a grid of thresholds, starting where `start(i)` says.

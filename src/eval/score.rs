@@ -328,7 +328,7 @@ pub fn adapt(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<serde_j
     for r in rows {
         if let (Some(t), false) = (&r.response, heads.models.contains_key(&r.model)) {
             let e = lens.entry(r.model.as_str()).or_default();
-            e.0 += t.len().div_ceil(4) as u64;
+            e.0 += u64::from(crate::policy::proxy_tokens(t.len()));
             e.1 += 1;
         }
     }

@@ -413,7 +413,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             vbest = Some((loss, l2, h));
         }
     }
-    let Some((_, verify_l2, vh)) = vbest else {
+    let Some((linear_loss, verify_l2, vh)) = vbest else {
         bail!("verifier: no fit")
     };
     // Trees on the linear head's residual, cut at the round of least calibration-part loss.
@@ -442,18 +442,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
         &heads::tree_inputs(d),
         &bp,
     )?;
-    let linear_loss = fit::log_loss(
-        &cb.iter()
-            .map(|&z| heads::sigmoid(z as f64))
-            .collect::<Vec<_>>(),
-        &cy,
-    );
     eprintln!(
         "verifier: {} trees kept of {}; calibration-part log-loss {linear_loss:.4} → {:.4}",
         rep.rounds_kept,
         bp.rounds,
-        rep.valid_loss
-            .get(rep.rounds_kept.wrapping_sub(1))
+        rep.rounds_kept
+            .checked_sub(1)
+            .and_then(|r| rep.valid_loss.get(r))
             .copied()
             .unwrap_or(linear_loss)
     );

@@ -7,6 +7,8 @@
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+use super::heads::sigmoid;
+
 /// One node: `(feature, value, left, right)`. `feature` ≥ 0: go left when
 /// `x[feature] <= value`, else right. `feature` = -1: a leaf adding `value` to the margin.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -141,10 +143,6 @@ impl Rows<'_> {
 pub struct BoostReport {
     pub valid_loss: Vec<f64>,
     pub rounds_kept: usize,
-}
-
-fn sigmoid(z: f64) -> f64 {
-    1.0 / (1.0 + (-z).exp())
 }
 
 fn log_loss(z: &[f32], y: &[f32]) -> f64 {
@@ -434,21 +432,24 @@ mod tests {
             learning_rate: 0.3,
             ..Default::default()
         };
-        let (f, rep) = boost(
-            &Rows {
-                x: &x,
-                y: &y,
-                base: &b,
-            },
-            Some(&Rows {
-                x: &vx,
-                y: &vy,
-                base: &vb,
-            }),
-            3,
-            &[0, 1, 2],
-            &p,
-        )?;
+        let fit = || {
+            boost(
+                &Rows {
+                    x: &x,
+                    y: &y,
+                    base: &b,
+                },
+                Some(&Rows {
+                    x: &vx,
+                    y: &vy,
+                    base: &vb,
+                }),
+                3,
+                &[0, 1, 2],
+                &p,
+            )
+        };
+        let (f, rep) = fit()?;
         assert!(accuracy(&f, &vx, &vy) > 0.95, "{}", accuracy(&f, &vx, &vy));
         assert_eq!(f.trees.len(), rep.rounds_kept);
         assert_eq!(rep.valid_loss.len(), 120);
@@ -456,21 +457,7 @@ mod tests {
         assert_eq!(rep.valid_loss[rep.rounds_kept - 1], best);
         f.validate(3)?;
         // Deterministic: the same fit twice is the same forest.
-        let (g, _) = boost(
-            &Rows {
-                x: &x,
-                y: &y,
-                base: &b,
-            },
-            Some(&Rows {
-                x: &vx,
-                y: &vy,
-                base: &vb,
-            }),
-            3,
-            &[0, 1, 2],
-            &p,
-        )?;
+        let (g, _) = fit()?;
         assert_eq!(f, g);
         Ok(())
     }
