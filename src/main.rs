@@ -20,6 +20,15 @@ enum Cmd {
     Eval(tiergate::eval::replay::EvalArgs),
     /// Compare the CUDA backend with the CPU and time it (needs a GPU; see benches/GPU.md).
     GpuCheck(tiergate::engine::cuda::check::GpuCheckArgs),
+    /// Write the encoder with f16 tensors (half the size), e.g. to carry to a GPU machine.
+    ExportF16 {
+        /// Encoder directory to read.
+        #[arg(long, default_value = "models/base")]
+        model_dir: std::path::PathBuf,
+        /// Directory to write (config.json, model.safetensors, tokenizer.json).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Print the effective configuration (after file, env and flags) as TOML.
     Config(Overrides),
 }
@@ -56,6 +65,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Score(a) => tiergate::eval::score::run(a),
         Cmd::Eval(a) => tiergate::eval::replay::run(a),
         Cmd::GpuCheck(a) => tiergate::engine::cuda::check::run(a),
+        Cmd::ExportF16 { model_dir, out } => {
+            let n = tiergate::model::encoder::export_f16(&model_dir, &out)?;
+            println!("{}: {:.1} MiB", out.join("model.safetensors").display(), n as f64 / (1u64 << 20) as f64);
+            Ok(())
+        }
         Cmd::Config(o) => {
             let cfg = Config::load(&o)?;
             print!("{}", toml::to_string(&cfg)?);

@@ -387,3 +387,36 @@ fn self_check_detects_a_disagreeing_backend() {
     let bad = tiergate::engine::self_check(&mut a, &mut f).unwrap();
     assert!(bad < 0.0, "{bad}");
 }
+
+/// The f16 copy carried to GPU machines (`tiergate export-f16`): half the bytes, loads in the
+/// CPU encoder and embeds real prompts like the f32 original.
+#[test]
+fn f16_export_is_half_the_size_and_embeds_like_the_original() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = encoder::export_f16(&model_dir(), dir.path()).unwrap();
+    let orig = std::fs::metadata(model_dir().join("model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(
+        bytes < orig / 2 + (1 << 20) && bytes < 45 << 20,
+        "{bytes} bytes vs {orig}"
+    );
+    assert!(dir.path().join("tokenizer.json").exists());
+    let (a, b) = (load_model(), MiniLm::load(dir.path()).unwrap());
+    assert_ne!(a.revision(), b.revision(), "a different file has its own revision");
+    let tok = TextTokenizer::from_file(&model_dir().join("tokenizer.json"), 256, 256).unwrap();
+    let mut batch = PackedBatch::new();
+    for p in [
+        "Prove that sqrt(2) is irrational.",
+        "Write a haiku about autumn rain, then explain its imagery line by line.",
+        "x",
+    ] {
+        let e = tok.encode_single(p, TruncSide::HeadTail).unwrap();
+        batch.push(&e.ids, &e.type_ids);
+    }
+    let (x, y) = (a.forward(&batch), b.forward(&batch));
+    for (i, (p, q)) in x.chunks_exact(384).zip(y.chunks_exact(384)).enumerate() {
+        let c = cosine(p, q);
+        assert!(c >= 0.9999, "sequence {i}: cosine {c}");
+    }
+}
