@@ -58,6 +58,37 @@ pub struct BatchConfig {
     /// Recent embeddings kept by input (0 disables).
     #[serde(default)]
     pub embedding_cache: usize,
+    /// Token budget of one batch on the CUDA backend: a GPU needs far more tokens per forward
+    /// than a CPU to be busy (benches/GPU.md times budgets).
+    #[serde(default = "default_gpu_max_batch_tokens")]
+    pub gpu_max_batch_tokens: usize,
+    /// Request cap of one batch on the CUDA backend.
+    #[serde(default = "default_gpu_max_batch_requests")]
+    pub gpu_max_batch_requests: usize,
+}
+
+fn default_gpu_max_batch_tokens() -> usize {
+    32768
+}
+
+fn default_gpu_max_batch_requests() -> usize {
+    512
+}
+
+impl BatchConfig {
+    /// The batcher's limits for the backend that was selected ("cuda" gets the GPU budget).
+    pub fn limits_for(&self, backend: &str) -> crate::batch::Limits {
+        let (tokens, requests) = if backend == "cuda" {
+            (self.gpu_max_batch_tokens, self.gpu_max_batch_requests)
+        } else {
+            (self.max_batch_tokens, self.max_batch_requests)
+        };
+        crate::batch::Limits {
+            max_batch_tokens: tokens,
+            max_batch_requests: requests,
+            max_queue: self.max_queue,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,6 +150,9 @@ pub struct Overrides {
     pub max_batch_tokens: Option<usize>,
     #[arg(long, env = "TIERGATE_MAX_BATCH_REQUESTS")]
     pub max_batch_requests: Option<usize>,
+    /// Token budget of one batch when the CUDA backend runs.
+    #[arg(long, env = "TIERGATE_GPU_MAX_BATCH_TOKENS")]
+    pub gpu_max_batch_tokens: Option<usize>,
     #[arg(long, env = "TIERGATE_MAX_QUEUE")]
     pub max_queue: Option<usize>,
     #[arg(long, env = "TIERGATE_MAX_INPUT_TOKENS")]
@@ -170,6 +204,9 @@ impl Config {
         }
         if let Some(v) = o.max_batch_requests {
             c.batch.max_batch_requests = v;
+        }
+        if let Some(v) = o.gpu_max_batch_tokens {
+            c.batch.gpu_max_batch_tokens = v;
         }
         if let Some(v) = o.max_queue {
             c.batch.max_queue = v;
@@ -229,6 +266,8 @@ impl Config {
         for (k, v) in [
             ("batch.max_batch_tokens", b.max_batch_tokens),
             ("batch.max_batch_requests", b.max_batch_requests),
+            ("batch.gpu_max_batch_tokens", b.gpu_max_batch_tokens),
+            ("batch.gpu_max_batch_requests", b.gpu_max_batch_requests),
             ("batch.max_queue", b.max_queue),
             ("batch.max_input_tokens", b.max_input_tokens),
             ("batch.max_answer_tokens", b.max_answer_tokens),
@@ -247,8 +286,13 @@ impl Config {
             if !(8..=512).contains(&v) {
                 bail!("{k} = {v} must be in 8..=512 (the encoder has 512 positions)");
             }
-            if v > b.max_batch_tokens {
-                bail!("{k} = {v} exceeds batch.max_batch_tokens = {}: such a request could never be batched", b.max_batch_tokens);
+            for (bk, bv) in [
+                ("batch.max_batch_tokens", b.max_batch_tokens),
+                ("batch.gpu_max_batch_tokens", b.gpu_max_batch_tokens),
+            ] {
+                if v > bv {
+                    bail!("{k} = {v} exceeds {bk} = {bv}: such a request could never be batched");
+                }
             }
         }
         let p = &self.policy;
@@ -324,10 +368,24 @@ mod tests {
     }
 
     #[test]
+    fn the_cuda_backend_gets_the_gpu_budget() {
+        let c = Config::embedded().unwrap();
+        let (cpu, gpu) = (c.batch.limits_for("cpu"), c.batch.limits_for("cuda"));
+        assert_eq!(cpu.max_batch_tokens, c.batch.max_batch_tokens);
+        assert_eq!(gpu.max_batch_tokens, c.batch.gpu_max_batch_tokens);
+        assert_eq!(gpu.max_batch_requests, c.batch.gpu_max_batch_requests);
+        assert!(gpu.max_batch_tokens > cpu.max_batch_tokens);
+        assert_eq!(gpu.max_queue, cpu.max_queue);
+    }
+
+    #[test]
     fn bad_values_are_named() {
         assert!(with(|c| c.listen = "nowhere".into()).contains("listen"));
         assert!(with(|c| c.batch.max_queue = 0).contains("batch.max_queue"));
         assert!(with(|c| c.batch.max_input_tokens = 1000).contains("512"));
+        assert!(with(|c| c.batch.gpu_max_batch_tokens = 0).contains("batch.gpu_max_batch_tokens"));
+        assert!(with(|c| c.batch.gpu_max_batch_tokens = 100)
+            .contains("batch.gpu_max_batch_tokens = 100"));
         assert!(with(|c| c.policy.quality_floor = Some(1.5)).contains("policy.quality_floor"));
         assert!(with(|c| c.policy.quality_floor = Some(f64::NAN)).contains("policy.quality_floor"));
         assert!(with(|c| c.catalog.clear()).contains("catalog is empty"));

@@ -67,7 +67,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::GpuCheck(a) => tiergate::engine::cuda::check::run(a),
         Cmd::ExportF16 { model_dir, out } => {
             let n = tiergate::model::encoder::export_f16(&model_dir, &out)?;
-            println!("{}: {:.1} MiB", out.join("model.safetensors").display(), n as f64 / (1u64 << 20) as f64);
+            println!(
+                "{}: {:.1} MiB",
+                out.join("model.safetensors").display(),
+                n as f64 / (1u64 << 20) as f64
+            );
             Ok(())
         }
         Cmd::Config(o) => {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tokio::sync::oneshot;
 
-use crate::batch::{Batcher, Embedded, Limits, Priority};
+use crate::batch::{Batcher, Embedded, Priority};
 use crate::config::Config;
 use crate::engine;
 use crate::error::TgError;
@@ -192,14 +192,8 @@ impl Encoder {
             cfg.precision,
         )?;
         let numerics = backend.numerics();
-        let batcher = Batcher::start(
-            backend,
-            Limits {
-                max_batch_tokens: cfg.batch.max_batch_tokens,
-                max_batch_requests: cfg.batch.max_batch_requests,
-                max_queue: cfg.batch.max_queue,
-            },
-        )?;
+        let limits = cfg.batch.limits_for(backend.name());
+        let batcher = Batcher::start(backend, limits)?;
         let tok_pool = rayon::ThreadPoolBuilder::new()
             .num_threads(cfg.threads.tokenize)
             .thread_name(|i| format!("tiergate-tok-{i}"))

@@ -11,6 +11,7 @@ use tiergate::engine::cpu::CpuBackend;
 use tiergate::engine::cuda::{self, kernels, CudaBackend, KernelHarness};
 use tiergate::engine::{Backend, PackedBatch};
 use tiergate::model::encoder::{self, MiniLm, Precision};
+use tiergate::model::heads::{sigmoid, AnswerInput, Heads};
 use tiergate::model::tokenize::{TextTokenizer, TruncSide};
 
 fn root() -> PathBuf {
@@ -174,6 +175,55 @@ fn cuda_backend_matches_the_cpu_backend_on_real_prompts() {
             assert!((norm - 1.0).abs() < 1e-4, "sequence {i}: |e|² = {norm}");
         }
     }
+    // Decisions, not just vectors: every model's p_pass from the router head run on the GPU
+    // (on GPU embeddings) within 0.005 of the CPU heads on CPU embeddings, and the verifier's
+    // p_pass for the answer within 0.005 whichever backend embedded prompt and answer.
+    let heads = Heads::load(&root().join("models/heads.json")).unwrap();
+    gpu.set_router(&heads.router).unwrap();
+    let (emb, logits) = gpu.embed_route(&batch).unwrap();
+    let r = gpu.router().unwrap();
+    let mut worst = 0.0f64;
+    for (s, w) in want.chunks_exact(384).enumerate() {
+        for m in heads
+            .router
+            .models
+            .keys()
+            .map(String::as_str)
+            .chain(["no-such-model"])
+        {
+            let cpu_p = heads.route_p(m, w);
+            let gpu_p = sigmoid(logits[s * r.width() + r.column(m)] as f64);
+            worst = worst.max((cpu_p - gpu_p).abs());
+        }
+    }
+    assert!(worst <= 0.005, "route p_pass differs by {worst}");
+    let answer_text = "2+2 equals 4, because adding two and two gives four.";
+    let a = tok.encode_single(answer_text, TruncSide::Tail).unwrap();
+    let mut ab = PackedBatch::new();
+    ab.push(&a.ids, &a.type_ids);
+    let (a_cpu, a_gpu) = (cpu.embed(&ab).unwrap(), gpu.embed(&ab).unwrap());
+    let p_emb = |e: &[f32]| e[384..768].to_vec(); // sequence 1: "What is 12*12?"
+    for m in heads.router.models.keys().take(8) {
+        let p = |pe: &[f32], ae: &[f32]| {
+            heads.verify_p(
+                m,
+                pe,
+                &AnswerInput {
+                    text: answer_text,
+                    prompt: prompts[1],
+                    embedding: ae,
+                    truncated: false,
+                },
+            )
+        };
+        let (pc, pg) = (p(&p_emb(&want), &a_cpu), p(&p_emb(&emb), &a_gpu));
+        assert!(
+            (pc - pg).abs() <= 0.005,
+            "{m}: verify p {pc} (cpu) vs {pg} (gpu)"
+        );
+    }
+    println!("route p_pass max |cpu - gpu| = {worst:.2e}");
+
     // A batch of one, and an empty batch; invalid batches are refused like on the CPU.
     let mut one = PackedBatch::new();
     one.push(&batch.ids[batch.seq(0)], &batch.type_ids[batch.seq(0)]);
@@ -326,6 +376,30 @@ fn each_kernel_matches_its_cpu_reference() {
         );
     }
 
+    // The router head (real heads.json) against RouterHead on the same unit vectors.
+    let heads = Heads::load(&root().join("models/heads.json")).unwrap();
+    let mut emb = values(6 * h, 16, 1.0);
+    for e in emb.chunks_exact_mut(h) {
+        let n = e.iter().map(|v| v * v).sum::<f32>().sqrt();
+        e.iter_mut().for_each(|v| *v /= n);
+    }
+    let got = k.router_logits(&emb, &heads.router).unwrap();
+    let names: Vec<&String> = heads.router.models.keys().collect();
+    let width = names.len() + 1;
+    assert_eq!(got.len(), 6 * width);
+    for (s, e) in emb.chunks_exact(h).enumerate() {
+        for (m, name) in names.iter().enumerate() {
+            let want = heads.route_logit(name, e);
+            let g = got[s * width + m];
+            assert!(
+                (g - want).abs() <= 1e-4 * want.abs().max(1.0),
+                "router {name}: {g} vs {want}"
+            );
+        }
+        let prior = heads.route_logit("no-such-model", e);
+        assert!((got[s * width + names.len()] - prior).abs() <= 1e-4 * prior.abs().max(1.0));
+    }
+
     // Mean pooling + L2 norm (an empty sequence gives zeros, like the CPU).
     let cu = [0u32, 5, 5, 42];
     let x = values(42 * h, 15, 1.0);
@@ -403,7 +477,11 @@ fn f16_export_is_half_the_size_and_embeds_like_the_original() {
     );
     assert!(dir.path().join("tokenizer.json").exists());
     let (a, b) = (load_model(), MiniLm::load(dir.path()).unwrap());
-    assert_ne!(a.revision(), b.revision(), "a different file has its own revision");
+    assert_ne!(
+        a.revision(),
+        b.revision(),
+        "a different file has its own revision"
+    );
     let tok = TextTokenizer::from_file(&model_dir().join("tokenizer.json"), 256, 256).unwrap();
     let mut batch = PackedBatch::new();
     for p in [

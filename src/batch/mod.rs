@@ -205,6 +205,10 @@ impl Batcher {
         self.dim
     }
 
+    pub fn limits(&self) -> Limits {
+        self.shared.limits
+    }
+
     pub fn queue_depth(&self) -> usize {
         self.shared.lock().len
     }

@@ -324,6 +324,8 @@ impl RouterService {
 
     fn info(&self) -> proto::InfoReply {
         let b = &self.cfg.batch;
+        // The batcher's own limits: the GPU budget when the CUDA backend runs.
+        let lim = self.pipe.enc.batcher.limits();
         let heads = &self.pipe.heads;
         proto::InfoReply {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -332,9 +334,9 @@ impl RouterService {
             backend: self.pipe.enc.batcher.backend_name().to_string(),
             numerics: self.pipe.enc.numerics.to_string(),
             limits: Some(proto::Limits {
-                max_batch_tokens: b.max_batch_tokens as u32,
-                max_batch_requests: b.max_batch_requests as u32,
-                max_queue: b.max_queue as u32,
+                max_batch_tokens: lim.max_batch_tokens as u32,
+                max_batch_requests: lim.max_batch_requests as u32,
+                max_queue: lim.max_queue as u32,
                 max_input_tokens: b.max_input_tokens as u32,
                 max_input_bytes: b.max_input_bytes as u32,
             }),

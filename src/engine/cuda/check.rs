@@ -29,6 +29,9 @@ pub struct GpuCheckArgs {
     /// prompts (timing without the model; the CPU comparison then runs on those weights).
     #[arg(long)]
     pub random_weights: bool,
+    /// Trained heads: the router head runs on the GPU and its p_pass is compared with the CPU.
+    #[arg(long, default_value = "models/heads.json")]
+    pub heads: PathBuf,
     /// Timed runs per budget (after 3 warm-up runs).
     #[arg(long, default_value_t = 20)]
     pub runs: usize,
@@ -162,6 +165,27 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
         seqs[worst].0.len()
     );
 
+    // Decisions: every model's route p_pass, router head on the GPU (on GPU embeddings)
+    // against the CPU heads on CPU embeddings.
+    let heads = crate::model::heads::Heads::load(&a.heads)?;
+    gpu.set_router(&heads.router)?;
+    let (_, logits) = gpu.embed_route(&batch)?;
+    let r = gpu.router().context("router head not on the GPU")?;
+    let mut worst_p = 0.0f64;
+    let names: Vec<&str> = heads.router.models.keys().map(String::as_str).collect();
+    for (s, w) in want.chunks_exact(dim).enumerate() {
+        for m in &names {
+            let cpu_p = heads.route_p(m, w);
+            let gpu_p = crate::model::heads::sigmoid(logits[s * r.width() + r.column(m)] as f64);
+            worst_p = worst_p.max((cpu_p - gpu_p).abs());
+        }
+    }
+    println!(
+        "route p_pass, {} models x {} sequences: max |cpu - gpu| {worst_p:.2e}",
+        names.len(),
+        seqs.len()
+    );
+
     println!(
         "\n{:>8} {:>8} {:>6} {:>11} {:>11} {:>12}",
         "budget", "tokens", "seqs", "median ms", "min ms", "tokens/s"
@@ -187,6 +211,9 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
             ms[0],
             b.tokens() as f64 / (median as f64 / 1e3)
         );
+    }
+    if worst_p > 0.005 {
+        bail!("route p_pass differs by {worst_p:.4} (> 0.005) between the GPU and the CPU");
     }
     if min_cos < 0.999 {
         bail!("min cosine {min_cos:.6} is below 0.999: the GPU forward disagrees with the CPU");

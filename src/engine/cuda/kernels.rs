@@ -19,6 +19,11 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
         include_str!("../../../kernels/attention.cu"),
         &["attention_varlen"],
     ),
+    (
+        "heads.cu",
+        include_str!("../../../kernels/heads.cu"),
+        &["router_logits"],
+    ),
 ];
 
 /// Compiles one source to PTX for `arch` (e.g. `compute_90`). The error carries NVRTC's log.

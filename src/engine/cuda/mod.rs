@@ -28,6 +28,7 @@ use half::f16;
 use super::{Backend, PackedBatch};
 use crate::error::TgError;
 use crate::model::encoder::MiniLm;
+use crate::model::heads::RouterHead;
 pub use weights::write_random_model;
 
 /// What [`probe`] found.
@@ -117,6 +118,7 @@ struct Gpu {
     mean_pool_l2: CudaFunction,
     bias_gelu: CudaFunction,
     attention: CudaFunction,
+    router_logits: CudaFunction,
     name: String,
 }
 
@@ -157,6 +159,7 @@ impl Gpu {
             mean_pool_l2: take("mean_pool_l2")?,
             bias_gelu: take("bias_gelu")?,
             attention: take("attention_varlen")?,
+            router_logits: take("router_logits")?,
             ctx,
             stream,
             blas,
@@ -347,6 +350,86 @@ impl Gpu {
         })?;
         Ok(())
     }
+
+    /// `out[s, m]` = the router logit of row `m` of `r` for embedding `s`.
+    fn router_logits(
+        &self,
+        emb: &CudaSlice<f32>,
+        seqs: usize,
+        r: &DeviceRouter,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        ensure!(emb.len() >= seqs * r.dim && out.len() >= seqs * r.rows);
+        let (k, dim, rows) = (r.k as i32, r.dim as i32, r.rows as i32);
+        let mut b = self.stream.launch_builder(&self.router_logits);
+        b.arg(emb).arg(&r.proj).arg(&r.c).arg(&k).arg(&dim);
+        b.arg(&r.abil).arg(&rows).arg(out);
+        let cfg = LaunchConfig {
+            grid_dim: (seqs as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 4 * (r.k as u32 + 1),
+        };
+        // SAFETY: sizes checked above and in DeviceRouter::upload (proj (k+1)×dim, abil
+        // rows×(k+1)); shared memory holds the k+1 projections.
+        drv("router_logits", unsafe { b.launch(cfg) })?;
+        Ok(())
+    }
+}
+
+/// The router head on the GPU: `[easiness w; P]` and one `[u | b]` row per model, the
+/// population prior last (for models without a head of their own).
+pub struct DeviceRouter {
+    k: usize,
+    dim: usize,
+    c: f32,
+    proj: CudaSlice<f32>,
+    abil: CudaSlice<f32>,
+    /// Models + 1 (the prior).
+    rows: usize,
+    models: Vec<String>,
+}
+
+impl DeviceRouter {
+    fn upload(gpu: &Gpu, r: &RouterHead, dim: usize) -> Result<Self> {
+        ensure!(
+            r.proj.len() == r.k * dim && r.easiness.w.len() == dim,
+            "router head shapes do not match the encoder's {dim} dimensions"
+        );
+        let mut proj = r.easiness.w.clone();
+        proj.extend_from_slice(&r.proj);
+        let mut abil = Vec::with_capacity((r.models.len() + 1) * (r.k + 1));
+        for (name, a) in r.models.iter().chain([(&String::new(), &r.prior)]) {
+            ensure!(
+                a.u.len() == r.k,
+                "router ability of {name:?} has {} skills, not {}",
+                a.u.len(),
+                r.k
+            );
+            abil.extend_from_slice(&a.u);
+            abil.push(a.b);
+        }
+        Ok(DeviceRouter {
+            k: r.k,
+            dim,
+            c: r.easiness.b,
+            proj: gpu.upload(&proj)?,
+            abil: gpu.upload(&abil)?,
+            rows: r.models.len() + 1,
+            models: r.models.keys().cloned().collect(),
+        })
+    }
+
+    /// Column of `model` in the logits (the prior's for a model without a head).
+    pub fn column(&self, model: &str) -> usize {
+        self.models
+            .binary_search_by(|m| m.as_str().cmp(model))
+            .unwrap_or(self.models.len())
+    }
+
+    /// Columns per embedding: every model, then the prior.
+    pub fn width(&self) -> usize {
+        self.rows
+    }
 }
 
 struct DeviceLayer {
@@ -468,6 +551,9 @@ pub struct CudaBackend {
     gpu: Gpu,
     w: DeviceWeights,
     scratch: Option<Scratch>,
+    router: Option<DeviceRouter>,
+    /// Router logits of the last batch, `seqs × router.width()`; grown on demand.
+    logits: Option<CudaSlice<f32>>,
 }
 
 impl CudaBackend {
@@ -494,6 +580,8 @@ impl CudaBackend {
             gpu,
             w,
             scratch: None,
+            router: None,
+            logits: None,
         })
     }
 
@@ -515,6 +603,42 @@ impl CudaBackend {
         let end = drv("event", self.gpu.stream.record_event(timing))?;
         let ms = drv("event timing", start.elapsed_ms(&end))?;
         Ok((out, ms))
+    }
+
+    /// Puts the router head on the GPU for [`CudaBackend::embed_route`].
+    pub fn set_router(&mut self, r: &RouterHead) -> Result<()> {
+        self.router = Some(DeviceRouter::upload(&self.gpu, r, self.w.h)?);
+        Ok(())
+    }
+
+    pub fn router(&self) -> Option<&DeviceRouter> {
+        self.router.as_ref()
+    }
+
+    /// Embeddings and, computed on the GPU from them, every model's router logit:
+    /// `batch.len() × router().width()` (columns by [`DeviceRouter::column`]).
+    pub fn embed_route(&mut self, batch: &PackedBatch) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.model.validate(batch)?;
+        if batch.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let emb = self.forward(batch)?;
+        let r = self
+            .router
+            .as_ref()
+            .context("no router head on the GPU: call set_router first")?;
+        let n = batch.len() * r.width();
+        if self.logits.as_ref().is_none_or(|l| l.len() < n) {
+            self.logits = None;
+            self.logits = Some(self.gpu.zeros(n.next_power_of_two())?);
+        }
+        let (out, sc) = match (self.logits.as_mut(), self.scratch.as_ref()) {
+            (Some(o), Some(sc)) => (o, sc),
+            _ => anyhow::bail!("GPU buffers missing after the forward pass"),
+        };
+        self.gpu.router_logits(&sc.out, batch.len(), r, out)?;
+        let logits = self.gpu.download(out, n)?;
+        Ok((emb, logits))
     }
 
     fn forward(&mut self, batch: &PackedBatch) -> Result<Vec<f32>> {
@@ -763,6 +887,19 @@ impl KernelHarness {
             .iter()
             .map(|v| v.to_f32())
             .collect())
+    }
+
+    /// Router logits of each embedding (rows of `r.easiness.w.len()`): every model in name
+    /// order, then the prior.
+    pub fn router_logits(&self, emb: &[f32], r: &RouterHead) -> Result<Vec<f32>> {
+        let dim = r.easiness.w.len();
+        ensure!(dim > 0 && emb.len().is_multiple_of(dim));
+        let dr = DeviceRouter::upload(&self.gpu, r, dim)?;
+        let seqs = emb.len() / dim;
+        let ed = self.gpu.upload(emb)?;
+        let mut out = self.gpu.zeros::<f32>(seqs * dr.width())?;
+        self.gpu.router_logits(&ed, seqs, &dr, &mut out)?;
+        self.gpu.download(&out, seqs * dr.width())
     }
 
     /// Mean of each sequence's rows of `x` (`h` columns), L2-normalised.
