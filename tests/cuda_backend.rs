@@ -224,6 +224,22 @@ fn cuda_backend_matches_the_cpu_backend_on_real_prompts() {
     }
     println!("route p_pass max |cpu - gpu| = {worst:.2e}");
 
+    // This batch (under 1,000 tokens) replays a CUDA graph by default; eager launches must
+    // give the same embeddings.
+    assert!(gpu.graphs() >= 1, "a small batch should have been captured");
+    gpu.set_graph_max_tokens(0);
+    let eager = gpu.embed(&batch).unwrap();
+    for (i, (g, e)) in emb
+        .chunks_exact(384)
+        .zip(eager.chunks_exact(384))
+        .enumerate()
+    {
+        let c = cosine(g, e);
+        assert!(c >= 0.99999, "sequence {i}: graph vs eager cosine {c}");
+    }
+    assert_eq!(gpu.graphs(), 0);
+    gpu.set_graph_max_tokens(cuda::DEFAULT_GRAPH_MAX_TOKENS);
+
     // A batch of one, and an empty batch; invalid batches are refused like on the CPU.
     let mut one = PackedBatch::new();
     one.push(&batch.ids[batch.seq(0)], &batch.type_ids[batch.seq(0)]);
@@ -497,4 +513,24 @@ fn f16_export_is_half_the_size_and_embeds_like_the_original() {
         let c = cosine(p, q);
         assert!(c >= 0.9999, "sequence {i}: cosine {c}");
     }
+}
+
+#[test]
+fn graph_token_buckets_hold_the_batch_with_at_most_half_again() {
+    let mut last = 0;
+    for t in 0..70_000usize {
+        let b = cuda::token_bucket(t);
+        assert!(b >= t.max(512), "{t} -> {b}");
+        assert!(b >= last, "buckets grow with the batch");
+        if t >= 512 {
+            assert!(2 * b <= 3 * t, "{t} -> {b}");
+        }
+        last = b;
+    }
+    let distinct: std::collections::BTreeSet<usize> =
+        (0..=32_768).map(cuda::token_bucket).collect();
+    assert_eq!(
+        distinct.into_iter().collect::<Vec<_>>(),
+        [512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768]
+    );
 }

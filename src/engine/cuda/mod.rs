@@ -20,8 +20,8 @@ use std::sync::Arc;
 use anyhow::{anyhow, ensure, Context, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
-    LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use half::f16;
 
@@ -103,6 +103,28 @@ const ROW_THREADS: u32 = 128;
 const MAX_PER_THREAD: usize = 8;
 /// `HEAD_DIM` in attention.cu.
 const HEAD_DIM: usize = 32;
+/// cuBLAS workspace (cuBLAS recommends 32 MiB on Hopper).
+const BLAS_WORKSPACE: usize = 32 << 20;
+/// Batches up to this many tokens (after rounding up to their bucket) replay a CUDA graph by
+/// default: small batches are launch-bound (about 50 launches per forward), large ones are not.
+pub const DEFAULT_GRAPH_MAX_TOKENS: usize = 8192;
+/// Graphs kept; a bucket beyond them runs eagerly.
+const MAX_GRAPHS: usize = 32;
+
+/// Token bucket of a batch: the least of 2^k and 3·2^(k-1) (at least 512) that holds it, so
+/// a replayed graph computes at most half again as many rows as the batch has.
+pub fn token_bucket(t: usize) -> usize {
+    let p = t.max(512).next_power_of_two();
+    if p / 4 * 3 >= t.max(512) {
+        p / 4 * 3
+    } else {
+        p
+    }
+}
+
+fn seq_bucket(s: usize) -> usize {
+    s.next_power_of_two().max(32)
+}
 
 fn drv<T>(what: &str, r: Result<T, cudarc::driver::DriverError>) -> Result<T> {
     r.map_err(|e| anyhow!("{what}: {e:?}"))
@@ -119,6 +141,7 @@ struct Gpu {
     bias_gelu: CudaFunction,
     attention: CudaFunction,
     router_logits: CudaFunction,
+    _workspace: CudaSlice<u8>,
     name: String,
 }
 
@@ -135,9 +158,30 @@ impl Gpu {
     fn open() -> Result<Gpu> {
         let info = probe().map_err(|e| anyhow!("no usable CUDA device: {e}"))?;
         let ctx = drv("creating the CUDA context", CudaContext::new(0))?;
-        // The legacy default stream: a single stream needs no cross-stream event tracking.
-        let stream = ctx.default_stream();
+        // One stream of our own (the legacy default stream cannot be captured into a CUDA
+        // graph). All work is ordered on it, so cudarc's cross-stream event tracking would only
+        // add event calls, which graph capture does not allow either: turn it off first.
+        // SAFETY: every allocation and use below is on this one stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = drv("creating a stream", ctx.new_stream())?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cuBLAS init: {e:?}"))?;
+        // A workspace of our own, so cuBLAS never allocates inside a graph capture.
+        let workspace = drv(
+            "allocating the cuBLAS workspace",
+            stream.alloc_zeros::<u8>(BLAS_WORKSPACE),
+        )?;
+        {
+            let (wp, _g) = workspace.device_ptr(&stream);
+            // SAFETY: the workspace outlives the handle (both live in Gpu; `blas` is declared
+            // first, so it is dropped first).
+            let st = unsafe {
+                blas_sys::cublasSetWorkspace_v2(*blas.handle(), wp as *mut _, BLAS_WORKSPACE)
+            };
+            ensure!(
+                st == blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS,
+                "cublasSetWorkspace: {st:?}"
+            );
+        }
         let (major, minor) = info.compute_capability;
         let arch = format!("compute_{major}{minor}");
         let mut funcs = std::collections::HashMap::new();
@@ -160,6 +204,7 @@ impl Gpu {
             bias_gelu: take("bias_gelu")?,
             attention: take("attention_varlen")?,
             router_logits: take("router_logits")?,
+            _workspace: workspace,
             ctx,
             stream,
             blas,
@@ -554,7 +599,16 @@ pub struct CudaBackend {
     router: Option<DeviceRouter>,
     /// Router logits of the last batch, `seqs × router.width()`; grown on demand.
     logits: Option<CudaSlice<f32>>,
+    graph_max_tokens: usize,
+    /// By (token bucket, sequence bucket); they point into `scratch`.
+    graphs: std::collections::HashMap<(usize, usize), Graph>,
 }
+
+/// A captured forward. CUDA graphs are not tied to a thread; they only must not be used from
+/// two threads at once, and the backend that owns them is used through `&mut self` only.
+struct Graph(CudaGraph);
+// SAFETY: see above: exclusive access through the owning CudaBackend (Send, not Sync).
+unsafe impl Send for Graph {}
 
 impl CudaBackend {
     /// Uploads the weights in `dir` (which must be the ones `model` holds: same revision) to
@@ -582,6 +636,8 @@ impl CudaBackend {
             scratch: None,
             router: None,
             logits: None,
+            graph_max_tokens: DEFAULT_GRAPH_MAX_TOKENS,
+            graphs: Default::default(),
         })
     }
 
@@ -641,86 +697,168 @@ impl CudaBackend {
         Ok((emb, logits))
     }
 
+    /// Batches whose token bucket is at most `max_tokens` replay a CUDA graph per (token
+    /// bucket, sequence bucket); 0 runs every batch eagerly. Drops the graphs captured so far.
+    pub fn set_graph_max_tokens(&mut self, max_tokens: usize) {
+        self.graph_max_tokens = max_tokens;
+        self.graphs.clear();
+    }
+
+    /// Graphs captured so far.
+    pub fn graphs(&self) -> usize {
+        self.graphs.len()
+    }
+
     fn forward(&mut self, batch: &PackedBatch) -> Result<Vec<f32>> {
         drv("binding the CUDA context", self.gpu.ctx.bind_to_thread())?;
         let (t, s, h) = (batch.tokens(), batch.len(), self.w.h);
+        // A graph bakes in shapes and pointers: it runs the batch padded to its buckets, with
+        // attention sized for the longest sequence the model takes.
+        let key = (token_bucket(t), seq_bucket(s));
+        let graph = self.graph_max_tokens > 0
+            && key.0 <= self.graph_max_tokens
+            && (self.graphs.contains_key(&key) || self.graphs.len() < MAX_GRAPHS);
+        let (rt, rs, max_len) = if graph {
+            (key.0, key.1, self.model.max_positions())
+        } else {
+            let longest = (0..s).map(|i| batch.seq(i).len()).max().unwrap_or(0);
+            (t, s, longest)
+        };
         let need_grow = self
             .scratch
             .as_ref()
-            .is_none_or(|sc| sc.tokens < t || sc.seqs < s);
+            .is_none_or(|sc| sc.tokens < rt || sc.seqs < rs);
         if need_grow {
-            // Powers of two: a few sizes cover every batch, so reallocation is rare.
-            let (ct, cs) = (
-                t.next_power_of_two().max(512),
-                s.next_power_of_two().max(32),
-            );
+            // Powers of two: a few sizes cover every batch, so reallocation is rare. Graphs
+            // point into the old buffers, so they go with them.
+            let (ct, cs) = (rt.next_power_of_two().max(512), seq_bucket(rs));
+            self.graphs.clear();
             self.scratch = None; // free the old buffers first
             self.scratch = Some(Scratch::new(&self.gpu, &self.w, ct, cs)?);
         }
-        let (gpu, w) = (&self.gpu, &self.w);
         let sc = self
             .scratch
             .as_mut()
             .context("scratch buffers missing after allocation")?;
 
-        let mut meta = Vec::with_capacity(3 * t + s + 1);
+        // ids | type ids | positions (rt each) | cu_seqlens (rs + 1). Padding rows are token 0
+        // at position 0 in no sequence (computed, never read); padding sequences are empty.
+        let mut meta = Vec::with_capacity(3 * rt + rs + 1);
         meta.extend_from_slice(&batch.ids);
+        meta.resize(rt, 0);
         meta.extend_from_slice(&batch.type_ids);
-        let mut max_len = 0;
+        meta.resize(2 * rt, 0);
         for i in 0..s {
-            let r = batch.seq(i);
-            max_len = max_len.max(r.len());
-            meta.extend(0..r.len() as u32);
+            meta.extend(0..batch.seq(i).len() as u32);
         }
-        let cu_at = meta.len();
+        meta.resize(3 * rt, 0);
         meta.extend_from_slice(&batch.cu_seqlens);
+        meta.resize(3 * rt + rs + 1, t as u32);
         drv(
             "copying the batch to the GPU",
-            gpu.stream
+            self.gpu
+                .stream
                 .memcpy_htod(&meta, &mut sc.meta.slice_mut(..meta.len())),
         )?;
 
-        if t > 0 {
-            gpu.embed_layernorm(&sc.meta, t, w, &mut sc.x32, &mut sc.x16)?;
-            for l in &w.layers {
-                gpu.gemm(&sc.x16, &l.w_qkv, &mut sc.qkv, t, 3 * h, h)?;
-                gpu.attention(
-                    &sc.qkv,
-                    &l.b_qkv,
-                    &sc.meta,
-                    cu_at,
-                    (s, max_len, w.heads),
-                    &mut sc.ctx16,
-                )?;
-                gpu.gemm(&sc.ctx16, &l.w_attn_out, &mut sc.y32, t, h, h)?;
-                gpu.bias_residual_layernorm(
-                    &sc.y32,
-                    &l.b_attn_out,
-                    &l.ln1_g,
-                    &l.ln1_b,
-                    (t, h, w.eps),
-                    &mut sc.x32,
-                    &mut sc.x16,
-                )?;
-                gpu.gemm(&sc.x16, &l.w_inter, &mut sc.mid32, t, w.inter, h)?;
-                gpu.bias_gelu(&sc.mid32, &l.b_inter, (t, w.inter), &mut sc.mid16)?;
-                gpu.gemm(&sc.mid16, &l.w_out, &mut sc.y32, t, h, w.inter)?;
-                gpu.bias_residual_layernorm(
-                    &sc.y32,
-                    &l.b_out,
-                    &l.ln2_g,
-                    &l.ln2_b,
-                    (t, h, w.eps),
-                    &mut sc.x32,
-                    &mut sc.x16,
-                )?;
+        let shape = Shape {
+            t: rt,
+            s: rs,
+            max_len,
+        };
+        if graph {
+            if !self.graphs.contains_key(&key) {
+                match capture(&self.gpu, &self.w, sc, shape) {
+                    Ok(g) => {
+                        self.graphs.insert(key, Graph(g));
+                    }
+                    Err(e) => {
+                        // Never fatal: the same work runs eagerly, now and from now on.
+                        tracing::warn!(error = %format!("{e:#}"), "CUDA graph capture failed; running eagerly");
+                        self.graph_max_tokens = 0;
+                    }
+                }
             }
+            match self.graphs.get(&key) {
+                Some(g) => drv("launching a CUDA graph", g.0.launch())?,
+                None => enqueue(&self.gpu, &self.w, sc, shape)?,
+            }
+        } else {
+            enqueue(&self.gpu, &self.w, sc, shape)?;
         }
-        gpu.mean_pool_l2(&sc.x32, &sc.meta, cu_at, (s, h), &mut sc.out)?;
-        let out = gpu.download(&sc.out, s * h)?;
-        drv("a CUDA call", gpu.ctx.check_err())?;
+        let out = self.gpu.download(&sc.out, s * h)?;
+        drv("a CUDA call", self.gpu.ctx.check_err())?;
         Ok(out)
     }
+}
+
+/// Rows, sequences and attention's longest sequence of one forward as launched.
+#[derive(Clone, Copy)]
+struct Shape {
+    t: usize,
+    s: usize,
+    max_len: usize,
+}
+
+/// The whole encoder forward on the batch in `sc.meta` (laid out for `sh`), pooled into
+/// `sc.out`: the same calls run eagerly or once into a graph.
+fn enqueue(gpu: &Gpu, w: &DeviceWeights, sc: &mut Scratch, sh: Shape) -> Result<()> {
+    let (t, s, h) = (sh.t, sh.s, w.h);
+    let cu_at = 3 * t;
+    if t > 0 {
+        gpu.embed_layernorm(&sc.meta, t, w, &mut sc.x32, &mut sc.x16)?;
+        for l in &w.layers {
+            gpu.gemm(&sc.x16, &l.w_qkv, &mut sc.qkv, t, 3 * h, h)?;
+            gpu.attention(
+                &sc.qkv,
+                &l.b_qkv,
+                &sc.meta,
+                cu_at,
+                (s, sh.max_len, w.heads),
+                &mut sc.ctx16,
+            )?;
+            gpu.gemm(&sc.ctx16, &l.w_attn_out, &mut sc.y32, t, h, h)?;
+            gpu.bias_residual_layernorm(
+                &sc.y32,
+                &l.b_attn_out,
+                &l.ln1_g,
+                &l.ln1_b,
+                (t, h, w.eps),
+                &mut sc.x32,
+                &mut sc.x16,
+            )?;
+            gpu.gemm(&sc.x16, &l.w_inter, &mut sc.mid32, t, w.inter, h)?;
+            gpu.bias_gelu(&sc.mid32, &l.b_inter, (t, w.inter), &mut sc.mid16)?;
+            gpu.gemm(&sc.mid16, &l.w_out, &mut sc.y32, t, h, w.inter)?;
+            gpu.bias_residual_layernorm(
+                &sc.y32,
+                &l.b_out,
+                &l.ln2_g,
+                &l.ln2_b,
+                (t, h, w.eps),
+                &mut sc.x32,
+                &mut sc.x16,
+            )?;
+        }
+    }
+    gpu.mean_pool_l2(&sc.x32, &sc.meta, cu_at, (s, h), &mut sc.out)
+}
+
+/// Captures [`enqueue`] for `sh` into a graph (nothing runs until it is launched).
+fn capture(gpu: &Gpu, w: &DeviceWeights, sc: &mut Scratch, sh: Shape) -> Result<CudaGraph> {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    drv(
+        "beginning a graph capture",
+        gpu.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
+    )?;
+    let queued = enqueue(gpu, w, sc, sh);
+    // End the capture whatever happened, so the stream is usable again.
+    let ended = gpu.stream.end_capture(CUgraphInstantiate_flags(0));
+    queued?;
+    let g = drv("ending a graph capture", ended)?.context("the capture recorded no graph")?;
+    drv("uploading a graph", g.upload())?;
+    Ok(g)
 }
 
 impl Backend for CudaBackend {
