@@ -80,6 +80,13 @@ fn real_prompts(a: &GpuCheckArgs) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
     Ok(out)
 }
 
+fn cosine(w: &[f32], g: &[f32]) -> f64 {
+    let dot: f64 = w.iter().zip(g).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let nw: f64 = w.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let ng: f64 = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (nw * ng).max(1e-30)
+}
+
 fn pack<'a>(seqs: impl IntoIterator<Item = &'a (Vec<u32>, Vec<u32>)>) -> PackedBatch {
     let mut b = PackedBatch::new();
     for (ids, types) in seqs {
@@ -128,6 +135,28 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
 
+    // Each kernel against its CPU reference, on synthetic data.
+    let heads = crate::model::heads::Heads::load(&a.heads)?;
+    let mut failed = Vec::new();
+    println!(
+        "\n{:<26} {:>10} {:>10}  result",
+        "kernel", "max error", "tolerance"
+    );
+    for c in super::kernel_check::kernel_checks(&heads)? {
+        println!(
+            "{:<26} {:>10.2e} {:>10.0e}  {} ({})",
+            c.kernel,
+            c.max_err,
+            c.tolerance,
+            if c.passed() { "ok" } else { "FAILED" },
+            c.kind
+        );
+        if !c.passed() {
+            failed.push(format!("kernel {}", c.kernel));
+        }
+    }
+    println!();
+
     let seqs = if a.random_weights {
         synthetic(a.prompts.max(1))
     } else {
@@ -149,10 +178,7 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
             .zip(got.chunks_exact(dim))
             .enumerate()
         {
-            let dot: f64 = w.iter().zip(g).map(|(&x, &y)| x as f64 * y as f64).sum();
-            let nw: f64 = w.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-            let ng: f64 = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-            let cos = dot / (nw * ng).max(1e-30);
+            let cos = cosine(w, g);
             if cos < low {
                 (low, worst) = (cos, i);
             }
@@ -172,9 +198,25 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
     }
     gpu.set_graph_max_tokens(super::DEFAULT_GRAPH_MAX_TOKENS);
 
+    // Edges: a batch of one, an empty batch, an id outside the vocabulary.
+    let one = pack(&seqs[..1]);
+    let e1 = gpu.embed(&one)?;
+    let c1 = cosine(&e1, &want[..dim]);
+    let empty = gpu.embed(&PackedBatch::new())?;
+    let mut bad = PackedBatch::new();
+    bad.push(&[101, u32::MAX, 102], &[0; 3]);
+    let refused = gpu.embed(&bad).is_err();
+    println!(
+        "batch of one: cosine {c1:.6}; empty batch: {} values; out-of-vocabulary id: {}",
+        empty.len(),
+        if refused { "refused" } else { "ACCEPTED" }
+    );
+    if c1 < 0.999 || !empty.is_empty() || !refused {
+        failed.push("edge cases".to_string());
+    }
+
     // Decisions: every model's route p_pass, router head on the GPU (on GPU embeddings)
     // against the CPU heads on CPU embeddings.
-    let heads = crate::model::heads::Heads::load(&a.heads)?;
     gpu.set_router(&heads.router)?;
     let (_, logits) = gpu.embed_route(&batch)?;
     let r = gpu.router().context("router head not on the GPU")?;
@@ -232,10 +274,14 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
         );
     }
     if worst_p > 0.005 {
-        bail!("route p_pass differs by {worst_p:.4} (> 0.005) between the GPU and the CPU");
+        failed.push(format!("route p_pass differs by {worst_p:.4} (> 0.005)"));
     }
     if min_cos < 0.999 {
-        bail!("min cosine {min_cos:.6} is below 0.999: the GPU forward disagrees with the CPU");
+        failed.push(format!("min cosine {min_cos:.6} < 0.999"));
     }
+    if !failed.is_empty() {
+        bail!("the GPU disagrees with the CPU: {}", failed.join("; "));
+    }
+    println!("\nall checks passed");
     Ok(())
 }

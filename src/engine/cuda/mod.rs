@@ -10,6 +10,7 @@
 //! cudarc loads the CUDA libraries lazily and panics when one is missing, so [`probe`] checks
 //! for them (and for a device) before anything else touches CUDA.
 pub mod check;
+pub mod kernel_check;
 pub mod kernels;
 mod weights;
 

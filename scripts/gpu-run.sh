@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, from the repository root, with target/gpu/ from scripts/gpu-pack.sh:
+# puts the CUDA libraries on the loader path, then
+#   1. gpu-check on the real (f16) model and dev prompts: kernels vs CPU references, CPU vs GPU
+#      embeddings and route p_pass (eager and graph), forward timing eager vs graph per budget;
+#   2. gpu-check --random-weights (timing on synthetic lengths 8..512);
+#   3. the server on the CUDA backend under loadgen (Route c1/c64, Verify c32).
+# Everything printed is also written to $OUT (default target/gpu/out). benches/GPU.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+g=target/gpu
+out="${OUT:-$g/out}"
+mkdir -p "$out"
+[ -f "$g/tiergate.gz" ] || { echo "no $g/tiergate.gz: run scripts/gpu-pack.sh and carry target/gpu"; exit 2; }
+for b in tiergate loadgen; do
+  [ -f "$g/$b.gz" ] && gunzip -c "$g/$b.gz" >"$g/$b" && chmod +x "$g/$b"
+done
+{ date -u; git rev-parse --short HEAD 2>/dev/null; nvidia-smi; } 2>&1 | tee "$out/device.txt"
+
+libs="$(python3 - <<'PY'
+import glob, os, site, sys
+dirs = set()
+for b in set(site.getsitepackages() + [site.getusersitepackages()] + sys.path):
+    for p in glob.glob(os.path.join(b, "nvidia", "**", "lib*.so*"), recursive=True):
+        dirs.add(os.path.dirname(p))
+print(":".join(sorted(dirs)))
+PY
+)"
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  [ -d "$d" ] && libs="$libs:$d"
+done
+export LD_LIBRARY_PATH="${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee -a "$out/device.txt"
+ldconfig -p | grep -E 'libcuda\.so|libnvrtc|libcublas' | tee -a "$out/device.txt"
+
+rc=0
+"$g/tiergate" gpu-check --model-dir "$g/base-f16" --data "$g/prompts.jsonl.gz" \
+  --prompts "${PROMPTS:-256}" --budgets 512,1024,2048,4096,8192,16384,32768 --runs "${RUNS:-30}" \
+  2>&1 | tee "$out/gpu-check.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || rc=1
+"$g/tiergate" gpu-check --random-weights --prompts 256 --budgets 1024,4096,16384,32768 \
+  --runs "${RUNS:-30}" 2>&1 | tee "$out/gpu-check-random.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || rc=1
+
+if [ -x "$g/loadgen" ]; then
+  addr=127.0.0.1:50161
+  "$g/tiergate" config --backend cuda --model-dir "$g/base-f16" --listen "$addr" \
+    --metrics-listen "" --embedding-cache 0 >"$out/serve.toml"
+  # Tokenizing is on the CPU: give it the cores the encoder no longer needs.
+  sed -i 's/^tokenize = .*/tokenize = 8/' "$out/serve.toml"
+  "$g/tiergate" serve --config "$out/serve.toml" >"$out/serve.log" 2>&1 &
+  srv=$!
+  trap 'kill "$srv" 2>/dev/null' EXIT
+  for s in "route 1 500" "route 64 5000" "verify 32 3000"; do
+    set -- $s
+    "$g/loadgen" --addr "$addr" --data "$g/prompts.jsonl.gz" --rpc "$1" --concurrency "$2" \
+      --requests "$3" --duration 40 --out "$out/load-$1-c$2.json" 2>&1 | tee "$out/load-$1-c$2.txt"
+  done
+  kill "$srv"; wait "$srv" 2>/dev/null
+  grep -E "backend|cuda|graph" "$out/serve.log" | head -20
+fi
+exit "$rc"
