@@ -5,3 +5,4 @@ pub mod encoder;
 pub mod heads;
 pub mod tokenize;
 pub mod trees;
+pub mod wordpiece;
