@@ -13,6 +13,7 @@ use tiergate::engine::{Backend, PackedBatch};
 use tiergate::model::encoder::{self, MiniLm, Precision};
 use tiergate::model::heads::{sigmoid, AnswerInput, Heads};
 use tiergate::model::tokenize::{TextTokenizer, TruncSide};
+use tiergate::model::wordpiece::WordPieceTable;
 
 /// The repository; `TIERGATE_ROOT` when this test binary runs elsewhere than it was built
 /// (carried to a GPU machine, benches/GPU.md).
@@ -261,8 +262,9 @@ fn each_kernel_matches_its_cpu_reference() {
         return;
     }
     let heads = Heads::load(&root().join("models/heads.json")).unwrap();
-    let checks = kernel_check::kernel_checks(&heads).unwrap();
-    assert!(checks.len() >= 8, "{checks:?}");
+    let table = WordPieceTable::from_file(&model_dir().join("tokenizer.json")).unwrap();
+    let checks = kernel_check::kernel_checks(&heads, Some(&table)).unwrap();
+    assert!(checks.len() >= 9, "{checks:?}");
     for c in &checks {
         println!("{c:?}");
         assert!(c.passed(), "{c:?}");
@@ -374,4 +376,35 @@ fn graph_token_buckets_hold_the_batch_with_at_most_half_again() {
         distinct.into_iter().collect::<Vec<_>>(),
         [512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768]
     );
+}
+
+/// The texts the WordPiece kernel is checked on cover what they should: declined texts (non-ASCII,
+/// added-token literals), words over 100 characters, control bytes; and the CPU reference
+/// agrees with the tokenizers crate on all the texts it takes.
+#[test]
+fn wordpiece_check_texts_cover_the_cases_and_match_tokenizers() {
+    let path = model_dir().join("tokenizer.json");
+    let table = WordPieceTable::from_file(&path).unwrap();
+    let mut hf = tokenizers::Tokenizer::from_file(&path).unwrap();
+    hf.with_padding(None);
+    hf.with_truncation(None).unwrap();
+    let texts = kernel_check::wordpiece_texts(2000);
+    let (mut declined, mut long, mut control) = (0, 0, 0);
+    for t in &texts {
+        match table.encode_ascii(t) {
+            None => declined += 1,
+            Some(ids) => {
+                let want = hf
+                    .encode_fast(t.as_str(), false)
+                    .unwrap()
+                    .get_ids()
+                    .to_vec();
+                assert_eq!(ids, want, "{t:?}");
+            }
+        }
+        long += usize::from(t.split(' ').any(|w| w.len() > 100));
+        control += usize::from(t.bytes().any(|b| b == 1 || b == 0x7f));
+    }
+    assert!(declined > 100 && declined < 1900, "{declined}");
+    assert!(long > 50 && control > 500, "{long} {control}");
 }

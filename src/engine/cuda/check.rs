@@ -10,6 +10,7 @@ use crate::engine::cpu::CpuBackend;
 use crate::engine::{Backend, PackedBatch};
 use crate::model::encoder::{MiniLm, Precision};
 use crate::model::tokenize::{TextTokenizer, TruncSide};
+use crate::model::wordpiece::WordPieceTable;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct GpuCheckArgs {
@@ -113,6 +114,76 @@ fn fill(seqs: &[(Vec<u32>, Vec<u32>)], budget: usize) -> PackedBatch {
     b
 }
 
+/// WordPiece on the GPU against the `tokenizers` crate on the data's prompts and answers:
+/// the same ids for every text the GPU takes, and wall-clock throughput of both (the GPU's
+/// including transfers and stitching the words together on the host). Some(failure).
+fn check_tokenizer(
+    gpu: &mut CudaBackend,
+    table: &WordPieceTable,
+    tok_path: &std::path::Path,
+    a: &GpuCheckArgs,
+) -> Result<Option<String>> {
+    let rows = crate::eval::data::read_rows(&a.data)?;
+    let mut seen = std::collections::HashSet::new();
+    let texts: Vec<&str> = rows
+        .iter()
+        .flat_map(|r| [Some(r.prompt.as_str()), r.response.as_deref()])
+        .flatten()
+        .filter(|t| seen.insert(*t))
+        .take(4000)
+        .collect();
+    let bytes: usize = texts.iter().map(|t| t.len()).sum();
+    let mut hf = tokenizers::Tokenizer::from_file(tok_path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
+    hf.with_padding(None);
+    hf.with_truncation(None)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
+    gpu.set_vocab(table)?;
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        let mut ms = Vec::new();
+        for _ in 0..5 {
+            let t0 = std::time::Instant::now();
+            f()?;
+            ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        ms.sort_by(f64::total_cmp);
+        Ok(ms[2])
+    };
+    let mut got = Vec::new();
+    let gpu_ms = time(&mut || {
+        got = gpu.tokenize(&texts)?;
+        Ok(())
+    })?;
+    let mut want = Vec::new();
+    let cpu_ms = time(&mut || {
+        want = texts
+            .iter()
+            .map(|t| hf.encode_fast(*t, false).map(|e| e.get_ids().to_vec()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("tokenizers: {e}"))?;
+        Ok(())
+    })?;
+    let (mut taken, mut taken_bytes, mut differ) = (0, 0, 0);
+    for ((g, w), t) in got.iter().zip(&want).zip(&texts) {
+        if let Some(g) = g {
+            taken += 1;
+            taken_bytes += t.len();
+            differ += usize::from(g != w);
+        }
+    }
+    let mbs = |b: usize, ms: f64| b as f64 / 1e6 / (ms / 1e3);
+    println!(
+        "wordpiece on {} texts ({:.1} MB): GPU takes {taken} ({:.1}% of bytes), {differ} differ from tokenizers; \
+         wall clock GPU {gpu_ms:.1} ms ({:.0} MB/s of the bytes it takes) vs tokenizers 1 thread {cpu_ms:.1} ms ({:.1} MB/s, all texts)",
+        texts.len(),
+        bytes as f64 / 1e6,
+        100.0 * taken_bytes as f64 / bytes.max(1) as f64,
+        mbs(taken_bytes, gpu_ms),
+        mbs(bytes, cpu_ms)
+    );
+    Ok((differ > 0).then(|| format!("wordpiece: {differ} texts differ from tokenizers")))
+}
+
 pub fn run(a: GpuCheckArgs) -> Result<()> {
     let info = probe().map_err(|e| anyhow::anyhow!("gpu-check needs a CUDA device: {e}"))?;
     println!(
@@ -137,12 +208,22 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
 
     // Each kernel against its CPU reference, on synthetic data.
     let heads = crate::model::heads::Heads::load(&a.heads)?;
+    let tok_path = a.model_dir.join("tokenizer.json");
+    let table = if tok_path.exists() {
+        Some(WordPieceTable::from_file(&tok_path)?)
+    } else {
+        println!(
+            "{}: missing; the WordPiece kernel is not checked",
+            tok_path.display()
+        );
+        None
+    };
     let mut failed = Vec::new();
     println!(
         "\n{:<26} {:>10} {:>10}  result",
         "kernel", "max error", "tolerance"
     );
-    for c in super::kernel_check::kernel_checks(&heads)? {
+    for c in super::kernel_check::kernel_checks(&heads, table.as_ref())? {
         println!(
             "{:<26} {:>10.2e} {:>10.0e}  {} ({})",
             c.kernel,
@@ -197,6 +278,12 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
         min_cos = min_cos.min(low);
     }
     gpu.set_graph_max_tokens(super::DEFAULT_GRAPH_MAX_TOKENS);
+
+    if let (Some(t), false) = (&table, a.random_weights) {
+        if let Some(f) = check_tokenizer(&mut gpu, t, &tok_path, &a)? {
+            failed.push(f);
+        }
+    }
 
     // Edges: a batch of one, an empty batch, an id outside the vocabulary.
     let one = pack(&seqs[..1]);

@@ -6,6 +6,7 @@ use anyhow::{ensure, Result};
 use super::KernelHarness;
 use crate::model::encoder;
 use crate::model::heads::Heads;
+use crate::model::wordpiece::WordPieceTable;
 
 /// One kernel's largest error against its reference, and what it may be.
 #[derive(Debug, Clone)]
@@ -71,8 +72,74 @@ fn f16_round(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
 }
 
-/// Runs every kernel once on the GPU and on the CPU; `heads` supplies the router head.
-pub fn kernel_checks(heads: &Heads) -> Result<Vec<KernelCheck>> {
+/// Deterministic ASCII texts that exercise every byte class: mixed case, digits, punctuation,
+/// whitespace, control bytes inside words, words over 100 characters.
+pub fn wordpiece_texts(n: usize) -> Vec<String> {
+    const PIECES: &[&str] = &[
+        "The",
+        "quick",
+        "BROWN",
+        "fox",
+        "unaffable",
+        "tokenization",
+        "x",
+        "3.14159",
+        "isn't",
+        "e-mail",
+        "#include",
+        "<stdio.h>",
+        "(a+b)*c",
+        "C++",
+        "naïve",
+        "\u{1}",
+        "\u{7f}",
+        "\t",
+        "\n",
+        "  ",
+        "!!",
+        "qqqzzkk",
+        "Mississippi",
+        "GPU",
+        "don't",
+        "[SEP]",
+        "url:http://a.b/c",
+    ];
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    (0..n)
+        .map(|i| {
+            let mut s = String::new();
+            let words = 1 + (next() % 60) as usize;
+            for _ in 0..words {
+                let r = next();
+                if r % 97 == 0 {
+                    s.push_str(&"ab".repeat(40 + (r % 30) as usize)); // 80..138 chars
+                } else {
+                    s.push_str(PIECES[(r % PIECES.len() as u64) as usize]);
+                }
+                if r % 3 != 0 {
+                    s.push(' ');
+                }
+            }
+            if i % 5 == 0 {
+                s = s.to_uppercase();
+            }
+            s
+        })
+        .collect()
+}
+
+/// Runs every kernel once on the GPU and on the CPU; `heads` supplies the router head and
+/// `wordpiece` (when given) the vocabulary.
+pub fn kernel_checks(
+    heads: &Heads,
+    wordpiece: Option<&WordPieceTable>,
+) -> Result<Vec<KernelCheck>> {
     let k = KernelHarness::new()?;
     let mut out = Vec::new();
     let (h, eps) = (384usize, 1e-12f32);
@@ -218,5 +285,23 @@ pub fn kernel_checks(heads: &Heads) -> Result<Vec<KernelCheck>> {
         encoder::mean_pool_normalize(&x[a * h..b * h], &mut want[s * h..(s + 1) * h]);
     }
     out.push(KernelCheck::abs("mean_pool_l2", &got, &want, 1e-5));
+
+    // WordPiece: the same ids as the CPU reference, text by text (declined texts included).
+    if let Some(table) = wordpiece {
+        let texts = wordpiece_texts(2000);
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let got = k.wordpiece(table, &refs)?;
+        let differ = got
+            .iter()
+            .zip(&refs)
+            .filter(|(g, t)| **g != table.encode_ascii(t))
+            .count();
+        out.push(KernelCheck {
+            kernel: "wordpiece_ascii",
+            max_err: differ as f32,
+            tolerance: 0.0,
+            kind: "texts differing",
+        });
+    }
     Ok(out)
 }

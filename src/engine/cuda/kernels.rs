@@ -24,6 +24,11 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
         include_str!("../../../kernels/heads.cu"),
         &["router_logits"],
     ),
+    (
+        "wordpiece.cu",
+        include_str!("../../../kernels/wordpiece.cu"),
+        &["wordpiece_ascii"],
+    ),
 ];
 
 /// Compiles one source to PTX for `arch` (e.g. `compute_90`). The error carries NVRTC's log.

@@ -30,6 +30,7 @@ use super::{Backend, PackedBatch};
 use crate::error::TgError;
 use crate::model::encoder::MiniLm;
 use crate::model::heads::RouterHead;
+use crate::model::wordpiece::WordPieceTable;
 pub use weights::write_random_model;
 
 /// What [`probe`] found.
@@ -142,6 +143,7 @@ struct Gpu {
     bias_gelu: CudaFunction,
     attention: CudaFunction,
     router_logits: CudaFunction,
+    wordpiece: CudaFunction,
     _workspace: CudaSlice<u8>,
     name: String,
 }
@@ -205,6 +207,7 @@ impl Gpu {
             bias_gelu: take("bias_gelu")?,
             attention: take("attention_varlen")?,
             router_logits: take("router_logits")?,
+            wordpiece: take("wordpiece_ascii")?,
             _workspace: workspace,
             ctx,
             stream,
@@ -422,6 +425,97 @@ impl Gpu {
     }
 }
 
+/// The WordPiece vocabulary on the GPU (`model::wordpiece` layout) and buffers for the text.
+pub struct DeviceVocab {
+    table: WordPieceTable,
+    slots: CudaSlice<u32>,
+    entries: CudaSlice<u32>,
+    bytes: CudaSlice<u8>,
+    text: Option<(CudaSlice<u8>, CudaSlice<u32>, CudaSlice<u8>)>,
+}
+
+impl DeviceVocab {
+    fn upload(gpu: &Gpu, table: &WordPieceTable) -> Result<Self> {
+        ensure!(
+            table.slots.len().is_power_of_two() && table.slots.len() <= u32::MAX as usize,
+            "vocabulary table size {} is not a power of two",
+            table.slots.len()
+        );
+        let flat: Vec<u32> = table.entries.iter().flatten().copied().collect();
+        Ok(DeviceVocab {
+            slots: gpu.upload(&table.slots)?,
+            entries: gpu.upload(&flat)?,
+            bytes: gpu.upload(&table.bytes)?,
+            table: table.clone(),
+            text: None,
+        })
+    }
+
+    /// Token ids of each text without special tokens; `None` for a text the GPU path
+    /// declines (non-ASCII, added-token literals: see `WordPieceTable::accepts`).
+    fn tokenize(&mut self, gpu: &Gpu, texts: &[&str]) -> Result<Vec<Option<Vec<u32>>>> {
+        let mut buf = Vec::new();
+        let mut spans = Vec::with_capacity(texts.len());
+        for t in texts {
+            if self.table.accepts(t) {
+                spans.push(Some((buf.len(), t.len())));
+                buf.extend_from_slice(t.as_bytes());
+                buf.push(b' '); // no word crosses two texts
+            } else {
+                spans.push(None);
+            }
+        }
+        let n = buf.len();
+        if n == 0 {
+            return Ok(spans.into_iter().map(|s| s.map(|_| Vec::new())).collect());
+        }
+        if self.text.as_ref().is_none_or(|t| t.0.len() < n) {
+            let cap = n.next_power_of_two().max(1 << 16);
+            self.text = None;
+            self.text = Some((gpu.zeros(cap)?, gpu.zeros(cap)?, gpu.zeros(cap)?));
+        }
+        let (text, ids, counts) = self.text.as_mut().context("tokenizer buffers missing")?;
+        drv(
+            "copying text to the GPU",
+            gpu.stream.memcpy_htod(&buf, &mut text.slice_mut(..n)),
+        )?;
+        let (n64, mask, unk, max_chars) = (
+            n as u64,
+            (self.table.slots.len() - 1) as u32,
+            self.table.unk,
+            self.table.max_chars as i32,
+        );
+        let mut b = gpu.stream.launch_builder(&gpu.wordpiece);
+        b.arg(&*text).arg(&n64).arg(&self.slots).arg(&mask);
+        b.arg(&self.entries)
+            .arg(&self.bytes)
+            .arg(&unk)
+            .arg(&max_chars);
+        b.arg(&mut *ids).arg(&mut *counts);
+        // SAFETY: text/ids/counts hold at least n elements; the table arrays are the ones
+        // `WordPieceTable` built (slots a power of two, at most half full, so probing ends;
+        // entries index into bytes).
+        drv("wordpiece_ascii", unsafe {
+            b.launch(cfg1(n.div_ceil(256) as u32, 256))
+        })?;
+        let ids = gpu.download(ids, n)?;
+        let counts = gpu.download(counts, n)?;
+        Ok(spans
+            .into_iter()
+            .map(|s| {
+                s.map(|(off, len)| {
+                    let mut out = Vec::new();
+                    for i in off..off + len {
+                        let c = counts[i] as usize;
+                        out.extend_from_slice(&ids[i..(i + c).min(n)]);
+                    }
+                    out
+                })
+            })
+            .collect())
+    }
+}
+
 /// The router head on the GPU: `[easiness w; P]` and one `[u | b]` row per model, the
 /// population prior last (for models without a head of their own).
 pub struct DeviceRouter {
@@ -598,6 +692,7 @@ pub struct CudaBackend {
     w: DeviceWeights,
     scratch: Option<Scratch>,
     router: Option<DeviceRouter>,
+    vocab: Option<DeviceVocab>,
     /// Router logits of the last batch, `seqs × router.width()`; grown on demand.
     logits: Option<CudaSlice<f32>>,
     graph_max_tokens: usize,
@@ -636,6 +731,7 @@ impl CudaBackend {
             w,
             scratch: None,
             router: None,
+            vocab: None,
             logits: None,
             graph_max_tokens: DEFAULT_GRAPH_MAX_TOKENS,
             graphs: Default::default(),
@@ -660,6 +756,23 @@ impl CudaBackend {
         let end = drv("event", self.gpu.stream.record_event(timing))?;
         let ms = drv("event timing", start.elapsed_ms(&end))?;
         Ok((out, ms))
+    }
+
+    /// Puts the WordPiece vocabulary on the GPU for [`CudaBackend::tokenize`].
+    pub fn set_vocab(&mut self, table: &WordPieceTable) -> Result<()> {
+        self.vocab = Some(DeviceVocab::upload(&self.gpu, table)?);
+        Ok(())
+    }
+
+    /// WordPiece ids of each text on the GPU (no special tokens, no truncation); `None` for
+    /// a text to tokenize on the CPU (non-ASCII or holding an added token's literal).
+    pub fn tokenize(&mut self, texts: &[&str]) -> Result<Vec<Option<Vec<u32>>>> {
+        drv("binding the CUDA context", self.gpu.ctx.bind_to_thread())?;
+        let v = self
+            .vocab
+            .as_mut()
+            .context("no vocabulary on the GPU: call set_vocab first")?;
+        v.tokenize(&self.gpu, texts)
     }
 
     /// Puts the router head on the GPU for [`CudaBackend::embed_route`].
@@ -1039,6 +1152,15 @@ impl KernelHarness {
         let mut out = self.gpu.zeros::<f32>(seqs * dr.width())?;
         self.gpu.router_logits(&ed, seqs, &dr, &mut out)?;
         self.gpu.download(&out, seqs * dr.width())
+    }
+
+    /// WordPiece ids of `texts` on the GPU (`None` where the GPU path declines the text).
+    pub fn wordpiece(
+        &self,
+        table: &WordPieceTable,
+        texts: &[&str],
+    ) -> Result<Vec<Option<Vec<u32>>>> {
+        DeviceVocab::upload(&self.gpu, table)?.tokenize(&self.gpu, texts)
     }
 
     /// Mean of each sequence's rows of `x` (`h` columns), L2-normalised.
