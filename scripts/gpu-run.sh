@@ -51,6 +51,15 @@ if [ -x "$g/loadgen" ]; then
   "$g/tiergate" serve --config "$out/serve.toml" >"$out/serve.log" 2>&1 &
   srv=$!
   trap 'kill "$srv" 2>/dev/null' EXIT
+  # Wait for it to serve (start-up compiles the kernels and self-checks against the CPU).
+  for _ in $(seq 1 120); do
+    grep -q "serving" "$out/serve.log" 2>/dev/null && break
+    kill -0 "$srv" 2>/dev/null || break
+    sleep 1
+  done
+  if ! kill -0 "$srv" 2>/dev/null; then
+    echo "the server did not start on the CUDA backend:"; tail -5 "$out/serve.log"; exit 1
+  fi
   for s in "route 1 500" "route 64 5000" "verify 32 3000"; do
     set -- $s
     "$g/loadgen" --addr "$addr" --data "$g/prompts.jsonl.gz" --rpc "$1" --concurrency "$2" \
