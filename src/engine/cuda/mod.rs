@@ -696,6 +696,8 @@ pub struct CudaBackend {
     /// Router logits of the last batch, `seqs × router.width()`; grown on demand.
     logits: Option<CudaSlice<f32>>,
     graph_max_tokens: usize,
+    /// A forward has run (eagerly): graphs may be captured.
+    warm: bool,
     /// By (token bucket, sequence bucket); they point into `scratch`.
     graphs: std::collections::HashMap<(usize, usize), Graph>,
 }
@@ -734,6 +736,7 @@ impl CudaBackend {
             vocab: None,
             logits: None,
             graph_max_tokens: DEFAULT_GRAPH_MAX_TOKENS,
+            warm: false,
             graphs: Default::default(),
         })
     }
@@ -829,7 +832,10 @@ impl CudaBackend {
         // A graph bakes in shapes and pointers: it runs the batch padded to its buckets, with
         // attention sized for the longest sequence the model takes.
         let key = (token_bucket(t), seq_bucket(s));
-        let graph = self.graph_max_tokens > 0
+        // Not before one eager forward: cuBLAS and lazily loaded modules initialise on first
+        // use, which must not happen inside a capture.
+        let graph = self.warm
+            && self.graph_max_tokens > 0
             && key.0 <= self.graph_max_tokens
             && (self.graphs.contains_key(&key) || self.graphs.len() < MAX_GRAPHS);
         let (rt, rs, max_len) = if graph {
@@ -902,6 +908,7 @@ impl CudaBackend {
         }
         let out = self.gpu.download(&sc.out, s * h)?;
         drv("a CUDA call", self.gpu.ctx.check_err())?;
+        self.warm = true;
         Ok(out)
     }
 }
