@@ -80,6 +80,23 @@ mod tokenize {
             .bench(|| tok().encode_single(black_box(&text), TruncSide::HeadTail));
     }
 
+    /// The ASCII WordPiece reference the GPU kernel mirrors (model::wordpiece), on the same
+    /// text as `encode_single` (raw ids, no truncation): a peer for the tokenizers crate.
+    #[divan::bench(args = [1, 4, 40])]
+    fn wordpiece_ascii(b: Bencher, repeats: usize) {
+        static W: OnceLock<tiergate::model::wordpiece::WordPieceTable> = OnceLock::new();
+        let w = W.get_or_init(|| {
+            let p = root().join("models/base/tokenizer.json");
+            match tiergate::model::wordpiece::WordPieceTable::from_file(&p) {
+                Ok(t) => t,
+                Err(e) => panic!("{e:#}"),
+            }
+        });
+        let text = PARAGRAPH.repeat(repeats);
+        b.counter(divan::counter::BytesCount::new(text.len()))
+            .bench(|| w.encode_ascii(black_box(&text)));
+    }
+
     #[divan::bench]
     fn encode_pair(b: Bencher) {
         let (p, a) = (PARAGRAPH.repeat(2), PARAGRAPH.repeat(3));

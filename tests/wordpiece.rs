@@ -71,3 +71,44 @@ fn edge_texts_equal_the_tokenizers_crate() {
         assert_eq!(table.encode_ascii(text), Some(want), "text: {text:?}");
     }
 }
+
+/// The service's tokenizer takes the ASCII fast path: what it encodes (truncation, pairs,
+/// special tokens) is what the tokenizers crate alone gives, on real prompts and answers.
+#[test]
+fn text_tokenizer_with_the_fast_path_encodes_like_the_crate() {
+    use tiergate::model::tokenize::{TextTokenizer, TruncSide};
+    let path = root().join("models/base/tokenizer.json");
+    let fast = TextTokenizer::from_file(&path, 256, 384).unwrap();
+    assert!(fast.has_fast_path());
+    let slow = TextTokenizer::from_file(&path, 256, 384)
+        .unwrap()
+        .crate_only();
+    let rows = tiergate::eval::data::read_rows(&root().join("../shared/data/dev.jsonl.gz"))
+        .expect("../shared/data/dev.jsonl.gz");
+    let same = |a: &tiergate::model::tokenize::Encoded, b: &tiergate::model::tokenize::Encoded| {
+        a.ids == b.ids
+            && a.type_ids == b.type_ids
+            && a.truncated == b.truncated
+            && a.full_len == b.full_len
+    };
+    for r in rows.iter().step_by(7).take(3000) {
+        let answer = r.response.as_deref().unwrap_or("");
+        for side in [TruncSide::HeadTail, TruncSide::Tail] {
+            let (x, y) = (
+                fast.encode_single(&r.prompt, side).unwrap(),
+                slow.encode_single(&r.prompt, side).unwrap(),
+            );
+            assert!(same(&x, &y), "{:?}", r.prompt);
+        }
+        let (x, y) = (
+            fast.encode_answer(answer, 128).unwrap(),
+            slow.encode_answer(answer, 128).unwrap(),
+        );
+        assert!(same(&x, &y), "{answer:?}");
+        let (x, y) = (
+            fast.encode_pair(&r.prompt, answer).unwrap(),
+            slow.encode_pair(&r.prompt, answer).unwrap(),
+        );
+        assert!(same(&x, &y), "{:?}", r.prompt);
+    }
+}

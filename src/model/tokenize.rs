@@ -4,11 +4,16 @@
 //! switched off here. We encode without special tokens, truncate with rules that know
 //! where the useful content lives (head+tail for prompts, mostly tail for answers,
 //! where final results are written), then add `[CLS]`/`[SEP]` ourselves.
+//!
+//! ASCII text goes through `model::wordpiece` (the GPU tokenizer's CPU reference): the same
+//! ids as the `tokenizers` crate on every ASCII dev text, about 15x faster (benches/README.md).
+//! Other text, or a tokenizer.json whose pipeline it does not mirror, uses the crate.
 use std::path::Path;
 
 use rayon::prelude::*;
 use tokenizers::Tokenizer;
 
+use super::wordpiece::WordPieceTable;
 use crate::error::TgError;
 
 /// Which part of an over-long text survives truncation.
@@ -40,6 +45,8 @@ const ANSWER_MIN_SHARE: f64 = 0.6;
 /// Thread-safe tokenizer; cheap to share in an `Arc`.
 pub struct TextTokenizer {
     inner: Tokenizer,
+    /// The ASCII fast path; None when tokenizer.json is not a BERT WordPiece pipeline.
+    fast: Option<WordPieceTable>,
     cls: u32,
     sep: u32,
     max_tokens: usize,
@@ -73,8 +80,16 @@ impl TextTokenizer {
         };
         let cls = special("[CLS]")?;
         let sep = special("[SEP]")?;
+        let fast = match WordPieceTable::from_file(path) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::info!(error = %format!("{e:#}"), "tokenizer: no ASCII fast path");
+                None
+            }
+        };
         Ok(Self {
             inner,
+            fast,
             cls,
             sep,
             max_tokens,
@@ -90,7 +105,20 @@ impl TextTokenizer {
         self.max_pair_tokens
     }
 
+    /// Without the ASCII fast path: every text through the `tokenizers` crate.
+    pub fn crate_only(mut self) -> Self {
+        self.fast = None;
+        self
+    }
+
+    pub fn has_fast_path(&self) -> bool {
+        self.fast.is_some()
+    }
+
     fn raw_ids(&self, text: &str) -> Result<Vec<u32>, TgError> {
+        if let Some(ids) = self.fast.as_ref().and_then(|w| w.encode_ascii(text)) {
+            return Ok(ids);
+        }
         // `encode_fast` skips offset computation, which we never use.
         self.inner
             .encode_fast(text, false)
