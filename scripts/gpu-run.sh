@@ -12,12 +12,20 @@ g=target/gpu
 out="${OUT:-$g/out}"
 mkdir -p "$out"
 [ -f "$g/tiergate.gz" ] || { echo "no $g/tiergate.gz: run scripts/gpu-pack.sh and carry target/gpu"; exit 2; }
+# Unpacked outside target/gpu, so that a later carry of target/gpu stays under 64 MiB.
+bin="$(mktemp -d)"
 for b in tiergate loadgen; do
-  [ -f "$g/$b.gz" ] && gunzip -c "$g/$b.gz" >"$g/$b" && chmod +x "$g/$b"
+  [ -f "$g/$b.gz" ] && gunzip -c "$g/$b.gz" >"$bin/$b" && chmod +x "$bin/$b"
 done
 { date -u; git rev-parse --short HEAD 2>/dev/null; nvidia-smi; } 2>&1 | tee "$out/device.txt"
 
-libs="$(python3 - <<'PY'
+# A toolkit's libraries first: they match the driver, and PTX from an NVRTC newer than the
+# driver does not load. Then the Python wheels' (nvidia/*/lib).
+libs=""
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  [ -d "$d" ] && libs="$libs:$d"
+done
+libs="$libs:$(python3 - <<'PY'
 import glob, os, site, sys
 dirs = set()
 for b in set(site.getsitepackages() + [site.getusersitepackages()] + sys.path):
@@ -26,43 +34,40 @@ for b in set(site.getsitepackages() + [site.getusersitepackages()] + sys.path):
 print(":".join(sorted(dirs)))
 PY
 )"
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-  [ -d "$d" ] && libs="$libs:$d"
-done
 export LD_LIBRARY_PATH="${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee -a "$out/device.txt"
 ldconfig -p | grep -E 'libcuda\.so|libnvrtc|libcublas' | tee -a "$out/device.txt"
 
 rc=0
-"$g/tiergate" gpu-check --model-dir "$g/base-f16" --data "$g/prompts.jsonl.gz" \
+"$bin/tiergate" gpu-check --model-dir "$g/base-f16" --data "$g/prompts.jsonl.gz" \
   --prompts "${PROMPTS:-256}" --budgets 512,1024,2048,4096,8192,16384,32768 --runs "${RUNS:-30}" \
   2>&1 | tee "$out/gpu-check.txt"
 [ "${PIPESTATUS[0]}" = 0 ] || rc=1
-"$g/tiergate" gpu-check --random-weights --prompts 256 --budgets 1024,4096,16384,32768 \
+"$bin/tiergate" gpu-check --random-weights --prompts 256 --budgets 1024,4096,16384,32768 \
   --runs "${RUNS:-30}" 2>&1 | tee "$out/gpu-check-random.txt"
 [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 
-if [ -x "$g/loadgen" ]; then
+if [ -x "$bin/loadgen" ]; then
   addr=127.0.0.1:50161
-  "$g/tiergate" config --backend cuda --model-dir "$g/base-f16" --listen "$addr" \
+  "$bin/tiergate" config --backend cuda --model-dir "$g/base-f16" --listen "$addr" \
     --metrics-listen "" --embedding-cache 0 >"$out/serve.toml"
   # Tokenizing is on the CPU: give it the cores the encoder no longer needs.
   sed -i 's/^tokenize = .*/tokenize = 8/' "$out/serve.toml"
-  "$g/tiergate" serve --config "$out/serve.toml" >"$out/serve.log" 2>&1 &
+  "$bin/tiergate" serve --config "$out/serve.toml" >"$out/serve.log" 2>&1 &
   srv=$!
   trap 'kill "$srv" 2>/dev/null' EXIT
   # Wait for it to serve (start-up compiles the kernels and self-checks against the CPU).
   for _ in $(seq 1 120); do
-    grep -q "serving" "$out/serve.log" 2>/dev/null && break
+    grep -q "warm-up done" "$out/serve.log" 2>/dev/null && break
     kill -0 "$srv" 2>/dev/null || break
     sleep 1
   done
-  if ! kill -0 "$srv" 2>/dev/null; then
-    echo "the server did not start on the CUDA backend:"; tail -5 "$out/serve.log"; exit 1
+  if ! grep -q "warm-up done" "$out/serve.log"; then
+    echo "the server did not come up on the CUDA backend:"; tail -5 "$out/serve.log"; exit 1
   fi
   for s in "route 1 500" "route 64 5000" "verify 32 3000"; do
     set -- $s
-    "$g/loadgen" --addr "$addr" --data "$g/prompts.jsonl.gz" --rpc "$1" --concurrency "$2" \
+    "$bin/loadgen" --addr "$addr" --data "$g/prompts.jsonl.gz" --rpc "$1" --concurrency "$2" \
       --requests "$3" --duration 40 --out "$out/load-$1-c$2.json" 2>&1 | tee "$out/load-$1-c$2.txt"
   done
   kill "$srv"; wait "$srv" 2>/dev/null

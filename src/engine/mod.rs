@@ -63,7 +63,7 @@ pub fn select(
     precision: crate::model::encoder::Precision,
 ) -> anyhow::Result<Box<dyn Backend>> {
     use crate::config::BackendKind;
-    let start_cuda = || -> anyhow::Result<Box<dyn Backend>> {
+    let start_cuda_inner = || -> anyhow::Result<Box<dyn Backend>> {
         let mut b = cuda::CudaBackend::new(model.clone(), model_dir)?;
         // A device that runs but disagrees with the CPU reference must not serve decisions.
         let mut cpu =
@@ -81,6 +81,17 @@ pub fn select(
         metrics::gauge!(crate::metrics::BACKEND_INFO, "backend" => "cuda", "precision" => "f16")
             .set(1.0);
         Ok(Box::new(b))
+    };
+    // cudarc panics on a symbol the installed driver lacks (its bindings are for CUDA 13):
+    // that is a failed start, not a crash.
+    let start_cuda = || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(start_cuda_inner)).unwrap_or_else(
+            |_| {
+                Err(anyhow::anyhow!(
+                    "the CUDA backend panicked while starting (see above)"
+                ))
+            },
+        )
     };
     match kind {
         BackendKind::Cpu => {}

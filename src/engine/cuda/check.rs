@@ -1,5 +1,5 @@
 //! `tiergate gpu-check`: CPU-vs-GPU agreement on real prompts, then GPU forward throughput at
-//! a few token budgets (CUDA-event timing, median of repeated runs).
+//! a few token budgets (wall clock per forward, median of repeated runs).
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -187,9 +187,22 @@ fn check_tokenizer(
 pub fn run(a: GpuCheckArgs) -> Result<()> {
     let info = probe().map_err(|e| anyhow::anyhow!("gpu-check needs a CUDA device: {e}"))?;
     println!(
-        "device: {} (compute {}.{}), {} device(s)",
-        info.name, info.compute_capability.0, info.compute_capability.1, info.devices
+        "device: {} (compute {}.{}), {} device(s); driver CUDA {}.{}, NVRTC {}.{}",
+        info.name,
+        info.compute_capability.0,
+        info.compute_capability.1,
+        info.devices,
+        info.driver_version.0,
+        info.driver_version.1,
+        info.nvrtc_version.0,
+        info.nvrtc_version.1
     );
+    if info.nvrtc_version > info.driver_version {
+        println!(
+            "warning: NVRTC is newer than the driver: its PTX will not load \
+             (put the driver's CUDA version of libnvrtc first on LD_LIBRARY_PATH)"
+        );
+    }
     let (dir, _cleanup) = if a.random_weights {
         let dir = std::env::temp_dir().join(format!("tiergate-random-{}", std::process::id()));
         write_random_model(&dir, 0x5eed)?;
@@ -252,6 +265,10 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
     let mut min_cos = f64::INFINITY;
     for (mode, graph_max) in [("eager", 0), ("graph", usize::MAX)] {
         gpu.set_graph_max_tokens(graph_max);
+        if graph_max > 0 {
+            // A new bucket runs eagerly once while its graph is captured; compare a replay.
+            gpu.embed(&batch)?;
+        }
         let got = gpu.embed(&batch)?;
         let (mut low, mut max_abs, mut worst) = (f64::INFINITY, 0.0f32, 0);
         for (i, (w, g)) in want
@@ -276,6 +293,12 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
             seqs[worst].0.len()
         );
         min_cos = min_cos.min(low);
+    }
+    // The graph run must really have been a graph (a failed capture falls back to eager).
+    let captured = gpu.graphs();
+    println!("CUDA graphs captured: {captured}");
+    if captured == 0 {
+        failed.push("no CUDA graph was captured (see the warning above)".into());
     }
     gpu.set_graph_max_tokens(super::DEFAULT_GRAPH_MAX_TOKENS);
 
@@ -323,7 +346,7 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
     );
 
     println!(
-        "\nforward time (CUDA events around upload, kernels, download), {} runs after 3 warm-up:",
+        "\nforward time (wall clock: packing, upload, kernels, download), {} runs after 3 warm-up:",
         a.runs.max(1)
     );
     println!(

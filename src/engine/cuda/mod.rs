@@ -40,6 +40,10 @@ pub struct ProbeInfo {
     /// Device 0, the one the backend uses.
     pub name: String,
     pub compute_capability: (i32, i32),
+    /// The driver's CUDA version and NVRTC's, e.g. (13, 0): PTX from an NVRTC newer than the
+    /// driver does not load.
+    pub driver_version: (i32, i32),
+    pub nvrtc_version: (i32, i32),
 }
 
 /// Whether libnvrtc can be loaded (cudarc's own search: its usual names on the loader path).
@@ -87,11 +91,21 @@ pub fn probe() -> Result<ProbeInfo, String> {
             )
         };
         match cc {
-            (Ok(major), Ok(minor)) => Ok(ProbeInfo {
-                devices: n as usize,
-                name,
-                compute_capability: (major, minor),
-            }),
+            (Ok(major), Ok(minor)) => {
+                let (mut dv, mut nv) = (0, (0, 0));
+                // SAFETY: out-pointers to locals; both calls exist in every supported version.
+                unsafe {
+                    let _ = cudarc::driver::sys::cuDriverGetVersion(&mut dv);
+                    let _ = cudarc::nvrtc::sys::nvrtcVersion(&mut nv.0, &mut nv.1);
+                }
+                Ok(ProbeInfo {
+                    devices: n as usize,
+                    name,
+                    compute_capability: (major, minor),
+                    driver_version: (dv / 1000, dv % 1000 / 10),
+                    nvrtc_version: nv,
+                })
+            }
             _ => Err("cannot read the device's compute capability".into()),
         }
     })
@@ -696,8 +710,6 @@ pub struct CudaBackend {
     /// Router logits of the last batch, `seqs × router.width()`; grown on demand.
     logits: Option<CudaSlice<f32>>,
     graph_max_tokens: usize,
-    /// A forward has run (eagerly): graphs may be captured.
-    warm: bool,
     /// By (token bucket, sequence bucket); they point into `scratch`.
     graphs: std::collections::HashMap<(usize, usize), Graph>,
 }
@@ -736,7 +748,6 @@ impl CudaBackend {
             vocab: None,
             logits: None,
             graph_max_tokens: DEFAULT_GRAPH_MAX_TOKENS,
-            warm: false,
             graphs: Default::default(),
         })
     }
@@ -746,19 +757,18 @@ impl CudaBackend {
         &self.gpu.name
     }
 
-    /// [`Backend::embed`], also returning the device time of the whole forward (upload,
-    /// kernels, download) measured with CUDA events, in milliseconds.
+    /// [`Backend::embed`], also returning the wall-clock time of the whole forward (host
+    /// packing, upload, kernels, the synchronising download) in milliseconds: what a batch
+    /// costs the batcher. (Not CUDA events: with the CUDA 13 bindings cudarc times events with
+    /// cuEventElapsedTime_v2, which drivers before 12.8 lack, and a missing symbol panics.)
     pub fn embed_timed(&mut self, batch: &PackedBatch) -> Result<(Vec<f32>, f32)> {
         self.model.validate(batch)?;
         if batch.is_empty() {
             return Ok((Vec::new(), 0.0));
         }
-        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let start = drv("event", self.gpu.stream.record_event(timing))?;
+        let t0 = std::time::Instant::now();
         let out = self.forward(batch)?;
-        let end = drv("event", self.gpu.stream.record_event(timing))?;
-        let ms = drv("event timing", start.elapsed_ms(&end))?;
-        Ok((out, ms))
+        Ok((out, t0.elapsed().as_secs_f32() * 1e3))
     }
 
     /// Puts the WordPiece vocabulary on the GPU for [`CudaBackend::tokenize`].
@@ -832,10 +842,7 @@ impl CudaBackend {
         // A graph bakes in shapes and pointers: it runs the batch padded to its buckets, with
         // attention sized for the longest sequence the model takes.
         let key = (token_bucket(t), seq_bucket(s));
-        // Not before one eager forward: cuBLAS and lazily loaded modules initialise on first
-        // use, which must not happen inside a capture.
-        let graph = self.warm
-            && self.graph_max_tokens > 0
+        let graph = self.graph_max_tokens > 0
             && key.0 <= self.graph_max_tokens
             && (self.graphs.contains_key(&key) || self.graphs.len() < MAX_GRAPHS);
         let (rt, rs, max_len) = if graph {
@@ -849,9 +856,16 @@ impl CudaBackend {
             .as_ref()
             .is_none_or(|sc| sc.tokens < rt || sc.seqs < rs);
         if need_grow {
-            // Powers of two: a few sizes cover every batch, so reallocation is rare. Graphs
-            // point into the old buffers, so they go with them.
-            let (ct, cs) = (rt.next_power_of_two().max(512), seq_bucket(rs));
+            // Powers of two, never below what was there: a few sizes cover every batch, so
+            // reallocation is rare. Graphs point into the old buffers, so they go with them.
+            let (old_t, old_s) = self
+                .scratch
+                .as_ref()
+                .map_or((0, 0), |sc| (sc.tokens, sc.seqs));
+            let (ct, cs) = (
+                rt.next_power_of_two().max(512).max(old_t),
+                seq_bucket(rs).max(old_s),
+            );
             self.graphs.clear();
             self.scratch = None; // free the old buffers first
             self.scratch = Some(Scratch::new(&self.gpu, &self.w, ct, cs)?);
@@ -888,27 +902,27 @@ impl CudaBackend {
         };
         if graph {
             if !self.graphs.contains_key(&key) {
+                // This batch runs eagerly first, so cuBLAS meets this bucket's shapes (and
+                // loads their kernels) outside the capture; the graph serves the next ones.
+                enqueue(&self.gpu, &self.w, sc, shape)?;
                 match capture(&self.gpu, &self.w, sc, shape) {
                     Ok(g) => {
                         self.graphs.insert(key, Graph(g));
                     }
                     Err(e) => {
-                        // Never fatal: the same work runs eagerly, now and from now on.
+                        // Never fatal: this batch already ran; later ones run eagerly.
                         tracing::warn!(error = %format!("{e:#}"), "CUDA graph capture failed; running eagerly");
                         self.graph_max_tokens = 0;
                     }
                 }
-            }
-            match self.graphs.get(&key) {
-                Some(g) => drv("launching a CUDA graph", g.0.launch())?,
-                None => enqueue(&self.gpu, &self.w, sc, shape)?,
+            } else if let Some(g) = self.graphs.get(&key) {
+                drv("launching a CUDA graph", g.0.launch())?;
             }
         } else {
             enqueue(&self.gpu, &self.w, sc, shape)?;
         }
         let out = self.gpu.download(&sc.out, s * h)?;
         drv("a CUDA call", self.gpu.ctx.check_err())?;
-        self.warm = true;
         Ok(out)
     }
 }
