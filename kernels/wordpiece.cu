@@ -8,6 +8,7 @@
 //
 // Vocabulary: slots (power of two, entry index + 1, 0 = empty; linear probing), entries
 // (offset, len | continuation << 31, id) into vocab_bytes; FNV-1a seeded by continuation.
+// max_piece: the longest vocabulary piece, where the greedy match starts.
 
 #define LETTER 0
 #define SPACE 1
@@ -49,7 +50,8 @@ extern "C" __global__ void wordpiece_ascii(const unsigned char* text, unsigned l
                                            const unsigned* slots, unsigned mask,
                                            const unsigned* entries,
                                            const unsigned char* vocab_bytes, unsigned unk,
-                                           int max_chars, unsigned* ids, unsigned char* counts) {
+                                           int max_chars, int max_piece, unsigned* ids,
+                                           unsigned char* counts) {
     const unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const int c = byte_class(text[i]);
@@ -90,7 +92,8 @@ extern "C" __global__ void wordpiece_ascii(const unsigned char* text, unsigned l
     }
     int out = 0, start = 0;
     while (start < len) {
-        int end = len;
+        // No piece is longer than max_piece bytes: longer candidates cannot match.
+        int end = min(len, start + max_piece);
         unsigned id = 0xffffffffu;
         for (; end > start; end--) {
             id = lookup(w + start, end - start, start > 0, slots, mask, entries, vocab_bytes);

@@ -493,18 +493,20 @@ impl DeviceVocab {
             "copying text to the GPU",
             gpu.stream.memcpy_htod(&buf, &mut text.slice_mut(..n)),
         )?;
-        let (n64, mask, unk, max_chars) = (
+        let (n64, mask, unk, max_chars, max_piece) = (
             n as u64,
             (self.table.slots.len() - 1) as u32,
             self.table.unk,
             self.table.max_chars as i32,
+            self.table.max_piece.min(i32::MAX as u32) as i32,
         );
         let mut b = gpu.stream.launch_builder(&gpu.wordpiece);
         b.arg(&*text).arg(&n64).arg(&self.slots).arg(&mask);
         b.arg(&self.entries)
             .arg(&self.bytes)
             .arg(&unk)
-            .arg(&max_chars);
+            .arg(&max_chars)
+            .arg(&max_piece);
         b.arg(&mut *ids).arg(&mut *counts);
         // SAFETY: text/ids/counts hold at least n elements; the table arrays are the ones
         // `WordPieceTable` built (slots a power of two, at most half full, so probing ends;
