@@ -80,6 +80,22 @@ mod tokenize {
             .bench(|| tok().encode_single(black_box(&text), TruncSide::HeadTail));
     }
 
+    /// The same through the tokenizers crate alone (the path before the ASCII fast path, and
+    /// still the one for non-ASCII text): the peer of `encode_single`.
+    #[divan::bench(args = [1, 4, 40])]
+    fn encode_single_crate_only(b: Bencher, repeats: usize) {
+        static T: OnceLock<TextTokenizer> = OnceLock::new();
+        let t = T.get_or_init(|| {
+            match TextTokenizer::from_file(&root().join("models/base/tokenizer.json"), 256, 384) {
+                Ok(t) => t.crate_only(),
+                Err(e) => panic!("{e}"),
+            }
+        });
+        let text = PARAGRAPH.repeat(repeats);
+        b.counter(divan::counter::BytesCount::new(text.len()))
+            .bench(|| t.encode_single(black_box(&text), TruncSide::HeadTail));
+    }
+
     /// The ASCII WordPiece reference the GPU kernel mirrors (model::wordpiece), on the same
     /// text as `encode_single` (raw ids, no truncation): a peer for the tokenizers crate.
     #[divan::bench(args = [1, 4, 40])]
