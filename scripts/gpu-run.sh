@@ -49,11 +49,9 @@ rc=0
 
 if [ -x "$bin/loadgen" ]; then
   addr=127.0.0.1:50161
-  "$bin/tiergate" config --backend cuda --model-dir "$g/base-f16" --listen "$addr" \
-    --metrics-listen "" --embedding-cache 0 >"$out/serve.toml"
   # Tokenizing is on the CPU: give it the cores the encoder no longer needs.
-  sed -i 's/^tokenize = .*/tokenize = 8/' "$out/serve.toml"
-  "$bin/tiergate" serve --config "$out/serve.toml" >"$out/serve.log" 2>&1 &
+  "$bin/tiergate" serve --backend cuda --model-dir "$g/base-f16" --listen "$addr" \
+    --metrics-listen "" --embedding-cache 0 --tokenize-threads 8 >"$out/serve.log" 2>&1 &
   srv=$!
   trap 'kill "$srv" 2>/dev/null' EXIT
   # Wait for it to serve (start-up compiles the kernels and self-checks against the CPU).

@@ -162,6 +162,9 @@ pub struct Overrides {
     pub embedding_cache: Option<usize>,
     #[arg(long, env = "TIERGATE_THREADS")]
     pub threads: Option<usize>,
+    /// Tokenizer threads (on a GPU node the CPU's main work).
+    #[arg(long, env = "TIERGATE_TOKENIZE_THREADS")]
+    pub tokenize_threads: Option<usize>,
     #[arg(long, env = "TIERGATE_QUALITY_FLOOR")]
     pub quality_floor: Option<f64>,
 }
@@ -219,6 +222,9 @@ impl Config {
         }
         if let Some(v) = o.threads {
             c.threads.compute = v;
+        }
+        if let Some(v) = o.tokenize_threads {
+            c.threads.tokenize = v;
         }
         if let Some(v) = o.quality_floor {
             c.policy.quality_floor = Some(v);
