@@ -208,6 +208,23 @@ pub fn read_tensor(st: &SafeTensors, file: &str, name: &str, shape: &[usize]) ->
     Ok(out)
 }
 
+/// A tensor to write: name, dtype, shape, little-endian bytes.
+pub type RawTensor = (String, Dtype, Vec<usize>, Vec<u8>);
+
+/// Writes `tensors` as a safetensors file at `path`.
+pub fn write_safetensors(path: &Path, tensors: &[RawTensor]) -> Result<()> {
+    let views = tensors
+        .iter()
+        .map(|(n, dtype, shape, b)| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), b)
+                .map(|v| (n.clone(), v))
+                .with_context(|| format!("tensor {n}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize_to_file(views, None, path)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// Copies the encoder in `src` (config.json, model.safetensors, tokenizer.json when present)
 /// to `dst` with every floating-point tensor stored as f16: half the size (about 44 MiB for
 /// MiniLM-L6), for carrying to a GPU machine. Both backends load it (the CUDA backend rounds
@@ -235,20 +252,11 @@ pub fn export_f16(src: &Path, dst: &Path) -> Result<u64> {
             // Integer buffers (e.g. position_ids in some exports) are copied as they are.
             other => (other, t.data().to_vec()),
         };
-        tensors.push((n, t.shape().to_vec(), out));
+        tensors.push((n, out.0, t.shape().to_vec(), out.1));
     }
     std::fs::create_dir_all(dst).with_context(|| format!("creating {}", dst.display()))?;
-    let views = tensors
-        .iter()
-        .map(|(n, shape, (dtype, b))| {
-            safetensors::tensor::TensorView::new(*dtype, shape.clone(), b)
-                .map(|v| (n.clone(), v))
-                .with_context(|| format!("tensor {n}"))
-        })
-        .collect::<Result<Vec<_>>>()?;
     let out = dst.join("model.safetensors");
-    safetensors::serialize_to_file(views, None, &out)
-        .with_context(|| format!("writing {}", out.display()))?;
+    write_safetensors(&out, &tensors)?;
     for f in ["config.json", "tokenizer.json"] {
         let from = src.join(f);
         if f == "config.json" || from.exists() {

@@ -157,13 +157,13 @@ pub fn write_random_model(dir: &Path, seed: u64) -> Result<()> {
         z ^= z >> 31;
         ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
     };
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut tensors: Vec<crate::model::encoder::RawTensor> = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, f: &mut dyn FnMut() -> f32| {
         let n: usize = shape.iter().product();
         let bytes = (0..n)
             .flat_map(|_| f16::from_f32(f()).to_le_bytes())
             .collect();
-        tensors.push((name, shape, bytes));
+        tensors.push((name, Dtype::F16, shape, bytes));
     };
     let mut one = || 1.0f32;
     let mut zero = || 0.0f32;
@@ -203,16 +203,5 @@ pub fn write_random_model(dir: &Path, seed: u64) -> Result<()> {
             add(format!("{p}{n}.bias"), vec![h], &mut zero);
         }
     }
-    let views = tensors
-        .iter()
-        .map(|(n, shape, bytes)| {
-            safetensors::tensor::TensorView::new(Dtype::F16, shape.clone(), bytes)
-                .map(|v| (n.clone(), v))
-                .with_context(|| format!("tensor {n}"))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let st_path = dir.join("model.safetensors");
-    safetensors::serialize_to_file(views, None, &st_path)
-        .with_context(|| format!("writing {}", st_path.display()))?;
-    Ok(())
+    crate::model::encoder::write_safetensors(&dir.join("model.safetensors"), &tensors)
 }
