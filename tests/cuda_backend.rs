@@ -408,3 +408,134 @@ fn wordpiece_check_texts_cover_the_cases_and_match_tokenizers() {
     assert!(declined > 100 && declined < 1900, "{declined}");
     assert!(long > 50 && control > 500, "{long} {control}");
 }
+
+/// The WordPiece kernel's own source, compiled for the CPU by the host C++ compiler with a few
+/// lines standing in for CUDA (thread indices as globals, every thread of the grid run in
+/// turn): its output, stitched by the same host code the GPU path uses, must equal the CPU
+/// reference on synthetic and real texts. Its logic is thus tested without a GPU; the GPU run
+/// (each_kernel_matches_its_cpu_reference) adds the CUDA compiler and hardware.
+#[test]
+fn wordpiece_kernel_source_run_on_the_cpu_equals_the_reference() {
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    if std::process::Command::new(&cxx)
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!("SKIPPED: no C++ compiler ({cxx}) to run kernels/wordpiece.cu on the CPU");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let driver = format!(
+        r#"#include <cstdio>
+#include <cstdint>
+#include <vector>
+#include <algorithm>
+#define __global__
+#define __device__
+#define __forceinline__ inline
+using std::min;
+struct Dim3 {{ unsigned x = 0, y = 0, z = 0; }};
+static Dim3 blockIdx, threadIdx, blockDim, gridDim;
+#include "{}"
+template <class T> static std::vector<T> take(FILE* f) {{
+    uint64_t n = 0;
+    if (fread(&n, 8, 1, f) != 1) throw 1;
+    std::vector<T> v(n + 1);
+    if (n && fread(v.data(), sizeof(T), n, f) != n) throw 2;
+    v.resize(n);
+    return v;
+}}
+int main(int argc, char** argv) {{
+    FILE* f = fopen(argv[1], "rb");
+    auto text = take<unsigned char>(f);
+    auto slots = take<unsigned>(f);
+    auto entries = take<unsigned>(f);
+    auto bytes = take<unsigned char>(f);
+    auto params = take<unsigned>(f);  // unk, max_chars, max_piece
+    fclose(f);
+    const unsigned long long n = text.size();
+    std::vector<unsigned> ids(n + 1);
+    std::vector<unsigned char> counts(n + 1);
+    blockDim.x = 256;
+    gridDim.x = (unsigned)((n + 255) / 256);
+    for (blockIdx.x = 0; blockIdx.x < gridDim.x; blockIdx.x++)
+        for (threadIdx.x = 0; threadIdx.x < blockDim.x; threadIdx.x++)
+            wordpiece_ascii(text.data(), n, slots.data(), (unsigned)(slots.size() - 1),
+                            entries.data(), bytes.data(), params[0], (int)params[1],
+                            (int)params[2], ids.data(), counts.data());
+    FILE* o = fopen(argv[2], "wb");
+    fwrite(ids.data(), 4, n, o);
+    fwrite(counts.data(), 1, n, o);
+    fclose(o);
+    return 0;
+}}
+"#,
+        root().join("kernels/wordpiece.cu").display()
+    );
+    std::fs::write(dir.path().join("driver.cpp"), driver).unwrap();
+    let exe = dir.path().join("wordpiece");
+    let out = std::process::Command::new(&cxx)
+        .args(["-O2", "-std=c++17", "-x", "c++"])
+        .arg(dir.path().join("driver.cpp"))
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let table = WordPieceTable::from_file(&model_dir().join("tokenizer.json")).unwrap();
+    let mut texts = kernel_check::wordpiece_texts(2000);
+    let rows = tiergate::eval::data::read_rows(&root().join("../shared/data/dev.jsonl.gz"))
+        .expect("../shared/data/dev.jsonl.gz");
+    texts.extend(rows.iter().step_by(11).take(1500).map(|r| r.prompt.clone()));
+    texts.extend(
+        rows.iter()
+            .step_by(13)
+            .filter_map(|r| r.response.clone())
+            .take(1500),
+    );
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let (buf, spans) = table.pack(&refs);
+    let mut input = Vec::new();
+    let mut put = |bytes: &[u8], n: usize| {
+        input.extend_from_slice(&(n as u64).to_le_bytes());
+        input.extend_from_slice(bytes);
+    };
+    put(&buf, buf.len());
+    let le = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    put(&le(&table.slots), table.slots.len());
+    let flat: Vec<u32> = table.entries.iter().flatten().copied().collect();
+    put(&le(&flat), flat.len());
+    put(&table.bytes, table.bytes.len());
+    put(&le(&[table.unk, table.max_chars, table.max_piece]), 3);
+    std::fs::write(dir.path().join("in.bin"), input).unwrap();
+    let run = std::process::Command::new(&exe)
+        .arg(dir.path().join("in.bin"))
+        .arg(dir.path().join("out.bin"))
+        .status()
+        .unwrap();
+    assert!(run.success());
+    let raw = std::fs::read(dir.path().join("out.bin")).unwrap();
+    let n = buf.len();
+    assert_eq!(raw.len(), 5 * n);
+    let ids: Vec<u32> = raw[..4 * n]
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let got = WordPieceTable::stitch(&spans, &ids, &raw[4 * n..]);
+    let mut taken = 0;
+    for (g, t) in got.iter().zip(&refs) {
+        assert_eq!(*g, table.encode_ascii(t), "{t:?}");
+        taken += usize::from(g.is_some());
+    }
+    assert!(
+        taken > 3000,
+        "{taken} of {} texts went through the kernel",
+        refs.len()
+    );
+}

@@ -186,6 +186,47 @@ impl WordPieceTable {
         text.is_ascii() && !self.added.iter().any(|a| text.contains(a.as_str()))
     }
 
+    /// Texts as the GPU kernel takes them: the accepted ones concatenated, each followed by a
+    /// space (so no word crosses two texts), and per text its (offset, length) in that buffer,
+    /// `None` where declined.
+    pub fn pack(&self, texts: &[&str]) -> (Vec<u8>, Vec<Option<(usize, usize)>>) {
+        let mut buf = Vec::new();
+        let spans = texts
+            .iter()
+            .map(|t| {
+                self.accepts(t).then(|| {
+                    let span = (buf.len(), t.len());
+                    buf.extend_from_slice(t.as_bytes());
+                    buf.push(b' ');
+                    span
+                })
+            })
+            .collect();
+        (buf, spans)
+    }
+
+    /// The kernel's per-byte output (`ids[i..i + counts[i]]`: the tokens of the word starting
+    /// at byte i) gathered back into each packed text's ids, in byte order.
+    pub fn stitch(
+        spans: &[Option<(usize, usize)>],
+        ids: &[u32],
+        counts: &[u8],
+    ) -> Vec<Option<Vec<u32>>> {
+        spans
+            .iter()
+            .map(|s| {
+                s.map(|(off, len)| {
+                    let mut out = Vec::new();
+                    for i in off..(off + len).min(counts.len()) {
+                        let c = counts[i] as usize;
+                        out.extend_from_slice(ids.get(i..i + c).unwrap_or(&[]));
+                    }
+                    out
+                })
+            })
+            .collect()
+    }
+
     /// Token ids of `text` without special tokens, as `tokenizers` gives them; `None` when
     /// [`Self::accepts`] says no.
     pub fn encode_ascii(&self, text: &str) -> Option<Vec<u32>> {

@@ -103,6 +103,9 @@ pub fn wordpiece_texts(n: usize) -> Vec<String> {
         "don't",
         "[SEP]",
         "url:http://a.b/c",
+        // The vocabulary's longest piece (18 bytes), alone and inside a longer word.
+        "telecommunications",
+        "Telecommunicationsxyz",
     ];
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let mut next = move || {

@@ -468,20 +468,10 @@ impl DeviceVocab {
     /// Token ids of each text without special tokens; `None` for a text the GPU path
     /// declines (non-ASCII, added-token literals: see `WordPieceTable::accepts`).
     fn tokenize(&mut self, gpu: &Gpu, texts: &[&str]) -> Result<Vec<Option<Vec<u32>>>> {
-        let mut buf = Vec::new();
-        let mut spans = Vec::with_capacity(texts.len());
-        for t in texts {
-            if self.table.accepts(t) {
-                spans.push(Some((buf.len(), t.len())));
-                buf.extend_from_slice(t.as_bytes());
-                buf.push(b' '); // no word crosses two texts
-            } else {
-                spans.push(None);
-            }
-        }
+        let (buf, spans) = self.table.pack(texts);
         let n = buf.len();
         if n == 0 {
-            return Ok(spans.into_iter().map(|s| s.map(|_| Vec::new())).collect());
+            return Ok(WordPieceTable::stitch(&spans, &[], &[]));
         }
         if self.text.as_ref().is_none_or(|t| t.0.len() < n) {
             let cap = n.next_power_of_two().max(1 << 16);
@@ -516,19 +506,7 @@ impl DeviceVocab {
         })?;
         let ids = gpu.download(ids, n)?;
         let counts = gpu.download(counts, n)?;
-        Ok(spans
-            .into_iter()
-            .map(|s| {
-                s.map(|(off, len)| {
-                    let mut out = Vec::new();
-                    for i in off..off + len {
-                        let c = counts[i] as usize;
-                        out.extend_from_slice(&ids[i..(i + c).min(n)]);
-                    }
-                    out
-                })
-            })
-            .collect())
+        Ok(WordPieceTable::stitch(&spans, &ids, &counts))
     }
 }
 
