@@ -217,9 +217,9 @@ impl WordPieceTable {
             .map(|s| {
                 s.map(|(off, len)| {
                     let mut out = Vec::new();
-                    for i in off..(off + len).min(counts.len()) {
-                        let c = counts[i] as usize;
-                        out.extend_from_slice(ids.get(i..i + c).unwrap_or(&[]));
+                    let end = (off + len).min(counts.len());
+                    for (i, &c) in counts.iter().enumerate().take(end).skip(off) {
+                        out.extend_from_slice(ids.get(i..i + c as usize).unwrap_or(&[]));
                     }
                     out
                 })
