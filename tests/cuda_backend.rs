@@ -263,7 +263,8 @@ fn each_kernel_matches_its_cpu_reference() {
     }
     let heads = Heads::load(&root().join("models/heads.json")).unwrap();
     let table = WordPieceTable::from_file(&model_dir().join("tokenizer.json")).unwrap();
-    let checks = kernel_check::kernel_checks(&heads, Some(&table)).unwrap();
+    let harness = cuda::KernelHarness::new().unwrap();
+    let checks = kernel_check::kernel_checks(&harness, &heads, Some(&table)).unwrap();
     assert!(checks.len() >= 9, "{checks:?}");
     for c in &checks {
         println!("{c:?}");

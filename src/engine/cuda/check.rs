@@ -246,7 +246,8 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
         "\n{:<26} {:>10} {:>10}  result",
         "kernel", "max error", "tolerance"
     );
-    for c in super::kernel_check::kernel_checks(&heads, table.as_ref())? {
+    let harness = super::KernelHarness::new()?;
+    for c in super::kernel_check::kernel_checks(&harness, &heads, table.as_ref())? {
         println!(
             "{:<26} {:>10.2e} {:>10.0e}  {} ({})",
             c.kernel,

@@ -523,25 +523,32 @@ pub struct DeviceRouter {
     models: Vec<String>,
 }
 
+/// The router head as `router_logits` reads it: `[w; P]` ((k + 1) × dim) and one `[u | b]`
+/// row per model in name order, the prior last.
+pub fn router_layout(r: &RouterHead, dim: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    ensure!(
+        r.proj.len() == r.k * dim && r.easiness.w.len() == dim,
+        "router head shapes do not match the encoder's {dim} dimensions"
+    );
+    let mut proj = r.easiness.w.clone();
+    proj.extend_from_slice(&r.proj);
+    let mut abil = Vec::with_capacity((r.models.len() + 1) * (r.k + 1));
+    for (name, a) in r.models.iter().chain([(&String::new(), &r.prior)]) {
+        ensure!(
+            a.u.len() == r.k,
+            "router ability of {name:?} has {} skills, not {}",
+            a.u.len(),
+            r.k
+        );
+        abil.extend_from_slice(&a.u);
+        abil.push(a.b);
+    }
+    Ok((proj, abil))
+}
+
 impl DeviceRouter {
     fn upload(gpu: &Gpu, r: &RouterHead, dim: usize) -> Result<Self> {
-        ensure!(
-            r.proj.len() == r.k * dim && r.easiness.w.len() == dim,
-            "router head shapes do not match the encoder's {dim} dimensions"
-        );
-        let mut proj = r.easiness.w.clone();
-        proj.extend_from_slice(&r.proj);
-        let mut abil = Vec::with_capacity((r.models.len() + 1) * (r.k + 1));
-        for (name, a) in r.models.iter().chain([(&String::new(), &r.prior)]) {
-            ensure!(
-                a.u.len() == r.k,
-                "router ability of {name:?} has {} skills, not {}",
-                a.u.len(),
-                r.k
-            );
-            abil.extend_from_slice(&a.u);
-            abil.push(a.b);
-        }
+        let (proj, abil) = router_layout(r, dim)?;
         Ok(DeviceRouter {
             k: r.k,
             dim,
