@@ -1,7 +1,8 @@
 //! Our CUDA kernels' own source (`kernels/*.cu`), compiled for the CPU by the host C++
 //! compiler with a small SIMT stand-in: every thread of a block is an OS thread,
 //! `__syncthreads` a block barrier, `__shfl_xor_sync` an exchange through a warp barrier,
-//! `__shared__` a static, the f16 conversions `_Float16`. Each block runs after the previous.
+//! `__shared__` a static, the f16 conversions `_Float16`. Each block runs after the previous;
+//! kernels without barriers or shuffles run their threads one after another.
 //! The same checks as on a GPU (`engine::cuda::kernel_check`) then compare every kernel with
 //! its CPU reference, so kernel logic (indexing, reductions, online softmax, tiling, the word
 //! rules) is tested without a GPU. What this cannot see: the CUDA compiler, real warp
@@ -77,6 +78,20 @@ template <class K> static void launch(Dim3 grid, Dim3 block, K k) {
                 for (auto& th : ts) th.join();
             }
 }
+// Kernels with no barrier or shuffle (bias_gelu, wordpiece_ascii): threads one after another
+// on this thread, thousands of times faster than a thread each.
+template <class K> static void launch_serial(Dim3 grid, Dim3 block, K k) {
+    blockDim = block;
+    gridDim = grid;
+    tl_block = nullptr;
+    tl_warp = nullptr;
+    for (unsigned x = 0; x < grid.x; x++)
+        for (unsigned t = 0; t < block.x; t++) {
+            threadIdx = Dim3{t, 0, 0};
+            blockIdx = Dim3{x, 0, 0};
+            k();
+        }
+}
 "#;
 
 const DRIVER: &str = r#"
@@ -121,7 +136,7 @@ int main(int argc, char** argv) {
         const unsigned long long total = N<float>(a, 0); const unsigned cols = N<float>(a, 1);
         std::vector<unsigned short> out(total);
         const unsigned blocks = (unsigned)std::min<unsigned long long>(std::max<unsigned long long>((total + 255) / 256, 1), 8192);
-        launch(d1(blocks), d1(256), [&] { gelu::bias_gelu(P<float>(a, 0), P<float>(a, 1), cols, total, out.data()); });
+        launch_serial(d1(blocks), d1(256), [&] { gelu::bias_gelu(P<float>(a, 0), P<float>(a, 1), cols, total, out.data()); });
         put(argv[3], out.data(), out.size() * 2);
     } else if (k == "attention_varlen") {  // qkv bias cu [heads max_len]
         const int heads = (int)P<unsigned>(a, 3)[0]; const unsigned max_len = P<unsigned>(a, 3)[1];
@@ -145,7 +160,7 @@ int main(int argc, char** argv) {
         const unsigned long long n = N<unsigned char>(a, 0);
         const unsigned* p = P<unsigned>(a, 4);
         std::vector<unsigned> ids(n + 1); std::vector<unsigned char> counts(n + 1);
-        launch(d1((unsigned)((n + 255) / 256)), d1(256), [&] { wordpiece::wordpiece_ascii(P<unsigned char>(a, 0), n, P<unsigned>(a, 1), (unsigned)(N<unsigned>(a, 1) - 1), P<unsigned>(a, 2), P<unsigned char>(a, 3), p[0], (int)p[1], (int)p[2], ids.data(), counts.data()); });
+        launch_serial(d1((unsigned)((n + 255) / 256)), d1(256), [&] { wordpiece::wordpiece_ascii(P<unsigned char>(a, 0), n, P<unsigned>(a, 1), (unsigned)(N<unsigned>(a, 1) - 1), P<unsigned>(a, 2), P<unsigned char>(a, 3), p[0], (int)p[1], (int)p[2], ids.data(), counts.data()); });
         std::vector<char> out(n * 5);
         memcpy(out.data(), ids.data(), n * 4);
         memcpy(out.data() + n * 4, counts.data(), n);
@@ -387,8 +402,43 @@ fn every_kernel_source_run_on_the_cpu_matches_its_reference() {
     }
 }
 
-/// The stand-in can fail: a kernel with a deliberate bug (the attention scale dropped, the
-/// LayerNorm's variance off by one row element) must fail the same checks.
+/// The WordPiece kernel on real prompts and answers too (the checks above use synthetic text).
+#[test]
+fn wordpiece_kernel_on_the_cpu_equals_the_reference_on_dev_texts() {
+    use kernel_check::KernelRunner;
+    let Some(k) = CpuKernels::build() else {
+        return;
+    };
+    let rows = tiergate::eval::data::read_rows(&root().join("../shared/data/dev.jsonl.gz"))
+        .expect("../shared/data/dev.jsonl.gz");
+    let texts: Vec<&str> = rows
+        .iter()
+        .step_by(11)
+        .take(1500)
+        .map(|r| r.prompt.as_str())
+        .chain(
+            rows.iter()
+                .step_by(13)
+                .filter_map(|r| r.response.as_deref())
+                .take(1500),
+        )
+        .collect();
+    let t = table();
+    let got = k.wordpiece(&t, &texts).unwrap();
+    let mut taken = 0;
+    for (g, text) in got.iter().zip(&texts) {
+        assert_eq!(*g, t.encode_ascii(text), "{text:?}");
+        taken += usize::from(g.is_some());
+    }
+    assert!(
+        taken > 2000,
+        "{taken} of {} texts went through the kernel",
+        texts.len()
+    );
+}
+
+/// The stand-in can fail: kernels with deliberate bugs (LayerNorm variance over h - 1, the
+/// attention scores 1% off, one letter lowercased wrong) must fail the same checks.
 #[test]
 fn the_cpu_stand_in_catches_a_broken_kernel() {
     let Some(k) = CpuKernels::build() else {
@@ -408,7 +458,8 @@ fn the_cpu_stand_in_catches_a_broken_kernel() {
             "dot += q[d] * ks[j0 + j][d];",
             "dot += q[d] * ks[j0 + j][d] * 1.01f;",
             1,
-        );
+        )
+        .replacen("? b + 32 : b", "? b + 31 : b", 1);
     assert_ne!(src, broken, "the mutations must apply");
     std::fs::write(k.dir.path().join("kernels.cpp"), broken).unwrap();
     let out = Command::new(std::env::var("CXX").unwrap_or_else(|_| "c++".into()))
@@ -419,14 +470,16 @@ fn the_cpu_stand_in_catches_a_broken_kernel() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    let checks = kernel_check::kernel_checks(&k, &heads(), None).unwrap();
+    let checks = kernel_check::kernel_checks(&k, &heads(), Some(&table())).unwrap();
     let failed: Vec<&str> = checks
         .iter()
         .filter(|c| !c.passed())
         .map(|c| c.kernel)
         .collect();
     assert!(
-        failed.contains(&"embed_layernorm") && failed.contains(&"attention_varlen"),
+        failed.contains(&"embed_layernorm")
+            && failed.contains(&"attention_varlen")
+            && failed.contains(&"wordpiece_ascii"),
         "{checks:?}"
     );
 }

@@ -3,7 +3,6 @@
 //! `tiergate gpu-check` and by tests/cuda_backend.rs; needs a GPU.
 use anyhow::{ensure, Result};
 
-use super::KernelHarness;
 use crate::model::encoder;
 use crate::model::heads::Heads;
 use crate::model::heads::RouterHead;
@@ -138,7 +137,7 @@ pub fn wordpiece_texts(n: usize) -> Vec<String> {
         .collect()
 }
 
-/// Runs our kernels on host data: [`KernelHarness`] on a GPU, or anything else that runs
+/// Runs our kernels on host data: [`super::KernelHarness`] on a GPU, or anything else that runs
 /// the same kernel source (tests/cuda_backend.rs runs it on the CPU).
 #[allow(clippy::too_many_arguments)]
 pub trait KernelRunner {
@@ -168,50 +167,6 @@ pub trait KernelRunner {
     fn router_logits(&self, emb: &[f32], r: &RouterHead) -> Result<Vec<f32>>;
     fn mean_pool_l2(&self, x: &[f32], cu: &[u32], h: usize) -> Result<Vec<f32>>;
     fn wordpiece(&self, t: &WordPieceTable, texts: &[&str]) -> Result<Vec<Option<Vec<u32>>>>;
-}
-
-impl KernelRunner for KernelHarness {
-    fn gemm(&self, x: &[f32], w: &[f32], t: usize, n: usize, k: usize) -> Result<Option<Vec<f32>>> {
-        KernelHarness::gemm(self, x, w, t, n, k).map(Some)
-    }
-    fn embed_layernorm(
-        &self,
-        ids: &[u32],
-        type_ids: &[u32],
-        positions: &[u32],
-        tables: (&[f32], &[f32], &[f32]),
-        gamma: &[f32],
-        beta: &[f32],
-        eps: f32,
-    ) -> Result<Vec<f32>> {
-        KernelHarness::embed_layernorm(self, ids, type_ids, positions, tables, gamma, beta, eps)
-    }
-    fn bias_residual_layernorm(
-        &self,
-        x: &[f32],
-        y: &[f32],
-        bias: &[f32],
-        gamma: &[f32],
-        beta: &[f32],
-        eps: f32,
-    ) -> Result<Vec<f32>> {
-        KernelHarness::bias_residual_layernorm(self, x, y, bias, gamma, beta, eps)
-    }
-    fn bias_gelu(&self, y: &[f32], bias: &[f32]) -> Result<Vec<f32>> {
-        KernelHarness::bias_gelu(self, y, bias)
-    }
-    fn attention(&self, qkv: &[f32], bias: &[f32], cu: &[u32], heads: usize) -> Result<Vec<f32>> {
-        KernelHarness::attention(self, qkv, bias, cu, heads)
-    }
-    fn router_logits(&self, emb: &[f32], r: &RouterHead) -> Result<Vec<f32>> {
-        KernelHarness::router_logits(self, emb, r)
-    }
-    fn mean_pool_l2(&self, x: &[f32], cu: &[u32], h: usize) -> Result<Vec<f32>> {
-        KernelHarness::mean_pool_l2(self, x, cu, h)
-    }
-    fn wordpiece(&self, t: &WordPieceTable, texts: &[&str]) -> Result<Vec<Option<Vec<u32>>>> {
-        KernelHarness::wordpiece(self, t, texts)
-    }
 }
 
 /// Runs every kernel once on the GPU and on the CPU; `heads` supplies the router head and

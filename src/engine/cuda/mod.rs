@@ -1024,9 +1024,12 @@ impl KernelHarness {
     fn f16s(v: &[f32]) -> Vec<f16> {
         v.iter().map(|&x| f16::from_f32(x)).collect()
     }
+}
 
+/// Each kernel alone on host data (tables and GEMM inputs rounded to f16 as the backend does).
+impl kernel_check::KernelRunner for KernelHarness {
     /// `x[t, k] · w[n, k]ᵀ` with inputs rounded to f16.
-    pub fn gemm(&self, x: &[f32], w: &[f32], t: usize, n: usize, k: usize) -> Result<Vec<f32>> {
+    fn gemm(&self, x: &[f32], w: &[f32], t: usize, n: usize, k: usize) -> Result<Option<Vec<f32>>> {
         ensure!(x.len() == t * k && w.len() == n * k);
         let (xd, wd) = (
             self.gpu.upload(&Self::f16s(x))?,
@@ -1034,12 +1037,11 @@ impl KernelHarness {
         );
         let mut y = self.gpu.zeros::<f32>(t * n)?;
         self.gpu.gemm(&xd, &wd, &mut y, t, n, k)?;
-        self.gpu.download(&y, t * n)
+        self.gpu.download(&y, t * n).map(Some)
     }
 
     /// LN(word[ids] + pos[positions] + types[type_ids]), tables rounded to f16.
-    #[allow(clippy::too_many_arguments)]
-    pub fn embed_layernorm(
+    fn embed_layernorm(
         &self,
         ids: &[u32],
         type_ids: &[u32],
@@ -1074,7 +1076,7 @@ impl KernelHarness {
     }
 
     /// LN(x + y + bias) per row of `gamma.len()` columns.
-    pub fn bias_residual_layernorm(
+    fn bias_residual_layernorm(
         &self,
         x: &[f32],
         y: &[f32],
@@ -1100,7 +1102,7 @@ impl KernelHarness {
     }
 
     /// GELU(y + bias) per row of `bias.len()` columns (returned from f16).
-    pub fn bias_gelu(&self, y: &[f32], bias: &[f32]) -> Result<Vec<f32>> {
+    fn bias_gelu(&self, y: &[f32], bias: &[f32]) -> Result<Vec<f32>> {
         let cols = bias.len();
         ensure!(cols > 0 && y.len().is_multiple_of(cols));
         let (yd, bd) = (self.gpu.upload(y)?, self.gpu.upload(bias)?);
@@ -1117,7 +1119,7 @@ impl KernelHarness {
 
     /// softmax(scale·(Q+bq)(K+bk)ᵀ)(V+bv) within each sequence; `qkv` is `[tokens, 3*h]`.
     /// Returns `[tokens, h]` (from f16).
-    pub fn attention(
+    fn attention(
         &self,
         qkv: &[f32],
         bias: &[f32],
@@ -1151,7 +1153,7 @@ impl KernelHarness {
 
     /// Router logits of each embedding (rows of `r.easiness.w.len()`): every model in name
     /// order, then the prior.
-    pub fn router_logits(&self, emb: &[f32], r: &RouterHead) -> Result<Vec<f32>> {
+    fn router_logits(&self, emb: &[f32], r: &RouterHead) -> Result<Vec<f32>> {
         let dim = r.easiness.w.len();
         ensure!(dim > 0 && emb.len().is_multiple_of(dim));
         let dr = DeviceRouter::upload(&self.gpu, r, dim)?;
@@ -1163,16 +1165,12 @@ impl KernelHarness {
     }
 
     /// WordPiece ids of `texts` on the GPU (`None` where the GPU path declines the text).
-    pub fn wordpiece(
-        &self,
-        table: &WordPieceTable,
-        texts: &[&str],
-    ) -> Result<Vec<Option<Vec<u32>>>> {
+    fn wordpiece(&self, table: &WordPieceTable, texts: &[&str]) -> Result<Vec<Option<Vec<u32>>>> {
         DeviceVocab::upload(&self.gpu, table)?.tokenize(&self.gpu, texts)
     }
 
     /// Mean of each sequence's rows of `x` (`h` columns), L2-normalised.
-    pub fn mean_pool_l2(&self, x: &[f32], cu_seqlens: &[u32], h: usize) -> Result<Vec<f32>> {
+    fn mean_pool_l2(&self, x: &[f32], cu_seqlens: &[u32], h: usize) -> Result<Vec<f32>> {
         ensure!(h > 0 && x.len().is_multiple_of(h) && !cu_seqlens.is_empty());
         let seqs = cu_seqlens.len() - 1;
         let (xd, cu) = (self.gpu.upload(x)?, self.gpu.upload(cu_seqlens)?);
