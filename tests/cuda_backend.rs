@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tiergate::config::BackendKind;
 use tiergate::engine::cpu::CpuBackend;
 use tiergate::engine::cuda::{self, kernel_check, kernels, CudaBackend};
-use tiergate::engine::{Backend, PackedBatch};
+use tiergate::engine::{cosine, Backend, PackedBatch};
 use tiergate::model::encoder::{self, MiniLm, Precision};
 use tiergate::model::heads::{sigmoid, AnswerInput, Heads};
 use tiergate::model::tokenize::{TextTokenizer, TruncSide};
@@ -116,13 +116,6 @@ fn selection_without_a_gpu_falls_back_to_the_cpu() {
         Err(e) => format!("{e:#}"),
     };
     assert!(err.contains("backend cuda"), "{err}");
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
-    let na: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb).max(1e-30)
 }
 
 #[test]

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde_json::Value;
-use tiergate::engine::PackedBatch;
+use tiergate::engine::{cosine, PackedBatch};
 use tiergate::model::encoder::{MiniLm, Precision};
 use tiergate::model::tokenize::{TextTokenizer, TruncSide};
 
@@ -79,13 +79,6 @@ fn load_reference(path: &Path) -> Reference {
 
 fn reference() -> Reference {
     load_reference(&root().join("tests/golden/reference.json"))
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
-    let na: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb)
 }
 
 #[test]

@@ -144,15 +144,14 @@ pub fn self_check(a: &mut dyn Backend, b: &mut dyn Backend) -> anyhow::Result<f3
     );
     Ok(x.chunks_exact(d)
         .zip(y.chunks_exact(d))
-        .map(|(p, q)| {
-            let dot: f32 = p.iter().zip(q).map(|(u, v)| u * v).sum();
-            let n = (p.iter().map(|u| u * u).sum::<f32>() * q.iter().map(|v| v * v).sum::<f32>())
-                .sqrt();
-            if n > 0.0 {
-                dot / n
-            } else {
-                0.0
-            }
-        })
+        .map(|(p, q)| cosine(p, q) as f32)
         .fold(f32::INFINITY, f32::min))
+}
+
+/// Cosine of two embeddings, accumulated in f64; 0 when either is zero.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let na: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb).max(1e-30)
 }

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 
 use super::{probe, write_random_model, CudaBackend};
 use crate::engine::cpu::CpuBackend;
-use crate::engine::{Backend, PackedBatch};
+use crate::engine::{cosine, Backend, PackedBatch};
 use crate::model::encoder::{MiniLm, Precision};
 use crate::model::tokenize::{TextTokenizer, TruncSide};
 use crate::model::wordpiece::WordPieceTable;
@@ -80,13 +80,6 @@ fn real_prompts(a: &GpuCheckArgs) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
         bail!("{}: no prompts", a.data.display());
     }
     Ok(out)
-}
-
-fn cosine(w: &[f32], g: &[f32]) -> f64 {
-    let dot: f64 = w.iter().zip(g).map(|(&x, &y)| x as f64 * y as f64).sum();
-    let nw: f64 = w.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-    let ng: f64 = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-    dot / (nw * ng).max(1e-30)
 }
 
 fn pack<'a>(seqs: impl IntoIterator<Item = &'a (Vec<u32>, Vec<u32>)>) -> PackedBatch {
