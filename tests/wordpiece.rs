@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use tiergate::model::tokenize::TextTokenizer;
 use tiergate::model::wordpiece::WordPieceTable;
 
 fn root() -> PathBuf {
@@ -13,9 +14,9 @@ fn root() -> PathBuf {
 fn ascii_wordpiece_equals_the_tokenizers_crate_on_dev_prompts_and_answers() {
     let path = root().join("models/base/tokenizer.json");
     let table = WordPieceTable::from_file(&path).expect("run scripts/setup-model.sh");
-    let mut hf = tokenizers::Tokenizer::from_file(&path).unwrap();
-    hf.with_padding(None);
-    hf.with_truncation(None).unwrap();
+    let hf = TextTokenizer::from_file(&path, 512, 512)
+        .unwrap()
+        .crate_only();
     let rows = tiergate::eval::data::read_rows(&root().join("../shared/data/dev.jsonl.gz"))
         .expect("../shared/data/dev.jsonl.gz");
     let mut seen = HashSet::new();
@@ -32,7 +33,7 @@ fn ascii_wordpiece_equals_the_tokenizers_crate_on_dev_prompts_and_answers() {
                 declined += 1;
                 continue;
             };
-            let want = hf.encode_fast(text, false).unwrap().get_ids().to_vec();
+            let want = hf.raw_ids(text).unwrap();
             assert_eq!(ours, want, "text: {text:?}");
             checked += 1;
             tokens += ours.len();
@@ -50,9 +51,9 @@ fn ascii_wordpiece_equals_the_tokenizers_crate_on_dev_prompts_and_answers() {
 fn edge_texts_equal_the_tokenizers_crate() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/base/tokenizer.json");
     let table = WordPieceTable::from_file(&path).expect("run scripts/setup-model.sh");
-    let mut hf = tokenizers::Tokenizer::from_file(&path).unwrap();
-    hf.with_padding(None);
-    hf.with_truncation(None).unwrap();
+    let hf = TextTokenizer::from_file(&path, 512, 512)
+        .unwrap()
+        .crate_only();
     let long = "x".repeat(100) + " " + &"y".repeat(101);
     for text in [
         "",
@@ -67,7 +68,7 @@ fn edge_texts_equal_the_tokenizers_crate() {
         long.as_str(),
         "qqqqqqqqzzzzzzzkkkkk",
     ] {
-        let want = hf.encode_fast(text, false).unwrap().get_ids().to_vec();
+        let want = hf.raw_ids(text).unwrap();
         assert_eq!(table.encode_ascii(text), Some(want), "text: {text:?}");
     }
 }
@@ -76,7 +77,7 @@ fn edge_texts_equal_the_tokenizers_crate() {
 /// special tokens) is what the tokenizers crate alone gives, on real prompts and answers.
 #[test]
 fn text_tokenizer_with_the_fast_path_encodes_like_the_crate() {
-    use tiergate::model::tokenize::{TextTokenizer, TruncSide};
+    use tiergate::model::tokenize::TruncSide;
     let path = root().join("models/base/tokenizer.json");
     let fast = TextTokenizer::from_file(&path, 256, 384).unwrap();
     assert!(fast.has_fast_path());

@@ -115,7 +115,8 @@ impl TextTokenizer {
         self.fast.is_some()
     }
 
-    fn raw_ids(&self, text: &str) -> Result<Vec<u32>, TgError> {
+    /// Token ids of `text` without special tokens or truncation.
+    pub fn raw_ids(&self, text: &str) -> Result<Vec<u32>, TgError> {
         if let Some(ids) = self.fast.as_ref().and_then(|w| w.encode_ascii(text)) {
             return Ok(ids);
         }
