@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use super::{probe, write_random_model, CudaBackend};
 use crate::engine::cpu::CpuBackend;
 use crate::engine::{cosine, Backend, PackedBatch};
+use crate::eval::data::Row;
 use crate::model::encoder::{MiniLm, Precision};
 use crate::model::tokenize::{TextTokenizer, TruncSide};
 use crate::model::wordpiece::WordPieceTable;
@@ -63,9 +64,8 @@ fn synthetic(n: usize) -> Vec<(Vec<u32>, Vec<u32>)> {
         .collect()
 }
 
-fn real_prompts(a: &GpuCheckArgs) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+fn real_prompts(a: &GpuCheckArgs, rows: &[Row]) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
     let tok = TextTokenizer::from_file(&a.model_dir.join("tokenizer.json"), 512, 512)?;
-    let rows = crate::eval::data::read_rows(&a.data)?;
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     // Rows repeat each prompt once per model; keep each prompt once.
@@ -115,9 +115,8 @@ fn check_tokenizer(
     gpu: &mut CudaBackend,
     table: &WordPieceTable,
     tok_path: &std::path::Path,
-    a: &GpuCheckArgs,
+    rows: &[Row],
 ) -> Result<Option<String>> {
-    let rows = crate::eval::data::read_rows(&a.data)?;
     let mut seen = std::collections::HashSet::new();
     let texts: Vec<&str> = rows
         .iter()
@@ -251,10 +250,16 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
     }
     println!();
 
+    // The data file is read once, for the prompts and the tokenizer comparison.
+    let rows = if a.random_weights {
+        Vec::new()
+    } else {
+        crate::eval::data::read_rows(&a.data)?
+    };
     let seqs = if a.random_weights {
         synthetic(a.prompts.max(1))
     } else {
-        real_prompts(&a)?
+        real_prompts(&a, &rows)?
     };
     let batch = pack(&seqs);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -303,7 +308,7 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
     gpu.set_graph_max_tokens(super::DEFAULT_GRAPH_MAX_TOKENS);
 
     if let (Some(t), false) = (&table, a.random_weights) {
-        if let Some(f) = check_tokenizer(&mut gpu, t, &tok_path, &a)? {
+        if let Some(f) = check_tokenizer(&mut gpu, t, &tok_path, &rows)? {
             failed.push(f);
         }
     }
