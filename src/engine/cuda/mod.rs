@@ -422,8 +422,8 @@ impl Gpu {
         r: &DeviceRouter,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        ensure!(emb.len() >= seqs * r.dim && out.len() >= seqs * r.rows);
-        let (k, dim, rows) = (r.k as i32, r.dim as i32, r.rows as i32);
+        ensure!(emb.len() >= seqs * r.dim && out.len() >= seqs * r.width());
+        let (k, dim, rows) = (r.k as i32, r.dim as i32, r.width() as i32);
         let mut b = self.stream.launch_builder(&self.router_logits);
         b.arg(emb).arg(&r.proj).arg(&r.c).arg(&k).arg(&dim);
         b.arg(&r.abil).arg(&rows).arg(out);
@@ -518,8 +518,6 @@ pub struct DeviceRouter {
     c: f32,
     proj: CudaSlice<f32>,
     abil: CudaSlice<f32>,
-    /// Models + 1 (the prior).
-    rows: usize,
     models: Vec<String>,
 }
 
@@ -555,7 +553,6 @@ impl DeviceRouter {
             c: r.easiness.b,
             proj: gpu.upload(&proj)?,
             abil: gpu.upload(&abil)?,
-            rows: r.models.len() + 1,
             models: r.models.keys().cloned().collect(),
         })
     }
@@ -569,7 +566,7 @@ impl DeviceRouter {
 
     /// Columns per embedding: every model, then the prior.
     pub fn width(&self) -> usize {
-        self.rows
+        self.models.len() + 1
     }
 }
 
@@ -887,8 +884,9 @@ impl CudaBackend {
             s: rs,
             max_len,
         };
-        if graph {
-            if !self.graphs.contains_key(&key) {
+        match (graph, self.graphs.get(&key)) {
+            (true, Some(g)) => drv("launching a CUDA graph", g.0.launch())?,
+            (true, None) => {
                 // This batch runs eagerly first, so cuBLAS meets this bucket's shapes (and
                 // loads their kernels) outside the capture; the graph serves the next ones.
                 enqueue(&self.gpu, &self.w, sc, shape)?;
@@ -902,11 +900,8 @@ impl CudaBackend {
                         self.graph_max_tokens = 0;
                     }
                 }
-            } else if let Some(g) = self.graphs.get(&key) {
-                drv("launching a CUDA graph", g.0.launch())?;
             }
-        } else {
-            enqueue(&self.gpu, &self.w, sc, shape)?;
+            (false, _) => enqueue(&self.gpu, &self.w, sc, shape)?,
         }
         let out = self.gpu.download(&sc.out, s * h)?;
         drv("a CUDA call", self.gpu.ctx.check_err())?;
