@@ -221,12 +221,21 @@ impl CpuKernels {
         }
         src.push_str(DRIVER);
         std::fs::write(dir.path().join("kernels.cpp"), src).unwrap();
-        let exe = dir.path().join("kernels");
-        let out = Command::new(&cxx)
+        let k = CpuKernels {
+            exe: dir.path().join("kernels"),
+            dir,
+        };
+        k.compile();
+        Some(k)
+    }
+
+    /// (Re)builds the executable from `kernels.cpp` in the work folder.
+    fn compile(&self) {
+        let out = Command::new(std::env::var("CXX").unwrap_or_else(|_| "c++".into()))
             .args(["-O1", "-std=c++20", "-pthread", "-x", "c++"])
-            .arg(dir.path().join("kernels.cpp"))
+            .arg(self.dir.path().join("kernels.cpp"))
             .arg("-o")
-            .arg(&exe)
+            .arg(&self.exe)
             .output()
             .unwrap();
         assert!(
@@ -234,7 +243,6 @@ impl CpuKernels {
             "compiling the kernels for the CPU:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        Some(CpuKernels { dir, exe })
     }
 
     fn run(&self, kernel: &str, arrays: &[Vec<u8>]) -> Result<Vec<u8>> {
@@ -462,14 +470,7 @@ fn the_cpu_stand_in_catches_a_broken_kernel() {
         .replacen("? b + 32 : b", "? b + 31 : b", 1);
     assert_ne!(src, broken, "the mutations must apply");
     std::fs::write(k.dir.path().join("kernels.cpp"), broken).unwrap();
-    let out = Command::new(std::env::var("CXX").unwrap_or_else(|_| "c++".into()))
-        .args(["-O1", "-std=c++20", "-pthread", "-x", "c++"])
-        .arg(k.dir.path().join("kernels.cpp"))
-        .arg("-o")
-        .arg(&k.exe)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    k.compile();
     let checks = kernel_check::kernel_checks(&k, &heads(), Some(&table())).unwrap();
     let failed: Vec<&str> = checks
         .iter()

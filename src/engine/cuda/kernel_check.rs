@@ -1,11 +1,11 @@
 //! Each of our kernels (and the cuBLAS GEMM as we call it) against its CPU reference in
-//! `model::encoder` / `model::heads`, on deterministic data shaped like MiniLM's. Run by
-//! `tiergate gpu-check` and by tests/cuda_backend.rs; needs a GPU.
+//! `model::encoder` / `model::heads` / `model::wordpiece`, on deterministic data shaped like
+//! MiniLM's, through a [`KernelRunner`]: the GPU harness (`tiergate gpu-check`,
+//! tests/cuda_backend.rs) or the kernels' source run on the CPU (tests/kernels_on_cpu.rs).
 use anyhow::{ensure, Result};
 
 use crate::model::encoder;
-use crate::model::heads::Heads;
-use crate::model::heads::RouterHead;
+use crate::model::heads::{Heads, RouterHead};
 use crate::model::wordpiece::WordPieceTable;
 
 /// One kernel's largest error against its reference, and what it may be.
