@@ -41,6 +41,15 @@ pub fn hash(cont: bool, bytes: impl IntoIterator<Item = u8>) -> u32 {
     h
 }
 
+/// (byte offset, length, continuation) of a table entry.
+fn unpack(e: &[u32; 3]) -> (usize, usize, bool) {
+    (
+        e[0] as usize,
+        (e[1] & 0x7fff_ffff) as usize,
+        e[1] >> 31 == 1,
+    )
+}
+
 /// The vocabulary as flat arrays, uploaded as they are to the GPU.
 #[derive(Debug, Clone)]
 pub struct WordPieceTable {
@@ -129,29 +138,22 @@ impl WordPieceTable {
             ]);
             bytes.extend_from_slice(piece.as_bytes());
         }
-        let cap = (2 * entries.len()).next_power_of_two().max(2);
+        if entries.is_empty() {
+            bail!("empty vocabulary");
+        }
+        let cap = (2 * entries.len()).next_power_of_two();
         let mask = cap - 1;
         let mut slots = vec![0u32; cap];
+        let mut max_piece = 1;
         for (i, e) in entries.iter().enumerate() {
-            let (off, len, cont) = (
-                e[0] as usize,
-                (e[1] & 0x7fff_ffff) as usize,
-                e[1] >> 31 == 1,
-            );
+            let (off, len, cont) = unpack(e);
+            max_piece = max_piece.max(len as u32);
             let mut s = hash(cont, bytes[off..off + len].iter().copied()) as usize & mask;
             while slots[s] != 0 {
                 s = (s + 1) & mask;
             }
             slots[s] = i as u32 + 1;
         }
-        if entries.is_empty() {
-            bail!("empty vocabulary");
-        }
-        let max_piece = entries
-            .iter()
-            .map(|e| e[1] & 0x7fff_ffff)
-            .max()
-            .unwrap_or(1);
         Ok(WordPieceTable {
             slots,
             entries,
@@ -172,10 +174,10 @@ impl WordPieceTable {
             if e == 0 {
                 return None;
             }
-            let [off, len, id] = *self.entries.get(e as usize - 1)?;
-            let (off, l) = (off as usize, (len & 0x7fff_ffff) as usize);
-            if (len >> 31 == 1) == cont && self.bytes.get(off..off + l) == Some(piece) {
-                return Some(id);
+            let entry = self.entries.get(e as usize - 1)?;
+            let (off, len, c) = unpack(entry);
+            if c == cont && self.bytes.get(off..off + len) == Some(piece) {
+                return Some(entry[2]);
             }
             s = (s + 1) & mask;
         }
