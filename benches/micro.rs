@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use divan::{black_box, Bencher};
+use tiergate::base::dot;
+use tiergate::base::{Backend, PackedBatch};
 use tiergate::batch::{Batcher, Limits, Priority};
 use tiergate::engine::cpu::CpuBackend;
-use tiergate::engine::{Backend, PackedBatch};
 use tiergate::model::encoder::{MiniLm, Precision};
-use tiergate::model::heads::{dot, Heads};
+use tiergate::model::heads::Heads;
 use tiergate::model::tokenize::{TextTokenizer, TruncSide};
 
 fn root() -> PathBuf {
@@ -74,7 +75,7 @@ mod tokenize {
     /// Repeats of PARAGRAPH (~75 tokens each): 1 fits, 4 is ~300 tokens (truncated to 256),
     /// 40 is a ~12 KB prompt (the truncation path on a long input).
     #[divan::bench(args = [1, 4, 40])]
-    fn encode_single(b: Bencher, repeats: usize) {
+    fn encode_single(b: Bencher<'_, '_>, repeats: usize) {
         let text = PARAGRAPH.repeat(repeats);
         b.counter(divan::counter::BytesCount::new(text.len()))
             .bench(|| tok().encode_single(black_box(&text), TruncSide::HeadTail));
@@ -83,7 +84,7 @@ mod tokenize {
     /// The same through the tokenizers crate alone (the path before the ASCII fast path, and
     /// still the one for non-ASCII text): the peer of `encode_single`.
     #[divan::bench(args = [1, 4, 40])]
-    fn encode_single_crate_only(b: Bencher, repeats: usize) {
+    fn encode_single_crate_only(b: Bencher<'_, '_>, repeats: usize) {
         static T: OnceLock<TextTokenizer> = OnceLock::new();
         let t = T.get_or_init(|| {
             match TextTokenizer::from_file(&root().join("models/base/tokenizer.json"), 256, 384) {
@@ -99,7 +100,7 @@ mod tokenize {
     /// The ASCII WordPiece reference the GPU kernel mirrors (model::wordpiece), on the same
     /// text as `encode_single` (raw ids, no truncation): a peer for the tokenizers crate.
     #[divan::bench(args = [1, 4, 40])]
-    fn wordpiece_ascii(b: Bencher, repeats: usize) {
+    fn wordpiece_ascii(b: Bencher<'_, '_>, repeats: usize) {
         static W: OnceLock<tiergate::model::wordpiece::WordPieceTable> = OnceLock::new();
         let w = W.get_or_init(|| {
             let p = root().join("models/base/tokenizer.json");
@@ -114,7 +115,7 @@ mod tokenize {
     }
 
     #[divan::bench]
-    fn encode_pair(b: Bencher) {
+    fn encode_pair(b: Bencher<'_, '_>) {
         let (p, a) = (PARAGRAPH.repeat(2), PARAGRAPH.repeat(3));
         b.bench(|| tok().encode_pair(black_box(&p), black_box(&a)));
     }
@@ -127,7 +128,7 @@ mod encoder {
     const SHAPES: [(usize, usize); 5] = [(1, 32), (1, 64), (1, 128), (8, 128), (32, 128)];
 
     #[divan::bench(args = SHAPES, max_time = 4)]
-    fn forward(b: Bencher, (n, len): (usize, usize)) {
+    fn forward(b: Bencher<'_, '_>, (n, len): (usize, usize)) {
         let batch = batch(n, len);
         let Ok(mut be) = backend().lock() else {
             panic!("backend lock poisoned")
@@ -171,7 +172,7 @@ mod linear {
     }
 
     #[divan::bench(args = M, max_time = 3)]
-    fn bf16_packed(b: Bencher, m: usize) {
+    fn bf16_packed(b: Bencher<'_, '_>, m: usize) {
         if !bf16::available() {
             eprintln!("linear::bf16_packed skipped: no AVX512-BF16");
             return;
@@ -186,7 +187,7 @@ mod linear {
     }
 
     #[divan::bench(args = M, max_time = 3)]
-    fn f32_gemm(b: Bencher, m: usize) {
+    fn f32_gemm(b: Bencher<'_, '_>, m: usize) {
         let (a, w) = data(m);
         let mut c = vec![0.0f32; m * N];
         b.counter(divan::counter::ItemsCount::new(2 * m * K * N))
@@ -218,7 +219,7 @@ mod heads {
     }
 
     #[divan::bench]
-    fn dot_384(b: Bencher) {
+    fn dot_384(b: Bencher<'_, '_>) {
         let (x, y) = (unit(384), unit(384));
         b.bench(|| dot(black_box(&x), black_box(&y)));
     }
@@ -226,7 +227,7 @@ mod heads {
     /// One Route decision's head work as the server does it: the prompt's projection once,
     /// then p_pass for every model the heads know.
     #[divan::bench]
-    fn route_p_all_models(b: Bencher) {
+    fn route_p_all_models(b: Bencher<'_, '_>) {
         let h = heads();
         let e = unit(h.dim);
         let names: Vec<&String> = h.models.keys().collect();
@@ -247,7 +248,7 @@ mod heads {
     /// prompt with ten options, a ~2,000-character chain of thought): the text features
     /// (options parsed, pick found, repetition counted) plus the logistic head.
     #[divan::bench]
-    fn verify_p_mc_pair(b: Bencher) {
+    fn verify_p_mc_pair(b: Bencher<'_, '_>) {
         let h = heads();
         let e = unit(h.dim);
         let opts: Vec<String> = (0..10)
@@ -304,7 +305,7 @@ mod batcher {
     const LENS: [usize; 2] = [2, 32];
 
     #[divan::bench(args = LENS)]
-    fn direct(b: Bencher, len: usize) {
+    fn direct(b: Bencher<'_, '_>, len: usize) {
         let batch = batch(1, len);
         let Ok(mut be) = backend().lock() else {
             panic!("backend lock poisoned")
@@ -313,7 +314,7 @@ mod batcher {
     }
 
     #[divan::bench(args = LENS)]
-    fn via_batcher(b: Bencher, len: usize) {
+    fn via_batcher(b: Bencher<'_, '_>, len: usize) {
         let batch = batch(1, len);
         let bt = batcher();
         b.bench_local(|| {

@@ -1,12 +1,16 @@
 //! The one configuration type: the embedded default (tiergate.toml), then a TOML file, then
 //! flags / TIERGATE_* variables. Validated once at start; every error names its key.
+#![forbid(unsafe_code)]
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-pub use crate::model::encoder::Precision;
+use crate::base::Device;
+use crate::batch::Limits;
+pub use crate::engine::BackendKind;
+pub use crate::model::Precision;
 
 /// The repository's tiergate.toml, compiled in so the binary runs with no file at all.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../tiergate.toml");
@@ -36,14 +40,6 @@ fn default_backend() -> BackendKind {
 
 fn default_precision() -> Precision {
     Precision::Auto
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendKind {
-    Auto,
-    Cpu,
-    Cuda,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -76,14 +72,14 @@ fn default_gpu_max_batch_requests() -> usize {
 }
 
 impl BatchConfig {
-    /// The batcher's limits for the backend that was selected ("cuda" gets the GPU budget).
-    pub fn limits_for(&self, backend: &str) -> crate::batch::Limits {
-        let (tokens, requests) = if backend == "cuda" {
-            (self.gpu_max_batch_tokens, self.gpu_max_batch_requests)
-        } else {
-            (self.max_batch_tokens, self.max_batch_requests)
+    /// The batcher's limits for the device of the backend that was selected (a GPU gets the
+    /// GPU budget).
+    pub fn limits_for(&self, device: Device) -> Limits {
+        let (tokens, requests) = match device {
+            Device::Cuda => (self.gpu_max_batch_tokens, self.gpu_max_batch_requests),
+            Device::Cpu => (self.max_batch_tokens, self.max_batch_requests),
         };
-        crate::batch::Limits {
+        Limits {
             max_batch_tokens: tokens,
             max_batch_requests: requests,
             max_queue: self.max_queue,
@@ -376,7 +372,10 @@ mod tests {
     #[test]
     fn the_cuda_backend_gets_the_gpu_budget() {
         let c = Config::embedded().unwrap();
-        let (cpu, gpu) = (c.batch.limits_for("cpu"), c.batch.limits_for("cuda"));
+        let (cpu, gpu) = (
+            c.batch.limits_for(Device::Cpu),
+            c.batch.limits_for(Device::Cuda),
+        );
         assert_eq!(cpu.max_batch_tokens, c.batch.max_batch_tokens);
         assert_eq!(gpu.max_batch_tokens, c.batch.gpu_max_batch_tokens);
         assert_eq!(gpu.max_batch_requests, c.batch.gpu_max_batch_requests);

@@ -1,15 +1,37 @@
-//! tiergate: LLM-routing decisions over gRPC. The data path:
-//! server (gRPC) → batch (queue, packing) → engine (backends) → model (encoder, heads) → policy.
+//! tiergate: LLM-routing decisions for gateways. Route (the cheapest model likely to pass)
+//! and Verify (ship a cheap answer or escalate), decided fast over gRPC.
+//!
+//! # Layout
+//!
+//! Arrows point one way, top to bottom; no file or folder imports one above it (a test,
+//! `tests/layers.rs`, fails on a new cycle or an upward import).
+//!
+//! | layer | folder | open first | what |
+//! |---|---|---|---|
+//! | edge | [`server`] | `server/grpc.rs` | gRPC Router, health, reflection; proto ↔ domain (`convert.rs`), errors → status (`status.rs`), drain |
+//! | offline | [`eval`], [`tools`] | `eval/replay.rs` | train / score / eval, gpu-check; beside the edge, on the same decisions |
+//! | decisions | [`service`] | `service/mod.rs` | Route and Verify on domain types; the rules in `service/decide.rs` |
+//! | text → embedding | [`pipeline`] | `pipeline.rs` | tokenizer pool, embedding cache, into the batcher |
+//! | settings | [`config`], [`policy`] | `policy/mod.rs` | one config type; the catalog and a request's policy |
+//! | batching | [`batch`] | `batch/mod.rs` | bounded queue, priorities, deadlines, token-budget batches |
+//! | backends | [`engine`] | `engine/mod.rs` | CPU (`cpu.rs`) and CUDA (`cuda/backend.rs`) |
+//! | model | [`model`] | `model/encoder.rs` | MiniLM, tokenizer, heads (`heads.rs`) |
+//! | vocabulary | [`base`] | `base/backend.rs` | `PackedBatch`, the `Backend` trait and its error, numerics |
+//!
+//! `metrics` (names only) and `proto` (generated) sit beside `base`. ARCHITECTURE.md walks a
+//! Route and a Verify through these files.
+pub mod base;
 pub mod batch;
 pub mod config;
 pub mod engine;
-pub mod error;
 pub mod eval;
-pub mod metrics;
+mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod policy;
 pub mod server;
+pub mod service;
+pub mod tools;
 
 pub mod proto {
     #![allow(clippy::all)]

@@ -19,7 +19,7 @@ enum Cmd {
     /// Replay labelled rows: cost–quality curves, savings, APGR, router/verifier figures.
     Eval(tiergate::eval::replay::EvalArgs),
     /// Compare the CUDA backend with the CPU and time it (needs a GPU; see benches/GPU.md).
-    GpuCheck(tiergate::engine::cuda::check::GpuCheckArgs),
+    GpuCheck(tiergate::tools::gpu_check::GpuCheckArgs),
     /// Write the encoder with f16 tensors (half the size), e.g. to carry to a GPU machine.
     ExportF16 {
         /// Encoder directory to read.
@@ -29,6 +29,8 @@ enum Cmd {
         #[arg(long)]
         out: std::path::PathBuf,
     },
+    /// Call a running server (Route, Verify, Info, Health) and print the reply as JSON.
+    Call(tiergate::tools::client::CallArgs),
     /// Print the effective configuration (after file, env and flags) as TOML.
     Config(Overrides),
 }
@@ -64,7 +66,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Train(a) => tiergate::eval::train::run(a),
         Cmd::Score(a) => tiergate::eval::score::run(a),
         Cmd::Eval(a) => tiergate::eval::replay::run(a),
-        Cmd::GpuCheck(a) => tiergate::engine::cuda::check::run(a),
+        Cmd::Call(a) => tiergate::tools::client::run(a),
+        Cmd::GpuCheck(a) => tiergate::tools::gpu_check::run(a),
         Cmd::ExportF16 { model_dir, out } => {
             let n = tiergate::model::encoder::export_f16(&model_dir, &out)?;
             println!(

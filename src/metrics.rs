@@ -1,4 +1,5 @@
 //! Metric names and the Prometheus exporter (its own port, plain HTTP, no TLS stack).
+#![forbid(unsafe_code)]
 use std::net::SocketAddr;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};

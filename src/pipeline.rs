@@ -1,5 +1,6 @@
-//! The data path shared by the server and the offline commands: tokenizer pool → batcher →
-//! backend → heads. One `Pipeline` per process.
+//! Text in, embeddings out: tokenizer pool → embedding cache → batcher → backend. Shared by
+//! the decision layer (`service`) and the offline commands. One `TextPipeline` per process.
+#![forbid(unsafe_code)]
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -7,18 +8,25 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tokio::sync::oneshot;
 
-use crate::batch::{Batcher, Embedded, Priority};
+use crate::batch::{BatchError, Batcher, JobOutput, Priority};
 use crate::config::Config;
 use crate::engine;
-use crate::error::TgError;
 use crate::metrics as m;
-use crate::model::encoder::MiniLm;
-use crate::model::heads::Heads;
-use crate::model::tokenize::{Encoded, TextTokenizer, TruncSide};
-use crate::policy::Catalog;
+use crate::model::{Encoded, MiniLm, TextTokenizer, TokenizeError, TruncSide};
+
+/// Why a text was not embedded.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EncodeError {
+    #[error(transparent)]
+    Tokenize(#[from] TokenizeError),
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+    #[error("tokenizer worker stopped")]
+    WorkerStopped,
+}
 
 /// Tokenizer pool + batcher + backend: text in, embeddings out.
-pub struct Encoder {
+pub struct TextPipeline {
     pub tokenizer: Arc<TextTokenizer>,
     tok_pool: rayon::ThreadPool,
     pub batcher: Batcher,
@@ -89,13 +97,6 @@ impl EmbeddingCache {
     }
 }
 
-/// The encoder plus the heads and catalog that turn embeddings into decisions.
-pub struct Pipeline {
-    pub enc: Encoder,
-    pub heads: Arc<Heads>,
-    pub catalog: Catalog,
-}
-
 /// What one input became: its embedding plus the timings of each stage.
 pub struct EncodedInput {
     pub enc_len: usize,
@@ -106,75 +107,8 @@ pub struct EncodedInput {
     pub inference: Duration,
 }
 
-impl Pipeline {
-    pub fn start(cfg: &Config) -> Result<Pipeline> {
-        let heads = Heads::load(&cfg.heads)?;
-        Self::start_with_heads(cfg, heads)
-    }
-
-    pub fn start_with_heads(cfg: &Config, heads: Heads) -> Result<Pipeline> {
-        let catalog = Catalog::build(cfg, &heads)?;
-        let enc = Encoder::start(cfg)?;
-        if enc.dim() != heads.dim {
-            anyhow::bail!(
-                "heads have dim {} but the encoder has {}",
-                heads.dim,
-                enc.dim()
-            );
-        }
-        // Other truncation limits are allowed (shorter is faster) but shift what the heads see.
-        for (key, serving, fitted) in [
-            (
-                "batch.max_input_tokens",
-                cfg.batch.max_input_tokens,
-                heads.max_input_tokens,
-            ),
-            (
-                "batch.max_answer_tokens",
-                cfg.batch.max_answer_tokens,
-                heads.max_answer_tokens,
-            ),
-        ] {
-            if serving != fitted {
-                tracing::warn!(
-                    key,
-                    serving,
-                    fitted,
-                    "the heads were fitted at another truncation limit; probabilities may drift"
-                );
-            }
-        }
-        if enc.model_revision != heads.encoder_revision {
-            tracing::warn!(
-                encoder = %enc.model_revision,
-                heads = %heads.encoder_revision,
-                "heads were fitted on another encoder revision"
-            );
-        }
-        Ok(Pipeline {
-            enc,
-            heads: Arc::new(heads),
-            catalog,
-        })
-    }
-
-    pub fn revision(&self) -> String {
-        format!("{}+{}", self.enc.model_revision, self.heads.revision)
-    }
-
-    pub async fn encode(
-        &self,
-        rpc: &'static str,
-        input: Input,
-        priority: Priority,
-        deadline: Option<Instant>,
-    ) -> Result<EncodedInput, TgError> {
-        self.enc.encode(rpc, input, priority, deadline).await
-    }
-}
-
-impl Encoder {
-    pub fn start(cfg: &Config) -> Result<Encoder> {
+impl TextPipeline {
+    pub fn start(cfg: &Config) -> Result<TextPipeline> {
         let tokenizer = TextTokenizer::from_file(
             &cfg.model_dir.join("tokenizer.json"),
             cfg.batch.max_input_tokens,
@@ -192,14 +126,14 @@ impl Encoder {
             cfg.precision,
         )?;
         let numerics = backend.numerics();
-        let limits = cfg.batch.limits_for(backend.name());
+        let limits = cfg.batch.limits_for(backend.device());
         let batcher = Batcher::start(backend, limits)?;
         let tok_pool = rayon::ThreadPoolBuilder::new()
             .num_threads(cfg.threads.tokenize)
             .thread_name(|i| format!("tiergate-tok-{i}"))
             .build()
             .context("tokenizer thread pool")?;
-        Ok(Encoder {
+        Ok(TextPipeline {
             tokenizer: Arc::new(tokenizer),
             tok_pool,
             batcher,
@@ -219,23 +153,32 @@ impl Encoder {
     /// Runs `f` on the tokenizer pool, off the async runtime.
     async fn on_pool<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&TextTokenizer) -> Result<T, TgError> + Send + 'static,
-    ) -> Result<T, TgError> {
+        f: impl FnOnce(&TextTokenizer) -> Result<T, EncodeError> + Send + 'static,
+    ) -> Result<T, EncodeError> {
         let (tx, rx) = oneshot::channel();
         let tok = self.tokenizer.clone();
         self.tok_pool.spawn(move || {
             let _ = tx.send(f(&tok));
         });
-        rx.await
-            .map_err(|_| TgError::Internal("tokenizer worker stopped".into()))?
+        rx.await.map_err(|_| EncodeError::WorkerStopped)?
     }
 
-    pub async fn tokenize_single(&self, text: String, side: TruncSide) -> Result<Encoded, TgError> {
-        self.on_pool(move |t| t.encode_single(&text, side)).await
+    pub async fn tokenize_single(
+        &self,
+        text: String,
+        side: TruncSide,
+    ) -> Result<Encoded, EncodeError> {
+        self.on_pool(move |t| Ok(t.encode_single(&text, side)?))
+            .await
     }
 
-    pub async fn tokenize_answer(&self, answer: String, limit: usize) -> Result<Encoded, TgError> {
-        self.on_pool(move |t| t.encode_answer(&answer, limit)).await
+    pub async fn tokenize_answer(
+        &self,
+        answer: String,
+        limit: usize,
+    ) -> Result<Encoded, EncodeError> {
+        self.on_pool(move |t| Ok(t.encode_answer(&answer, limit)?))
+            .await
     }
 
     /// Tokenizes (single text or pair) and embeds through the batcher.
@@ -245,7 +188,7 @@ impl Encoder {
         input: Input,
         priority: Priority,
         deadline: Option<Instant>,
-    ) -> Result<EncodedInput, TgError> {
+    ) -> Result<EncodedInput, EncodeError> {
         let t0 = Instant::now();
         let key = EmbeddingCache::key(&input);
         if let Some((enc_len, truncated, embedding)) = self.cache.get(&key) {
@@ -271,7 +214,7 @@ impl Encoder {
         }
         let enc_len = enc.ids.len();
         let truncated = enc.truncated;
-        let Embedded {
+        let JobOutput {
             embedding,
             queue,
             inference,

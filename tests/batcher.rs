@@ -1,13 +1,12 @@
 //! The batcher with the real CPU backend: bounded admission, priorities, work of departed
 //! clients dropped before compute, and the server's warm-up gate.
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tiergate::batch::BatchError;
 use tiergate::batch::{Batcher, Limits, Priority};
 use tiergate::config::Config;
 use tiergate::engine::cpu::CpuBackend;
-use tiergate::error::TgError;
 use tiergate::model::encoder::{MiniLm, Precision};
 
 fn batcher(limits: Limits) -> Batcher {
@@ -41,7 +40,7 @@ async fn full_queue_is_rejected_at_once_and_admitted_work_completes() {
         let (ids, tt) = seq(400);
         match b.submit(ids, tt, Priority::Normal, None) {
             Ok(rx) => admitted.push(rx),
-            Err(TgError::Overloaded(_)) => rejected += 1,
+            Err(BatchError::Overloaded(_)) => rejected += 1,
             Err(e) => panic!("{e}"),
         }
     }
@@ -53,12 +52,12 @@ async fn full_queue_is_rejected_at_once_and_admitted_work_completes() {
     // Over-long and empty sequences are refused, not queued.
     assert!(matches!(
         b.submit(vec![], vec![], Priority::Normal, None),
-        Err(TgError::InvalidArgument(_))
+        Err(BatchError::InvalidInput(_))
     ));
     let (ids, tt) = seq(600);
     assert!(matches!(
         b.submit(ids, tt, Priority::Normal, None),
-        Err(TgError::InvalidArgument(_))
+        Err(BatchError::InvalidInput(_))
     ));
 }
 
@@ -119,16 +118,15 @@ async fn high_priority_overtakes_queued_low_priority() {
     let past = std::time::Instant::now() - Duration::from_millis(1);
     assert!(matches!(
         b.submit(ids, tt, Priority::High, Some(past)),
-        Err(TgError::DeadlineExceeded)
+        Err(BatchError::DeadlineExceeded)
     ));
 }
 
 #[tokio::test]
 async fn not_ready_answers_unavailable() {
     let cfg = Config::embedded().unwrap();
-    let pipe = Arc::new(tiergate::pipeline::Pipeline::start(&cfg).unwrap());
-    let ready = Arc::new(AtomicBool::new(false));
-    let svc = tiergate::server::RouterService::new(cfg, pipe, ready.clone());
+    let service = Arc::new(tiergate::service::Service::start(&cfg).unwrap());
+    let svc = tiergate::server::RouterService::new(service.clone());
     let req = tiergate::proto::RouteRequest {
         input: Some(tiergate::proto::route_request::Input::Prompt(
             "hello".into(),
@@ -137,6 +135,6 @@ async fn not_ready_answers_unavailable() {
     };
     let e = svc.route_one(req.clone(), None).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable);
-    ready.store(true, std::sync::atomic::Ordering::Release);
+    service.set_ready();
     assert!(svc.route_one(req, None).await.is_ok());
 }

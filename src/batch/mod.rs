@@ -2,6 +2,7 @@
 //! thread that packs jobs by token budget and request cap, and one backend thread that owns the
 //! model. The next batch is formed while the current one runs (a rendezvous of depth one).
 //! Work whose client has gone, or whose deadline has passed, is dropped before compute.
+#![forbid(unsafe_code)]
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -11,9 +12,41 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::engine::{Backend, PackedBatch};
-use crate::error::TgError;
+use crate::base::{Backend, BackendError, Device, PackedBatch};
 use crate::metrics as m;
+
+/// Why a job was not embedded. Admission errors come back at once; the others through the
+/// job's reply.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BatchError {
+    /// The sequence cannot be batched (empty, over the token budget) or the backend refused
+    /// it as malformed.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// The admission queue is full: retry with backoff.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    #[error("deadline exceeded before the request was computed")]
+    DeadlineExceeded,
+    /// Shutting down, or a worker thread stopped: safe to retry on another replica.
+    #[error("not ready: {0}")]
+    Unavailable(String),
+    /// The backend failed on a well-formed batch (a device fault, a panic).
+    #[error("backend failure: {0}")]
+    Backend(String),
+    /// The batcher itself could not run (a thread the OS refused).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<BackendError> for BatchError {
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::InvalidBatch(m) => BatchError::InvalidInput(m),
+            BackendError::Fault(m) | BackendError::Unsupported(m) => BatchError::Backend(m),
+        }
+    }
+}
 
 /// Lower index = served first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -21,16 +54,6 @@ pub enum Priority {
     High = 0,
     Normal = 1,
     Low = 2,
-}
-
-impl Priority {
-    pub fn from_proto(p: i32) -> Priority {
-        match crate::proto::Priority::try_from(p) {
-            Ok(crate::proto::Priority::High) => Priority::High,
-            Ok(crate::proto::Priority::Low) => Priority::Low,
-            _ => Priority::Normal,
-        }
-    }
 }
 
 /// A lower-priority job that has waited this long is served before higher ones (no starvation).
@@ -44,7 +67,7 @@ pub struct Limits {
 }
 
 #[derive(Debug)]
-pub struct Embedded {
+pub struct JobOutput {
     pub embedding: Vec<f32>,
     pub queue: Duration,
     pub inference: Duration,
@@ -56,7 +79,7 @@ struct Job {
     type_ids: Vec<u32>,
     deadline: Option<Instant>,
     enqueued: Instant,
-    reply: oneshot::Sender<Result<Embedded, TgError>>,
+    reply: oneshot::Sender<Result<JobOutput, BatchError>>,
 }
 
 impl Job {
@@ -68,7 +91,7 @@ impl Job {
         }
         if self.deadline.is_some_and(|d| d <= now) {
             metrics::counter!(m::DROPPED, "reason" => "deadline").increment(1);
-            let _ = self.reply.send(Err(TgError::DeadlineExceeded));
+            let _ = self.reply.send(Err(BatchError::DeadlineExceeded));
             return None;
         }
         Some(self)
@@ -111,7 +134,7 @@ impl Drop for ExitGuard {
         drop(st);
         self.shared.ready.notify_all();
         for j in jobs {
-            let _ = j.reply.send(Err(TgError::Unavailable(format!(
+            let _ = j.reply.send(Err(BatchError::Unavailable(format!(
                 "encoder unavailable: {why}"
             ))));
         }
@@ -136,6 +159,7 @@ pub struct Batcher {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     backend_name: &'static str,
+    device: Device,
     dim: usize,
 }
 
@@ -143,8 +167,9 @@ type Formed = (PackedBatch, Vec<Job>, Instant);
 
 impl Batcher {
     /// Starts the forming and backend threads; an error if the OS refuses a thread.
-    pub fn start(backend: Box<dyn Backend>, limits: Limits) -> Result<Batcher, TgError> {
+    pub fn start(backend: Box<dyn Backend>, limits: Limits) -> Result<Batcher, BatchError> {
         let backend_name = backend.name();
+        let device = backend.device();
         let dim = backend.dim();
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
@@ -153,7 +178,7 @@ impl Batcher {
         });
         let (tx, rx) = sync_channel::<Formed>(1);
         let spawn_err =
-            |e: std::io::Error| TgError::Internal(format!("starting a batcher thread: {e}"));
+            |e: std::io::Error| BatchError::Internal(format!("starting a batcher thread: {e}"));
         let guard = ExitGuard {
             shared: shared.clone(),
             thread: "backend",
@@ -188,6 +213,7 @@ impl Batcher {
             shared,
             threads: Mutex::new(vec![former, exec]),
             backend_name,
+            device,
             dim,
         })
     }
@@ -205,6 +231,10 @@ impl Batcher {
         self.dim
     }
 
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
     pub fn limits(&self) -> Limits {
         self.shared.limits
     }
@@ -220,27 +250,27 @@ impl Batcher {
         type_ids: Vec<u32>,
         priority: Priority,
         deadline: Option<Instant>,
-    ) -> Result<oneshot::Receiver<Result<Embedded, TgError>>, TgError> {
+    ) -> Result<oneshot::Receiver<Result<JobOutput, BatchError>>, BatchError> {
         if ids.is_empty() || ids.len() > self.shared.limits.max_batch_tokens {
-            return Err(TgError::InvalidArgument(format!(
+            return Err(BatchError::InvalidInput(format!(
                 "sequence of {} tokens cannot be batched (limit {})",
                 ids.len(),
                 self.shared.limits.max_batch_tokens
             )));
         }
         if deadline.is_some_and(|d| d <= Instant::now()) {
-            return Err(TgError::DeadlineExceeded);
+            return Err(BatchError::DeadlineExceeded);
         }
         let (reply, rx) = oneshot::channel();
         let mut st = self.shared.lock();
         if st.closed {
-            return Err(TgError::Unavailable(match &st.stopped {
+            return Err(BatchError::Unavailable(match &st.stopped {
                 Some(why) => format!("encoder unavailable: {why}"),
                 None => "server is shutting down".into(),
             }));
         }
         if st.len >= self.shared.limits.max_queue {
-            return Err(TgError::Overloaded(format!(
+            return Err(BatchError::Overloaded(format!(
                 "queue full ({} waiting); retry with backoff",
                 st.len
             )));
@@ -266,11 +296,12 @@ impl Batcher {
         type_ids: Vec<u32>,
         priority: Priority,
         deadline: Option<Instant>,
-    ) -> Result<Embedded, TgError> {
+    ) -> Result<JobOutput, BatchError> {
         let rx = self.submit(ids, type_ids, priority, deadline)?;
         // UNAVAILABLE, not INTERNAL: the request is safe to retry on another replica.
-        rx.await
-            .map_err(|_| TgError::Unavailable("backend thread stopped before answering".into()))?
+        rx.await.map_err(|_| {
+            BatchError::Unavailable("backend thread stopped before answering".into())
+        })?
     }
 
     /// Embeds many sequences offline (train, score) through the same queue and backend,
@@ -279,16 +310,18 @@ impl Batcher {
         &self,
         seqs: impl IntoIterator<Item = (Vec<u32>, Vec<u32>)>,
         mut progress: impl FnMut(usize),
-    ) -> Result<Vec<f32>, TgError> {
-        let mut pending: VecDeque<oneshot::Receiver<Result<Embedded, TgError>>> = VecDeque::new();
+    ) -> Result<Vec<f32>, BatchError> {
+        let mut pending: VecDeque<oneshot::Receiver<Result<JobOutput, BatchError>>> =
+            VecDeque::new();
         let mut out = Vec::new();
-        let mut take = |rx: oneshot::Receiver<Result<Embedded, TgError>>, out: &mut Vec<f32>| {
+        let mut take = |rx: oneshot::Receiver<Result<JobOutput, BatchError>>,
+                        out: &mut Vec<f32>| {
             let e = rx
                 .blocking_recv()
-                .map_err(|_| TgError::Internal("backend thread stopped".into()))??;
+                .map_err(|_| BatchError::Internal("backend thread stopped".into()))??;
             out.extend_from_slice(&e.embedding);
             progress(1);
-            Ok::<_, TgError>(())
+            Ok::<_, BatchError>(())
         };
         let window = self.shared.limits.max_queue.max(1);
         for (ids, type_ids) in seqs {
@@ -304,7 +337,7 @@ impl Batcher {
                         break;
                     }
                     // Shared with live traffic: wait for our oldest job, then retry.
-                    Err(TgError::Overloaded(_)) => match pending.pop_front() {
+                    Err(BatchError::Overloaded(_)) => match pending.pop_front() {
                         Some(rx) => take(rx, &mut out)?,
                         None => std::thread::sleep(Duration::from_millis(5)),
                     },
@@ -416,7 +449,8 @@ fn run_batches(mut backend: Box<dyn Backend>, rx: Receiver<Formed>) {
         metrics::histogram!(m::BATCH_TOKENS).record(batch.tokens() as f64);
         let t0 = Instant::now();
         let out = catch_unwind(AssertUnwindSafe(|| backend.embed(&batch)))
-            .unwrap_or_else(|_| Err(TgError::Backend("backend panicked".into())));
+            .unwrap_or_else(|_| Err(BackendError::Fault("backend panicked".into())))
+            .map_err(BatchError::from);
         let inference = t0.elapsed();
         metrics::histogram!(m::INFERENCE_SECONDS).record(inference.as_secs_f64());
         let size = jobs.len();
@@ -425,7 +459,7 @@ fn run_batches(mut backend: Box<dyn Backend>, rx: Receiver<Formed>) {
                 for (job, e) in jobs.into_iter().zip(emb.chunks_exact(dim)) {
                     let queue = t0.duration_since(job.enqueued);
                     metrics::histogram!(m::QUEUE_SECONDS).record(queue.as_secs_f64());
-                    let _ = job.reply.send(Ok(Embedded {
+                    let _ = job.reply.send(Ok(JobOutput {
                         embedding: e.to_vec(),
                         queue,
                         inference,
@@ -435,7 +469,7 @@ fn run_batches(mut backend: Box<dyn Backend>, rx: Receiver<Formed>) {
             }
             Ok(emb) => fail_all(
                 jobs,
-                TgError::Backend(format!(
+                BatchError::Backend(format!(
                     "backend returned {} floats for {size} x {dim}",
                     emb.len()
                 )),
@@ -445,11 +479,11 @@ fn run_batches(mut backend: Box<dyn Backend>, rx: Receiver<Formed>) {
     }
 }
 
-fn fail_all(jobs: Vec<Job>, e: TgError) {
+/// Answers every job of a failed batch with the batch's error: bad input stays bad input.
+fn fail_all(jobs: Vec<Job>, e: BatchError) {
     tracing::error!(error = %e, jobs = jobs.len(), "batch failed");
-    let msg = e.to_string();
     for j in jobs {
-        let _ = j.reply.send(Err(TgError::Backend(msg.clone())));
+        let _ = j.reply.send(Err(e.clone()));
     }
 }
 
@@ -457,7 +491,7 @@ fn fail_all(jobs: Vec<Job>, e: TgError) {
 mod tests {
     use super::*;
 
-    fn job(n: u32) -> (Job, oneshot::Receiver<Result<Embedded, TgError>>) {
+    fn job(n: u32) -> (Job, oneshot::Receiver<Result<JobOutput, BatchError>>) {
         let (reply, rx) = oneshot::channel();
         let j = Job {
             ids: vec![101, n, 102],
@@ -498,7 +532,7 @@ mod tests {
         });
         for mut rx in waiting {
             match rx.try_recv() {
-                Ok(Err(TgError::Unavailable(m))) => assert!(m.contains("backend"), "{m}"),
+                Ok(Err(BatchError::Unavailable(m))) => assert!(m.contains("backend"), "{m}"),
                 other => panic!("queued job got {other:?}"),
             }
         }

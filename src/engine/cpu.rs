@@ -1,10 +1,10 @@
 //! CPU backend: the MiniLM forward pass on a dedicated rayon pool, so encoder work
 //! neither competes with nor blocks the global pool used elsewhere.
+#![forbid(unsafe_code)]
 use std::sync::Arc;
 
-use super::{Backend, PackedBatch};
-use crate::error::TgError;
-use crate::model::encoder::{MiniLm, Precision};
+use crate::base::{Backend, BackendError, Device, PackedBatch};
+use crate::model::{MiniLm, Precision};
 
 pub struct CpuBackend {
     model: Arc<MiniLm>,
@@ -15,7 +15,11 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// A backend running on its own pool of `threads` threads (at least 1), its linear
     /// layers in `precision` (`auto` resolved here; `bf16` on a CPU without it is an error).
-    pub fn new(model: Arc<MiniLm>, threads: usize, precision: Precision) -> Result<Self, TgError> {
+    pub fn new(
+        model: Arc<MiniLm>,
+        threads: usize,
+        precision: Precision,
+    ) -> Result<Self, BackendError> {
         let precision = precision.resolve()?;
         if precision == Precision::Bf16 {
             model.prepare_bf16();
@@ -24,7 +28,9 @@ impl CpuBackend {
             .num_threads(threads.max(1))
             .thread_name(|i| format!("tg-cpu-{i}"))
             .build()
-            .map_err(|e| TgError::Internal(format!("building the CPU backend pool: {e}")))?;
+            .map_err(|e| {
+                BackendError::Unsupported(format!("building the CPU backend pool: {e}"))
+            })?;
         Ok(Self {
             model,
             pool,
@@ -51,6 +57,10 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+
     fn dim(&self) -> usize {
         self.model.dim()
     }
@@ -63,7 +73,7 @@ impl Backend for CpuBackend {
         self.precision.as_str()
     }
 
-    fn embed(&mut self, batch: &PackedBatch) -> Result<Vec<f32>, TgError> {
+    fn embed(&mut self, batch: &PackedBatch) -> Result<Vec<f32>, BackendError> {
         self.model.validate(batch)?;
         let (model, p) = (&self.model, self.precision);
         Ok(self.pool.install(|| model.forward_with(batch, p)))
@@ -102,12 +112,12 @@ mod tests {
 
         let mut bad = PackedBatch::new();
         bad.push(&[101, 999_999, 102], &[0; 3]);
-        assert!(matches!(b.embed(&bad), Err(TgError::InvalidArgument(_))));
+        assert!(matches!(b.embed(&bad), Err(BackendError::InvalidBatch(_))));
         let mut bad = PackedBatch::new();
         bad.push(&[101, 102], &[0, 7]);
-        assert!(matches!(b.embed(&bad), Err(TgError::InvalidArgument(_))));
+        assert!(matches!(b.embed(&bad), Err(BackendError::InvalidBatch(_))));
         let mut long = PackedBatch::new();
         long.push(&vec![100; 513], &[0; 513]);
-        assert!(matches!(b.embed(&long), Err(TgError::InvalidArgument(_))));
+        assert!(matches!(b.embed(&long), Err(BackendError::InvalidBatch(_))));
     }
 }

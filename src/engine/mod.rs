@@ -1,73 +1,35 @@
-//! Backends run the encoder on packed token batches. One backend thread owns a backend.
+//! Backends run the encoder on packed token batches (the contract is `base::Backend`). One
+//! backend thread owns a backend. Imports base and model only.
 pub mod cpu;
 pub mod cuda;
 
-use crate::error::TgError;
+use crate::base::{cosine, Backend, PackedBatch};
+use crate::model::{MiniLm, Precision};
 
-/// A batch of variable-length sequences packed end to end, no padding.
-/// Sequence `i` is `ids[cu_seqlens[i]..cu_seqlens[i + 1]]` (with its `type_ids`).
-#[derive(Debug, Clone, Default)]
-pub struct PackedBatch {
-    pub ids: Vec<u32>,
-    pub type_ids: Vec<u32>,
-    pub cu_seqlens: Vec<u32>,
-}
-
-impl PackedBatch {
-    pub fn new() -> Self {
-        Self {
-            cu_seqlens: vec![0],
-            ..Default::default()
-        }
-    }
-    pub fn push(&mut self, ids: &[u32], type_ids: &[u32]) {
-        debug_assert_eq!(ids.len(), type_ids.len());
-        self.ids.extend_from_slice(ids);
-        self.type_ids.extend_from_slice(type_ids);
-        self.cu_seqlens.push(self.ids.len() as u32);
-    }
-    pub fn len(&self) -> usize {
-        self.cu_seqlens.len().saturating_sub(1)
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    pub fn tokens(&self) -> usize {
-        self.ids.len()
-    }
-    pub fn seq(&self, i: usize) -> std::ops::Range<usize> {
-        self.cu_seqlens[i] as usize..self.cu_seqlens[i + 1] as usize
-    }
-}
-
-/// The encoder on some device. `embed` returns `batch.len() * dim()` floats: one
-/// mean-pooled, L2-normalised embedding per sequence, in batch order.
-pub trait Backend: Send {
-    fn name(&self) -> &'static str;
-    fn dim(&self) -> usize;
-    /// Largest number of tokens in one sequence (position embeddings).
-    fn max_seq_len(&self) -> usize;
-    fn embed(&mut self, batch: &PackedBatch) -> Result<Vec<f32>, TgError>;
-    /// The arithmetic behind the embeddings ("f32", "bf16", "f16"): caches of embeddings
-    /// must not mix them.
-    fn numerics(&self) -> &'static str;
+/// Which backend to run: `auto` takes CUDA when a usable GPU is present.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Auto,
+    Cpu,
+    Cuda,
 }
 
 /// Picks the backend. `auto` uses CUDA when its libraries and a device are present (probed
 /// before any CUDA call), else the CPU; `cuda` without a GPU is an error.
 pub fn select(
-    kind: crate::config::BackendKind,
-    model: std::sync::Arc<crate::model::encoder::MiniLm>,
+    kind: BackendKind,
+    model: std::sync::Arc<MiniLm>,
     model_dir: &std::path::Path,
     threads: usize,
-    precision: crate::model::encoder::Precision,
+    precision: Precision,
 ) -> anyhow::Result<Box<dyn Backend>> {
-    use crate::config::BackendKind;
     let start_cuda_inner = || -> anyhow::Result<Box<dyn Backend>> {
         let mut b = cuda::CudaBackend::new(model.clone(), model_dir)?;
         // A device that runs but disagrees with the CPU reference must not serve decisions.
-        let mut cpu =
-            cpu::CpuBackend::new(model.clone(), 1, crate::model::encoder::Precision::F32)?;
+        let mut cpu = cpu::CpuBackend::new(model.clone(), 1, Precision::F32)?;
         let worst = self_check(&mut b, &mut cpu)?;
         anyhow::ensure!(
             worst >= 0.999,
@@ -146,12 +108,4 @@ pub fn self_check(a: &mut dyn Backend, b: &mut dyn Backend) -> anyhow::Result<f3
         .zip(y.chunks_exact(d))
         .map(|(p, q)| cosine(p, q) as f32)
         .fold(f32::INFINITY, f32::min))
-}
-
-/// Cosine of two embeddings, accumulated in f64; 0 when either is zero.
-pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
-    let na: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb).max(1e-30)
 }

@@ -1,4 +1,5 @@
 //! Rows of the routing data (JSONL, optionally gzip) and the price catalog.
+#![forbid(unsafe_code)]
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;

@@ -43,6 +43,8 @@ pub fn logistic(x: &[f32], d: usize, y: &[f32], l2: f64) -> Result<LinearHead> {
             grad[j] += l2 * beta[j];
         }
         // H = Xw' Xw + l2 I (intercept unpenalised; a tiny ridge keeps it solvable).
+        // SAFETY: h is p×p and xw is n×p, both allocated above with exactly those sizes;
+        // the strides below stay inside them.
         unsafe {
             gemm::gemm(
                 p,
@@ -121,7 +123,7 @@ fn cholesky_solve(a: &mut [f64], b: &[f64], n: usize) -> Result<Vec<f64>> {
     Ok(z)
 }
 
-pub use crate::model::heads::sigmoid;
+pub use crate::base::sigmoid;
 
 pub fn bce(p: f64, y: f64) -> f64 {
     let p = p.clamp(1e-7, 1.0 - 1e-7);
@@ -291,7 +293,7 @@ pub struct RouterFit {
 impl RouterFit {
     pub fn logit(&self, z: &[f32], s: f32, m: usize) -> f32 {
         let k = self.k;
-        s + self.b[m] + crate::model::heads::dot(&self.u[m * k..(m + 1) * k], z)
+        s + self.b[m] + crate::base::dot(&self.u[m * k..(m + 1) * k], z)
     }
 
     /// (P e, w·e + c) for every prompt embedding in `e` (n × d).
@@ -307,9 +309,9 @@ impl RouterFit {
             .for_each(|(i, (zi, si))| {
                 let ei = &e[i * d..(i + 1) * d];
                 for (j, zj) in zi.iter_mut().enumerate() {
-                    *zj = crate::model::heads::dot(&self.proj[j * d..(j + 1) * d], ei);
+                    *zj = crate::base::dot(&self.proj[j * d..(j + 1) * d], ei);
                 }
-                *si = self.c + crate::model::heads::dot(&self.w, ei);
+                *si = self.c + crate::base::dot(&self.w, ei);
             });
         (z, s)
     }
@@ -333,7 +335,7 @@ pub fn fit_router(
     let n_prompts = e.len() / d;
     let mut s0 = seed;
     let mut rnd = move || {
-        s0 = crate::eval::train::mix(s0);
+        s0 = super::util::mix(s0);
         ((s0 >> 11) as f64 / (1u64 << 53) as f64 - 0.5) as f32
     };
     let mut f = RouterFit {
@@ -371,7 +373,7 @@ pub fn fit_router(
         for &(p, m, y) in &data.rows {
             let (p, m) = (p as usize, m as usize);
             let zp = &z[p * k..(p + 1) * k];
-            let mu = crate::model::heads::sigmoid(f.logit(zp, s[p], m) as f64) as f32;
+            let mu = crate::base::sigmoid(f.logit(zp, s[p], m) as f64) as f32;
             let g = (mu - y) * inv_n;
             gb[m] += g;
             gs[p] += g;

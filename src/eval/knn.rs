@@ -2,6 +2,7 @@
 //! p(m passes | x) = mean of m's scores over the k training prompts nearest to x that have a row
 //! of m (models are source-specific, so a plain top-k over all prompts would mostly hold
 //! neighbours without m); m's training mean if it has no rows, the global mean if it is unknown.
+#![forbid(unsafe_code)]
 use std::collections::HashMap;
 
 /// Training prompts (unit-normalised embeddings) and each prompt's scores per model.
@@ -75,7 +76,7 @@ impl KnnIndex {
             .emb
             .chunks_exact(self.dim.max(1))
             .enumerate()
-            .map(|(i, e)| (crate::model::heads::dot(e, &q), i))
+            .map(|(i, e)| (crate::base::dot(e, &q), i))
             .collect();
         // Nearest first; index order breaks ties so results are deterministic.
         order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));

@@ -6,3 +6,4 @@ pub mod plot;
 pub mod replay;
 pub mod score;
 pub mod train;
+pub mod util;

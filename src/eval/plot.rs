@@ -1,5 +1,6 @@
 //! A small hand-written SVG of cost–quality curves: log-cost x axis, quality y axis, lines for
 //! the swept policies, labelled dots for single models, a star for the oracle, a dashed target.
+#![forbid(unsafe_code)]
 use std::fmt::Write;
 
 pub struct Line<'a> {
@@ -47,7 +48,7 @@ fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
     t
 }
 
-pub fn svg(f: &Figure) -> String {
+pub fn svg(f: &Figure<'_>) -> String {
     let (w, h) = (820.0, 560.0);
     let (l, r, t, b) = (80.0, 230.0, 50.0, 60.0);
     let (pw, ph) = (w - l - r, h - t - b);

@@ -5,6 +5,7 @@
 //!
 //! Quality is the mean score, cost the mean `cost_usd` of the models called, both from the rows:
 //! nothing is estimated except the decisions.
+#![forbid(unsafe_code)]
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -16,8 +17,9 @@ use super::fit;
 use super::knn::KnnIndex;
 use super::plot;
 use super::score::{offline_encoder, score_with, Embedder, EncoderArgs, RowFeatures};
-use super::train::{hash_str, judge_gaming};
+use super::util::{hash_str, judge_gaming};
 use crate::model::heads::Heads;
+pub use crate::service::decide::{cascade_stop, route_pick, utility_pick};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct EvalArgs {
@@ -104,34 +106,6 @@ pub fn choose_tier(stats: &[ModelStat]) -> Vec<usize> {
     }
     tier.sort_by(|&a, &b| stats[a].cost.total_cmp(&stats[b].cost));
     tier
-}
-
-/// Route-only decision: the first (cheapest) model with p ≥ floor, else the most likely one.
-pub fn route_pick(p: &[f64], floor: f64) -> usize {
-    p.iter().position(|&x| x >= floor).unwrap_or_else(|| {
-        (0..p.len())
-            .max_by(|&a, &b| p[a].total_cmp(&p[b]).then(b.cmp(&a)))
-            .unwrap_or(0)
-    })
-}
-
-/// Route-only by expected utility (Route's `cost_weight` mode): the model maximising
-/// p − λ·cost, the cheaper on ties. `cost`: each model's expected cost per call.
-pub fn utility_pick(p: &[f64], cost: &[f64], lambda: f64) -> usize {
-    let u = |j: usize| p[j] - lambda * cost.get(j).copied().unwrap_or(0.0);
-    (0..p.len()).fold(0, |b, j| if u(j) > u(b) { j } else { b })
-}
-
-/// Cascade from `start`: ship the first answer whose verifier p ≥ t (an answer the verifier
-/// cannot read counts as rejected), the last model's answer regardless. Returns the model
-/// shipped and whether the verifier accepted it.
-pub fn cascade_stop(v: &[Option<f64>], start: usize, t: f64) -> (usize, bool) {
-    for (j, p) in v.iter().enumerate().skip(start) {
-        if p.is_some_and(|p| p >= t) {
-            return (j, true);
-        }
-    }
-    (v.len().saturating_sub(1), false)
 }
 
 /// Smallest cost at which a cost–quality curve reaches quality `q`: any point at or above it,
@@ -694,7 +668,6 @@ fn report_source(
         ("cascade", "#2ca02c", &cascade),
         ("route_cascade", "#9467bd", &route_cascade),
     ];
-    let xy = |c: &[Point]| c.iter().map(|p| (p.cost, p.quality)).collect::<Vec<_>>();
     let mut reduction = serde_json::Map::new();
     for (name, _, c) in &curves {
         let cost = cost_at_quality(&xy(c), target);
@@ -748,7 +721,92 @@ fn report_source(
         }
     }
 
-    // Row-level figures over the tier rows.
+    let RowFigures {
+        verifier,
+        router,
+        knn: knn_fig,
+        row_far,
+        esc,
+        cascade_far,
+        op,
+    } = row_figures(r, t_op, &cascade);
+    let pts = |c: &[Point]| c.iter().map(Point::json).collect::<Vec<_>>();
+    let v = json!({
+        "prompts": r.n(),
+        "prompts_without_full_tier": p.dropped,
+        "tier": p.tier.iter().map(|t| json!({"model": t.model, "train_mean_cost": t.cost, "train_mean_score": t.score})).collect::<Vec<_>>(),
+        "pair": { "cheap": p.tier[cheap].model, "strong": p.tier[best].model },
+        "best_model": p.tier[best].model,
+        "best_quality": q_best,
+        "best_cost": c_best,
+        "target_quality": target,
+        "curves": {
+            "single": singles.iter().zip(&p.tier).map(|(s, t)| {
+                let mut j = s.json();
+                j["model"] = json!(t.model);
+                j
+            }).collect::<Vec<_>>(),
+            "oracle": oracle.json(),
+            "route": pts(&route),
+            "knn": pts(&knn),
+            "route_utility": pts(&route_u),
+            "knn_utility": pts(&knn_u),
+            "cascade": pts(&cascade),
+            "route_cascade": pts(&route_cascade),
+        },
+        "cost_reduction_at_target": reduction,
+        "route_at_default_floor": {
+            "floor": floor,
+            "quality_of_best": at_default.quality / q_best.max(1e-12),
+            "saved_pct": 100.0 * (1.0 - at_default.cost / c_best.max(1e-300)),
+            "point": at_default.json(),
+        },
+        "pair_routing": pair_json,
+        "router": router,
+        "knn": knn_fig,
+        "verifier": verifier,
+    });
+
+    let ctx = SourceSummary {
+        p,
+        r,
+        singles: &singles,
+        best,
+        q_best,
+        c_best,
+        target,
+        oracle,
+    };
+    write_figure(&ctx, &curves, out_dir)?;
+    let t = table(
+        &ctx,
+        &v,
+        &reduction,
+        &pair_fig,
+        floor,
+        t_op,
+        at_default,
+        &op,
+        esc,
+        row_far,
+        cascade_far,
+    );
+    Ok((v, t))
+}
+
+/// Row-level figures over the tier rows: router, kNN and verifier (AUROC, ECE), and the
+/// cascade at the operating threshold.
+struct RowFigures {
+    verifier: Value,
+    router: Value,
+    knn: Value,
+    row_far: Option<f64>,
+    esc: f64,
+    cascade_far: Option<f64>,
+    op: Point,
+}
+
+fn row_figures(r: &Replay, t_op: f64, cascade: &[Point]) -> RowFigures {
     let pass: Vec<bool> = r.score.iter().map(|&s| s >= 0.5).collect();
     let y: Vec<f32> = r.score.iter().map(|&s| s as f32).collect();
     let (mut vp, mut vy, mut vpass) = (Vec::new(), Vec::new(), Vec::new());
@@ -791,44 +849,46 @@ fn report_source(
         "auroc": opt(fit::auroc(&r.knn, &pass)),
         "ece": fit::ece(&r.knn, &y, 15),
     });
-    let pts = |c: &[Point]| c.iter().map(Point::json).collect::<Vec<_>>();
-    let v = json!({
-        "prompts": r.n(),
-        "prompts_without_full_tier": p.dropped,
-        "tier": p.tier.iter().map(|t| json!({"model": t.model, "train_mean_cost": t.cost, "train_mean_score": t.score})).collect::<Vec<_>>(),
-        "pair": { "cheap": p.tier[cheap].model, "strong": p.tier[best].model },
-        "best_model": p.tier[best].model,
-        "best_quality": q_best,
-        "best_cost": c_best,
-        "target_quality": target,
-        "curves": {
-            "single": singles.iter().zip(&p.tier).map(|(s, t)| {
-                let mut j = s.json();
-                j["model"] = json!(t.model);
-                j
-            }).collect::<Vec<_>>(),
-            "oracle": oracle.json(),
-            "route": pts(&route),
-            "knn": pts(&knn),
-            "route_utility": pts(&route_u),
-            "knn_utility": pts(&knn_u),
-            "cascade": pts(&cascade),
-            "route_cascade": pts(&route_cascade),
-        },
-        "cost_reduction_at_target": reduction,
-        "route_at_default_floor": {
-            "floor": floor,
-            "quality_of_best": at_default.quality / q_best.max(1e-12),
-            "saved_pct": 100.0 * (1.0 - at_default.cost / c_best.max(1e-300)),
-            "point": at_default.json(),
-        },
-        "pair_routing": pair_json,
-        "router": router,
-        "knn": knn_fig,
-        "verifier": verifier,
-    });
+    RowFigures {
+        verifier,
+        router,
+        knn: knn_fig,
+        row_far,
+        esc,
+        cascade_far,
+        op,
+    }
+}
 
-    // Figure.
+/// What the figure and the table of one source share.
+struct SourceSummary<'a> {
+    p: &'a SourcePlan,
+    r: &'a Replay,
+    singles: &'a [Point],
+    best: usize,
+    q_best: f64,
+    c_best: f64,
+    target: f64,
+    oracle: Point,
+}
+
+type Curve<'a> = (&'a str, &'a str, &'a Vec<Point>);
+
+fn xy(c: &[Point]) -> Vec<(f64, f64)> {
+    c.iter().map(|p| (p.cost, p.quality)).collect()
+}
+
+/// curves-<source>.svg: every policy's cost–quality curve, the tier models and the oracle.
+fn write_figure(s: &SourceSummary<'_>, curves: &[Curve<'_>], out_dir: &Path) -> Result<()> {
+    let SourceSummary {
+        p,
+        r,
+        singles,
+        best,
+        target,
+        oracle,
+        ..
+    } = *s;
     let title = format!("{} — {} prompts, tier {}", p.source, r.n(), p.tier.len());
     let target_label = format!("{:.0}% of {}", TARGET * 100.0, p.tier[best].model);
     let fig = plot::Figure {
@@ -864,7 +924,34 @@ fn report_source(
     std::fs::write(&svg_path, plot::svg(&fig))
         .with_context(|| format!("writing {}", svg_path.display()))?;
 
-    // Table.
+    Ok(())
+}
+
+/// The plain-text table of one source (printed by `eval`).
+#[allow(clippy::too_many_arguments)]
+fn table(
+    s: &SourceSummary<'_>,
+    v: &Value,
+    reduction: &serde_json::Map<String, Value>,
+    pair_fig: &HashMap<&str, Pgr>,
+    floor: f64,
+    t_op: f64,
+    at_default: Point,
+    op: &Point,
+    esc: f64,
+    row_far: Option<f64>,
+    cascade_far: Option<f64>,
+) -> String {
+    let SourceSummary {
+        p,
+        r,
+        best,
+        q_best,
+        c_best,
+        target,
+        oracle,
+        ..
+    } = *s;
     let mut t = String::new();
     t.push_str(&format!(
         "\n{} — {} prompts; tier: {}\n  best {} q {:.3} cost {:.2e}; target {:.3}; oracle q {:.3} cost {:.2e}\n",
@@ -914,7 +1001,7 @@ fn report_source(
         esc * 100.0,
         num(cascade_far)
     ));
-    Ok((v, t))
+    t
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Scoring rows offline through the same encoder, batcher and heads as the server:
 //! p_route = P(pass | prompt, model), p_verify = P(pass | prompt, answer, model).
 //! Also the `tiergate score` command and run-time adaptation from labelled calibration rows.
+#![forbid(unsafe_code)]
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::io::Write;
@@ -15,12 +16,12 @@ use super::fit;
 use crate::config::{Config, Precision};
 use crate::model::heads::{self, AnswerInput, Heads, LinearHead, ModelInfo, VerifierHead};
 use crate::model::tokenize::TruncSide;
-use crate::pipeline::Encoder;
+use crate::pipeline::TextPipeline;
 
 /// Embeds texts through the encoder's batcher, with an on-disk cache keyed by the encoder
 /// revision, the limits and the texts.
 pub struct Embedder<'a> {
-    pub enc: &'a Encoder,
+    pub enc: &'a TextPipeline,
     pub cache_dir: Option<PathBuf>,
 }
 
@@ -30,13 +31,13 @@ pub enum Kind {
     Answer(usize),
 }
 
-pub struct Embedded {
+pub struct EmbeddedTexts {
     pub emb: Vec<f32>,
     pub truncated: Vec<bool>,
 }
 
 impl Embedder<'_> {
-    pub fn embed(&self, label: &str, texts: &[&str], kind: Kind) -> Result<Embedded> {
+    pub fn embed(&self, label: &str, texts: &[&str], kind: Kind) -> Result<EmbeddedTexts> {
         let tok = &self.enc.tokenizer;
         let encoded = match kind {
             Kind::Prompt => tok.encode_single_batch(texts, TruncSide::HeadTail)?,
@@ -137,7 +138,7 @@ impl Embedder<'_> {
                 .ok_or_else(|| anyhow::anyhow!("{label}: embedding missing after encoding"))?;
             emb.extend_from_slice(v);
         }
-        Ok(Embedded { emb, truncated })
+        Ok(EmbeddedTexts { emb, truncated })
     }
 }
 
@@ -183,7 +184,7 @@ pub struct RowFeatures {
 
 impl RowFeatures {
     pub fn compute(
-        emb: &Embedder,
+        emb: &Embedder<'_>,
         label: &str,
         rows: &[Row],
         answers: bool,
@@ -202,7 +203,7 @@ impl RowFeatures {
             }
         }
         let a = if atexts.is_empty() {
-            Embedded {
+            EmbeddedTexts {
                 emb: vec![],
                 truncated: vec![],
             }
@@ -251,7 +252,8 @@ pub fn score_with(heads: &Heads, rows: &[Row], f: &RowFeatures) -> Vec<(f64, Opt
     rows.par_iter()
         .enumerate()
         .map(|(i, r)| {
-            let p_route = heads.route_p(&r.model, f.prompt(i));
+            let pf = heads.router.prompt_features(f.prompt(i));
+            let p_route = crate::service::decide::route_p(heads, &pf, &r.model);
             let p_verify = f.verify_x(heads, i, r).map(|x| heads.verifier.p(&x));
             (p_route, p_verify)
         })
@@ -261,6 +263,25 @@ pub fn score_with(heads: &Heads, rows: &[Row], f: &RowFeatures) -> Vec<(f64, Opt
 /// Fits per-model abilities (new models from scratch, known ones adjusted) and re-fits the
 /// verifier's Platt scaling on labelled rows of the target traffic. The encoder is untouched.
 pub fn adapt(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<serde_json::Value> {
+    let (prior_shift, report) = adapt_router(heads, rows, f)?;
+    learn_answer_lengths(heads, rows);
+    let (verifier_rows, refit) = refit_verifier(heads, rows, f)?;
+    Ok(serde_json::json!({
+        "prior_shift": prior_shift,
+        "models": report,
+        "verifier_rows": verifier_rows,
+        "verifier_refit": refit,
+    }))
+}
+
+/// Each calibration model's ability on this traffic (new models from the shifted prior,
+/// known ones pulled from their trained ability). Returns the prior shift and a report per
+/// model.
+fn adapt_router(
+    heads: &mut Heads,
+    rows: &[Row],
+    f: &RowFeatures,
+) -> Result<(Option<f64>, serde_json::Map<String, serde_json::Value>)> {
     let k = heads.router.k;
     let mut by_model: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, r) in rows.iter().enumerate() {
@@ -285,13 +306,6 @@ pub fn adapt(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<serde_j
         Some(c)
     } else {
         None
-    };
-    // Calibration rows are split into five folds by prompt; the verifier's re-fit below picks
-    // its candidate on one of them.
-    let fold_of = |i: usize| {
-        let r = &rows[i];
-        (crate::eval::train::hash_str(0x5eed, &format!("{}/{}", r.source, r.prompt_id)) % 5)
-            as usize
     };
     let fit_model =
         |heads: &Heads, m: &str, idx: &[usize]| -> Result<crate::model::heads::Ability> {
@@ -321,9 +335,13 @@ pub fn adapt(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<serde_j
         fitted.push((m.to_string(), a));
     }
     heads.router.models.extend(fitted);
-    // The verifier compares an answer's length with its model's usual; a model the heads have
-    // not seen gets its usual from its calibration answers. Its prices stay unknown (0):
-    // scoring never reads them.
+    Ok((prior_shift, report))
+}
+
+/// The verifier compares an answer's length with its model's usual; a model the heads have
+/// not seen gets its usual from its calibration answers. Its prices stay unknown (0): scoring
+/// never reads them.
+fn learn_answer_lengths(heads: &mut Heads, rows: &[Row]) {
     let mut lens: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
     for r in rows {
         if let (Some(t), false) = (&r.response, heads.models.contains_key(&r.model)) {
@@ -343,12 +361,25 @@ pub fn adapt(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<serde_j
             },
         );
     }
-    // Re-fit the verifier on the calibration answers, the encoder untouched. Always: how its
-    // logit and the (adapted) router's logit combine, so it is calibrated on the target
-    // traffic and never much worse than the router where the answer features do not
-    // transfer. With enough rows, also the weights of its text and form features (not the
-    // embedding's), so cues that mean something else on this traffic (an option's length
-    // rank, a bare letter) are re-weighed.
+}
+
+/// Re-fits the verifier on the calibration answers, the encoder untouched. Always: how its
+/// logit and the (adapted) router's logit combine, so it is calibrated on the target traffic
+/// and never much worse than the router where the answer features do not transfer. With
+/// enough rows, also the weights of its text and form features (not the embedding's), so cues
+/// that mean something else on this traffic (an option's length rank, a bare letter) are
+/// re-weighed. Returns the rows used and what was re-fitted.
+fn refit_verifier(
+    heads: &mut Heads,
+    rows: &[Row],
+    f: &RowFeatures,
+) -> Result<(usize, serde_json::Value)> {
+    // Calibration rows are split into five folds by prompt; the re-fit picks its candidate
+    // on one of them.
+    let fold_of = |i: usize| {
+        let r = &rows[i];
+        (super::util::hash_str(0x5eed, &format!("{}/{}", r.source, r.prompt_id)) % 5) as usize
+    };
     let nv = heads::verify_dim(heads.dim);
     let small = nv - heads.dim - 1; // router logit + text/form features + interactions
     let (mut xs, mut ys, mut folds) = (Vec::new(), Vec::new(), Vec::new());
@@ -419,12 +450,7 @@ pub fn adapt(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<serde_j
             }
         }
         let Some((width, l2)) = chosen else {
-            return Ok(serde_json::json!({
-                "prior_shift": prior_shift,
-                "models": report,
-                "verifier_rows": ys.len(),
-                "verifier_refit": { "kept": true },
-            }));
+            return Ok((ys.len(), serde_json::json!({ "kept": true })));
         };
         let d = 1 + width;
         let (flat, _) = rows_of(width, None);
@@ -450,12 +476,7 @@ pub fn adapt(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<serde_j
         };
         refit = serde_json::json!({ "features": width, "l2": l2 });
     }
-    Ok(serde_json::json!({
-        "prior_shift": prior_shift,
-        "models": report,
-        "verifier_rows": ys.len(),
-        "verifier_refit": refit,
-    }))
+    Ok((ys.len(), refit))
 }
 
 /// Labelled answers needed before run-time calibration re-weighs the verifier's text and
@@ -497,14 +518,14 @@ pub struct EncoderArgs {
 
 /// The encoder for offline work: the embedded config with the given model, threads and
 /// precision.
-pub fn offline_encoder(e: &EncoderArgs, max_answer_tokens: usize) -> Result<Encoder> {
+pub fn offline_encoder(e: &EncoderArgs, max_answer_tokens: usize) -> Result<TextPipeline> {
     let mut cfg = Config::embedded()?;
     cfg.model_dir = e.model_dir.clone();
     cfg.threads.compute = e.threads;
     cfg.precision = e.precision;
     cfg.batch.max_answer_tokens = max_answer_tokens;
     cfg.validate()?;
-    Encoder::start(&cfg)
+    TextPipeline::start(&cfg)
 }
 
 pub fn run(a: ScoreArgs) -> Result<()> {

@@ -6,6 +6,7 @@
 //! on the other 30%. The verifier fits on 90% (router logits out of fold: each row's from a
 //! router fitted without its fold) and is calibrated on the last 10% (router logits from the
 //! 70% router). The router is then refitted on all train prompts for the same number of steps.
+#![forbid(unsafe_code)]
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use serde_json::json;
 use super::data::{read_catalog, read_rows, Row};
 use super::fit::{self, RouterFit, RouterRows};
 use super::score::{offline_encoder, score_with, Embedder, EncoderArgs, RowFeatures};
+use super::util::{hash_str, judge_gaming};
 use crate::model::answer;
 use crate::model::heads::{self, Ability, Heads, LinearHead, ModelInfo, RouterHead, VerifierHead};
 use crate::model::trees::{boost, BoostParams, Rows};
@@ -79,26 +81,6 @@ pub struct TrainArgs {
     pub encoder: EncoderArgs,
 }
 
-/// Deterministic 64-bit mix (splitmix64): seeded shuffles and splits without a rand crate.
-pub fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e3779b97f4a7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-    z ^ (z >> 31)
-}
-
-pub fn hash_str(seed: u64, s: &str) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    s.hash(&mut h);
-    mix(h.finish() ^ seed)
-}
-
-/// Outputs built to flatter a judge (AlpacaEval's gamed, verbose and concise variants): the
-/// verifier does not learn from them, so it cannot learn to love them.
-pub fn judge_gaming(model: &str) -> bool {
-    model == "gpt4_gamed" || model.ends_with("_verbose") || model.ends_with("_concise")
-}
-
 fn limit_prompts(rows: Vec<Row>, max: usize, seed: u64) -> Vec<Row> {
     if max == 0 {
         return rows;
@@ -158,7 +140,7 @@ fn router_loss(fit: &RouterFit, f: &RowFeatures, data: &RouterRows) -> f64 {
     for &(p, m, y) in &data.rows {
         let p = p as usize;
         let l = fit.logit(&z[p * k..(p + 1) * k], s[p], m as usize);
-        loss += fit::bce(heads::sigmoid(l as f64), y as f64);
+        loss += fit::bce(crate::base::sigmoid(l as f64), y as f64);
     }
     loss / data.rows.len().max(1) as f64
 }
@@ -197,9 +179,8 @@ fn to_head(fit: &RouterFit, names: &[String]) -> RouterHead {
     }
 }
 
-pub fn run(a: TrainArgs) -> Result<()> {
-    let seed = a.seed;
-    // Flags first: a bad one should not cost the encoder pass.
+/// Flags first: a bad one should not cost the encoder pass.
+fn check_flags(a: &TrainArgs) -> Result<()> {
     if a.verify_folds == 1 {
         bail!("--verify-folds 1 leaves no rows to fit a fold's router: use 0 or at least 2");
     }
@@ -209,6 +190,295 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if !(1..=8).contains(&a.verify_tree_depth) {
         bail!("--verify-tree-depth must be in 1..=8");
     }
+    Ok(())
+}
+
+/// The router chosen on held-back prompts, and the same settings refitted on all of them.
+struct RouterChoice {
+    /// Fitted on the router part only: what scores the held-back prompts.
+    held_head: RouterHead,
+    /// Refitted on every train prompt: what ships.
+    router: RouterHead,
+    k: usize,
+    l2: f32,
+    steps: usize,
+    held_loss: f64,
+}
+
+/// Model ids and their router column.
+struct Names {
+    names: Vec<String>,
+    index: BTreeMap<String, usize>,
+}
+
+fn fit_routers(
+    a: &TrainArgs,
+    train: &[Row],
+    tf: &RowFeatures,
+    n: &Names,
+    d: usize,
+) -> Result<RouterChoice> {
+    let seed = a.seed;
+    let (names, index) = (&n.names, &n.index);
+    let fit_rows = router_rows(train, tf, index, |r| part_of(seed, r) == Part::RouterFit);
+    let held_rows = router_rows(train, tf, index, |r| part_of(seed, r) != Part::RouterFit);
+    let all_rows = router_rows(train, tf, index, |_| true);
+    let mut best: Option<(f64, f32, usize, RouterFit)> = None;
+    for (k, l2) in [(a.k, 1e-4f32), (a.k, 1e-3), (a.k * 2, 1e-4)] {
+        let (f, step, loss) = fit::fit_router(
+            &tf.prompt_emb,
+            d,
+            names.len(),
+            &fit_rows,
+            k,
+            l2,
+            a.steps,
+            seed,
+            |f| Some(router_loss(f, tf, &held_rows)),
+        );
+        let loss = loss.unwrap_or(f64::INFINITY);
+        eprintln!("router: k {k} L2 {l2:e}: held-back log-loss {loss:.4} at step {step}");
+        if best.as_ref().is_none_or(|b| loss < b.0) {
+            best = Some((loss, l2, step, f));
+        }
+    }
+    let Some((held_loss, l2, steps, held_fit)) = best else {
+        bail!("router: no fit")
+    };
+    let held_head = to_head(&held_fit, names);
+    let k = held_fit.k;
+    let (final_fit, _, _) = fit::fit_router(
+        &tf.prompt_emb,
+        d,
+        names.len(),
+        &all_rows,
+        k,
+        l2,
+        steps,
+        seed,
+        |_| None,
+    );
+    Ok(RouterChoice {
+        held_head,
+        router: to_head(&final_fit, names),
+        k,
+        l2,
+        steps,
+        held_loss,
+    })
+}
+
+/// Prices and usual answer length of every trained model.
+fn model_infos(
+    names: &[String],
+    train: &[Row],
+    prices: &BTreeMap<String, super::data::Price>,
+) -> Result<BTreeMap<String, ModelInfo>> {
+    let mut models = BTreeMap::new();
+    for m in names {
+        let price = prices
+            .get(m)
+            .with_context(|| format!("model {m} is missing from catalog.json"))?;
+        let rows: Vec<&Row> = train.iter().filter(|r| &r.model == m).collect();
+        let tok: u64 = rows.iter().map(|r| r.response_tokens.unwrap_or(1)).sum();
+        models.insert(
+            m.clone(),
+            ModelInfo {
+                in_usd_per_mtok: price.in_usd_per_mtok,
+                out_usd_per_mtok: price.out_usd_per_mtok,
+                mean_output_tokens: (tok / rows.len().max(1) as u64).max(1) as u32,
+                train_rows: rows.len(),
+            },
+        );
+    }
+    Ok(models)
+}
+
+/// The verifier's inputs and labels, fit part and calibration part (x row-major).
+struct VerifyXy {
+    fx: Vec<f32>,
+    fy: Vec<f32>,
+    cx: Vec<f32>,
+    cy: Vec<f32>,
+}
+
+/// Verifier rows with out-of-fold router logits: fold f's rows are read by a router fitted on
+/// the other folds (the calibration part never fits one, and is read by the 70% router in
+/// `stage`).
+#[allow(clippy::too_many_arguments)]
+fn verifier_xy(
+    a: &TrainArgs,
+    stage: &Heads,
+    rc: &RouterChoice,
+    n: &Names,
+    train: &[Row],
+    tf: &RowFeatures,
+    vrows: &[Row],
+    vf: &RowFeatures,
+) -> Result<VerifyXy> {
+    let (seed, folds, d) = (a.seed, a.verify_folds, stage.dim);
+    let fold_of = |r: &Row| {
+        (hash_str(seed ^ 0xf01d, &format!("{}/{}", r.source, r.prompt_id)) % folds.max(1) as u64)
+            as usize
+    };
+    let mut fold_heads: Vec<Heads> = Vec::with_capacity(folds);
+    for f in 0..folds {
+        let rows = router_rows(train, tf, &n.index, |r| {
+            part_of(seed, r) != Part::Calibrate && fold_of(r) != f
+        });
+        let (fit, _, _) = fit::fit_router(
+            &tf.prompt_emb,
+            d,
+            n.names.len(),
+            &rows,
+            rc.k,
+            rc.l2,
+            rc.steps,
+            seed,
+            |_| None,
+        );
+        fold_heads.push(Heads {
+            router: to_head(&fit, &n.names),
+            ..stage.clone()
+        });
+        eprintln!("verifier: router without fold {}/{folds} fitted", f + 1);
+    }
+    let (mut fx, mut fy, mut cx, mut cy) = (vec![], vec![], vec![], vec![]);
+    for (i, r) in vrows.iter().enumerate() {
+        let calibrate = part_of(seed, r) == Part::Calibrate;
+        let h = match fold_heads.get(fold_of(r)) {
+            Some(h) if !calibrate => h,
+            _ => stage,
+        };
+        let Some(x) = vf.verify_x(h, i, r) else {
+            continue;
+        };
+        let y = r.score.unwrap_or(0.0) as f32;
+        if !calibrate {
+            fx.extend(x);
+            fy.push(y);
+        } else {
+            cx.extend(x);
+            cy.push(y);
+        }
+    }
+    if fy.len() < 50 || cy.len() < 20 {
+        bail!(
+            "verifier: too few rows ({} fit, {} calibrate); raise --verify-rows",
+            fy.len(),
+            cy.len()
+        );
+    }
+    Ok(VerifyXy { fx, fy, cx, cy })
+}
+
+/// The fitted verifier (linear head, trees on its residual, Platt scaling) and its
+/// threshold table, with what was chosen.
+struct VerifierFit {
+    head: VerifierHead,
+    thresholds: Vec<(f64, f64)>,
+    l2: f64,
+    platt: (f64, f64),
+}
+
+fn fit_verifier(a: &TrainArgs, d: usize, xy: &VerifyXy) -> Result<VerifierFit> {
+    let VerifyXy { fx, fy, cx, cy } = xy;
+    let nv = heads::verify_dim(d);
+    let mut vbest: Option<(f64, f64, LinearHead)> = None;
+    for l2 in [1e-5, 1e-4, 1e-3, 1e-2] {
+        let h = fit::logistic(fx, nv, fy, l2)?;
+        let loss = fit::head_log_loss(&h, cx, nv, cy);
+        eprintln!("verifier: L2 {l2:e}: calibration-part log-loss {loss:.4}");
+        if vbest.as_ref().is_none_or(|b| loss < b.0) {
+            vbest = Some((loss, l2, h));
+        }
+    }
+    let Some((linear_loss, verify_l2, vh)) = vbest else {
+        bail!("verifier: no fit")
+    };
+    // Trees on the linear head's residual, cut at the round of least calibration-part loss.
+    let (fb, cb): (Vec<f32>, Vec<f32>) = (
+        fx.chunks_exact(nv).map(|x| vh.logit(x)).collect(),
+        cx.chunks_exact(nv).map(|x| vh.logit(x)).collect(),
+    );
+    let bp = BoostParams {
+        rounds: a.verify_trees,
+        learning_rate: a.verify_tree_lr,
+        depth: a.verify_tree_depth,
+        ..Default::default()
+    };
+    let (trees, rep) = boost(
+        &Rows {
+            x: fx,
+            y: fy,
+            base: &fb,
+        },
+        Some(&Rows {
+            x: cx,
+            y: cy,
+            base: &cb,
+        }),
+        nv,
+        &heads::tree_inputs(d),
+        &bp,
+    )?;
+    eprintln!(
+        "verifier: {} trees kept of {}; calibration-part log-loss {linear_loss:.4} → {:.4}",
+        rep.rounds_kept,
+        bp.rounds,
+        rep.rounds_kept
+            .checked_sub(1)
+            .and_then(|r| rep.valid_loss.get(r))
+            .copied()
+            .unwrap_or(linear_loss)
+    );
+    let vhead = VerifierHead {
+        head: vh,
+        trees,
+        platt_a: 1.0,
+        platt_b: 0.0,
+        router_coef: 0.0,
+    };
+    let cz: Vec<f64> = cx
+        .chunks_exact(nv)
+        .map(|x| vhead.raw_logit(x) as f64)
+        .collect();
+    let (pa, pb) = fit::platt(&cz, cy)?;
+    eprintln!("verifier: Platt a {pa:.3} b {pb:.3} on {} rows", cy.len());
+    let cp: Vec<f64> = cz
+        .iter()
+        .map(|&z| crate::base::sigmoid(pa * z + pb))
+        .collect();
+    let thresholds = threshold_table(&cp, cy);
+    eprintln!("verifier: thresholds per floor {thresholds:?}");
+    Ok(VerifierFit {
+        head: VerifierHead {
+            platt_a: pa as f32,
+            platt_b: pb as f32,
+            ..vhead
+        },
+        thresholds,
+        l2: verify_l2,
+        platt: (pa, pb),
+    })
+}
+
+/// A short hash of what decides: the heads' revision.
+fn heads_revision(out: &Heads) -> Result<String> {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(&(
+        &out.router,
+        &out.verifier,
+        out.default_quality_floor,
+        out.default_verify_threshold,
+    ))?
+    .hash(&mut h);
+    Ok(format!("{:012x}", h.finish() & 0xffff_ffff_ffff))
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let seed = a.seed;
+    check_flags(&a)?;
     let mut train = limit_prompts(
         read_rows(&a.data_dir.join("train.jsonl.gz"))?,
         a.max_prompts,
@@ -246,45 +516,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         .enumerate()
         .map(|(i, n)| (n.clone(), i))
         .collect();
-    let fit_rows = router_rows(&train, &tf, &index, |r| part_of(seed, r) == Part::RouterFit);
-    let held_rows = router_rows(&train, &tf, &index, |r| part_of(seed, r) != Part::RouterFit);
-    let all_rows = router_rows(&train, &tf, &index, |_| true);
-    let mut best: Option<(f64, f32, usize, RouterFit)> = None;
-    for (k, l2) in [(a.k, 1e-4f32), (a.k, 1e-3), (a.k * 2, 1e-4)] {
-        let (f, step, loss) = fit::fit_router(
-            &tf.prompt_emb,
-            d,
-            names.len(),
-            &fit_rows,
-            k,
-            l2,
-            a.steps,
-            seed,
-            |f| Some(router_loss(f, &tf, &held_rows)),
-        );
-        let loss = loss.unwrap_or(f64::INFINITY);
-        eprintln!("router: k {k} L2 {l2:e}: held-back log-loss {loss:.4} at step {step}");
-        if best.as_ref().is_none_or(|b| loss < b.0) {
-            best = Some((loss, l2, step, f));
-        }
-    }
-    let Some((held_loss, l2, steps, held_fit)) = best else {
-        bail!("router: no fit")
-    };
-    let held_head = to_head(&held_fit, &names);
-    let k = held_fit.k;
-    let (final_fit, _, _) = fit::fit_router(
-        &tf.prompt_emb,
-        d,
-        names.len(),
-        &all_rows,
-        k,
-        l2,
-        steps,
-        seed,
-        |_| None,
-    );
-    let router = to_head(&final_fit, &names);
+    let n = Names { names, index };
+    let rc = fit_routers(&a, &train, &tf, &n, d)?;
 
     // ---- verifier, on out-of-sample router logits ----
     let folds = a.verify_folds;
@@ -308,23 +541,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         vrows.truncate(a.verify_rows);
     }
     let vf = RowFeatures::compute(&emb, "verify", &vrows, true, a.max_answer_tokens)?;
-    let mut models = BTreeMap::new();
-    for m in &names {
-        let price = prices
-            .get(m)
-            .with_context(|| format!("model {m} is missing from catalog.json"))?;
-        let rows: Vec<&Row> = train.iter().filter(|r| &r.model == m).collect();
-        let tok: u64 = rows.iter().map(|r| r.response_tokens.unwrap_or(1)).sum();
-        models.insert(
-            m.clone(),
-            ModelInfo {
-                in_usd_per_mtok: price.in_usd_per_mtok,
-                out_usd_per_mtok: price.out_usd_per_mtok,
-                mean_output_tokens: (tok / rows.len().max(1) as u64).max(1) as u32,
-                train_rows: rows.len(),
-            },
-        );
-    }
+    let models = model_infos(&n.names, &train, &prices)?;
     let mut stage = Heads {
         format: heads::FORMAT,
         revision: String::new(),
@@ -332,7 +549,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         dim: d,
         max_input_tokens: enc.tokenizer.max_tokens(),
         max_answer_tokens: a.max_answer_tokens,
-        router: held_head,
+        router: rc.held_head.clone(),
         verifier: VerifierHead {
             head: LinearHead {
                 w: vec![0.0; heads::verify_dim(d)],
@@ -349,136 +566,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
         verify_thresholds: vec![],
         metrics: json!({}),
     };
-    // Out-of-fold router logits: fold f's rows are read by a router fitted on the other
-    // folds (the calibration part never fits one, and is read by the 70% router).
-    let fold_of = |r: &Row| {
-        (hash_str(seed ^ 0xf01d, &format!("{}/{}", r.source, r.prompt_id)) % folds.max(1) as u64)
-            as usize
-    };
-    let mut fold_heads: Vec<Heads> = Vec::with_capacity(folds);
-    for f in 0..folds {
-        let rows = router_rows(&train, &tf, &index, |r| {
-            part_of(seed, r) != Part::Calibrate && fold_of(r) != f
-        });
-        let (fit, _, _) = fit::fit_router(
-            &tf.prompt_emb,
-            d,
-            names.len(),
-            &rows,
-            k,
-            l2,
-            steps,
-            seed,
-            |_| None,
-        );
-        fold_heads.push(Heads {
-            router: to_head(&fit, &names),
-            ..stage.clone()
-        });
-        eprintln!("verifier: router without fold {}/{folds} fitted", f + 1);
-    }
-    let (mut fx, mut fy, mut cx, mut cy) = (vec![], vec![], vec![], vec![]);
-    for (i, r) in vrows.iter().enumerate() {
-        let calibrate = part_of(seed, r) == Part::Calibrate;
-        let h = match fold_heads.get(fold_of(r)) {
-            Some(h) if !calibrate => h,
-            _ => &stage,
-        };
-        let Some(x) = vf.verify_x(h, i, r) else {
-            continue;
-        };
-        let y = r.score.unwrap_or(0.0) as f32;
-        if !calibrate {
-            fx.extend(x);
-            fy.push(y);
-        } else {
-            cx.extend(x);
-            cy.push(y);
-        }
-    }
-    if fy.len() < 50 || cy.len() < 20 {
-        bail!(
-            "verifier: too few rows ({} fit, {} calibrate); raise --verify-rows",
-            fy.len(),
-            cy.len()
-        );
-    }
-    let nv = heads::verify_dim(d);
-    let mut vbest: Option<(f64, f64, LinearHead)> = None;
-    for l2 in [1e-5, 1e-4, 1e-3, 1e-2] {
-        let h = fit::logistic(&fx, nv, &fy, l2)?;
-        let loss = fit::head_log_loss(&h, &cx, nv, &cy);
-        eprintln!("verifier: L2 {l2:e}: calibration-part log-loss {loss:.4}");
-        if vbest.as_ref().is_none_or(|b| loss < b.0) {
-            vbest = Some((loss, l2, h));
-        }
-    }
-    let Some((linear_loss, verify_l2, vh)) = vbest else {
-        bail!("verifier: no fit")
-    };
-    // Trees on the linear head's residual, cut at the round of least calibration-part loss.
-    let (fb, cb): (Vec<f32>, Vec<f32>) = (
-        fx.chunks_exact(nv).map(|x| vh.logit(x)).collect(),
-        cx.chunks_exact(nv).map(|x| vh.logit(x)).collect(),
-    );
-    let bp = BoostParams {
-        rounds: a.verify_trees,
-        learning_rate: a.verify_tree_lr,
-        depth: a.verify_tree_depth,
-        ..Default::default()
-    };
-    let (trees, rep) = boost(
-        &Rows {
-            x: &fx,
-            y: &fy,
-            base: &fb,
-        },
-        Some(&Rows {
-            x: &cx,
-            y: &cy,
-            base: &cb,
-        }),
-        nv,
-        &heads::tree_inputs(d),
-        &bp,
-    )?;
-    eprintln!(
-        "verifier: {} trees kept of {}; calibration-part log-loss {linear_loss:.4} → {:.4}",
-        rep.rounds_kept,
-        bp.rounds,
-        rep.rounds_kept
-            .checked_sub(1)
-            .and_then(|r| rep.valid_loss.get(r))
-            .copied()
-            .unwrap_or(linear_loss)
-    );
-    let vhead = VerifierHead {
-        head: vh,
-        trees,
-        platt_a: 1.0,
-        platt_b: 0.0,
-        router_coef: 0.0,
-    };
-    let cz: Vec<f64> = cx
-        .chunks_exact(nv)
-        .map(|x| vhead.raw_logit(x) as f64)
-        .collect();
-    let (pa, pb) = fit::platt(&cz, &cy)?;
-    eprintln!("verifier: Platt a {pa:.3} b {pb:.3} on {} rows", cy.len());
-    let cp: Vec<f64> = cz.iter().map(|&z| heads::sigmoid(pa * z + pb)).collect();
-    let thresholds = threshold_table(&cp, &cy);
-    eprintln!("verifier: thresholds per floor {thresholds:?}");
+    let xy = verifier_xy(&a, &stage, &rc, &n, &train, &tf, &vrows, &vf)?;
+    let vfit = fit_verifier(&a, d, &xy)?;
+    let (pa, pb) = vfit.platt;
 
     // ---- assemble, then measure on dev ----
     let mut out = Heads {
-        router,
-        verifier: VerifierHead {
-            platt_a: pa as f32,
-            platt_b: pb as f32,
-            ..vhead
-        },
+        router: rc.router.clone(),
+        verifier: vfit.head,
         models,
-        verify_thresholds: thresholds,
+        verify_thresholds: vfit.thresholds,
         ..stage.clone()
     };
     // Defaults learned on the 30% of prompts held back from the router, scored by the router
@@ -510,22 +607,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
         "split": "dev rows (never used to fit or select)",
         "dev_rows": dev_rows.len(),
         "exclude_source": a.exclude_source,
-        "router": { "k": k, "l2": l2, "steps": steps, "held_back_log_loss": held_loss },
-        "verifier": { "l2": verify_l2, "platt_a": pa, "platt_b": pb, "fit_rows": fy.len(), "calibration_rows": cy.len() },
+        "router": { "k": rc.k, "l2": rc.l2, "steps": rc.steps, "held_back_log_loss": rc.held_loss },
+        "verifier": { "l2": vfit.l2, "platt_a": pa, "platt_b": pb, "fit_rows": xy.fy.len(), "calibration_rows": xy.cy.len() },
         "default_floor": floor_report,
         "dev": dev_metrics,
     });
-    out.revision = {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        serde_json::to_string(&(
-            &out.router,
-            &out.verifier,
-            out.default_quality_floor,
-            out.default_verify_threshold,
-        ))?
-        .hash(&mut h);
-        format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
-    };
+    out.revision = heads_revision(&out)?;
     out.validate()?;
     write_heads(&a.out, &out)?;
     eprintln!("wrote {}", a.out.display());

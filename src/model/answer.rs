@@ -7,6 +7,7 @@
 //! MMLU-Pro from 0.80 to about 0.85: no letter picked (3% pass), a letter out of range, the
 //! picked option's length rank among the options (benchmarks' distractors are often shorter),
 //! the picked option's text or numbers appearing in the reasoning.
+#![forbid(unsafe_code)]
 
 /// Number of features [`text_features`] returns.
 pub const TEXT_FEATURES: usize = 14;

@@ -10,7 +10,7 @@
 use rayon::prelude::*;
 
 // Tasks write disjoint (row block × panel) regions of the output (see `matmul`).
-use super::encoder::SendPtr;
+use super::par::SendPtr;
 
 /// Columns per panel: four zmm accumulators per row.
 const NR: usize = 64;
@@ -215,7 +215,7 @@ mod x86 {
     pub(super) unsafe fn round_row(s: &[f32], d: &mut [u32]) {
         let full = s.len() / 32;
         for i in 0..full {
-            // SAFETY (caller): 32 floats at 32·i are inside `s`, 16 words inside `d`.
+            // SAFETY: (the caller's contract) 32 floats at 32·i are inside `s`, 16 words inside `d`.
             unsafe {
                 let lo = _mm512_loadu_ps(s.as_ptr().add(32 * i));
                 let hi = _mm512_loadu_ps(s.as_ptr().add(32 * i + 16));
@@ -244,7 +244,7 @@ mod x86 {
         let mut acc = [[_mm512_setzero_ps(); NR / 16]; MR];
         let (ap, bp) = (a.as_ptr(), panel.as_ptr());
         for j in 0..k2 {
-            // SAFETY (caller): j < k2 keeps every read inside `a` and `panel`.
+            // SAFETY: (the caller's contract) j < k2 keeps every read inside `a` and `panel`.
             unsafe {
                 let b = bp.add(j * NR);
                 let bv: [__m512bh; NR / 16] = [
@@ -273,7 +273,7 @@ mod x86 {
                 } else {
                     (1u16 << lanes) - 1
                 };
-                // SAFETY (caller): row r < rows and the masked columns < cols are inside dst.
+                // SAFETY: (the caller's contract) row r < rows and the masked columns < cols are inside dst.
                 unsafe {
                     let p = c.add(r * ldc + col);
                     let v = if accumulate {

@@ -17,8 +17,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::bf16::{self, PackedB};
-use crate::engine::PackedBatch;
-use crate::error::TgError;
+use super::par::SendPtr;
+use crate::base::{BackendError, PackedBatch};
 
 /// Arithmetic of the linear layers (everything else is f32 either way).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize, clap::ValueEnum)]
@@ -34,11 +34,11 @@ pub enum Precision {
 
 impl Precision {
     /// What `self` runs as on this CPU; `Bf16` without AVX512-BF16 is an error.
-    pub fn resolve(self) -> Result<Self, TgError> {
+    pub fn resolve(self) -> Result<Self, BackendError> {
         match self {
             Self::Auto if bf16::available() => Ok(Self::Bf16),
             Self::Auto => Ok(Self::F32),
-            Self::Bf16 if !bf16::available() => Err(TgError::Unavailable(
+            Self::Bf16 if !bf16::available() => Err(BackendError::Unsupported(
                 "precision bf16 needs a CPU with AVX512-BF16; use f32 or auto".into(),
             )),
             p => Ok(p),
@@ -175,7 +175,12 @@ impl Weights<'_> {
 
 /// Tensor `name` of a safetensors file as f32 (from f32, f16 or bf16), which must have exactly
 /// `shape`; errors name the file and tensor. Shared with the CUDA backend's weight loader.
-pub fn read_tensor(st: &SafeTensors, file: &str, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+pub fn read_tensor(
+    st: &SafeTensors<'_>,
+    file: &str,
+    name: &str,
+    shape: &[usize],
+) -> Result<Vec<f32>> {
     let t = st
         .tensor(name)
         .with_context(|| format!("{file}: missing tensor {name}"))?;
@@ -419,8 +424,8 @@ impl MiniLm {
 
     /// Checks what [`Self::forward`] would otherwise panic on: token ids, type ids
     /// and sequence lengths within the model's tables, and well-formed offsets.
-    pub fn validate(&self, batch: &PackedBatch) -> Result<(), TgError> {
-        let bad = |m: String| Err(TgError::InvalidArgument(m));
+    pub fn validate(&self, batch: &PackedBatch) -> Result<(), BackendError> {
+        let bad = |m: String| Err(BackendError::InvalidBatch(m));
         if batch.ids.len() != batch.type_ids.len() {
             return bad("ids and type_ids differ in length".into());
         }
@@ -629,20 +634,6 @@ impl MiniLm {
                 }
             },
         );
-    }
-}
-
-/// A raw output pointer shared by rayon tasks that each write a disjoint region of it
-/// (`attention` here, the bf16 GEMM's tiles in `bf16::matmul`).
-#[derive(Clone, Copy)]
-pub(super) struct SendPtr(pub(super) *mut f32);
-// SAFETY: used only for disjoint writes from rayon tasks (see the users above).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    // A method (not field access) so closures capture the whole Send wrapper.
-    pub(super) fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

@@ -9,6 +9,7 @@
 //! (model::answer), their interactions, the answer's length against its model's usual,
 //! prompt–answer cosine, answer embedding], plus boosted trees (model::trees) over the
 //! non-embedding features, then Platt-scaled on held-back rows so that 0.8 means 80%.
+#![forbid(unsafe_code)]
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::answer::{self, TEXT_FEATURES};
 use super::trees::Forest;
+use crate::base::{dot, sigmoid};
 
 /// 4: the verifier adds boosted trees and the answer's relative length (3: the pair's text).
 pub const FORMAT: u32 = 4;
@@ -230,13 +232,13 @@ impl Heads {
         sigmoid(self.route_logit(model, prompt_emb) as f64)
     }
 
-    pub fn verify_p(&self, model: &str, prompt_emb: &[f32], answer: &AnswerInput) -> f64 {
+    pub fn verify_p(&self, model: &str, prompt_emb: &[f32], answer: &AnswerInput<'_>) -> f64 {
         self.verifier.p(&self.verify_x(model, prompt_emb, answer))
     }
 
     /// The verifier's input for `model`'s answer (router logit and usual answer length from
     /// the heads).
-    pub fn verify_x(&self, model: &str, prompt_emb: &[f32], answer: &AnswerInput) -> Vec<f32> {
+    pub fn verify_x(&self, model: &str, prompt_emb: &[f32], answer: &AnswerInput<'_>) -> Vec<f32> {
         let rl = self.route_logit(model, prompt_emb);
         let usual = self.models.get(model).map(|m| m.mean_output_tokens);
         verify_features(rl, usual, prompt_emb, answer)
@@ -333,7 +335,7 @@ pub fn verify_features(
     route_logit: f32,
     usual_tokens: Option<u32>,
     prompt_emb: &[f32],
-    a: &AnswerInput,
+    a: &AnswerInput<'_>,
 ) -> Vec<f32> {
     let mut x = Vec::with_capacity(verify_dim(prompt_emb.len()));
     let form = form_features(a.text, a.prompt.chars().count(), a.truncated);
@@ -373,14 +375,6 @@ pub fn threshold_from(t: &[(f64, f64)], floor: f64) -> f64 {
         }
         None => t.last().map_or(floor, |&(_, tl)| tl.max(floor)),
     }
-}
-
-pub fn sigmoid(z: f64) -> f64 {
-    1.0 / (1.0 + (-z).exp())
-}
-
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 #[cfg(test)]

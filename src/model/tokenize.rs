@@ -8,13 +8,24 @@
 //! ASCII text goes through `model::wordpiece` (the GPU tokenizer's CPU reference): the same
 //! ids as the `tokenizers` crate on every ASCII dev text, about 15x faster (benches/README.md).
 //! Other text, or a tokenizer.json whose pipeline it does not mirror, uses the crate.
+#![forbid(unsafe_code)]
 use std::path::Path;
 
 use rayon::prelude::*;
 use tokenizers::Tokenizer;
 
 use super::wordpiece::WordPieceTable;
-use crate::error::TgError;
+
+/// Why a tokenizer could not be loaded or could not encode a text.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenizeError {
+    /// tokenizer.json missing or not a pipeline we can use (a start-up error).
+    #[error("{0}")]
+    Load(String),
+    /// The `tokenizers` crate refused a text.
+    #[error("tokenization failed: {0}")]
+    Encode(String),
+}
 
 /// Which part of an over-long text survives truncation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -60,22 +71,23 @@ impl TextTokenizer {
         path: &Path,
         max_tokens: usize,
         max_pair_tokens: usize,
-    ) -> Result<Self, TgError> {
+    ) -> Result<Self, TokenizeError> {
         if max_tokens < 3 || max_pair_tokens < 5 {
-            return Err(TgError::Internal(format!(
+            return Err(TokenizeError::Load(format!(
                 "token limits too small: max_tokens={max_tokens} (min 3), \
                  max_pair_tokens={max_pair_tokens} (min 5)"
             )));
         }
-        let mut inner = Tokenizer::from_file(path)
-            .map_err(|e| TgError::Internal(format!("loading tokenizer {}: {e}", path.display())))?;
+        let mut inner = Tokenizer::from_file(path).map_err(|e| {
+            TokenizeError::Load(format!("loading tokenizer {}: {e}", path.display()))
+        })?;
         inner.with_padding(None);
         inner
             .with_truncation(None)
-            .map_err(|e| TgError::Internal(format!("tokenizer {}: {e}", path.display())))?;
+            .map_err(|e| TokenizeError::Load(format!("tokenizer {}: {e}", path.display())))?;
         let special = |tok: &str| {
             inner.token_to_id(tok).ok_or_else(|| {
-                TgError::Internal(format!("tokenizer {} has no {tok} token", path.display()))
+                TokenizeError::Load(format!("tokenizer {} has no {tok} token", path.display()))
             })
         };
         let cls = special("[CLS]")?;
@@ -116,7 +128,7 @@ impl TextTokenizer {
     }
 
     /// Token ids of `text` without special tokens or truncation.
-    pub fn raw_ids(&self, text: &str) -> Result<Vec<u32>, TgError> {
+    pub fn raw_ids(&self, text: &str) -> Result<Vec<u32>, TokenizeError> {
         if let Some(ids) = self.fast.as_ref().and_then(|w| w.encode_ascii(text)) {
             return Ok(ids);
         }
@@ -124,11 +136,11 @@ impl TextTokenizer {
         self.inner
             .encode_fast(text, false)
             .map(|e| e.get_ids().to_vec())
-            .map_err(|e| TgError::Internal(format!("tokenization failed: {e}")))
+            .map_err(|e| TokenizeError::Encode(e.to_string()))
     }
 
     /// `[CLS] text [SEP]`, at most `max_tokens`, truncated on `side`.
-    pub fn encode_single(&self, text: &str, side: TruncSide) -> Result<Encoded, TgError> {
+    pub fn encode_single(&self, text: &str, side: TruncSide) -> Result<Encoded, TokenizeError> {
         let body = self.max_tokens - 2;
         let head = match side {
             TruncSide::HeadTail => body.div_ceil(2),
@@ -140,12 +152,17 @@ impl TextTokenizer {
 
     /// An answer on its own, at most `limit` tokens, keeping 1/4 head and 3/4 tail: verdicts
     /// and final answers sit at the end.
-    pub fn encode_answer(&self, text: &str, limit: usize) -> Result<Encoded, TgError> {
+    pub fn encode_answer(&self, text: &str, limit: usize) -> Result<Encoded, TokenizeError> {
         let limit = limit.clamp(3, self.max_tokens.max(3));
         self.encode_limited(text, limit, (limit - 2) / 4)
     }
 
-    fn encode_limited(&self, text: &str, limit: usize, head: usize) -> Result<Encoded, TgError> {
+    fn encode_limited(
+        &self,
+        text: &str,
+        limit: usize,
+        head: usize,
+    ) -> Result<Encoded, TokenizeError> {
         let raw = self.raw_ids(text)?;
         let full_len = raw.len() + 2;
         let body = limit - 2;
@@ -167,7 +184,7 @@ impl TextTokenizer {
     /// When both do not fit, the answer keeps at least 60% of the budget (all of what
     /// the prompt leaves if the prompt is short) and is cut keeping 1/4 head, 3/4 tail,
     /// since verdicts and final answers sit at the end; the prompt keeps head+tail.
-    pub fn encode_pair(&self, prompt: &str, answer: &str) -> Result<Encoded, TgError> {
+    pub fn encode_pair(&self, prompt: &str, answer: &str) -> Result<Encoded, TokenizeError> {
         let p = self.raw_ids(prompt)?;
         let a = self.raw_ids(answer)?;
         let full_len = p.len() + a.len() + 3;
@@ -196,7 +213,7 @@ impl TextTokenizer {
         &self,
         texts: &[&str],
         side: TruncSide,
-    ) -> Result<Vec<Encoded>, TgError> {
+    ) -> Result<Vec<Encoded>, TokenizeError> {
         texts
             .par_iter()
             .map(|t| self.encode_single(t, side))
@@ -204,7 +221,7 @@ impl TextTokenizer {
     }
 
     /// [`Self::encode_pair`] over many pairs in parallel (offline train/score).
-    pub fn encode_pair_batch(&self, pairs: &[(&str, &str)]) -> Result<Vec<Encoded>, TgError> {
+    pub fn encode_pair_batch(&self, pairs: &[(&str, &str)]) -> Result<Vec<Encoded>, TokenizeError> {
         pairs
             .par_iter()
             .map(|(p, a)| self.encode_pair(p, a))
@@ -385,6 +402,6 @@ mod tests {
     #[test]
     fn bad_path_is_an_error() {
         let err = TextTokenizer::from_file(Path::new("/nonexistent/tok.json"), 128, 256);
-        assert!(matches!(err, Err(TgError::Internal(m)) if m.contains("/nonexistent/tok.json")));
+        assert!(matches!(err, Err(TokenizeError::Load(m)) if m.contains("/nonexistent/tok.json")));
     }
 }

@@ -4,10 +4,11 @@
 //! and another from a weak one; an option's length rank matters only on multiple choice), and
 //! one linear head can only add them up. Histogram-based, depth-wise, no sampling: the fit is
 //! deterministic. A few hundred depth-3 trees are tens of kilobytes of JSON.
+#![forbid(unsafe_code)]
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-use super::heads::sigmoid;
+use crate::base::sigmoid;
 
 /// One node: `(feature, value, left, right)`. `feature` ≥ 0: go left when
 /// `x[feature] <= value`, else right. `feature` = -1: a leaf adding `value` to the margin.
@@ -193,8 +194,8 @@ struct Bin {
 
 /// Gradient boosting for log-loss on the columns `inputs` of `train.x`, adding to `train.base`.
 pub fn boost(
-    train: &Rows,
-    valid: Option<&Rows>,
+    train: &Rows<'_>,
+    valid: Option<&Rows<'_>>,
     width: usize,
     inputs: &[usize],
     p: &BoostParams,

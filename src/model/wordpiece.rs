@@ -11,6 +11,7 @@
 //!
 //! The vocabulary is an open-addressing hash table of entry indices (linear probing, FNV-1a
 //! over the bytes, seeded by whether the piece continues a word, i.e. had the `##` prefix).
+#![forbid(unsafe_code)]
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};

@@ -2,6 +2,7 @@
 //! `model::encoder` / `model::heads` / `model::wordpiece`, on deterministic data shaped like
 //! MiniLM's, through a [`KernelRunner`]: the GPU harness (`tiergate gpu-check`,
 //! tests/cuda_backend.rs) or the kernels' source run on the CPU (tests/kernels_on_cpu.rs).
+#![forbid(unsafe_code)]
 use anyhow::{ensure, Result};
 
 use crate::model::encoder;

@@ -1,5 +1,6 @@
 //! Our CUDA C sources (`kernels/*.cu`), embedded in the binary and compiled by NVRTC once
 //! when a backend starts, for the device's own architecture.
+#![forbid(unsafe_code)]
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
 /// `(file name, source)` of every kernel file, and the kernels each defines.

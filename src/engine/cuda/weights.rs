@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 
 use crate::model::encoder::{read_tensor, BertConfig};
 
-pub(super) struct HostLayer {
+pub(crate) struct HostLayer {
     /// `[3*hidden, hidden]` row-major (HF `[out, in]`): rows are Q | K | V.
     pub w_qkv: Vec<f16>,
     pub b_qkv: Vec<f32>,
@@ -29,7 +29,7 @@ pub(super) struct HostLayer {
     pub ln2_b: Vec<f32>,
 }
 
-pub(super) struct HostWeights {
+pub(crate) struct HostWeights {
     pub cfg: BertConfig,
     /// First 12 hex chars of the file's sha256, as `MiniLm::revision`.
     pub revision: String,

@@ -1,14 +1,17 @@
 //! `tiergate gpu-check`: CPU-vs-GPU agreement on real prompts, then GPU forward throughput at
 //! a few token budgets (wall clock per forward, median of repeated runs).
+#![forbid(unsafe_code)]
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
-use super::{probe, write_random_model, CudaBackend};
+use crate::base::{cosine, sigmoid, Backend, PackedBatch};
 use crate::engine::cpu::CpuBackend;
-use crate::engine::{cosine, Backend, PackedBatch};
+use crate::engine::cuda::{
+    self, kernel_check, probe, write_random_model, CudaBackend, KernelHarness,
+};
 use crate::eval::data::Row;
 use crate::model::encoder::{MiniLm, Precision};
 use crate::model::tokenize::{TextTokenizer, TruncSide};
@@ -234,8 +237,8 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
         "\n{:<26} {:>10} {:>10}  result",
         "kernel", "max error", "tolerance"
     );
-    let harness = super::KernelHarness::new()?;
-    for c in super::kernel_check::kernel_checks(&harness, &heads, table.as_ref())? {
+    let harness = KernelHarness::new()?;
+    for c in kernel_check::kernel_checks(&harness, &heads, table.as_ref())? {
         println!(
             "{:<26} {:>10.2e} {:>10.0e}  {} ({})",
             c.kernel,
@@ -305,7 +308,7 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
     if captured == 0 {
         failed.push("no CUDA graph was captured (see the warning above)".into());
     }
-    gpu.set_graph_max_tokens(super::DEFAULT_GRAPH_MAX_TOKENS);
+    gpu.set_graph_max_tokens(cuda::DEFAULT_GRAPH_MAX_TOKENS);
 
     if let (Some(t), false) = (&table, a.random_weights) {
         if let Some(f) = check_tokenizer(&mut gpu, t, &tok_path, &rows)? {
@@ -340,7 +343,7 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
     for (s, w) in want.chunks_exact(dim).enumerate() {
         for m in &names {
             let cpu_p = heads.route_p(m, w);
-            let gpu_p = crate::model::heads::sigmoid(logits[s * r.width() + r.column(m)] as f64);
+            let gpu_p = sigmoid(logits[s * r.width() + r.column(m)] as f64);
             worst_p = worst_p.max((cpu_p - gpu_p).abs());
         }
     }
@@ -381,7 +384,7 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
             "{budget:>8} {:>8} {:>6} {:>8} {:>11.3} {:>11.3} {:>11.2} {:>12.0}",
             b.tokens(),
             b.len(),
-            super::token_bucket(b.tokens()),
+            cuda::token_bucket(b.tokens()),
             medians[0],
             medians[1],
             medians[1] / medians[0],

@@ -1,0 +1,190 @@
+//! proto ↔ domain: the wire types of tiergate.proto to the decision layer's and back.
+#![forbid(unsafe_code)]
+use std::time::{Duration, Instant};
+
+use crate::batch::Priority;
+use crate::model::TruncSide;
+use crate::policy::PolicyRequest;
+use crate::proto;
+use crate::service::{
+    RouteInput, RouteOutcome, RouteQuery, Service, ServiceError, Timings, VerifyOutcome,
+    VerifyQuery,
+};
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn truncation(t: i32) -> Result<TruncSide, ServiceError> {
+    match proto::Truncation::try_from(t) {
+        Ok(proto::Truncation::Unspecified | proto::Truncation::HeadTail) => Ok(TruncSide::HeadTail),
+        Ok(proto::Truncation::Head) => Ok(TruncSide::Head),
+        Ok(proto::Truncation::Tail) => Ok(TruncSide::Tail),
+        Err(_) => Err(ServiceError::InvalidArgument(format!(
+            "unknown truncation value {t}"
+        ))),
+    }
+}
+
+fn priority(p: i32) -> Result<Priority, ServiceError> {
+    match proto::Priority::try_from(p) {
+        Ok(proto::Priority::High) => Ok(Priority::High),
+        Ok(proto::Priority::Low) => Ok(Priority::Low),
+        Ok(_) => Ok(Priority::Normal),
+        Err(_) => Err(ServiceError::InvalidArgument(format!(
+            "unknown priority value {p}"
+        ))),
+    }
+}
+
+fn policy(p: Option<proto::Policy>) -> Option<PolicyRequest> {
+    p.map(|p| PolicyRequest {
+        quality_floor: p.quality_floor,
+        max_cost_usd: p.max_cost_usd,
+        cost_weight: p.cost_weight,
+    })
+}
+
+fn timings(t: Timings) -> proto::Timings {
+    proto::Timings {
+        tokenize_ms: ms(t.tokenize),
+        queue_ms: ms(t.queue),
+        inference_ms: ms(t.inference),
+        total_ms: ms(t.total),
+    }
+}
+
+pub fn route_query(
+    r: proto::RouteRequest,
+    deadline: Option<Instant>,
+) -> Result<RouteQuery, ServiceError> {
+    let input = r.input.map(|i| match i {
+        proto::route_request::Input::Prompt(p) => RouteInput::Prompt(p),
+        proto::route_request::Input::Messages(ms) => RouteInput::Messages(
+            ms.messages
+                .into_iter()
+                .map(|m| (m.role, m.content))
+                .collect(),
+        ),
+    });
+    Ok(RouteQuery {
+        truncation: truncation(r.truncation)?,
+        priority: priority(r.priority)?,
+        request_id: r.request_id,
+        input,
+        candidates: r.candidates,
+        policy: policy(r.policy),
+        expected_output_tokens: r.expected_output_tokens,
+        deadline,
+    })
+}
+
+pub fn route_reply(o: RouteOutcome) -> proto::RouteReply {
+    proto::RouteReply {
+        request_id: o.request_id,
+        model: o.model,
+        expected_cost_usd: o.expected_cost_usd,
+        expected_saving_usd: o.expected_saving_usd,
+        margin: o.margin,
+        verify_recommended: o.verify_recommended,
+        truncated: o.truncated,
+        input_tokens: o.input_tokens,
+        revision: o.revision,
+        reason: o.reason.to_string(),
+        candidates: o
+            .candidates
+            .into_iter()
+            .map(|s| proto::CandidateScore {
+                model: s.model,
+                p_pass: s.p_pass,
+                expected_cost_usd: s.cost,
+            })
+            .collect(),
+        timings: Some(timings(o.timings)),
+    }
+}
+
+pub fn verify_query(
+    r: proto::VerifyRequest,
+    deadline: Option<Instant>,
+) -> Result<VerifyQuery, ServiceError> {
+    Ok(VerifyQuery {
+        priority: priority(r.priority)?,
+        request_id: r.request_id,
+        prompt: r.prompt,
+        answer: r.answer,
+        model: r.model,
+        candidates: r.candidates,
+        policy: policy(r.policy),
+        deadline,
+    })
+}
+
+pub fn verify_reply(o: VerifyOutcome) -> proto::VerifyReply {
+    let decision = if o.ship {
+        proto::Decision::Ship
+    } else {
+        proto::Decision::Escalate
+    };
+    proto::VerifyReply {
+        request_id: o.request_id,
+        p_pass: o.p_pass,
+        decision: decision as i32,
+        escalate_to: o.escalate_to.unwrap_or_default(),
+        threshold: o.threshold,
+        truncated: o.truncated,
+        input_tokens: o.input_tokens,
+        revision: o.revision,
+        timings: Some(timings(o.timings)),
+    }
+}
+
+pub fn info_reply(s: &Service) -> proto::InfoReply {
+    let b = &s.config().batch;
+    // The batcher's own limits: the GPU budget when the CUDA backend runs.
+    let lim = s.pipeline.batcher.limits();
+    proto::InfoReply {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        model_revision: s.pipeline.model_revision.clone(),
+        heads_revision: s.heads.revision.clone(),
+        backend: s.pipeline.batcher.backend_name().to_string(),
+        numerics: s.pipeline.numerics.to_string(),
+        limits: Some(proto::Limits {
+            max_batch_tokens: lim.max_batch_tokens as u32,
+            max_batch_requests: lim.max_batch_requests as u32,
+            max_queue: lim.max_queue as u32,
+            max_input_tokens: b.max_input_tokens as u32,
+            max_input_bytes: b.max_input_bytes as u32,
+        }),
+        catalog: s
+            .catalog
+            .default_models()
+            .map(|c| proto::CatalogEntry {
+                model: c.name.clone(),
+                in_usd_per_mtok: c.in_usd_per_mtok,
+                out_usd_per_mtok: c.out_usd_per_mtok,
+                head: c.head.clone(),
+                expected_output_tokens: c.expected_output_tokens,
+            })
+            .collect(),
+        default_quality_floor: s.default_floor(),
+        default_verify_threshold: s.default_threshold(),
+    }
+}
+
+/// The deadline a client set with grpc-timeout, if any.
+pub fn deadline_of<T>(req: &tonic::Request<T>) -> Option<Instant> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    let d = match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    Instant::now().checked_add(d)
+}

@@ -1,0 +1,190 @@
+//! The `tiergate.v1.Router` service: unary and streaming Route / Verify, and Info. Each RPC
+//! converts (convert.rs), asks the decision layer, counts the outcome and maps errors
+//! (status.rs).
+#![forbid(unsafe_code)]
+use std::sync::Arc;
+use std::time::Instant;
+
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert::{self, deadline_of};
+use super::status::{classify, code_name, to_status};
+use super::stream::{serve_stream, BoxStream};
+use crate::metrics as m;
+use crate::proto::{self, router_server::Router};
+use crate::service::{Service, ServiceError};
+
+pub struct RouterService {
+    svc: Arc<Service>,
+    /// Set on shutdown: open streams stop reading, answer what they already read, and end,
+    /// so an idle client stream cannot hold the drain open.
+    drain: tokio::sync::watch::Sender<bool>,
+}
+
+impl RouterService {
+    pub fn new(svc: Arc<Service>) -> Self {
+        Self {
+            svc,
+            drain: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    /// Ends every open stream after the replies to what it has already read.
+    pub fn begin_drain(&self) {
+        self.drain.send_replace(true);
+    }
+
+    /// Resolves once draining has begun.
+    fn drained(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.drain.subscribe();
+        async move {
+            let _ = rx.wait_for(|d| *d).await;
+        }
+    }
+
+    async fn route_inner(
+        &self,
+        r: proto::RouteRequest,
+        deadline: Option<Instant>,
+    ) -> Result<proto::RouteReply, ServiceError> {
+        // Readiness first: a warming server says so whatever else is wrong with the request.
+        self.svc.check_ready()?;
+        let q = convert::route_query(r, deadline)?;
+        Ok(convert::route_reply(self.svc.route(q).await?))
+    }
+
+    async fn verify_inner(
+        &self,
+        r: proto::VerifyRequest,
+        deadline: Option<Instant>,
+    ) -> Result<proto::VerifyReply, ServiceError> {
+        self.svc.check_ready()?;
+        let q = convert::verify_query(r, deadline)?;
+        Ok(convert::verify_reply(self.svc.verify(q).await?))
+    }
+
+    /// One Route, counted and timed under `rpc`.
+    pub async fn route_one(
+        &self,
+        r: proto::RouteRequest,
+        deadline: Option<Instant>,
+    ) -> Result<proto::RouteReply, Status> {
+        let t0 = Instant::now();
+        let res = self.route_inner(r, deadline).await;
+        observe("Route", t0, &res);
+        res.map_err(|e| to_status(&e))
+    }
+
+    /// One Verify, counted and timed.
+    pub async fn verify_one(
+        &self,
+        r: proto::VerifyRequest,
+        deadline: Option<Instant>,
+    ) -> Result<proto::VerifyReply, Status> {
+        let t0 = Instant::now();
+        let res = self.verify_inner(r, deadline).await;
+        observe("Verify", t0, &res);
+        res.map_err(|e| to_status(&e))
+    }
+}
+
+/// Counts and times one RPC outcome.
+fn observe<T>(rpc: &'static str, t0: Instant, r: &Result<T, ServiceError>) {
+    let code = match r {
+        Ok(_) => "OK",
+        Err(e) => {
+            let (code, reason) = classify(e);
+            metrics::counter!(m::REJECTIONS, "rpc" => rpc, "reason" => reason).increment(1);
+            code_name(code)
+        }
+    };
+    metrics::counter!(m::REQUESTS, "rpc" => rpc, "code" => code).increment(1);
+    metrics::histogram!(m::REQUEST_SECONDS, "rpc" => rpc).record(t0.elapsed().as_secs_f64());
+}
+
+fn stream_error(request_id: String, e: &ServiceError) -> proto::StreamError {
+    proto::StreamError {
+        request_id,
+        code: classify(e).0 as i32,
+        message: e.to_string(),
+    }
+}
+
+#[tonic::async_trait]
+impl Router for Arc<RouterService> {
+    async fn route(
+        &self,
+        req: Request<proto::RouteRequest>,
+    ) -> Result<Response<proto::RouteReply>, Status> {
+        let dl = deadline_of(&req);
+        Ok(Response::new(self.route_one(req.into_inner(), dl).await?))
+    }
+
+    async fn verify(
+        &self,
+        req: Request<proto::VerifyRequest>,
+    ) -> Result<Response<proto::VerifyReply>, Status> {
+        let dl = deadline_of(&req);
+        Ok(Response::new(self.verify_one(req.into_inner(), dl).await?))
+    }
+
+    type RouteStreamStream = BoxStream<proto::RouteStreamReply>;
+    type VerifyStreamStream = BoxStream<proto::VerifyStreamReply>;
+
+    async fn route_stream(
+        &self,
+        req: Request<Streaming<proto::RouteRequest>>,
+    ) -> Result<Response<Self::RouteStreamStream>, Status> {
+        let dl = deadline_of(&req);
+        let out = serve_stream(
+            self.clone(),
+            self.drained(),
+            req.into_inner(),
+            move |svc: Arc<RouterService>, r| async move {
+                let t0 = Instant::now();
+                let id = r.request_id.clone();
+                let res = svc.route_inner(r, dl).await;
+                observe("RouteStream", t0, &res);
+                proto::RouteStreamReply {
+                    result: Some(match res {
+                        Ok(rep) => proto::route_stream_reply::Result::Reply(rep),
+                        Err(e) => proto::route_stream_reply::Result::Error(stream_error(id, &e)),
+                    }),
+                }
+            },
+        );
+        Ok(Response::new(out))
+    }
+
+    async fn verify_stream(
+        &self,
+        req: Request<Streaming<proto::VerifyRequest>>,
+    ) -> Result<Response<Self::VerifyStreamStream>, Status> {
+        let dl = deadline_of(&req);
+        let out = serve_stream(
+            self.clone(),
+            self.drained(),
+            req.into_inner(),
+            move |svc: Arc<RouterService>, r| async move {
+                let t0 = Instant::now();
+                let id = r.request_id.clone();
+                let res = svc.verify_inner(r, dl).await;
+                observe("VerifyStream", t0, &res);
+                proto::VerifyStreamReply {
+                    result: Some(match res {
+                        Ok(rep) => proto::verify_stream_reply::Result::Reply(rep),
+                        Err(e) => proto::verify_stream_reply::Result::Error(stream_error(id, &e)),
+                    }),
+                }
+            },
+        );
+        Ok(Response::new(out))
+    }
+
+    async fn info(
+        &self,
+        _req: Request<proto::InfoRequest>,
+    ) -> Result<Response<proto::InfoReply>, Status> {
+        Ok(Response::new(convert::info_reply(&self.svc)))
+    }
+}

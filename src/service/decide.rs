@@ -1,0 +1,279 @@
+//! The decision rules, on plain numbers and domain types: which candidate Route picks, when
+//! Verify ships, where a cascade escalates, and the defaults behind them. The server, the
+//! offline replay (`eval`) and `score` all call these, so what is evaluated is what is served.
+#![forbid(unsafe_code)]
+use crate::base::sigmoid;
+use crate::config::PolicyConfig;
+use crate::model::heads::FALLBACK_FLOOR;
+use crate::model::Heads;
+use crate::policy::{Effective, Model, PolicyError};
+
+/// Route-only decision over candidates in price order: the first (cheapest) with p ≥ floor,
+/// else the most likely to pass (the cheaper on ties).
+pub fn route_pick(p: &[f64], floor: f64) -> usize {
+    p.iter().position(|&x| x >= floor).unwrap_or_else(|| {
+        (0..p.len())
+            .max_by(|&a, &b| p[a].total_cmp(&p[b]).then(b.cmp(&a)))
+            .unwrap_or(0)
+    })
+}
+
+/// Route-only by expected utility (Route's `cost_weight` mode): the candidate maximising
+/// p − λ·cost, the cheaper on ties. `cost`: each candidate's expected cost per call.
+pub fn utility_pick(p: &[f64], cost: &[f64], lambda: f64) -> usize {
+    let u = |j: usize| p[j] - lambda * cost.get(j).copied().unwrap_or(0.0);
+    (0..p.len()).fold(0, |b, j| if u(j) > u(b) { j } else { b })
+}
+
+/// Verify's rule: ship an answer whose p_pass reaches the threshold.
+pub fn ships(p_pass: f64, threshold: f64) -> bool {
+    p_pass >= threshold
+}
+
+/// Cascade from `start`: ship the first answer that [`ships`] (an answer the verifier cannot
+/// read counts as rejected), the last model's answer regardless. Returns the model shipped
+/// and whether the verifier accepted it.
+pub fn cascade_stop(v: &[Option<f64>], start: usize, t: f64) -> (usize, bool) {
+    for (j, p) in v.iter().enumerate().skip(start) {
+        if p.is_some_and(|p| ships(p, t)) {
+            return (j, true);
+        }
+    }
+    (v.len().saturating_sub(1), false)
+}
+
+/// Route's default floor: the config's, else the one learned with the heads.
+pub fn default_floor(cfg: &PolicyConfig, heads: &Heads) -> f64 {
+    cfg.quality_floor
+        .unwrap_or(heads.default_quality_floor.unwrap_or(FALLBACK_FLOOR))
+}
+
+/// Verify's default ship threshold: the configured threshold, else the threshold of the
+/// configured floor, else the learned default (the learned floor's).
+pub fn default_threshold(cfg: &PolicyConfig, heads: &Heads) -> f64 {
+    match (cfg.verify_threshold, cfg.quality_floor) {
+        (Some(t), _) => t,
+        (None, Some(f)) => heads.threshold_for(f),
+        (None, None) => heads.default_verify_threshold,
+    }
+}
+
+/// The threshold one Verify uses: a requested floor maps to the threshold at which shipped
+/// answers met that floor on held-back data; else the default.
+pub fn verify_threshold(pol: &Effective, cfg: &PolicyConfig, heads: &Heads) -> f64 {
+    if pol.floor_given {
+        heads.threshold_for(pol.quality_floor)
+    } else {
+        default_threshold(cfg, heads)
+    }
+}
+
+/// p_pass of every candidate for one prompt embedding, with its expected cost. The prompt's
+/// part of the router is shared by all candidates, so it is computed once.
+pub fn score_candidates(
+    heads: &Heads,
+    prompt_emb: &[f32],
+    candidates: &[&Model],
+    prompt_tokens: u32,
+    output_tokens: Option<u32>,
+) -> Vec<Scored> {
+    let pf = heads.router.prompt_features(prompt_emb);
+    candidates
+        .iter()
+        .map(|c| Scored {
+            model: c.name.clone(),
+            p_pass: route_p(heads, &pf, &c.head),
+            cost: c.expected_cost(prompt_tokens, output_tokens),
+        })
+        .collect()
+}
+
+/// p_pass of the model whose head is `head` for a prompt whose router features are `pf`
+/// (`RouterHead::prompt_features`): the one formula Route and `score` use.
+pub fn route_p(heads: &Heads, pf: &(f32, Vec<f32>), head: &str) -> f64 {
+    let router = &heads.router;
+    sigmoid(router.logit_from(pf, router.ability(head)) as f64)
+}
+
+#[derive(Debug, Clone)]
+pub struct Scored {
+    pub model: String,
+    pub p_pass: f64,
+    pub cost: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteDecision {
+    /// Candidates in price order, cheapest first.
+    pub candidates: Vec<Scored>,
+    pub chosen: usize,
+    pub expected_saving: f64,
+    pub margin: f64,
+    pub verify_recommended: bool,
+    pub reason: &'static str,
+}
+
+/// Cheapest candidate with p_pass >= floor, else the one most likely to pass; or, with a cost
+/// weight, the best p_pass - weight * cost. `max_cost_usd` filters candidates first.
+pub fn decide_route(
+    mut scored: Vec<Scored>,
+    pol: &Effective,
+    verify_band: f64,
+) -> Result<RouteDecision, PolicyError> {
+    scored.sort_by(|a, b| {
+        a.cost
+            .total_cmp(&b.cost)
+            .then_with(|| a.model.cmp(&b.model))
+    });
+    let max_all = scored.iter().map(|s| s.cost).fold(0.0, f64::max);
+    let affordable: Vec<usize> = (0..scored.len())
+        .filter(|&i| pol.max_cost_usd.is_none_or(|m| scored[i].cost <= m))
+        .collect();
+    if affordable.is_empty() {
+        return Err(PolicyError(format!(
+            "no candidate fits policy.max_cost_usd = {:?}: the cheapest costs {:.3e} USD",
+            pol.max_cost_usd.unwrap_or(0.0),
+            scored.first().map_or(0.0, |s| s.cost)
+        )));
+    }
+    // The same picks the offline replay makes (`route_pick`, `utility_pick`), over the
+    // affordable candidates in price order.
+    let p: Vec<f64> = affordable.iter().map(|&i| scored[i].p_pass).collect();
+    let (chosen, margin, reason) = if pol.cost_weight > 0.0 && !pol.floor_given {
+        let cost: Vec<f64> = affordable.iter().map(|&i| scored[i].cost).collect();
+        let k = utility_pick(&p, &cost, pol.cost_weight);
+        let u = |j: usize| p[j] - pol.cost_weight * cost[j];
+        let runner = (0..p.len())
+            .filter(|&j| j != k)
+            .map(u)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let m = if runner.is_finite() {
+            u(k) - runner
+        } else {
+            0.0
+        };
+        (affordable[k], m, "utility")
+    } else {
+        let k = route_pick(&p, pol.quality_floor);
+        let reason = if p[k] >= pol.quality_floor {
+            "floor_met"
+        } else {
+            "best_effort"
+        };
+        (affordable[k], p[k] - pol.quality_floor, reason)
+    };
+    let has_higher_tier = affordable
+        .iter()
+        .any(|&i| scored[i].cost > scored[chosen].cost);
+    let verify_recommended = reason != "utility" && margin.abs() < verify_band && has_higher_tier;
+    Ok(RouteDecision {
+        expected_saving: max_all - scored[chosen].cost,
+        candidates: scored,
+        chosen,
+        margin,
+        verify_recommended,
+        reason,
+    })
+}
+
+/// The next model up in price order from `model` among `candidates`, if any.
+pub fn escalation_target<'a>(
+    model: &Model,
+    candidates: &[&'a Model],
+    prompt_tokens: u32,
+) -> Option<&'a Model> {
+    let own = model.expected_cost(prompt_tokens, None);
+    candidates
+        .iter()
+        .copied()
+        .filter(|c| c.name != model.name && c.expected_cost(prompt_tokens, None) > own)
+        .min_by(|a, b| {
+            a.expected_cost(prompt_tokens, None)
+                .total_cmp(&b.expected_cost(prompt_tokens, None))
+                .then_with(|| a.name.cmp(&b.name))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(m: &str, p: f64, c: f64) -> Scored {
+        Scored {
+            model: m.into(),
+            p_pass: p,
+            cost: c,
+        }
+    }
+    fn pol(floor: f64) -> Effective {
+        Effective {
+            quality_floor: floor,
+            max_cost_usd: None,
+            cost_weight: 0.0,
+            floor_given: true,
+        }
+    }
+
+    #[test]
+    fn cheapest_meeting_the_floor() {
+        let d = decide_route(
+            vec![
+                s("big", 0.95, 10.0),
+                s("small", 0.6, 1.0),
+                s("mid", 0.8, 3.0),
+            ],
+            &pol(0.75),
+            0.1,
+        )
+        .unwrap();
+        assert_eq!(d.candidates[d.chosen].model, "mid");
+        assert_eq!(d.reason, "floor_met");
+        assert!((d.margin - 0.05).abs() < 1e-12);
+        assert!(
+            d.verify_recommended,
+            "margin 0.05 < band and a bigger model exists"
+        );
+        assert!((d.expected_saving - 7.0).abs() < 1e-12);
+        assert_eq!(d.candidates[0].model, "small", "price order");
+    }
+
+    #[test]
+    fn best_effort_when_nobody_meets_the_floor() {
+        let d = decide_route(
+            vec![s("a", 0.5, 1.0), s("b", 0.7, 2.0), s("c", 0.6, 3.0)],
+            &pol(0.9),
+            0.1,
+        )
+        .unwrap();
+        assert_eq!(d.candidates[d.chosen].model, "b");
+        assert_eq!(d.reason, "best_effort");
+        assert!(d.margin < 0.0);
+    }
+
+    #[test]
+    fn max_cost_filters_and_errors_when_nothing_fits() {
+        let mut p = pol(0.5);
+        p.max_cost_usd = Some(2.0);
+        let d = decide_route(vec![s("a", 0.4, 1.0), s("b", 0.9, 3.0)], &p, 0.1).unwrap();
+        assert_eq!(d.candidates[d.chosen].model, "a");
+        p.max_cost_usd = Some(0.5);
+        assert!(matches!(
+            decide_route(vec![s("a", 0.4, 1.0)], &p, 0.1),
+            Err(PolicyError(_))
+        ));
+    }
+
+    #[test]
+    fn utility_mode_trades_cost_for_quality() {
+        let mut p = pol(0.5);
+        p.floor_given = false;
+        p.cost_weight = 0.1;
+        // a: 0.8 - 0.1 = 0.7; b: 0.9 - 0.5 = 0.4
+        let d = decide_route(vec![s("a", 0.8, 1.0), s("b", 0.9, 5.0)], &p, 0.1).unwrap();
+        assert_eq!(d.candidates[d.chosen].model, "a");
+        assert_eq!(d.reason, "utility");
+        p.cost_weight = 0.01; // a: 0.79, b: 0.85
+        let d = decide_route(vec![s("a", 0.8, 1.0), s("b", 0.9, 5.0)], &p, 0.1).unwrap();
+        assert_eq!(d.candidates[d.chosen].model, "b");
+    }
+}

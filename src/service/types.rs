@@ -1,0 +1,100 @@
+//! Route and Verify on domain types: what every entry point (gRPC today; HTTP and Envoy
+//! ext_proc later) converts its wire format to and from.
+#![forbid(unsafe_code)]
+use std::time::{Duration, Instant};
+
+use crate::batch::Priority;
+use crate::model::TruncSide;
+use crate::policy::PolicyRequest;
+
+use super::decide::Scored;
+
+/// What Route reads: a prompt, or chat turns.
+#[derive(Debug, Clone)]
+pub enum RouteInput {
+    Prompt(String),
+    /// (role, content) turns in order.
+    Messages(Vec<(String, String)>),
+}
+
+impl RouteInput {
+    /// The text the encoder reads. Role-tagged turns: head+tail truncation then keeps the
+    /// system prompt and the latest user turn, the parts that decide difficulty.
+    pub fn into_text(self) -> String {
+        match self {
+            RouteInput::Prompt(p) => p,
+            RouteInput::Messages(ms) => ms
+                .iter()
+                .map(|(role, content)| format!("{role}: {content}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteQuery {
+    pub request_id: String,
+    pub input: Option<RouteInput>,
+    /// Empty: the catalog's default set.
+    pub candidates: Vec<String>,
+    pub policy: Option<PolicyRequest>,
+    pub priority: Priority,
+    pub truncation: TruncSide,
+    pub expected_output_tokens: Option<u32>,
+    pub deadline: Option<Instant>,
+}
+
+/// Where one request's time went.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    pub tokenize: Duration,
+    pub queue: Duration,
+    pub inference: Duration,
+    pub total: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteOutcome {
+    pub request_id: String,
+    pub model: String,
+    pub expected_cost_usd: f64,
+    pub expected_saving_usd: f64,
+    pub margin: f64,
+    pub verify_recommended: bool,
+    pub truncated: bool,
+    pub input_tokens: u32,
+    pub revision: String,
+    pub reason: &'static str,
+    /// Every candidate, cheapest first.
+    pub candidates: Vec<Scored>,
+    pub timings: Timings,
+}
+
+#[derive(Debug, Clone)]
+pub struct VerifyQuery {
+    pub request_id: String,
+    pub prompt: String,
+    pub answer: String,
+    /// The model that wrote the answer.
+    pub model: String,
+    /// Where to escalate among (empty: the catalog's default set).
+    pub candidates: Vec<String>,
+    pub policy: Option<PolicyRequest>,
+    pub priority: Priority,
+    pub deadline: Option<Instant>,
+}
+
+#[derive(Debug, Clone)]
+pub struct VerifyOutcome {
+    pub request_id: String,
+    pub p_pass: f64,
+    pub ship: bool,
+    /// The next model up in price order when escalating; None when shipping or at the top.
+    pub escalate_to: Option<String>,
+    pub threshold: f64,
+    pub truncated: bool,
+    pub input_tokens: u32,
+    pub revision: String,
+    pub timings: Timings,
+}

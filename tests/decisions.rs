@@ -1,0 +1,169 @@
+//! The offline tools decide what the server decides: on real dev rows, `tiergate score` (the
+//! evaluation interface `eval` replays) and the real server on loopback give the same p_pass
+//! per candidate and per answer, and the rules `eval` replays with (`route_pick`, `ships`)
+//! applied to the offline scores pick the model and the ship / escalate the server returned.
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+use tiergate::proto::{self, route_request::Input, Decision};
+use tiergate::service::decide::{route_pick, ships};
+
+/// Probabilities agree to this (the same encoder and heads; only batch neighbours differ).
+const TOL: f64 = 1e-4;
+
+fn dev_rows(n: usize) -> Vec<Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/dev.jsonl.gz");
+    let f = std::fs::File::open(path).expect("../shared/data/dev.jsonl.gz");
+    std::io::BufReader::new(flate2::read::GzDecoder::new(f))
+        .lines()
+        .take(n)
+        .map(|l| serde_json::from_str(&l.expect("line")).expect("json"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn score_and_the_server_make_the_same_decisions_on_dev_rows() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let heads =
+        tiergate::model::Heads::load(&Path::new(root).join("models/heads.json")).expect("heads");
+    // Up to 4 rows per prompt of models with a trained head (Route accepts those as
+    // candidates), from the first 40 prompts.
+    let mut per_prompt: BTreeMap<String, usize> = BTreeMap::new();
+    let rows: Vec<Value> = dev_rows(6000)
+        .into_iter()
+        .filter(|r| {
+            heads
+                .router
+                .models
+                .contains_key(r["model"].as_str().unwrap_or(""))
+        })
+        .filter(|r| {
+            let prompt = r["prompt"].as_str().unwrap_or("").to_string();
+            let known = per_prompt.len();
+            let n = per_prompt.entry(prompt).or_insert(0);
+            if *n == 0 && known >= 40 {
+                return false;
+            }
+            *n += 1;
+            *n <= 4
+        })
+        .collect();
+    assert!(
+        rows.len() >= 100,
+        "only {} dev rows with trained models",
+        rows.len()
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (inp, out) = (dir.path().join("rows.jsonl"), dir.path().join("out.jsonl"));
+    let mut f = std::fs::File::create(&inp).expect("create");
+    for r in &rows {
+        writeln!(f, "{r}").expect("write");
+    }
+    drop(f);
+    let st = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .current_dir(root)
+        .args(["score", "--data"])
+        .arg(&inp)
+        .arg("--out")
+        .arg(&out)
+        .env("RUST_LOG", "warn")
+        .status()
+        .expect("score");
+    assert!(st.success());
+    let scored: Vec<Value> = std::fs::read_to_string(&out)
+        .expect("out")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(scored.len(), rows.len());
+
+    // prompt -> (model -> offline p_route)
+    let mut by_prompt: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
+    for (r, s) in rows.iter().zip(&scored) {
+        by_prompt
+            .entry(r["prompt"].as_str().expect("prompt").to_string())
+            .or_default()
+            .insert(
+                r["model"].as_str().expect("model").to_string(),
+                s["p_route"].as_f64().expect("p_route"),
+            );
+    }
+
+    let server = common::Server::spawn(&[]);
+    server.ready().await;
+    let mut c = server.client().await;
+    let (mut routes, mut verifies) = (0, 0);
+    for floor in [0.5, 0.8] {
+        for (prompt, offline) in by_prompt.iter().filter(|(_, m)| m.len() >= 2) {
+            let rep = c
+                .route(proto::RouteRequest {
+                    input: Some(Input::Prompt(prompt.clone())),
+                    candidates: offline.keys().cloned().collect(),
+                    policy: Some(proto::Policy {
+                        quality_floor: Some(floor),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .expect("route")
+                .into_inner();
+            // The server's price order, the offline p in that order.
+            let p: Vec<f64> = rep
+                .candidates
+                .iter()
+                .map(|cs| {
+                    let q = offline[&cs.model];
+                    assert!(
+                        (cs.p_pass - q).abs() < TOL,
+                        "{}: {} vs {q}",
+                        cs.model,
+                        cs.p_pass
+                    );
+                    q
+                })
+                .collect();
+            if p.iter().any(|q| (q - floor).abs() < TOL) {
+                continue; // on the edge: float noise may tip it either way
+            }
+            let pick = &rep.candidates[route_pick(&p, floor)].model;
+            assert_eq!(&rep.model, pick, "prompt {prompt:?} at floor {floor}");
+            routes += 1;
+        }
+    }
+    for (r, s) in rows.iter().zip(&scored) {
+        let (Some(answer), Some(pv)) = (r["response"].as_str(), s["p_verify"].as_f64()) else {
+            continue;
+        };
+        let rep = c
+            .verify(proto::VerifyRequest {
+                prompt: r["prompt"].as_str().expect("prompt").into(),
+                answer: answer.into(),
+                model: r["model"].as_str().expect("model").into(),
+                ..Default::default()
+            })
+            .await
+            .expect("verify")
+            .into_inner();
+        assert!(
+            (rep.p_pass - pv).abs() < TOL,
+            "verify {} vs {pv}",
+            rep.p_pass
+        );
+        if (pv - rep.threshold).abs() < TOL {
+            continue;
+        }
+        let ship = rep.decision == Decision::Ship as i32;
+        assert_eq!(ship, ships(pv, rep.threshold));
+        verifies += 1;
+    }
+    assert!(
+        routes >= 40 && verifies >= 50,
+        "compared {routes} routes, {verifies} verifies"
+    );
+}
