@@ -23,6 +23,12 @@ pub struct Config {
     pub metrics_listen: String,
     pub model_dir: PathBuf,
     pub heads: PathBuf,
+    /// Benchmark prompts on the router's scale (`tiergate benchmarks`), for catalog priors.
+    #[serde(default = "default_benchmarks")]
+    pub benchmarks: PathBuf,
+    /// Calibration overlays (`tiergate calibrate`), applied on the heads in order.
+    #[serde(default)]
+    pub overlays: Vec<PathBuf>,
     #[serde(default = "default_backend")]
     pub backend: BackendKind,
     /// CPU backend: arithmetic of the linear layers.
@@ -31,7 +37,66 @@ pub struct Config {
     pub batch: BatchConfig,
     pub threads: ThreadsConfig,
     pub policy: PolicyConfig,
+    /// Learning from outcomes while serving (the Feedback RPC).
+    #[serde(default)]
+    pub feedback: FeedbackConfig,
     pub catalog: Vec<CatalogEntryConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackConfig {
+    /// Where re-fitted parameters are persisted (atomically) and read back at start; ""
+    /// disables feedback (the RPC then answers FAILED_PRECONDITION).
+    #[serde(default)]
+    pub overlay: PathBuf,
+    /// Seconds between re-fit passes.
+    #[serde(default = "default_refit_interval")]
+    pub refit_interval_s: u64,
+    /// New outcomes of a model before it is re-fitted.
+    #[serde(default = "default_min_rows")]
+    pub min_rows: usize,
+    /// Outcomes kept per model (oldest dropped first).
+    #[serde(default = "default_max_rows")]
+    pub max_rows_per_model: usize,
+    /// Route request ids remembered, so feedback can name a request instead of its prompt.
+    #[serde(default = "default_remember")]
+    pub remember_requests: usize,
+}
+
+impl Default for FeedbackConfig {
+    fn default() -> Self {
+        FeedbackConfig {
+            overlay: PathBuf::new(),
+            refit_interval_s: default_refit_interval(),
+            min_rows: default_min_rows(),
+            max_rows_per_model: default_max_rows(),
+            remember_requests: default_remember(),
+        }
+    }
+}
+
+impl FeedbackConfig {
+    pub fn enabled(&self) -> bool {
+        !self.overlay.as_os_str().is_empty()
+    }
+}
+
+fn default_refit_interval() -> u64 {
+    60
+}
+fn default_min_rows() -> usize {
+    20
+}
+fn default_max_rows() -> usize {
+    5000
+}
+fn default_remember() -> usize {
+    10000
+}
+
+fn default_benchmarks() -> PathBuf {
+    PathBuf::from("models/benchmarks.json")
 }
 
 fn default_backend() -> BackendKind {
@@ -105,6 +170,10 @@ pub struct PolicyConfig {
     pub cost_weight: f64,
     #[serde(default)]
     pub verify_threshold: Option<f64>,
+    /// Route's default relative floor r: the cheapest candidate with p ≥ r · (highest p);
+    /// unset = the absolute floor.
+    #[serde(default)]
+    pub relative_floor: Option<f64>,
     pub default_output_tokens: u32,
 }
 
@@ -119,6 +188,19 @@ pub struct CatalogEntryConfig {
     pub like: Option<String>,
     #[serde(default)]
     pub expected_output_tokens: Option<u32>,
+    /// For a model with no rows: its published accuracy on a benchmark the data has, placed
+    /// on the router's scale (`benchmarks`).
+    #[serde(default)]
+    pub prior: Option<PriorConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriorConfig {
+    /// A benchmark of `benchmarks` (mmlu_pro, arc_challenge, winogrande, mbpp).
+    pub benchmark: String,
+    /// Published accuracy on it, in (0, 1).
+    pub accuracy: f64,
 }
 
 /// Overrides from flags and the environment (clap fills these; `None` keeps the file's value).
@@ -163,6 +245,9 @@ pub struct Overrides {
     pub tokenize_threads: Option<usize>,
     #[arg(long, env = "TIERGATE_QUALITY_FLOOR")]
     pub quality_floor: Option<f64>,
+    /// Route's default relative floor r in (0, 1] (used when no absolute floor is set).
+    #[arg(long, env = "TIERGATE_RELATIVE_FLOOR")]
+    pub relative_floor: Option<f64>,
 }
 
 impl Config {
@@ -224,6 +309,9 @@ impl Config {
         }
         if let Some(v) = o.quality_floor {
             c.policy.quality_floor = Some(v);
+        }
+        if let Some(v) = o.relative_floor {
+            c.policy.relative_floor = Some(v);
         }
         c.validate()?;
         Ok(c)
@@ -302,6 +390,11 @@ impl Config {
             unit("policy.quality_floor", f)?;
         }
         unit("policy.verify_band", p.verify_band)?;
+        if let Some(r) = p.relative_floor {
+            if !(r > 0.0 && r <= 1.0) {
+                bail!("policy.relative_floor = {r} must be in (0, 1]");
+            }
+        }
         if let Some(t) = p.verify_threshold {
             unit("policy.verify_threshold", t)?;
         }
@@ -310,6 +403,15 @@ impl Config {
                 "policy.cost_weight = {} must be finite and >= 0",
                 p.cost_weight
             );
+        }
+        let f = &self.feedback;
+        if f.enabled() {
+            if f.refit_interval_s == 0 {
+                bail!("feedback.refit_interval_s must be > 0");
+            }
+            if f.min_rows == 0 || f.max_rows_per_model < f.min_rows {
+                bail!("feedback.min_rows must be > 0 and <= feedback.max_rows_per_model");
+            }
         }
         if self.catalog.is_empty() {
             bail!("catalog is empty: list at least one [[catalog]] model");
@@ -328,6 +430,18 @@ impl Config {
             ] {
                 if !v.is_finite() || v < 0.0 {
                     bail!("catalog[{}].{k} = {v} must be finite and >= 0", e.model);
+                }
+            }
+            if let Some(p) = &e.prior {
+                if e.like.is_some() {
+                    bail!("catalog[{}]: give `like` or `prior`, not both", e.model);
+                }
+                if !(p.accuracy > 0.0 && p.accuracy < 1.0) {
+                    bail!(
+                        "catalog[{}].prior.accuracy = {} must be in (0, 1)",
+                        e.model,
+                        p.accuracy
+                    );
                 }
             }
         }

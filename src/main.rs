@@ -14,6 +14,12 @@ enum Cmd {
     Serve(Overrides),
     /// Fit the route and verify heads on the training split; print dev-split figures.
     Train(tiergate::eval::train::TrainArgs),
+    /// Put a sample of each training benchmark's prompts on the router's scale
+    /// (models/benchmarks.json), for catalog priors from published accuracy.
+    Benchmarks(tiergate::eval::benchmarks::BenchmarksArgs),
+    /// Fit per-model parameters and the verifier's re-fit on labelled rows of your own traffic;
+    /// write them as an overlay (`overlays` in the config).
+    Calibrate(tiergate::eval::calibrate::CalibrateArgs),
     /// Score rows offline: p_route and p_verify per row, JSONL out (the evaluation interface).
     Score(tiergate::eval::score::ScoreArgs),
     /// Replay labelled rows: cost–quality curves, savings, APGR, router/verifier figures.
@@ -60,10 +66,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(tiergate::server::serve(
                 cfg,
+                Some(o),
                 tiergate::server::shutdown_signal(),
             ))
         }
         Cmd::Train(a) => tiergate::eval::train::run(a),
+        Cmd::Benchmarks(a) => tiergate::eval::benchmarks::run(a),
+        Cmd::Calibrate(a) => tiergate::eval::calibrate::run(a),
         Cmd::Score(a) => tiergate::eval::score::run(a),
         Cmd::Eval(a) => tiergate::eval::replay::run(a),
         Cmd::Call(a) => tiergate::tools::client::run(a),

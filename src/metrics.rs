@@ -19,6 +19,9 @@ pub const TRUNCATIONS: &str = "tiergate_truncations_total";
 pub const REJECTIONS: &str = "tiergate_rejections_total";
 pub const DROPPED: &str = "tiergate_dropped_before_compute_total";
 pub const EMBEDDING_CACHE: &str = "tiergate_embedding_cache_total";
+pub const RELOADS: &str = "tiergate_reloads_total";
+pub const FEEDBACK: &str = "tiergate_feedback_total";
+pub const REFITS: &str = "tiergate_refits_total";
 pub const BACKEND_INFO: &str = "tiergate_backend_info";
 pub const BACKEND_FALLBACK: &str = "tiergate_backend_fallback_total";
 

@@ -115,9 +115,21 @@ async fn every_rpc_health_reflection_and_metrics() {
         "best_effort" => {
             assert!(r.candidates.iter().all(|s| s.p_pass <= chosen.p_pass));
         }
+        "relative" => {
+            // The default: the cheapest within relative_floor of this prompt's best.
+            let best = r.candidates.iter().map(|s| s.p_pass).fold(0.0, f64::max);
+            let bar = info.default_relative_floor * best;
+            assert!(info.default_relative_floor > 0.0 && chosen.p_pass >= bar);
+            for s in r.candidates.iter().take_while(|s| s.model != r.model) {
+                assert!(s.p_pass < bar, "{s:?} was cheaper and reached {bar}");
+            }
+            assert!((r.margin - (chosen.p_pass - bar)).abs() < 1e-12);
+        }
         other => panic!("unexpected reason {other}"),
     }
-    assert!((r.margin - (chosen.p_pass - info.default_quality_floor)).abs() < 1e-12);
+    if r.reason != "relative" {
+        assert!((r.margin - (chosen.p_pass - info.default_quality_floor)).abs() < 1e-12);
+    }
     assert!(!r.truncated && r.input_tokens > 5 && r.input_tokens < 40);
     let t = r.timings.unwrap();
     assert!(t.total_ms >= t.inference_ms && t.inference_ms > 0.0);

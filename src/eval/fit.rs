@@ -87,43 +87,9 @@ pub fn logistic(x: &[f32], d: usize, y: &[f32], l2: f64) -> Result<LinearHead> {
     })
 }
 
-/// Solves A x = b for symmetric positive definite A (overwritten by its factor).
-fn cholesky_solve(a: &mut [f64], b: &[f64], n: usize) -> Result<Vec<f64>> {
-    for j in 0..n {
-        let mut s = a[j * n + j];
-        for k in 0..j {
-            s -= a[j * n + k] * a[j * n + k];
-        }
-        if s <= 0.0 || !s.is_finite() {
-            bail!("logistic: Hessian is not positive definite");
-        }
-        let l = s.sqrt();
-        a[j * n + j] = l;
-        for i in j + 1..n {
-            let mut s = a[i * n + j];
-            for k in 0..j {
-                s -= a[i * n + k] * a[j * n + k];
-            }
-            a[i * n + j] = s / l;
-        }
-    }
-    let mut z = b.to_vec();
-    for i in 0..n {
-        for k in 0..i {
-            z[i] -= a[i * n + k] * z[k];
-        }
-        z[i] /= a[i * n + i];
-    }
-    for i in (0..n).rev() {
-        for k in i + 1..n {
-            z[i] -= a[k * n + i] * z[k];
-        }
-        z[i] /= a[i * n + i];
-    }
-    Ok(z)
-}
-
 pub use crate::base::sigmoid;
+use crate::model::ability::cholesky_solve;
+pub use crate::model::ability::fit_ability;
 
 pub fn bce(p: f64, y: f64) -> f64 {
     let p = p.clamp(1e-7, 1.0 - 1e-7);
@@ -445,64 +411,6 @@ pub fn fit_router(
     }
     let (loss, step, fit) = best;
     (fit, step, loss)
-}
-
-/// One model's ability (u, b) from labelled rows, with the prompt part fixed: Newton on
-/// sum CE + l2/2 |θ - prior|², so a handful of rows moves it little and many rows decide.
-pub fn fit_ability(
-    z: &[f32],
-    s: &[f32],
-    y: &[f32],
-    k: usize,
-    prior: &crate::model::heads::Ability,
-    l2: f64,
-) -> Result<crate::model::heads::Ability> {
-    let n = y.len();
-    let p = k + 1;
-    let mut th: Vec<f64> = prior
-        .u
-        .iter()
-        .map(|&v| v as f64)
-        .chain([prior.b as f64])
-        .collect();
-    let pr = th.clone();
-    for _ in 0..25 {
-        let mut g = vec![0.0f64; p];
-        let mut h = vec![0.0f64; p * p];
-        for i in 0..n {
-            let x: Vec<f64> = z[i * k..(i + 1) * k]
-                .iter()
-                .map(|&v| v as f64)
-                .chain([1.0])
-                .collect();
-            let zl = s[i] as f64 + x.iter().zip(&th).map(|(a, b)| a * b).sum::<f64>();
-            let mu = sigmoid(zl);
-            let w = (mu * (1.0 - mu)).max(1e-9);
-            for a in 0..p {
-                g[a] += (mu - y[i] as f64) * x[a];
-                for b in 0..p {
-                    h[a * p + b] += w * x[a] * x[b];
-                }
-            }
-        }
-        for a in 0..p {
-            g[a] += l2 * (th[a] - pr[a]);
-            h[a * p + a] += l2;
-        }
-        let step = cholesky_solve(&mut h, &g, p)?;
-        let mut mx = 0.0f64;
-        for a in 0..p {
-            th[a] -= step[a];
-            mx = mx.max(step[a].abs());
-        }
-        if mx < 1e-7 {
-            break;
-        }
-    }
-    Ok(crate::model::heads::Ability {
-        u: th[..k].iter().map(|&v| v as f32).collect(),
-        b: th[k] as f32,
-    })
 }
 
 /// Platt scaling: (a, b) minimising the log-loss of sigmoid(a·z + b) (Newton, 2 parameters).

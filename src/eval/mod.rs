@@ -1,4 +1,6 @@
 //! Offline work on the routing data: reading rows, training heads, replaying datasets.
+pub mod benchmarks;
+pub mod calibrate;
 pub mod data;
 pub mod fit;
 pub mod knn;

@@ -358,6 +358,7 @@ fn learn_answer_lengths(heads: &mut Heads, rows: &[Row]) {
                 out_usd_per_mtok: 0.0,
                 mean_output_tokens: (tok / n.max(1)).max(1) as u32,
                 train_rows: 0,
+                pass_fail: None,
             },
         );
     }

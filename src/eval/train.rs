@@ -288,6 +288,10 @@ fn model_infos(
                 out_usd_per_mtok: price.out_usd_per_mtok,
                 mean_output_tokens: (tok / rows.len().max(1) as u64).max(1) as u32,
                 train_rows: rows.len(),
+                pass_fail: Some(
+                    rows.iter()
+                        .all(|r| r.score.is_none_or(|s| s == 0.0 || s == 1.0)),
+                ),
             },
         );
     }
@@ -565,6 +569,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         default_quality_floor: None,
         verify_thresholds: vec![],
         metrics: json!({}),
+        calibrated: Default::default(),
+        priors: Default::default(),
     };
     let xy = verifier_xy(&a, &stage, &rc, &n, &train, &tf, &vrows, &vf)?;
     let vfit = fit_verifier(&a, d, &xy)?;

@@ -111,6 +111,10 @@ pub struct ModelInfo {
     /// Mean response length in the training data (byte-proxy tokens), for cost estimates.
     pub mean_output_tokens: u32,
     pub train_rows: usize,
+    /// Whether every training label of the model is 0 or 1 (a pass rate); false for judge
+    /// preferences. Absent in heads trained before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pass_fail: Option<bool>,
 }
 
 /// Route's quality floor when neither the config nor the heads give one.
@@ -142,6 +146,14 @@ pub struct Heads {
     /// Held-out figures printed by `tiergate train` (informational).
     #[serde(default)]
     pub metrics: serde_json::Value,
+    /// Models whose ability an overlay set, with the labelled rows behind it (not saved:
+    /// overlays are files of their own).
+    #[serde(skip)]
+    pub calibrated: BTreeMap<String, usize>,
+    /// Catalog models placed by a published accuracy: their parameter source
+    /// ("prior:<benchmark>@<accuracy>"; not saved).
+    #[serde(skip)]
+    pub priors: BTreeMap<String, String>,
 }
 
 impl Heads {

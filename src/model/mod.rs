@@ -1,8 +1,11 @@
 //! The encoder (MiniLM), its tokenizer, and the trained heads on top of it. Imports base only.
+pub mod ability;
 pub mod answer;
+pub mod benchmarks;
 pub mod bf16;
 pub mod encoder;
 pub mod heads;
+pub mod overlay;
 mod par;
 pub mod tokenize;
 pub mod trees;
@@ -10,4 +13,5 @@ pub mod wordpiece;
 
 pub use encoder::{MiniLm, Precision};
 pub use heads::Heads;
+pub use overlay::Overlay;
 pub use tokenize::{Encoded, TextTokenizer, TokenizeError, TruncSide};

@@ -17,6 +17,7 @@ pub struct PolicyRequest {
     pub quality_floor: Option<f64>,
     pub max_cost_usd: Option<f64>,
     pub cost_weight: Option<f64>,
+    pub relative_floor: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -26,6 +27,8 @@ pub struct Model {
     pub out_usd_per_mtok: f64,
     pub head: String,
     pub expected_output_tokens: u32,
+    /// Where its parameters come from: "trained" or "like:<model>".
+    pub params: String,
 }
 
 impl Model {
@@ -47,7 +50,10 @@ impl Catalog {
     pub fn build(cfg: &Config, heads: &Heads) -> anyhow::Result<Catalog> {
         let mut models = HashMap::new();
         for (name, info) in &heads.models {
-            if heads.router.models.contains_key(name) {
+            // A model known only from an overlay has no price here: the catalog names it.
+            let priced = info.train_rows > 0
+                || !(heads.calibrated.contains_key(name) || heads.priors.contains_key(name));
+            if priced && heads.router.models.contains_key(name) {
                 models.insert(
                     name.clone(),
                     Model {
@@ -56,13 +62,17 @@ impl Catalog {
                         out_usd_per_mtok: info.out_usd_per_mtok,
                         head: name.clone(),
                         expected_output_tokens: info.mean_output_tokens.max(1),
+                        params: params_of(heads, name),
                     },
                 );
             }
         }
         let mut default_set = Vec::new();
         for e in &cfg.catalog {
+            let calibrated = heads.calibrated.contains_key(&e.model);
             let head = match (&e.like, heads.router.models.contains_key(&e.model)) {
+                // Parameters fitted on the model's own outcomes replace borrowed ones.
+                (Some(_), true) if calibrated => e.model.clone(),
                 (Some(like), _) => like.clone(),
                 (None, true) => e.model.clone(),
                 (None, false) => anyhow::bail!(
@@ -80,6 +90,16 @@ impl Catalog {
                     e.model
                 );
             };
+            // A head fitted on judge preferences against a reference answer (AlpacaEval's
+            // gpt4_1106_preview is the judge's own reference) is not a pass rate: borrowing it
+            // rates the model on another scale entirely.
+            if e.like.is_some() && !calibrated && h.pass_fail == Some(false) {
+                anyhow::bail!(
+                    "catalog[{}].like = {head:?}: that model's training labels are judge \
+                     preferences, not pass/fail; borrow a head trained on pass/fail rows",
+                    e.model
+                );
+            }
             let expected_output_tokens = e
                 .expected_output_tokens
                 .unwrap_or(if e.like.is_some() {
@@ -94,6 +114,10 @@ impl Catalog {
                     name: e.model.clone(),
                     in_usd_per_mtok: e.in_usd_per_mtok,
                     out_usd_per_mtok: e.out_usd_per_mtok,
+                    params: match &e.like {
+                        Some(l) if !calibrated => format!("like:{l}"),
+                        _ => params_of(heads, &e.model),
+                    },
                     head,
                     expected_output_tokens,
                 },
@@ -134,6 +158,15 @@ impl Catalog {
     }
 }
 
+/// Where a model's own parameters come from: an overlay's calibration, else training.
+fn params_of(heads: &Heads, model: &str) -> String {
+    match (heads.calibrated.get(model), heads.priors.get(model)) {
+        (Some(rows), _) => format!("calibrated:{rows}"),
+        (None, Some(p)) => p.clone(),
+        (None, None) => "trained".into(),
+    }
+}
+
 /// A request's policy with the server defaults filled in, validated.
 #[derive(Debug, Clone, Copy)]
 pub struct Effective {
@@ -141,6 +174,9 @@ pub struct Effective {
     pub max_cost_usd: Option<f64>,
     pub cost_weight: f64,
     pub floor_given: bool,
+    /// Relative mode: the cheapest candidate with p ≥ r · (highest p). Set by the request,
+    /// or by the config when the request asks for neither a floor nor a cost weight.
+    pub relative_floor: Option<f64>,
 }
 
 /// `default_floor` is the server's resolved default (config, else the heads' learned floor).
@@ -152,6 +188,14 @@ pub fn effective(
     let floor = p.and_then(|p| p.quality_floor);
     let max_cost = p.and_then(|p| p.max_cost_usd);
     let weight = p.and_then(|p| p.cost_weight);
+    let relative = p.and_then(|p| p.relative_floor);
+    if let Some(r) = relative {
+        if !(r > 0.0 && r <= 1.0) {
+            return Err(PolicyError(format!(
+                "policy.relative_floor = {r} must be in (0, 1]"
+            )));
+        }
+    }
     if let Some(f) = floor {
         if !(0.0..=1.0).contains(&f) {
             return Err(PolicyError(format!(
@@ -173,11 +217,22 @@ pub fn effective(
             )));
         }
     }
+    let cost_weight = weight.unwrap_or(d.cost_weight);
+    // The configured relative default applies only when nothing else is asked: a floor or
+    // a cost weight in the request, or a floor or cost weight the operator configured, each
+    // take precedence.
+    let relative_floor = match (floor, relative) {
+        (Some(_), _) => None,
+        (None, Some(r)) => Some(r),
+        (None, None) if cost_weight > 0.0 || d.quality_floor.is_some() => None,
+        (None, None) => d.relative_floor,
+    };
     Ok(Effective {
         quality_floor: floor.unwrap_or(default_floor),
         max_cost_usd: max_cost,
-        cost_weight: weight.unwrap_or(d.cost_weight),
+        cost_weight,
         floor_given: floor.is_some(),
+        relative_floor,
     })
 }
 

@@ -7,8 +7,8 @@ use crate::model::TruncSide;
 use crate::policy::PolicyRequest;
 use crate::proto;
 use crate::service::{
-    RouteInput, RouteOutcome, RouteQuery, Service, ServiceError, Timings, VerifyOutcome,
-    VerifyQuery,
+    FeedbackQuery, RouteInput, RouteOutcome, RouteQuery, Service, ServiceError, Timings,
+    VerifyOutcome, VerifyQuery,
 };
 
 fn ms(d: Duration) -> f64 {
@@ -42,6 +42,7 @@ fn policy(p: Option<proto::Policy>) -> Option<PolicyRequest> {
         quality_floor: p.quality_floor,
         max_cost_usd: p.max_cost_usd,
         cost_weight: p.cost_weight,
+        relative_floor: p.relative_floor,
     })
 }
 
@@ -98,6 +99,7 @@ pub fn route_reply(o: RouteOutcome) -> proto::RouteReply {
                 model: s.model,
                 p_pass: s.p_pass,
                 expected_cost_usd: s.cost,
+                params: s.params,
             })
             .collect(),
         timings: Some(timings(o.timings)),
@@ -139,14 +141,25 @@ pub fn verify_reply(o: VerifyOutcome) -> proto::VerifyReply {
     }
 }
 
+pub fn feedback_query(r: proto::FeedbackRequest) -> FeedbackQuery {
+    FeedbackQuery {
+        request_id: r.request_id,
+        prompt: (!r.prompt.is_empty()).then_some(r.prompt),
+        model: r.model,
+        score: r.score,
+        answer: (!r.answer.is_empty()).then_some(r.answer),
+    }
+}
+
 pub fn info_reply(s: &Service) -> proto::InfoReply {
     let b = &s.config().batch;
+    let d = s.decider();
     // The batcher's own limits: the GPU budget when the CUDA backend runs.
     let lim = s.pipeline.batcher.limits();
     proto::InfoReply {
         version: env!("CARGO_PKG_VERSION").to_string(),
         model_revision: s.pipeline.model_revision.clone(),
-        heads_revision: s.heads.revision.clone(),
+        heads_revision: d.revision(),
         backend: s.pipeline.batcher.backend_name().to_string(),
         numerics: s.pipeline.numerics.to_string(),
         limits: Some(proto::Limits {
@@ -156,7 +169,7 @@ pub fn info_reply(s: &Service) -> proto::InfoReply {
             max_input_tokens: b.max_input_tokens as u32,
             max_input_bytes: b.max_input_bytes as u32,
         }),
-        catalog: s
+        catalog: d
             .catalog
             .default_models()
             .map(|c| proto::CatalogEntry {
@@ -165,10 +178,12 @@ pub fn info_reply(s: &Service) -> proto::InfoReply {
                 out_usd_per_mtok: c.out_usd_per_mtok,
                 head: c.head.clone(),
                 expected_output_tokens: c.expected_output_tokens,
+                params: c.params.clone(),
             })
             .collect(),
-        default_quality_floor: s.default_floor(),
-        default_verify_threshold: s.default_threshold(),
+        default_quality_floor: d.default_floor(),
+        default_verify_threshold: d.default_threshold(),
+        default_relative_floor: d.default_relative_floor().unwrap_or(0.0),
     }
 }
 

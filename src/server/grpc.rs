@@ -181,6 +181,45 @@ impl Router for Arc<RouterService> {
         Ok(Response::new(out))
     }
 
+    async fn feedback(
+        &self,
+        req: Request<proto::FeedbackRequest>,
+    ) -> Result<Response<proto::FeedbackReply>, Status> {
+        let t0 = Instant::now();
+        let res = self
+            .svc
+            .feedback(convert::feedback_query(req.into_inner()))
+            .await;
+        observe("Feedback", t0, &res);
+        res.map_err(|e| to_status(&e))?;
+        Ok(Response::new(proto::FeedbackReply {
+            accepted: 1,
+            errors: vec![],
+        }))
+    }
+
+    async fn feedback_stream(
+        &self,
+        req: Request<Streaming<proto::FeedbackRequest>>,
+    ) -> Result<Response<proto::FeedbackReply>, Status> {
+        let mut inbound = req.into_inner();
+        let (mut accepted, mut errors) = (0u32, Vec::new());
+        // Bounded like everything else: past this many bad items only the count grows.
+        const MAX_ERRORS: usize = 100;
+        while let Some(item) = inbound.message().await? {
+            let t0 = Instant::now();
+            let id = item.request_id.clone();
+            let res = self.svc.feedback(convert::feedback_query(item)).await;
+            observe("FeedbackStream", t0, &res);
+            match res {
+                Ok(()) => accepted += 1,
+                Err(e) if errors.len() < MAX_ERRORS => errors.push(stream_error(id, &e)),
+                Err(_) => {}
+            }
+        }
+        Ok(Response::new(proto::FeedbackReply { accepted, errors }))
+    }
+
     async fn info(
         &self,
         _req: Request<proto::InfoRequest>,

@@ -4,6 +4,7 @@
 //! RPCs (grpc.rs, stream.rs) and runs the process lifecycle (here, signal.rs).
 #![forbid(unsafe_code)]
 
+mod admin;
 mod convert;
 mod grpc;
 mod signal;
@@ -16,7 +17,7 @@ use std::time::Duration;
 pub use grpc::RouterService;
 pub use signal::shutdown_signal;
 
-use crate::config::Config;
+use crate::config::{Config, Overrides};
 use crate::metrics as m;
 use crate::proto;
 use crate::service::Service;
@@ -25,6 +26,7 @@ use crate::service::Service;
 /// `shutdown` resolves, then drains: accepted requests are answered before this returns.
 pub async fn serve(
     cfg: Config,
+    reload_from: Option<Overrides>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
@@ -37,6 +39,16 @@ pub async fn serve(
         tokio::task::spawn_blocking(move || Service::start(&cfg)).await??
     };
     let svc = Arc::new(svc);
+    if let Some(o) = reload_from {
+        svc.set_reload_source(o);
+        tokio::spawn(admin::reload_on_sighup(svc.clone()));
+    }
+    if cfg.feedback.enabled() {
+        tokio::spawn(admin::refit_periodically(
+            svc.clone(),
+            Duration::from_secs(cfg.feedback.refit_interval_s),
+        ));
+    }
     let listener = tokio::net::TcpListener::bind(cfg.listen_addr()?)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
@@ -113,6 +125,9 @@ pub async fn serve(
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(proto::router_server::RouterServer::new(router))
+        .add_service(proto::admin_server::AdminServer::new(admin::AdminService {
+            svc: svc.clone(),
+        }))
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             tracing::info!("shutdown requested: draining");

@@ -12,6 +12,8 @@ pub fn classify(e: &ServiceError) -> (Code, &'static str) {
     match e {
         ServiceError::InvalidArgument(_) => (Code::InvalidArgument, "invalid_argument"),
         ServiceError::NotReady(_) => (Code::Unavailable, "unavailable"),
+        ServiceError::Reload(_) => (Code::FailedPrecondition, "reload_refused"),
+        ServiceError::Disabled(_) => (Code::FailedPrecondition, "disabled"),
         ServiceError::Encode(EncodeError::Batch(b)) => match b {
             BatchError::InvalidInput(_) => (Code::InvalidArgument, "invalid_argument"),
             BatchError::Overloaded(_) => (Code::ResourceExhausted, "queue_full"),

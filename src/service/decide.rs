@@ -18,6 +18,14 @@ pub fn route_pick(p: &[f64], floor: f64) -> usize {
     })
 }
 
+/// Relative floor r: the first (cheapest) candidate whose p reaches r times the highest p
+/// for this prompt. Reads only how candidates compare on the prompt, not their absolute
+/// calibration, which does not carry to traffic unlike the training data.
+pub fn relative_pick(p: &[f64], r: f64) -> usize {
+    let bar = r * p.iter().copied().fold(0.0, f64::max);
+    p.iter().position(|&x| x >= bar).unwrap_or(0)
+}
+
 /// Route-only by expected utility (Route's `cost_weight` mode): the candidate maximising
 /// p − λ·cost, the cheaper on ties. `cost`: each candidate's expected cost per call.
 pub fn utility_pick(p: &[f64], cost: &[f64], lambda: f64) -> usize {
@@ -84,6 +92,7 @@ pub fn score_candidates(
             model: c.name.clone(),
             p_pass: route_p(heads, &pf, &c.head),
             cost: c.expected_cost(prompt_tokens, output_tokens),
+            params: c.params.clone(),
         })
         .collect()
 }
@@ -100,6 +109,8 @@ pub struct Scored {
     pub model: String,
     pub p_pass: f64,
     pub cost: f64,
+    /// Where the candidate's parameters come from ("trained", "like:<model>").
+    pub params: String,
 }
 
 #[derive(Debug, Clone)]
@@ -139,7 +150,11 @@ pub fn decide_route(
     // The same picks the offline replay makes (`route_pick`, `utility_pick`), over the
     // affordable candidates in price order.
     let p: Vec<f64> = affordable.iter().map(|&i| scored[i].p_pass).collect();
-    let (chosen, margin, reason) = if pol.cost_weight > 0.0 && !pol.floor_given {
+    let (chosen, margin, reason) = if let Some(r) = pol.relative_floor {
+        let k = relative_pick(&p, r);
+        let bar = r * p.iter().copied().fold(0.0, f64::max);
+        (affordable[k], p[k] - bar, "relative")
+    } else if pol.cost_weight > 0.0 && !pol.floor_given {
         let cost: Vec<f64> = affordable.iter().map(|&i| scored[i].cost).collect();
         let k = utility_pick(&p, &cost, pol.cost_weight);
         let u = |j: usize| p[j] - pol.cost_weight * cost[j];
@@ -203,6 +218,7 @@ mod tests {
             model: m.into(),
             p_pass: p,
             cost: c,
+            params: "trained".into(),
         }
     }
     fn pol(floor: f64) -> Effective {
@@ -211,7 +227,35 @@ mod tests {
             max_cost_usd: None,
             cost_weight: 0.0,
             floor_given: true,
+            relative_floor: None,
         }
+    }
+
+    #[test]
+    fn relative_floor_reads_the_prompts_own_best() {
+        let mut p = pol(0.95);
+        p.floor_given = false;
+        p.relative_floor = Some(0.9);
+        // Easy prompt: everyone is close to the best (0.82), so the cheapest goes.
+        let easy = vec![
+            s("cheap", 0.80, 1.0),
+            s("mid", 0.82, 3.0),
+            s("top", 0.81, 9.0),
+        ];
+        let d = decide_route(easy, &p, 0.1).unwrap();
+        assert_eq!(d.candidates[d.chosen].model, "cheap");
+        assert_eq!(d.reason, "relative");
+        // Hard prompt: only the top model is near the best: it goes, though 0.83 < 0.95.
+        let hard = vec![
+            s("cheap", 0.55, 1.0),
+            s("mid", 0.60, 3.0),
+            s("top", 0.83, 9.0),
+        ];
+        let d = decide_route(hard, &p, 0.1).unwrap();
+        assert_eq!(d.candidates[d.chosen].model, "top");
+        assert!((d.margin - (0.83 - 0.9 * 0.83)).abs() < 1e-12);
+        assert_eq!(relative_pick(&[0.5, 0.9, 1.0], 1.0), 2);
+        assert_eq!(relative_pick(&[], 0.9), 0);
     }
 
     #[test]

@@ -12,6 +12,13 @@ pub enum ServiceError {
     /// Warming up: retry shortly or elsewhere.
     #[error("not ready: {0}")]
     NotReady(String),
+    /// The feature is switched off in the configuration.
+    #[error("{0}")]
+    Disabled(String),
+    /// A reload was refused (a bad file, a setting only a restart changes); the previous
+    /// state keeps serving.
+    #[error("reload refused: {0}")]
+    Reload(String),
     /// Tokenizing or embedding failed (admission, deadline, backend: see the inner error).
     #[error(transparent)]
     Encode(#[from] EncodeError),

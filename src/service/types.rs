@@ -85,6 +85,18 @@ pub struct VerifyQuery {
     pub deadline: Option<Instant>,
 }
 
+/// An outcome a gateway observed, for learning while serving.
+#[derive(Debug, Clone)]
+pub struct FeedbackQuery {
+    /// An earlier Route's request id (its prompt is remembered), or empty.
+    pub request_id: String,
+    /// The prompt, when not given by request id.
+    pub prompt: Option<String>,
+    pub model: String,
+    pub score: f64,
+    pub answer: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct VerifyOutcome {
     pub request_id: String,

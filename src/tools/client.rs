@@ -52,6 +52,7 @@ fn policy(floor: Option<f64>, cost_weight: Option<f64>) -> Option<proto::Policy>
         quality_floor: floor,
         cost_weight,
         max_cost_usd: None,
+        relative_floor: None,
     })
 }
 
@@ -100,7 +101,8 @@ async fn call(a: CallArgs) -> Result<Value> {
                 "expected_saving_usd": r.expected_saving_usd,
                 "margin": r.margin, "verify_recommended": r.verify_recommended,
                 "candidates": r.candidates.iter().map(|c| json!({
-                    "model": c.model, "p_pass": c.p_pass, "expected_cost_usd": c.expected_cost_usd
+                    "model": c.model, "p_pass": c.p_pass,
+                    "expected_cost_usd": c.expected_cost_usd, "params": c.params
                 })).collect::<Vec<_>>(),
                 "input_tokens": r.input_tokens, "truncated": r.truncated,
                 "revision": r.revision, "timings": timings(r.timings),
@@ -137,6 +139,7 @@ async fn call(a: CallArgs) -> Result<Value> {
                 "heads_revision": r.heads_revision, "backend": r.backend, "numerics": r.numerics,
                 "default_quality_floor": r.default_quality_floor,
                 "default_verify_threshold": r.default_verify_threshold,
+                "default_relative_floor": r.default_relative_floor,
                 "limits": r.limits.map(|l| json!({
                     "max_batch_tokens": l.max_batch_tokens, "max_batch_requests": l.max_batch_requests,
                     "max_queue": l.max_queue, "max_input_tokens": l.max_input_tokens,
@@ -146,6 +149,7 @@ async fn call(a: CallArgs) -> Result<Value> {
                     "model": e.model, "in_usd_per_mtok": e.in_usd_per_mtok,
                     "out_usd_per_mtok": e.out_usd_per_mtok, "head": e.head,
                     "expected_output_tokens": e.expected_output_tokens,
+                    "params": e.params,
                 })).collect::<Vec<_>>(),
             })
         }

@@ -116,6 +116,14 @@ impl Server {
         out
     }
 
+    pub fn sighup(&self) {
+        let ok = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+    }
+
     pub fn sigterm(&self) {
         let ok = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])

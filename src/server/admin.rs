@@ -1,0 +1,74 @@
+//! `tiergate.v1.Admin`: reload on request (the same as SIGHUP).
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::status::to_status;
+use crate::proto::{self, admin_server::Admin};
+use crate::service::Service;
+
+pub struct AdminService {
+    pub svc: Arc<Service>,
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn reload(
+        &self,
+        _req: Request<proto::ReloadRequest>,
+    ) -> Result<Response<proto::ReloadReply>, Status> {
+        let svc = self.svc.clone();
+        let r = tokio::task::spawn_blocking(move || svc.reload())
+            .await
+            .map_err(|e| Status::internal(format!("reload task: {e}")))?;
+        match r {
+            Ok(revision) => Ok(Response::new(proto::ReloadReply { revision })),
+            Err(e) => Err(to_status(&e)),
+        }
+    }
+}
+
+/// Re-fits from feedback every `every`, off the async runtime; failures are logged and the
+/// previous state keeps serving.
+pub async fn refit_periodically(svc: Arc<Service>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let s = svc.clone();
+        match tokio::task::spawn_blocking(move || s.refit_feedback()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(models = n, "feedback re-fit applied"),
+            Ok(Err(e)) => tracing::error!(error = %e, "feedback re-fit not applied"),
+            Err(e) => tracing::error!(error = %e, "feedback re-fit task failed"),
+        }
+    }
+}
+
+/// Reloads on every SIGHUP until the process ends; a failed reload is logged and counted,
+/// and the previous state keeps serving.
+pub async fn reload_on_sighup(svc: Arc<Service>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload with tiergate.v1.Admin/Reload");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let s = svc.clone();
+            match tokio::task::spawn_blocking(move || s.reload()).await {
+                Ok(Ok(rev)) => tracing::info!(revision = %rev, "SIGHUP: reloaded"),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "SIGHUP: reload refused; still serving the previous state")
+                }
+                Err(e) => tracing::error!(error = %e, "SIGHUP: reload task failed"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = svc;
+        std::future::pending::<()>().await
+    }
+}

@@ -1,0 +1,191 @@
+//! Onboarding a model from a labelled sample of one's own traffic: `tiergate calibrate` writes
+//! an overlay; the real server applies it at start and routes the new model on it, with the
+//! same p_pass `score --calibration` gives; the reply says `calibrated:<rows>`. Overlays that
+//! do not fit the heads are start-up errors naming the file, never a partial state.
+mod common;
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use tiergate::proto::{self, route_request::Input};
+
+const NEW: &str = "acme-model-1";
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Dev rows of one RouterBench model, renamed to a model the heads have never seen.
+fn sample(n: usize) -> Vec<Value> {
+    let f = std::fs::File::open(root().join("../shared/data/dev.jsonl.gz")).expect("dev");
+    std::io::BufReader::new(flate2::read::GzDecoder::new(f))
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(&l.expect("line")).expect("json"))
+        .filter(|r| r["model"] == "claude-instant-v1")
+        .take(n)
+        .map(|mut r| {
+            r["model"] = Value::from(NEW);
+            r
+        })
+        .collect()
+}
+
+fn write_jsonl(path: &Path, rows: &[Value]) {
+    let mut f = std::fs::File::create(path).expect("create");
+    for r in rows {
+        writeln!(f, "{r}").expect("write");
+    }
+}
+
+fn tiergate(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .current_dir(root())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run tiergate")
+}
+
+fn config_with(dir: &Path, overlay: &Path) -> PathBuf {
+    let text = tiergate::config::EMBEDDED_DEFAULT.replace(
+        "heads = \"models/heads.json\"",
+        &format!(
+            "heads = \"models/heads.json\"\noverlays = [{:?}]",
+            overlay.display().to_string()
+        ),
+    ) + &format!(
+        "\n[[catalog]]\nmodel = \"{NEW}\"\nin_usd_per_mtok = 0.1\nout_usd_per_mtok = 0.2\n"
+    );
+    let p = dir.join("tiergate.toml");
+    std::fs::write(&p, text).expect("config");
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calibrate_writes_an_overlay_the_server_routes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rows = sample(60);
+    assert_eq!(rows.len(), 60);
+    let (cal, test) = rows.split_at(50);
+    let (cal_path, test_path) = (dir.path().join("cal.jsonl"), dir.path().join("test.jsonl"));
+    write_jsonl(&cal_path, cal);
+    write_jsonl(&test_path, test);
+    let overlay = dir.path().join("overlay.json");
+    let out = tiergate(&[
+        "calibrate",
+        "--data",
+        cal_path.to_str().expect("utf-8"),
+        "--out",
+        overlay.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let o: Value =
+        serde_json::from_str(&std::fs::read_to_string(&overlay).expect("overlay")).expect("json");
+    assert_eq!(o["models"][NEW]["rows"], 50);
+
+    // The same calibration through the evaluation interface, for the held-out rows.
+    let scored = dir.path().join("scored.jsonl");
+    let out = tiergate(&[
+        "score",
+        "--data",
+        test_path.to_str().expect("utf-8"),
+        "--calibration",
+        cal_path.to_str().expect("utf-8"),
+        "--out",
+        scored.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let offline: Vec<f64> = std::fs::read_to_string(&scored)
+        .expect("scored")
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).expect("json")["p_route"]
+                .as_f64()
+                .expect("p")
+        })
+        .collect();
+
+    let cfg = config_with(dir.path(), &overlay);
+    let server = common::Server::spawn(&["--config", cfg.to_str().expect("utf-8")]);
+    server.ready().await;
+    let mut c = server.client().await;
+    let info = c
+        .info(proto::InfoRequest {})
+        .await
+        .expect("info")
+        .into_inner();
+    let entry = info
+        .catalog
+        .iter()
+        .find(|e| e.model == NEW)
+        .expect("in Info");
+    assert_eq!(entry.params, "calibrated:50");
+    for (r, want) in test.iter().zip(&offline) {
+        let rep = c
+            .route(proto::RouteRequest {
+                input: Some(Input::Prompt(r["prompt"].as_str().expect("prompt").into())),
+                candidates: vec![NEW.into(), "gemini-2.5-flash".into()],
+                ..Default::default()
+            })
+            .await
+            .expect("route")
+            .into_inner();
+        let s = rep
+            .candidates
+            .iter()
+            .find(|s| s.model == NEW)
+            .expect("candidate");
+        assert_eq!(s.params, "calibrated:50");
+        assert!((s.p_pass - want).abs() < 1e-4, "{} vs {want}", s.p_pass);
+        assert_eq!(rep.revision.matches('+').count(), 2, "{}", rep.revision);
+    }
+}
+
+#[test]
+fn overlays_that_do_not_fit_are_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let k = tiergate::model::Heads::load(&root().join("models/heads.json"))
+        .expect("heads")
+        .router
+        .k;
+    let ability = |n: usize| serde_json::json!({ "u": vec![0.0; n], "b": 0.0 });
+    let good = serde_json::json!({
+        "format": 1,
+        "heads_revision": "not-these-heads",
+        "prior": ability(k),
+        "models": { NEW: { "ability": ability(k), "rows": 10, "mean_output_tokens": 50 } },
+    });
+    let mut bad_shape = good.clone();
+    bad_shape["heads_revision"] = tiergate::model::Heads::load(&root().join("models/heads.json"))
+        .expect("heads")
+        .revision
+        .into();
+    bad_shape["models"][NEW]["ability"] = ability(k + 1);
+    for (o, why) in [(good, "heads_revision"), (bad_shape, "skills")] {
+        let path = dir.path().join("overlay.json");
+        std::fs::write(&path, o.to_string()).expect("write");
+        let cfg = config_with(dir.path(), &path);
+        let out = tiergate(&[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "",
+            "--config",
+            cfg.to_str().expect("utf-8"),
+        ]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("overlay.json") && err.contains(why), "{err}");
+    }
+}

@@ -1,0 +1,169 @@
+//! Learning while serving, against the real server on loopback: bad feedback is a typed
+//! INVALID_ARGUMENT and changes nothing; good feedback (unary, by request id, and streamed) is
+//! re-fitted off the hot path, persisted to the feedback overlay, swapped in (the model's
+//! parameters become `calibrated:<rows>` and its p_pass follows the outcomes), and survives a
+//! restart. With feedback off, the RPC says so.
+mod common;
+
+use std::time::Duration;
+
+use tiergate::proto::{self, route_request::Input};
+use tonic::Code;
+
+const MODEL: &str = "gemini-2.5-flash";
+
+fn outcome(prompt: &str, score: f64) -> proto::FeedbackRequest {
+    proto::FeedbackRequest {
+        prompt: prompt.into(),
+        model: MODEL.into(),
+        score,
+        ..Default::default()
+    }
+}
+
+async fn p_of(
+    c: &mut proto::router_client::RouterClient<tonic::transport::Channel>,
+    prompt: &str,
+) -> (f64, String) {
+    let r = c
+        .route(proto::RouteRequest {
+            input: Some(Input::Prompt(prompt.into())),
+            ..Default::default()
+        })
+        .await
+        .expect("route")
+        .into_inner();
+    let s = r
+        .candidates
+        .iter()
+        .find(|s| s.model == MODEL)
+        .expect("candidate");
+    (s.p_pass, s.params.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_is_refitted_persisted_and_swapped_in() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let overlay = dir.path().join("feedback.json");
+    let cfg = dir.path().join("tiergate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}\n[feedback]\noverlay = {:?}\nrefit_interval_s = 1\nmin_rows = 20\n",
+            tiergate::config::EMBEDDED_DEFAULT,
+            overlay.display().to_string()
+        ),
+    )
+    .expect("config");
+    let args = ["--config", cfg.to_str().expect("utf-8")];
+    let server = common::Server::spawn(&args);
+    server.ready().await;
+    let mut c = server.client().await;
+    let probe = "Name three prime numbers.";
+    let (p_before, params) = p_of(&mut c, probe).await;
+    assert!(params.starts_with("like:"), "{params}");
+
+    // Bad feedback: typed errors, nothing kept.
+    let bad = [
+        proto::FeedbackRequest {
+            model: "no-such-model".into(),
+            ..outcome("x", 1.0)
+        },
+        outcome("x", 1.5),
+        outcome("x", f64::NAN),
+        proto::FeedbackRequest {
+            request_id: "never-routed".into(),
+            ..outcome("", 1.0)
+        },
+        outcome("", 1.0),
+    ];
+    for b in bad {
+        let e = c.feedback(b.clone()).await.expect_err("must be refused");
+        assert_eq!(e.code(), Code::InvalidArgument, "{b:?}: {e}");
+    }
+
+    // By request id: the server remembers the Route's prompt.
+    c.route(proto::RouteRequest {
+        request_id: "req-1".into(),
+        input: Some(Input::Prompt("What is 7 * 8?".into())),
+        ..Default::default()
+    })
+    .await
+    .expect("route");
+    let r = c
+        .feedback(proto::FeedbackRequest {
+            request_id: "req-1".into(),
+            model: MODEL.into(),
+            score: 0.0,
+            ..Default::default()
+        })
+        .await
+        .expect("feedback by request id")
+        .into_inner();
+    assert_eq!(r.accepted, 1);
+
+    // Streamed: the model failed all of these; one bad item is reported, the rest kept.
+    let mut items: Vec<proto::FeedbackRequest> = (0..40)
+        .map(|i| outcome(&format!("Question {i}: what is {i} squared, and why?"), 0.0))
+        .collect();
+    items.insert(7, outcome("bad item", -1.0));
+    let r = c
+        .feedback_stream(futures::stream::iter(items))
+        .await
+        .expect("stream")
+        .into_inner();
+    assert_eq!((r.accepted, r.errors.len()), (40, 1));
+    assert_eq!(r.errors[0].code, Code::InvalidArgument as i32);
+
+    // The periodic re-fit (every second) swaps the model's new parameters in.
+    let mut after = None;
+    for _ in 0..100 {
+        let (p, params) = p_of(&mut c, probe).await;
+        if params == "calibrated:41" {
+            after = Some(p);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let p_after = after.expect("no re-fit applied within 10 s");
+    assert!(
+        p_after < p_before - 0.05,
+        "p {p_before} -> {p_after} after 41 failures"
+    );
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&overlay).expect("overlay written"))
+            .expect("overlay parses");
+    assert_eq!(saved["models"][MODEL]["rows"], 41);
+    let m = server.metrics_text();
+    assert!(
+        m.contains("tiergate_feedback_total{result=\"accepted\"} 41"),
+        "{m}"
+    );
+    assert!(
+        m.contains("tiergate_refits_total{result=\"applied\"}"),
+        "{m}"
+    );
+    drop(c);
+    drop(server);
+
+    // A restart reads what was learned.
+    let server = common::Server::spawn(&args);
+    server.ready().await;
+    let mut c = server.client().await;
+    let (p, params) = p_of(&mut c, probe).await;
+    assert_eq!(params, "calibrated:41");
+    assert!((p - p_after).abs() < 1e-9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_off_says_so() {
+    let server = common::Server::spawn(&[]);
+    server.ready().await;
+    let mut c = server.client().await;
+    let e = c
+        .feedback(outcome("What is 2 + 2?", 1.0))
+        .await
+        .expect_err("feedback is off by default");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("feedback.overlay"), "{}", e.message());
+}
