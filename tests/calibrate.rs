@@ -175,17 +175,7 @@ fn overlays_that_do_not_fit_are_refused_at_start() {
         let path = dir.path().join("overlay.json");
         std::fs::write(&path, o.to_string()).expect("write");
         let cfg = config_with(dir.path(), &path);
-        let out = tiergate(&[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "",
-            "--config",
-            cfg.to_str().expect("utf-8"),
-        ]);
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = common::serve_refused(&cfg);
         assert!(err.contains("overlay.json") && err.contains(why), "{err}");
     }
 }

@@ -114,21 +114,7 @@ fn a_judge_preference_head_cannot_be_borrowed() {
         "like = \"gpt4_1106_preview\"",
     );
     std::fs::write(&cfg, text).expect("write");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tiergate"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "",
-            "--config",
-        ])
-        .arg(&cfg)
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = common::serve_refused(&cfg);
     assert!(
         err.contains("gpt4_1106_preview") && err.contains("pass/fail"),
         "{err}"

@@ -98,21 +98,7 @@ fn bad_priors_are_start_up_errors_naming_the_key() {
         let (_dir, cfg) = config(&format!(
             "[[catalog]]\nmodel = \"acme\"\nin_usd_per_mtok = 1.0\nout_usd_per_mtok = 1.0\n{entry}\n"
         ));
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tiergate"))
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "",
-                "--config",
-            ])
-            .arg(&cfg)
-            .output()
-            .expect("run");
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = common::serve_refused(&cfg);
         assert!(
             err.contains("catalog[acme]") && err.contains(key),
             "{key}: {err}"

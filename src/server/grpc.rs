@@ -88,6 +88,87 @@ impl RouterService {
     }
 }
 
+/// A request type of a pipelined stream: how it is answered and how a reply or an error
+/// becomes the stream's item.
+trait StreamRequest: Send + Sized + 'static {
+    type Reply: Send + 'static;
+    type Item: Send + 'static;
+    const RPC: &'static str;
+    fn request_id(&self) -> String;
+    fn answer(
+        svc: Arc<RouterService>,
+        r: Self,
+        deadline: Option<Instant>,
+    ) -> impl std::future::Future<Output = Result<Self::Reply, ServiceError>> + Send;
+    fn item(r: Result<Self::Reply, proto::StreamError>) -> Self::Item;
+}
+
+impl StreamRequest for proto::RouteRequest {
+    type Reply = proto::RouteReply;
+    type Item = proto::RouteStreamReply;
+    const RPC: &'static str = "RouteStream";
+    fn request_id(&self) -> String {
+        self.request_id.clone()
+    }
+    async fn answer(
+        svc: Arc<RouterService>,
+        r: Self,
+        deadline: Option<Instant>,
+    ) -> Result<Self::Reply, ServiceError> {
+        svc.route_inner(r, deadline).await
+    }
+    fn item(r: Result<Self::Reply, proto::StreamError>) -> Self::Item {
+        use proto::route_stream_reply::Result as R;
+        proto::RouteStreamReply {
+            result: Some(r.map_or_else(R::Error, R::Reply)),
+        }
+    }
+}
+
+impl StreamRequest for proto::VerifyRequest {
+    type Reply = proto::VerifyReply;
+    type Item = proto::VerifyStreamReply;
+    const RPC: &'static str = "VerifyStream";
+    fn request_id(&self) -> String {
+        self.request_id.clone()
+    }
+    async fn answer(
+        svc: Arc<RouterService>,
+        r: Self,
+        deadline: Option<Instant>,
+    ) -> Result<Self::Reply, ServiceError> {
+        svc.verify_inner(r, deadline).await
+    }
+    fn item(r: Result<Self::Reply, proto::StreamError>) -> Self::Item {
+        use proto::verify_stream_reply::Result as R;
+        proto::VerifyStreamReply {
+            result: Some(r.map_or_else(R::Error, R::Reply)),
+        }
+    }
+}
+
+impl RouterService {
+    /// A pipelined stream of one request type; each item counted and timed.
+    fn answer_stream<R: StreamRequest>(
+        self: &Arc<Self>,
+        req: Request<Streaming<R>>,
+    ) -> BoxStream<R::Item> {
+        let dl = deadline_of(&req);
+        serve_stream(
+            self.clone(),
+            self.drained(),
+            req.into_inner(),
+            move |svc: Arc<RouterService>, r: R| async move {
+                let t0 = Instant::now();
+                let id = r.request_id();
+                let res = R::answer(svc, r, dl).await;
+                observe(R::RPC, t0, &res);
+                R::item(res.map_err(|e| stream_error(id, &e)))
+            },
+        )
+    }
+}
+
 /// Counts and times one RPC outcome.
 fn observe<T>(rpc: &'static str, t0: Instant, r: &Result<T, ServiceError>) {
     let code = match r {
@@ -135,50 +216,14 @@ impl Router for Arc<RouterService> {
         &self,
         req: Request<Streaming<proto::RouteRequest>>,
     ) -> Result<Response<Self::RouteStreamStream>, Status> {
-        let dl = deadline_of(&req);
-        let out = serve_stream(
-            self.clone(),
-            self.drained(),
-            req.into_inner(),
-            move |svc: Arc<RouterService>, r| async move {
-                let t0 = Instant::now();
-                let id = r.request_id.clone();
-                let res = svc.route_inner(r, dl).await;
-                observe("RouteStream", t0, &res);
-                proto::RouteStreamReply {
-                    result: Some(match res {
-                        Ok(rep) => proto::route_stream_reply::Result::Reply(rep),
-                        Err(e) => proto::route_stream_reply::Result::Error(stream_error(id, &e)),
-                    }),
-                }
-            },
-        );
-        Ok(Response::new(out))
+        Ok(Response::new(self.answer_stream(req)))
     }
 
     async fn verify_stream(
         &self,
         req: Request<Streaming<proto::VerifyRequest>>,
     ) -> Result<Response<Self::VerifyStreamStream>, Status> {
-        let dl = deadline_of(&req);
-        let out = serve_stream(
-            self.clone(),
-            self.drained(),
-            req.into_inner(),
-            move |svc: Arc<RouterService>, r| async move {
-                let t0 = Instant::now();
-                let id = r.request_id.clone();
-                let res = svc.verify_inner(r, dl).await;
-                observe("VerifyStream", t0, &res);
-                proto::VerifyStreamReply {
-                    result: Some(match res {
-                        Ok(rep) => proto::verify_stream_reply::Result::Reply(rep),
-                        Err(e) => proto::verify_stream_reply::Result::Error(stream_error(id, &e)),
-                    }),
-                }
-            },
-        );
-        Ok(Response::new(out))
+        Ok(Response::new(self.answer_stream(req)))
     }
 
     async fn feedback(

@@ -23,6 +23,26 @@ fn free_port() -> u16 {
         .expect("no free port on loopback")
 }
 
+/// Runs `tiergate serve --config <config>`, which must refuse to start; returns its stderr.
+pub fn serve_refused(config: &std::path::Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "",
+            "--config",
+        ])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running tiergate serve");
+    assert!(!out.status.success(), "the server started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 impl Server {
     /// Spawns `tiergate serve` with `extra` flags and waits for its listening line.
     pub fn spawn(extra: &[&str]) -> Server {

@@ -1,0 +1,174 @@
+//! Learning while serving: the Feedback RPC's side of the service (keep an outcome) and the
+//! re-fit pass that turns outcomes into parameters, persisted to the feedback overlay and
+//! swapped in whole.
+#![forbid(unsafe_code)]
+use std::sync::Arc;
+
+use super::feedback;
+use super::{Decider, FeedbackQuery, Service, ServiceError};
+use crate::batch::Priority;
+use crate::metrics as m;
+use crate::model::TruncSide;
+use crate::pipeline::Input;
+use crate::policy;
+
+impl Service {
+    pub(super) fn store(&self) -> std::sync::MutexGuard<'_, feedback::FeedbackStore> {
+        self.feedback.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps one observed outcome for the next re-fit. The prompt comes from the request or
+    /// from the Route it names; the model must be a catalog model.
+    pub async fn feedback(&self, q: FeedbackQuery) -> Result<(), ServiceError> {
+        self.check_ready()?;
+        let d = self.decider();
+        let fc = &d.cfg.feedback;
+        let reject = |e: ServiceError| {
+            metrics::counter!(m::FEEDBACK, "result" => "rejected").increment(1);
+            Err(e)
+        };
+        if !fc.enabled() {
+            return reject(ServiceError::Disabled(
+                "feedback is disabled: set feedback.overlay in the configuration".into(),
+            ));
+        }
+        if !(q.score.is_finite() && (0.0..=1.0).contains(&q.score)) {
+            return reject(ServiceError::InvalidArgument(format!(
+                "score = {} must be in [0, 1]",
+                q.score
+            )));
+        }
+        if d.catalog.get(&q.model).is_none() {
+            return reject(ServiceError::InvalidArgument(format!(
+                "unknown model {:?}: feedback is for catalog models (see Info)",
+                q.model
+            )));
+        }
+        let prompt = match (q.prompt, q.request_id.is_empty()) {
+            (Some(p), _) if !p.trim().is_empty() => p,
+            (_, false) => match self.store().prompt_of(&q.request_id) {
+                Some(p) => p,
+                None => {
+                    return reject(ServiceError::InvalidArgument(format!(
+                    "unknown request_id {:?} (not a recent Route of this server); send the prompt",
+                    q.request_id
+                )))
+                }
+            },
+            _ => {
+                return reject(ServiceError::InvalidArgument(
+                    "prompt or request_id is required".into(),
+                ))
+            }
+        };
+        if let Some(a) = &q.answer {
+            self.check_text("answer", a, true)?;
+        }
+        self.check_text("prompt", &prompt, false)?;
+        let e = self
+            .pipeline
+            .encode(
+                "feedback",
+                Input::Single(prompt, TruncSide::HeadTail),
+                Priority::Low,
+                None,
+            )
+            .await?;
+        let (s, z) = d.heads.router.prompt_features(&e.embedding);
+        let tokens = q.answer.as_ref().map(|a| policy::proxy_tokens(a.len()));
+        self.store().push(
+            &q.model,
+            feedback::Outcome {
+                s,
+                z,
+                y: q.score as f32,
+            },
+            tokens,
+            fc.max_rows_per_model,
+        );
+        metrics::counter!(m::FEEDBACK, "result" => "accepted").increment(1);
+        Ok(())
+    }
+
+    /// One re-fit pass (blocking; run it off the async runtime): every model with at least
+    /// `feedback.min_rows` new outcomes is re-fitted from its current parameters; checked
+    /// re-fits are persisted atomically to the feedback overlay and swapped in whole.
+    /// Returns how many models were updated.
+    pub fn refit_feedback(&self) -> Result<usize, ServiceError> {
+        let _one = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let d = self.decider();
+        let fc = d.cfg.feedback.clone();
+        if !fc.enabled() {
+            return Ok(0);
+        }
+        let fail = |e: anyhow::Error| ServiceError::Reload(format!("feedback re-fit: {e:#}"));
+        let mut overlay = match crate::model::Overlay::load(&fc.overlay) {
+            Ok(o) if o.heads_revision == d.heads.revision => o,
+            _ => crate::model::Overlay {
+                format: crate::model::overlay::OVERLAY_FORMAT,
+                heads_revision: d.heads.revision.clone(),
+                prior: d.heads.router.prior.clone(),
+                models: Default::default(),
+                verifier: None,
+                verifier_rows: 0,
+            },
+        };
+        let mut updated = Vec::new();
+        {
+            let mut st = self.store();
+            for (name, mo) in st.models.iter_mut().filter(|(_, m)| m.fresh >= fc.min_rows) {
+                let Some(model) = d.catalog.get(name) else {
+                    continue;
+                };
+                let start = d.heads.router.ability(&model.head).clone();
+                // Borrowed or prior parameters are a weak start; a model's own, a strong one.
+                let own = d.heads.router.models.contains_key(name);
+                let rows: Vec<feedback::Outcome> = mo
+                    .rows
+                    .iter()
+                    .map(|o| feedback::Outcome {
+                        s: o.s,
+                        z: o.z.clone(),
+                        y: o.y,
+                    })
+                    .collect();
+                mo.fresh = 0;
+                match feedback::checked_refit(&rows, &start, if own { 20.0 } else { 2.0 }) {
+                    Ok(Some(a)) => {
+                        let mean = mo
+                            .answer_tokens
+                            .checked_div(mo.answers)
+                            .map_or(model.expected_output_tokens, |t| t.max(1) as u32);
+                        overlay.models.insert(
+                            name.clone(),
+                            crate::model::overlay::OverlayModel {
+                                ability: a,
+                                rows: rows.len(),
+                                mean_output_tokens: mean,
+                            },
+                        );
+                        updated.push(name.clone());
+                    }
+                    Ok(None) => {
+                        metrics::counter!(m::REFITS, "result" => "rejected").increment(1);
+                        tracing::warn!(model = %name, "feedback re-fit did worse on held-out outcomes; not applied");
+                    }
+                    Err(e) => {
+                        metrics::counter!(m::REFITS, "result" => "failed").increment(1);
+                        tracing::warn!(model = %name, error = %format!("{e:#}"), "feedback re-fit failed");
+                    }
+                }
+            }
+        }
+        if updated.is_empty() {
+            return Ok(0);
+        }
+        overlay.validate(&d.heads).map_err(fail)?;
+        overlay.save(&fc.overlay).map_err(fail)?;
+        let next = Decider::load(&d.cfg, self.pipeline.dim()).map_err(fail)?;
+        *self.decider.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        metrics::counter!(m::REFITS, "result" => "applied").increment(updated.len() as u64);
+        tracing::info!(models = ?updated, "feedback re-fit applied");
+        Ok(updated.len())
+    }
+}
