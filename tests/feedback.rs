@@ -2,7 +2,7 @@
 //! INVALID_ARGUMENT and changes nothing; good feedback (unary, by request id, and streamed) is
 //! re-fitted off the hot path, persisted to the feedback overlay, swapped in (the model's
 //! parameters become `calibrated:<rows>` and its p_pass follows the outcomes), and survives a
-//! restart. With feedback off, the RPC says so.
+//! restart, as do outcomes accepted but not yet re-fitted (the journal). With feedback off, the RPC says so.
 mod common;
 
 use std::time::Duration;
@@ -143,6 +143,12 @@ async fn feedback_is_refitted_persisted_and_swapped_in() {
         m.contains("tiergate_refits_total{result=\"applied\"}"),
         "{m}"
     );
+    // Accepted but not yet re-fitted (fewer than min_rows new): must survive the restart.
+    for i in 0..5 {
+        c.feedback(outcome(&format!("Late question {i}?"), 0.0))
+            .await
+            .expect("feedback");
+    }
     drop(c);
     drop(server);
 
@@ -153,6 +159,21 @@ async fn feedback_is_refitted_persisted_and_swapped_in() {
     let (p, params) = p_of(&mut c, probe).await;
     assert_eq!(params, "calibrated:41");
     assert!((p - p_after).abs() < 1e-9);
+    // 5 journaled before the restart + 15 now reach min_rows: the re-fit counts all 61.
+    for i in 0..15 {
+        c.feedback(outcome(&format!("After restart {i}?"), 0.0))
+            .await
+            .expect("feedback");
+    }
+    let mut seen = false;
+    for _ in 0..100 {
+        if p_of(&mut c, probe).await.1 == "calibrated:61" {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seen, "outcomes accepted before the restart were lost");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,7 @@ pub fn classify(e: &ServiceError) -> (Code, &'static str) {
         ServiceError::NotReady(_) => (Code::Unavailable, "unavailable"),
         ServiceError::Reload(_) => (Code::FailedPrecondition, "reload_refused"),
         ServiceError::Disabled(_) => (Code::FailedPrecondition, "disabled"),
+        ServiceError::Storage(_) => (Code::Internal, "storage"),
         ServiceError::Encode(EncodeError::Batch(b)) => match b {
             BatchError::InvalidInput(_) => (Code::InvalidArgument, "invalid_argument"),
             BatchError::Overloaded(_) => (Code::ResourceExhausted, "queue_full"),

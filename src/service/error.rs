@@ -12,6 +12,9 @@ pub enum ServiceError {
     /// Warming up: retry shortly or elsewhere.
     #[error("not ready: {0}")]
     NotReady(String),
+    /// Writing what must survive a restart failed; the request was not accepted.
+    #[error("storage: {0}")]
+    Storage(String),
     /// The feature is switched off in the configuration.
     #[error("{0}")]
     Disabled(String),

@@ -3,14 +3,30 @@
 //! re-fit that does worse than the current parameters on held-out outcomes is not applied.
 #![forbid(unsafe_code)]
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
 
 use crate::model::heads::Ability;
 
-/// One outcome, as the router reads it: the prompt's features (s, z) and the label.
+/// One outcome, as the router reads it: the prompt's features (s, z) and the label, and the
+/// answer's length when one was sent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Outcome {
     pub s: f32,
     pub z: Vec<f32>,
     pub y: f32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u32>,
+}
+
+/// A journal line: an outcome and its model.
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    model: String,
+    #[serde(flatten)]
+    outcome: Outcome,
 }
 
 #[derive(Default)]
@@ -18,8 +34,19 @@ pub struct ModelOutcomes {
     pub rows: VecDeque<Outcome>,
     /// Outcomes received since the model was last re-fitted.
     pub fresh: usize,
-    pub answer_tokens: u64,
-    pub answers: u64,
+}
+
+impl ModelOutcomes {
+    /// Mean answer length of the outcomes that came with an answer.
+    pub fn mean_answer_tokens(&self) -> Option<u32> {
+        let t: Vec<u64> = self
+            .rows
+            .iter()
+            .filter_map(|o| o.tokens)
+            .map(u64::from)
+            .collect();
+        (!t.is_empty()).then(|| (t.iter().sum::<u64>() / t.len() as u64).max(1) as u32)
+    }
 }
 
 /// Everything feedback keeps in memory; every part bounded by the config.
@@ -28,6 +55,10 @@ pub struct FeedbackStore {
     pub models: BTreeMap<String, ModelOutcomes>,
     requests: HashMap<String, String>,
     order: VecDeque<String>,
+    /// Every accepted outcome is appended here before it is acknowledged, and the file is
+    /// rewritten to what memory holds after each re-fit: nothing accepted is lost to a
+    /// restart, and the file stays bounded like memory.
+    journal: Option<(PathBuf, std::fs::File)>,
 }
 
 impl FeedbackStore {
@@ -54,17 +85,96 @@ impl FeedbackStore {
         self.requests.get(request_id).cloned()
     }
 
-    pub fn push(&mut self, model: &str, o: Outcome, answer_tokens: Option<u32>, cap: usize) {
+    /// Keeps an outcome in memory (the oldest of its model dropped past `cap`).
+    fn keep(&mut self, model: &str, o: Outcome, cap: usize) {
         let m = self.models.entry(model.to_string()).or_default();
         m.rows.push_back(o);
         while m.rows.len() > cap.max(1) {
             m.rows.pop_front();
         }
         m.fresh += 1;
-        if let Some(t) = answer_tokens {
-            m.answer_tokens += u64::from(t);
-            m.answers += 1;
+    }
+
+    /// Journals the outcome (when a journal is open), then keeps it. An error means it was
+    /// not accepted.
+    pub fn push(&mut self, model: &str, o: Outcome, cap: usize) -> std::io::Result<()> {
+        if let Some((_, f)) = &mut self.journal {
+            let mut line = serde_json::to_vec(&Entry {
+                model: model.to_string(),
+                outcome: o.clone(),
+            })?;
+            line.push(b'\n');
+            f.write_all(&line)?;
+            f.flush()?;
         }
+        self.keep(model, o, cap);
+        Ok(())
+    }
+
+    /// Opens the journal at `path`, first reading back what it holds (a torn last line from a
+    /// crash, or any unreadable line, is skipped with a warning). Returns the outcomes read.
+    pub fn open_journal(&mut self, path: &Path, cap: usize) -> std::io::Result<usize> {
+        let mut n = 0;
+        if let Ok(text) = std::fs::read_to_string(path) {
+            for (i, line) in text.lines().enumerate() {
+                match serde_json::from_str::<Entry>(line) {
+                    Ok(e) => {
+                        self.keep(&e.model, e.outcome, cap);
+                        n += 1;
+                    }
+                    Err(e) => tracing::warn!(
+                        journal = %path.display(), line = i + 1, error = %e,
+                        "skipping an unreadable feedback journal line"
+                    ),
+                }
+            }
+        }
+        self.reopen(path)?;
+        Ok(n)
+    }
+
+    fn reopen(&mut self, path: &Path) -> std::io::Result<()> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        self.journal = Some((path.to_path_buf(), f));
+        Ok(())
+    }
+
+    /// Outcomes of `model` that the persisted parameters were already fitted on are not new.
+    pub fn settle(&mut self, model: &str, fitted_rows: usize) {
+        if let Some(m) = self.models.get_mut(model) {
+            m.fresh = m.rows.len().saturating_sub(fitted_rows);
+        }
+    }
+
+    /// Rewrites the journal to exactly what memory holds (atomically: a temporary file
+    /// renamed over it).
+    pub fn compact(&mut self) -> std::io::Result<()> {
+        let Some((path, _)) = &self.journal else {
+            return Ok(());
+        };
+        let path = path.clone();
+        let tmp = path.with_extension("part");
+        {
+            let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            for (model, mo) in &self.models {
+                for o in &mo.rows {
+                    serde_json::to_writer(
+                        &mut w,
+                        &Entry {
+                            model: model.clone(),
+                            outcome: o.clone(),
+                        },
+                    )?;
+                    w.write_all(b"\n")?;
+                }
+            }
+            w.flush()?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        self.reopen(&path)
     }
 }
 
@@ -139,6 +249,7 @@ mod tests {
                 s: 0.0,
                 z: vec![(i % 3) as f32 - 1.0, 0.5],
                 y,
+                tokens: None,
             })
             .collect()
     }
@@ -166,10 +277,37 @@ mod tests {
         let mut st = FeedbackStore::default();
         for i in 0..100 {
             st.remember(&format!("r{i}"), "p", 10);
-            st.push("m", outcomes(1, 1.0).remove(0), None, 7);
+            st.push("m", outcomes(1, 1.0).remove(0), 7).unwrap();
         }
         assert!(st.prompt_of("r99").is_some() && st.prompt_of("r0").is_none());
         assert_eq!(st.requests.len(), 10);
         assert_eq!(st.models["m"].rows.len(), 7);
+    }
+
+    #[test]
+    fn the_journal_brings_back_what_was_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fb.journal");
+        let mut st = FeedbackStore::default();
+        assert_eq!(st.open_journal(&path, 100).unwrap(), 0);
+        for o in outcomes(12, 1.0) {
+            st.push("m", o, 100).unwrap();
+        }
+        // A crash mid-write leaves a torn last line: skipped, the rest read back.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"model\":\"m\",\"s\":0.")
+            .unwrap();
+        let mut back = FeedbackStore::default();
+        assert_eq!(back.open_journal(&path, 100).unwrap(), 12);
+        assert_eq!(back.models["m"].fresh, 12);
+        // Compaction keeps what memory holds (bounded), nothing more.
+        let mut small = FeedbackStore::default();
+        small.open_journal(&path, 5).unwrap();
+        small.compact().unwrap();
+        let mut again = FeedbackStore::default();
+        assert_eq!(again.open_journal(&path, 100).unwrap(), 5);
     }
 }

@@ -76,16 +76,22 @@ impl Service {
             .await?;
         let (s, z) = d.heads.router.prompt_features(&e.embedding);
         let tokens = q.answer.as_ref().map(|a| policy::proxy_tokens(a.len()));
-        self.store().push(
+        let kept = self.store().push(
             &q.model,
             feedback::Outcome {
                 s,
                 z,
                 y: q.score as f32,
+                tokens,
             },
-            tokens,
             fc.max_rows_per_model,
         );
+        if let Err(e) = kept {
+            return reject(ServiceError::Storage(format!(
+                "feedback journal of {}: {e}",
+                fc.overlay.display()
+            )));
+        }
         metrics::counter!(m::FEEDBACK, "result" => "accepted").increment(1);
         Ok(())
     }
@@ -123,22 +129,13 @@ impl Service {
                 let start = d.heads.router.ability(&model.head).clone();
                 // Borrowed or prior parameters are a weak start; a model's own, a strong one.
                 let own = d.heads.router.models.contains_key(name);
-                let rows: Vec<feedback::Outcome> = mo
-                    .rows
-                    .iter()
-                    .map(|o| feedback::Outcome {
-                        s: o.s,
-                        z: o.z.clone(),
-                        y: o.y,
-                    })
-                    .collect();
+                let rows: Vec<feedback::Outcome> = mo.rows.iter().cloned().collect();
                 mo.fresh = 0;
                 match feedback::checked_refit(&rows, &start, if own { 20.0 } else { 2.0 }) {
                     Ok(Some(a)) => {
                         let mean = mo
-                            .answer_tokens
-                            .checked_div(mo.answers)
-                            .map_or(model.expected_output_tokens, |t| t.max(1) as u32);
+                            .mean_answer_tokens()
+                            .unwrap_or(model.expected_output_tokens);
                         overlay.models.insert(
                             name.clone(),
                             crate::model::overlay::OverlayModel {
@@ -165,6 +162,10 @@ impl Service {
         }
         overlay.validate(&d.heads).map_err(fail)?;
         overlay.save(&fc.overlay).map_err(fail)?;
+        // The journal shrinks back to what memory holds (bounded like it).
+        if let Err(e) = self.store().compact() {
+            tracing::warn!(error = %e, "feedback journal not compacted; it keeps every outcome");
+        }
         let next = Decider::load(&d.cfg, self.pipeline.dim()).map_err(fail)?;
         *self.decider.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
         metrics::counter!(m::REFITS, "result" => "applied").increment(updated.len() as u64);

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 pub use decider::Decider;
 pub use error::ServiceError;
@@ -55,26 +55,42 @@ impl Service {
     pub fn start(cfg: &Config) -> Result<Service> {
         let pipeline = TextPipeline::start(cfg)?;
         let decider = Decider::load(cfg, pipeline.dim())?;
-        Ok(Self::assemble(cfg, pipeline, decider))
+        Self::assemble(cfg, pipeline, decider)
     }
 
     pub fn start_with_heads(cfg: &Config, heads: Heads) -> Result<Service> {
         let pipeline = TextPipeline::start(cfg)?;
         let decider = Decider::with_heads(cfg, heads, pipeline.dim())?;
-        Ok(Self::assemble(cfg, pipeline, decider))
+        Self::assemble(cfg, pipeline, decider)
     }
 
-    fn assemble(cfg: &Config, pipeline: TextPipeline, decider: Decider) -> Service {
+    fn assemble(cfg: &Config, pipeline: TextPipeline, decider: Decider) -> Result<Service> {
         warn_on_mismatch(cfg, &pipeline, &decider.heads);
-        Service {
+        let mut store = feedback::FeedbackStore::default();
+        if cfg.feedback.enabled() {
+            let journal = feedback_journal(&cfg.feedback.overlay);
+            let n = store
+                .open_journal(&journal, cfg.feedback.max_rows_per_model)
+                .with_context(|| format!("feedback journal {}", journal.display()))?;
+            if n > 0 {
+                tracing::info!(outcomes = n, journal = %journal.display(), "feedback read back");
+            }
+            // What the feedback overlay was fitted on is not new.
+            if let Ok(o) = crate::model::Overlay::load(&cfg.feedback.overlay) {
+                for (m, om) in &o.models {
+                    store.settle(m, om.rows);
+                }
+            }
+        }
+        Ok(Service {
             cfg: cfg.clone(),
             pipeline,
             decider: RwLock::new(Arc::new(decider)),
             ready: AtomicBool::new(false),
             reload_from: Mutex::new(None),
             reloading: Mutex::new(()),
-            feedback: Mutex::new(Default::default()),
-        }
+            feedback: Mutex::new(store),
+        })
     }
 
     /// Where [`Self::reload`] reads the configuration again.
@@ -318,6 +334,13 @@ fn verify_p(
         truncated: ae.truncated,
     };
     heads.verify_p(head, &pe.embedding, &input)
+}
+
+/// Where accepted feedback is journaled: beside the feedback overlay.
+fn feedback_journal(overlay: &std::path::Path) -> std::path::PathBuf {
+    let mut p = overlay.as_os_str().to_owned();
+    p.push(".journal");
+    p.into()
 }
 
 /// Truncation limits and encoder revision the heads were not fitted with (allowed, logged).
