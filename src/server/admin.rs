@@ -26,6 +26,32 @@ impl Admin for AdminService {
             Err(e) => Err(to_status(&e)),
         }
     }
+
+    async fn refit(
+        &self,
+        _req: Request<proto::RefitRequest>,
+    ) -> Result<Response<proto::RefitReply>, Status> {
+        Ok(Response::new(self.refit_now().await?))
+    }
+}
+
+impl AdminService {
+    async fn refit_now(&self) -> Result<proto::RefitReply, Status> {
+        if !self.svc.decider().cfg.feedback.enabled() {
+            return Err(to_status(&crate::service::ServiceError::Disabled(
+                "feedback is disabled: set feedback.overlay in the configuration".into(),
+            )));
+        }
+        let svc = self.svc.clone();
+        let n = tokio::task::spawn_blocking(move || svc.refit_feedback())
+            .await
+            .map_err(|e| Status::internal(format!("re-fit task: {e}")))?
+            .map_err(|e| to_status(&e))?;
+        Ok(proto::RefitReply {
+            models: n as u32,
+            revision: self.svc.revision(),
+        })
+    }
 }
 
 /// Re-fits from feedback every `every`, off the async runtime; failures are logged and the
