@@ -119,41 +119,50 @@ impl Service {
                 verifier_rows: 0,
             },
         };
-        let mut updated = Vec::new();
-        {
+        // Copy what is due under the lock and fit outside it: Route and Feedback take the same
+        // lock, and a fit over thousands of outcomes must not stall them.
+        let due: Vec<(String, Vec<feedback::Outcome>, Option<u32>)> = {
             let mut st = self.store();
-            for (name, mo) in st.models.iter_mut().filter(|(_, m)| m.fresh >= fc.min_rows) {
-                let Some(model) = d.catalog.get(name) else {
-                    continue;
-                };
-                let start = d.heads.router.ability(&model.head).clone();
-                // Borrowed or prior parameters are a weak start; a model's own, a strong one.
-                let own = d.heads.router.models.contains_key(name);
-                let rows: Vec<feedback::Outcome> = mo.rows.iter().cloned().collect();
-                mo.fresh = 0;
-                match feedback::checked_refit(&rows, &start, if own { 20.0 } else { 2.0 }) {
-                    Ok(Some(a)) => {
-                        let mean = mo
-                            .mean_answer_tokens()
-                            .unwrap_or(model.expected_output_tokens);
-                        overlay.models.insert(
-                            name.clone(),
-                            crate::model::overlay::OverlayModel {
-                                ability: a,
-                                rows: rows.len(),
-                                mean_output_tokens: mean,
-                            },
-                        );
-                        updated.push(name.clone());
-                    }
-                    Ok(None) => {
-                        metrics::counter!(m::REFITS, "result" => "rejected").increment(1);
-                        tracing::warn!(model = %name, "feedback re-fit did worse on held-out outcomes; not applied");
-                    }
-                    Err(e) => {
-                        metrics::counter!(m::REFITS, "result" => "failed").increment(1);
-                        tracing::warn!(model = %name, error = %format!("{e:#}"), "feedback re-fit failed");
-                    }
+            st.models
+                .iter_mut()
+                .filter(|(_, m)| m.fresh >= fc.min_rows)
+                .map(|(name, mo)| {
+                    mo.fresh = 0;
+                    (
+                        name.clone(),
+                        mo.rows.iter().cloned().collect(),
+                        mo.mean_answer_tokens(),
+                    )
+                })
+                .collect()
+        };
+        let mut updated = Vec::new();
+        for (name, rows, mean_tokens) in due {
+            let Some(model) = d.catalog.get(&name) else {
+                continue;
+            };
+            let start = d.heads.router.ability(&model.head).clone();
+            // Borrowed or prior parameters are a weak start; a model's own, a strong one.
+            let own = d.heads.router.models.contains_key(&name);
+            match feedback::checked_refit(&rows, &start, if own { 20.0 } else { 2.0 }) {
+                Ok(Some(a)) => {
+                    overlay.models.insert(
+                        name.clone(),
+                        crate::model::overlay::OverlayModel {
+                            ability: a,
+                            rows: rows.len(),
+                            mean_output_tokens: mean_tokens.unwrap_or(model.expected_output_tokens),
+                        },
+                    );
+                    updated.push(name);
+                }
+                Ok(None) => {
+                    metrics::counter!(m::REFITS, "result" => "rejected").increment(1);
+                    tracing::warn!(model = %name, "feedback re-fit did worse on held-out outcomes; not applied");
+                }
+                Err(e) => {
+                    metrics::counter!(m::REFITS, "result" => "failed").increment(1);
+                    tracing::warn!(model = %name, error = %format!("{e:#}"), "feedback re-fit failed");
                 }
             }
         }
