@@ -119,11 +119,7 @@ async fn calibrate_writes_an_overlay_the_server_routes_on() {
     let server = common::Server::spawn(&["--config", cfg.to_str().expect("utf-8")]);
     server.ready().await;
     let mut c = server.client().await;
-    let info = c
-        .info(proto::InfoRequest {})
-        .await
-        .expect("info")
-        .into_inner();
+    let info = server.info().await;
     let entry = info
         .catalog
         .iter()

@@ -54,11 +54,7 @@ async fn the_defaults_send_trivial_prompts_cheap_and_hard_ones_up() {
     let server = common::Server::spawn(&[]);
     server.ready().await;
     let mut c = server.client().await;
-    let info = c
-        .info(proto::InfoRequest {})
-        .await
-        .expect("info")
-        .into_inner();
+    let info = server.info().await;
     assert!(info.default_relative_floor > 0.0, "the default is relative");
     for e in &info.catalog {
         assert!(

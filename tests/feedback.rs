@@ -39,6 +39,16 @@ async fn p_of(
     (s.p_pass, s.params.clone())
 }
 
+/// Runs a re-fit pass now (Admin/Refit); the models it updated.
+async fn refit(server: &common::Server) -> u32 {
+    AdminClient::new(server.channel().await)
+        .refit(proto::RefitRequest {})
+        .await
+        .expect("refit")
+        .into_inner()
+        .models
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn feedback_is_refitted_persisted_and_swapped_in() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -115,13 +125,7 @@ async fn feedback_is_refitted_persisted_and_swapped_in() {
 
     // A re-fit pass (the periodic one is an hour away here; Admin/Refit runs one now) swaps
     // the model's new parameters in.
-    let mut admin = AdminClient::new(server.channel().await);
-    let r = admin
-        .refit(proto::RefitRequest {})
-        .await
-        .expect("refit")
-        .into_inner();
-    assert_eq!(r.models, 1);
+    assert_eq!(refit(&server).await, 1);
     let (p_after, params) = p_of(&mut c, probe).await;
     assert_eq!(params, "calibrated:41");
     assert!(
@@ -163,13 +167,7 @@ async fn feedback_is_refitted_persisted_and_swapped_in() {
             .await
             .expect("feedback");
     }
-    let mut admin = AdminClient::new(server.channel().await);
-    let r = admin
-        .refit(proto::RefitRequest {})
-        .await
-        .expect("refit")
-        .into_inner();
-    assert_eq!(r.models, 1);
+    assert_eq!(refit(&server).await, 1);
     let (_, params) = p_of(&mut c, probe).await;
     assert_eq!(
         params, "calibrated:61",

@@ -36,11 +36,7 @@ async fn a_published_accuracy_places_a_new_model() {
     let server = common::Server::spawn(&["--config", cfg.to_str().expect("utf-8")]);
     server.ready().await;
     let mut c = server.client().await;
-    let info = c
-        .info(proto::InfoRequest {})
-        .await
-        .expect("info")
-        .into_inner();
+    let info = server.info().await;
     let params = |m: &str| {
         info.catalog
             .iter()

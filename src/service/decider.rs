@@ -86,14 +86,12 @@ impl Decider {
         decide::default_threshold(&self.policy, &self.heads)
     }
 
-    /// Route's default relative floor, when the default is relative.
+    /// Route's default relative floor, when the default is relative: what a request that
+    /// asks for nothing gets (the one rule, `policy::effective`).
     pub fn default_relative_floor(&self) -> Option<f64> {
-        let p = &self.policy;
-        if p.quality_floor.is_some() || p.cost_weight > 0.0 {
-            None
-        } else {
-            p.relative_floor
-        }
+        crate::policy::effective(None, &self.policy, self.default_floor())
+            .ok()
+            .and_then(|e| e.relative_floor)
     }
 }
 

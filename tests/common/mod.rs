@@ -92,6 +92,16 @@ impl Server {
             .expect("connect")
     }
 
+    /// The server's Info reply.
+    pub async fn info(&self) -> tiergate::proto::InfoReply {
+        self.client()
+            .await
+            .info(tiergate::proto::InfoRequest {})
+            .await
+            .expect("info")
+            .into_inner()
+    }
+
     pub async fn channel(&self) -> Channel {
         Channel::from_shared(format!("http://{}", self.addr))
             .expect("uri")
