@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test --all-targets
+# deploy/: Dockerfile lint, manifests rendered and validated, alerts and dashboard (pinned tools,
+# cached under ~/.cache/tiergate); after the tests, so it can run the built binary.
+./scripts/check-deploy.sh
 # Tests that need what a machine may lack are #[ignore = "needs ..."] (counted as ignored
 # above); run them here when this machine has it.
 if grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null; then
