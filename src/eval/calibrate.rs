@@ -115,5 +115,6 @@ pub fn fit_overlay(
         models,
         verifier: changed.then(|| h.verifier.clone()),
         verifier_rows,
+        memory: h.memory.clone(),
     })
 }

@@ -249,11 +249,19 @@ impl RowFeatures {
 /// (p_route, p_verify) per row.
 pub fn score_with(heads: &Heads, rows: &[Row], f: &RowFeatures) -> Vec<(f64, Option<f64>)> {
     use rayon::prelude::*;
+    // The prompt's parts (router features, cosines to the memory) once per unique prompt.
+    let parts: Vec<_> = (0..f.prompt_emb.len() / f.dim.max(1))
+        .into_par_iter()
+        .map(|p| {
+            let e = &f.prompt_emb[p * f.dim..(p + 1) * f.dim];
+            (heads.router.prompt_features(e), heads.near(e))
+        })
+        .collect();
     rows.par_iter()
         .enumerate()
         .map(|(i, r)| {
-            let pf = heads.router.prompt_features(f.prompt(i));
-            let p_route = crate::service::decide::route_p(heads, &pf, &r.model);
+            let (pf, near) = &parts[f.prompt_of_row[i]];
+            let p_route = crate::service::decide::route_p(heads, pf, near.as_ref(), &r.model);
             let p_verify = f.verify_x(heads, i, r).map(|x| heads.verifier.p(&x));
             (p_route, p_verify)
         })
@@ -266,12 +274,37 @@ pub fn adapt(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<serde_j
     let (prior_shift, report) = adapt_router(heads, rows, f)?;
     learn_answer_lengths(heads, rows);
     let (verifier_rows, refit) = refit_verifier(heads, rows, f)?;
+    let memory = remember(heads, rows, f);
     Ok(serde_json::json!({
+        "memory": memory,
         "prior_shift": prior_shift,
         "models": report,
         "verifier_rows": verifier_rows,
         "verifier_refit": refit,
     }))
+}
+
+/// The labelled prompts as a memory that corrects the (adapted) router per prompt, kept only
+/// when it predicts the calibration rows better than the router, each from the other prompts.
+fn remember(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> serde_json::Value {
+    heads.memory = None;
+    let outcomes: Vec<(usize, String, f32, f64)> = rows
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let s = r.score?;
+            let p = heads.route_p(&r.model, f.prompt(i));
+            Some((f.prompt_of_row[i], r.model.clone(), s as f32, p))
+        })
+        .collect();
+    match crate::model::memory::fit(f.dim, &f.prompt_emb, &outcomes) {
+        Some((m, fit)) => {
+            let report = serde_json::json!({ "prompts": m.len(), "fit": fit });
+            heads.memory = Some(m);
+            report
+        }
+        None => serde_json::Value::Null,
+    }
 }
 
 /// Each calibration model's ability on this traffic (new models from the shifted prior,
@@ -492,6 +525,9 @@ pub struct ScoreArgs {
     /// Labelled rows of the same traffic, to fit per-model parameters and calibration.
     #[arg(long)]
     pub calibration: Option<PathBuf>,
+    /// Calibrate without the memory of labelled prompts (for comparisons).
+    #[arg(long)]
+    pub no_memory: bool,
     /// Output JSONL: one {"source","prompt_id","model","p_route","p_verify"} per input row.
     #[arg(long)]
     pub out: PathBuf,
@@ -558,6 +594,9 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         }
         let cf = RowFeatures::compute(&emb, "calibration", &crow, true, heads.max_answer_tokens)?;
         let rep = adapt(&mut heads, &crow, &cf)?;
+        if a.no_memory {
+            heads.memory = None;
+        }
         eprintln!("calibration: {labelled} labelled rows; {rep}");
     }
     let f = RowFeatures::compute(&emb, "score", &rows, true, heads.max_answer_tokens)?;

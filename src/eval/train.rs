@@ -571,6 +571,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         metrics: json!({}),
         calibrated: Default::default(),
         priors: Default::default(),
+        memory: None,
     };
     let xy = verifier_xy(&a, &stage, &rc, &n, &train, &tf, &vrows, &vf)?;
     let vfit = fit_verifier(&a, d, &xy)?;

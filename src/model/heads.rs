@@ -154,6 +154,10 @@ pub struct Heads {
     /// ("prior:<benchmark>@<accuracy>"; not saved).
     #[serde(skip)]
     pub priors: BTreeMap<String, String>,
+    /// Labelled prompts of the user's traffic that correct the router per prompt (set by
+    /// calibration or an overlay; not saved with the heads).
+    #[serde(skip)]
+    pub memory: Option<super::memory::Memory>,
 }
 
 impl Heads {
@@ -240,8 +244,33 @@ impl Heads {
         self.router.logit_from(&pf, self.router.ability(model))
     }
 
+    /// p_pass of `model` on a prompt: the router, corrected by the memory where there is one.
     pub fn route_p(&self, model: &str, prompt_emb: &[f32]) -> f64 {
-        sigmoid(self.route_logit(model, prompt_emb) as f64)
+        let near = self.near(prompt_emb);
+        self.route_p_from(
+            &self.router.prompt_features(prompt_emb),
+            near.as_ref(),
+            model,
+        )
+    }
+
+    /// The prompt's cosines to the memory (None without one); once per prompt.
+    pub fn near(&self, prompt_emb: &[f32]) -> Option<super::memory::Near> {
+        self.memory.as_ref().map(|m| m.near(prompt_emb))
+    }
+
+    /// `route_p` from the prompt's parts computed once for all candidates.
+    pub fn route_p_from(
+        &self,
+        pf: &(f32, Vec<f32>),
+        near: Option<&super::memory::Near>,
+        model: &str,
+    ) -> f64 {
+        let p = sigmoid(self.router.logit_from(pf, self.router.ability(model)) as f64);
+        match (&self.memory, near) {
+            (Some(m), Some(n)) => m.adjust(n, model, p),
+            _ => p,
+        }
     }
 
     pub fn verify_p(&self, model: &str, prompt_emb: &[f32], answer: &AnswerInput<'_>) -> f64 {

@@ -5,6 +5,7 @@ pub mod benchmarks;
 pub mod bf16;
 pub mod encoder;
 pub mod heads;
+pub mod memory;
 pub mod overlay;
 mod par;
 pub mod tokenize;

@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::heads::{Ability, Heads, ModelInfo, VerifierHead};
+use super::memory::Memory;
 
 pub const OVERLAY_FORMAT: u32 = 1;
 
@@ -39,6 +40,9 @@ pub struct Overlay {
     /// Labelled answers the verifier saw.
     #[serde(default)]
     pub verifier_rows: usize,
+    /// The labelled prompts, kept when they correct the router per prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Memory>,
 }
 
 impl Overlay {
@@ -99,6 +103,9 @@ impl Overlay {
             }
             v.trees.validate(want).context("verifier.trees")?;
         }
+        if let Some(m) = &self.memory {
+            m.validate(heads.dim)?;
+        }
         Ok(())
     }
 
@@ -120,6 +127,9 @@ impl Overlay {
         }
         if let Some(v) = &self.verifier {
             heads.verifier = v.clone();
+        }
+        if let Some(m) = &self.memory {
+            heads.memory = Some(m.clone());
         }
         Ok(())
     }

@@ -2,9 +2,9 @@
 //! Verify ships, where a cascade escalates, and the defaults behind them. The server, the
 //! offline replay (`eval`) and `score` all call these, so what is evaluated is what is served.
 #![forbid(unsafe_code)]
-use crate::base::sigmoid;
 use crate::config::PolicyConfig;
 use crate::model::heads::FALLBACK_FLOOR;
+use crate::model::memory::Near;
 use crate::model::Heads;
 use crate::policy::{Effective, Model, PolicyError};
 
@@ -86,11 +86,12 @@ pub fn score_candidates(
     output_tokens: Option<u32>,
 ) -> Vec<Scored> {
     let pf = heads.router.prompt_features(prompt_emb);
+    let near = heads.near(prompt_emb);
     candidates
         .iter()
         .map(|c| Scored {
             model: c.name.clone(),
-            p_pass: route_p(heads, &pf, &c.head),
+            p_pass: route_p(heads, &pf, near.as_ref(), &c.head),
             cost: c.expected_cost(prompt_tokens, output_tokens),
             params: c.params.clone(),
         })
@@ -98,10 +99,10 @@ pub fn score_candidates(
 }
 
 /// p_pass of the model whose head is `head` for a prompt whose router features are `pf`
-/// (`RouterHead::prompt_features`): the one formula Route and `score` use.
-pub fn route_p(heads: &Heads, pf: &(f32, Vec<f32>), head: &str) -> f64 {
-    let router = &heads.router;
-    sigmoid(router.logit_from(pf, router.ability(head)) as f64)
+/// (`RouterHead::prompt_features`) and whose cosines to the memory of labelled traffic are `near` (`Heads::near`): the one
+/// formula Route and `score` use.
+pub fn route_p(heads: &Heads, pf: &(f32, Vec<f32>), near: Option<&Near>, head: &str) -> f64 {
+    heads.route_p_from(pf, near, head)
 }
 
 #[derive(Debug, Clone)]

@@ -117,6 +117,7 @@ impl Service {
                 models: Default::default(),
                 verifier: None,
                 verifier_rows: 0,
+                memory: None,
             },
         };
         // Copy what is due under the lock and fit outside it: Route and Feedback take the same
