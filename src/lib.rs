@@ -9,6 +9,7 @@
 //! | layer | folder | open first | what |
 //! |---|---|---|---|
 //! | edge | [`server`] | `server/grpc.rs` | gRPC Router, health, reflection; proto ↔ domain (`convert.rs`), errors → status (`status.rs`), drain |
+//! | edge | [`gateway`] | `gateway/cascade.rs` | OpenAI-compatible HTTP front (the whole cascade) and Envoy ext_proc, beside `server` |
 //! | offline | [`eval`], [`tools`] | `eval/replay.rs` | train / score / eval, gpu-check; beside the edge, on the same decisions |
 //! | decisions | [`service`] | `service/mod.rs` | Route and Verify on domain types; the rules in `service/decide.rs` |
 //! | text → embedding | [`pipeline`] | `pipeline.rs` | tokenizer pool, embedding cache, into the batcher |
@@ -25,6 +26,7 @@ pub mod batch;
 pub mod config;
 pub mod engine;
 pub mod eval;
+pub mod gateway;
 mod metrics;
 pub mod model;
 pub mod pipeline;

@@ -64,10 +64,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(tiergate::server::serve(
+            // The gateway's entry points sit beside the server, so they are wired in here.
+            let attach: tiergate::server::Attach = Box::new(|svc, drain| {
+                Box::pin(async move {
+                    let g = tiergate::gateway::start(svc, drain).await?;
+                    Ok(tiergate::server::Attached {
+                        routes: g.routes,
+                        tasks: g.tasks,
+                    })
+                })
+            });
+            rt.block_on(tiergate::server::serve_with(
                 cfg,
                 Some(o),
                 tiergate::server::shutdown_signal(),
+                Some(attach),
             ))
         }
         Cmd::Train(a) => tiergate::eval::train::run(a),

@@ -17,7 +17,7 @@ fn layer(top: &str) -> Option<u32> {
         "config" => 4,
         "policy" | "pipeline" => 5,
         "service" => 6,
-        "server" | "eval" => 7,
+        "server" | "eval" | "gateway" => 7,
         // gpu-check reads rows with eval's reader.
         "tools" => 8,
         _ => return None,

@@ -22,12 +22,40 @@ use crate::metrics as m;
 use crate::proto;
 use crate::service::Service;
 
+/// What the entry points beside this one (src/gateway) add to the process: gRPC services on
+/// this port, and tasks serving their own listeners that end once `drain` is set and their
+/// requests are answered. They sit beside `server`, so the binary wires them in.
+#[derive(Default)]
+pub struct Attached {
+    pub routes: Option<tonic::service::Routes>,
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Builds [`Attached`] once the service exists; binding errors stop start-up.
+pub type Attach = Box<
+    dyn FnOnce(
+            Arc<Service>,
+            tokio::sync::watch::Receiver<bool>,
+        ) -> futures::future::BoxFuture<'static, anyhow::Result<Attached>>
+        + Send,
+>;
+
 /// Loads everything, listens, warms up (health NOT_SERVING until then), serves until
 /// `shutdown` resolves, then drains: accepted requests are answered before this returns.
 pub async fn serve(
     cfg: Config,
     reload_from: Option<Overrides>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    serve_with(cfg, reload_from, shutdown, None).await
+}
+
+/// [`serve`], with other entry points attached and drained with it.
+pub async fn serve_with(
+    cfg: Config,
+    reload_from: Option<Overrides>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    attach: Option<Attach>,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     if let Some(addr) = cfg.metrics_addr()? {
@@ -68,6 +96,12 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let attached = match attach {
+        Some(f) => f(svc.clone(), drain_rx).await?,
+        None => Attached::default(),
+    };
 
     let router = Arc::new(RouterService::new(svc.clone()));
     let router_drain = router.clone();
@@ -121,7 +155,10 @@ pub async fn serve(
 
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let health_down = health.clone();
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    let routes = attached.routes.unwrap_or_default();
+    builder
+        .add_routes(routes)
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(proto::router_server::RouterServer::new(router))
@@ -132,12 +169,18 @@ pub async fn serve(
             shutdown.await;
             tracing::info!("shutdown requested: draining");
             router_drain.begin_drain();
+            drain_tx.send_replace(true);
             health_down
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
         })
         .await?;
-    // Every accepted RPC has been answered; now stop the batcher threads.
+    for t in attached.tasks {
+        if let Err(e) = t.await {
+            tracing::error!(error = %e, "an attached listener ended abnormally");
+        }
+    }
+    // Every accepted request has been answered; now stop the batcher threads.
     tokio::task::spawn_blocking(move || svc.pipeline.batcher.shutdown()).await?;
     tracing::info!("stopped");
     Ok(())

@@ -1,5 +1,7 @@
 //! Starts the real `tiergate` binary on 127.0.0.1 (ephemeral ports) with the real model.
 #![allow(dead_code)]
+pub mod upstream;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,7 +18,7 @@ pub struct Server {
     pub metrics: String,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -46,6 +48,11 @@ pub fn serve_refused(config: &std::path::Path) -> String {
 impl Server {
     /// Spawns `tiergate serve` with `extra` flags and waits for its listening line.
     pub fn spawn(extra: &[&str]) -> Server {
+        Self::spawn_env(extra, &[])
+    }
+
+    /// [`Self::spawn`] with environment variables set for the server.
+    pub fn spawn_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
         let root = env!("CARGO_MANIFEST_DIR");
         assert!(
             std::path::Path::new(root)
@@ -65,6 +72,7 @@ impl Server {
             ])
             .args(extra)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

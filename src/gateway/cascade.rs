@@ -1,0 +1,279 @@
+//! The whole cascade for one chat completion: Route over the catalog models that have an
+//! upstream, call the chosen one, Verify its answer when the policy asks, and escalate to the
+//! next model up (after a rejected answer or a failed upstream), at most
+//! `gateway.max_escalations` times, all before the request's deadline.
+#![forbid(unsafe_code)]
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::Value;
+
+use super::chat::{self, Ask};
+use super::status::GatewayError;
+use super::targets::{callable, entry, policy, prices};
+use super::upstream::{UpstreamError, Upstreams};
+use crate::batch::Priority;
+use crate::config::{UpstreamConfig, VerifyMode};
+use crate::model::TruncSide;
+use crate::policy::PolicyRequest;
+use crate::service::{Decider, RouteInput, RouteOutcome, RouteQuery, Service, VerifyQuery};
+
+pub struct Front {
+    pub svc: Arc<Service>,
+    pub upstreams: Upstreams,
+}
+
+/// What one request shipped, and what it cost.
+pub struct Shipped {
+    pub reply: Value,
+    pub model: String,
+    pub cost_usd: f64,
+    /// Against the most expensive candidate answering with the same token counts; negative
+    /// when escalations cost more than that.
+    pub saved_usd: f64,
+    pub escalations: u32,
+}
+
+/// A stream's upstream response, not yet read, and who answers it.
+pub struct Streaming {
+    pub resp: reqwest::Response,
+    pub model: String,
+    pub expected_cost_usd: f64,
+    pub escalations: u32,
+}
+
+/// The decision to carry out: which models, in price order, starting where.
+struct Plan {
+    d: Arc<Decider>,
+    order: Vec<String>,
+    start: String,
+    route: Option<RouteOutcome>,
+    policy: Option<PolicyRequest>,
+    verify: bool,
+    prompt: String,
+}
+
+impl Plan {
+    fn upstream(&self, model: &str) -> Result<&UpstreamConfig, GatewayError> {
+        entry(&self.d, model)
+            .and_then(|e| e.upstream.as_ref())
+            .ok_or_else(|| GatewayError::UnknownModel(format!("{model} has no upstream")))
+    }
+
+    /// The next model up in price order, while escalations are left.
+    fn next(&self, model: &str, hops: u32) -> Option<String> {
+        if hops >= self.d.cfg.gateway.max_escalations {
+            return None;
+        }
+        let i = self.order.iter().position(|m| m == model)?;
+        self.order.get(i + 1).cloned()
+    }
+
+    fn cost(&self, model: &str, reply: &Value) -> f64 {
+        let (i, o) = prices(&self.d, model);
+        chat::cost(chat::tokens(reply, self.prompt.len()), i, o)
+    }
+}
+
+impl Front {
+    /// Routes (for `auto`) or looks the named model up.
+    async fn plan(&self, body: &Value, ask: Ask, deadline: Instant) -> Result<Plan, GatewayError> {
+        let d = self.svc.decider();
+        let order = callable(&d);
+        let turns = chat::turns(body)?;
+        let input = RouteInput::Messages(turns);
+        let prompt = input.clone().into_text();
+        match ask {
+            Ask::Named(m) => {
+                if !order.contains(&m) {
+                    return Err(GatewayError::UnknownModel(format!(
+                        "model {m:?} is not a catalog model with an upstream; use {:?} or one of {order:?}",
+                        d.cfg.gateway.auto_model
+                    )));
+                }
+                // A model asked for by name is called as asked: no other tier.
+                Ok(Plan {
+                    order: vec![m.clone()],
+                    start: m,
+                    route: None,
+                    policy: None,
+                    verify: false,
+                    prompt,
+                    d,
+                })
+            }
+            Ask::Auto(name) => {
+                let (pol, mode) = policy(&d.cfg.gateway, name.as_deref())?;
+                let route = self
+                    .svc
+                    .route(RouteQuery {
+                        request_id: String::new(),
+                        input: Some(input),
+                        candidates: order,
+                        policy: pol,
+                        priority: Priority::Normal,
+                        truncation: TruncSide::HeadTail,
+                        expected_output_tokens: None,
+                        deadline: Some(deadline),
+                    })
+                    .await?;
+                let verify = match mode {
+                    VerifyMode::Never => false,
+                    VerifyMode::Borderline => route.verify_recommended,
+                    VerifyMode::Always => true,
+                };
+                Ok(Plan {
+                    order: route.candidates.iter().map(|c| c.model.clone()).collect(),
+                    start: route.model.clone(),
+                    route: Some(route),
+                    policy: pol,
+                    verify,
+                    prompt,
+                    d,
+                })
+            }
+        }
+    }
+
+    /// Route, call, verify, escalate; the answer that ships and what the request cost.
+    pub async fn complete(
+        &self,
+        body: Value,
+        ask: Ask,
+        deadline: Instant,
+    ) -> Result<Shipped, GatewayError> {
+        let plan = self.plan(&body, ask, deadline).await?;
+        let max_bytes = plan.d.cfg.gateway.max_body_bytes;
+        let (mut at, mut hops, mut spent) = (plan.start.clone(), 0u32, 0.0);
+        // The last answer the verifier turned down: shipped if every later tier fails.
+        let mut rejected: Option<(String, Value)> = None;
+        loop {
+            let up = plan.upstream(&at)?;
+            let sent = chat::with_model(&body, up.model.as_deref().unwrap_or(&at));
+            match self
+                .upstreams
+                .complete(&at, up, sent, deadline, max_bytes)
+                .await
+            {
+                Ok(reply) => {
+                    spent += plan.cost(&at, &reply);
+                    if let Some(to) = self.escalate(&plan, &at, &reply, hops, deadline).await {
+                        rejected = Some((std::mem::replace(&mut at, to), reply));
+                        hops += 1;
+                        continue;
+                    }
+                    return Ok(ship(&plan, at, reply, spent, hops));
+                }
+                Err(e) => {
+                    if let Some(next) = plan.next(&at, hops).filter(|_| retry(&e, deadline)) {
+                        tracing::warn!(error = %e, next = %next, "upstream failed; trying the next tier");
+                        at = next;
+                        hops += 1;
+                        continue;
+                    }
+                    return match rejected {
+                        Some((m, reply)) => {
+                            tracing::warn!(error = %e, shipped = %m, "escalation failed; shipping the earlier answer");
+                            Ok(ship(&plan, m, reply, spent, hops))
+                        }
+                        None => Err(e.into()),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Where to escalate this answer, if the plan verifies and the verifier turns it down.
+    /// A verifier that cannot answer (overloaded, past the deadline) ships what is there.
+    async fn escalate(
+        &self,
+        plan: &Plan,
+        at: &str,
+        reply: &Value,
+        hops: u32,
+        deadline: Instant,
+    ) -> Option<String> {
+        if !plan.verify || Instant::now() >= deadline {
+            return None;
+        }
+        let next = plan.next(at, hops)?;
+        let v = self
+            .svc
+            .verify(VerifyQuery {
+                request_id: String::new(),
+                prompt: plan.prompt.clone(),
+                answer: chat::answer(reply)?.to_string(),
+                model: at.to_string(),
+                candidates: plan.order.clone(),
+                policy: plan.policy,
+                priority: Priority::Normal,
+                deadline: Some(deadline),
+            })
+            .await;
+        match v {
+            Ok(v) if !v.ship => Some(v.escalate_to.unwrap_or(next)),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "verify failed; shipping the answer unverified");
+                None
+            }
+        }
+    }
+
+    /// Route (for `auto`) and open the chosen upstream's stream; a tier that fails before
+    /// its first byte is replaced by the next one up. Streams are not verified.
+    pub async fn stream(
+        &self,
+        body: Value,
+        ask: Ask,
+        deadline: Instant,
+    ) -> Result<Streaming, GatewayError> {
+        let plan = self.plan(&body, ask, deadline).await?;
+        let (mut at, mut hops) = (plan.start.clone(), 0u32);
+        loop {
+            let up = plan.upstream(&at)?;
+            let sent = chat::with_model(&body, up.model.as_deref().unwrap_or(&at));
+            match self.upstreams.send(&at, up, sent, deadline).await {
+                Ok(resp) => {
+                    let expected = plan
+                        .route
+                        .as_ref()
+                        .and_then(|r| r.candidates.iter().find(|c| c.model == at).map(|c| c.cost));
+                    return Ok(Streaming {
+                        resp,
+                        expected_cost_usd: expected.unwrap_or(0.0),
+                        model: at,
+                        escalations: hops,
+                    });
+                }
+                Err(e) => match plan.next(&at, hops).filter(|_| retry(&e, deadline)) {
+                    Some(next) => {
+                        tracing::warn!(error = %e, next = %next, "upstream failed; trying the next tier");
+                        at = next;
+                        hops += 1;
+                    }
+                    None => return Err(e.into()),
+                },
+            }
+        }
+    }
+}
+
+fn retry(e: &UpstreamError, deadline: Instant) -> bool {
+    e.retryable() && Instant::now() < deadline
+}
+
+fn ship(plan: &Plan, model: String, reply: Value, spent: f64, hops: u32) -> Shipped {
+    // What the most expensive candidate would have cost for the same tokens.
+    let saved = match (&plan.route, plan.order.last()) {
+        (Some(_), Some(top)) => plan.cost(top, &reply) - spent,
+        _ => 0.0,
+    };
+    Shipped {
+        reply: chat::finish(reply, &model, spent),
+        model,
+        cost_usd: spent,
+        saved_usd: saved,
+        escalations: hops,
+    }
+}

@@ -1,0 +1,162 @@
+//! OpenAI chat-completion bodies: what `model` asks for, the turns Route reads, the answer
+//! Verify reads, and cost from `usage` at catalog prices. Bodies stay `serde_json::Value`
+//! so fields tiergate does not read reach the upstream unchanged.
+#![forbid(unsafe_code)]
+use serde_json::Value;
+
+use super::status::GatewayError;
+
+/// What a request's `model` asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ask {
+    /// tiergate chooses, under the named policy if any (`auto:<name>`).
+    Auto(Option<String>),
+    /// A catalog model by name: called as asked.
+    Named(String),
+}
+
+pub fn ask(model: &str, auto_model: &str) -> Ask {
+    match model.strip_prefix(auto_model) {
+        Some("") => Ask::Auto(None),
+        Some(rest) => match rest.strip_prefix(':') {
+            Some(name) => Ask::Auto(Some(name.to_string())),
+            None => Ask::Named(model.to_string()),
+        },
+        None => Ask::Named(model.to_string()),
+    }
+}
+
+/// The body as a JSON object, with its `model`.
+pub fn parse(bytes: &[u8]) -> Result<(Value, String), GatewayError> {
+    let body: Value = serde_json::from_slice(bytes)
+        .map_err(|e| GatewayError::BadRequest(format!("the body is not JSON: {e}")))?;
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .ok_or_else(|| GatewayError::BadRequest("`model` (a string) is required".into()))?
+        .to_string();
+    Ok((body, model))
+}
+
+/// The chat turns as (role, text); text parts of multi-part content are joined, other
+/// parts (images, audio) are not read.
+pub fn turns(body: &Value) -> Result<Vec<(String, String)>, GatewayError> {
+    let bad = |m: &str| GatewayError::BadRequest(m.to_string());
+    let msgs = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("`messages` (an array) is required"))?;
+    if msgs.is_empty() {
+        return Err(bad("`messages` is empty"));
+    }
+    msgs.iter()
+        .map(|m| {
+            let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
+            Ok((role.to_string(), text_of(m.get("content"))))
+        })
+        .collect()
+}
+
+fn text_of(content: Option<&Value>) -> String {
+    match content {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
+pub fn is_stream(body: &Value) -> bool {
+    body.get("stream").and_then(Value::as_bool).unwrap_or(false)
+}
+
+/// The body to send with `model` replaced.
+pub fn with_model(body: &Value, model: &str) -> Vec<u8> {
+    let mut b = body.clone();
+    if let Some(o) = b.as_object_mut() {
+        o.insert("model".into(), Value::String(model.into()));
+    }
+    // Serialising a Value cannot fail (its keys are strings).
+    serde_json::to_vec(&b).unwrap_or_default()
+}
+
+/// The first choice's text, if the reply has one (tool calls have none).
+pub fn answer(reply: &Value) -> Option<&str> {
+    reply.pointer("/choices/0/message/content")?.as_str()
+}
+
+/// Token counts of one call: the reply's `usage`, else ceil(bytes / 4) of the prompt and
+/// the answer (the catalog's own rule).
+pub fn tokens(reply: &Value, prompt_bytes: usize) -> (u64, u64) {
+    let n = |k: &str| {
+        reply
+            .pointer(&format!("/usage/{k}"))
+            .and_then(Value::as_u64)
+    };
+    let proxy = |b: usize| b.div_ceil(4) as u64;
+    (
+        n("prompt_tokens").unwrap_or_else(|| proxy(prompt_bytes)),
+        n("completion_tokens").unwrap_or_else(|| proxy(answer(reply).map_or(0, str::len))),
+    )
+}
+
+/// USD at per-million-token prices.
+pub fn cost((prompt, completion): (u64, u64), in_usd: f64, out_usd: f64) -> f64 {
+    (prompt as f64 * in_usd + completion as f64 * out_usd) / 1e6
+}
+
+/// The reply as the client gets it: `model` is the catalog name that answered and
+/// `usage.cost` what the whole request cost (OpenRouter's field).
+pub fn finish(mut reply: Value, model: &str, total_cost: f64) -> Value {
+    if let Some(o) = reply.as_object_mut() {
+        o.insert("model".into(), Value::String(model.into()));
+        let usage = o
+            .entry("usage")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Some(u) = usage.as_object_mut() {
+            u.insert("cost".into(), serde_json::json!(total_cost));
+        }
+    }
+    reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn model_names_what_to_do() {
+        assert_eq!(ask("auto", "auto"), Ask::Auto(None));
+        assert_eq!(ask("auto:cheap", "auto"), Ask::Auto(Some("cheap".into())));
+        assert_eq!(ask("autopilot", "auto"), Ask::Named("autopilot".into()));
+        assert_eq!(ask("gpt-5.5", "auto"), Ask::Named("gpt-5.5".into()));
+    }
+
+    #[test]
+    fn turns_costs_and_the_finished_reply() {
+        let body = json!({"model": "auto", "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "2+2?"}, {"type": "image_url"}]}
+        ]});
+        let t = turns(&body).unwrap();
+        assert_eq!(t[1], ("user".to_string(), "2+2?".to_string()));
+        assert!(turns(&json!({"model": "auto", "messages": []})).is_err());
+        let reply = json!({"model": "p", "choices": [{"message": {"content": "4"}}],
+                           "usage": {"prompt_tokens": 1000, "completion_tokens": 10}});
+        assert_eq!(answer(&reply), Some("4"));
+        assert_eq!(tokens(&reply, 0), (1000, 10));
+        assert_eq!(tokens(&json!({}), 9), (3, 0));
+        assert!((cost((1000, 10), 1.0, 10.0) - 0.0011).abs() < 1e-15);
+        let out = finish(reply, "gemini-2.5-flash", 0.5);
+        assert_eq!(out["model"], "gemini-2.5-flash");
+        assert_eq!(out["usage"]["cost"], 0.5);
+        assert_eq!(out["usage"]["prompt_tokens"], 1000);
+        let sent: Value = serde_json::from_slice(&with_model(&body, "x")).unwrap();
+        assert_eq!(sent["model"], "x");
+        assert_eq!(sent["messages"], body["messages"]);
+    }
+}

@@ -1,0 +1,116 @@
+//! The OpenAI-compatible HTTP front: `POST /v1/chat/completions` (the cascade, or a stream
+//! passed through) and `GET /v1/models`. Replies carry what was decided and spent in
+//! `x-tiergate-*` headers and `usage.cost`.
+#![forbid(unsafe_code)]
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+use super::cascade::Front;
+use super::chat;
+use super::status::GatewayError;
+use super::targets::callable;
+
+/// A client's deadline for the whole request, in milliseconds.
+pub const TIMEOUT_HEADER: &str = "x-tiergate-timeout-ms";
+
+pub fn router(front: Arc<Front>, max_body_bytes: usize) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/chat/completions", post(completions))
+        .route("/v1/models", get(models))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(front)
+}
+
+fn deadline(headers: &HeaderMap, limit: Duration) -> Instant {
+    let asked = headers
+        .get(TIMEOUT_HEADER)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+        .map(Duration::from_millis);
+    // A day bounds any configured limit, so the instant is always representable.
+    let d = asked.map_or(limit, |a| a.min(limit));
+    Instant::now() + d.min(Duration::from_secs(86_400))
+}
+
+fn set(h: &mut HeaderMap, name: &'static str, value: String) {
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        h.insert(name, v);
+    }
+}
+
+async fn completions(State(front): State<Arc<Front>>, headers: HeaderMap, body: Bytes) -> Response {
+    match answer(&front, &headers, &body).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(error = %e, "chat completion refused");
+            e.into_response()
+        }
+    }
+}
+
+async fn answer(front: &Front, headers: &HeaderMap, body: &[u8]) -> Result<Response, GatewayError> {
+    front.svc.check_ready()?;
+    let g = front.svc.decider().cfg.gateway.clone();
+    let deadline = deadline(headers, Duration::from_secs(g.timeout_s));
+    let (body, model) = chat::parse(body)?;
+    let ask = chat::ask(&model, &g.auto_model);
+    if chat::is_stream(&body) {
+        let s = front.stream(body, ask, deadline).await?;
+        let mut out = HeaderMap::new();
+        if let Some(ct) = s.resp.headers().get(header::CONTENT_TYPE) {
+            out.insert(header::CONTENT_TYPE, ct.clone());
+        }
+        set(&mut out, "x-tiergate-model", s.model);
+        set(
+            &mut out,
+            "x-tiergate-expected-cost-usd",
+            s.expected_cost_usd.to_string(),
+        );
+        set(
+            &mut out,
+            "x-tiergate-escalations",
+            s.escalations.to_string(),
+        );
+        let stream = Body::from_stream(s.resp.bytes_stream());
+        return Ok((StatusCode::OK, out, stream).into_response());
+    }
+    let s = front.complete(body, ask, deadline).await?;
+    let mut out = HeaderMap::new();
+    out.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    set(&mut out, "x-tiergate-model", s.model);
+    set(&mut out, "x-tiergate-cost-usd", s.cost_usd.to_string());
+    set(&mut out, "x-tiergate-saved-usd", s.saved_usd.to_string());
+    set(
+        &mut out,
+        "x-tiergate-escalations",
+        s.escalations.to_string(),
+    );
+    let bytes = serde_json::to_vec(&s.reply).unwrap_or_default();
+    Ok((StatusCode::OK, out, bytes).into_response())
+}
+
+/// `auto`, each named policy, and every catalog model with an upstream.
+async fn models(State(front): State<Arc<Front>>) -> Response {
+    let d = front.svc.decider();
+    let g = &d.cfg.gateway;
+    let ids = std::iter::once(g.auto_model.clone())
+        .chain(g.policies.keys().map(|p| format!("{}:{p}", g.auto_model)))
+        .chain(callable(&d));
+    let data: Vec<_> = ids
+        .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "tiergate"}))
+        .collect();
+    let body = serde_json::json!({"object": "list", "data": data});
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_vec(&body).unwrap_or_default(),
+    )
+        .into_response()
+}

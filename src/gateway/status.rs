@@ -1,0 +1,142 @@
+//! The gateway's errors as HTTP statuses and OpenAI-style error bodies (`{"error": {...}}`),
+//! beside `server/status.rs`, which maps the same `ServiceError` to gRPC codes.
+#![forbid(unsafe_code)]
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use super::upstream::UpstreamError;
+use crate::batch::BatchError;
+use crate::pipeline::EncodeError;
+use crate::service::ServiceError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The request is malformed (not JSON, no messages, an unknown policy).
+    #[error("{0}")]
+    BadRequest(String),
+    /// `model` names nothing this gateway can call.
+    #[error("{0}")]
+    UnknownModel(String),
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+/// HTTP status and OpenAI error `type` of a decision-layer error.
+pub fn classify(e: &ServiceError) -> (StatusCode, &'static str) {
+    use StatusCode as S;
+    match e {
+        ServiceError::InvalidArgument(_) => (S::BAD_REQUEST, "invalid_request_error"),
+        ServiceError::NotReady(_) => (S::SERVICE_UNAVAILABLE, "unavailable"),
+        ServiceError::Encode(EncodeError::Batch(b)) => match b {
+            BatchError::InvalidInput(_) => (S::BAD_REQUEST, "invalid_request_error"),
+            BatchError::Overloaded(_) => (S::TOO_MANY_REQUESTS, "rate_limit_error"),
+            BatchError::DeadlineExceeded => (S::GATEWAY_TIMEOUT, "timeout"),
+            BatchError::Unavailable(_) => (S::SERVICE_UNAVAILABLE, "unavailable"),
+            BatchError::Backend(_) | BatchError::Internal(_) => {
+                (S::INTERNAL_SERVER_ERROR, "server_error")
+            }
+        },
+        ServiceError::Reload(_)
+        | ServiceError::Disabled(_)
+        | ServiceError::Storage(_)
+        | ServiceError::Encode(_) => (S::INTERNAL_SERVER_ERROR, "server_error"),
+    }
+}
+
+impl GatewayError {
+    pub fn status(&self) -> (StatusCode, &'static str) {
+        use StatusCode as S;
+        match self {
+            GatewayError::BadRequest(_) => (S::BAD_REQUEST, "invalid_request_error"),
+            GatewayError::UnknownModel(_) => (S::NOT_FOUND, "model_not_found"),
+            GatewayError::Service(e) => classify(e),
+            GatewayError::Upstream(u) => match u {
+                UpstreamError::Status { status, .. } => (
+                    S::from_u16(*status).unwrap_or(S::BAD_GATEWAY),
+                    "upstream_error",
+                ),
+                UpstreamError::Timeout { .. } => (S::GATEWAY_TIMEOUT, "timeout"),
+                UpstreamError::Transport { .. } | UpstreamError::BadReply { .. } => {
+                    (S::BAD_GATEWAY, "upstream_error")
+                }
+                UpstreamError::MissingKey { .. } => (S::INTERNAL_SERVER_ERROR, "server_error"),
+            },
+        }
+    }
+}
+
+/// An OpenAI-style error body.
+pub fn error_body(message: &str, kind: &str) -> Vec<u8> {
+    let v = serde_json::json!({"error": {"message": message, "type": kind, "code": kind}});
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        let (status, kind) = self.status();
+        let mut resp = match self {
+            // The upstream's own error reaches the client as the upstream wrote it.
+            GatewayError::Upstream(UpstreamError::Status {
+                body, content_type, ..
+            }) if !body.is_empty() => {
+                let ct = content_type.unwrap_or_else(|| "application/json".into());
+                (status, [(header::CONTENT_TYPE, ct)], body).into_response()
+            }
+            e => (
+                status,
+                [(header::CONTENT_TYPE, "application/json".to_string())],
+                error_body(&e.to_string(), kind),
+            )
+                .into_response(),
+        };
+        resp.headers_mut()
+            .insert("x-tiergate-error", header::HeaderValue::from_static(kind));
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_as_a_gateway_would() {
+        let up = |status| {
+            GatewayError::Upstream(UpstreamError::Status {
+                model: "m".into(),
+                status,
+                body: Default::default(),
+                content_type: None,
+            })
+        };
+        assert_eq!(up(429).status().0, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(up(503).status().0, StatusCode::SERVICE_UNAVAILABLE);
+        let batch = |b| GatewayError::Service(ServiceError::Encode(EncodeError::Batch(b)));
+        assert_eq!(
+            batch(BatchError::Overloaded("q".into())).status().0,
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(
+            batch(BatchError::DeadlineExceeded).status().0,
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            GatewayError::Service(ServiceError::NotReady("w".into()))
+                .status()
+                .0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            GatewayError::UnknownModel("x".into()).status().0,
+            StatusCode::NOT_FOUND
+        );
+        let t = UpstreamError::Timeout { model: "m".into() };
+        assert!(!t.retryable());
+        assert_eq!(
+            GatewayError::Upstream(t).status().0,
+            StatusCode::GATEWAY_TIMEOUT
+        );
+    }
+}

@@ -1,0 +1,170 @@
+//! Calls to a catalog model's upstream (an OpenAI-compatible API), each bounded by the
+//! request's deadline; replies read whole are bounded in size.
+#![forbid(unsafe_code)]
+use std::time::Instant;
+
+use axum::body::Bytes;
+use serde_json::Value;
+
+use crate::config::UpstreamConfig;
+
+/// Why an upstream call gave no usable reply.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The upstream answered with an error status; its body is passed on as it came.
+    #[error("upstream {model} answered {status}")]
+    Status {
+        model: String,
+        status: u16,
+        body: Bytes,
+        content_type: Option<String>,
+    },
+    #[error("upstream {model}: no reply before the request's deadline")]
+    Timeout { model: String },
+    #[error("upstream {model}: {msg}")]
+    Transport { model: String, msg: String },
+    /// A 2xx reply that is not a chat completion (not JSON, too large).
+    #[error("upstream {model}: bad reply: {msg}")]
+    BadReply { model: String, msg: String },
+    /// The API key's variable is not set: the operator's to fix, no other tier is tried.
+    #[error("upstream {model}: environment variable {var} (api_key_env) is not set")]
+    MissingKey { model: String, var: String },
+}
+
+impl UpstreamError {
+    /// Another tier may succeed where this one failed: rate limits, server errors, network
+    /// faults and broken replies. Other 4xx are the request's own fault and go back as is.
+    pub fn retryable(&self) -> bool {
+        match self {
+            UpstreamError::Status { status, .. } => *status == 429 || *status >= 500,
+            UpstreamError::Transport { .. } | UpstreamError::BadReply { .. } => true,
+            UpstreamError::Timeout { .. } | UpstreamError::MissingKey { .. } => false,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Upstreams {
+    client: reqwest::Client,
+}
+
+impl Upstreams {
+    pub fn new() -> anyhow::Result<Upstreams> {
+        Ok(Upstreams {
+            client: reqwest::Client::builder().build()?,
+        })
+    }
+
+    /// POSTs `body` to `{base_url}/chat/completions`; a 2xx response is returned with its
+    /// body unread (a stream passes through), anything else as an error.
+    pub async fn send(
+        &self,
+        model: &str,
+        up: &UpstreamConfig,
+        body: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let timeout = || UpstreamError::Timeout {
+            model: model.to_string(),
+        };
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(timeout)?;
+        let url = format!("{}/chat/completions", up.base_url.trim_end_matches('/'));
+        // Bounds the whole call, the body's stream included.
+        let mut req = self
+            .client
+            .post(url)
+            .timeout(left)
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(var) = &up.api_key_env {
+            let key = std::env::var(var).map_err(|_| UpstreamError::MissingKey {
+                model: model.to_string(),
+                var: var.clone(),
+            })?;
+            req = req.bearer_auth(key);
+        }
+        let resp = req.send().await.map_err(|e| transport(model, e))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        // The error body is for the client; a bounded prefix of it is enough.
+        let body = read_bounded(model, resp, 64 << 10)
+            .await
+            .unwrap_or_default();
+        Err(UpstreamError::Status {
+            model: model.to_string(),
+            status: status.as_u16(),
+            body,
+            content_type,
+        })
+    }
+
+    /// A whole (non-streamed) chat completion, read up to `max_bytes`.
+    pub async fn complete(
+        &self,
+        model: &str,
+        up: &UpstreamConfig,
+        body: Vec<u8>,
+        deadline: Instant,
+        max_bytes: usize,
+    ) -> Result<Value, UpstreamError> {
+        let resp = self.send(model, up, body, deadline).await?;
+        let bytes = read_bounded(model, resp, max_bytes).await?;
+        let bad = |msg: String| UpstreamError::BadReply {
+            model: model.to_string(),
+            msg,
+        };
+        let v: Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
+        if v.get("choices").and_then(Value::as_array).is_none() {
+            return Err(bad("no `choices`".into()));
+        }
+        Ok(v)
+    }
+}
+
+fn transport(model: &str, e: reqwest::Error) -> UpstreamError {
+    if e.is_timeout() {
+        UpstreamError::Timeout {
+            model: model.to_string(),
+        }
+    } else {
+        // The source chain says what failed (refused, reset, DNS).
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg = format!("{msg}: {s}");
+            src = s.source();
+        }
+        UpstreamError::Transport {
+            model: model.to_string(),
+            msg,
+        }
+    }
+}
+
+async fn read_bounded(
+    model: &str,
+    mut resp: reqwest::Response,
+    max_bytes: usize,
+) -> Result<Bytes, UpstreamError> {
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| transport(model, e))? {
+        if out.len() + chunk.len() > max_bytes {
+            return Err(UpstreamError::BadReply {
+                model: model.to_string(),
+                msg: format!("reply over {max_bytes} bytes (gateway.max_body_bytes)"),
+            });
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out.into())
+}

@@ -1,0 +1,153 @@
+//! A stand-in for an OpenAI-compatible provider on loopback: fixed answers per model id,
+//! SSE streams, and failures on request. A request's `stub` field (passed through by the
+//! gateway like any field it does not read) says what to do: `{"case": name, "answer":
+//! {model: text}, "fail": {model: status}, "delay_ms": {model: ms}}`. Every call is recorded.
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+/// Token counts every reply reports, so costs are known in advance.
+pub const PROMPT_TOKENS: u64 = 1000;
+pub const COMPLETION_TOKENS: u64 = 100;
+
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub case: String,
+    /// The body's `model` (the provider id the gateway sent).
+    pub model: String,
+    pub auth: Option<String>,
+    pub body: Value,
+    pub headers: HeaderMap,
+}
+
+pub struct Stub {
+    pub name: String,
+    pub addr: SocketAddr,
+    calls: Arc<Mutex<Vec<Call>>>,
+}
+
+/// The answer a model gives unless the request says otherwise.
+pub fn default_answer(stub: &str, model: &str) -> String {
+    format!("{model} via {stub}: the answer is 4.")
+}
+
+/// The exact SSE bytes a stream of `model` from stub `stub` consists of, frame by frame.
+pub fn sse_frames(stub: &str, model: &str) -> Vec<String> {
+    let chunk = |delta: Value, finish: Value| {
+        let c = json!({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 0,
+            "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        format!("data: {c}\n\n")
+    };
+    vec![
+        chunk(
+            json!({"role": "assistant", "content": "Hello"}),
+            Value::Null,
+        ),
+        chunk(
+            json!({"content": format!(" from {model} via {stub}")}),
+            Value::Null,
+        ),
+        chunk(json!({}), json!("stop")),
+        "data: [DONE]\n\n".to_string(),
+    ]
+}
+
+impl Stub {
+    pub async fn start(name: &str) -> Stub {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let state = (name.to_string(), calls.clone());
+        let app = axum::Router::new()
+            .fallback(axum::routing::post(handle))
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind stub");
+        let addr = listener.local_addr().expect("stub addr");
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.expect("stub server");
+        });
+        Stub {
+            name: name.to_string(),
+            addr,
+            calls,
+        }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// The calls made for one case, in order.
+    pub fn calls(&self, case: &str) -> Vec<Call> {
+        let all = self.calls.lock().expect("calls lock");
+        all.iter().filter(|c| c.case == case).cloned().collect()
+    }
+
+    /// Provider ids called for one case, in order.
+    pub fn models(&self, case: &str) -> Vec<String> {
+        self.calls(case).into_iter().map(|c| c.model).collect()
+    }
+}
+
+type State = (String, Arc<Mutex<Vec<Call>>>);
+
+async fn handle(
+    axum::extract::State((name, calls)): axum::extract::State<State>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let model = body["model"].as_str().unwrap_or("").to_string();
+    let stub = &body["stub"];
+    calls.lock().expect("calls lock").push(Call {
+        case: stub["case"].as_str().unwrap_or("").to_string(),
+        model: model.clone(),
+        auth: headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        body: body.clone(),
+        headers: headers.clone(),
+    });
+    if let Some(ms) = stub["delay_ms"][&model].as_u64() {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let Some(code) = stub["fail"][&model].as_u64() {
+        let status = StatusCode::from_u16(code as u16).expect("status");
+        let err = json!({"error": {"message": format!("{model} via {name} failing with {code}"),
+            "type": "stub_error"}});
+        return (
+            status,
+            [("content-type", "application/json")],
+            err.to_string(),
+        )
+            .into_response();
+    }
+    if body["stream"].as_bool() == Some(true) {
+        let frames = sse_frames(&name, &model);
+        let stream = futures::stream::iter(
+            frames
+                .into_iter()
+                .map(|f| Ok::<_, std::convert::Infallible>(Bytes::from(f))),
+        );
+        return (
+            [("content-type", "text/event-stream")],
+            Body::from_stream(stream),
+        )
+            .into_response();
+    }
+    let answer = stub["answer"][&model]
+        .as_str()
+        .map_or_else(|| default_answer(&name, &model), str::to_string);
+    let reply = json!({"id": "chatcmpl-stub", "object": "chat.completion", "created": 0,
+        "model": model, "choices": [{"index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": answer}}],
+        "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS,
+            "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS}});
+    ([("content-type", "application/json")], reply.to_string()).into_response()
+}

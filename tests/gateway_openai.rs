@@ -1,0 +1,320 @@
+//! The OpenAI-compatible front with the whole cascade, driven by the official `openai`
+//! Python client (scripts/gateway-clients.sh installs it) against the real server and model,
+//! with stand-in upstreams on loopback (tests/common/upstream.rs): routing to the cheap and
+//! the strong model, an answer the verifier escalates, failing upstreams (retried at the next
+//! tier, or returned as the upstream wrote them), the deadline, streams, and /v1/models.
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::upstream::{self, Stub};
+use common::{free_port, Server};
+use serde_json::{json, Value};
+use tiergate::config::{Config, GatewayPolicy, UpstreamConfig, VerifyMode};
+
+const FLASH: &str = "gemini-2.5-flash";
+const SONNET: &str = "claude-sonnet-4.6";
+const OPUS: &str = "claude-opus-4.8";
+
+/// Routed to the cheapest tier and to the strongest, among the three with upstreams.
+const EASY: &str = "What is 2 + 2?";
+const HARD: &str = "Prove that there are infinitely many primes p such that p + 2 is also \
+    prime, or explain precisely which known results come closest and why the full \
+    statement remains open.";
+
+fn venv_bin(name: &str) -> std::path::PathBuf {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/gateway-venv/bin")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/gateway-clients.sh",
+        p.display()
+    );
+    p
+}
+
+/// The embedded config with upstreams for three models (on the stand-in) and two named
+/// policies, serving the front on `http`.
+fn config(stub: &Stub, http: &str) -> Config {
+    let mut c = Config::embedded().unwrap();
+    for e in &mut c.catalog {
+        let id = match e.model.as_str() {
+            FLASH => "stub-flash",
+            SONNET => "stub-sonnet",
+            OPUS => "stub-opus",
+            _ => continue,
+        };
+        e.upstream = Some(UpstreamConfig {
+            base_url: stub.base_url(),
+            model: Some(id.into()),
+            api_key_env: (e.model == FLASH).then(|| "TIERGATE_TEST_FLASH_KEY".into()),
+        });
+    }
+    c.gateway.http_listen = http.into();
+    let verify = |v| GatewayPolicy {
+        verify: Some(v),
+        ..Default::default()
+    };
+    c.gateway
+        .policies
+        .insert("fast".into(), verify(VerifyMode::Never));
+    c.gateway
+        .policies
+        .insert("verified".into(), verify(VerifyMode::Always));
+    c
+}
+
+fn case(name: &str, model: &str, prompt: &str, stub: Value) -> Value {
+    let mut stub = stub;
+    stub["case"] = json!(name);
+    json!({"name": name, "model": model, "messages": [{"role": "user", "content": prompt}],
+        "extra_body": {"stub": stub}})
+}
+
+/// Runs the cases through the openai client; its observations by case name.
+fn run_client(base_url: &str, cases: Vec<Value>) -> Value {
+    let mut child = Command::new(venv_bin("python"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/clients/openai_cases.py"
+        ))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("running the openai client");
+    let spec = json!({"base_url": base_url, "cases": cases});
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(spec.to_string().as_bytes())
+        .expect("writing the cases");
+    let out = child.wait_with_output().expect("client output");
+    assert!(out.status.success(), "the openai client failed");
+    serde_json::from_slice(&out.stdout).expect("client JSON")
+}
+
+fn cost(model: &str, c: &Config) -> f64 {
+    let e = c.catalog.iter().find(|e| e.model == model).unwrap();
+    (upstream::PROMPT_TOKENS as f64 * e.in_usd_per_mtok
+        + upstream::COMPLETION_TOKENS as f64 * e.out_usd_per_mtok)
+        / 1e6
+}
+
+fn header_f64(r: &Value, name: &str) -> f64 {
+    r["headers"][name]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {name} in {r}"))
+        .parse()
+        .unwrap()
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() < 1e-12
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_client_gets_the_cascade() {
+    let stub = Stub::start("stub").await;
+    let http = format!("127.0.0.1:{}", free_port());
+    let cfg = config(&stub, &http);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiergate.toml");
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let srv = Server::spawn_env(
+        &["--config", path.to_str().unwrap()],
+        &[("TIERGATE_TEST_FLASH_KEY", "sk-test-flash")],
+    );
+    srv.ready().await;
+    let base = format!("http://{http}/v1");
+
+    let refusal = "I'm sorry, but I can't help with that.";
+    // The real verifier on EASY: p 0.57 for the refusal (below the learned 0.742), 0.84 for
+    // the plain answer.
+    let good = "4";
+    let cases = vec![
+        case("easy", "auto:fast", EASY, json!({})),
+        case("hard", "auto:fast", HARD, json!({})),
+        case(
+            "verified",
+            "auto:verified",
+            EASY,
+            json!({"answer": {"stub-flash": refusal, "stub-sonnet": good}}),
+        ),
+        case(
+            "failover",
+            "auto:fast",
+            EASY,
+            json!({"fail": {"stub-flash": 503}}),
+        ),
+        case(
+            "bad_request",
+            "auto:fast",
+            EASY,
+            json!({"fail": {"stub-flash": 400}}),
+        ),
+        case(
+            "all_limited",
+            "auto:fast",
+            EASY,
+            json!({"fail": {"stub-flash": 429, "stub-sonnet": 429, "stub-opus": 429}}),
+        ),
+        case("named", OPUS, EASY, json!({})),
+        case("unknown_model", "gpt-4o", EASY, json!({})),
+        case("unknown_policy", "auto:nope", EASY, json!({})),
+        {
+            let mut c = case(
+                "deadline",
+                "auto:fast",
+                EASY,
+                json!({"delay_ms": {"stub-flash": 3000}}),
+            );
+            c["headers"] = json!({"x-tiergate-timeout-ms": "500"});
+            c
+        },
+        {
+            let mut c = case("stream", "auto:fast", EASY, json!({}));
+            c["stream"] = json!(true);
+            c
+        },
+        {
+            let mut c = case(
+                "stream_failover",
+                "auto:fast",
+                EASY,
+                json!({"fail": {"stub-flash": 502}}),
+            );
+            c["stream"] = json!(true);
+            c
+        },
+        json!({"name": "models", "kind": "models"}),
+    ];
+    let r = run_client(&base, cases);
+
+    // The easy prompt goes to the cheapest tier, called with its provider id and key.
+    let easy = &r["easy"];
+    assert_eq!(easy["model"], FLASH, "{easy}");
+    assert_eq!(easy["headers"]["x-tiergate-model"], FLASH);
+    assert_eq!(easy["text"], upstream::default_answer("stub", "stub-flash"));
+    assert_eq!(easy["headers"]["x-tiergate-escalations"], "0");
+    assert!(close(
+        header_f64(easy, "x-tiergate-cost-usd"),
+        cost(FLASH, &cfg)
+    ));
+    assert!(close(
+        easy["usage"]["cost"].as_f64().unwrap(),
+        cost(FLASH, &cfg)
+    ));
+    assert!(close(
+        header_f64(easy, "x-tiergate-saved-usd"),
+        cost(OPUS, &cfg) - cost(FLASH, &cfg)
+    ));
+    let calls = stub.calls("easy");
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].model, "stub-flash");
+    assert_eq!(calls[0].auth.as_deref(), Some("Bearer sk-test-flash"));
+    assert_eq!(
+        calls[0].body["messages"][0]["content"], EASY,
+        "body passed on"
+    );
+
+    // The hard one goes to the strongest; its upstream has no key configured.
+    assert_eq!(r["hard"]["model"], OPUS, "{}", r["hard"]);
+    let calls = stub.calls("hard");
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].model, "stub-opus");
+    assert_eq!(calls[0].auth, None);
+
+    // The verifier turns the refusal down; the next tier's answer ships, both are paid for.
+    let v = &r["verified"];
+    assert_eq!(v["model"], SONNET, "{v}");
+    assert_eq!(v["text"], good);
+    assert_eq!(v["headers"]["x-tiergate-escalations"], "1");
+    assert_eq!(stub.models("verified"), ["stub-flash", "stub-sonnet"]);
+    let spent = cost(FLASH, &cfg) + cost(SONNET, &cfg);
+    assert!(close(header_f64(v, "x-tiergate-cost-usd"), spent));
+    assert!(close(v["usage"]["cost"].as_f64().unwrap(), spent));
+    assert!(close(
+        header_f64(v, "x-tiergate-saved-usd"),
+        cost(OPUS, &cfg) - spent
+    ));
+
+    // A failing tier is retried one up; only the answer that came is paid for.
+    let f = &r["failover"];
+    assert_eq!(f["model"], SONNET, "{f}");
+    assert_eq!(f["headers"]["x-tiergate-escalations"], "1");
+    assert_eq!(stub.models("failover"), ["stub-flash", "stub-sonnet"]);
+    assert!(close(
+        header_f64(f, "x-tiergate-cost-usd"),
+        cost(SONNET, &cfg)
+    ));
+
+    // The request's own fault (400) is not retried: the upstream's error, as it wrote it.
+    let b = &r["bad_request"];
+    assert_eq!(b["status"], 400, "{b}");
+    assert_eq!(
+        b["error"]["message"],
+        "stub-flash via stub failing with 400"
+    );
+    assert_eq!(stub.models("bad_request"), ["stub-flash"]);
+
+    // Rate-limited everywhere: every tier tried (two escalations), the last 429 returned.
+    let l = &r["all_limited"];
+    assert_eq!(l["status"], 429, "{l}");
+    assert_eq!(l["error"]["message"], "stub-opus via stub failing with 429");
+    assert_eq!(
+        stub.models("all_limited"),
+        ["stub-flash", "stub-sonnet", "stub-opus"]
+    );
+
+    // A model named directly is called as asked: no routing, nothing saved.
+    let n = &r["named"];
+    assert_eq!(n["model"], OPUS, "{n}");
+    assert_eq!(n["headers"]["x-tiergate-saved-usd"], "0");
+    assert_eq!(stub.models("named"), ["stub-opus"]);
+
+    assert_eq!(r["unknown_model"]["status"], 404, "{}", r["unknown_model"]);
+    assert_eq!(r["unknown_policy"]["status"], 404);
+    assert!(stub.calls("unknown_model").is_empty());
+
+    // The client's deadline bounds the upstream call: a gateway timeout, not a hang.
+    let d = &r["deadline"];
+    assert_eq!(d["status"], 504, "{d}");
+    assert_eq!(d["headers"]["x-tiergate-error"], "timeout");
+
+    // Streams pass through (route only); a tier failing before its first byte is replaced.
+    let s = &r["stream"];
+    assert_eq!(s["headers"]["x-tiergate-model"], FLASH, "{s}");
+    assert_eq!(s["text"], "Hello from stub-flash via stub");
+    assert_eq!(s["chunks"], 3);
+    let sf = &r["stream_failover"];
+    assert_eq!(sf["headers"]["x-tiergate-model"], SONNET, "{sf}");
+    assert_eq!(sf["headers"]["x-tiergate-escalations"], "1");
+    assert_eq!(sf["text"], "Hello from stub-sonnet via stub");
+
+    assert_eq!(
+        r["models"]["ids"],
+        json!(["auto", "auto:fast", "auto:verified", FLASH, SONNET, OPUS])
+    );
+
+    // Byte for byte, the stream is the upstream's.
+    let body = json!({"model": "auto:fast", "stream": true, "stub": {"case": "raw"},
+        "messages": [{"role": "user", "content": EASY}]});
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let bytes = resp.bytes().await.unwrap();
+    assert_eq!(
+        String::from_utf8(bytes.to_vec()).unwrap(),
+        upstream::sse_frames("stub", "stub-flash").concat()
+    );
+}
