@@ -7,6 +7,7 @@
 
 mod cascade;
 mod chat;
+mod extproc;
 mod http;
 mod status;
 mod targets;
@@ -15,6 +16,7 @@ mod upstream;
 use std::sync::Arc;
 
 use anyhow::Context;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 
 pub use http::TIMEOUT_HEADER;
 
@@ -59,8 +61,8 @@ pub async fn start(
             }
         }));
     }
-    Ok(Started {
-        routes: None,
-        tasks,
-    })
+    let routes = cfg.gateway.ext_proc.then(|| {
+        tonic::service::Routes::new(ExternalProcessorServer::new(extproc::ExtProc { svc }))
+    });
+    Ok(Started { routes, tasks })
 }

