@@ -24,11 +24,20 @@ pub const FEEDBACK: &str = "tiergate_feedback_total";
 pub const REFITS: &str = "tiergate_refits_total";
 pub const BACKEND_INFO: &str = "tiergate_backend_info";
 pub const BACKEND_FALLBACK: &str = "tiergate_backend_fallback_total";
+pub const SERVING: &str = "tiergate_serving";
+pub const BUILD_INFO: &str = "tiergate_build_info";
+pub const EXPECTED_COST: &str = "tiergate_expected_cost_usd_total";
+pub const EXPECTED_SAVING: &str = "tiergate_expected_saving_usd_total";
+pub const ROUTE_P_PASS: &str = "tiergate_route_p_pass";
 
 const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 const COUNT_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+/// A probability: finer near the floors and thresholds in use (0.7-0.95).
+const P_BUCKETS: &[f64] = &[
+    0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99,
+];
 const TOKEN_BUCKETS: &[f64] = &[
     16.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0,
 ];
@@ -40,6 +49,90 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), COUNT_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(BATCH_TOKENS.into()), TOKEN_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(ROUTE_P_PASS.into()), P_BUCKETS)?
         .install()
-        .map_err(|e| anyhow::anyhow!("metrics exporter on {addr}: {e}"))
+        .map_err(|e| anyhow::anyhow!("metrics exporter on {addr}: {e}"))?;
+    describe();
+    Ok(())
+}
+
+/// HELP text of every series. Descriptions go to the installed recorder, so this runs after
+/// `install`.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        REQUESTS,
+        "Answered requests by RPC and gRPC code (streams: per item)."
+    );
+    describe_histogram!(
+        REQUEST_SECONDS,
+        Unit::Seconds,
+        "Time to answer one request (streams: one item), by RPC."
+    );
+    describe_gauge!(QUEUE_DEPTH, "Requests admitted and not yet batched.");
+    describe_histogram!(BATCH_SIZE, "Requests per encoder batch.");
+    describe_histogram!(BATCH_TOKENS, "Tokens per encoder batch.");
+    describe_histogram!(TOKENIZE_SECONDS, Unit::Seconds, "Tokenizing one input.");
+    describe_histogram!(
+        QUEUE_SECONDS,
+        Unit::Seconds,
+        "Wait from admission to the start of the input's batch."
+    );
+    describe_histogram!(
+        INFERENCE_SECONDS,
+        Unit::Seconds,
+        "Encoder time of the batch an input ran in."
+    );
+    describe_counter!(
+        DECISIONS,
+        "Route decisions by chosen model and reason (relative, floor_met, best_effort, utility)."
+    );
+    describe_counter!(
+        VERIFY_DECISIONS,
+        "Verify decisions: ship or escalate (escalate / all = the escalation ratio)."
+    );
+    describe_counter!(
+        ESCALATIONS,
+        "Verify decisions to escalate, by the model whose answer was rejected."
+    );
+    describe_counter!(
+        TRUNCATIONS,
+        "Inputs cut to the encoder's token limit, by RPC."
+    );
+    describe_counter!(
+        REJECTIONS,
+        "Requests answered with an error, by RPC and reason."
+    );
+    describe_counter!(DROPPED, "Queued inputs dropped before compute: the client left (client_gone) or its deadline passed.");
+    describe_counter!(EMBEDDING_CACHE, "Embedding cache lookups: hit or miss.");
+    describe_counter!(
+        RELOADS,
+        "Reloads (SIGHUP, Admin/Reload): applied or rejected."
+    );
+    describe_counter!(FEEDBACK, "Feedback outcomes: accepted or rejected.");
+    describe_counter!(
+        REFITS,
+        "Feedback re-fits per model: applied, rejected (worse on held-out outcomes) or failed."
+    );
+    describe_gauge!(
+        BACKEND_INFO,
+        "1 for the encoder backend and precision in use."
+    );
+    describe_counter!(
+        BACKEND_FALLBACK,
+        "backend = auto ended on the CPU, by reason."
+    );
+    describe_gauge!(
+        SERVING,
+        "1 while grpc.health.v1 reports SERVING for tiergate.v1.Router, else 0."
+    );
+    describe_gauge!(BUILD_INFO, "1 for the version, encoder and heads revision, backend and numerics serving now; 0 for a heads revision replaced since start (reload, re-fit).");
+    // The `metrics` crate's counters count integers; dollars are fractions, so these two are
+    // gauges that only ever grow: rate() reads them as counters.
+    describe_gauge!(
+        EXPECTED_COST,
+        "Expected cost in USD of the models Route chose (catalog prices), by model; only grows."
+    );
+    describe_gauge!(EXPECTED_SAVING, "Expected saving in USD of Route's choice against the most expensive candidate, by chosen model; only grows.");
+    describe_histogram!(ROUTE_P_PASS, "p_pass of the model Route chose, by model.");
 }

@@ -8,9 +8,9 @@ use std::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{self, deadline_of};
-use super::status::{classify, code_name, to_status};
+use super::observe::{self, request as observe};
+use super::status::{classify, to_status};
 use super::stream::{serve_stream, BoxStream};
-use crate::metrics as m;
 use crate::proto::{self, router_server::Router};
 use crate::service::{Service, ServiceError};
 
@@ -50,7 +50,9 @@ impl RouterService {
         // Readiness first: a warming server says so whatever else is wrong with the request.
         self.svc.check_ready()?;
         let q = convert::route_query(r, deadline)?;
-        Ok(convert::route_reply(self.svc.route(q).await?))
+        let out = self.svc.route(q).await?;
+        observe::route(&out);
+        Ok(convert::route_reply(out))
     }
 
     async fn verify_inner(
@@ -167,20 +169,6 @@ impl RouterService {
             },
         )
     }
-}
-
-/// Counts and times one RPC outcome.
-fn observe<T>(rpc: &'static str, t0: Instant, r: &Result<T, ServiceError>) {
-    let code = match r {
-        Ok(_) => "OK",
-        Err(e) => {
-            let (code, reason) = classify(e);
-            metrics::counter!(m::REJECTIONS, "rpc" => rpc, "reason" => reason).increment(1);
-            code_name(code)
-        }
-    };
-    metrics::counter!(m::REQUESTS, "rpc" => rpc, "code" => code).increment(1);
-    metrics::histogram!(m::REQUEST_SECONDS, "rpc" => rpc).record(t0.elapsed().as_secs_f64());
 }
 
 fn stream_error(request_id: String, e: &ServiceError) -> proto::StreamError {

@@ -7,6 +7,7 @@
 mod admin;
 mod convert;
 mod grpc;
+mod observe;
 mod signal;
 mod status;
 mod stream;
@@ -89,9 +90,7 @@ pub async fn serve_with(
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    health
-        .set_not_serving::<proto::router_server::RouterServer<Arc<RouterService>>>()
-        .await;
+    observe::router_health(&health, false).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -118,9 +117,7 @@ pub async fn serve_with(
                     health
                         .set_service_status("", tonic_health::ServingStatus::Serving)
                         .await;
-                    health
-                        .set_serving::<proto::router_server::RouterServer<Arc<RouterService>>>()
-                        .await;
+                    observe::router_health(&health, true).await;
                     tracing::info!(ms = d.as_secs_f64() * 1e3, "warm-up done, serving");
                 }
                 Err(e) => tracing::error!(error = %e, "warm-up failed; staying NOT_SERVING"),
@@ -134,8 +131,11 @@ pub async fn serve_with(
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             let mut reported = false;
+            let mut build = observe::BuildInfo::default();
             loop {
                 tick.tick().await;
+                // Reloads and re-fits change the heads revision; shown within a tick.
+                build.update(&svc);
                 // Re-asserted every tick, so a late warm-up cannot flip it back.
                 if let Some(why) = svc.pipeline.batcher.failure() {
                     if !reported {
@@ -145,9 +145,7 @@ pub async fn serve_with(
                     health
                         .set_service_status("", tonic_health::ServingStatus::NotServing)
                         .await;
-                    health
-                        .set_not_serving::<proto::router_server::RouterServer<Arc<RouterService>>>()
-                        .await;
+                    observe::router_health(&health, false).await;
                 }
             }
         });
