@@ -73,13 +73,11 @@ fn case(name: &str, model: &str, prompt: &str, stub: Value) -> Value {
         "extra_body": {"stub": stub}})
 }
 
-/// Runs the cases through the openai client; its observations by case name.
-fn run_client(base_url: &str, cases: Vec<Value>) -> Value {
+/// Runs the cases through a client script of tests/clients; its observations by case name.
+fn run_client(script: &str, base_url: &str, cases: Vec<Value>) -> Value {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/");
     let mut child = Command::new(venv_bin("python"))
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/clients/openai_cases.py"
-        ))
+        .arg(format!("{dir}{script}"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -93,8 +91,15 @@ fn run_client(base_url: &str, cases: Vec<Value>) -> Value {
         .write_all(spec.to_string().as_bytes())
         .expect("writing the cases");
     let out = child.wait_with_output().expect("client output");
-    assert!(out.status.success(), "the openai client failed");
-    serde_json::from_slice(&out.stdout).expect("client JSON")
+    assert!(out.status.success(), "{script} failed");
+    // The observations are the last line (a client library may print before it).
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{script} printed {text:?}: {e}"))
 }
 
 fn cost(model: &str, c: &Config) -> f64 {
@@ -192,7 +197,7 @@ async fn the_openai_client_gets_the_cascade() {
         },
         json!({"name": "models", "kind": "models"}),
     ];
-    let r = run_client(&base, cases);
+    let r = run_client("openai_cases.py", &base, cases);
 
     // The easy prompt goes to the cheapest tier, called with its provider id and key.
     let easy = &r["easy"];
@@ -299,6 +304,40 @@ async fn the_openai_client_gets_the_cascade() {
         r["models"]["ids"],
         json!(["auto", "auto:fast", "auto:verified", FLASH, SONNET, OPUS])
     );
+
+    // LiteLLM's SDK, as a LiteLLM deployment calls the front (`openai/auto` + api_base): the
+    // answer, the headers it passes on, and a 429 mapped to its rate-limit error.
+    let l = run_client(
+        "litellm_cases.py",
+        &base,
+        vec![
+            case("litellm", "auto:fast", EASY, json!({})),
+            case(
+                "litellm_limited",
+                "auto:fast",
+                EASY,
+                json!({"fail": {"stub-flash": 429, "stub-sonnet": 429, "stub-opus": 429}}),
+            ),
+        ],
+    );
+    let ok = &l["litellm"];
+    assert_eq!(
+        ok["text"],
+        upstream::default_answer("stub", "stub-flash"),
+        "{ok}"
+    );
+    assert_eq!(
+        ok["headers"]["llm_provider-x-tiergate-model"], FLASH,
+        "{ok}"
+    );
+    assert!(
+        close(ok["usage_cost"].as_f64().unwrap(), cost(FLASH, &cfg)),
+        "{ok}"
+    );
+    assert_eq!(stub.models("litellm"), ["stub-flash"]);
+    let lim = &l["litellm_limited"];
+    assert_eq!(lim["status"], 429, "{lim}");
+    assert_eq!(lim["kind"], "RateLimitError", "{lim}");
 
     // Byte for byte, the stream is the upstream's.
     let body = json!({"model": "auto:fast", "stream": true, "stub": {"case": "raw"},
