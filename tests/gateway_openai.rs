@@ -129,7 +129,7 @@ async fn the_openai_client_gets_the_cascade() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiergate.toml");
     std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
-    let srv = Server::spawn_env(
+    let mut srv = Server::spawn_env(
         &["--config", path.to_str().unwrap()],
         &[("TIERGATE_TEST_FLASH_KEY", "sk-test-flash")],
     );
@@ -355,5 +355,25 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(
         String::from_utf8(bytes.to_vec()).unwrap(),
         upstream::sse_frames("stub", "stub-flash").concat()
+    );
+
+    // SIGTERM drains the front with the gRPC port: the process exits cleanly.
+    srv.sigterm();
+    let st = srv.wait_exit(std::time::Duration::from_secs(60));
+    assert!(st.success(), "{st:?}");
+}
+
+/// A front with nothing to call is a start-up error that says why.
+#[test]
+fn a_front_without_upstreams_is_refused() {
+    let mut c = Config::embedded().unwrap();
+    c.gateway.http_listen = "127.0.0.1:0".into();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiergate.toml");
+    std::fs::write(&path, toml::to_string(&c).unwrap()).unwrap();
+    let err = common::serve_refused(&path);
+    assert!(
+        err.contains("no [[catalog]] entry has an `upstream`"),
+        "{err}"
     );
 }
