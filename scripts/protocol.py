@@ -23,6 +23,12 @@ Per source S (rows: one per prompt x model):
   prompts, cosine, k = 10, p = (sum of the model's scores on the neighbours + 2 * its calibration
   mean) / (neighbours with a row + 2)); random scores route-only by floor; the oracle (the
   cheapest tier model with score >= 0.5, else the best; nothing to pick, figures reported as is).
+  Peer policies, Verify's rule with peer answers (`decide::ships_with_peers`): an answer ships
+  when p_verify >= t or an answer already bought for the prompt commits to the same final answer
+  (`final_answer` in score's output: a multiple-choice pick or a declared number, read from each
+  answer alone). cascade+peers: the cascade, earlier tiers' answers as peers (no extra call);
+  probe+peers: the two cheapest tiers' answers bought up front, each the other's peer, then the
+  cascade. Every call is paid for in the cost.
 - Thresholds: 0..1 in steps of 0.01 plus the 1..99% quantiles of the policy's own scores on the
   picking part. Pick = the threshold with the largest saving whose quality >= 98% of the best
   tier's on the picking part; always calling the best tier (saving 0) is always a candidate, so a
@@ -37,7 +43,7 @@ Per source S (rows: one per prompt x model):
   p_verify, and within-model AUROC per tier model of p_route, p_verify and the kNN p.
 
 usage: python3 scripts/protocol.py [--sources S ...] [--heads H] [--tag NAME] [--no-calibration]
-                                   [--data ../shared/data/dev.jsonl.gz]
+                                   [--no-memory] [--data ../shared/data/dev.jsonl.gz]
 env:   WORK (work dir, default /tmp/protocol), BIN (default target/debug/tiergate),
        HEADS (default models/heads.json; --heads wins)
 out:   $WORK/<tag>/protocol.json (every figure) and a markdown table on stdout (progress on stderr);
@@ -59,7 +65,7 @@ PASS = 0.5           # label: score >= PASS
 K, PRIOR = 10, 2.0   # kNN neighbours and pseudo-count of the prior toward the calibration mean
 BINS = 15            # ECE bins
 ALWAYS_BEST = "always-best"
-POLICIES = ["cascade", "route", "knn", "random"]
+POLICIES = ["cascade", "cascade+peers", "probe+peers", "route", "knn", "random"]
 
 
 def log(*a):
@@ -105,7 +111,7 @@ def write_jsonl(path, rows):
 
 def score_rows(src, cal, uncal, a):
     """p_route / p_verify per uncalibrated row (same order), from the cache or a fresh run."""
-    mode = "nocal" if a.no_calibration else "cal"
+    mode = ("nocal" if a.no_calibration else "cal") + ("-nomem" if a.no_memory else "")
     key = f"{src}-{a.data_tag}-{a.heads_md5[:12]}-{mode}"
     cache = os.path.join(a.work, "cache")
     os.makedirs(cache, exist_ok=True)
@@ -115,7 +121,8 @@ def score_rows(src, cal, uncal, a):
             "cmd": None}
     if os.path.exists(out):
         got = [json.loads(l) for l in open(out)]
-        if [(g["prompt_id"], g["model"]) for g in got] == want:
+        # Scores written before `final_answer` existed are re-made (the peer policies read it).
+        if [(g["prompt_id"], g["model"]) for g in got] == want and all("final_answer" in g for g in got):
             log(f"{src}: scores from cache {out}")
             try:  # the scoring run's own time, from its log
                 done = [l for l in open(info["log"]) if l.startswith("scored ")]
@@ -133,6 +140,8 @@ def score_rows(src, cal, uncal, a):
            "--cache-dir", os.path.join(ROOT, "models", "cache")]
     if not a.no_calibration:
         cmd += ["--calibration", cal_p]
+    if a.no_memory:
+        cmd += ["--no-memory"]
     log(f"{src}: scoring {len(uncal)} rows ({'no calibration' if a.no_calibration else f'{len(cal)} calibration rows'}): {' '.join(cmd)}")
     t0 = time.time()
     with open(info["log"], "w") as lf:
@@ -298,6 +307,20 @@ class Replay:
                 v = x["pv"][j]
                 if j == last or (v is not None and v >= t):
                     return list(range(j + 1)), j
+        if policy in ("cascade+peers", "probe+peers"):
+            # Verify's rule with peers (decide::ships_with_peers): ship when p_verify >= t or
+            # an answer already bought commits to the same final answer. probe+peers buys
+            # the second tier's answer up front as the first one's peer.
+            # t = (threshold, threshold when a peer agrees).
+            t_alone, t_agree = t
+            fa = x["fa"]
+            bought = {0, 1} if policy == "probe+peers" and self.m > 1 else {0}
+            for j in range(self.m):
+                bought.add(j)
+                v = x["pv"][j]
+                agree = fa[j] is not None and any(fa[i] == fa[j] for i in bought if i != j)
+                if j == last or (v is not None and (v >= t_alone or (agree and v >= t_agree))):
+                    return sorted(bought), j
         key = {"route": "pr", "knn": "knn", "random": "rnd"}[policy]
         j = next((j for j in range(self.m) if x[key][j] >= t), last)
         return [j], j
@@ -319,11 +342,16 @@ class Replay:
                 "cost": c, "quality": q, "calls": calls, "prompts": len(ps)}
 
     def grid(self, policy, ps):
-        key = {"cascade": "pv", "route": "pr", "knn": "knn", "random": "rnd"}[policy]
+        key = {"cascade": "pv", "cascade+peers": "pv", "probe+peers": "pv", "route": "pr",
+               "knn": "knn", "random": "rnd"}[policy]
         vals = sorted(v for x in ps for v in x[key] if v is not None)
         g = {i / 100 for i in range(101)}
         if vals:
             g |= {vals[min(int(q / 100 * len(vals)), len(vals) - 1)] for q in range(1, 100)}
+        if policy in ("cascade+peers", "probe+peers"):
+            # A coarse second axis: the bar an answer a peer agrees with must reach.
+            # (a, a) is the plain cascade, so peers can only add options.
+            return sorted({(a, b) for a in g for b in [a] + [i / 10 for i in range(11)] if b <= a})
         return sorted(g)
 
     def pick(self, policy, ps):
@@ -341,6 +369,8 @@ class Replay:
 
 
 def fmt_t(t):
+    if isinstance(t, tuple):
+        return [round(v, 6) for v in t]
     return t if t == ALWAYS_BEST else round(t, 6)
 
 
@@ -391,7 +421,8 @@ def run_source(src, rows, a):
             continue
         q = {"model": r["model"], "score": r["score"], "cost": r["cost_usd"], "pr": g["p_route"],
              "pv": g["p_verify"], "knn": knn[(r["prompt_id"], r["model"])],
-             "rnd": unit(r["prompt_id"], "random:" + r["model"] + ":")}
+             "rnd": unit(r["prompt_id"], "random:" + r["model"] + ":"),
+             "fa": g.get("final_answer")}
         qrows.append(q)
         by_prompt[r["prompt_id"]][r["model"]] = q
     prompts, skipped = [], 0
@@ -401,7 +432,7 @@ def run_source(src, rows, a):
             skipped += 1
             continue
         x = {"id": pid, "part": part_of(pid), "half": half_of(pid)}
-        for k in ("score", "cost", "pr", "pv", "knn", "rnd"):
+        for k in ("score", "cost", "pr", "pv", "knn", "rnd", "fa"):
             x[k] = [ms[m][k] for m in tier_models]
         prompts.append(x)
     skipped += len(uprompts) - len(by_prompt)
@@ -441,10 +472,14 @@ def short(v):
     return "n/a" if v is None else f"{v:.2f}".lstrip("0") if v >= 0 else f"{v:.2f}"
 
 
+XF_COLUMNS = ("cascade", "cascade+peers", "probe+peers", "route", "knn", "oracle", "random")
+
+
 def table(results):
     head = ["source", "cal prompts", "test prompts", "tiers", "router AUROC pooled / within",
             "verifier AUROC / ECE", "kNN within AUROC",
-            "XF cascade", "XF route", "XF kNN", "XF oracle", "XF random",
+            "XF cascade", "XF cascade+peers", "XF probe+peers", "XF route", "XF kNN", "XF oracle",
+            "XF random",
             "T→T cascade", "T→T route", "T→T kNN"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
 
@@ -466,7 +501,7 @@ def table(results):
             f"{num(sq['router']['auroc'])} / {w('router')}",
             f"{num(sq['verifier']['auroc'])} / {num(sq['verifier']['ece'])}",
             w("knn"),
-            *[xf(r, p) for p in ("cascade", "route", "knn", "oracle", "random")],
+            *[xf(r, p) for p in XF_COLUMNS],
             *[tt(r, p) for p in ("cascade", "route", "knn")]]) + " |")
     if len(results) > 1:
         M = lambda f: mean([f(r) for r in results])
@@ -489,7 +524,7 @@ def table(results):
             f"{num(M(lambda r: sq(r)['router']['auroc']))} / {short(M(lambda r: sq(r)['router']['within_mean']))} (mean)",
             f"{num(M(lambda r: sq(r)['verifier']['auroc']))} / {num(M(lambda r: sq(r)['verifier']['ece']))}",
             f"{short(M(lambda r: sq(r)['knn']['within_mean']))} (mean)",
-            *[mxf(p) for p in ("cascade", "route", "knn", "oracle", "random")],
+            *[mxf(p) for p in XF_COLUMNS],
             *[mtt(p) for p in ("cascade", "route", "knn")]]) + " |")
     return "\n".join(lines)
 
@@ -518,6 +553,8 @@ def main():
     ap.add_argument("--heads", default=os.environ.get("HEADS", "models/heads.json"))
     ap.add_argument("--tag", default=None)
     ap.add_argument("--no-calibration", action="store_true")
+    ap.add_argument("--no-memory", action="store_true",
+                    help="score --no-memory: calibrate without the memory of labelled prompts")
     ap.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "dev.jsonl.gz"))
     a = ap.parse_args()
     a.work = os.environ.get("WORK", "/tmp/protocol")
@@ -529,7 +566,7 @@ def main():
     a.heads_md5 = file_md5(a.heads)
     stem = os.path.basename(a.data).split(".")[0]
     a.data_tag = f"{stem}-{file_md5(a.data)[:8]}"
-    mode = "nocal" if a.no_calibration else "cal"
+    mode = ("nocal" if a.no_calibration else "cal") + ("-nomem" if a.no_memory else "")
     a.tag = a.tag or f"{stem}-{os.path.basename(a.heads).rsplit('.', 1)[0]}-{a.heads_md5[:8]}-{mode}"
     by_src = defaultdict(list)
     with gzip.open(a.data, "rt") if a.data.endswith(".gz") else open(a.data) as f:

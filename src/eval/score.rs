@@ -613,6 +613,9 @@ pub fn run(a: ScoreArgs) -> Result<()> {
                 "model": r.model,
                 "p_route": pr,
                 "p_verify": pv,
+                // What the answer commits to (its own text only): replays compare these
+                // across models for the peer-agreement policy.
+                "final_answer": r.response.as_deref().and_then(|a| crate::model::answer::final_answer(&r.prompt, a)),
             });
             writeln!(w, "{line}")?;
         }

@@ -16,7 +16,9 @@ use crate::batch::Priority;
 use crate::config::{UpstreamConfig, VerifyMode};
 use crate::model::TruncSide;
 use crate::policy::PolicyRequest;
-use crate::service::{Decider, RouteInput, RouteOutcome, RouteQuery, Service, VerifyQuery};
+use crate::service::{
+    Decider, PeerAnswer, RouteInput, RouteOutcome, RouteQuery, Service, VerifyQuery,
+};
 
 pub struct Front {
     pub svc: Arc<Service>,
@@ -147,6 +149,8 @@ impl Front {
         let (mut at, mut hops, mut spent) = (plan.start.clone(), 0u32, 0.0);
         // The last answer the verifier turned down: shipped if every later tier fails.
         let mut rejected: Option<(String, Value)> = None;
+        // Earlier tiers' answers: the verifier reads agreement with them.
+        let mut peers: Vec<PeerAnswer> = Vec::new();
         loop {
             let up = plan.upstream(&at)?;
             let sent = chat::with_model(&body, up.model.as_deref().unwrap_or(&at));
@@ -157,7 +161,16 @@ impl Front {
             {
                 Ok(reply) => {
                     spent += plan.cost(&at, &reply);
-                    if let Some(to) = self.escalate(&plan, &at, &reply, hops, deadline).await {
+                    let to = self
+                        .escalate(&plan, &at, &reply, &peers, hops, deadline)
+                        .await;
+                    if let Some(to) = to {
+                        if let Some(text) = chat::answer(&reply) {
+                            peers.push(PeerAnswer {
+                                model: at.clone(),
+                                answer: text.to_string(),
+                            });
+                        }
                         rejected = Some((std::mem::replace(&mut at, to), reply));
                         hops += 1;
                         continue;
@@ -190,6 +203,7 @@ impl Front {
         plan: &Plan,
         at: &str,
         reply: &Value,
+        peers: &[PeerAnswer],
         hops: u32,
         deadline: Instant,
     ) -> Option<String> {
@@ -208,6 +222,8 @@ impl Front {
                 policy: plan.policy,
                 priority: Priority::Normal,
                 deadline: Some(deadline),
+                peers: peers.to_vec(),
+                peer_threshold: None,
             })
             .await;
         match v {

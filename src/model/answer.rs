@@ -206,6 +206,53 @@ fn dup_ratio<T: Ord>(mut v: Vec<T>) -> f32 {
     1.0 - v.len() as f32 / n as f32
 }
 
+/// The answer an answer commits to, for comparing answers of different models to one prompt
+/// (peer agreement, issue 13): `option:X` for a multiple-choice pick, `number:N` for a number
+/// declared after `answer is` / `answer:` / `####` / `\boxed{` (commas dropped, `2.50` = `2.5`),
+/// else None (open-ended text is not compared). Reads only the prompt and this answer.
+pub fn final_answer(prompt: &str, answer: &str) -> Option<String> {
+    let (c, _) = chosen(answer);
+    if let Some(c) = c {
+        let opts = options(prompt);
+        if letter_index(c).is_some_and(|i| opts.is_empty() || i < opts.len()) {
+            return Some(format!("option:{c}"));
+        }
+    }
+    let lower = answer.to_ascii_lowercase();
+    let mut last: Option<(usize, String)> = None;
+    for pat in ["answer is", "answer:", "####", "\\boxed{"] {
+        for (i, _) in lower.match_indices(pat) {
+            let rest = &answer[i + pat.len()..];
+            // The number must come first (`answer is 42`, `#### -3`, `\\boxed{1,200}`), not
+            // somewhere in a sentence (`answer: after 3 days ...`).
+            let head: String = rest.chars().take(40).filter(|&c| c != ',').collect();
+            let head =
+                head.trim_start_matches(|c: char| c.is_whitespace() || "*_:$\\(".contains(c));
+            let starts = head.starts_with(|c: char| c.is_ascii_digit())
+                || (head.starts_with('-') && head[1..].starts_with(|c: char| c.is_ascii_digit()));
+            if let (true, Some(n)) = (starts, numbers(head).first()) {
+                if last.as_ref().is_none_or(|(j, _)| i > *j) {
+                    last = Some((i, canonical_number(n)));
+                }
+            }
+        }
+    }
+    last.map(|(_, n)| format!("number:{n}"))
+}
+
+/// `2.50` → `2.5`, `3.0` → `3`, `-0` → `0`.
+fn canonical_number(n: &str) -> String {
+    let t = if n.contains('.') {
+        n.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        n
+    };
+    match t {
+        "-0" | "" => "0".to_string(),
+        t => t.to_string(),
+    }
+}
+
 /// Features of the pair's text; see the module doc. Order: multiple choice, picked a valid
 /// option, picked none, changed its mind, picked option's length rank, picked the longest,
 /// picked position, picked text in the answer, picked option has numbers, share of them in
@@ -275,6 +322,41 @@ pub fn text_features(prompt: &str, answer: &str) -> [f32; TEXT_FEATURES] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn final_answers_compare_picks_and_numbers() {
+        let mcq = "Which?\nA) one\nB) two\nC) three\nAnswer:";
+        assert_eq!(final_answer(mcq, "B").as_deref(), Some("option:B"));
+        assert_eq!(
+            final_answer(mcq, "Two is right. The answer is (B).").as_deref(),
+            Some("option:B")
+        );
+        // A letter the prompt does not offer is no answer.
+        assert_eq!(final_answer(mcq, "The answer is (E)."), None);
+        let math = "Tom has 3 boxes of 400 pens. How many pens?";
+        assert_eq!(
+            final_answer(math, "3 × 400 = 1,200.\n#### 1,200").as_deref(),
+            Some("number:1200")
+        );
+        assert_eq!(
+            final_answer(math, "so the answer is $1200.00").as_deref(),
+            Some("number:1200")
+        );
+        assert_eq!(
+            final_answer(math, "The answer is \\boxed{-2.50}").as_deref(),
+            Some("number:-2.5")
+        );
+        // The last declared number wins; a number inside a sentence is not declared.
+        assert_eq!(
+            final_answer(math, "answer: 1100? No. The answer is 1200").as_deref(),
+            Some("number:1200")
+        );
+        assert_eq!(
+            final_answer(math, "The answer: after 3 boxes, many pens."),
+            None
+        );
+        assert_eq!(final_answer("Write a poem.", "Roses are red."), None);
+    }
 
     const MMLU: &str = "Which is largest?\nOptions: [\"1 m\", \"a very long distance of 5 km\", \"3 cm\", \"2 mm\"]";
     const ARC: &str = "Q: Sky?\nA) red\nB) blue\nPrint only a single choice.\nAnswer: B\n\n\

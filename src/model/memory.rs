@@ -45,7 +45,9 @@ impl Memory {
         if self.dim != dim {
             bail!("memory: dim {} but the heads have {dim}", self.dim);
         }
-        if self.prompts.len() % dim.max(1) != 0 || self.prompts.iter().any(|x| !x.is_finite()) {
+        if !self.prompts.len().is_multiple_of(dim.max(1))
+            || self.prompts.iter().any(|x| !x.is_finite())
+        {
             bail!("memory: prompts are not whole finite rows of {dim}");
         }
         if self.k == 0 || !(self.alpha.is_finite() && self.alpha > 0.0) {

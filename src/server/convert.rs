@@ -7,8 +7,8 @@ use crate::model::TruncSide;
 use crate::policy::PolicyRequest;
 use crate::proto;
 use crate::service::{
-    FeedbackQuery, RouteInput, RouteOutcome, RouteQuery, Service, ServiceError, Timings,
-    VerifyOutcome, VerifyQuery,
+    FeedbackQuery, PeerAnswer, RouteInput, RouteOutcome, RouteQuery, Service, ServiceError,
+    Timings, VerifyOutcome, VerifyQuery,
 };
 
 fn ms(d: Duration) -> f64 {
@@ -119,6 +119,15 @@ pub fn verify_query(
         candidates: r.candidates,
         policy: policy(r.policy),
         deadline,
+        peer_threshold: r.peer_threshold,
+        peers: r
+            .peers
+            .into_iter()
+            .map(|p| PeerAnswer {
+                model: p.model,
+                answer: p.answer,
+            })
+            .collect(),
     })
 }
 
@@ -138,6 +147,8 @@ pub fn verify_reply(o: VerifyOutcome) -> proto::VerifyReply {
         input_tokens: o.input_tokens,
         revision: o.revision,
         timings: Some(timings(o.timings)),
+        peers_compared: o.peers_compared,
+        peers_agreeing: o.peers_agreeing,
     }
 }
 

@@ -38,6 +38,31 @@ pub fn ships(p_pass: f64, threshold: f64) -> bool {
     p_pass >= threshold
 }
 
+/// Peers whose final answer (`model::answer::final_answer`) can be compared with this
+/// answer's, and how many of those agree: (compared, agreeing). An answer without one
+/// compares with nothing.
+pub fn peer_agreement(own: Option<&str>, peers: &[Option<String>]) -> (u32, u32) {
+    let Some(own) = own else {
+        return (0, 0);
+    };
+    let compared = peers.iter().flatten();
+    let n = compared.clone().count() as u32;
+    (n, compared.filter(|p| p.as_str() == own).count() as u32)
+}
+
+/// Verify's rule with peers: ship when p_pass reaches the threshold, or, when the request
+/// gives a lower bar for answers a peer agrees with, when a peer agrees and p_pass reaches
+/// that bar. Off unless asked: on dev's cascades agreement did not pay under the
+/// cross-fitted protocol (models/EVAL.md, "Peer answers").
+pub fn ships_with_peers(
+    p_pass: f64,
+    threshold: f64,
+    agreeing: u32,
+    peer_threshold: Option<f64>,
+) -> bool {
+    ships(p_pass, threshold) || (agreeing >= 1 && peer_threshold.is_some_and(|t| p_pass >= t))
+}
+
 /// Cascade from `start`: ship the first answer that [`ships`] (an answer the verifier cannot
 /// read counts as rejected), the last model's answer regardless. Returns the model shipped
 /// and whether the verifier accepted it.

@@ -22,7 +22,8 @@ use anyhow::{Context, Result};
 pub use decider::Decider;
 pub use error::ServiceError;
 pub use types::{
-    FeedbackQuery, RouteInput, RouteOutcome, RouteQuery, Timings, VerifyOutcome, VerifyQuery,
+    FeedbackQuery, PeerAnswer, RouteInput, RouteOutcome, RouteQuery, Timings, VerifyOutcome,
+    VerifyQuery,
 };
 
 use crate::batch::Priority;
@@ -32,6 +33,10 @@ use crate::model::heads::AnswerInput;
 use crate::model::{Heads, TruncSide};
 use crate::pipeline::{EncodedInput, Input, TextPipeline};
 use crate::policy;
+
+/// Peer answers one Verify may compare (each is a whole answer text to scan).
+pub const MAX_PEERS: usize = 8;
+const MAX_PEER_MODEL_BYTES: usize = 256;
 
 /// One per process: the pipeline, and the decider (heads, overlays, catalog, policy) that
 /// turns embeddings into decisions, swapped whole on reload; and whether warm-up has run.
@@ -221,6 +226,26 @@ impl Service {
         self.check_ready()?;
         self.check_text("prompt", &q.prompt, false)?;
         self.check_text("answer", &q.answer, true)?;
+        if q.peers.len() > MAX_PEERS {
+            return Err(ServiceError::InvalidArgument(format!(
+                "{} peer answers; at most {MAX_PEERS}",
+                q.peers.len()
+            )));
+        }
+        if let Some(t) = q.peer_threshold.filter(|t| !(0.0..=1.0).contains(t)) {
+            return Err(ServiceError::InvalidArgument(format!(
+                "peer_threshold {t} outside [0, 1]"
+            )));
+        }
+        for pa in &q.peers {
+            self.check_text("peer answer", &pa.answer, true)?;
+            if pa.model.len() > MAX_PEER_MODEL_BYTES {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "a peer's model name is {} bytes; at most {MAX_PEER_MODEL_BYTES}",
+                    pa.model.len()
+                )));
+            }
+        }
         let d = self.decider();
         let pol = policy::effective(q.policy.as_ref(), &d.policy, d.default_floor())?;
         let model = d.catalog.get(&q.model).ok_or_else(|| {
@@ -268,7 +293,14 @@ impl Service {
                 },
             )
         };
-        let ship = decide::ships(p, threshold);
+        let own = crate::model::answer::final_answer(&q.prompt, &q.answer);
+        let peer_keys: Vec<Option<String>> = q
+            .peers
+            .iter()
+            .map(|pa| crate::model::answer::final_answer(&q.prompt, &pa.answer))
+            .collect();
+        let (peers_compared, peers_agreeing) = decide::peer_agreement(own.as_deref(), &peer_keys);
+        let ship = decide::ships_with_peers(p, threshold, peers_agreeing, q.peer_threshold);
         metrics::counter!(m::VERIFY_DECISIONS, "decision" => if ship { "ship" } else { "escalate" })
             .increment(1);
         if !ship {
@@ -287,6 +319,8 @@ impl Service {
                 total: t0.elapsed(),
                 ..timings
             },
+            peers_compared,
+            peers_agreeing,
         })
     }
 

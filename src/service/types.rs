@@ -83,6 +83,17 @@ pub struct VerifyQuery {
     pub policy: Option<PolicyRequest>,
     pub priority: Priority,
     pub deadline: Option<Instant>,
+    /// Other models' answers to the same prompt (earlier tiers of a cascade, a probe call),
+    /// compared by final answer (`decide::ships_with_peers`).
+    pub peers: Vec<PeerAnswer>,
+    /// The bar an answer a peer agrees with must reach (None: peers change nothing).
+    pub peer_threshold: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PeerAnswer {
+    pub model: String,
+    pub answer: String,
 }
 
 /// An outcome a gateway observed, for learning while serving.
@@ -109,4 +120,7 @@ pub struct VerifyOutcome {
     pub input_tokens: u32,
     pub revision: String,
     pub timings: Timings,
+    /// Peers whose final answer could be compared with this one's, and how many agree.
+    pub peers_compared: u32,
+    pub peers_agreeing: u32,
 }
