@@ -21,23 +21,28 @@ async fn peers_are_compared_and_agreement_ships_only_when_asked() {
     let mut c = server.client().await;
     let info = server.info().await;
     let model = info.catalog.first().expect("a catalog").model.clone();
-    let verify = |peers: Vec<proto::PeerAnswer>, peer_threshold: Option<f64>| proto::VerifyRequest {
-        prompt: PROMPT.into(),
-        answer: "Plants absorb it from the air. The answer is (B).".into(),
-        model: model.clone(),
-        // A floor nothing reaches, so that only agreement can ship.
-        policy: Some(proto::Policy {
-            quality_floor: Some(1.0),
+    let verify =
+        |peers: Vec<proto::PeerAnswer>, peer_threshold: Option<f64>| proto::VerifyRequest {
+            prompt: PROMPT.into(),
+            answer: "Plants absorb it from the air. The answer is (B).".into(),
+            model: model.clone(),
+            // A floor nothing reaches, so that only agreement can ship.
+            policy: Some(proto::Policy {
+                quality_floor: Some(1.0),
+                ..Default::default()
+            }),
+            peers,
+            peer_threshold,
             ..Default::default()
-        }),
-        peers,
-        peer_threshold,
-        ..Default::default()
-    };
+        };
     let escalate = proto::Decision::Escalate as i32;
     let ship = proto::Decision::Ship as i32;
 
-    let alone = c.verify(verify(vec![], None)).await.expect("verify").into_inner();
+    let alone = c
+        .verify(verify(vec![], None))
+        .await
+        .expect("verify")
+        .into_inner();
     assert_eq!(alone.decision, escalate, "{alone:?}");
     assert_eq!((alone.peers_compared, alone.peers_agreeing), (0, 0));
 
@@ -49,7 +54,10 @@ async fn peers_are_compared_and_agreement_ships_only_when_asked() {
         .into_inner();
     assert_eq!((told.peers_compared, told.peers_agreeing), (1, 1));
     assert_eq!(told.decision, escalate);
-    assert!((told.p_pass - alone.p_pass).abs() < 1e-9, "peers never move p_pass");
+    assert!(
+        (told.p_pass - alone.p_pass).abs() < 1e-9,
+        "peers never move p_pass"
+    );
 
     let agreed = c
         .verify(verify(vec![peer("(B) carbon dioxide")], Some(0.0)))
@@ -68,7 +76,10 @@ async fn peers_are_compared_and_agreement_ships_only_when_asked() {
     assert_eq!(above.decision, escalate, "the bar is above p_pass");
 
     let disagreed = c
-        .verify(verify(vec![peer("The answer is (A)."), peer("C")], Some(0.0)))
+        .verify(verify(
+            vec![peer("The answer is (A)."), peer("C")],
+            Some(0.0),
+        ))
         .await
         .expect("verify")
         .into_inner();
