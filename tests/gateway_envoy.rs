@@ -239,6 +239,21 @@ async fn envoy_routes_on_the_processors_choice() {
     let err = json_of(r).await;
     assert_eq!(err["error"]["message"], "`messages` is empty");
     assert!(stubs.iter().all(|s| s.calls("refused").is_empty()));
+    let r = post(
+        &envoy,
+        serde_json::to_vec(&chat("auto:nope", EASY, "policy")).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status(), 404, "an unknown policy");
+    let err = json_of(r).await;
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no policy \"nope\""),
+        "{err}"
+    );
+    assert!(stubs.iter().all(|s| s.calls("policy").is_empty()));
 
     // tiergate down: fail-open, the request goes on untouched to the default route.
     srv.sigterm();

@@ -168,6 +168,12 @@ async fn the_openai_client_gets_the_cascade() {
             json!({"fail": {"stub-flash": 429, "stub-sonnet": 429, "stub-opus": 429}}),
         ),
         case("named", OPUS, EASY, json!({})),
+        case(
+            "borderline",
+            "auto",
+            EASY,
+            json!({"answer": {"stub-flash": refusal}}),
+        ),
         case("unknown_model", "gpt-4o", EASY, json!({})),
         case("unknown_policy", "auto:nope", EASY, json!({})),
         {
@@ -280,6 +286,35 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(n["model"], OPUS, "{n}");
     assert_eq!(n["headers"]["x-tiergate-saved-usd"], "0");
     assert_eq!(stub.models("named"), ["stub-opus"]);
+
+    // Plain `auto` verifies when Route calls its pick borderline (gateway.verify's default):
+    // the same Route over gRPC says whether it does, and the refusal escalated iff so.
+    let rr = srv
+        .client()
+        .await
+        .route(tiergate::proto::RouteRequest {
+            input: Some(tiergate::proto::route_request::Input::Messages(
+                tiergate::proto::Messages {
+                    messages: vec![tiergate::proto::ChatMessage {
+                        role: "user".into(),
+                        content: EASY.into(),
+                    }],
+                },
+            )),
+            candidates: vec![FLASH.into(), SONNET.into(), OPUS.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let bl = &r["borderline"];
+    assert_eq!(rr.model, FLASH, "{rr:?}");
+    let calls = stub.models("borderline");
+    assert_eq!(calls.len() > 1, rr.verify_recommended, "{bl} {rr:?}");
+    assert_eq!(
+        bl["headers"]["x-tiergate-escalations"],
+        (calls.len() - 1).to_string()
+    );
 
     assert_eq!(r["unknown_model"]["status"], 404, "{}", r["unknown_model"]);
     assert_eq!(r["unknown_policy"]["status"], 404);
