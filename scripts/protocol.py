@@ -9,7 +9,7 @@ Per source S (rows: one per prompt x model):
   (tune + test) is also split into halves A/B by md5("half:" + prompt_id), for cross-fitting.
 - `tiergate score --heads HEADS --data UNCAL.jsonl --calibration CAL.jsonl` gives p_route and
   p_verify for every uncalibrated row (`--no-calibration`: without `--calibration`). The output
-  is cached per (source, data file, heads file hash, calibration mode) under $WORK/cache, so a
+  is cached per (source, data file, heads file hash, binary hash, mode) under $WORK/cache, so a
   rerun only recomputes the analysis.
 - Tiers, from the calibration rows only: models with rows for >= 95% of the calibration prompts;
   their (mean cost, mean score) Pareto front; the cheapest front model, the best-scoring one, and
@@ -112,7 +112,8 @@ def write_jsonl(path, rows):
 def score_rows(src, cal, uncal, a):
     """p_route / p_verify per uncalibrated row (same order), from the cache or a fresh run."""
     mode = ("nocal" if a.no_calibration else "cal") + ("-nomem" if a.no_memory else "")
-    key = f"{src}-{a.data_tag}-{a.heads_md5[:12]}-{mode}"
+    # The binary is part of the key: scores of an older build are not reused.
+    key = f"{src}-{a.data_tag}-{a.heads_md5[:12]}-{file_md5(a.bin)[:8]}-{mode}"
     cache = os.path.join(a.work, "cache")
     os.makedirs(cache, exist_ok=True)
     out = os.path.join(cache, key + ".jsonl")
