@@ -53,6 +53,7 @@ fn config(stub: &Stub, http: &str) -> Config {
         });
     }
     c.gateway.http_listen = http.into();
+    c.gateway.max_body_bytes = 64 << 10;
     let verify = |v| GatewayPolicy {
         verify: Some(v),
         ..Default::default()
@@ -391,6 +392,21 @@ async fn the_openai_client_gets_the_cascade() {
         String::from_utf8(bytes.to_vec()).unwrap(),
         upstream::sse_frames("stub", "stub-flash").concat()
     );
+
+    // A body over gateway.max_body_bytes: 413 in the same error format, nothing called.
+    let big = json!({"model": "auto", "stub": {"case": "big"},
+        "messages": [{"role": "user", "content": "x".repeat(100 << 10)}]});
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/chat/completions"))
+        .header("content-type", "application/json")
+        .body(big.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let err: Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+    assert_eq!(err["error"]["type"], "request_too_large", "{err}");
+    assert!(stub.calls("big").is_empty());
 
     // SIGTERM drains the front with the gRPC port: the process exits cleanly.
     srv.sigterm();

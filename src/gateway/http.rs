@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -43,7 +44,16 @@ fn set(h: &mut HeaderMap, name: &'static str, value: String) {
     }
 }
 
-async fn completions(State(front): State<Arc<Front>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn completions(
+    State(front): State<Arc<Front>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    // The rejection (over the body limit, a broken upload) in the same error format.
+    let body = match body {
+        Ok(b) => b,
+        Err(r) => return GatewayError::Unreadable(r.status(), r.body_text()).into_response(),
+    };
     match answer(&front, &headers, &body).await {
         Ok(r) => r,
         Err(e) => {

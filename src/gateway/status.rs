@@ -14,6 +14,9 @@ pub enum GatewayError {
     /// The request is malformed (not JSON, no messages, an unknown policy).
     #[error("{0}")]
     BadRequest(String),
+    /// The body could not be read: over `gateway.max_body_bytes` (413), or broken off.
+    #[error("{1}")]
+    Unreadable(StatusCode, String),
     /// `model` names nothing this gateway can call.
     #[error("{0}")]
     UnknownModel(String),
@@ -50,6 +53,10 @@ impl GatewayError {
         use StatusCode as S;
         match self {
             GatewayError::BadRequest(_) => (S::BAD_REQUEST, "invalid_request_error"),
+            GatewayError::Unreadable(s, _) if *s == S::PAYLOAD_TOO_LARGE => {
+                (*s, "request_too_large")
+            }
+            GatewayError::Unreadable(s, _) => (*s, "invalid_request_error"),
             GatewayError::UnknownModel(_) => (S::NOT_FOUND, "model_not_found"),
             GatewayError::Service(e) => classify(e),
             GatewayError::Upstream(u) => match u {
