@@ -252,6 +252,11 @@ fn default_gpu_max_batch_requests() -> usize {
 }
 
 impl BatchConfig {
+    /// Bytes of text being tokenized or waiting for it, all requests together; beyond it a
+    /// text is refused (RESOURCE_EXHAUSTED) before any work, so one client's huge inputs
+    /// cannot stall everyone's tokenizing.
+    #[serde(default = "default_max_tokenize_bytes")]
+    pub max_tokenize_bytes: usize,
     /// The batcher's limits for the device of the backend that was selected (a GPU gets the
     /// GPU budget).
     pub fn limits_for(&self, device: Device) -> Limits {
@@ -265,6 +270,10 @@ impl BatchConfig {
             max_queue: self.max_queue,
         }
     }
+fn default_max_tokenize_bytes() -> usize {
+    1 << 20
+}
+
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -533,6 +542,13 @@ impl Config {
             unit("policy.verify_threshold", t)?;
         }
         if !p.cost_weight.is_finite() || p.cost_weight < 0.0 {
+        if b.max_tokenize_bytes < b.max_input_bytes {
+            bail!(
+                "batch.max_tokenize_bytes = {} is below batch.max_input_bytes = {}: an input of the allowed size could never be tokenized",
+                b.max_tokenize_bytes,
+                b.max_input_bytes
+            );
+        }
             bail!(
                 "policy.cost_weight = {} must be finite and >= 0",
                 p.cost_weight

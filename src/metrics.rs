@@ -29,6 +29,7 @@ pub const BUILD_INFO: &str = "tiergate_build_info";
 pub const EXPECTED_COST: &str = "tiergate_expected_cost_usd_total";
 pub const EXPECTED_SAVING: &str = "tiergate_expected_saving_usd_total";
 pub const ROUTE_P_PASS: &str = "tiergate_route_p_pass";
+pub const TOKENIZE_BACKLOG: &str = "tiergate_tokenize_backlog_bytes";
 
 const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -103,7 +104,12 @@ fn describe() {
         REJECTIONS,
         "Requests answered with an error, by RPC and reason."
     );
-    describe_counter!(DROPPED, "Queued inputs dropped before compute: the client left (client_gone) or its deadline passed.");
+    describe_counter!(DROPPED, "Inputs dropped before compute, by stage (tokenize or, unlabelled, the batch queue) and reason: the client left (client_gone), its deadline passed, or the tokenizer backlog was full (tokenizer_backlog).");
+    describe_gauge!(
+        TOKENIZE_BACKLOG,
+        Unit::Bytes,
+        "Bytes of text being tokenized or waiting for it (bounded by batch.max_tokenize_bytes)."
+    );
     describe_counter!(EMBEDDING_CACHE, "Embedding cache lookups: hit or miss.");
     describe_counter!(
         RELOADS,

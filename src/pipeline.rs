@@ -2,6 +2,7 @@
 //! the decision layer (`service`) and the offline commands. One `TextPipeline` per process.
 #![forbid(unsafe_code)]
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,10 +26,52 @@ pub enum EncodeError {
     WorkerStopped,
 }
 
+/// Texts of at least this many bytes are tokenized on a pool of their own, so that small
+/// requests never queue behind them (non-ASCII text takes the `tokenizers` path, about 1 s
+/// per 256 KiB).
+const LARGE_TEXT: usize = 16 << 10;
+
+/// Bytes of text in the tokenizer stage (waiting or being tokenized), bounded.
+struct Backlog {
+    bytes: AtomicUsize,
+    cap: usize,
+}
+
+/// A text's share of the backlog, given back when its tokenizing ends (or never starts).
+struct Admitted {
+    backlog: Arc<Backlog>,
+    bytes: usize,
+}
+
+impl Backlog {
+    fn admit(self: &Arc<Self>, bytes: usize) -> Option<Admitted> {
+        self.bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used + bytes <= self.cap).then_some(used + bytes)
+            })
+            .ok()?;
+        metrics::gauge!(m::TOKENIZE_BACKLOG).increment(bytes as f64);
+        Some(Admitted {
+            backlog: self.clone(),
+            bytes,
+        })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.backlog.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        metrics::gauge!(m::TOKENIZE_BACKLOG).decrement(self.bytes as f64);
+    }
+}
+
 /// Tokenizer pool + batcher + backend: text in, embeddings out.
 pub struct TextPipeline {
     pub tokenizer: Arc<TextTokenizer>,
     tok_pool: rayon::ThreadPool,
+    /// One thread for texts of [`LARGE_TEXT`] bytes or more.
+    big_pool: rayon::ThreadPool,
+    backlog: Arc<Backlog>,
     pub batcher: Batcher,
     pub model_revision: String,
     /// The backend's arithmetic (`Backend::numerics`), e.g. "bf16".
@@ -98,6 +141,7 @@ impl EmbeddingCache {
 }
 
 /// What one input became: its embedding plus the timings of each stage.
+#[derive(Debug)]
 pub struct EncodedInput {
     pub enc_len: usize,
     pub truncated: bool,
@@ -133,9 +177,19 @@ impl TextPipeline {
             .thread_name(|i| format!("tiergate-tok-{i}"))
             .build()
             .context("tokenizer thread pool")?;
+        let big_pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .thread_name(|_| "tiergate-tok-large".into())
+            .build()
+            .context("tokenizer thread pool (large texts)")?;
         Ok(TextPipeline {
             tokenizer: Arc::new(tokenizer),
             tok_pool,
+            big_pool,
+            backlog: Arc::new(Backlog {
+                bytes: AtomicUsize::new(0),
+                cap: cfg.batch.max_tokenize_bytes,
+            }),
             batcher,
             model_revision,
             numerics,
@@ -150,15 +204,56 @@ impl TextPipeline {
         self.batcher.dim()
     }
 
-    /// Runs `f` on the tokenizer pool, off the async runtime.
+    /// Runs `f` on a text of `bytes` bytes on a tokenizer pool, off the async runtime, once
+    /// the text is admitted to the bounded backlog (else RESOURCE_EXHAUSTED at once). Work
+    /// whose client left or whose deadline passed while it waited is skipped, and a panic
+    /// becomes this request's error: the pool and the process live on.
     async fn on_pool<T: Send + 'static>(
         &self,
+        bytes: usize,
+        deadline: Option<Instant>,
         f: impl FnOnce(&TextTokenizer) -> Result<T, EncodeError> + Send + 'static,
     ) -> Result<T, EncodeError> {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            metrics::counter!(m::DROPPED, "reason" => "deadline", "stage" => "tokenize")
+                .increment(1);
+            return Err(BatchError::DeadlineExceeded.into());
+        }
+        let admitted = self.backlog.admit(bytes).ok_or_else(|| {
+            metrics::counter!(m::DROPPED, "reason" => "tokenizer_backlog", "stage" => "tokenize")
+                .increment(1);
+            EncodeError::Batch(BatchError::Overloaded(format!(
+                "tokenizer backlog full ({} bytes, batch.max_tokenize_bytes)",
+                self.backlog.cap
+            )))
+        })?;
         let (tx, rx) = oneshot::channel();
         let tok = self.tokenizer.clone();
-        self.tok_pool.spawn(move || {
-            let _ = tx.send(f(&tok));
+        let pool = if bytes >= LARGE_TEXT {
+            &self.big_pool
+        } else {
+            &self.tok_pool
+        };
+        pool.spawn(move || {
+            let _admitted = admitted;
+            if tx.is_closed() {
+                metrics::counter!(m::DROPPED, "reason" => "client_gone", "stage" => "tokenize")
+                    .increment(1);
+                return;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                metrics::counter!(m::DROPPED, "reason" => "deadline", "stage" => "tokenize")
+                    .increment(1);
+                let _ = tx.send(Err(BatchError::DeadlineExceeded.into()));
+                return;
+            }
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&tok)))
+                .unwrap_or_else(|_| {
+                    Err(EncodeError::Batch(BatchError::Internal(
+                        "the tokenizer panicked on this input".into(),
+                    )))
+                });
+            let _ = tx.send(r);
         });
         rx.await.map_err(|_| EncodeError::WorkerStopped)?
     }
@@ -167,18 +262,24 @@ impl TextPipeline {
         &self,
         text: String,
         side: TruncSide,
+        deadline: Option<Instant>,
     ) -> Result<Encoded, EncodeError> {
-        self.on_pool(move |t| Ok(t.encode_single(&text, side)?))
-            .await
+        self.on_pool(text.len(), deadline, move |t| {
+            Ok(t.encode_single(&text, side)?)
+        })
+        .await
     }
 
     pub async fn tokenize_answer(
         &self,
         answer: String,
         limit: usize,
+        deadline: Option<Instant>,
     ) -> Result<Encoded, EncodeError> {
-        self.on_pool(move |t| Ok(t.encode_answer(&answer, limit)?))
-            .await
+        self.on_pool(answer.len(), deadline, move |t| {
+            Ok(t.encode_answer(&answer, limit)?)
+        })
+        .await
     }
 
     /// Tokenizes (single text or pair) and embeds through the batcher.
@@ -204,8 +305,8 @@ impl TextPipeline {
         }
         metrics::counter!(m::EMBEDDING_CACHE, "result" => "miss").increment(1);
         let enc = match input {
-            Input::Single(text, side) => self.tokenize_single(text, side).await?,
-            Input::Answer(a, limit) => self.tokenize_answer(a, limit).await?,
+            Input::Single(text, side) => self.tokenize_single(text, side, deadline).await?,
+            Input::Answer(a, limit) => self.tokenize_answer(a, limit, deadline).await?,
         };
         let tokenize = t0.elapsed();
         metrics::histogram!(m::TOKENIZE_SECONDS).record(tokenize.as_secs_f64());
@@ -249,4 +350,71 @@ pub fn load_model(dir: &Path) -> Result<MiniLm> {
             dir.display()
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipeline(max_tokenize_bytes: usize) -> TextPipeline {
+        let mut cfg = Config::embedded().expect("embedded config");
+        cfg.batch.max_tokenize_bytes = max_tokenize_bytes;
+        TextPipeline::start(&cfg).expect("pipeline (run scripts/setup-model.sh)")
+    }
+
+    #[tokio::test]
+    async fn a_panic_while_tokenizing_is_that_requests_error() {
+        let p = pipeline(1 << 20);
+        let e = p
+            .on_pool(10, None, |_| -> Result<(), EncodeError> {
+                panic!("a tokenizer bug on a crafted input")
+            })
+            .await
+            .expect_err("the panic is an error");
+        assert!(
+            matches!(e, EncodeError::Batch(BatchError::Internal(_))),
+            "{e:?}"
+        );
+        // The pool lives on and the text's share of the backlog came back.
+        let ok = p
+            .tokenize_single("still tokenizing".into(), TruncSide::HeadTail, None)
+            .await
+            .expect("tokenize");
+        assert!(ok.ids.len() > 2);
+        assert_eq!(p.backlog.bytes.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn no_tokenizing_past_the_deadline_or_beyond_the_backlog() {
+        let p = pipeline(1000);
+        let past = Some(Instant::now());
+        let e = p
+            .encode(
+                "route",
+                Input::Single("x".repeat(10), TruncSide::HeadTail),
+                Priority::Normal,
+                past,
+            )
+            .await
+            .expect_err("deadline passed");
+        assert!(
+            matches!(e, EncodeError::Batch(BatchError::DeadlineExceeded)),
+            "{e:?}"
+        );
+        // 1,001 bytes never fit a 1,000-byte backlog: refused before any work.
+        let e = p
+            .tokenize_single("y".repeat(1001), TruncSide::HeadTail, None)
+            .await
+            .expect_err("over the backlog");
+        assert!(
+            matches!(e, EncodeError::Batch(BatchError::Overloaded(_))),
+            "{e:?}"
+        );
+        // While 600 bytes are admitted, another 600 are not; once they are released, they are.
+        let held = p.backlog.admit(600).expect("room");
+        assert!(p.backlog.admit(600).is_none());
+        drop(held);
+        assert!(p.backlog.admit(600).is_some());
+        assert_eq!(p.backlog.bytes.load(Ordering::Acquire), 0);
+    }
 }
