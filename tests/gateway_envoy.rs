@@ -222,15 +222,27 @@ async fn envoy_routes_on_the_processors_choice() {
         upstream::sse_frames("flash", "stub-flash").concat()
     );
 
-    // A named model is not ours: the body arrives byte for byte, on the default route.
+    // A named model is not ours: the body arrives byte for byte, on the default route; a
+    // client's own x-tiergate-model is dropped, so it cannot pick a cluster.
     let raw = br#"{"model":  "claude-opus-4.8", "messages": [{"role": "user", "content": "hi"}], "stub": {"case": "named"}}"#;
-    let r = post(&envoy, raw.to_vec()).await;
+    let r = reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{}/v1/chat/completions",
+            envoy.port
+        ))
+        .header("content-type", "application/json")
+        .header("x-tiergate-model", FLASH)
+        .body(raw.to_vec())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(r.headers(), "x-tiergate-model"), None);
     let calls = default.calls("named");
     assert_eq!(calls.len(), 1);
     assert_eq!(&calls[0].raw[..], &raw[..]);
     assert_eq!(header(&calls[0].headers, "x-tiergate-model"), None);
+    assert!(flash.calls("named").is_empty());
 
     // A request tiergate refuses is answered by Envoy with tiergate's error; no upstream call.
     let bad = json!({"model": "auto", "messages": [], "stub": {"case": "refused"}});

@@ -126,7 +126,9 @@ impl Exchange {
                         ..Default::default()
                     });
                 }
-                resp::Response::RequestHeaders(HeadersResponse::default())
+                resp::Response::RequestHeaders(HeadersResponse {
+                    response: strip_ours(&h),
+                })
             }
             req::Request::RequestBody(b) if self.chat && b.end_of_stream => {
                 match self.route(svc, &b.body).await {
@@ -242,6 +244,27 @@ impl Exchange {
             ..Default::default()
         }))
     }
+}
+
+/// Our headers as a client sent them are dropped (and the route recomputed): only tiergate
+/// decides which cluster `x-tiergate-model` sends a request to.
+fn strip_ours(h: &HttpHeaders) -> Option<CommonResponse> {
+    let ours: Vec<String> = h
+        .headers
+        .as_ref()?
+        .headers
+        .iter()
+        .filter(|v| v.key.to_ascii_lowercase().starts_with("x-tiergate-"))
+        .map(|v| v.key.clone())
+        .collect();
+    (!ours.is_empty()).then(|| CommonResponse {
+        header_mutation: Some(HeaderMutation {
+            set_headers: vec![],
+            remove_headers: ours,
+        }),
+        clear_route_cache: true,
+        ..Default::default()
+    })
 }
 
 /// A refused request is answered by Envoy at once, in the HTTP front's error format.
