@@ -34,13 +34,6 @@ pub struct Config {
     /// CPU backend: arithmetic of the linear layers.
     #[serde(default = "default_precision")]
     pub precision: Precision,
-    /// Log lines on stderr: `text`, or `json` (one object a line, for a log pipeline).
-    #[serde(default)]
-    pub log_format: LogFormat,
-    /// HTTP/2 connections older than this get a GOAWAY and close once their open requests
-    /// and streams end, so clients reconnect and re-resolve; 0 = never.
-    #[serde(default)]
-    pub max_connection_age_s: u64,
     pub batch: BatchConfig,
     pub threads: ThreadsConfig,
     pub policy: PolicyConfig,
@@ -51,17 +44,6 @@ pub struct Config {
     #[serde(default)]
     pub gateway: GatewayConfig,
     pub catalog: Vec<CatalogEntryConfig>,
-}
-
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    /// Human-readable lines; colour only when stderr is a terminal.
-    #[default]
-    Text,
-    /// One JSON object a line.
-    Json,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -396,13 +378,6 @@ pub struct Overrides {
     /// OpenAI-compatible HTTP front address (gateway.http_listen); "" disables it.
     #[arg(long, env = "TIERGATE_HTTP_LISTEN")]
     pub http_listen: Option<String>,
-    /// Log lines: text or json.
-    #[arg(long, env = "TIERGATE_LOG_FORMAT", value_enum)]
-    pub log_format: Option<LogFormat>,
-    /// Seconds before an HTTP/2 connection is asked to close so its client reconnects
-    /// (max_connection_age_s; 0 = never).
-    #[arg(long, env = "TIERGATE_MAX_CONNECTION_AGE_S")]
-    pub max_connection_age_s: Option<u64>,
 }
 
 impl Config {
@@ -470,12 +445,6 @@ impl Config {
         }
         if let Some(v) = &o.http_listen {
             c.gateway.http_listen = v.clone();
-        }
-        if let Some(v) = o.log_format {
-            c.log_format = v;
-        }
-        if let Some(v) = o.max_connection_age_s {
-            c.max_connection_age_s = v;
         }
         c.validate()?;
         Ok(c)

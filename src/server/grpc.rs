@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tonic::{Request, Response, Status, Streaming};
-use tracing::Instrument;
 
 use super::convert::{self, deadline_of};
 use super::observe::{self, request as observe};
@@ -72,15 +71,10 @@ impl RouterService {
         r: proto::RouteRequest,
         deadline: Option<Instant>,
     ) -> Result<proto::RouteReply, Status> {
-        let span = observe::span("Route", &r.request_id);
-        async move {
-            let t0 = Instant::now();
-            let res = self.route_inner(r, deadline).await;
-            observe("Route", t0, &res);
-            res.map_err(|e| to_status(&e))
-        }
-        .instrument(span)
-        .await
+        let t0 = Instant::now();
+        let res = self.route_inner(r, deadline).await;
+        observe("Route", t0, &res);
+        res.map_err(|e| to_status(&e))
     }
 
     /// One Verify, counted and timed.
@@ -89,15 +83,10 @@ impl RouterService {
         r: proto::VerifyRequest,
         deadline: Option<Instant>,
     ) -> Result<proto::VerifyReply, Status> {
-        let span = observe::span("Verify", &r.request_id);
-        async move {
-            let t0 = Instant::now();
-            let res = self.verify_inner(r, deadline).await;
-            observe("Verify", t0, &res);
-            res.map_err(|e| to_status(&e))
-        }
-        .instrument(span)
-        .await
+        let t0 = Instant::now();
+        let res = self.verify_inner(r, deadline).await;
+        observe("Verify", t0, &res);
+        res.map_err(|e| to_status(&e))
     }
 }
 
@@ -171,16 +160,12 @@ impl RouterService {
             self.clone(),
             self.drained(),
             req.into_inner(),
-            move |svc: Arc<RouterService>, r: R| {
+            move |svc: Arc<RouterService>, r: R| async move {
+                let t0 = Instant::now();
                 let id = r.request_id();
-                let span = observe::span(R::RPC, &id);
-                async move {
-                    let t0 = Instant::now();
-                    let res = R::answer(svc, r, dl).await;
-                    observe(R::RPC, t0, &res);
-                    R::item(res.map_err(|e| stream_error(id, &e)))
-                }
-                .instrument(span)
+                let res = R::answer(svc, r, dl).await;
+                observe(R::RPC, t0, &res);
+                R::item(res.map_err(|e| stream_error(id, &e)))
             },
         )
     }
@@ -233,15 +218,12 @@ impl Router for Arc<RouterService> {
         &self,
         req: Request<proto::FeedbackRequest>,
     ) -> Result<Response<proto::FeedbackReply>, Status> {
-        let r = req.into_inner();
-        let span = observe::span("Feedback", &r.request_id);
         let t0 = Instant::now();
         let res = self
             .svc
-            .feedback(convert::feedback_query(r))
-            .instrument(span.clone())
+            .feedback(convert::feedback_query(req.into_inner()))
             .await;
-        span.in_scope(|| observe("Feedback", t0, &res));
+        observe("Feedback", t0, &res);
         res.map_err(|e| to_status(&e))?;
         Ok(Response::new(proto::FeedbackReply {
             accepted: 1,
@@ -260,13 +242,8 @@ impl Router for Arc<RouterService> {
         while let Some(item) = inbound.message().await? {
             let t0 = Instant::now();
             let id = item.request_id.clone();
-            let span = observe::span("FeedbackStream", &id);
-            let res = self
-                .svc
-                .feedback(convert::feedback_query(item))
-                .instrument(span.clone())
-                .await;
-            span.in_scope(|| observe("FeedbackStream", t0, &res));
+            let res = self.svc.feedback(convert::feedback_query(item)).await;
+            observe("FeedbackStream", t0, &res);
             match res {
                 Ok(()) => accepted += 1,
                 Err(e) if errors.len() < MAX_ERRORS => errors.push(stream_error(id, &e)),
