@@ -34,6 +34,13 @@ pub struct Config {
     /// CPU backend: arithmetic of the linear layers.
     #[serde(default = "default_precision")]
     pub precision: Precision,
+    /// Log lines on stderr: `text`, or `json` (one object a line, for a log pipeline).
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// HTTP/2 connections older than this get a GOAWAY and close once their open requests
+    /// and streams end, so clients reconnect and re-resolve; 0 = never.
+    #[serde(default)]
+    pub max_connection_age_s: u64,
     pub batch: BatchConfig,
     pub threads: ThreadsConfig,
     pub policy: PolicyConfig,
@@ -44,6 +51,17 @@ pub struct Config {
     #[serde(default)]
     pub gateway: GatewayConfig,
     pub catalog: Vec<CatalogEntryConfig>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines; colour only when stderr is a terminal.
+    #[default]
+    Text,
+    /// One JSON object a line.
+    Json,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -234,6 +252,11 @@ pub struct BatchConfig {
     /// Recent embeddings kept by input (0 disables).
     #[serde(default)]
     pub embedding_cache: usize,
+    /// Bytes of text being tokenized or waiting for it, all requests together; beyond it a
+    /// text is refused (RESOURCE_EXHAUSTED) before any work, so one client's huge inputs
+    /// cannot stall everyone's tokenizing.
+    #[serde(default = "default_max_tokenize_bytes")]
+    pub max_tokenize_bytes: usize,
     /// Token budget of one batch on the CUDA backend: a GPU needs far more tokens per forward
     /// than a CPU to be busy (benches/GPU.md times budgets).
     #[serde(default = "default_gpu_max_batch_tokens")]
@@ -247,16 +270,15 @@ fn default_gpu_max_batch_tokens() -> usize {
     32768
 }
 
+fn default_max_tokenize_bytes() -> usize {
+    1 << 20
+}
+
 fn default_gpu_max_batch_requests() -> usize {
     512
 }
 
 impl BatchConfig {
-    /// Bytes of text being tokenized or waiting for it, all requests together; beyond it a
-    /// text is refused (RESOURCE_EXHAUSTED) before any work, so one client's huge inputs
-    /// cannot stall everyone's tokenizing.
-    #[serde(default = "default_max_tokenize_bytes")]
-    pub max_tokenize_bytes: usize,
     /// The batcher's limits for the device of the backend that was selected (a GPU gets the
     /// GPU budget).
     pub fn limits_for(&self, device: Device) -> Limits {
@@ -270,10 +292,6 @@ impl BatchConfig {
             max_queue: self.max_queue,
         }
     }
-fn default_max_tokenize_bytes() -> usize {
-    1 << 20
-}
-
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -378,6 +396,13 @@ pub struct Overrides {
     /// OpenAI-compatible HTTP front address (gateway.http_listen); "" disables it.
     #[arg(long, env = "TIERGATE_HTTP_LISTEN")]
     pub http_listen: Option<String>,
+    /// Log lines: text or json.
+    #[arg(long, env = "TIERGATE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Seconds before an HTTP/2 connection is asked to close so its client reconnects
+    /// (max_connection_age_s; 0 = never).
+    #[arg(long, env = "TIERGATE_MAX_CONNECTION_AGE_S")]
+    pub max_connection_age_s: Option<u64>,
 }
 
 impl Config {
@@ -446,6 +471,12 @@ impl Config {
         if let Some(v) = &o.http_listen {
             c.gateway.http_listen = v.clone();
         }
+        if let Some(v) = o.log_format {
+            c.log_format = v;
+        }
+        if let Some(v) = o.max_connection_age_s {
+            c.max_connection_age_s = v;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -511,6 +542,13 @@ impl Config {
                 bail!("{k} must be > 0");
             }
         }
+        if b.max_tokenize_bytes < b.max_input_bytes {
+            bail!(
+                "batch.max_tokenize_bytes = {} is below batch.max_input_bytes = {}: an input of the allowed size could never be tokenized",
+                b.max_tokenize_bytes,
+                b.max_input_bytes
+            );
+        }
         // MiniLM has 512 position embeddings; 2 of them go to [CLS]/[SEP].
         for (k, v) in [
             ("batch.max_input_tokens", b.max_input_tokens),
@@ -542,13 +580,6 @@ impl Config {
             unit("policy.verify_threshold", t)?;
         }
         if !p.cost_weight.is_finite() || p.cost_weight < 0.0 {
-        if b.max_tokenize_bytes < b.max_input_bytes {
-            bail!(
-                "batch.max_tokenize_bytes = {} is below batch.max_input_bytes = {}: an input of the allowed size could never be tokenized",
-                b.max_tokenize_bytes,
-                b.max_input_bytes
-            );
-        }
             bail!(
                 "policy.cost_weight = {} must be finite and >= 0",
                 p.cost_weight

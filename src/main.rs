@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use tiergate::config::{Config, Overrides};
+use tiergate::config::{Config, LogFormat, Overrides};
 
 #[derive(Parser)]
 #[command(name = "tiergate", version, about = "LLM-routing decision service")]
@@ -42,13 +42,12 @@ enum Cmd {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // `serve` reads its log format from its configuration, so it starts logging once loaded.
+    if !matches!(cli.cmd, Cmd::Serve(_)) {
+        init_logging(LogFormat::Text);
+    }
+    match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -57,10 +56,37 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Log lines on stderr, filtered by RUST_LOG (default info). Colour only on a terminal that
+/// did not ask for none: a log file or collector gets plain text.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => fmt
+            .with_ansi(
+                std::io::stderr().is_terminal()
+                    && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+            )
+            .init(),
+        // The request's span (rpc, request id, trace id) rides along on every line.
+        LogFormat::Json => fmt
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Serve(o) => {
             let cfg = Config::load(&o)?;
+            init_logging(cfg.log_format);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;

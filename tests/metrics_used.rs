@@ -19,21 +19,6 @@ fn may_be_absent(name: &str, backend: &str) -> Option<&'static str> {
     }
 }
 
-/// The value of the series `name` whose labels include every `k="v"` of `labels`.
-fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines().find_map(|l| {
-        let (series, v) = l.rsplit_once(' ')?;
-        let rest = series.strip_prefix(name)?;
-        if !(rest.is_empty() || rest.starts_with('{')) {
-            return None;
-        }
-        labels
-            .iter()
-            .all(|(k, want)| rest.contains(&format!("{k}=\"{want}\"")))
-            .then(|| v.parse().ok())?
-    })
-}
-
 /// `name` without the suffix a histogram's series add.
 fn family(name: &str) -> &str {
     ["_bucket", "_count", "_sum"]
@@ -110,21 +95,24 @@ async fn every_queried_metric_is_exported() {
             ("tiergate_expected_cost_usd_total", usd),
             ("tiergate_expected_saving_usd_total", saved),
         ] {
-            let got = value(&text, name, &[("model", model)])
+            let got = common::metric_sum(&text, name, &[("model", model)])
                 .unwrap_or_else(|| panic!("{name}{{model={model:?}}} missing"));
             assert!(
                 (got - want).abs() <= 1e-12 + 1e-9 * want.abs(),
                 "{name}{{model={model:?}}} = {got}, the replies say {want}"
             );
         }
-        let n = value(&text, "tiergate_route_p_pass_count", &[("model", model)]);
+        let n = common::metric_sum(&text, "tiergate_route_p_pass_count", &[("model", model)]);
         assert!(n.is_some_and(|n| n >= 1.0), "p_pass of {model}: {n:?}");
     }
     assert!(
         text.contains("# TYPE tiergate_route_p_pass histogram"),
         "p_pass must have buckets"
     );
-    assert_eq!(value(&text, "tiergate_serving", &[]), Some(1.0));
+    assert_eq!(
+        common::metric_sum(&text, "tiergate_serving", &[]),
+        Some(1.0)
+    );
     let build = [
         ("version", info.version.as_str()),
         ("model_revision", info.model_revision.as_str()),
@@ -133,7 +121,7 @@ async fn every_queried_metric_is_exported() {
         ("numerics", info.numerics.as_str()),
     ];
     assert_eq!(
-        value(&text, "tiergate_build_info", &build),
+        common::metric_sum(&text, "tiergate_build_info", &build),
         Some(1.0),
         "build_info for {build:?}"
     );

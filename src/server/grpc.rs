@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use super::convert::{self, deadline_of};
 use super::observe::{self, request as observe};
@@ -71,10 +72,15 @@ impl RouterService {
         r: proto::RouteRequest,
         deadline: Option<Instant>,
     ) -> Result<proto::RouteReply, Status> {
-        let t0 = Instant::now();
-        let res = self.route_inner(r, deadline).await;
-        observe("Route", t0, &res);
-        res.map_err(|e| to_status(&e))
+        let span = observe::span("Route", &r.request_id);
+        async move {
+            let t0 = Instant::now();
+            let res = self.route_inner(r, deadline).await;
+            observe("Route", t0, &res);
+            res.map_err(|e| to_status(&e))
+        }
+        .instrument(span)
+        .await
     }
 
     /// One Verify, counted and timed.
@@ -83,10 +89,15 @@ impl RouterService {
         r: proto::VerifyRequest,
         deadline: Option<Instant>,
     ) -> Result<proto::VerifyReply, Status> {
-        let t0 = Instant::now();
-        let res = self.verify_inner(r, deadline).await;
-        observe("Verify", t0, &res);
-        res.map_err(|e| to_status(&e))
+        let span = observe::span("Verify", &r.request_id);
+        async move {
+            let t0 = Instant::now();
+            let res = self.verify_inner(r, deadline).await;
+            observe("Verify", t0, &res);
+            res.map_err(|e| to_status(&e))
+        }
+        .instrument(span)
+        .await
     }
 }
 
@@ -160,12 +171,16 @@ impl RouterService {
             self.clone(),
             self.drained(),
             req.into_inner(),
-            move |svc: Arc<RouterService>, r: R| async move {
-                let t0 = Instant::now();
+            move |svc: Arc<RouterService>, r: R| {
                 let id = r.request_id();
-                let res = R::answer(svc, r, dl).await;
-                observe(R::RPC, t0, &res);
-                R::item(res.map_err(|e| stream_error(id, &e)))
+                let span = observe::span(R::RPC, &id);
+                async move {
+                    let t0 = Instant::now();
+                    let res = R::answer(svc, r, dl).await;
+                    observe(R::RPC, t0, &res);
+                    R::item(res.map_err(|e| stream_error(id, &e)))
+                }
+                .instrument(span)
             },
         )
     }
@@ -218,12 +233,15 @@ impl Router for Arc<RouterService> {
         &self,
         req: Request<proto::FeedbackRequest>,
     ) -> Result<Response<proto::FeedbackReply>, Status> {
+        let r = req.into_inner();
+        let span = observe::span("Feedback", &r.request_id);
         let t0 = Instant::now();
         let res = self
             .svc
-            .feedback(convert::feedback_query(req.into_inner()))
+            .feedback(convert::feedback_query(r))
+            .instrument(span.clone())
             .await;
-        observe("Feedback", t0, &res);
+        span.in_scope(|| observe("Feedback", t0, &res));
         res.map_err(|e| to_status(&e))?;
         Ok(Response::new(proto::FeedbackReply {
             accepted: 1,
@@ -242,8 +260,13 @@ impl Router for Arc<RouterService> {
         while let Some(item) = inbound.message().await? {
             let t0 = Instant::now();
             let id = item.request_id.clone();
-            let res = self.svc.feedback(convert::feedback_query(item)).await;
-            observe("FeedbackStream", t0, &res);
+            let span = observe::span("FeedbackStream", &id);
+            let res = self
+                .svc
+                .feedback(convert::feedback_query(item))
+                .instrument(span.clone())
+                .await;
+            span.in_scope(|| observe("FeedbackStream", t0, &res));
             match res {
                 Ok(()) => accepted += 1,
                 Err(e) if errors.len() < MAX_ERRORS => errors.push(stream_error(id, &e)),

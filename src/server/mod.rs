@@ -154,6 +154,13 @@ pub async fn serve_with(
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let health_down = health.clone();
     let mut builder = tonic::transport::Server::builder();
+    if cfg.max_connection_age_s > 0 {
+        // At this age tonic sends GOAWAY; the connection closes once its open requests end and
+        // the client reconnects, re-resolving, so it reaches new replicas. Not with tonic's
+        // max_connection_age_grace: in 0.14.9 setting it replaces the GOAWAY with a hard close
+        // at age + grace, failing requests in flight (tests/ops.rs caught it).
+        builder = builder.max_connection_age(Duration::from_secs(cfg.max_connection_age_s));
+    }
     let routes = attached.routes.unwrap_or_default();
     builder
         .add_routes(routes)

@@ -9,18 +9,50 @@ use super::status::{classify, code_name};
 use crate::metrics as m;
 use crate::service::{RouteOutcome, Service, ServiceError};
 
-/// Counts and times one RPC outcome.
+/// Where each answered request is logged: `RUST_LOG=info,tiergate::access=debug` writes one
+/// line per request; faults on our side (INTERNAL) are written at warn.
+const ACCESS: &str = "tiergate::access";
+
+/// A client's request id is logged up to this many bytes.
+const MAX_LOGGED_ID: usize = 128;
+
+/// The span one request is answered in: its fields go with every log line written meanwhile.
+/// Never the prompt or the answer.
+pub fn span(rpc: &'static str, request_id: &str) -> tracing::Span {
+    tracing::info_span!("request", rpc, request_id = clip(request_id))
+}
+
+fn clip(s: &str) -> &str {
+    let mut end = s.len().min(MAX_LOGGED_ID);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Counts, times and logs one RPC outcome (inside the request's [`span`]).
 pub fn request<T>(rpc: &'static str, t0: Instant, r: &Result<T, ServiceError>) {
+    let seconds = t0.elapsed().as_secs_f64();
+    let latency_ms = seconds * 1e3;
     let code = match r {
-        Ok(_) => "OK",
+        Ok(_) => {
+            tracing::debug!(target: ACCESS, code = "OK", latency_ms, "answered");
+            "OK"
+        }
         Err(e) => {
             let (code, reason) = classify(e);
             metrics::counter!(m::REJECTIONS, "rpc" => rpc, "reason" => reason).increment(1);
-            code_name(code)
+            let code = code_name(code);
+            if code == "INTERNAL" {
+                tracing::warn!(target: ACCESS, code, reason, latency_ms, error = %e, "answered");
+            } else {
+                tracing::debug!(target: ACCESS, code, reason, latency_ms, "answered");
+            }
+            code
         }
     };
     metrics::counter!(m::REQUESTS, "rpc" => rpc, "code" => code).increment(1);
-    metrics::histogram!(m::REQUEST_SECONDS, "rpc" => rpc).record(t0.elapsed().as_secs_f64());
+    metrics::histogram!(m::REQUEST_SECONDS, "rpc" => rpc).record(seconds);
 }
 
 /// The chosen model's expected cost, the saving against the most expensive candidate, and
@@ -76,5 +108,18 @@ impl BuildInfo {
         }
         metrics::gauge!(m::BUILD_INFO, &now).set(1.0);
         self.shown = Some(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_request_id_is_clipped_on_a_char_boundary() {
+        assert_eq!(clip("req-1"), "req-1");
+        let long = "é".repeat(100); // 200 bytes; 128 would split the 64th character
+        assert_eq!(clip(&long), "é".repeat(64));
+        assert_eq!(clip(&format!("a{long}")), format!("a{}", "é".repeat(63)));
     }
 }

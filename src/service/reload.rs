@@ -53,6 +53,11 @@ fn restart_only(old: &Config, new: &Config) -> anyhow::Result<()> {
         ("precision", old.precision == new.precision),
         ("batch", same(&old.batch, &new.batch)),
         ("threads", same(&old.threads, &new.threads)),
+        ("log_format", old.log_format == new.log_format),
+        (
+            "max_connection_age_s",
+            old.max_connection_age_s == new.max_connection_age_s,
+        ),
     ] {
         if !ok {
             anyhow::bail!("{key} changed: it takes a restart; nothing was reloaded");

@@ -53,6 +53,15 @@ impl Server {
 
     /// [`Self::spawn`] with environment variables set for the server.
     pub fn spawn_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::spawn_with(extra, env, Stdio::inherit())
+    }
+
+    /// [`Self::spawn_env`] with the server's stderr (its log) written to `log`.
+    pub fn spawn_logged(extra: &[&str], env: &[(&str, &str)], log: std::fs::File) -> Server {
+        Self::spawn_with(extra, env, log.into())
+    }
+
+    fn spawn_with(extra: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Server {
         let root = env!("CARGO_MANIFEST_DIR");
         assert!(
             std::path::Path::new(root)
@@ -74,7 +83,7 @@ impl Server {
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawning tiergate");
         let stdout = child.stdout.take().expect("stdout");
@@ -217,4 +226,22 @@ pub fn prompt_of(words: usize, seed: usize) -> String {
         .map(|i| W[(i * 7 + seed * 13) % W.len()])
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The sum of the series `name` in a /metrics scrape whose labels include every `k="v"` of
+/// `labels`; None when there is none.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
+        .filter_map(|l| {
+            let (series, v) = l.rsplit_once(' ')?;
+            let rest = series.strip_prefix(name)?;
+            let matches = (rest.is_empty() || rest.starts_with('{'))
+                && labels
+                    .iter()
+                    .all(|(k, want)| rest.contains(&format!("{k}=\"{want}\"")));
+            matches.then(|| v.parse().ok())?
+        })
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }

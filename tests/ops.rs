@@ -1,0 +1,195 @@
+//! Operating the real server on loopback: JSON log lines that carry the request (rpc, request
+//! id, code, latency) and never its text; no colour codes in a log that is not a terminal; and
+//! clients that keep working while `max_connection_age_s` makes them reconnect.
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tiergate::proto::{self, route_request::Input};
+
+fn route(id: &str, prompt: &str) -> proto::RouteRequest {
+    proto::RouteRequest {
+        request_id: id.into(),
+        input: Some(Input::Prompt(prompt.into())),
+        ..Default::default()
+    }
+}
+
+/// Runs the server with `env`, its log in a file, until `drive` is done and it has drained
+/// (so every line is written); returns the log.
+async fn log_of<F: std::future::Future<Output = ()>>(
+    env: &[(&str, &str)],
+    drive: impl FnOnce(proto::router_client::RouterClient<tonic::transport::Channel>) -> F,
+) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("stderr.log");
+    let log = std::fs::File::create(&path).expect("log file");
+    let mut server = common::Server::spawn_logged(&[], env, log);
+    server.ready().await;
+    drive(server.client().await).await;
+    server.sigterm();
+    assert!(server.wait_exit(Duration::from_secs(60)).success());
+    std::fs::read_to_string(&path).expect("log")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_request_and_never_its_text() {
+    // Words that appear only in the prompt and the answer.
+    let (prompt, answer) = ("Explain the zebra-okapi theorem.", "It is quokka-shaped.");
+    let log = log_of(
+        &[
+            ("TIERGATE_LOG_FORMAT", "json"),
+            ("RUST_LOG", "info,tiergate::access=debug"),
+        ],
+        |mut c| async move {
+            c.route(route("req-a", prompt)).await.expect("route");
+            c.verify(proto::VerifyRequest {
+                request_id: "req-b".into(),
+                prompt: prompt.into(),
+                answer: answer.into(),
+                model: "gemini-2.5-flash".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("verify");
+            let e = c.route(route("req-c", "")).await.expect_err("empty prompt");
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        },
+    )
+    .await;
+    for word in ["zebra", "quokka"] {
+        assert!(!log.contains(word), "the log holds request text:\n{log}");
+    }
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "warm-up done, serving"),
+        "{log}"
+    );
+    let access = |id: &str| {
+        lines
+            .iter()
+            .find(|l| l["target"] == "tiergate::access" && l["span"]["request_id"] == id)
+            .unwrap_or_else(|| panic!("no access line for {id}:\n{log}"))
+    };
+    for (id, rpc, code) in [
+        ("req-a", "Route", "OK"),
+        ("req-b", "Verify", "OK"),
+        ("req-c", "Route", "INVALID_ARGUMENT"),
+    ] {
+        let l = access(id);
+        assert_eq!(l["span"]["rpc"], rpc, "{l}");
+        assert_eq!(l["code"], code, "{l}");
+        assert!(l["latency_ms"].as_f64().is_some_and(|ms| ms >= 0.0), "{l}");
+    }
+    assert_eq!(access("req-c")["reason"], "invalid_argument");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_logs_to_a_file_have_no_colour_codes() {
+    // An empty NO_COLOR does not ask for plain text: the file alone must.
+    let log = log_of(
+        &[("RUST_LOG", "info"), ("NO_COLOR", "")],
+        |mut c| async move {
+            c.route(route("", "What is 2 + 2?")).await.expect("route");
+        },
+    )
+    .await;
+    assert!(log.contains("warm-up done, serving"), "{log}");
+    assert!(!log.contains('\u{1b}'), "escape codes in the log:\n{log}");
+}
+
+/// A TCP relay in front of `to` that counts the connections clients open through it.
+async fn counting_relay(to: String) -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("relay bind");
+    let addr = listener.local_addr().expect("relay addr").to_string();
+    let opened = Arc::new(AtomicUsize::new(0));
+    let count = opened.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let to = to.clone();
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(&to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    (addr, opened)
+}
+
+/// Calls one after another until at least three ages have passed and the channel has been
+/// replaced twice; each Route retried until answered. Returns (answered, failed attempts).
+async fn keep_calling(
+    mut c: proto::router_client::RouterClient<tonic::transport::Channel>,
+    k: usize,
+    opened: Arc<AtomicUsize>,
+    t0: Instant,
+) -> (usize, usize) {
+    let (mut answered, mut failed) = (0, 0);
+    while t0.elapsed() < Duration::from_secs(3) || opened.load(Ordering::SeqCst) < 3 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the connection was never replaced"
+        );
+        match c
+            .route(route(&format!("{k}-{answered}"), "What is 2 + 2?"))
+            .await
+        {
+            Ok(_) => answered += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    (answered, failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_keep_working_across_max_connection_age() {
+    let server = common::Server::spawn(&["--max-connection-age-s", "1"]);
+    server.ready().await;
+    let (relay, opened) = counting_relay(server.addr.clone()).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{relay}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    // Two callers share the channel, so a GOAWAY also finds requests in flight.
+    let t0 = Instant::now();
+    let callers: Vec<_> = (0..2)
+        .map(|k| {
+            let c = proto::router_client::RouterClient::new(channel.clone());
+            tokio::spawn(keep_calling(c, k, opened.clone(), t0))
+        })
+        .collect();
+    let (mut answered, mut failed) = (0, 0);
+    for c in callers {
+        let (a, f) = c.await.expect("caller");
+        (answered, failed) = (answered + a, failed + f);
+    }
+    let opened = opened.load(Ordering::SeqCst);
+    assert!(opened >= 3, "{opened} connections");
+    // A request in flight when the GOAWAY comes is answered. tonic's channel can still fail
+    // a call it was about to send on the closing connection (hyper: "operation was
+    // canceled", or a stream the GOAWAY refused): such a call never reached the server, so
+    // the server answered exactly what the callers received, and retrying it is safe.
+    let served = common::metric_sum(
+        &server.metrics_text(),
+        "tiergate_requests_total",
+        &[("rpc", "Route")],
+    );
+    assert_eq!(served, Some(answered as f64), "{failed} failed attempts");
+    assert!(
+        failed <= 2 * opened,
+        "{failed} failed attempts over {opened} connections"
+    );
+}
