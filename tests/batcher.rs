@@ -133,8 +133,8 @@ async fn not_ready_answers_unavailable() {
         )),
         ..Default::default()
     };
-    let e = svc.route_one(req.clone(), None).await.unwrap_err();
+    let e = svc.route_one(req.clone(), None, None).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable);
     service.set_ready();
-    assert!(svc.route_one(req, None).await.is_ok());
+    assert!(svc.route_one(req, None, None).await.is_ok());
 }

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tiergate::proto::{self, route_request::Input};
 
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
 fn route(id: &str, prompt: &str) -> proto::RouteRequest {
     proto::RouteRequest {
         request_id: id.into(),
@@ -46,6 +48,12 @@ async fn json_logs_carry_the_request_and_never_its_text() {
         ],
         |mut c| async move {
             c.route(route("req-a", prompt)).await.expect("route");
+            // A caller in a distributed trace: its W3C traceparent joins the log line.
+            let mut traced = tonic::Request::new(route("req-t", prompt));
+            traced
+                .metadata_mut()
+                .insert("traceparent", TRACEPARENT.parse().expect("ascii"));
+            c.route(traced).await.expect("traced route");
             c.verify(proto::VerifyRequest {
                 request_id: "req-b".into(),
                 prompt: prompt.into(),
@@ -90,6 +98,16 @@ async fn json_logs_carry_the_request_and_never_its_text() {
         assert!(l["latency_ms"].as_f64().is_some_and(|ms| ms >= 0.0), "{l}");
     }
     assert_eq!(access("req-c")["reason"], "invalid_argument");
+    let t = access("req-t");
+    assert_eq!(
+        t["span"]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736",
+        "{t}"
+    );
+    assert_eq!(t["span"]["parent_id"], "00f067aa0ba902b7", "{t}");
+    assert!(
+        access("req-a")["span"].get("trace_id").is_none(),
+        "no header, no trace id"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

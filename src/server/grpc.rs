@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::convert::{self, deadline_of};
-use super::observe::{self, request as observe};
+use super::observe::{self, request as observe, TraceParent};
 use super::status::{classify, to_status};
 use super::stream::{serve_stream, BoxStream};
 use crate::proto::{self, router_server::Router};
@@ -71,8 +71,9 @@ impl RouterService {
         &self,
         r: proto::RouteRequest,
         deadline: Option<Instant>,
+        trace: Option<TraceParent>,
     ) -> Result<proto::RouteReply, Status> {
-        let span = observe::span("Route", &r.request_id);
+        let span = observe::span("Route", &r.request_id, trace.as_ref());
         async move {
             let t0 = Instant::now();
             let res = self.route_inner(r, deadline).await;
@@ -88,8 +89,9 @@ impl RouterService {
         &self,
         r: proto::VerifyRequest,
         deadline: Option<Instant>,
+        trace: Option<TraceParent>,
     ) -> Result<proto::VerifyReply, Status> {
-        let span = observe::span("Verify", &r.request_id);
+        let span = observe::span("Verify", &r.request_id, trace.as_ref());
         async move {
             let t0 = Instant::now();
             let res = self.verify_inner(r, deadline).await;
@@ -167,13 +169,14 @@ impl RouterService {
         req: Request<Streaming<R>>,
     ) -> BoxStream<R::Item> {
         let dl = deadline_of(&req);
+        let trace = trace_of(&req);
         serve_stream(
             self.clone(),
             self.drained(),
             req.into_inner(),
             move |svc: Arc<RouterService>, r: R| {
                 let id = r.request_id();
-                let span = observe::span(R::RPC, &id);
+                let span = observe::span(R::RPC, &id, trace.as_ref());
                 async move {
                     let t0 = Instant::now();
                     let res = R::answer(svc, r, dl).await;
@@ -184,6 +187,11 @@ impl RouterService {
             },
         )
     }
+}
+
+/// The caller's W3C trace context, when its `traceparent` is well formed.
+fn trace_of<T>(req: &Request<T>) -> Option<TraceParent> {
+    TraceParent::parse(req.metadata().get("traceparent")?.to_str().ok()?)
 }
 
 fn stream_error(request_id: String, e: &ServiceError) -> proto::StreamError {
@@ -201,7 +209,10 @@ impl Router for Arc<RouterService> {
         req: Request<proto::RouteRequest>,
     ) -> Result<Response<proto::RouteReply>, Status> {
         let dl = deadline_of(&req);
-        Ok(Response::new(self.route_one(req.into_inner(), dl).await?))
+        let trace = trace_of(&req);
+        Ok(Response::new(
+            self.route_one(req.into_inner(), dl, trace).await?,
+        ))
     }
 
     async fn verify(
@@ -209,7 +220,10 @@ impl Router for Arc<RouterService> {
         req: Request<proto::VerifyRequest>,
     ) -> Result<Response<proto::VerifyReply>, Status> {
         let dl = deadline_of(&req);
-        Ok(Response::new(self.verify_one(req.into_inner(), dl).await?))
+        let trace = trace_of(&req);
+        Ok(Response::new(
+            self.verify_one(req.into_inner(), dl, trace).await?,
+        ))
     }
 
     type RouteStreamStream = BoxStream<proto::RouteStreamReply>;
@@ -233,8 +247,9 @@ impl Router for Arc<RouterService> {
         &self,
         req: Request<proto::FeedbackRequest>,
     ) -> Result<Response<proto::FeedbackReply>, Status> {
+        let trace = trace_of(&req);
         let r = req.into_inner();
-        let span = observe::span("Feedback", &r.request_id);
+        let span = observe::span("Feedback", &r.request_id, trace.as_ref());
         let t0 = Instant::now();
         let res = self
             .svc
@@ -253,6 +268,7 @@ impl Router for Arc<RouterService> {
         &self,
         req: Request<Streaming<proto::FeedbackRequest>>,
     ) -> Result<Response<proto::FeedbackReply>, Status> {
+        let trace = trace_of(&req);
         let mut inbound = req.into_inner();
         let (mut accepted, mut errors) = (0u32, Vec::new());
         // Bounded like everything else: past this many bad items only the count grows.
@@ -260,7 +276,7 @@ impl Router for Arc<RouterService> {
         while let Some(item) = inbound.message().await? {
             let t0 = Instant::now();
             let id = item.request_id.clone();
-            let span = observe::span("FeedbackStream", &id);
+            let span = observe::span("FeedbackStream", &id, trace.as_ref());
             let res = self
                 .svc
                 .feedback(convert::feedback_query(item))

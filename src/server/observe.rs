@@ -16,10 +16,53 @@ const ACCESS: &str = "tiergate::access";
 /// A client's request id is logged up to this many bytes.
 const MAX_LOGGED_ID: usize = 128;
 
+/// The caller's place in a distributed trace, from a W3C `traceparent` header (version 00:
+/// `00-<32 hex trace id>-<16 hex parent span id>-<2 hex flags>`), so that log lines join the
+/// caller's trace. A malformed header is ignored: it is advisory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceParent {
+    pub trace_id: String,
+    pub parent_id: String,
+}
+
+impl TraceParent {
+    pub fn parse(v: &str) -> Option<TraceParent> {
+        let hex = |s: &str, n: usize| {
+            s.len() == n
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        let mut it = v.trim().split('-');
+        let (ver, trace, parent, flags) = (it.next()?, it.next()?, it.next()?, it.next()?);
+        let valid = ver == "00"
+            && it.next().is_none()
+            && hex(trace, 32)
+            && hex(parent, 16)
+            && hex(flags, 2)
+            && trace.bytes().any(|b| b != b'0')
+            && parent.bytes().any(|b| b != b'0');
+        valid.then(|| TraceParent {
+            trace_id: trace.to_string(),
+            parent_id: parent.to_string(),
+        })
+    }
+}
+
 /// The span one request is answered in: its fields go with every log line written meanwhile.
 /// Never the prompt or the answer.
-pub fn span(rpc: &'static str, request_id: &str) -> tracing::Span {
-    tracing::info_span!("request", rpc, request_id = clip(request_id))
+pub fn span(rpc: &'static str, request_id: &str, trace: Option<&TraceParent>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "request",
+        rpc,
+        request_id = clip(request_id),
+        trace_id = tracing::field::Empty,
+        parent_id = tracing::field::Empty
+    );
+    if let Some(t) = trace {
+        span.record("trace_id", t.trace_id.as_str());
+        span.record("parent_id", t.parent_id.as_str());
+    }
+    span
 }
 
 fn clip(s: &str) -> &str {
@@ -114,6 +157,30 @@ impl BuildInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn traceparent_is_parsed_strictly() {
+        let ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            TraceParent::parse(ok),
+            Some(TraceParent {
+                trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
+                parent_id: "00f067aa0ba902b7".into(),
+            })
+        );
+        for bad in [
+            "",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(TraceParent::parse(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn a_long_request_id_is_clipped_on_a_char_boundary() {
