@@ -74,7 +74,7 @@ fn score_writes_one_row_per_input_in_order_without_needing_labels() {
     assert_eq!(got.len(), rows.len());
     for (g, r) in got.iter().zip(&rows) {
         let keys: Vec<&str> = g.as_object().unwrap().keys().map(|k| k.as_str()).collect();
-        assert_eq!(keys.len(), 5, "{g}");
+        assert_eq!(keys.len(), 6, "{g}");
         for k in ["source", "prompt_id", "model"] {
             assert_eq!(g[k], r[k], "{k} in order");
         }
@@ -85,6 +85,15 @@ fn score_writes_one_row_per_input_in_order_without_needing_labels() {
         } else {
             assert!((0.0..=1.0).contains(&g["p_verify"].as_f64().unwrap()));
         }
+        // What the row's own answer commits to, or null.
+        let fa = &g["final_answer"];
+        assert!(
+            fa.is_null()
+                || fa
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("option:") || s.starts_with("number:")),
+            "{g}"
+        );
     }
 }
 
