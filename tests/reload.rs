@@ -112,6 +112,20 @@ async fn sighup_and_reload_swap_state_without_failing_requests() {
         .await
         .expect_err("restart-only");
     assert!(e.message().contains("batch"), "{}", e.message());
+    // So is turning the gateway's HTTP front on (a listener is bound only at start).
+    write(
+        &cfg,
+        &format!("{grown}\n[gateway]\nhttp_listen = \"127.0.0.1:0\"\n"),
+    );
+    let e = admin
+        .reload(proto::ReloadRequest {})
+        .await
+        .expect_err("restart-only");
+    assert!(
+        e.message().contains("gateway.http_listen"),
+        "{}",
+        e.message()
+    );
 
     // 4. Back to the original by the RPC; the revision names what decides.
     write(&cfg, &base);
@@ -141,7 +155,7 @@ async fn sighup_and_reload_swap_state_without_failing_requests() {
         "{m}"
     );
     assert!(
-        m.contains("tiergate_reloads_total{result=\"rejected\"} 2"),
+        m.contains("tiergate_reloads_total{result=\"rejected\"} 3"),
         "{m}"
     );
 }

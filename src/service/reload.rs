@@ -41,7 +41,8 @@ impl Service {
     }
 }
 
-/// Settings only a restart can change: the encoder, its backend and the batcher's limits.
+/// Settings only a restart can change: the encoder, its backend, the batcher's limits, the
+/// listeners.
 fn restart_only(old: &Config, new: &Config) -> anyhow::Result<()> {
     let same =
         |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
@@ -57,6 +58,20 @@ fn restart_only(old: &Config, new: &Config) -> anyhow::Result<()> {
         (
             "max_connection_age_s",
             old.max_connection_age_s == new.max_connection_age_s,
+        ),
+        // The gateway's listeners and its request-body limit are set up at start; its
+        // policies, upstreams and timeouts are read per request and do reload.
+        (
+            "gateway.http_listen",
+            old.gateway.http_listen == new.gateway.http_listen,
+        ),
+        (
+            "gateway.ext_proc",
+            old.gateway.ext_proc == new.gateway.ext_proc,
+        ),
+        (
+            "gateway.max_body_bytes",
+            old.gateway.max_body_bytes == new.gateway.max_body_bytes,
         ),
     ] {
         if !ok {
