@@ -211,3 +211,66 @@ async fn clients_keep_working_across_max_connection_age() {
         "{failed} failed attempts over {opened} connections"
     );
 }
+
+/// A gRPC-core client (grpcio, as grpc-go and grpc-java behave): it retries a call that a
+/// GOAWAY refused on a new connection by itself, so across several connection ages it sees no
+/// failed request at all. Bytes in, bytes out: no generated Python code is needed.
+const GRPCIO_CALLER: &str = r#"
+import grpc, json, sys, time
+addr, req, secs = sys.argv[1], bytes.fromhex(sys.argv[2]), float(sys.argv[3])
+call = grpc.insecure_channel(addr).unary_unary("/tiergate.v1.Router/Route")
+ok, errors, t0 = 0, [], time.time()
+while time.time() - t0 < secs:
+    try:
+        call(req, timeout=10)
+        ok += 1
+    except grpc.RpcError as e:
+        errors.append(f"{e.code()}: {e.details()}")
+print(json.dumps({"ok": ok, "errors": errors}))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_core_client_has_no_failed_request_across_max_connection_age() {
+    let python =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/gateway-venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/gateway-clients.sh",
+        python.display()
+    );
+    let server = common::Server::spawn(&["--max-connection-age-s", "1"]);
+    server.ready().await;
+    let (relay, opened) = counting_relay(server.addr.clone()).await;
+    let req = prost::Message::encode_to_vec(&route("grpcio", "What is 2 + 2?"));
+    let hex: String = req.iter().map(|b| format!("{b:02x}")).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .args(["-c", GRPCIO_CALLER, &relay, &hex, "4"])
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let got: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let opened = opened.load(Ordering::SeqCst);
+    assert!(
+        opened >= 3,
+        "{opened} connections: the age never closed one"
+    );
+    assert_eq!(got["errors"], serde_json::json!([]), "{got}");
+    let ok = got["ok"].as_u64().unwrap_or(0);
+    assert!(ok >= 10, "{got}");
+    let served = common::metric_sum(
+        &server.metrics_text(),
+        "tiergate_requests_total",
+        &[("rpc", "Route")],
+    );
+    assert_eq!(served, Some(ok as f64));
+}
