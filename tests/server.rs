@@ -317,6 +317,30 @@ async fn every_rpc_health_reflection_and_metrics() {
     let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
     assert!(names.contains(&"tiergate.v1.Router"), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+    // The same through v1alpha, which older grpcurl, grpcui and Postman speak.
+    {
+        use tonic_reflection::pb::v1alpha::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            ServerReflectionRequest,
+        };
+        let mut rc = ServerReflectionClient::new(srv.channel().await);
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut resp = rc
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .expect("v1alpha reflection")
+            .into_inner();
+        let msg = resp.message().await.expect("reply").expect("one");
+        let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+            panic!("unexpected v1alpha reflection reply");
+        };
+        let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+        assert!(names.contains(&"tiergate.v1.Router"), "{names:?}");
+    }
 
     // Prometheus: the counters moved.
     let m = srv.metrics_text();

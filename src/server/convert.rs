@@ -110,10 +110,25 @@ pub fn verify_query(
     r: proto::VerifyRequest,
     deadline: Option<Instant>,
 ) -> Result<VerifyQuery, ServiceError> {
+    let prompt = match r.messages {
+        Some(_) if !r.prompt.is_empty() => {
+            return Err(ServiceError::InvalidArgument(
+                "give prompt or messages, not both".into(),
+            ))
+        }
+        Some(ms) => RouteInput::Messages(
+            ms.messages
+                .into_iter()
+                .map(|m| (m.role, m.content))
+                .collect(),
+        )
+        .into_text(),
+        None => r.prompt,
+    };
     Ok(VerifyQuery {
         priority: priority(r.priority)?,
         request_id: r.request_id,
-        prompt: r.prompt,
+        prompt,
         answer: r.answer,
         model: r.model,
         candidates: r.candidates,

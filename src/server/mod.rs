@@ -91,10 +91,15 @@ pub async fn serve_with(
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
     observe::router_health(&health, false).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection v1, and v1alpha for the clients that still speak only it (older grpcurl,
+    // grpcui, Postman).
+    let reflection_of = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_of().build_v1()?;
+    let reflection_v1alpha = reflection_of().build_v1alpha()?;
 
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     let attached = match attach {
@@ -166,6 +171,7 @@ pub async fn serve_with(
         .add_routes(routes)
         .add_service(health_svc)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(proto::router_server::RouterServer::new(router))
         .add_service(proto::admin_server::AdminServer::new(admin::AdminService {
             svc: svc.clone(),
