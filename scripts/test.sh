@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 # that test says it skipped.
 . ./scripts/nvrtc-env.sh
 cargo fmt --all -- --check
+# The proto's lint (buf, pinned from npm; proto/buf.yaml).
+./scripts/check-proto.sh
 cargo clippy --all-targets -- -D warnings
 cargo test --all-targets
 # deploy/: Dockerfile lint, manifests rendered and validated, alerts and dashboard (pinned tools,
