@@ -147,7 +147,8 @@ impl Catalog {
         for n in names {
             let m = self.get(n).ok_or_else(|| {
                 PolicyError(format!(
-                    "unknown candidate model {n:?}: not in the catalog and no trained head (see Info)"
+                    "unknown candidate model {}: not in the catalog and no trained head (see Info)",
+                    crate::base::clip(n)
                 ))
             })?;
             if !out.iter().any(|o| o.name == m.name) {

@@ -29,8 +29,39 @@ pub fn classify(e: &ServiceError) -> (Code, &'static str) {
     }
 }
 
+/// How long a shed client should wait before retrying (gRPC's `grpc-retry-pushback-ms`):
+/// long enough for a full queue or tokenizer backlog to drain a batch or two.
+pub const RETRY_PUSHBACK_MS: u64 = 250;
+
+/// Bytes of an error message on the wire: the messages quote client text only clipped, this
+/// bounds whatever else a message carries, so trailers stay far below header limits.
+const MAX_MESSAGE_BYTES: usize = 512;
+
+/// The error's message, at most [`MAX_MESSAGE_BYTES`] (cut at a character boundary).
+pub fn message(e: &ServiceError) -> String {
+    let mut m = e.to_string();
+    if m.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES - '…'.len_utf8();
+        while !m.is_char_boundary(end) {
+            end -= 1;
+        }
+        m.truncate(end);
+        m.push('…');
+    }
+    m
+}
+
 pub fn to_status(e: &ServiceError) -> Status {
-    Status::new(classify(e).0, e.to_string())
+    let code = classify(e).0;
+    let mut s = Status::new(code, message(e));
+    if code == Code::ResourceExhausted {
+        // Shed before work: tells gRPC retry policies (and our clients) when to come back.
+        s.metadata_mut().insert(
+            "grpc-retry-pushback-ms",
+            tonic::metadata::MetadataValue::from(RETRY_PUSHBACK_MS),
+        );
+    }
+    s
 }
 
 /// The code's name as the `code` label of `tiergate_requests_total`.
@@ -80,5 +111,22 @@ mod tests {
             to_status(&batch(BatchError::Overloaded("q".into()))).message(),
             "overloaded: q"
         );
+    }
+
+    #[test]
+    fn shed_replies_carry_pushback_and_messages_are_bounded() {
+        let shed = to_status(&ServiceError::Encode(EncodeError::Batch(
+            BatchError::Overloaded("q".into()),
+        )));
+        let pushback = shed.metadata().get("grpc-retry-pushback-ms");
+        assert_eq!(pushback.and_then(|v| v.to_str().ok()), Some("250"));
+        let bad = to_status(&ServiceError::InvalidArgument("ü".repeat(100_000)));
+        assert!(bad.metadata().get("grpc-retry-pushback-ms").is_none());
+        assert!(
+            bad.message().len() <= MAX_MESSAGE_BYTES,
+            "{}",
+            bad.message().len()
+        );
+        assert!(bad.message().ends_with('…'));
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::feedback;
 use super::{Decider, FeedbackQuery, Service, ServiceError};
+use crate::base::clip;
 use crate::batch::Priority;
 use crate::metrics as m;
 use crate::model::TruncSide;
@@ -40,8 +41,8 @@ impl Service {
         }
         if d.catalog.get(&q.model).is_none() {
             return reject(ServiceError::InvalidArgument(format!(
-                "unknown model {:?}: feedback is for catalog models (see Info)",
-                q.model
+                "unknown model {}: feedback is for catalog models (see Info)",
+                clip(&q.model)
             )));
         }
         let prompt = match (q.prompt, q.request_id.is_empty()) {
@@ -50,8 +51,8 @@ impl Service {
                 Some(p) => p,
                 None => {
                     return reject(ServiceError::InvalidArgument(format!(
-                    "unknown request_id {:?} (not a recent Route of this server); send the prompt",
-                    q.request_id
+                    "unknown request_id {} (not a recent Route of this server); send the prompt",
+                    clip(&q.request_id)
                 )))
                 }
             },

@@ -26,6 +26,7 @@ pub use types::{
     VerifyQuery,
 };
 
+use crate::base::clip;
 use crate::batch::Priority;
 use crate::config::{Config, Overrides};
 use crate::metrics as m;
@@ -36,7 +37,11 @@ use crate::policy;
 
 /// Peer answers one Verify may compare (each is a whole answer text to scan).
 pub const MAX_PEERS: usize = 8;
-const MAX_PEER_MODEL_BYTES: usize = 256;
+/// Candidates one Route or Verify may name (the catalog is far smaller; beyond this a list is
+/// a mistake or an attack, and each entry is a lookup).
+pub const MAX_CANDIDATES: usize = 64;
+/// Bytes of one model name (the model, a candidate, a peer's model).
+pub const MAX_MODEL_BYTES: usize = 256;
 
 /// One per process: the pipeline, and the decider (heads, overlays, catalog, policy) that
 /// turns embeddings into decisions, swapped whole on reload; and whether warm-up has run.
@@ -156,6 +161,30 @@ impl Service {
         Ok(())
     }
 
+    /// Bounds on the model names of a request, checked before any lookup.
+    fn check_models<'a>(
+        models: impl IntoIterator<Item = &'a String>,
+        candidates: &'a [String],
+    ) -> Result<(), ServiceError> {
+        if candidates.len() > MAX_CANDIDATES {
+            return Err(ServiceError::InvalidArgument(format!(
+                "{} candidates; at most {MAX_CANDIDATES}",
+                candidates.len()
+            )));
+        }
+        match models
+            .into_iter()
+            .chain(candidates)
+            .find(|m| m.len() > MAX_MODEL_BYTES)
+        {
+            Some(m) => Err(ServiceError::InvalidArgument(format!(
+                "model name {} is over {MAX_MODEL_BYTES} bytes",
+                clip(m)
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// The cheapest candidate likely to pass for one prompt, with every candidate's p_pass.
     pub async fn route(&self, q: RouteQuery) -> Result<RouteOutcome, ServiceError> {
         let t0 = Instant::now();
@@ -165,6 +194,7 @@ impl Service {
             .ok_or_else(|| ServiceError::InvalidArgument("prompt or messages is required".into()))?
             .into_text();
         self.check_text("prompt", &text, false)?;
+        Self::check_models([], &q.candidates)?;
         let d = self.decider();
         if d.cfg.feedback.enabled() && !q.request_id.is_empty() {
             self.store()
@@ -239,19 +269,17 @@ impl Service {
         }
         for pa in &q.peers {
             self.check_text("peer answer", &pa.answer, true)?;
-            if pa.model.len() > MAX_PEER_MODEL_BYTES {
-                return Err(ServiceError::InvalidArgument(format!(
-                    "a peer's model name is {} bytes; at most {MAX_PEER_MODEL_BYTES}",
-                    pa.model.len()
-                )));
-            }
         }
+        Self::check_models(
+            std::iter::once(&q.model).chain(q.peers.iter().map(|p| &p.model)),
+            &q.candidates,
+        )?;
         let d = self.decider();
         let pol = policy::effective(q.policy.as_ref(), &d.policy, d.default_floor())?;
         let model = d.catalog.get(&q.model).ok_or_else(|| {
             ServiceError::InvalidArgument(format!(
-                "unknown model {:?}: not in the catalog and no trained head (see Info)",
-                q.model
+                "unknown model {}: not in the catalog and no trained head (see Info)",
+                clip(&q.model)
             ))
         })?;
         let cands = d.catalog.resolve(&q.candidates)?;
