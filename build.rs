@@ -14,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // prost's codec, with a request that does not parse answered INVALID_ARGUMENT.
+        .codec_path("crate::proto::codec::ParseCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -38,6 +38,64 @@ pub mod tools;
 pub mod proto {
     #![allow(clippy::all)]
     tonic::include_proto!("tiergate.v1");
+    /// The generated services' codec (build.rs `codec_path`): prost's, except that a message
+    /// that does not parse (malformed bytes, invalid UTF-8 in a string field) is the sender's
+    /// mistake, INVALID_ARGUMENT, where tonic-prost says INTERNAL. A server decodes requests
+    /// before any handler runs, so this is the only place that can tell the client so. The
+    /// generated clients share it: a reply that does not parse reads INVALID_ARGUMENT there.
+    pub mod codec {
+        use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
+        use tonic::{Code, Status};
+        use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+        pub struct ParseCodec<T, U>(ProstCodec<T, U>);
+
+        // By hand: a derive would ask T and U for Default too.
+        impl<T, U> Default for ParseCodec<T, U> {
+            fn default() -> Self {
+                Self(ProstCodec::new())
+            }
+        }
+
+        impl<T, U> Codec for ParseCodec<T, U>
+        where
+            T: prost::Message + Send + 'static,
+            U: prost::Message + Default + Send + 'static,
+        {
+            type Encode = T;
+            type Decode = U;
+            type Encoder = ProstEncoder<T>;
+            type Decoder = ParseDecoder<U>;
+
+            fn encoder(&mut self) -> Self::Encoder {
+                self.0.encoder()
+            }
+
+            fn decoder(&mut self) -> Self::Decoder {
+                ParseDecoder(self.0.decoder())
+            }
+        }
+
+        pub struct ParseDecoder<U>(ProstDecoder<U>);
+
+        impl<U: prost::Message + Default> Decoder for ParseDecoder<U> {
+            type Item = U;
+            type Error = Status;
+
+            fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+                // prost's decoder fails only on a parse error (its INTERNAL); its message is
+                // short and quotes no client bytes.
+                self.0.decode(buf).map_err(|s| match s.code() {
+                    Code::Internal => Status::invalid_argument(s.message()),
+                    _ => s,
+                })
+            }
+
+            fn buffer_settings(&self) -> BufferSettings {
+                self.0.buffer_settings()
+            }
+        }
+    }
     /// Encoded descriptors of tiergate.proto, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/tiergate_descriptor.bin"));

@@ -1,10 +1,14 @@
 //! Admission before work, on the real server: the tokenizer stage holds a bounded number of
 //! bytes, so a burst of huge non-ASCII prompts (the slow `tokenizers` path) is shed with
-//! RESOURCE_EXHAUSTED instead of stalling everyone, small requests still get through, and the
-//! backlog empties afterwards.
+//! RESOURCE_EXHAUSTED (with a retry pushback) instead of stalling everyone, small requests
+//! still get through, and the backlog empties afterwards. And the edge's bounds (issue 19):
+//! client text is quoted only clipped in errors, candidate lists and model names are capped,
+//! a request that does not parse is INVALID_ARGUMENT, and one over the decode limit is refused
+//! by tonic before decoding.
 mod common;
 
 use tiergate::proto::{self, route_request::Input};
+use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn huge_prompts_beyond_the_tokenizer_backlog_are_shed() {
@@ -52,6 +56,13 @@ async fn huge_prompts_beyond_the_tokenizer_backlog_are_shed() {
             Ok(_) => ok += 1,
             Err(s) if s.code() == tonic::Code::ResourceExhausted => {
                 assert!(s.message().contains("tokenizer backlog"), "{}", s.message());
+                // Shed before work: the reply says when to retry (gRPC retry pushback).
+                let pushback = s.metadata().get("grpc-retry-pushback-ms");
+                let ms: Option<u64> = pushback.and_then(|v| v.to_str().ok()?.parse().ok());
+                assert!(
+                    ms.is_some_and(|ms| (100..=1000).contains(&ms)),
+                    "{pushback:?}"
+                );
                 shed += 1;
             }
             Err(s) => panic!("unexpected {s:?}"),
@@ -71,4 +82,157 @@ async fn huge_prompts_beyond_the_tokenizer_backlog_are_shed() {
         Some(0.0),
         "the backlog empties"
     );
+}
+
+fn route(prompt: &str, candidates: Vec<String>) -> proto::RouteRequest {
+    proto::RouteRequest {
+        input: Some(Input::Prompt(prompt.into())),
+        candidates,
+        ..Default::default()
+    }
+}
+
+fn verify(model: &str, candidates: Vec<String>) -> proto::VerifyRequest {
+    proto::VerifyRequest {
+        prompt: "What is 2 + 2?".into(),
+        answer: "4".into(),
+        model: model.into(),
+        candidates,
+        ..Default::default()
+    }
+}
+
+/// Sends `msg`, encoded as given, to the Route method and returns the error.
+async fn raw_route<M: prost::Message + Default + Send + 'static>(
+    server: &common::Server,
+    msg: M,
+) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(server.channel().await);
+    grpc.ready().await.expect("ready");
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/tiergate.v1.Router/Route");
+    let codec = tonic_prost::ProstCodec::<M, proto::RouteReply>::default();
+    grpc.unary(tonic::Request::new(msg), path, codec)
+        .await
+        .expect_err("a malformed request is refused")
+}
+
+/// Field 2 (`prompt`) as raw bytes: the same wire format as a string, any content.
+#[derive(Clone, PartialEq, prost::Message)]
+struct PromptBytes {
+    #[prost(bytes = "vec", tag = "2")]
+    prompt: Vec<u8>,
+}
+
+/// Field 2 (`prompt`, a string) sent as a varint: the wrong wire type.
+#[derive(Clone, PartialEq, prost::Message)]
+struct PromptVarint {
+    #[prost(uint64, tag = "2")]
+    prompt: u64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_text_is_clipped_and_model_lists_are_capped() {
+    let server = common::Server::spawn(&[]);
+    server.ready().await;
+    let known = server.info().await.catalog[0].model.clone();
+    let mut c = server.client().await;
+
+    // A 1 MiB model name used to come back whole (RESOURCE_EXHAUSTED: trailers too big).
+    let huge = "m".repeat(1 << 20);
+    let e = c.verify(verify(&huge, vec![])).await.expect_err("refused");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().len() < 300, "{} bytes", e.message().len());
+    assert!(e.message().contains("bytes"), "{}", e.message());
+
+    // Under the name cap but unknown: still INVALID_ARGUMENT, still clipped.
+    let long = "x".repeat(250);
+    for e in [
+        c.verify(verify(&long, vec![]))
+            .await
+            .expect_err("unknown model"),
+        c.route(route("hi there", vec![long.clone()]))
+            .await
+            .expect_err("unknown candidate"),
+    ] {
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("unknown"), "{}", e.message());
+        assert!(!e.message().contains(&long), "{}", e.message());
+        assert!(e.message().len() < 300, "{}", e.message());
+    }
+
+    // Model names: at most 256 bytes, whichever field names them.
+    let name_257 = "y".repeat(257);
+    let peer = proto::PeerAnswer {
+        model: name_257.clone(),
+        answer: "4".into(),
+    };
+    for e in [
+        c.route(route("hi there", vec![name_257.clone()]))
+            .await
+            .expect_err("candidate name"),
+        c.verify(verify(&known, vec![name_257.clone()]))
+            .await
+            .expect_err("candidate name"),
+        c.verify(proto::VerifyRequest {
+            peers: vec![peer],
+            ..verify(&known, vec![])
+        })
+        .await
+        .expect_err("peer's model name"),
+    ] {
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("over 256 bytes"), "{}", e.message());
+    }
+
+    // Candidates: 64 pass (duplicates of a known model), 65 do not.
+    let n = |k| vec![known.clone(); k];
+    c.route(route("hi there", n(64)))
+        .await
+        .expect("64 candidates");
+    c.verify(verify(&known, n(64)))
+        .await
+        .expect("64 candidates");
+    for e in [
+        c.route(route("hi there", n(65))).await.expect_err("65"),
+        c.verify(verify(&known, n(65))).await.expect_err("65"),
+    ] {
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("at most 64"), "{}", e.message());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversize_requests_are_the_clients_mistake() {
+    let server = common::Server::spawn(&[]);
+    server.ready().await;
+
+    let bad_utf8 = raw_route(
+        &server,
+        PromptBytes {
+            prompt: vec![b'h', b'i', 0xff, 0xfe],
+        },
+    )
+    .await;
+    let wrong_wire_type = raw_route(&server, PromptVarint { prompt: 7 }).await;
+    for e in [bad_utf8, wrong_wire_type] {
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().len() < 300, "{}", e.message());
+    }
+
+    // Ten inputs' worth plus 64 KiB (a Verify with 8 peers); one byte over is refused unread.
+    let max_input = server.info().await.limits.expect("limits").max_input_bytes as usize;
+    let limit = max_input * 10 + 64 * 1024;
+    let e = server
+        .client()
+        .await
+        .route(route(&"a".repeat(limit), vec![]))
+        .await
+        .expect_err("over the decode limit");
+    // tonic's own code for it; the per-field check would say INVALID_ARGUMENT instead.
+    assert!(
+        matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{e:?}"
+    );
+    assert!(e.message().contains(&limit.to_string()), "{}", e.message());
+    assert!(e.message().len() < 300, "{}", e.message());
 }

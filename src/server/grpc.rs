@@ -10,10 +10,21 @@ use tracing::Instrument;
 
 use super::convert::{self, deadline_of};
 use super::observe::{self, request as observe, TraceParent};
-use super::status::{classify, to_status};
+use super::status::{classify, message, to_status};
 use super::stream::{serve_stream, BoxStream};
 use crate::proto::{self, router_server::Router};
 use crate::service::{Service, ServiceError};
+
+/// The largest Router request (one stream item) the server decodes; tonic's default is 4 MiB.
+/// A Verify may carry a prompt, an answer and [`crate::service::MAX_PEERS`] peer answers, each
+/// up to `max_input_bytes`, so ten of those plus 64 KiB for names, candidates, policy and
+/// framing: anything larger would be refused after decoding anyway, so it is refused before
+/// the server buffers it.
+pub fn max_request_bytes(b: &crate::config::BatchConfig) -> usize {
+    b.max_input_bytes
+        .saturating_mul(2 + crate::service::MAX_PEERS)
+        .saturating_add(64 * 1024)
+}
 
 pub struct RouterService {
     svc: Arc<Service>,
@@ -198,7 +209,7 @@ fn stream_error(request_id: String, e: &ServiceError) -> proto::StreamError {
     proto::StreamError {
         request_id,
         code: classify(e).0 as i32,
-        message: e.to_string(),
+        message: message(e),
     }
 }
 

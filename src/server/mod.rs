@@ -172,7 +172,10 @@ pub async fn serve_with(
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
-        .add_service(proto::router_server::RouterServer::new(router))
+        .add_service(
+            proto::router_server::RouterServer::new(router)
+                .max_decoding_message_size(grpc::max_request_bytes(&cfg.batch)),
+        )
         .add_service(proto::admin_server::AdminServer::new(admin::AdminService {
             svc: svc.clone(),
         }))
