@@ -16,9 +16,7 @@ use crate::batch::Priority;
 use crate::config::{UpstreamConfig, VerifyMode};
 use crate::model::TruncSide;
 use crate::policy::PolicyRequest;
-use crate::service::{
-    Decider, PeerAnswer, RouteInput, RouteOutcome, RouteQuery, Service, VerifyQuery,
-};
+use crate::service::{Decider, RouteInput, RouteOutcome, RouteQuery, Service, VerifyQuery};
 
 pub struct Front {
     pub svc: Arc<Service>,
@@ -89,7 +87,8 @@ impl Front {
             Ask::Named(m) => {
                 if !order.contains(&m) {
                     return Err(GatewayError::UnknownModel(format!(
-                        "model {m:?} is not a catalog model with an upstream; use {:?} or one of {order:?}",
+                        "model {} is not a catalog model with an upstream; use {:?} or one of {order:?}",
+                        crate::base::clip(&m),
                         d.cfg.gateway.auto_model
                     )));
                 }
@@ -149,8 +148,6 @@ impl Front {
         let (mut at, mut hops, mut spent) = (plan.start.clone(), 0u32, 0.0);
         // The last answer the verifier turned down: shipped if every later tier fails.
         let mut rejected: Option<(String, Value)> = None;
-        // Earlier tiers' answers: the verifier reads agreement with them.
-        let mut peers: Vec<PeerAnswer> = Vec::new();
         loop {
             let up = plan.upstream(&at)?;
             let sent = chat::with_model(&body, up.model.as_deref().unwrap_or(&at));
@@ -161,16 +158,11 @@ impl Front {
             {
                 Ok(reply) => {
                     spent += plan.cost(&at, &reply);
-                    let to = self
-                        .escalate(&plan, &at, &reply, &peers, hops, deadline)
-                        .await;
+                    // Earlier tiers' answers are not sent as Verify peers: agreement moves a
+                    // decision only with a peer_threshold, which did not pay on dev
+                    // (models/EVAL.md), and past 8 peers or a long answer Verify would refuse.
+                    let to = self.escalate(&plan, &at, &reply, hops, deadline).await;
                     if let Some(to) = to {
-                        if let Some(text) = chat::answer(&reply) {
-                            peers.push(PeerAnswer {
-                                model: at.clone(),
-                                answer: text.to_string(),
-                            });
-                        }
                         rejected = Some((std::mem::replace(&mut at, to), reply));
                         hops += 1;
                         continue;
@@ -203,7 +195,6 @@ impl Front {
         plan: &Plan,
         at: &str,
         reply: &Value,
-        peers: &[PeerAnswer],
         hops: u32,
         deadline: Instant,
     ) -> Option<String> {
@@ -222,7 +213,7 @@ impl Front {
                 policy: plan.policy,
                 priority: Priority::Normal,
                 deadline: Some(deadline),
-                peers: peers.to_vec(),
+                peers: Vec::new(),
                 peer_threshold: None,
             })
             .await;

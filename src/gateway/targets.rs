@@ -36,7 +36,8 @@ pub fn policy(
     };
     let p = g.policies.get(name).ok_or_else(|| {
         GatewayError::UnknownModel(format!(
-            "no policy {name:?}: {}:<name> takes one of {:?} (gateway.policies)",
+            "no policy {}: {}:<name> takes one of {:?} (gateway.policies)",
+            crate::base::clip(name),
             g.auto_model,
             g.policies.keys().collect::<Vec<_>>()
         ))
