@@ -79,7 +79,7 @@ pub fn fit_overlay(
     min_rows: usize,
 ) -> Result<Overlay> {
     let mut h = heads.clone();
-    adapt(&mut h, rows, f)?;
+    adapt(&mut h, rows, f, true)?;
     let mut count = std::collections::BTreeMap::<&str, usize>::new();
     for r in rows.iter().filter(|r| r.score.is_some()) {
         *count.entry(r.model.as_str()).or_default() += 1;

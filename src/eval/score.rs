@@ -250,11 +250,17 @@ impl RowFeatures {
 pub fn score_with(heads: &Heads, rows: &[Row], f: &RowFeatures) -> Vec<(f64, Option<f64>)> {
     use rayon::prelude::*;
     // The prompt's parts (router features, cosines to the memory) once per unique prompt.
+    let models: Vec<&str> = rows
+        .iter()
+        .map(|r| r.model.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let parts: Vec<_> = (0..f.prompt_emb.len() / f.dim.max(1))
         .into_par_iter()
         .map(|p| {
             let e = &f.prompt_emb[p * f.dim..(p + 1) * f.dim];
-            (heads.router.prompt_features(e), heads.near(e))
+            (heads.router.prompt_features(e), heads.near(e, &models))
         })
         .collect();
     rows.par_iter()
@@ -270,11 +276,22 @@ pub fn score_with(heads: &Heads, rows: &[Row], f: &RowFeatures) -> Vec<(f64, Opt
 
 /// Fits per-model abilities (new models from scratch, known ones adjusted) and re-fits the
 /// verifier's Platt scaling on labelled rows of the target traffic. The encoder is untouched.
-pub fn adapt(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<serde_json::Value> {
+/// `memory`: also keep the labelled prompts as a memory when it pays (`remember`).
+pub fn adapt(
+    heads: &mut Heads,
+    rows: &[Row],
+    f: &RowFeatures,
+    memory: bool,
+) -> Result<serde_json::Value> {
     let (prior_shift, report) = adapt_router(heads, rows, f)?;
     learn_answer_lengths(heads, rows);
     let (verifier_rows, refit) = refit_verifier(heads, rows, f)?;
-    let memory = remember(heads, rows, f);
+    heads.memory = None;
+    let memory = if memory {
+        remember(heads, rows, f)
+    } else {
+        serde_json::Value::Null
+    };
     Ok(serde_json::json!({
         "memory": memory,
         "prior_shift": prior_shift,
@@ -593,10 +610,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
             );
         }
         let cf = RowFeatures::compute(&emb, "calibration", &crow, true, heads.max_answer_tokens)?;
-        let rep = adapt(&mut heads, &crow, &cf)?;
-        if a.no_memory {
-            heads.memory = None;
-        }
+        let rep = adapt(&mut heads, &crow, &cf, !a.no_memory)?;
         eprintln!("calibration: {labelled} labelled rows; {rep}");
     }
     let f = RowFeatures::compute(&emb, "score", &rows, true, heads.max_answer_tokens)?;
@@ -696,7 +710,7 @@ mod tests {
             "trained heads favour the longest option: {before}"
         );
         let (calib, cf) = traffic(MIN_ROWS_FOR_FEATURE_REFIT + 300, 0, h.dim);
-        let rep = adapt(&mut h, &calib, &cf)?;
+        let rep = adapt(&mut h, &calib, &cf, true)?;
         assert!(
             rep["verifier_refit"]["features"].as_u64() > Some(1),
             "{rep}"
@@ -712,7 +726,7 @@ mod tests {
         let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/heads.json"));
         let mut h = Heads::load(path)?;
         let (calib, cf) = traffic(100, 0, h.dim);
-        let rep = adapt(&mut h, &calib, &cf)?;
+        let rep = adapt(&mut h, &calib, &cf, true)?;
         assert_eq!(rep["verifier_refit"]["features"].as_u64(), Some(1), "{rep}");
         Ok(())
     }

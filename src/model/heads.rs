@@ -246,7 +246,7 @@ impl Heads {
 
     /// p_pass of `model` on a prompt: the router, corrected by the memory where there is one.
     pub fn route_p(&self, model: &str, prompt_emb: &[f32]) -> f64 {
-        let near = self.near(prompt_emb);
+        let near = self.near(prompt_emb, &[model]);
         self.route_p_from(
             &self.router.prompt_features(prompt_emb),
             near.as_ref(),
@@ -254,9 +254,13 @@ impl Heads {
         )
     }
 
-    /// The prompt's cosines to the memory (None without one); once per prompt.
-    pub fn near(&self, prompt_emb: &[f32]) -> Option<super::memory::Near> {
-        self.memory.as_ref().map(|m| m.near(prompt_emb))
+    /// The prompt's cosines to the memory, once per prompt; None without a memory or when it
+    /// holds no outcome of these models (heads), so that scan is skipped.
+    pub fn near(&self, prompt_emb: &[f32], models: &[&str]) -> Option<super::memory::Near> {
+        self.memory
+            .as_ref()
+            .filter(|m| models.iter().any(|h| m.outcomes.contains_key(*h)))
+            .map(|m| m.near(prompt_emb))
     }
 
     /// `route_p` from the prompt's parts computed once for all candidates.

@@ -111,7 +111,8 @@ pub fn score_candidates(
     output_tokens: Option<u32>,
 ) -> Vec<Scored> {
     let pf = heads.router.prompt_features(prompt_emb);
-    let near = heads.near(prompt_emb);
+    let heads_of: Vec<&str> = candidates.iter().map(|c| c.head.as_str()).collect();
+    let near = heads.near(prompt_emb, &heads_of);
     candidates
         .iter()
         .map(|c| Scored {
