@@ -321,13 +321,14 @@ impl Service {
                 },
             )
         };
-        let own = crate::model::answer::final_answer(&q.prompt, &q.answer);
-        let peer_keys: Vec<Option<String>> = q
-            .peers
-            .iter()
-            .map(|pa| crate::model::answer::final_answer(&q.prompt, &pa.answer))
-            .collect();
-        let (peers_compared, peers_agreeing) = decide::peer_agreement(own.as_deref(), &peer_keys);
+        // Final answers are read only when there are peers to compare them with.
+        let (peers_compared, peers_agreeing) = if q.peers.is_empty() {
+            (0, 0)
+        } else {
+            let key = |a: &str| crate::model::answer::final_answer(&q.prompt, a);
+            let peer_keys: Vec<Option<String>> = q.peers.iter().map(|pa| key(&pa.answer)).collect();
+            decide::peer_agreement(key(&q.answer).as_deref(), &peer_keys)
+        };
         let ship = decide::ships_with_peers(p, threshold, peers_agreeing, q.peer_threshold);
         metrics::counter!(m::VERIFY_DECISIONS, "decision" => if ship { "ship" } else { "escalate" })
             .increment(1);
