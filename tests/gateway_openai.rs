@@ -408,6 +408,12 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(err["error"]["type"], "request_too_large", "{err}");
     assert!(stub.calls("big").is_empty());
 
+    // Routes through the front count in the cost metrics as gRPC ones do: the hard prompt
+    // was routed (to opus) only here.
+    let m = srv.metrics_text();
+    let opus = common::metric_sum(&m, "tiergate_expected_cost_usd_total", &[("model", OPUS)]);
+    assert!(opus.is_some_and(|usd| usd > 0.0), "{m}");
+
     // SIGTERM drains the front with the gRPC port: the process exits cleanly.
     srv.sigterm();
     let st = srv.wait_exit(std::time::Duration::from_secs(60));

@@ -62,9 +62,7 @@ impl RouterService {
         // Readiness first: a warming server says so whatever else is wrong with the request.
         self.svc.check_ready()?;
         let q = convert::route_query(r, deadline)?;
-        let out = self.svc.route(q).await?;
-        observe::route(&out);
-        Ok(convert::route_reply(out))
+        Ok(convert::route_reply(self.svc.route(q).await?))
     }
 
     async fn verify_inner(

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::status::{classify, code_name};
 use crate::metrics as m;
-use crate::service::{RouteOutcome, Service, ServiceError};
+use crate::service::{Service, ServiceError};
 
 /// Where each answered request is logged: `RUST_LOG=info,tiergate::access=debug` writes one
 /// line per request; faults on our side (INTERNAL) are written at warn.
@@ -96,23 +96,6 @@ pub fn request<T>(rpc: &'static str, t0: Instant, r: &Result<T, ServiceError>) {
     };
     metrics::counter!(m::REQUESTS, "rpc" => rpc, "code" => code).increment(1);
     metrics::histogram!(m::REQUEST_SECONDS, "rpc" => rpc).record(seconds);
-}
-
-/// The chosen model's expected cost, the saving against the most expensive candidate, and
-/// the chosen model's p_pass.
-pub fn route(o: &RouteOutcome) {
-    // A non-finite amount would stay in the running sum for the life of the process.
-    for (name, usd) in [
-        (m::EXPECTED_COST, o.expected_cost_usd),
-        (m::EXPECTED_SAVING, o.expected_saving_usd),
-    ] {
-        if usd.is_finite() {
-            metrics::gauge!(name, "model" => o.model.clone()).increment(usd.max(0.0));
-        }
-    }
-    if let Some(c) = o.candidates.iter().find(|c| c.model == o.model) {
-        metrics::histogram!(m::ROUTE_P_PASS, "model" => o.model.clone()).record(c.p_pass);
-    }
 }
 
 /// `tiergate_serving` follows the Router's health status.
