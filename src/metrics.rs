@@ -104,7 +104,7 @@ fn describe() {
         REJECTIONS,
         "Requests answered with an error, by RPC and reason."
     );
-    describe_counter!(DROPPED, "Inputs dropped before compute, by stage (tokenize or, unlabelled, the batch queue) and reason: the client left (client_gone), its deadline passed, or the tokenizer backlog was full (tokenizer_backlog).");
+    describe_counter!(DROPPED, "Inputs dropped before compute, by stage (tokenize, or queue: the batch queue) and reason: the client left (client_gone), its deadline passed, or the tokenizer backlog was full (tokenizer_backlog).");
     describe_gauge!(
         TOKENIZE_BACKLOG,
         Unit::Bytes,

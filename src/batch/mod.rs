@@ -86,11 +86,12 @@ impl Job {
     /// Answers and drops the job if nobody waits for it or it is too late.
     fn still_wanted(self, now: Instant) -> Option<Job> {
         if self.reply.is_closed() {
-            metrics::counter!(m::DROPPED, "reason" => "client_gone").increment(1);
+            metrics::counter!(m::DROPPED, "reason" => "client_gone", "stage" => "queue")
+                .increment(1);
             return None;
         }
         if self.deadline.is_some_and(|d| d <= now) {
-            metrics::counter!(m::DROPPED, "reason" => "deadline").increment(1);
+            metrics::counter!(m::DROPPED, "reason" => "deadline", "stage" => "queue").increment(1);
             let _ = self.reply.send(Err(BatchError::DeadlineExceeded));
             return None;
         }
