@@ -10,13 +10,12 @@ use serde_json::Value;
 
 use super::chat::{self, Ask};
 use super::status::GatewayError;
-use super::targets::{callable, entry, policy, prices};
+use super::targets::{callable, entry, policy, prices, route_query};
 use super::upstream::{UpstreamError, Upstreams};
 use crate::batch::Priority;
 use crate::config::{UpstreamConfig, VerifyMode};
-use crate::model::TruncSide;
 use crate::policy::PolicyRequest;
-use crate::service::{Decider, RouteInput, RouteOutcome, RouteQuery, Service, VerifyQuery};
+use crate::service::{Decider, RouteInput, RouteOutcome, Service, VerifyQuery};
 
 pub struct Front {
     pub svc: Arc<Service>,
@@ -107,16 +106,7 @@ impl Front {
                 let (pol, mode) = policy(&d.cfg.gateway, name.as_deref())?;
                 let route = self
                     .svc
-                    .route(RouteQuery {
-                        request_id: String::new(),
-                        input: Some(input),
-                        candidates: order,
-                        policy: pol,
-                        priority: Priority::Normal,
-                        truncation: TruncSide::HeadTail,
-                        expected_output_tokens: None,
-                        deadline: Some(deadline),
-                    })
+                    .route(route_query(input, order, pol, deadline))
                     .await?;
                 let verify = match mode {
                     VerifyMode::Never => false,

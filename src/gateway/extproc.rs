@@ -27,10 +27,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::chat::{self, Ask};
 use super::status::{error_body, GatewayError};
-use super::targets::{callable, entry, policy, prices};
-use crate::batch::Priority;
-use crate::model::TruncSide;
-use crate::service::{RouteInput, RouteQuery, Service};
+use super::targets::{callable, entry, policy, prices, route_query};
+use crate::service::{RouteInput, Service};
 
 pub struct ExtProc {
     pub svc: Arc<Service>,
@@ -196,18 +194,9 @@ impl Exchange {
         let input = RouteInput::Messages(turns);
         let prompt_bytes = input.clone().into_text().len();
         let deadline = Instant::now() + Duration::from_millis(g.ext_proc_route_ms);
+        // With upstreams configured, only those; else the catalog.
         let o = svc
-            .route(RouteQuery {
-                request_id: String::new(),
-                input: Some(input),
-                // With upstreams configured, only those; else the catalog.
-                candidates: callable(&d),
-                policy: pol,
-                priority: Priority::Normal,
-                truncation: TruncSide::HeadTail,
-                expected_output_tokens: None,
-                deadline: Some(deadline),
-            })
+            .route(route_query(input, callable(&d), pol, deadline))
             .await?;
         let provider = entry(&d, &o.model)
             .and_then(|e| e.upstream.as_ref()?.model.clone())

@@ -50,3 +50,23 @@ pub fn policy(
     };
     Ok((Some(req), p.verify.unwrap_or(g.verify)))
 }
+
+/// The Route the gateway asks for a conversation: among `candidates`, under `policy`, at normal
+/// priority with the server's truncation, by `deadline` (the front's and ext_proc's alike).
+pub fn route_query(
+    input: crate::service::RouteInput,
+    candidates: Vec<String>,
+    policy: Option<PolicyRequest>,
+    deadline: std::time::Instant,
+) -> crate::service::RouteQuery {
+    crate::service::RouteQuery {
+        request_id: String::new(),
+        input: Some(input),
+        candidates,
+        policy,
+        priority: crate::batch::Priority::Normal,
+        truncation: crate::model::TruncSide::HeadTail,
+        expected_output_tokens: None,
+        deadline: Some(deadline),
+    }
+}
