@@ -55,18 +55,23 @@ fn timings(t: Timings) -> proto::Timings {
     }
 }
 
+/// A conversation as Route and Verify both read it.
+fn messages(ms: proto::Messages) -> RouteInput {
+    RouteInput::Messages(
+        ms.messages
+            .into_iter()
+            .map(|m| (m.role, m.content))
+            .collect(),
+    )
+}
+
 pub fn route_query(
     r: proto::RouteRequest,
     deadline: Option<Instant>,
 ) -> Result<RouteQuery, ServiceError> {
     let input = r.input.map(|i| match i {
         proto::route_request::Input::Prompt(p) => RouteInput::Prompt(p),
-        proto::route_request::Input::Messages(ms) => RouteInput::Messages(
-            ms.messages
-                .into_iter()
-                .map(|m| (m.role, m.content))
-                .collect(),
-        ),
+        proto::route_request::Input::Messages(ms) => messages(ms),
     });
     Ok(RouteQuery {
         truncation: truncation(r.truncation)?,
@@ -116,13 +121,7 @@ pub fn verify_query(
                 "give prompt or messages, not both".into(),
             ))
         }
-        Some(ms) => RouteInput::Messages(
-            ms.messages
-                .into_iter()
-                .map(|m| (m.role, m.content))
-                .collect(),
-        )
-        .into_text(),
+        Some(ms) => messages(ms).into_text(),
         None => r.prompt,
     };
     Ok(VerifyQuery {
