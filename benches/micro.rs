@@ -139,10 +139,10 @@ mod encoder {
 }
 
 /// The linear-layer kernels alone on the FFN-in shape (tokens × 384 → 1536): the divan
-/// throughput is in FLOP (2·m·k·n per call), so bf16 and f32 read as GFLOP/s side by side.
+/// throughput is in FLOP (2·m·k·n per call), so bf16, int8 and f32 read as GFLOP/s (int8: 2·MACs/s) side by side.
 mod linear {
     use super::*;
-    use tiergate::model::bf16;
+    use tiergate::model::{bf16, int8};
 
     const M: [usize; 2] = [64, 1024];
     const K: usize = 384;
@@ -183,6 +183,17 @@ mod linear {
         b.counter(divan::counter::ItemsCount::new(2 * m * K * N))
             .bench_local(|| {
                 pool().install(|| bf16::matmul(&mut c, black_box(&a), &packed, m, false))
+            });
+    }
+
+    #[divan::bench(args = M, max_time = 3)]
+    fn int8_packed(b: Bencher<'_, '_>, m: usize) {
+        let (a, w) = data(m);
+        let packed = int8::PackedI8::pack(&w, K, N);
+        let mut c = vec![0.0f32; m * N];
+        b.counter(divan::counter::ItemsCount::new(2 * m * K * N))
+            .bench_local(|| {
+                pool().install(|| int8::matmul(&mut c, black_box(&a), &packed, m, false))
             });
     }
 

@@ -21,8 +21,10 @@ impl CpuBackend {
         precision: Precision,
     ) -> Result<Self, BackendError> {
         let precision = precision.resolve()?;
-        if precision == Precision::Bf16 {
-            model.prepare_bf16();
+        match precision {
+            Precision::Bf16 => model.prepare_bf16(),
+            Precision::Int8 => model.prepare_int8(),
+            Precision::Auto | Precision::F32 => {}
         }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
@@ -38,7 +40,7 @@ impl CpuBackend {
         })
     }
 
-    /// The resolved precision: `F32` or `Bf16`.
+    /// The resolved precision: `F32`, `Bf16` or `Int8`.
     pub fn precision(&self) -> Precision {
         self.precision
     }

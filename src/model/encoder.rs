@@ -17,6 +17,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::bf16::{self, PackedB};
+use super::int8::{self, PackedI8};
 use super::par::SendPtr;
 use crate::base::{BackendError, PackedBatch};
 
@@ -30,6 +31,9 @@ pub enum Precision {
     F32,
     /// bf16 weights and activations, f32 accumulation (AVX512-BF16 only).
     Bf16,
+    /// int8 weights (per output channel) and activations (per token), i32 accumulation
+    /// (`model::int8`; vector kernel on AVX2, a scalar reference elsewhere).
+    Int8,
 }
 
 impl Precision {
@@ -50,6 +54,7 @@ impl Precision {
             Self::Auto => "auto",
             Self::F32 => "f32",
             Self::Bf16 => "bf16",
+            Self::Int8 => "int8",
         }
     }
 }
@@ -132,6 +137,8 @@ struct Layer {
     /// The four weight matrices rounded and packed for the bf16 kernel, made on first use
     /// (f32-only users, such as the CUDA self-check, never pay the memory).
     packed: std::sync::OnceLock<[PackedB; 4]>,
+    /// The same four quantized for the int8 kernel, made on first use.
+    packed_i8: std::sync::OnceLock<[PackedI8; 4]>,
 }
 
 /// The encoder with its weights in memory.
@@ -146,6 +153,60 @@ pub struct MiniLm {
     emb_ln_b: Vec<f32>,
     layers: Vec<Layer>,
     revision: String,
+    /// Per-channel activation maxima for the int8 layers' smoothing, when the embedded
+    /// calibration was made on these weights.
+    act_max: Option<ActStats>,
+}
+
+/// The largest |input| per channel of each linear layer, over calibration prompts:
+/// `layers[l]` holds QKV (hidden), attention out (hidden), FFN in (hidden) and FFN out
+/// (intermediate) inputs.
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
+pub struct ActStats {
+    /// `revision()` of the weights they were measured on.
+    pub model_revision: String,
+    /// How they were made (prompts, source), for people.
+    #[serde(default)]
+    pub made_from: String,
+    pub layers: Vec<[Vec<f32>; 4]>,
+}
+
+/// Measured by `tiergate calibrate-int8` on train prompts (models/README.md).
+const EMBEDDED_ACT_STATS: &str = include_str!("../../models/int8-act-max.json");
+
+impl ActStats {
+    fn empty(m: &MiniLm) -> Self {
+        let (h, inter) = (m.cfg.hidden_size, m.cfg.intermediate_size);
+        Self {
+            model_revision: m.revision.clone(),
+            made_from: String::new(),
+            layers: (0..m.layers.len())
+                .map(|_| [vec![0.0; h], vec![0.0; h], vec![0.0; h], vec![0.0; inter]])
+                .collect(),
+        }
+    }
+
+    /// The embedded maxima if they fit `m` (same weights, same shapes).
+    fn embedded_for(m: &MiniLm) -> Option<Self> {
+        let s: Self = serde_json::from_str(EMBEDDED_ACT_STATS).ok()?;
+        let e = Self::empty(m);
+        let fits = s.model_revision == m.revision
+            && s.layers.len() == e.layers.len()
+            && s.layers
+                .iter()
+                .zip(&e.layers)
+                .all(|(a, b)| a.iter().zip(b).all(|(x, y)| x.len() == y.len()));
+        fits.then_some(s)
+    }
+
+    fn observe(&mut self, l: usize, i: usize, x: &[f32]) {
+        let m = &mut self.layers[l][i];
+        for row in x.chunks_exact(m.len()) {
+            for (a, &v) in m.iter_mut().zip(row) {
+                *a = a.max(v.abs());
+            }
+        }
+    }
 }
 
 /// Reads named tensors out of a safetensors file, checking shapes.
@@ -365,9 +426,10 @@ impl MiniLm {
                 ln2_g: w.get(&format!("{p}output.LayerNorm.weight"), &[h])?,
                 ln2_b: w.get(&format!("{p}output.LayerNorm.bias"), &[h])?,
                 packed: std::sync::OnceLock::new(),
+                packed_i8: std::sync::OnceLock::new(),
             });
         }
-        Ok(Self {
+        let mut m = Self {
             head_dim: h / cfg.num_attention_heads,
             eps: cfg.layer_norm_eps as f32,
             cfg,
@@ -378,7 +440,10 @@ impl MiniLm {
             emb_ln_b,
             layers,
             revision,
-        })
+            act_max: None,
+        };
+        m.act_max = ActStats::embedded_for(&m);
+        Ok(m)
     }
 
     /// Packs the weights for the bf16 kernel now rather than on the first bf16 forward pass
@@ -389,6 +454,45 @@ impl MiniLm {
                 self.packed(l);
             }
         }
+    }
+
+    /// Quantizes and packs the weights for the int8 kernel now rather than on the first
+    /// int8 forward pass (a no-op when already packed).
+    pub fn prepare_int8(&self) {
+        for (i, l) in self.layers.iter().enumerate() {
+            self.packed_i8(i, l);
+        }
+    }
+
+    /// Whether the int8 layers are smoothed (calibration maxima fit these weights).
+    pub fn int8_smoothed(&self) -> bool {
+        self.act_max.is_some()
+    }
+
+    fn packed_i8<'a>(&self, li: usize, l: &'a Layer) -> &'a [PackedI8; 4] {
+        let (h, inter) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        let stats = self.act_max.as_ref().map(|s| &s.layers[li]);
+        let pack = |i: usize, w: &[f32], k: usize, n: usize| match stats {
+            Some(st) => PackedI8::pack_smoothed(w, k, n, &st[i]),
+            None => PackedI8::pack(w, k, n),
+        };
+        l.packed_i8.get_or_init(|| {
+            [
+                pack(0, &l.w_qkv, h, 3 * h),
+                pack(1, &l.w_attn_out, h, h),
+                pack(2, &l.w_inter, h, inter),
+                pack(3, &l.w_out, inter, h),
+            ]
+        })
+    }
+
+    /// Runs the f32 forward pass on `batch` and returns the largest |input| per channel of
+    /// every linear layer (what [`PackedI8::pack_smoothed`] needs), merged into `into`
+    /// when given.
+    pub fn observe(&self, batch: &PackedBatch, into: Option<ActStats>) -> ActStats {
+        let mut st = into.unwrap_or_else(|| ActStats::empty(self));
+        self.forward_impl(batch, Precision::F32, Some(&mut st));
+        st
     }
 
     fn packed<'a>(&self, l: &'a Layer) -> &'a [PackedB; 4] {
@@ -474,6 +578,15 @@ impl MiniLm {
     /// [`Self::forward`] with the linear layers in `precision` (resolved as
     /// [`Precision::resolve`] does; `Bf16` without AVX512-BF16 falls back to f32).
     pub fn forward_with(&self, batch: &PackedBatch, precision: Precision) -> Vec<f32> {
+        self.forward_impl(batch, precision, None)
+    }
+
+    fn forward_impl(
+        &self,
+        batch: &PackedBatch,
+        precision: Precision,
+        mut observe: Option<&mut ActStats>,
+    ) -> Vec<f32> {
         if let Err(e) = self.validate(batch) {
             panic!("MiniLm::forward on an invalid batch: {e}");
         }
@@ -488,20 +601,29 @@ impl MiniLm {
         let mut qkv = vec![0.0f32; t * 3 * h];
         let mut ctx = vec![0.0f32; t * h];
         let mut mid = vec![0.0f32; t * inter];
-        let use_bf16 = precision != Precision::F32 && bf16::available();
-        for layer in &self.layers {
+        let use_bf16 = matches!(precision, Precision::Bf16 | Precision::Auto) && bf16::available();
+        let use_int8 = precision == Precision::Int8;
+        for (li, layer) in self.layers.iter().enumerate() {
             let packed = use_bf16.then(|| self.packed(layer));
+            let packed_i8 = use_int8.then(|| self.packed_i8(li, layer));
             // dst (+)= a·W[i] in the chosen precision.
-            let mm = |dst: &mut [f32], a: &[f32], i: usize, w: &[f32], k: usize, n: usize| {
-                match packed {
-                    Some(p) => bf16::matmul(dst, a, &p[i], t, true),
-                    None => matmul(dst, a, w, t, k, n, true),
-                }
+            let mm = |dst: &mut [f32], a: &[f32], i: usize, w: &[f32], k: usize, n: usize| match (
+                packed, packed_i8,
+            ) {
+                (Some(p), _) => bf16::matmul(dst, a, &p[i], t, true),
+                (None, Some(p)) => int8::matmul(dst, a, &p[i], t, true),
+                (None, None) => matmul(dst, a, w, t, k, n, true),
             };
             // Q|K|V = x·Wqkv + b (bias pre-filled, GEMM accumulates onto it).
+            if let Some(st) = observe.as_deref_mut() {
+                st.observe(li, 0, &x);
+            }
             fill_rows(&mut qkv, &layer.b_qkv);
             mm(&mut qkv, &x, 0, &layer.w_qkv, h, 3 * h);
             self.attention(batch, &qkv, &mut ctx);
+            if let Some(st) = observe.as_deref_mut() {
+                st.observe(li, 1, &ctx);
+            }
             // x = LN(x + ctx·Wo + bo): the GEMM adds onto the residual in place.
             mm(&mut x, &ctx, 1, &layer.w_attn_out, h, h);
             bias_layer_norm_rows(
@@ -512,9 +634,15 @@ impl MiniLm {
                 self.eps,
             );
             // mid = GELU(x·Wi + bi)
+            if let Some(st) = observe.as_deref_mut() {
+                st.observe(li, 2, &x);
+            }
             fill_rows(&mut mid, &layer.b_inter);
             mm(&mut mid, &x, 2, &layer.w_inter, h, inter);
             mid.par_chunks_mut(inter * 8).for_each(gelu_inplace);
+            if let Some(st) = observe.as_deref_mut() {
+                st.observe(li, 3, &mid);
+            }
             // x = LN(x + mid·Wo2 + bo2)
             mm(&mut x, &mid, 3, &layer.w_out, inter, h);
             bias_layer_norm_rows(&mut x, &layer.b_out, &layer.ln2_g, &layer.ln2_b, self.eps);

@@ -5,6 +5,7 @@ pub mod benchmarks;
 pub mod bf16;
 pub mod encoder;
 pub mod heads;
+pub mod int8;
 pub mod memory;
 pub mod overlay;
 mod par;
@@ -12,7 +13,7 @@ pub mod tokenize;
 pub mod trees;
 pub mod wordpiece;
 
-pub use encoder::{MiniLm, Precision};
+pub use encoder::{ActStats, MiniLm, Precision};
 pub use heads::Heads;
 pub use overlay::Overlay;
 pub use tokenize::{Encoded, TextTokenizer, TokenizeError, TruncSide};
