@@ -20,6 +20,9 @@ enum Cmd {
     /// Fit per-model parameters and the verifier's re-fit on labelled rows of your own traffic;
     /// write them as an overlay (`overlays` in the config).
     Calibrate(tiergate::eval::calibrate::CalibrateArgs),
+    /// Measure per-channel activation ranges on train data for the int8 encoder's smoothing
+    /// (writes models/int8-act-max.json; rebuild to embed it).
+    CalibrateInt8(tiergate::eval::calibrate_int8::CalibrateInt8Args),
     /// Score rows offline: p_route and p_verify per row, JSONL out (the evaluation interface).
     Score(tiergate::eval::score::ScoreArgs),
     /// Replay labelled rows: cost–quality curves, savings, APGR, router/verifier figures.
@@ -110,6 +113,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Train(a) => tiergate::eval::train::run(a),
         Cmd::Benchmarks(a) => tiergate::eval::benchmarks::run(a),
         Cmd::Calibrate(a) => tiergate::eval::calibrate::run(a),
+        Cmd::CalibrateInt8(a) => tiergate::eval::calibrate_int8::run(a),
         Cmd::Score(a) => tiergate::eval::score::run(a),
         Cmd::Eval(a) => tiergate::eval::replay::run(a),
         Cmd::Call(a) => tiergate::tools::client::run(a),

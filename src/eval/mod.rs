@@ -1,6 +1,7 @@
 //! Offline work on the routing data: reading rows, training heads, replaying datasets.
 pub mod benchmarks;
 pub mod calibrate;
+pub mod calibrate_int8;
 pub mod data;
 pub mod fit;
 pub mod knn;
