@@ -147,3 +147,55 @@ async fn the_python_client_routes_verifies_and_cascades() {
         .contains("no-such-model"));
     assert_eq!(e["down"]["code"], "UNAVAILABLE", "{e}");
 }
+
+/// tiergate_client.litellm.TiergateRouting as a real litellm.Router's routing strategy
+/// (mock_response deployments: no network), against the real server, then against none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn litellm_routes_through_tiergate_and_falls_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let srv = server(dir.path()).await;
+    let o = run_python(
+        "litellm_routing_cases.py",
+        json!({"addr": srv.addr, "dead_addr": format!("127.0.0.1:{}", free_port())}),
+    );
+    let answer = |side: &str, case: &str| o[side][case]["answer"].as_str().unwrap().to_string();
+    let decision = |side: &str, case: &str| o[side][case]["tiergate"].clone();
+
+    // Up: the easy prompt lands on the cheap deployment, the hard one on the strong one (sync
+    // and async), never on the deployment without a catalog model; the decision is in the
+    // request's metadata.
+    assert_eq!(answer("up", "easy"), "answered by flash", "{o}");
+    assert_eq!(answer("up", "easy_parts"), "answered by flash", "{o}");
+    assert_eq!(answer("up", "hard"), "answered by opus", "{o}");
+    assert_eq!(answer("up", "hard_async"), "answered by opus", "{o}");
+    assert_eq!(decision("up", "easy")["model"], "gemini-2.5-flash");
+    assert!(
+        decision("up", "easy")["expected_cost_usd"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert_eq!(decision("up", "hard")["model"], "claude-opus-4.8");
+    // A prompt tiergate refuses: the default deployment serves, and the metadata says why.
+    assert_eq!(answer("up", "too_long"), "answered by sonnet", "{o}");
+    assert_eq!(
+        decision("up", "too_long"),
+        json!({"error": "INVALID_ARGUMENT", "fallback": "claude-sonnet-4.6"})
+    );
+    // Down: every request still answers, from the default deployment.
+    for case in ["easy", "hard", "hard_async", "easy_parts", "too_long"] {
+        assert_eq!(answer("down", case), "answered by sonnet", "{case}: {o}");
+        assert_eq!(
+            decision("down", case)["error"],
+            "UNAVAILABLE",
+            "{case}: {o}"
+        );
+    }
+    // The server decided the four routable requests of the up side, and no more.
+    let m = srv.metrics_text();
+    assert_eq!(
+        metric_sum(&m, "tiergate_route_decisions_total", &[]),
+        Some(4.0),
+        "{m}"
+    );
+}
