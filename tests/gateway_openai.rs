@@ -434,3 +434,103 @@ fn a_front_without_upstreams_is_refused() {
         "{err}"
     );
 }
+
+/// The front's access lines (JSON log format) and metrics: one line per request with the
+/// client's x-request-id, status, model, escalations and cost, never the prompt; refusals
+/// with their status and reason; tiergate_http_requests_total by status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_front_logs_and_counts_each_request() {
+    let stub = Stub::start("stub").await;
+    let http = format!("127.0.0.1:{}", free_port());
+    let cfg = config(&stub, &http);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiergate.toml");
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let mut srv = Server::spawn_logged(
+        &["--config", path.to_str().unwrap()],
+        &[
+            ("TIERGATE_LOG_FORMAT", "json"),
+            ("RUST_LOG", "info,tiergate::access=debug"),
+            ("TIERGATE_TEST_FLASH_KEY", "sk-test-flash"),
+        ],
+        std::fs::File::create(&log_path).unwrap(),
+    );
+    srv.ready().await;
+    let url = format!("http://{http}/v1/chat/completions");
+    let web = reqwest::Client::new();
+    let post = |id: &'static str, body: String| {
+        web.post(&url)
+            .header("content-type", "application/json")
+            .header("x-request-id", id)
+            .body(body)
+            .send()
+    };
+    // A word that appears only in the prompt.
+    let ok = post(
+        "http-a",
+        json!({"model": "auto:fast", "messages": [{"role": "user",
+            "content": "What is 2 + 2? Answer for the zebra-okapi club."}]})
+        .to_string(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok.status(), 200);
+    let model = ok.headers()["x-tiergate-model"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let bad = post("http-b", "not json".into()).await.unwrap();
+    assert_eq!(bad.status(), 400);
+    let unknown = post(
+        "http-c",
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).to_string(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(unknown.status(), 404);
+
+    let m = srv.metrics_text();
+    for (status, n) in [("200", 1.0), ("400", 1.0), ("404", 1.0)] {
+        assert_eq!(
+            common::metric_sum(&m, "tiergate_http_requests_total", &[("status", status)]),
+            Some(n),
+            "{status}: {m}"
+        );
+    }
+    assert_eq!(
+        common::metric_sum(&m, "tiergate_http_request_duration_seconds_count", &[]),
+        Some(3.0),
+        "{m}"
+    );
+    srv.sigterm();
+    assert!(srv.wait_exit(std::time::Duration::from_secs(60)).success());
+
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!log.contains("zebra"), "the log holds request text:\n{log}");
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let access = |id: &str| {
+        lines
+            .iter()
+            .find(|l| l["target"] == "tiergate::access" && l["span"]["request_id"] == id)
+            .unwrap_or_else(|| panic!("no access line for {id}:\n{log}"))
+    };
+    let a = access("http-a");
+    assert_eq!(a["span"]["rpc"], "ChatCompletions", "{a}");
+    assert_eq!(a["status"], 200, "{a}");
+    assert_eq!(a["model"], model.as_str(), "{a}");
+    assert_eq!(a["escalations"], 0, "{a}");
+    assert!(a["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{a}");
+    assert!(a["latency_ms"].as_f64().is_some_and(|ms| ms >= 0.0), "{a}");
+    for (id, status, reason) in [
+        ("http-b", 400, "invalid_request_error"),
+        ("http-c", 404, "model_not_found"),
+    ] {
+        let l = access(id);
+        assert_eq!(l["status"], status, "{l}");
+        assert_eq!(l["reason"], reason, "{l}");
+    }
+}

@@ -11,14 +11,30 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use tracing::Instrument;
 
 use super::cascade::Front;
 use super::chat;
 use super::status::GatewayError;
 use super::targets::callable;
+use crate::metrics as m;
 
 /// A client's deadline for the whole request, in milliseconds.
 pub const TIMEOUT_HEADER: &str = "x-tiergate-timeout-ms";
+
+/// The access log's target, as the gRPC edge's (`RUST_LOG=info,tiergate::access=debug`).
+const ACCESS: &str = "tiergate::access";
+
+/// A client's `x-request-id` is logged up to this many bytes (as gRPC request ids).
+const MAX_LOGGED_ID: usize = 128;
+
+/// What one answered chat completion shipped, for its access line.
+struct Answered {
+    model: String,
+    escalations: u32,
+    cost_usd: f64,
+    stream: bool,
+}
 
 pub fn router(front: Arc<Front>, max_body_bytes: usize) -> axum::Router {
     axum::Router::new()
@@ -49,21 +65,72 @@ async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    // The rejection (over the body limit, a broken upload) in the same error format.
-    let body = match body {
-        Ok(b) => b,
-        Err(r) => return GatewayError::Unreadable(r.status(), r.body_text()).into_response(),
-    };
-    match answer(&front, &headers, &body).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::debug!(error = %e, "chat completion refused");
-            e.into_response()
+    let t0 = Instant::now();
+    let id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map_or("", clip_id);
+    let span = tracing::info_span!("request", rpc = "ChatCompletions", request_id = id);
+    async move {
+        // The rejection (over the body limit, a broken upload) in the same error format.
+        let r = match body {
+            Ok(b) => answer(&front, &headers, &b).await,
+            Err(r) => Err(GatewayError::Unreadable(r.status(), r.body_text())),
+        };
+        observe(t0, &r);
+        match r {
+            Ok((resp, _)) => resp,
+            Err(e) => e.into_response(),
         }
     }
+    .instrument(span)
+    .await
 }
 
-async fn answer(front: &Front, headers: &HeaderMap, body: &[u8]) -> Result<Response, GatewayError> {
+fn clip_id(s: &str) -> &str {
+    let mut end = s.len().min(MAX_LOGGED_ID);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Counts, times and logs one chat completion (the model that answered, escalations and
+/// cost; never the prompt or the answer), like the gRPC edge's access lines. A stream is
+/// counted when its headers go out: its latency is the time to the upstream's first byte.
+fn observe(t0: Instant, r: &Result<(Response, Answered), GatewayError>) {
+    let seconds = t0.elapsed().as_secs_f64();
+    let latency_ms = seconds * 1e3;
+    let status = match r {
+        Ok((_, a)) => {
+            tracing::debug!(target: ACCESS, status = 200u16, model = %a.model,
+                escalations = a.escalations, cost_usd = a.cost_usd, stream = a.stream,
+                latency_ms, "answered");
+            StatusCode::OK
+        }
+        Err(e) => {
+            let (status, reason) = e.status();
+            if status == StatusCode::INTERNAL_SERVER_ERROR {
+                tracing::warn!(target: ACCESS, status = status.as_u16(), reason, latency_ms,
+                    error = %e, "answered");
+            } else {
+                tracing::debug!(target: ACCESS, status = status.as_u16(), reason, latency_ms,
+                    "answered");
+            }
+            status
+        }
+    };
+    let route = "/v1/chat/completions";
+    metrics::counter!(m::HTTP_REQUESTS, "route" => route, "status" => status.as_str().to_string())
+        .increment(1);
+    metrics::histogram!(m::HTTP_REQUEST_SECONDS, "route" => route).record(seconds);
+}
+
+async fn answer(
+    front: &Front,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(Response, Answered), GatewayError> {
     front.svc.check_ready()?;
     let g = front.svc.decider().cfg.gateway.clone();
     let deadline = deadline(headers, Duration::from_secs(g.timeout_s));
@@ -75,6 +142,12 @@ async fn answer(front: &Front, headers: &HeaderMap, body: &[u8]) -> Result<Respo
         if let Some(ct) = s.resp.headers().get(header::CONTENT_TYPE) {
             out.insert(header::CONTENT_TYPE, ct.clone());
         }
+        let answered = Answered {
+            model: s.model.clone(),
+            escalations: s.escalations,
+            cost_usd: s.expected_cost_usd,
+            stream: true,
+        };
         set(&mut out, "x-tiergate-model", s.model);
         set(
             &mut out,
@@ -87,9 +160,15 @@ async fn answer(front: &Front, headers: &HeaderMap, body: &[u8]) -> Result<Respo
             s.escalations.to_string(),
         );
         let stream = Body::from_stream(s.resp.bytes_stream());
-        return Ok((StatusCode::OK, out, stream).into_response());
+        return Ok(((StatusCode::OK, out, stream).into_response(), answered));
     }
     let s = front.complete(body, ask, deadline).await?;
+    let answered = Answered {
+        model: s.model.clone(),
+        escalations: s.escalations,
+        cost_usd: s.cost_usd,
+        stream: false,
+    };
     let mut out = HeaderMap::new();
     out.insert(
         header::CONTENT_TYPE,
@@ -104,7 +183,7 @@ async fn answer(front: &Front, headers: &HeaderMap, body: &[u8]) -> Result<Respo
         s.escalations.to_string(),
     );
     let bytes = serde_json::to_vec(&s.reply).unwrap_or_default();
-    Ok((StatusCode::OK, out, bytes).into_response())
+    Ok(((StatusCode::OK, out, bytes).into_response(), answered))
 }
 
 /// `auto`, each named policy, and every catalog model with an upstream.

@@ -1,0 +1,254 @@
+"""A typed client for tiergate's gRPC API (proto/tiergate/v1/tiergate.proto) and the cascade
+a gateway runs with it: Route, call the chosen model, Verify its answer, escalate."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Mapping, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ._pb import tiergate_pb2 as pb
+from ._pb import tiergate_pb2_grpc as pb_grpc
+from .errors import TiergateError
+
+# A chat turn as OpenAI-style clients write it: {"role": "user", "content": "..."}.
+Message = Mapping[str, str]
+VerifyMode = Literal["never", "borderline", "always"]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Route's and Verify's policy (unset fields take the server's defaults); see the proto."""
+
+    quality_floor: float | None = None
+    max_cost_usd: float | None = None
+    cost_weight: float | None = None
+    relative_floor: float | None = None
+
+    def to_pb(self) -> pb.Policy:
+        p = pb.Policy()
+        for name in ("quality_floor", "max_cost_usd", "cost_weight", "relative_floor"):
+            v = getattr(self, name)
+            if v is not None:
+                setattr(p, name, v)
+        return p
+
+
+@dataclass
+class Attempt:
+    """One model called in a cascade: its answer and what the verifier said (p_pass and
+    decision None when the answer was not verified)."""
+
+    model: str
+    answer: str
+    p_pass: float | None = None
+    decision: Literal["ship", "escalate"] | None = None
+
+
+@dataclass
+class CascadeResult:
+    """What answered, the cascade's estimated cost (the sum of Route's expected_cost_usd of
+    every model called: catalog prices at the expected token counts, not a provider's bill),
+    how many escalations it took, each attempt in order, and the Route reply."""
+
+    model: str
+    answer: str
+    expected_cost_usd: float
+    escalations: int
+    attempts: list[Attempt] = field(default_factory=list)
+    route: pb.RouteReply | None = None
+
+
+def _bad(msg: str) -> TiergateError:
+    return TiergateError(grpc.StatusCode.INVALID_ARGUMENT, msg)
+
+
+def _messages(messages: Sequence[Message]) -> pb.Messages:
+    out = pb.Messages()
+    for i, m in enumerate(messages):
+        role, content = (m.get("role"), m.get("content")) if isinstance(m, Mapping) else (None, None)
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise _bad(f"messages[{i}] needs a string role and a string content")
+        out.messages.add(role=role, content=content)
+    return out
+
+
+class Client:
+    """tiergate's Router service. `addr` is host:port (plaintext, as tiergate serves);
+    `timeout` (seconds) applies to every call unless a call gives its own; `metadata` is sent
+    with every call (e.g. [("traceparent", ...)]). Every failed call raises TiergateError."""
+
+    def __init__(
+        self,
+        addr: str,
+        *,
+        timeout: float | None = 5.0,
+        metadata: Sequence[tuple[str, str]] = (),
+        channel: grpc.Channel | None = None,
+    ):
+        self._channel = channel if channel is not None else grpc.insecure_channel(addr)
+        self._stub = pb_grpc.RouterStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.timeout = timeout
+        self.metadata = tuple(metadata)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method, request, timeout: float | None):  # type: ignore[no-untyped-def]
+        try:
+            return method(
+                request,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self.metadata or None,
+            )
+        except grpc.RpcError as e:
+            raise TiergateError.from_rpc(e) from None
+
+    @staticmethod
+    def _input(req: pb.RouteRequest | pb.VerifyRequest, prompt: str | None,
+               messages: Sequence[Message] | None) -> None:
+        if prompt is not None and messages is not None:
+            raise _bad("give prompt or messages, not both")
+        if messages is not None:
+            req.messages.CopyFrom(_messages(messages))
+        elif prompt is not None:
+            req.prompt = prompt
+
+    def route(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        candidates: Sequence[str] = (),
+        policy: Policy | None = None,
+        request_id: str = "",
+        expected_output_tokens: int | None = None,
+        timeout: float | None = None,
+    ) -> pb.RouteReply:
+        """Which candidate (default: the whole catalog) is the cheapest likely to pass."""
+        req = pb.RouteRequest(request_id=request_id, candidates=list(candidates))
+        self._input(req, prompt, messages)
+        if policy is not None:
+            req.policy.CopyFrom(policy.to_pb())
+        if expected_output_tokens is not None:
+            req.expected_output_tokens = expected_output_tokens
+        return self._call(self._stub.Route, req, timeout)
+
+    def verify(
+        self,
+        answer: str,
+        model: str,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        candidates: Sequence[str] = (),
+        policy: Policy | None = None,
+        peers: Sequence[tuple[str, str]] = (),
+        peer_threshold: float | None = None,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> pb.VerifyReply:
+        """Ship `model`'s answer, or escalate (reply.escalate_to)? `peers` are (model, answer)
+        pairs of other models' answers to the same prompt."""
+        req = pb.VerifyRequest(
+            request_id=request_id, answer=answer, model=model, candidates=list(candidates),
+            peers=[pb.PeerAnswer(model=m, answer=a) for m, a in peers],
+        )
+        self._input(req, prompt, messages)
+        if policy is not None:
+            req.policy.CopyFrom(policy.to_pb())
+        if peer_threshold is not None:
+            req.peer_threshold = peer_threshold
+        return self._call(self._stub.Verify, req, timeout)
+
+    def feedback(
+        self,
+        model: str,
+        score: float,
+        *,
+        request_id: str = "",
+        prompt: str = "",
+        answer: str = "",
+        timeout: float | None = None,
+    ) -> pb.FeedbackReply:
+        """An observed outcome in [0, 1] of `model` on an earlier Route's prompt (its
+        request_id) or on `prompt`."""
+        req = pb.FeedbackRequest(
+            request_id=request_id, prompt=prompt, model=model, score=score, answer=answer
+        )
+        return self._call(self._stub.Feedback, req, timeout)
+
+    def info(self, *, timeout: float | None = None) -> pb.InfoReply:
+        """Version, revisions, limits and the catalog with prices."""
+        return self._call(self._stub.Info, pb.InfoRequest(), timeout)
+
+    def health(self, service: str = "tiergate.v1.Router", *, timeout: float | None = None) -> str:
+        """grpc.health.v1 status name: "SERVING" once warm, "NOT_SERVING" while warming up
+        or draining."""
+        r = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+    def cascade(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        call_model: Callable[[str], str],
+        verify: VerifyMode = "borderline",
+        max_escalations: int = 2,
+        candidates: Sequence[str] = (),
+        policy: Policy | None = None,
+        timeout: float | None = None,
+    ) -> CascadeResult:
+        """Route, call `call_model(model)` (the caller's code: it calls the provider and
+        returns the answer text), Verify, and escalate to Verify's escalate_to, at most
+        `max_escalations` times. `verify` as the HTTP front's policies: "never" (the routed
+        model's answer ships), "borderline" (verify when Route says verify_recommended), or
+        "always". The last answer ships when no escalation is left. An exception from
+        call_model propagates; a Verify that fails ships the answer in hand unverified only
+        when it is DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED (the server is busy), otherwise
+        it raises."""
+        if max_escalations < 0:
+            raise _bad("max_escalations must be >= 0")
+        r = self.route(prompt, messages=messages, candidates=candidates, policy=policy,
+                       timeout=timeout)
+        costs = {c.model: c.expected_cost_usd for c in r.candidates}
+        check = verify == "always" or (verify == "borderline" and r.verify_recommended)
+        model, attempts = r.model, []
+        while True:
+            answer = call_model(model)
+            attempt = Attempt(model=model, answer=answer)
+            attempts.append(attempt)
+            hops_left = len(attempts) - 1 < max_escalations
+            if not check or not hops_left:
+                break
+            try:
+                v = self.verify(answer, model, prompt, messages=messages, candidates=candidates,
+                                policy=policy, timeout=timeout)
+            except TiergateError as e:
+                if e.code in (grpc.StatusCode.DEADLINE_EXCEEDED,
+                              grpc.StatusCode.RESOURCE_EXHAUSTED):
+                    break
+                raise
+            attempt.p_pass = v.p_pass
+            attempt.decision = "escalate" if v.decision == pb.ESCALATE else "ship"
+            if v.decision != pb.ESCALATE or not v.escalate_to:
+                break
+            model = v.escalate_to
+        last = attempts[-1]
+        return CascadeResult(
+            model=last.model,
+            answer=last.answer,
+            expected_cost_usd=sum(costs.get(a.model, 0.0) for a in attempts),
+            escalations=len(attempts) - 1,
+            attempts=attempts,
+            route=r,
+        )

@@ -1,0 +1,135 @@
+"""tiergate as a LiteLLM Router routing strategy: among the deployments of the requested
+model group, the one whose catalog model tiergate picks for the messages.
+
+    router = litellm.Router(model_list=[
+        {"model_name": "auto", "litellm_params": {"model": "gemini/gemini-2.5-flash"},
+         "model_info": {"tiergate_model": "gemini-2.5-flash"}},
+        {"model_name": "auto", "litellm_params": {"model": "anthropic/claude-opus-4-8"},
+         "model_info": {"tiergate_model": "claude-opus-4.8"}},
+    ])
+    TiergateRouting(router, Client("127.0.0.1:50051", timeout=0.5)).install()
+
+Each deployment names its catalog model in `model_info.tiergate_model`; deployments without
+it are never picked while one with it is there. Route's candidates are the group's catalog
+models, so the pick is always one of them. When tiergate cannot answer (down, overloaded,
+past the timeout, a prompt it refuses) or the request has no chat messages, the group's
+default deployment serves: the one mapped to `default_model`, else the group's first; a
+warning is logged and nothing is raised, so routing fails open. The decision is written to
+the request's `metadata["tiergate"]` (model, p_pass, expected cost, or the error), which
+LiteLLM passes to its callbacks and logs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Mapping, Sequence
+
+from litellm.types.router import CustomRoutingStrategyBase
+
+from .client import Client, Policy
+from .errors import TiergateError
+
+log = logging.getLogger("tiergate_client.litellm")
+
+MODEL_INFO_KEY = "tiergate_model"
+
+
+def _text(content: object) -> str:
+    """OpenAI message content as text: a string, or the text parts of a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            p["text"] for p in content
+            if isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        )
+    return ""
+
+
+class TiergateRouting(CustomRoutingStrategyBase):
+    """Picks a deployment of `router` with tiergate's Route (see the module's docstring)."""
+
+    def __init__(
+        self,
+        router: Any,
+        client: Client,
+        *,
+        policy: Policy | None = None,
+        default_model: str | None = None,
+    ):
+        self.router = router
+        self.client = client
+        self.policy = policy
+        self.default_model = default_model
+
+    def install(self) -> "TiergateRouting":
+        """Makes this the router's routing strategy (LiteLLM's register_plugin, or
+        set_custom_routing_strategy on versions without it)."""
+        register = getattr(self.router, "register_plugin", None)
+        if register is None:
+            register = self.router.set_custom_routing_strategy
+        register(self)
+        return self
+
+    def _deployments(self, group: str) -> list[dict[str, Any]]:
+        registry = getattr(self.router, "registry", None)
+        if callable(registry):
+            return [dict(d) for d in registry().deployments(group)]
+        return list(self.router.get_model_list(model_name=group) or [])
+
+    @staticmethod
+    def _catalog_name(d: Mapping[str, Any]) -> str | None:
+        name = (d.get("model_info") or {}).get(MODEL_INFO_KEY)
+        return name if isinstance(name, str) and name else None
+
+    def _default(self, deployments: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+        for d in deployments:
+            if self.default_model is not None and self._catalog_name(d) == self.default_model:
+                return d
+        return deployments[0] if deployments else None
+
+    def _pick(self, group: str, messages: Sequence[Mapping[str, Any]] | None,
+              request_kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+        deployments = self._deployments(group)
+        mapped = [d for d in deployments if self._catalog_name(d)]
+        decision: dict[str, Any]
+        try:
+            if not mapped:
+                raise LookupError(f"no deployment of {group!r} has model_info.{MODEL_INFO_KEY}")
+            if not messages:
+                raise LookupError("the request has no chat messages")
+            turns = [{"role": str(m.get("role") or "user"), "content": _text(m.get("content"))}
+                     for m in messages if isinstance(m, Mapping)]
+            candidates = sorted({n for d in mapped if (n := self._catalog_name(d))})
+            r = self.client.route(messages=turns, candidates=candidates, policy=self.policy)
+            chosen = next((d for d in mapped if self._catalog_name(d) == r.model), None)
+            if chosen is None:  # not a candidate: only a server that ignores candidates
+                raise LookupError(f"tiergate picked {r.model!r}, not a deployment of {group!r}")
+            p = next((c.p_pass for c in r.candidates if c.model == r.model), None)
+            decision = {"model": r.model, "p_pass": p, "expected_cost_usd": r.expected_cost_usd,
+                        "expected_saving_usd": r.expected_saving_usd,
+                        "verify_recommended": r.verify_recommended}
+        except (TiergateError, LookupError) as e:
+            chosen = self._default(mapped or deployments)
+            code = e.code.name if isinstance(e, TiergateError) else "NO_ROUTE"
+            log.warning("tiergate could not route %r (%s); using its default deployment", group, e)
+            decision = {"error": code, "fallback": chosen and self._catalog_name(chosen)}
+        if request_kwargs is not None:
+            meta = request_kwargs.get("metadata")
+            if isinstance(meta, dict):
+                meta["tiergate"] = decision
+        return chosen
+
+    def get_available_deployment(self, model: str, messages: list[dict[str, str]] | None = None,
+                                 input: str | list[object] | None = None,
+                                 specific_deployment: bool | None = False,
+                                 request_kwargs: dict[str, object] | None = None) -> Any:
+        return self._pick(model, messages, request_kwargs)  # type: ignore[arg-type]
+
+    async def async_get_available_deployment(self, model: str,
+                                             messages: list[dict[str, str]] | None = None,
+                                             input: str | list[object] | None = None,
+                                             specific_deployment: bool | None = False,
+                                             request_kwargs: dict[str, object] | None = None) -> Any:
+        # The gRPC call blocks: off the event loop.
+        return await asyncio.to_thread(self._pick, model, messages, request_kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,78 @@
+"""A real litellm.Router (mock_response deployments, no network) routed by
+tiergate_client.litellm.TiergateRouting against a real tiergate server (tests/python_client.rs);
+prints, as JSON on the last line, which deployment answered each case and the decision
+written to its metadata. Input (stdin): {"addr", "dead_addr"}."""
+import asyncio
+import json
+import os
+import sys
+
+# LiteLLM would fetch its price map from the network at import; use the bundled copy.
+os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+os.environ["LITELLM_TELEMETRY"] = "False"
+
+import litellm  # noqa: E402
+
+from tiergate_client import Client  # noqa: E402
+from tiergate_client.litellm import TiergateRouting  # noqa: E402
+
+litellm.suppress_debug_info = True
+
+EASY = "What is 2 + 2?"
+HARD = ("Prove that there are infinitely many primes p such that p + 2 is also prime, or "
+        "explain precisely which known results come closest and why the full statement "
+        "remains open.")
+
+
+def deployment(name, tiergate_model=None):
+    d = {"model_name": "auto",
+         "litellm_params": {"model": f"openai/{name}", "api_key": "unused",
+                            "mock_response": f"answered by {name}"}}
+    if tiergate_model:
+        d["model_info"] = {"tiergate_model": tiergate_model}
+    return d
+
+
+MODEL_LIST = [
+    # Not mapped to the catalog: never picked while mapped ones are there.
+    deployment("unmapped"),
+    deployment("flash", "gemini-2.5-flash"),
+    deployment("sonnet", "claude-sonnet-4.6"),
+    deployment("opus", "claude-opus-4.8"),
+]
+
+
+def ask(router, prompt, use_async=False):
+    """Which deployment answered, and the decision the strategy wrote to the metadata the
+    caller passed (LiteLLM hands that dict to its callbacks and logs)."""
+    msgs = [{"role": "user", "content": prompt}]
+    meta = {}
+    if use_async:
+        r = asyncio.run(router.acompletion(model="auto", messages=msgs, metadata=meta))
+    else:
+        r = router.completion(model="auto", messages=msgs, metadata=meta)
+    return {"answer": r.choices[0].message.content, "tiergate": meta.get("tiergate")}
+
+
+def run(addr):
+    router = litellm.Router(model_list=MODEL_LIST, num_retries=0)
+    client = Client(addr, timeout=5)
+    TiergateRouting(router, client, default_model="claude-sonnet-4.6").install()
+    return {
+        "easy": ask(router, EASY),
+        "hard": ask(router, HARD),
+        "hard_async": ask(router, HARD, use_async=True),
+        # Content as a list of parts (OpenAI's format) is read as its text.
+        "easy_parts": ask(router, [{"type": "text", "text": EASY}]),
+        # Over the server's max_input_bytes (256 KiB): refused, the default deployment serves.
+        "too_long": ask(router, "word " * 60000),
+    }
+
+
+def main():
+    spec = json.load(sys.stdin)
+    print(json.dumps({"up": run(spec["addr"]), "down": run(spec["dead_addr"])}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Drives clients/python's tiergate_client against a real server (tests/python_client.rs
+starts it, with feedback on) and prints what it observed, as JSON, on the last line. Input
+(stdin): {"addr": "host:port", "dead_addr": "host:port with nothing listening"}."""
+import json
+import sys
+
+from tiergate_client import Client, Policy, TiergateError
+
+EASY = "What is 2 + 2?"
+HARD = ("Prove that there are infinitely many primes p such that p + 2 is also prime, or "
+        "explain precisely which known results come closest and why the full statement "
+        "remains open.")
+MCQ = ("Which planet is closest to the Sun?\nA. Venus\nB. Mercury\nC. Earth\nD. Mars\n"
+       "Answer with the letter.")
+GOOD, UNUSABLE = "The answer is B.", "I don't know."
+
+
+def error(f):
+    try:
+        f()
+    except TiergateError as e:
+        return {"code": e.code.name, "details": e.details}
+    return None
+
+
+def main():
+    spec = json.load(sys.stdin)
+    out = {}
+    with Client(spec["addr"], timeout=30, metadata=[("x-request-source", "python-client-test")]) as c:
+        out["health"] = c.health()
+        info = c.info()
+        price = {e.model: e.in_usd_per_mtok + e.out_usd_per_mtok for e in info.catalog}
+        out["price"] = price
+        easy, hard = c.route(EASY, request_id="easy-1"), c.route(HARD)
+        out["easy"] = {"model": easy.model, "request_id": easy.request_id}
+        out["hard"] = {"model": hard.model}
+        # The same turn as chat messages decides the same.
+        out["easy_messages"] = c.route(messages=[{"role": "user", "content": EASY}]).model
+        # A policy reaches the server: no candidate reaches a floor of 0.999.
+        out["strict_reason"] = c.route(EASY, policy=Policy(quality_floor=0.999)).reason
+
+        r = c.route(MCQ)
+        v_good = c.verify(GOOD, r.model, MCQ)
+        v_bad = c.verify(UNUSABLE, r.model, messages=[{"role": "user", "content": MCQ}])
+        out["mcq"] = {
+            "model": r.model,
+            "good": {"decision": v_good.decision, "p_pass": v_good.p_pass},
+            "unusable": {"decision": v_bad.decision, "p_pass": v_bad.p_pass,
+                         "escalate_to": v_bad.escalate_to, "threshold": v_bad.threshold},
+        }
+
+        # The cascade: the routed model answers unusably, the next one well.
+        called = []
+
+        def call_model(model):
+            called.append(model)
+            return UNUSABLE if len(called) == 1 else GOOD
+
+        res = c.cascade(MCQ, call_model=call_model, verify="always")
+        out["cascade"] = {
+            "called": list(called), "model": res.model, "answer": res.answer,
+            "escalations": res.escalations, "cost": res.expected_cost_usd,
+            "route_costs": {x.model: x.expected_cost_usd for x in res.route.candidates},
+            "decisions": [a.decision for a in res.attempts],
+        }
+        # No escalation left: the routed model's answer ships unverified.
+        called.clear()
+        res0 = c.cascade(MCQ, call_model=call_model, verify="always", max_escalations=0)
+        out["cascade_no_hops"] = {"called": list(called), "answer": res0.answer,
+                                  "decisions": [a.decision for a in res0.attempts]}
+
+        fb = c.feedback(easy.model, 1.0, request_id="easy-1")
+        out["feedback_accepted"] = fb.accepted
+
+        out["errors"] = {
+            "empty_prompt": error(lambda: c.route("")),
+            "unknown_candidate": error(lambda: c.route(EASY, candidates=["no-such-model"])),
+            "bad_score": error(lambda: c.feedback(easy.model, 2.0, prompt=EASY)),
+            "both_inputs": error(lambda: c.route(EASY, messages=[{"role": "user", "content": EASY}])),
+            "bad_message": error(lambda: c.route(messages=[{"role": "user"}])),
+        }
+    with Client(spec["dead_addr"], timeout=2) as dead:
+        out["errors"]["down"] = error(lambda: dead.route(EASY))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
