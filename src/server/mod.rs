@@ -5,12 +5,14 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod auth;
 mod convert;
 mod grpc;
 mod observe;
 mod signal;
 mod status;
 mod stream;
+mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +61,12 @@ pub async fn serve_with(
     attach: Option<Attach>,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
+    // Before the model loads: a bad certificate is a start-up error, found at once.
+    let tls = if cfg.tls.enabled() {
+        Some(Arc::new(tls::ReloadingTls::load(&cfg.tls)?))
+    } else {
+        None
+    };
     if let Some(addr) = cfg.metrics_addr()? {
         m::install(addr)?;
         tracing::info!(%addr, "metrics on /metrics");
@@ -156,7 +164,6 @@ pub async fn serve_with(
         });
     }
 
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let health_down = health.clone();
     let mut builder = tonic::transport::Server::builder();
     if cfg.max_connection_age_s > 0 {
@@ -167,7 +174,10 @@ pub async fn serve_with(
         builder = builder.max_connection_age(Duration::from_secs(cfg.max_connection_age_s));
     }
     let routes = attached.routes.unwrap_or_default();
-    builder
+    let served = builder
+        .layer(auth::AuthLayer {
+            tokens: svc.tokens.clone(),
+        })
         .add_routes(routes)
         .add_service(health_svc)
         .add_service(reflection)
@@ -178,17 +188,28 @@ pub async fn serve_with(
         )
         .add_service(proto::admin_server::AdminServer::new(admin::AdminService {
             svc: svc.clone(),
-        }))
-        .serve_with_incoming_shutdown(incoming, async move {
-            shutdown.await;
-            tracing::info!("shutdown requested: draining");
-            router_drain.begin_drain();
-            drain_tx.send_replace(true);
-            health_down
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
-        })
-        .await?;
+        }));
+    let drain = async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: draining");
+        router_drain.begin_drain();
+        drain_tx.send_replace(true);
+        health_down
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    };
+    match tls {
+        Some(tls) => {
+            served
+                .serve_with_incoming_shutdown(tls::incoming(listener, tls), drain)
+                .await?
+        }
+        None => {
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            served.serve_with_incoming_shutdown(incoming, drain).await?
+        }
+    }
     for t in attached.tasks {
         if let Err(e) = t.await {
             tracing::error!(error = %e, "an attached listener ended abnormally");
