@@ -72,11 +72,25 @@ pub struct TlsConfig {
     /// CAs whose client certificates are accepted; set = clients must present one.
     #[serde(default)]
     pub client_ca_file: Option<PathBuf>,
+    /// A plaintext port serving grpc.health.v1 only, for Kubernetes' gRPC probes (which
+    /// cannot speak TLS); "" = none.
+    #[serde(default)]
+    pub plaintext_health_listen: String,
 }
 
 impl TlsConfig {
     pub fn enabled(&self) -> bool {
         !self.cert_file.as_os_str().is_empty() || !self.key_file.as_os_str().is_empty()
+    }
+
+    pub fn plaintext_health_addr(&self) -> Result<Option<SocketAddr>> {
+        let l = &self.plaintext_health_listen;
+        if l.is_empty() {
+            return Ok(None);
+        }
+        l.parse().map(Some).with_context(|| {
+            format!("tls.plaintext_health_listen: {l:?} is not an address (use \"\" for none)")
+        })
     }
 }
 
@@ -577,9 +591,12 @@ impl Config {
         {
             bail!("tls: cert_file and key_file are both needed");
         }
-        if self.tls.client_ca_file.is_some() && !self.tls.enabled() {
-            bail!("tls.client_ca_file needs tls.cert_file and tls.key_file");
+        if (self.tls.client_ca_file.is_some() || !self.tls.plaintext_health_listen.is_empty())
+            && !self.tls.enabled()
+        {
+            bail!("tls.client_ca_file and tls.plaintext_health_listen need tls.cert_file and tls.key_file");
         }
+        self.tls.plaintext_health_addr()?;
         let b = &self.batch;
         for (k, v) in [
             ("batch.max_batch_tokens", b.max_batch_tokens),

@@ -55,7 +55,8 @@ struct Files {
     config: PathBuf,
 }
 
-fn files(server: &(String, String), client_ca: Option<&Ca>) -> Files {
+/// Server files and a config using them; `extra` is more of the `[tls]` table.
+fn files(server: &(String, String), client_ca: Option<&Ca>, extra: &str) -> Files {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
     put(&cert, &server.0);
@@ -70,6 +71,7 @@ fn files(server: &(String, String), client_ca: Option<&Ca>) -> Files {
         put(&p, &ca.pem);
         tls.push_str(&format!("client_ca_file = {:?}\n", p.display().to_string()));
     }
+    tls.push_str(extra);
     let config = dir.path().join("tiergate.toml");
     std::fs::write(
         &config,
@@ -155,7 +157,7 @@ async fn ready(addr: &str, ca: &Ca, identity: Option<&(String, String)>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_serves_trusting_clients_refuses_plaintext_and_picks_up_a_rotation() {
     let (ca1, ca2) = (ca("tiergate test CA 1"), ca("tiergate test CA 2"));
-    let f = files(&leaf(&ca1, &["localhost", "127.0.0.1"]), None);
+    let f = files(&leaf(&ca1, &["localhost", "127.0.0.1"]), None, "");
     let s = serve(&f);
     ready(&s.addr, &ca1, None).await;
 
@@ -203,10 +205,36 @@ async fn mutual_tls_lets_in_only_clients_the_client_ca_signed() {
         ca("tiergate client CA"),
         ca("someone else's CA"),
     );
-    let f = files(&leaf(&server_ca, &["localhost"]), Some(&client_ca));
+    let probe = format!("127.0.0.1:{}", common::free_port());
+    let f = files(
+        &leaf(&server_ca, &["localhost"]),
+        Some(&client_ca),
+        &format!("plaintext_health_listen = {probe:?}\n"),
+    );
     let s = serve(&f);
     let member = leaf(&client_ca, &["gateway.example"]);
     ready(&s.addr, &server_ca, Some(&member)).await;
+
+    // What a kubelet's gRPC probe can do: plaintext, no certificate, health only.
+    let plain = Channel::from_shared(format!("http://{probe}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("plaintext health port");
+    let st = HealthClient::new(plain.clone())
+        .check(HealthCheckRequest {
+            service: "tiergate.v1.Router".into(),
+        })
+        .await
+        .expect("health over plaintext")
+        .into_inner()
+        .status;
+    assert_eq!(st, 1, "SERVING");
+    let e = RouterClient::new(plain)
+        .route(route_request())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
 
     assert!(route(&s.addr, &server_ca, Some(&member)).await.is_ok());
     let none = route(&s.addr, &server_ca, None).await;
@@ -222,21 +250,21 @@ fn unusable_tls_files_stop_start_up_naming_the_file() {
     let good = leaf(&ca, &["localhost"]);
     let other = leaf(&ca, &["localhost"]);
 
-    let f = files(&good, None);
+    let f = files(&good, None, "");
     std::fs::remove_file(&f.cert).unwrap();
     let err = common::serve_refused(&f.config);
     assert!(err.contains("tls.cert_file"), "{err}");
 
-    let f = files(&good, None);
+    let f = files(&good, None, "");
     put(&f.cert, "not a certificate\n");
     let err = common::serve_refused(&f.config);
     assert!(err.contains("no `BEGIN CERTIFICATE` block"), "{err}");
 
-    let f = files(&(good.0.clone(), other.1.clone()), None);
+    let f = files(&(good.0.clone(), other.1.clone()), None, "");
     let err = common::serve_refused(&f.config);
     assert!(err.contains("does not fit"), "{err}");
 
-    let f = files(&good, None);
+    let f = files(&good, None, "");
     put(&f.key, &good.0);
     let err = common::serve_refused(&f.config);
     assert!(err.contains("tls.key_file"), "{err}");

@@ -90,6 +90,14 @@ pub async fn serve_with(
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let local = listener.local_addr()?;
+    let plain_health = match cfg.tls.plaintext_health_addr()? {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding tls.plaintext_health_listen {a}"))?,
+        ),
+        None => None,
+    };
     // Tests and scripts read this line to find an ephemeral port.
     println!("tiergate listening on {local}");
     tracing::info!(%local, backend = svc.pipeline.batcher.backend_name(), numerics = svc.pipeline.numerics, revision = %svc.revision(), "listening");
@@ -114,6 +122,26 @@ pub async fn serve_with(
         Some(f) => f(svc.clone(), drain_rx).await?,
         None => Attached::default(),
     };
+
+    if let Some(l) = plain_health {
+        // Health only, in the clear, for probes that cannot do TLS; it closes with the drain.
+        let mut drain = drain_tx.subscribe();
+        let health_svc = health_svc.clone();
+        tokio::spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(health_svc)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(l),
+                    async move {
+                        let _ = drain.wait_for(|d| *d).await;
+                    },
+                )
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "plaintext health listener stopped");
+            }
+        });
+    }
 
     let router = Arc::new(RouterService::new(svc.clone()));
     let router_drain = router.clone();
