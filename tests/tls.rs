@@ -158,7 +158,12 @@ async fn ready(addr: &str, ca: &Ca, identity: Option<&(String, String)>) {
 async fn tls_serves_trusting_clients_refuses_plaintext_and_picks_up_a_rotation() {
     let (ca1, ca2) = (ca("tiergate test CA 1"), ca("tiergate test CA 2"));
     let f = files(&leaf(&ca1, &["localhost", "127.0.0.1"]), None, "");
-    let s = serve(&f);
+    let log = f.config.with_file_name("server.log");
+    let s = Server::spawn_logged(
+        &["--config", f.config.to_str().unwrap()],
+        &[],
+        std::fs::File::create(&log).unwrap(),
+    );
     ready(&s.addr, &ca1, None).await;
 
     let model = route(&s.addr, &ca1, None).await.expect("TLS Route");
@@ -178,6 +183,27 @@ async fn tls_serves_trusting_clients_refuses_plaintext_and_picks_up_a_rotation()
     // A client that trusts only CA 2 is refused until the server's files are replaced by a
     // certificate CA 2 signed; then, with no restart, it gets in and CA 1's clients do not.
     assert!(route(&s.addr, &ca2, None).await.is_err());
+    // A broken rotation (a key that is not PEM) is reported and the old pair kept serving.
+    let good_key = std::fs::read_to_string(&f.key).unwrap();
+    put(&f.key, "-----BEGIN PRIVATE KEY-----\ntruncated\n");
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("do not load; serving the previous certificate")
+    {
+        route(&s.addr, &ca1, None)
+            .await
+            .expect("the old certificate serves while the new files are broken");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the broken rotation was never noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    route(&s.addr, &ca1, None)
+        .await
+        .expect("still the old certificate");
+    put(&f.key, &good_key);
     let next = leaf(&ca2, &["localhost", "127.0.0.1"]);
     put(&f.cert, &next.0);
     put(&f.key, &next.1);
