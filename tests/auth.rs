@@ -69,6 +69,22 @@ async fn only_known_bearer_tokens_get_in_and_health_stays_open() {
             .expect("Route with a token");
         assert!(!r.into_inner().model.is_empty());
     }
+    // `tiergate call` sends the token it is given (TIERGATE_TOKEN), and is refused without.
+    let call = |token: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tiergate"));
+        cmd.args(["call", "--addr", &format!("http://{}", s.addr), "info"]);
+        cmd.env_remove("TIERGATE_TOKEN");
+        if let Some(t) = token {
+            cmd.env("TIERGATE_TOKEN", t);
+        }
+        cmd.output().expect("tiergate call")
+    };
+    let out = call(Some(FILE_TOKEN));
+    assert!(out.status.success(), "{out:?}");
+    let out = call(None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing credentials"), "{err}");
     // The Admin service is behind the same check.
     let mut admin = AdminClient::new(s.channel().await);
     let e = admin.reload(proto::ReloadRequest {}).await.unwrap_err();
@@ -110,7 +126,8 @@ async fn only_known_bearer_tokens_get_in_and_health_stays_open() {
         "tiergate_rejections_total",
         &[("rpc", "auth"), ("reason", "unauthenticated")],
     );
-    assert_eq!(denied, Some(6.0), "{m}");
+    // Three Routes, one `tiergate call`, one Reload, two HTTP requests.
+    assert_eq!(denied, Some(7.0), "{m}");
 }
 
 #[test]

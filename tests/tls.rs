@@ -263,6 +263,34 @@ async fn mutual_tls_lets_in_only_clients_the_client_ca_signed() {
     assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
 
     assert!(route(&s.addr, &server_ca, Some(&member)).await.is_ok());
+    // `tiergate call` over mutual TLS.
+    let dir = f.config.parent().unwrap();
+    let pem = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let (ca_pem, cert, key) = (
+        pem("server-ca.pem", &server_ca.pem),
+        pem("client.crt", &member.0),
+        pem("client.key", &member.1),
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(["call", "--addr", &format!("https://{}", s.addr)])
+        .arg("--ca-file")
+        .arg(&ca_pem)
+        .arg("--cert-file")
+        .arg(&cert)
+        .arg("--key-file")
+        .arg(&key)
+        .args(["--domain-name", "localhost", "health"])
+        .output()
+        .expect("tiergate call");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("SERVING"),
+        "{out:?}"
+    );
     let none = route(&s.addr, &server_ca, None).await;
     assert!(none.is_err(), "a client without a certificate got in");
     let stranger = leaf(&stranger_ca, &["gateway.example"]);
