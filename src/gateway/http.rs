@@ -41,7 +41,46 @@ pub fn router(front: Arc<Front>, max_body_bytes: usize) -> axum::Router {
         .route("/v1/chat/completions", post(completions))
         .route("/v1/models", get(models))
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .route_layer(axum::middleware::from_fn_with_state(
+            front.clone(),
+            authenticate,
+        ))
         .with_state(front)
+}
+
+/// With `[auth]` on, the same bearer tokens as gRPC; a miss is a 401 in OpenAI's shape (what
+/// its SDKs raise as an authentication error), before the body is read.
+async fn authenticate(
+    State(front): State<Arc<Front>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(tokens) = &front.svc.tokens {
+        let auth = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        if let Err(why) = tokens.check(auth) {
+            metrics::counter!(crate::metrics::REJECTIONS, "rpc" => "auth", "reason" => "unauthenticated")
+                .increment(1);
+            let body = serde_json::json!({"error": {
+                "message": why.message(),
+                "type": "invalid_request_error",
+                "param": null,
+                "code": "invalid_api_key",
+            }});
+            return (
+                StatusCode::UNAUTHORIZED,
+                [
+                    (header::CONTENT_TYPE, "application/json"),
+                    (header::WWW_AUTHENTICATE, "Bearer"),
+                ],
+                serde_json::to_vec(&body).unwrap_or_default(),
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 fn deadline(headers: &HeaderMap, limit: Duration) -> Instant {

@@ -5,12 +5,14 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod auth;
 mod convert;
 mod grpc;
 mod observe;
 mod signal;
 mod status;
 mod stream;
+mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +61,12 @@ pub async fn serve_with(
     attach: Option<Attach>,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
+    // Before the model loads: a bad certificate is a start-up error, found at once.
+    let tls = if cfg.tls.enabled() {
+        Some(Arc::new(tls::ReloadingTls::load(&cfg.tls)?))
+    } else {
+        None
+    };
     if let Some(addr) = cfg.metrics_addr()? {
         m::install(addr)?;
         tracing::info!(%addr, "metrics on /metrics");
@@ -82,6 +90,14 @@ pub async fn serve_with(
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let local = listener.local_addr()?;
+    let plain_health = match cfg.tls.plaintext_health_addr()? {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding tls.plaintext_health_listen {a}"))?,
+        ),
+        None => None,
+    };
     // Tests and scripts read this line to find an ephemeral port.
     println!("tiergate listening on {local}");
     tracing::info!(%local, backend = svc.pipeline.batcher.backend_name(), numerics = svc.pipeline.numerics, revision = %svc.revision(), "listening");
@@ -106,6 +122,26 @@ pub async fn serve_with(
         Some(f) => f(svc.clone(), drain_rx).await?,
         None => Attached::default(),
     };
+
+    if let Some(l) = plain_health {
+        // Health only, in the clear, for probes that cannot do TLS; it closes with the drain.
+        let mut drain = drain_tx.subscribe();
+        let health_svc = health_svc.clone();
+        tokio::spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(health_svc)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(l),
+                    async move {
+                        let _ = drain.wait_for(|d| *d).await;
+                    },
+                )
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "plaintext health listener stopped");
+            }
+        });
+    }
 
     let router = Arc::new(RouterService::new(svc.clone()));
     let router_drain = router.clone();
@@ -156,7 +192,6 @@ pub async fn serve_with(
         });
     }
 
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let health_down = health.clone();
     let mut builder = tonic::transport::Server::builder();
     if cfg.max_connection_age_s > 0 {
@@ -167,7 +202,10 @@ pub async fn serve_with(
         builder = builder.max_connection_age(Duration::from_secs(cfg.max_connection_age_s));
     }
     let routes = attached.routes.unwrap_or_default();
-    builder
+    let served = builder
+        .layer(auth::AuthLayer {
+            tokens: svc.tokens.clone(),
+        })
         .add_routes(routes)
         .add_service(health_svc)
         .add_service(reflection)
@@ -178,17 +216,28 @@ pub async fn serve_with(
         )
         .add_service(proto::admin_server::AdminServer::new(admin::AdminService {
             svc: svc.clone(),
-        }))
-        .serve_with_incoming_shutdown(incoming, async move {
-            shutdown.await;
-            tracing::info!("shutdown requested: draining");
-            router_drain.begin_drain();
-            drain_tx.send_replace(true);
-            health_down
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
-        })
-        .await?;
+        }));
+    let drain = async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: draining");
+        router_drain.begin_drain();
+        drain_tx.send_replace(true);
+        health_down
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    };
+    match tls {
+        Some(tls) => {
+            served
+                .serve_with_incoming_shutdown(tls::incoming(listener, tls), drain)
+                .await?
+        }
+        None => {
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            served.serve_with_incoming_shutdown(incoming, drain).await?
+        }
+    }
     for t in attached.tasks {
         if let Err(e) = t.await {
             tracing::error!(error = %e, "an attached listener ended abnormally");

@@ -5,6 +5,7 @@
 //! [`ServiceError`] to their status codes.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod decide;
 mod decider;
 mod error;
@@ -57,6 +58,8 @@ pub struct Service {
     reloading: Mutex<()>,
     /// Outcomes and remembered request ids (bounded; see `feedback` in the config).
     feedback: Mutex<feedback::FeedbackStore>,
+    /// API tokens every edge asks for (`[auth]`); `None` = open.
+    pub tokens: Option<Arc<auth::Tokens>>,
 }
 
 impl Service {
@@ -76,6 +79,13 @@ impl Service {
 
     fn assemble(cfg: &Config, pipeline: TextPipeline, decider: Decider) -> Result<Service> {
         warn_on_mismatch(cfg, &pipeline, &decider.heads);
+        let tokens = auth::Tokens::load(&cfg.auth)?.map(Arc::new);
+        if let Some(t) = &tokens {
+            tracing::info!(
+                tokens = t.len(),
+                "authentication on: bearer tokens required"
+            );
+        }
         let mut store = feedback::FeedbackStore::default();
         if cfg.feedback.enabled() {
             let journal = feedback_journal(&cfg.feedback.overlay);
@@ -100,6 +110,7 @@ impl Service {
             reload_from: Mutex::new(None),
             reloading: Mutex::new(()),
             feedback: Mutex::new(store),
+            tokens,
         })
     }
 

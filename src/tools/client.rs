@@ -1,8 +1,11 @@
 //! `tiergate call`: a gRPC client for the running service, so a fresh machine can try Route,
 //! Verify, Info and health without grpcurl or generated stubs. Prints one JSON object.
 #![forbid(unsafe_code)]
-use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::proto::{self, router_client::RouterClient};
 
@@ -11,6 +14,21 @@ pub struct CallArgs {
     /// The server's gRPC address.
     #[arg(long, default_value = "http://127.0.0.1:50051", global = true)]
     pub addr: String,
+    /// CA certificates (PEM) to trust: TLS, needed for an https:// address.
+    #[arg(long, global = true)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for a server that asks for one (mutual TLS).
+    #[arg(long, global = true, requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, global = true, requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+    /// The name the server's certificate must carry (default: the address's host).
+    #[arg(long, global = true)]
+    pub domain_name: Option<String>,
+    /// Bearer token for a server with `[auth]`.
+    #[arg(long, env = "TIERGATE_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
     #[command(subcommand)]
     pub rpc: Rpc,
 }
@@ -72,13 +90,46 @@ pub fn run(a: CallArgs) -> Result<()> {
     Ok(())
 }
 
-async fn call(a: CallArgs) -> Result<Value> {
-    let channel = tonic::transport::Channel::from_shared(a.addr.clone())
-        .with_context(|| format!("bad address {:?}", a.addr))?
-        .connect()
+fn read(p: &Path) -> Result<Vec<u8>> {
+    std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+}
+
+async fn connect(a: &CallArgs) -> Result<Channel> {
+    let mut ep = Channel::from_shared(a.addr.clone())
+        .with_context(|| format!("bad address {:?}", a.addr))?;
+    if a.addr.starts_with("https://") || a.ca_file.is_some() {
+        // Built without a system root store: the CA is always named.
+        let Some(ca) = &a.ca_file else {
+            bail!("an https:// address needs --ca-file");
+        };
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+        if let (Some(c), Some(k)) = (&a.cert_file, &a.key_file) {
+            tls = tls.identity(Identity::from_pem(read(c)?, read(k)?));
+        }
+        if let Some(d) = &a.domain_name {
+            tls = tls.domain_name(d);
+        }
+        ep = ep.tls_config(tls).context("TLS settings")?;
+    }
+    ep.connect()
         .await
-        .with_context(|| format!("connecting to {}", a.addr))?;
-    let mut c = RouterClient::new(channel.clone());
+        .with_context(|| format!("connecting to {}", a.addr))
+}
+
+async fn call(a: CallArgs) -> Result<Value> {
+    let channel = connect(&a).await?;
+    let auth: Option<tonic::metadata::MetadataValue<_>> = a
+        .token
+        .as_deref()
+        .map(|t| format!("Bearer {t}").parse())
+        .transpose()
+        .context("--token is not a valid header value")?;
+    let mut c = RouterClient::with_interceptor(channel.clone(), move |mut r: tonic::Request<()>| {
+        if let Some(v) = &auth {
+            r.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(r)
+    });
     Ok(match a.rpc {
         Rpc::Route {
             prompt,
