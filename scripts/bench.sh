@@ -18,9 +18,10 @@
 # The server is stopped (by its pid) on exit. Needs models/heads.json.
 #
 # Env: PORT (50151), THREADS (default: all cores), ROUNDS (3), BATCH (32),
-#      LIMIT (0 = all 905 prompts), GRAPHS ("fused"; "fused standard" also times ORT on a standard-op graph),
+#      LIMIT (0 = all 905 prompts), GRAPHS ("fused fused-int8": ORT f32 and ORT's dynamic int8;
+#      add "standard" to time ORT on a standard-op graph),
 #      ORT_ARGS (extra onnx_peer.py flags, e.g. "--no-spin"), OUT (target/bench),
-#      PRECISIONS (tiergate sides; default "bf16 f32" on AVX512-BF16 CPUs, else "f32"),
+#      PRECISIONS (tiergate sides; default "bf16 int8 f32" on AVX512-BF16 CPUs, else "int8 f32"),
 #      DATA (../shared/data/dev.jsonl.gz).
 # Needs: scripts/setup-model.sh done; python3 with onnx onnxruntime numpy safetensors.
 set -euo pipefail
@@ -30,13 +31,13 @@ threads="${THREADS:-$(nproc)}"
 rounds="${ROUNDS:-3}"
 batch="${BATCH:-32}"
 limit="${LIMIT:-0}"
-graphs="${GRAPHS:-fused}"
-# Our sides: f32 (the reference, checked against ORT's embeddings) and, where the CPU has
-# AVX512-BF16, bf16 (the `precision = auto` default there).
+graphs="${GRAPHS:-fused fused-int8}"
+# Our sides: f32 (the reference, checked against ORT's embeddings), int8 (AVX2), and, where
+# the CPU has AVX512-BF16, bf16 (the `precision = auto` default there).
 if grep -q avx512_bf16 /proc/cpuinfo 2>/dev/null; then
-  precisions="${PRECISIONS:-bf16 f32}"
+  precisions="${PRECISIONS:-bf16 int8 f32}"
 else
-  precisions="${PRECISIONS:-f32}"
+  precisions="${PRECISIONS:-int8 f32}"
 fi
 case " $precisions " in *" f32 "*) ;; *) echo "bench: PRECISIONS must include f32" >&2; exit 2 ;; esac
 out="${OUT:-target/bench}"
@@ -103,6 +104,15 @@ if ! python3 -c "import onnx, onnxruntime, numpy, safetensors" 2>/dev/null; then
 fi
 cargo build --release --quiet --bin loadgen
 "$lg" dump-ids --data "$data" --out "$out/ids.json"
+# A second set for the short-prompt latency: the dev prompts of at least 64 tokens, cut to
+# exactly 64 ([CLS], the first 62 ids, [SEP]).
+python3 - "$out/ids.json" "$out/ids64.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+d["seqs"] = [s[:63] + [s[-1]] for s in d["seqs"] if len(s) >= 64][:200]
+d["max_tokens"] = 64
+json.dump(d, open(sys.argv[2], "w"))
+PY
 
 for r in $(seq 1 "$rounds"); do
   echo "== round $r/$rounds (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
@@ -115,6 +125,15 @@ for r in $(seq 1 "$rounds"); do
     python3 scripts/onnx_peer.py --ids "$out/ids.json" --threads "$threads" --batch "$batch" \
       --reps 1 --limit "$limit" --graph "$g" --tiergate-embeddings "$out/tiergate-f32.emb" \
       --out "$out/ort-$g.$r.json" ${ORT_ARGS:-}
+  done
+  # 64-token prompts: batch-1 latency only matters here, the batched pass is short.
+  for p in $precisions; do
+    "$lg" bench-encoder --ids "$out/ids64.json" --threads "$threads" --batch "$batch" --reps 1 \
+      --precision "$p" --out "$out/tiergate64-$p.$r.json"
+  done
+  for g in $graphs; do
+    python3 scripts/onnx_peer.py --ids "$out/ids64.json" --threads "$threads" --batch "$batch" \
+      --reps 1 --graph "$g" --out "$out/ort64-$g.$r.json" ${ORT_ARGS:-}
   done
 done
 
@@ -152,6 +171,15 @@ for g, p in [(g, p) for g in graphs for p in precisions]:
     print(f"ratio tiergate-{p} / ort-{g} (>1: tiergate better): batch 1 throughput x{ti[0] / o[0]:.2f}, "
           f"p50 latency x{o[1] / ti[1]:.2f}, cpu/seq x{o[2] / ti[2]:.2f}; batched throughput "
           f"x{ti[3] / o[3]:.2f}, cpu/seq x{o[4] / ti[4]:.2f}")
+print("\n64-token prompts, batch 1 (median of rounds):")
+for name in [f"tiergate64-{p}" for p in precisions] + [f"ort64-{g}" for g in graphs]:
+    reps = load(name)
+    print(f"  {name:<20} p50 {med(reps, 'batch1', 'p50'):.2f} ms, {med(reps, 'batch1', 'seqs_per_s'):.1f} seq/s")
+for g in graphs:
+    par = sides[f"ort-{g}"][0].get("parity", {})
+    if "tiergate_min_cos" in par:
+        print(f"ort-{g} vs tiergate f32 embeddings: min cosine {par['tiergate_min_cos']:.6f}, "
+              f"mean {par.get('tiergate_mean_cos', float('nan')):.7f}")
 keys = ["b1_seqs_per_s", "b1_p50_ms", "b1_cpu_ms_per_seq", "batched_seqs_per_s", "batched_cpu_ms_per_seq"]
 json.dump({k: dict(zip(keys, v)) for k, v in rows.items()}, open(f"{out}/summary.json", "w"), indent=2)
 PY
