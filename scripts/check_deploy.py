@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -220,9 +221,16 @@ def check_deployment(name, docs, dep, uids, router):
             sleep = int(cmd[1])
         if sleep is None:
             fail(f"{cw}: preStop must sleep (the endpoints update before SIGTERM closes the listener)")
-        elif grace < sleep + 30:
-            fail(f"{cw}: terminationGracePeriodSeconds {grace} < preStop {sleep} s + 30 s of drain")
         env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        if sleep is not None:
+            # The whole shutdown: preStop, tiergate's lame duck and drain bound (the config's
+            # [drain], or the container's overrides), and 5 s for the process to exit.
+            drain = tomllib.loads((DEPLOY / "k8s/base/tiergate.toml").read_text()).get("drain", {})
+            lame = int(env.get("TIERGATE_DRAIN_LAME_DUCK_S") or drain.get("lame_duck_s", 5))
+            bound = int(env.get("TIERGATE_DRAIN_TIMEOUT_S") or drain.get("timeout_s", 25))
+            if grace < sleep + lame + bound + 5:
+                fail(f"{cw}: terminationGracePeriodSeconds {grace} < preStop {sleep} s + drain.lame_duck_s {lame} s"
+                     f" + drain.timeout_s {bound} s + 5 s to exit")
         limits = c.get("resources", {}).get("limits", {})
         if "nvidia.com/gpu" in limits:
             if pod.get("runtimeClassName") != "nvidia" or not any(

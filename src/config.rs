@@ -56,6 +56,12 @@ pub struct Config {
     /// API tokens asked of gRPC (health exempt) and HTTP-front clients.
     #[serde(default)]
     pub auth: AuthConfig,
+    /// When the encoder is declared faulty (health NOT_SERVING, requests UNAVAILABLE).
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// What SIGTERM does, and how long it may take.
+    #[serde(default)]
+    pub drain: DrainConfig,
     pub catalog: Vec<CatalogEntryConfig>,
 }
 
@@ -110,6 +116,63 @@ impl AuthConfig {
     pub fn enabled(&self) -> bool {
         self.tokens_file.is_some() || self.tokens_env.is_some()
     }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Failed encoder batches in a row (a device fault, a panic, NaN output) after which the
+    /// backend is declared faulty until a probe batch succeeds; 0 = never.
+    #[serde(default = "default_max_consecutive_faults")]
+    pub max_consecutive_faults: u32,
+    /// One encoder batch running longer than this is declared hung; 0 = never.
+    #[serde(default = "default_batch_watchdog_s")]
+    pub batch_watchdog_s: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            max_consecutive_faults: default_max_consecutive_faults(),
+            batch_watchdog_s: default_batch_watchdog_s(),
+        }
+    }
+}
+
+fn default_max_consecutive_faults() -> u32 {
+    3
+}
+fn default_batch_watchdog_s() -> u64 {
+    10
+}
+
+/// SIGTERM: health NOT_SERVING at once; new connections and requests still served for
+/// `lame_duck_s`; then the listener closes and what was accepted has `timeout_s` to finish,
+/// after which the rest is answered UNAVAILABLE and the process exits. Keep
+/// preStop + lame_duck_s + timeout_s under the pod's terminationGracePeriodSeconds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainConfig {
+    #[serde(default = "default_lame_duck_s")]
+    pub lame_duck_s: u64,
+    #[serde(default = "default_drain_timeout_s")]
+    pub timeout_s: u64,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        DrainConfig {
+            lame_duck_s: default_lame_duck_s(),
+            timeout_s: default_drain_timeout_s(),
+        }
+    }
+}
+
+fn default_lame_duck_s() -> u64 {
+    5
+}
+fn default_drain_timeout_s() -> u64 {
+    25
 }
 
 /// How log lines are written.
@@ -316,6 +379,11 @@ pub struct BatchConfig {
     /// cannot stall everyone's tokenizing.
     #[serde(default = "default_max_tokenize_bytes")]
     pub max_tokenize_bytes: usize,
+    /// A request whose expected queue wait (queued tokens at the measured time per token)
+    /// exceeds this is refused at once (RESOURCE_EXHAUSTED), as is one whose deadline is
+    /// nearer than its expected wait; 0 = only the deadline.
+    #[serde(default = "default_max_queue_delay_ms")]
+    pub max_queue_delay_ms: u64,
     /// Token budget of one batch on the CUDA backend: a GPU needs far more tokens per forward
     /// than a CPU to be busy (benches/GPU.md times budgets).
     #[serde(default = "default_gpu_max_batch_tokens")]
@@ -327,6 +395,10 @@ pub struct BatchConfig {
 
 fn default_gpu_max_batch_tokens() -> usize {
     32768
+}
+
+fn default_max_queue_delay_ms() -> u64 {
+    5000
 }
 
 fn default_max_tokenize_bytes() -> usize {
@@ -350,6 +422,12 @@ impl BatchConfig {
             max_batch_requests: requests,
             max_queue: self.max_queue,
         }
+    }
+
+    /// The expected-wait bound of admission; `None` when 0 (only deadlines bound the wait).
+    pub fn max_queue_delay(&self) -> Option<std::time::Duration> {
+        (self.max_queue_delay_ms > 0)
+            .then(|| std::time::Duration::from_millis(self.max_queue_delay_ms))
     }
 }
 
@@ -462,6 +540,15 @@ pub struct Overrides {
     /// (max_connection_age_s; 0 = never).
     #[arg(long, env = "TIERGATE_MAX_CONNECTION_AGE_S")]
     pub max_connection_age_s: Option<u64>,
+    /// Refuse a request whose expected queue wait is longer (batch.max_queue_delay_ms; 0 = off).
+    #[arg(long, env = "TIERGATE_MAX_QUEUE_DELAY_MS")]
+    pub max_queue_delay_ms: Option<u64>,
+    /// Seconds SIGTERM keeps serving new requests with health NOT_SERVING (drain.lame_duck_s).
+    #[arg(long, env = "TIERGATE_DRAIN_LAME_DUCK_S")]
+    pub drain_lame_duck_s: Option<u64>,
+    /// Seconds accepted work may take after the listener closes (drain.timeout_s).
+    #[arg(long, env = "TIERGATE_DRAIN_TIMEOUT_S")]
+    pub drain_timeout_s: Option<u64>,
 }
 
 impl Config {
@@ -536,6 +623,15 @@ impl Config {
         if let Some(v) = o.max_connection_age_s {
             c.max_connection_age_s = v;
         }
+        if let Some(v) = o.max_queue_delay_ms {
+            c.batch.max_queue_delay_ms = v;
+        }
+        if let Some(v) = o.drain_lame_duck_s {
+            c.drain.lame_duck_s = v;
+        }
+        if let Some(v) = o.drain_timeout_s {
+            c.drain.timeout_s = v;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -597,6 +693,17 @@ impl Config {
             bail!("tls.client_ca_file and tls.plaintext_health_listen need tls.cert_file and tls.key_file");
         }
         self.tls.plaintext_health_addr()?;
+        if self.backend == BackendKind::Fault
+            && std::env::var_os(crate::engine::fault::ENV).is_none()
+        {
+            bail!(
+                "backend = \"fault\" injects faults for tests; it needs {} (the control file)",
+                crate::engine::fault::ENV
+            );
+        }
+        if self.drain.timeout_s == 0 {
+            bail!("drain.timeout_s must be > 0");
+        }
         let b = &self.batch;
         for (k, v) in [
             ("batch.max_batch_tokens", b.max_batch_tokens),

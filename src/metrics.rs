@@ -27,6 +27,8 @@ pub const REFITS: &str = "tiergate_refits_total";
 pub const BACKEND_INFO: &str = "tiergate_backend_info";
 pub const BACKEND_FALLBACK: &str = "tiergate_backend_fallback_total";
 pub const SERVING: &str = "tiergate_serving";
+pub const BACKEND_FAULTS: &str = "tiergate_backend_faults_total";
+pub const BACKEND_HEALTHY: &str = "tiergate_backend_healthy";
 pub const BUILD_INFO: &str = "tiergate_build_info";
 pub const EXPECTED_COST: &str = "tiergate_expected_cost_usd_total";
 pub const EXPECTED_SAVING: &str = "tiergate_expected_saving_usd_total";
@@ -115,7 +117,7 @@ fn describe() {
         REJECTIONS,
         "Requests answered with an error, by RPC and reason."
     );
-    describe_counter!(DROPPED, "Inputs dropped before compute, by stage (tokenize, or queue: the batch queue) and reason: the client left (client_gone), its deadline passed, or the tokenizer backlog was full (tokenizer_backlog).");
+    describe_counter!(DROPPED, "Inputs dropped before compute, by stage (tokenize, or queue: the batch queue) and reason: the client left (client_gone), its deadline passed, or the tokenizer backlog was full (tokenizer_backlog), the expected queue wait exceeded batch.max_queue_delay_ms (queue_delay) or the deadline (deadline_wait), or a higher-priority request took its place in a full queue (displaced).");
     describe_gauge!(
         TOKENIZE_BACKLOG,
         Unit::Bytes,
@@ -141,7 +143,15 @@ fn describe() {
     );
     describe_gauge!(
         SERVING,
-        "1 while grpc.health.v1 reports SERVING for tiergate.v1.Router, else 0."
+        "1 while grpc.health.v1 reports SERVING (all services), else 0: warming up, draining, or the backend declared faulty."
+    );
+    describe_counter!(
+        BACKEND_FAULTS,
+        "Encoder batches that failed on the backend's side, by kind: error, panic, nan (non-finite output), output_size, hang (past health.batch_watchdog_s)."
+    );
+    describe_gauge!(
+        BACKEND_HEALTHY,
+        "0 while the backend is declared faulty (health.max_consecutive_faults failed batches in a row, or a hung batch) until a batch succeeds, else 1."
     );
     describe_gauge!(BUILD_INFO, "1 for the version, encoder and heads revision, backend and numerics serving now; 0 for a heads revision replaced since start (reload, re-fit).");
     // The `metrics` crate's counters count integers; dollars are fractions, so these two are

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tokio::sync::oneshot;
 
-use crate::batch::{BatchError, Batcher, JobOutput, Priority};
+use crate::batch::{BatchError, Batcher, Fallback, JobOutput, Options, Priority};
 use crate::config::Config;
 use crate::engine;
 use crate::metrics as m;
@@ -162,7 +162,7 @@ impl TextPipeline {
         .map_err(|e| anyhow::anyhow!("{e} (run scripts/setup-model.sh)"))?;
         let model = load_model(&cfg.model_dir)?;
         let model_revision = model.revision().to_string();
-        let backend = engine::select(
+        let (backend, fallback) = engine::select_with_fallback(
             cfg.backend,
             Arc::new(model),
             &cfg.model_dir,
@@ -171,7 +171,18 @@ impl TextPipeline {
         )?;
         let numerics = backend.numerics();
         let limits = cfg.batch.limits_for(backend.device());
-        let batcher = Batcher::start(backend, limits)?;
+        let h = &cfg.health;
+        let opts = Options {
+            max_consecutive_faults: h.max_consecutive_faults,
+            watchdog: (h.batch_watchdog_s > 0).then(|| Duration::from_secs(h.batch_watchdog_s)),
+            max_queue_delay: cfg.batch.max_queue_delay(),
+            // The fallback runs on the CPU.
+            fallback: fallback.map(|build| Fallback {
+                build,
+                limits: cfg.batch.limits_for(crate::base::Device::Cpu),
+            }),
+        };
+        let batcher = Batcher::start_with(backend, limits, opts)?;
         let tok_pool = rayon::ThreadPoolBuilder::new()
             .num_threads(cfg.threads.tokenize)
             .thread_name(|i| format!("tiergate-tok-{i}"))

@@ -2,6 +2,11 @@
 //! thread that packs jobs by token budget and request cap, and one backend thread that owns the
 //! model. The next batch is formed while the current one runs (a rendezvous of depth one).
 //! Work whose client has gone, or whose deadline has passed, is dropped before compute.
+//! Admission also refuses work whose expected queue wait (queued tokens × the measured time per
+//! token) exceeds its deadline or a configured bound, and a full queue makes room for higher
+//! priorities by shedding its newest lower-priority job. A watchdog declares the backend faulty
+//! after consecutive failed batches or one batch running too long: admission then answers
+//! UNAVAILABLE until a probe batch succeeds (or a fallback backend takes over).
 #![forbid(unsafe_code)]
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -66,6 +71,35 @@ pub struct Limits {
     pub max_queue: usize,
 }
 
+/// What the batcher does beyond batching: all off by default (offline commands, unit tests).
+#[derive(Default)]
+pub struct Options {
+    /// Consecutive failed batches (a fault, a panic, non-finite output) after which the
+    /// backend is declared faulty; 0 = never.
+    pub max_consecutive_faults: u32,
+    /// A batch running longer than this is declared hung: the backend is faulty and the
+    /// batch's requests are answered UNAVAILABLE at once.
+    pub watchdog: Option<Duration>,
+    /// Refuse a request whose expected queue wait exceeds this.
+    pub max_queue_delay: Option<Duration>,
+    /// Swapped in when the backend is declared faulty after failed batches (backend = auto:
+    /// the CPU after CUDA). Not for a hung batch: its thread cannot be taken back.
+    pub fallback: Option<Fallback>,
+}
+
+/// A backend to build when the first one fails, and the batch limits of its device.
+pub struct Fallback {
+    pub build: Box<dyn FnOnce() -> Result<Box<dyn Backend>, BackendError> + Send>,
+    pub limits: Limits,
+}
+
+/// Time per token before any batch was measured: none, so nothing is refused for its wait.
+const EWMA_WEIGHT: f64 = 0.3;
+
+/// How often the watchdog looks at the running batch, and re-probes a faulty backend.
+const WATCH_EVERY: Duration = Duration::from_millis(100);
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+
 #[derive(Debug)]
 pub struct JobOutput {
     pub embedding: Vec<f32>,
@@ -74,18 +108,22 @@ pub struct JobOutput {
     pub batch_size: usize,
 }
 
+type Reply = oneshot::Sender<Result<JobOutput, BatchError>>;
+
 struct Job {
     ids: Vec<u32>,
     type_ids: Vec<u32>,
     deadline: Option<Instant>,
     enqueued: Instant,
-    reply: oneshot::Sender<Result<JobOutput, BatchError>>,
+    reply: Reply,
+    /// The watchdog's own test batch on a faulty backend: nobody waits for its answer.
+    probe: bool,
 }
 
 impl Job {
     /// Answers and drops the job if nobody waits for it or it is too late.
     fn still_wanted(self, now: Instant) -> Option<Job> {
-        if self.reply.is_closed() {
+        if !self.probe && self.reply.is_closed() {
             metrics::counter!(m::DROPPED, "reason" => "client_gone", "stage" => "queue")
                 .increment(1);
             return None;
@@ -99,13 +137,100 @@ impl Job {
     }
 }
 
-#[derive(Default)]
 struct State {
     queues: [VecDeque<Job>; 3],
     len: usize,
+    /// Tokens queued per priority (for the expected wait).
+    tokens: [usize; 3],
+    /// Tokens formed into batches and not yet finished (handed over or running).
+    in_flight_tokens: usize,
     closed: bool,
     /// Why a worker thread ended without a shutdown request; admission is then refused.
     stopped: Option<String>,
+    /// Why the backend is declared faulty; admission answers UNAVAILABLE until a batch succeeds.
+    fault: Option<String>,
+    consecutive_faults: u32,
+    /// The replies owed by each batch formed and not finished (handed over or running), by
+    /// batch id: the watchdog and an abort can answer them (UNAVAILABLE) while the batch is
+    /// stuck on the backend or behind it; a late result then finds nobody to answer.
+    owed: std::collections::BTreeMap<u64, Vec<Reply>>,
+    next_batch: u64,
+    /// The batch on the backend now, and since when.
+    running: Option<(Instant, u64)>,
+    probe_queued: bool,
+    /// Seconds per token, a moving average over batches.
+    secs_per_token: Option<f64>,
+    limits: Limits,
+    backend_name: &'static str,
+}
+
+impl State {
+    fn new(limits: Limits, backend_name: &'static str) -> State {
+        State {
+            queues: Default::default(),
+            len: 0,
+            tokens: [0; 3],
+            in_flight_tokens: 0,
+            closed: false,
+            stopped: None,
+            fault: None,
+            consecutive_faults: 0,
+            owed: Default::default(),
+            next_batch: 0,
+            running: None,
+            probe_queued: false,
+            secs_per_token: None,
+            limits,
+            backend_name,
+        }
+    }
+
+    fn pop(&mut self, q: usize) -> Option<Job> {
+        let j = self.queues[q].pop_front()?;
+        self.len -= 1;
+        self.tokens[q] -= j.ids.len();
+        Some(j)
+    }
+
+    /// Empties the queues (the caller answers the jobs, outside the lock).
+    fn take_all(&mut self) -> Vec<Job> {
+        let jobs: Vec<Job> = self.queues.iter_mut().flat_map(|q| q.drain(..)).collect();
+        self.len = 0;
+        self.tokens = [0; 3];
+        self.probe_queued = false;
+        metrics::gauge!(m::QUEUE_DEPTH).set(0.0);
+        jobs
+    }
+
+    /// Every reply owed by a formed batch (the caller answers them, outside the lock).
+    fn take_owed(&mut self) -> Vec<Reply> {
+        std::mem::take(&mut self.owed)
+            .into_values()
+            .flatten()
+            .collect()
+    }
+
+    /// Declares the backend faulty; returns the queued jobs, to be answered UNAVAILABLE.
+    fn declare_faulty(&mut self, why: String) -> Vec<Job> {
+        if self.fault.is_none() {
+            tracing::error!(%why, "backend declared faulty: refusing work until a probe batch succeeds");
+        }
+        self.fault = Some(why);
+        metrics::gauge!(m::BACKEND_HEALTHY).set(0.0);
+        self.take_all()
+    }
+}
+
+fn unavailable(jobs: Vec<Job>, why: &str) {
+    for j in jobs {
+        let _ = j.reply.send(Err(BatchError::Unavailable(why.to_string())));
+    }
+}
+
+fn unavailable_replies(replies: Vec<Reply>, why: &str) {
+    for r in replies {
+        let _ = r.send(Err(BatchError::Unavailable(why.to_string())));
+    }
 }
 
 /// Held by each worker thread: if the thread ends while the batcher is open (a panic
@@ -129,23 +254,22 @@ impl Drop for ExitGuard {
         );
         st.closed = true;
         st.stopped = Some(why.clone());
-        let jobs: Vec<Job> = st.queues.iter_mut().flat_map(|q| q.drain(..)).collect();
-        st.len = 0;
-        metrics::gauge!(m::QUEUE_DEPTH).set(0.0);
+        let jobs = st.take_all();
+        let owed = st.take_owed();
         drop(st);
         self.shared.ready.notify_all();
-        for j in jobs {
-            let _ = j.reply.send(Err(BatchError::Unavailable(format!(
-                "encoder unavailable: {why}"
-            ))));
-        }
+        let why = format!("encoder unavailable: {why}");
+        unavailable(jobs, &why);
+        unavailable_replies(owed, &why);
     }
 }
 
 struct Shared {
     state: Mutex<State>,
     ready: Condvar,
-    limits: Limits,
+    max_consecutive_faults: u32,
+    watchdog: Option<Duration>,
+    max_queue_delay: Option<Duration>,
 }
 
 impl Shared {
@@ -159,24 +283,43 @@ impl Shared {
 pub struct Batcher {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    backend_name: &'static str,
     device: Device,
     dim: usize,
 }
 
-type Formed = (PackedBatch, Vec<Job>, Instant);
+/// A job once it is in a batch: its reply is owed in the shared state (`State::owed`).
+struct Meta {
+    deadline: Option<Instant>,
+    enqueued: Instant,
+    probe: bool,
+}
+
+/// A batch handed to the backend thread, with its id in `State::owed`.
+type Formed = (PackedBatch, Vec<Meta>, u64);
 
 impl Batcher {
     /// Starts the forming and backend threads; an error if the OS refuses a thread.
     pub fn start(backend: Box<dyn Backend>, limits: Limits) -> Result<Batcher, BatchError> {
-        let backend_name = backend.name();
+        Self::start_with(backend, limits, Options::default())
+    }
+
+    /// [`Self::start`] with health checks, a wait bound and a fallback.
+    pub fn start_with(
+        backend: Box<dyn Backend>,
+        limits: Limits,
+        opts: Options,
+    ) -> Result<Batcher, BatchError> {
         let device = backend.device();
         let dim = backend.dim();
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State::new(limits, backend.name())),
             ready: Condvar::new(),
-            limits,
+            max_consecutive_faults: opts.max_consecutive_faults,
+            watchdog: opts.watchdog,
+            max_queue_delay: opts.max_queue_delay,
         });
+        metrics::gauge!(m::BACKEND_HEALTHY).set(1.0);
+        let fallback = opts.fallback;
         let (tx, rx) = sync_channel::<Formed>(1);
         let spawn_err =
             |e: std::io::Error| BatchError::Internal(format!("starting a batcher thread: {e}"));
@@ -184,11 +327,12 @@ impl Batcher {
             shared: shared.clone(),
             thread: "backend",
         };
+        let s = shared.clone();
         let exec = std::thread::Builder::new()
             .name("tiergate-backend".into())
             .spawn(move || {
                 let _guard = guard;
-                run_batches(backend, rx)
+                run_batches(&s, backend, fallback, rx)
             })
             .map_err(spawn_err)?;
         let s = shared.clone();
@@ -210,13 +354,52 @@ impl Batcher {
                 return Err(spawn_err(e));
             }
         };
+        let mut threads = vec![former, exec];
+        if shared.watchdog.is_some() || shared.max_consecutive_faults > 0 {
+            let s = shared.clone();
+            // Without it nothing notices a hung batch or re-probes a faulty backend; the
+            // batcher still serves, so a refused thread is only logged.
+            match std::thread::Builder::new()
+                .name("tiergate-watchdog".into())
+                .spawn(move || watch(&s))
+            {
+                Ok(t) => threads.push(t),
+                Err(e) => tracing::error!(error = %e, "no watchdog thread"),
+            }
+        }
         Ok(Batcher {
             shared,
-            threads: Mutex::new(vec![former, exec]),
-            backend_name,
+            threads: Mutex::new(threads),
             device,
             dim,
         })
+    }
+
+    /// Why the backend is not fit to serve now (declared faulty, or a worker stopped).
+    pub fn health(&self) -> Result<(), String> {
+        let st = self.shared.lock();
+        match (&st.stopped, &st.fault) {
+            (Some(why), _) | (None, Some(why)) => Err(why.clone()),
+            (None, None) => Ok(()),
+        }
+    }
+
+    /// The expected wait of a new job of this priority before its batch starts.
+    pub fn expected_wait(&self, priority: Priority) -> Duration {
+        expected_wait(&self.shared.lock(), priority)
+    }
+
+    /// Answers everything queued or running UNAVAILABLE and refuses new work: the end of a
+    /// drain that ran out of time. A running batch's result, if it ever comes, is dropped.
+    pub fn abort(&self, why: &str) {
+        let mut st = self.shared.lock();
+        st.closed = true;
+        let jobs = st.take_all();
+        let running = st.take_owed();
+        drop(st);
+        self.shared.ready.notify_all();
+        unavailable(jobs, why);
+        unavailable_replies(running, why);
     }
 
     /// Why the batcher stopped serving on its own (a worker thread ended), if it did.
@@ -224,8 +407,9 @@ impl Batcher {
         self.shared.lock().stopped.clone()
     }
 
+    /// The backend serving now (a fallback replaces the first after it failed).
     pub fn backend_name(&self) -> &'static str {
-        self.backend_name
+        self.shared.lock().backend_name
     }
 
     pub fn dim(&self) -> usize {
@@ -237,14 +421,15 @@ impl Batcher {
     }
 
     pub fn limits(&self) -> Limits {
-        self.shared.limits
+        self.shared.lock().limits
     }
 
     pub fn queue_depth(&self) -> usize {
         self.shared.lock().len
     }
 
-    /// Admits one sequence; answers at once with RESOURCE_EXHAUSTED if the queue is full.
+    /// Admits one sequence; answers at once with RESOURCE_EXHAUSTED if the queue is full or
+    /// the expected wait is too long, UNAVAILABLE if the backend is faulty or shutting down.
     pub fn submit(
         &self,
         ids: Vec<u32>,
@@ -252,41 +437,86 @@ impl Batcher {
         priority: Priority,
         deadline: Option<Instant>,
     ) -> Result<oneshot::Receiver<Result<JobOutput, BatchError>>, BatchError> {
-        if ids.is_empty() || ids.len() > self.shared.limits.max_batch_tokens {
-            return Err(BatchError::InvalidInput(format!(
-                "sequence of {} tokens cannot be batched (limit {})",
-                ids.len(),
-                self.shared.limits.max_batch_tokens
-            )));
-        }
         if deadline.is_some_and(|d| d <= Instant::now()) {
             return Err(BatchError::DeadlineExceeded);
         }
         let (reply, rx) = oneshot::channel();
         let mut st = self.shared.lock();
+        let max_tokens = st.limits.max_batch_tokens;
+        if ids.is_empty() || ids.len() > max_tokens {
+            return Err(BatchError::InvalidInput(format!(
+                "sequence of {} tokens cannot be batched (limit {max_tokens})",
+                ids.len(),
+            )));
+        }
         if st.closed {
             return Err(BatchError::Unavailable(match &st.stopped {
                 Some(why) => format!("encoder unavailable: {why}"),
                 None => "server is shutting down".into(),
             }));
         }
-        if st.len >= self.shared.limits.max_queue {
-            return Err(BatchError::Overloaded(format!(
-                "queue full ({} waiting); retry with backoff",
-                st.len
+        if let Some(why) = &st.fault {
+            return Err(BatchError::Unavailable(format!(
+                "encoder unhealthy ({why}); retry on another replica"
             )));
         }
+        let now = Instant::now();
+        let wait = expected_wait(&st, priority);
+        // The deadline first: the more specific reason.
+        if deadline.is_some_and(|d| now + wait >= d) {
+            metrics::counter!(m::DROPPED, "reason" => "deadline_wait", "stage" => "queue")
+                .increment(1);
+            return Err(BatchError::Overloaded(format!(
+                "expected queue wait {} ms exceeds the request's deadline",
+                wait.as_millis()
+            )));
+        }
+        if let Some(max) = self.shared.max_queue_delay.filter(|&max| wait > max) {
+            metrics::counter!(m::DROPPED, "reason" => "queue_delay", "stage" => "queue")
+                .increment(1);
+            return Err(BatchError::Overloaded(format!(
+                "expected queue wait {} ms exceeds batch.max_queue_delay_ms = {}",
+                wait.as_millis(),
+                max.as_millis()
+            )));
+        }
+        // A full queue sheds its newest job of a lower priority to make room, if it has one.
+        let mut displaced = None;
+        if st.len >= st.limits.max_queue {
+            let Some(q) = (priority as usize + 1..3)
+                .rev()
+                .find(|&q| !st.queues[q].is_empty())
+            else {
+                return Err(BatchError::Overloaded(format!(
+                    "queue full ({} waiting); retry with backoff",
+                    st.len
+                )));
+            };
+            if let Some(j) = st.queues[q].pop_back() {
+                st.len -= 1;
+                st.tokens[q] -= j.ids.len();
+                displaced = Some(j);
+            }
+        }
+        st.tokens[priority as usize] += ids.len();
         st.queues[priority as usize].push_back(Job {
             ids,
             type_ids,
             deadline,
-            enqueued: Instant::now(),
+            enqueued: now,
             reply,
+            probe: false,
         });
         st.len += 1;
         metrics::gauge!(m::QUEUE_DEPTH).set(st.len as f64);
         drop(st);
         self.shared.ready.notify_one();
+        if let Some(j) = displaced {
+            metrics::counter!(m::DROPPED, "reason" => "displaced", "stage" => "queue").increment(1);
+            let _ = j.reply.send(Err(BatchError::Overloaded(
+                "displaced from a full queue by higher-priority work; retry with backoff".into(),
+            )));
+        }
         Ok(rx)
     }
 
@@ -324,7 +554,7 @@ impl Batcher {
             progress(1);
             Ok::<_, BatchError>(())
         };
-        let window = self.shared.limits.max_queue.max(1);
+        let window = self.limits().max_queue.max(1);
         for (ids, type_ids) in seqs {
             if pending.len() >= window {
                 if let Some(rx) = pending.pop_front() {
@@ -361,6 +591,27 @@ impl Batcher {
             let _ = t.join();
         }
     }
+
+    /// [`Self::shutdown`], waiting at most `limit`: a thread still running then (a hung
+    /// backend) is left behind, so the process can exit. True if every thread ended.
+    pub fn shutdown_within(&self, limit: Duration) -> bool {
+        self.shared.lock().closed = true;
+        self.shared.ready.notify_all();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        let t0 = Instant::now();
+        while threads.iter().any(|t| !t.is_finished()) && t0.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut all = true;
+        for t in threads {
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                all = false; // detached: dropping the handle does not wait
+            }
+        }
+        all
+    }
 }
 
 impl Drop for Batcher {
@@ -379,12 +630,21 @@ fn next_queue(st: &State, now: Instant) -> Option<usize> {
     aged.or_else(|| (0..3).find(|&q| !st.queues[q].is_empty()))
 }
 
+/// Queued tokens of this priority or higher, and those formed and not finished, at the
+/// measured time per token. Zero until a batch has been measured.
+fn expected_wait(st: &State, priority: Priority) -> Duration {
+    let Some(spt) = st.secs_per_token else {
+        return Duration::ZERO;
+    };
+    let ahead: usize = st.tokens[..=priority as usize].iter().sum::<usize>() + st.in_flight_tokens;
+    Duration::try_from_secs_f64(ahead as f64 * spt).unwrap_or(Duration::MAX)
+}
+
 fn form_batches(shared: &Shared, tx: SyncSender<Formed>) {
-    let lim = shared.limits;
     loop {
         let mut jobs: Vec<Job> = Vec::new();
         let mut tokens = 0usize;
-        {
+        let formed = {
             let mut st = shared.lock();
             while st.len == 0 && !st.closed {
                 st = shared.ready.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -393,6 +653,7 @@ fn form_batches(shared: &Shared, tx: SyncSender<Formed>) {
                 return; // dropping tx ends the backend thread
             }
             let now = Instant::now();
+            let lim = st.limits;
             while jobs.len() < lim.max_batch_requests {
                 let Some(q) = next_queue(&st, now) else { break };
                 let fits = st.queues[q]
@@ -401,25 +662,53 @@ fn form_batches(shared: &Shared, tx: SyncSender<Formed>) {
                 if !fits {
                     break;
                 }
-                let Some(job) = st.queues[q].pop_front() else {
+                let Some(job) = st.pop(q) else {
                     break;
                 };
-                st.len -= 1;
                 if let Some(job) = job.still_wanted(now) {
                     tokens += job.ids.len();
                     jobs.push(job);
                 }
             }
             metrics::gauge!(m::QUEUE_DEPTH).set(st.len as f64);
-        }
-        if jobs.is_empty() {
-            continue;
-        }
-        let batch = pack(&jobs);
-        if tx.send((batch, jobs, Instant::now())).is_err() {
-            return; // backend thread is gone; its jobs' senders were dropped with it
+            if jobs.is_empty() {
+                continue;
+            }
+            let batch = pack(&jobs);
+            let id = st.next_batch;
+            st.next_batch += 1;
+            st.in_flight_tokens += tokens;
+            let (metas, replies): (Vec<Meta>, Vec<Reply>) = jobs
+                .into_iter()
+                .map(|j| {
+                    let meta = Meta {
+                        deadline: j.deadline,
+                        enqueued: j.enqueued,
+                        probe: j.probe,
+                    };
+                    (meta, j.reply)
+                })
+                .unzip();
+            st.owed.insert(id, replies);
+            (batch, metas, id)
+        };
+        if let Err(e) = tx.send(formed) {
+            // The backend thread is gone: nobody will answer this batch but us.
+            let owed = shared.lock().owed.remove(&e.0 .2).unwrap_or_default();
+            unavailable_replies(owed, "encoder unavailable: the backend thread stopped");
+            return;
         }
     }
+}
+
+/// The sequences of `keep` (indices into `b`), packed again.
+fn repack(b: &PackedBatch, keep: &[usize]) -> PackedBatch {
+    let mut out = PackedBatch::new();
+    for &i in keep {
+        let r = b.seq(i);
+        out.push(&b.ids[r.clone()], &b.type_ids[r]);
+    }
+    out
 }
 
 fn pack(jobs: &[Job]) -> PackedBatch {
@@ -430,37 +719,154 @@ fn pack(jobs: &[Job]) -> PackedBatch {
     b
 }
 
-fn run_batches(mut backend: Box<dyn Backend>, rx: Receiver<Formed>) {
+/// How a batch went wrong on the backend's side (the `kind` of `tiergate_backend_faults_total`).
+fn fault_kind(e: &BackendError, panicked: bool) -> Option<&'static str> {
+    match e {
+        BackendError::InvalidBatch(_) => None,
+        _ if panicked => Some("panic"),
+        _ => Some("error"),
+    }
+}
+
+fn run_batches(
+    shared: &Shared,
+    mut backend: Box<dyn Backend>,
+    mut fallback: Option<Fallback>,
+    rx: Receiver<Formed>,
+) {
     let dim = backend.dim();
-    for (mut batch, mut jobs, _formed) in rx {
-        // Clients may have left while this batch waited for the backend.
-        let n = jobs.len();
+    for (batch, metas, id) in rx {
+        let formed_tokens = batch.tokens();
+        let probe = metas.iter().any(|m| m.probe);
+        // Clients may have left, or deadlines passed, while this batch waited for the backend;
+        // an abort may have answered it already.
         let now = Instant::now();
-        jobs = jobs
-            .into_iter()
-            .filter_map(|j| j.still_wanted(now))
-            .collect();
-        if jobs.is_empty() {
+        let mut st = shared.lock();
+        let replies = st.owed.remove(&id).unwrap_or_default();
+        let (mut keep, mut kept) = (Vec::new(), Vec::new());
+        for (i, (meta, reply)) in metas.iter().zip(replies).enumerate() {
+            if !meta.probe && reply.is_closed() {
+                metrics::counter!(m::DROPPED, "reason" => "client_gone", "stage" => "queue")
+                    .increment(1);
+                continue;
+            }
+            if meta.deadline.is_some_and(|d| d <= now) {
+                metrics::counter!(m::DROPPED, "reason" => "deadline", "stage" => "queue")
+                    .increment(1);
+                let _ = reply.send(Err(BatchError::DeadlineExceeded));
+                continue;
+            }
+            keep.push(i);
+            kept.push(reply);
+        }
+        if kept.is_empty() {
+            st.in_flight_tokens -= formed_tokens;
+            if probe {
+                st.probe_queued = false;
+            }
             continue;
         }
-        if jobs.len() != n {
-            batch = pack(&jobs);
-        }
-        metrics::histogram!(m::BATCH_SIZE).record(jobs.len() as f64);
-        metrics::histogram!(m::BATCH_TOKENS).record(batch.tokens() as f64);
+        let batch = if keep.len() == metas.len() {
+            batch
+        } else {
+            repack(&batch, &keep)
+        };
+        let enqueued: Vec<Instant> = keep.iter().map(|&i| metas[i].enqueued).collect();
         let t0 = Instant::now();
-        let out = catch_unwind(AssertUnwindSafe(|| backend.embed(&batch)))
-            .unwrap_or_else(|_| Err(BackendError::Fault("backend panicked".into())))
-            .map_err(BatchError::from);
+        st.owed.insert(id, kept);
+        st.running = Some((t0, id));
+        drop(st);
+        metrics::histogram!(m::BATCH_SIZE).record(keep.len() as f64);
+        metrics::histogram!(m::BATCH_TOKENS).record(batch.tokens() as f64);
+        let mut result = embed_once(&mut *backend, &batch, dim);
+        // Failed batches in a row are counted; past the limit a fallback takes over (and this
+        // batch runs again on it) or the backend is declared faulty.
+        if let Some(kind) = failure(&result) {
+            metrics::counter!(m::BACKEND_FAULTS, "kind" => kind).increment(1);
+            let mut st = shared.lock();
+            st.consecutive_faults += 1;
+            let tripped = shared.max_consecutive_faults > 0
+                && st.consecutive_faults >= shared.max_consecutive_faults;
+            drop(st);
+            if let Some(fb) = fallback.take_if(|_| tripped) {
+                match (fb.build)() {
+                    Ok(b) => {
+                        tracing::error!(
+                            from = backend.name(),
+                            to = b.name(),
+                            "the backend failed {} batches in a row; falling back",
+                            shared.max_consecutive_faults
+                        );
+                        metrics::counter!(m::BACKEND_FALLBACK, "reason" => "runtime_fault")
+                            .increment(1);
+                        backend = b;
+                        let mut st = shared.lock();
+                        st.backend_name = backend.name();
+                        st.limits = fb.limits;
+                        st.consecutive_faults = 0;
+                        drop(st);
+                        result = embed_once(&mut *backend, &batch, dim);
+                        if let Some(kind) = failure(&result) {
+                            metrics::counter!(m::BACKEND_FAULTS, "kind" => kind).increment(1);
+                            shared.lock().consecutive_faults += 1;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "the fallback backend failed to start")
+                    }
+                }
+            }
+        }
         let inference = t0.elapsed();
         metrics::histogram!(m::INFERENCE_SECONDS).record(inference.as_secs_f64());
-        let size = jobs.len();
-        match out {
-            Ok(emb) if emb.len() == size * dim => {
-                for (job, e) in jobs.into_iter().zip(emb.chunks_exact(dim)) {
-                    let queue = t0.duration_since(job.enqueued);
+        let mut st = shared.lock();
+        st.in_flight_tokens -= formed_tokens;
+        st.running = None;
+        let replies = st.owed.remove(&id).unwrap_or_default();
+        if probe {
+            st.probe_queued = false;
+        }
+        let mut to_refuse = Vec::new();
+        match failure(&result) {
+            None if result.is_ok() => {
+                let spt = inference.as_secs_f64() / batch.tokens().max(1) as f64;
+                st.secs_per_token = Some(match st.secs_per_token {
+                    Some(old) => old + EWMA_WEIGHT * (spt - old),
+                    None => spt,
+                });
+                st.consecutive_faults = 0;
+                if let Some(why) = st.fault.take() {
+                    tracing::warn!(%why, "backend recovered: a batch succeeded");
+                    metrics::gauge!(m::BACKEND_HEALTHY).set(1.0);
+                }
+            }
+            Some(_)
+                if shared.max_consecutive_faults > 0
+                    && st.consecutive_faults >= shared.max_consecutive_faults =>
+            {
+                let why = format!("{} failed batches in a row", st.consecutive_faults);
+                to_refuse = st.declare_faulty(why);
+            }
+            _ => {}
+        }
+        drop(st);
+        unavailable(to_refuse, "encoder unhealthy; retry on another replica");
+        // Empty when the watchdog or an abort already answered them.
+        let size = replies.len();
+        match result {
+            Ok(emb) => {
+                for ((reply, e), enq) in
+                    replies.into_iter().zip(emb.chunks_exact(dim)).zip(enqueued)
+                {
+                    if e.iter().any(|v| !v.is_finite()) {
+                        let _ = reply.send(Err(BatchError::Backend(
+                            "the encoder produced a non-finite embedding".into(),
+                        )));
+                        continue;
+                    }
+                    let queue = t0.duration_since(enq);
                     metrics::histogram!(m::QUEUE_SECONDS).record(queue.as_secs_f64());
-                    let _ = job.reply.send(Ok(JobOutput {
+                    let _ = reply.send(Ok(JobOutput {
                         embedding: e.to_vec(),
                         queue,
                         inference,
@@ -468,23 +874,103 @@ fn run_batches(mut backend: Box<dyn Backend>, rx: Receiver<Formed>) {
                     }));
                 }
             }
-            Ok(emb) => fail_all(
-                jobs,
-                BatchError::Backend(format!(
-                    "backend returned {} floats for {size} x {dim}",
-                    emb.len()
-                )),
-            ),
-            Err(e) => fail_all(jobs, e),
+            Err((e, _)) => {
+                tracing::error!(error = %e, jobs = size, "batch failed");
+                for r in replies {
+                    let _ = r.send(Err(e.clone()));
+                }
+            }
         }
     }
 }
 
-/// Answers every job of a failed batch with the batch's error: bad input stays bad input.
-fn fail_all(jobs: Vec<Job>, e: BatchError) {
-    tracing::error!(error = %e, jobs = jobs.len(), "batch failed");
-    for j in jobs {
-        let _ = j.reply.send(Err(e.clone()));
+type Embedded = Result<Vec<f32>, (BatchError, Option<&'static str>)>;
+
+/// One batch on the backend: a panic is this batch's error, a wrong output size a fault.
+fn embed_once(backend: &mut dyn Backend, batch: &PackedBatch, dim: usize) -> Embedded {
+    let (out, panicked) = match catch_unwind(AssertUnwindSafe(|| backend.embed(batch))) {
+        Ok(r) => (r, false),
+        Err(_) => (Err(BackendError::Fault("backend panicked".into())), true),
+    };
+    let emb = out.map_err(|e| {
+        let kind = fault_kind(&e, panicked);
+        (BatchError::from(e), kind)
+    })?;
+    if emb.len() != batch.len() * dim {
+        return Err((
+            BatchError::Backend(format!(
+                "backend returned {} floats for {} x {dim}",
+                emb.len(),
+                batch.len()
+            )),
+            Some("output_size"),
+        ));
+    }
+    Ok(emb)
+}
+
+/// The fault kind of a batch that failed on the backend's side. Non-finite output counts: its
+/// requests are refused (the others of the batch still served), and a backend that keeps
+/// producing it is declared faulty.
+fn failure(r: &Embedded) -> Option<&'static str> {
+    match r {
+        Err((_, kind)) => *kind,
+        Ok(emb) if emb.iter().any(|v| !v.is_finite()) => Some("nan"),
+        Ok(_) => None,
+    }
+}
+
+/// The watchdog: declares a batch running past the limit hung (its requests and the queue
+/// are answered UNAVAILABLE), and puts a probe batch through a faulty backend so a recovery
+/// is noticed without client traffic.
+fn watch(shared: &Shared) {
+    let mut last_probe = Instant::now();
+    loop {
+        std::thread::sleep(WATCH_EVERY);
+        let mut st = shared.lock();
+        if st.closed {
+            return;
+        }
+        let mut refuse = Vec::new();
+        let mut replies = Vec::new();
+        if let (Some(limit), Some((since, id))) = (shared.watchdog, st.running) {
+            let owed = st.owed.get_mut(&id).filter(|r| !r.is_empty());
+            if let Some(r) = owed.filter(|_| since.elapsed() > limit) {
+                replies = std::mem::take(r);
+                metrics::counter!(m::BACKEND_FAULTS, "kind" => "hang").increment(1);
+                refuse = st.declare_faulty(format!(
+                    "a batch ran past the watchdog ({} ms)",
+                    limit.as_millis()
+                ));
+            }
+        }
+        let probe = st.fault.is_some()
+            && st.running.is_none()
+            && !st.probe_queued
+            && last_probe.elapsed() >= PROBE_EVERY;
+        if probe {
+            let ids: Vec<u32> = vec![101, 7592, 2088, 102];
+            let (reply, _) = oneshot::channel();
+            st.tokens[0] += ids.len();
+            st.queues[0].push_back(Job {
+                type_ids: vec![0; ids.len()],
+                ids,
+                deadline: None,
+                enqueued: Instant::now(),
+                reply,
+                probe: true,
+            });
+            st.len += 1;
+            st.probe_queued = true;
+            last_probe = Instant::now();
+        }
+        drop(st);
+        if probe {
+            shared.ready.notify_one();
+        }
+        let why = "encoder unhealthy: a batch hung; retry on another replica";
+        unavailable(refuse, why);
+        unavailable_replies(replies, why);
     }
 }
 
@@ -500,19 +986,25 @@ mod tests {
             deadline: None,
             enqueued: Instant::now(),
             reply,
+            probe: false,
         };
         (j, rx)
     }
 
     fn shared() -> Arc<Shared> {
         Arc::new(Shared {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State::new(
+                Limits {
+                    max_batch_tokens: 64,
+                    max_batch_requests: 4,
+                    max_queue: 8,
+                },
+                "test",
+            )),
             ready: Condvar::new(),
-            limits: Limits {
-                max_batch_tokens: 64,
-                max_batch_requests: 4,
-                max_queue: 8,
-            },
+            max_consecutive_faults: 0,
+            watchdog: None,
+            max_queue_delay: None,
         })
     }
 

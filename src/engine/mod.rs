@@ -2,8 +2,9 @@
 //! backend thread owns a backend. Imports base and model only.
 pub mod cpu;
 pub mod cuda;
+pub mod fault;
 
-use crate::base::{cosine, Backend, PackedBatch};
+use crate::base::{cosine, Backend, BackendError, PackedBatch};
 use crate::model::{MiniLm, Precision};
 
 /// Which backend to run: `auto` takes CUDA when a usable GPU is present.
@@ -15,10 +16,16 @@ pub enum BackendKind {
     Auto,
     Cpu,
     Cuda,
+    /// The CPU backend with injected faults (tests only: needs `TIERGATE_FAULT_INJECTION`,
+    /// see fault.rs).
+    #[value(hide = true)]
+    Fault,
 }
 
-/// Picks the backend. `auto` uses CUDA when its libraries and a device are present (probed
-/// before any CUDA call), else the CPU; `cuda` without a GPU is an error.
+/// Builds the backend to use after the selected one failed while serving.
+pub type FallbackBuilder = Box<dyn FnOnce() -> Result<Box<dyn Backend>, BackendError> + Send>;
+
+/// [`select_with_fallback`] without the fallback.
 pub fn select(
     kind: BackendKind,
     model: std::sync::Arc<MiniLm>,
@@ -26,6 +33,31 @@ pub fn select(
     threads: usize,
     precision: Precision,
 ) -> anyhow::Result<Box<dyn Backend>> {
+    select_with_fallback(kind, model, model_dir, threads, precision).map(|(b, _)| b)
+}
+
+/// Picks the backend. `auto` uses CUDA when its libraries and a device are present (probed
+/// before any CUDA call), else the CPU; `cuda` without a GPU is an error. With `auto` on CUDA
+/// the CPU backend is the fallback for CUDA failing while serving.
+pub fn select_with_fallback(
+    kind: BackendKind,
+    model: std::sync::Arc<MiniLm>,
+    model_dir: &std::path::Path,
+    threads: usize,
+    precision: Precision,
+) -> anyhow::Result<(Box<dyn Backend>, Option<FallbackBuilder>)> {
+    let cpu_fallback = |model: std::sync::Arc<MiniLm>, from_cuda: bool| -> FallbackBuilder {
+        Box::new(move || {
+            let b = cpu::CpuBackend::new(model, threads, precision)?;
+            if from_cuda {
+                metrics::gauge!(crate::metrics::BACKEND_INFO, "backend" => "cuda", "precision" => "f16")
+                    .set(0.0);
+            }
+            metrics::gauge!(crate::metrics::BACKEND_INFO, "backend" => "cpu", "precision" => b.precision().as_str())
+                .set(1.0);
+            Ok(Box::new(b) as Box<dyn Backend>)
+        })
+    };
     let start_cuda_inner = || -> anyhow::Result<Box<dyn Backend>> {
         let mut b = cuda::CudaBackend::new(model.clone(), model_dir)?;
         // A device that runs but disagrees with the CPU reference must not serve decisions.
@@ -57,9 +89,22 @@ pub fn select(
     };
     match kind {
         BackendKind::Cpu => {}
+        BackendKind::Fault => {
+            let control = std::env::var_os(fault::ENV)
+                .ok_or_else(|| anyhow::anyhow!("backend fault needs {}", fault::ENV))?;
+            let inner = cpu::CpuBackend::new(model.clone(), threads, precision)?;
+            tracing::warn!(control = ?control, "backend: fault injection (tests only)");
+            let fallback = std::env::var(fault::FALLBACK_ENV)
+                .is_ok_and(|v| v == "cpu")
+                .then(|| cpu_fallback(model, false));
+            return Ok((
+                Box::new(fault::FaultBackend::new(Box::new(inner), control.into())),
+                fallback,
+            ));
+        }
         BackendKind::Auto => match cuda::probe() {
             Ok(info) => match start_cuda() {
-                Ok(b) => return Ok(b),
+                Ok(b) => return Ok((b, Some(cpu_fallback(model.clone(), true)))),
                 Err(e) => {
                     tracing::warn!(
                         device = %info.name,
@@ -78,14 +123,16 @@ pub fn select(
         },
         BackendKind::Cuda => {
             cuda::probe().map_err(|e| anyhow::anyhow!("backend cuda: no usable GPU: {e}"))?;
-            return start_cuda().map_err(|e| e.context("backend cuda"));
+            return start_cuda()
+                .map(|b| (b, None))
+                .map_err(|e| e.context("backend cuda"));
         }
     }
     let b = cpu::CpuBackend::new(model, threads, precision)?;
     tracing::info!(threads, precision = b.precision().as_str(), "backend: cpu");
     metrics::gauge!(crate::metrics::BACKEND_INFO, "backend" => "cpu", "precision" => b.precision().as_str())
         .set(1.0);
-    Ok(Box::new(b))
+    Ok((Box::new(b), None))
 }
 
 /// Min cosine between two backends' embeddings of a few fixed sequences (ids of the MiniLM

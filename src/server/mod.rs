@@ -8,6 +8,7 @@ mod admin;
 mod auth;
 mod convert;
 mod grpc;
+mod lifecycle;
 mod observe;
 mod signal;
 mod status;
@@ -102,11 +103,8 @@ pub async fn serve_with(
     println!("tiergate listening on {local}");
     tracing::info!(%local, backend = svc.pipeline.batcher.backend_name(), numerics = svc.pipeline.numerics, revision = %svc.revision(), "listening");
 
-    let (health, health_svc) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
-    observe::router_health(&health, false).await;
+    let (reporter, health_svc) = tonic_health::server::health_reporter();
+    let health = Arc::new(lifecycle::Health::new(reporter).await);
     // Reflection v1, and v1alpha for the clients that still speak only it (older grpcurl,
     // grpcui, Postman).
     let reflection_of = || {
@@ -155,10 +153,7 @@ pub async fn serve_with(
                 }
                 Ok(d) => {
                     svc.set_ready();
-                    health
-                        .set_service_status("", tonic_health::ServingStatus::Serving)
-                        .await;
-                    observe::router_health(&health, true).await;
+                    health.publish(&svc).await;
                     tracing::info!(ms = d.as_secs_f64() * 1e3, "warm-up done, serving");
                 }
                 Err(e) => tracing::error!(error = %e, "warm-up failed; staying NOT_SERVING"),
@@ -167,32 +162,24 @@ pub async fn serve_with(
     }
 
     {
-        // A batcher that stopped serving on its own must take the pod out of rotation.
+        // A batcher that stopped serving, or whose backend is declared faulty, takes the pod
+        // out of rotation; a recovered backend brings it back.
         let (svc, health) = (svc.clone(), health.clone());
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            let mut reported = false;
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
             let mut build = observe::BuildInfo::default();
             loop {
                 tick.tick().await;
                 // Reloads and re-fits change the heads revision; shown within a tick.
                 build.update(&svc);
-                // Re-asserted every tick, so a late warm-up cannot flip it back.
-                if let Some(why) = svc.pipeline.batcher.failure() {
-                    if !reported {
-                        tracing::error!(%why, "encoder stopped; health is NOT_SERVING");
-                        reported = true;
-                    }
-                    health
-                        .set_service_status("", tonic_health::ServingStatus::NotServing)
-                        .await;
-                    observe::router_health(&health, false).await;
-                }
+                health.publish(&svc).await;
             }
         });
     }
 
-    let health_down = health.clone();
+    let (health_down, svc_down) = (health.clone(), svc.clone());
+    let lame_duck = Duration::from_secs(cfg.drain.lame_duck_s);
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
     let mut builder = tonic::transport::Server::builder();
     if cfg.max_connection_age_s > 0 {
         // At this age tonic sends GOAWAY; the connection closes once its open requests end and
@@ -219,32 +206,59 @@ pub async fn serve_with(
         }));
     let drain = async move {
         shutdown.await;
-        tracing::info!("shutdown requested: draining");
+        // Probes see NOT_SERVING first, while the listener still accepts (the lame duck):
+        // balancers that have not yet seen the endpoint go lose no requests.
+        health_down.begin_drain(&svc_down).await;
+        tracing::info!(
+            lame_duck_s = lame_duck.as_secs(),
+            "shutdown requested: NOT_SERVING, still serving during the lame duck"
+        );
+        tokio::time::sleep(lame_duck).await;
+        tracing::info!("closing the listener: draining");
         router_drain.begin_drain();
         drain_tx.send_replace(true);
-        health_down
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
+        let _ = closed_tx.send(());
     };
-    match tls {
-        Some(tls) => {
-            served
-                .serve_with_incoming_shutdown(tls::incoming(listener, tls), drain)
-                .await?
+    let server = async move {
+        match tls {
+            Some(tls) => {
+                served
+                    .serve_with_incoming_shutdown(tls::incoming(listener, tls), drain)
+                    .await
+            }
+            None => {
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                served.serve_with_incoming_shutdown(incoming, drain).await
+            }
         }
-        None => {
-            let incoming =
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-            served.serve_with_incoming_shutdown(incoming, drain).await?
-        }
-    }
+    };
+    let limit = Duration::from_secs(cfg.drain.timeout_s);
+    let t0 = std::time::Instant::now();
+    let complete = lifecycle::bounded_drain(server, closed_rx, limit, &svc).await?;
     for t in attached.tasks {
-        if let Err(e) = t.await {
-            tracing::error!(error = %e, "an attached listener ended abnormally");
+        let left = limit
+            .saturating_sub(t0.elapsed())
+            .max(Duration::from_secs(1));
+        match tokio::time::timeout(left, t).await {
+            Ok(Err(e)) => tracing::error!(error = %e, "an attached listener ended abnormally"),
+            Err(_) => tracing::warn!("an attached listener did not finish draining in time"),
+            Ok(Ok(())) => {}
         }
     }
-    // Every accepted request has been answered; now stop the batcher threads.
-    tokio::task::spawn_blocking(move || svc.pipeline.batcher.shutdown()).await?;
+    // Every accepted request has been answered; now stop the batcher threads. A hung backend
+    // thread is left behind, so the process still exits.
+    let ended = tokio::task::spawn_blocking(move || {
+        svc.pipeline.batcher.shutdown_within(if complete {
+            limit
+        } else {
+            Duration::from_secs(1)
+        })
+    })
+    .await?;
+    if !ended {
+        tracing::warn!("the encoder thread did not stop; exiting without it");
+    }
     tracing::info!("stopped");
     Ok(())
 }

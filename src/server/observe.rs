@@ -98,18 +98,6 @@ pub fn request<T>(rpc: &'static str, t0: Instant, r: &Result<T, ServiceError>) {
     metrics::histogram!(m::REQUEST_SECONDS, "rpc" => rpc).record(seconds);
 }
 
-/// `tiergate_serving` follows the Router's health status.
-pub async fn router_health(health: &tonic_health::server::HealthReporter, serving: bool) {
-    use crate::proto::router_server::RouterServer;
-    type Served = RouterServer<std::sync::Arc<super::RouterService>>;
-    if serving {
-        health.set_serving::<Served>().await;
-    } else {
-        health.set_not_serving::<Served>().await;
-    }
-    metrics::gauge!(m::SERVING).set(if serving { 1.0 } else { 0.0 });
-}
-
 /// `tiergate_build_info`: 1 for what serves now. A reload or re-fit changes the heads
 /// revision; the series it replaces is set to 0, since the exporter cannot remove one.
 #[derive(Default)]

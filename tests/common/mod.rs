@@ -1,5 +1,6 @@
 //! Starts the real `tiergate` binary on 127.0.0.1 (ephemeral ports) with the real model.
 #![allow(dead_code)]
+pub mod fault;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -81,6 +82,8 @@ impl Server {
             ])
             .args(extra)
             .env("RUST_LOG", "warn")
+            // No lame duck unless a test asks for one: a SIGTERM'd test server exits at once.
+            .env("TIERGATE_DRAIN_LAME_DUCK_S", "0")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -177,6 +180,11 @@ impl Server {
             .status()
             .expect("kill");
         assert!(ok.success());
+    }
+
+    /// True while the server process runs.
+    pub fn child_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
