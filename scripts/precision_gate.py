@@ -51,7 +51,7 @@ def main():
         groups["all"].append(i)
         groups[r["source"]].append(i)
     print(f"{'source':<24}{'rows':>7}{'route ref':>11}{'route cand':>11}{'verify ref':>11}{'verify cand':>12}")
-    worst = 0.0
+    worst, worst_all = 0.0, 0.0
     for g, idx in groups.items():
         y = [labels[i] for i in idx]
         vi = [i for i in idx if ref[i]["p_verify"] is not None]
@@ -59,6 +59,8 @@ def main():
         cols = [auroc([ref[i]["p_route"] for i in idx], y), auroc([cand[i]["p_route"] for i in idx], y),
                 auroc([ref[i]["p_verify"] for i in vi], yv), auroc([cand[i]["p_verify"] for i in vi], yv)]
         worst = max(worst, cols[0] - cols[1], cols[2] - cols[3])
+        if g == "all":
+            worst_all = max(cols[0] - cols[1], cols[2] - cols[3])
         print(f"{g:<24}{len(idx):>7}" + "".join(f"{c:>11.4f}" for c in cols))
     dr = [abs(r["p_route"] - c["p_route"]) for r, c in zip(ref, cand)]
     dv = [abs(r["p_verify"] - c["p_verify"]) for r, c in zip(ref, cand) if r["p_verify"] is not None]
@@ -70,8 +72,13 @@ def main():
           f"route decisions (p ≥ {a.floor:.3f}) flipped: {fr}/{len(dr)}")
     print(f"|Δp_verify|: median {dv[len(dv) // 2]:.2e}, p99 {dv[int(len(dv) * .99)]:.2e}, max {dv[-1]:.2e}; "
           f"ship decisions (p ≥ {a.ship:.3f}) flipped: {fv}/{len(dv)}")
-    print(f"largest AUROC drop: {worst:+.4f} (gate: ≤ 0.005)")
-    raise SystemExit(0 if worst <= 0.005 else 1)
+    # The gate: on all rows, router and verifier AUROC unchanged at 3 decimals (a drop under
+    # 0.0005); per source, no drop over 0.005 (a few thousand rows each: noisier).
+    print(f"AUROC drop on all rows: {worst_all:+.4f} (gate: < 0.0005); "
+          f"largest per-source drop: {worst:+.4f} (gate: ≤ 0.005)")
+    ok = worst_all < 0.0005 and worst <= 0.005
+    print("gate:", "passed" if ok else "FAILED")
+    raise SystemExit(0 if ok else 1)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ use crate::base::{BackendError, PackedBatch};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// bf16 where the CPU has AVX512-BF16, else f32.
+    /// bf16 where the CPU has AVX512-BF16, else int8 where it has AVX2 (both passed the
+    /// dev accuracy gate, `scripts/precision_gate.py`), else f32.
     Auto,
     /// f32 weights and activations (the `gemm` crate): the reference.
     F32,
@@ -41,6 +42,9 @@ impl Precision {
     pub fn resolve(self) -> Result<Self, BackendError> {
         match self {
             Self::Auto if bf16::available() => Ok(Self::Bf16),
+            // Elsewhere (Arm, pre-AVX2 x86) int8 would run its scalar reference: slower
+            // than f32 through `gemm`, which has NEON kernels.
+            Self::Auto if int8::available() => Ok(Self::Int8),
             Self::Auto => Ok(Self::F32),
             Self::Bf16 if !bf16::available() => Err(BackendError::Unsupported(
                 "precision bf16 needs a CPU with AVX512-BF16; use f32 or auto".into(),
@@ -601,7 +605,8 @@ impl MiniLm {
         let mut qkv = vec![0.0f32; t * 3 * h];
         let mut ctx = vec![0.0f32; t * h];
         let mut mid = vec![0.0f32; t * inter];
-        let use_bf16 = matches!(precision, Precision::Bf16 | Precision::Auto) && bf16::available();
+        let precision = precision.resolve().unwrap_or(Precision::F32);
+        let use_bf16 = precision == Precision::Bf16;
         let use_int8 = precision == Precision::Int8;
         for (li, layer) in self.layers.iter().enumerate() {
             let packed = use_bf16.then(|| self.packed(layer));
