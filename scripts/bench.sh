@@ -3,6 +3,7 @@
 #
 #   scripts/bench.sh [encoder]   encoder throughput, tiergate vs ONNX Runtime (below)
 #   scripts/bench.sh load        the release server under loadgen (default config, loopback)
+#   scripts/bench.sh gateway     the latency the OpenAI front and Envoy's ext_proc hop add
 #
 # encoder: throughput on the real prompt mix, tiergate vs ONNX Runtime, in one go. Both sides
 # embed the very same token ids (the dev prompts tokenized by tiergate's own tokenizer,
@@ -17,12 +18,26 @@
 # 32/64/128-token prompts; prints medians over rounds.
 # The server is stopped (by its pid) on exit. Needs models/heads.json.
 #
+# gateway (issue 14): a stand-in upstream (one fixed chat completion, Python http.server),
+# `tiergate serve` (release, embedded config plus: every catalog model's upstream on the
+# stand-in, gateway.verify = "never" so the front is route-only, the HTTP front on, metrics
+# off) and Envoy 1.40 (deploy/envoy.yaml on loopback, tiergate as its ext_proc). The same
+# $N dev prompts (seeded sample), concurrency 1, $GW_ROUNDS rounds rotating the side order:
+# (a) the stand-in direct, (b) the front with model "auto", (c) Envoy, (d) Route alone
+# (grpcio). Prints p50/p99 per side and (b) - (a), (c) - (a) beside (d); first with the
+# embedding cache off (each request runs the encoder), then on (every prompt embedded once in
+# the warm-up, so tiergate's sides time the hops without the encoder). A request through
+# (b)/(c) without x-tiergate-model (not routed, e.g. Envoy failing open) is an error.
+# Every process it starts is stopped on exit. Needs target/gateway-venv
+# (scripts/gateway-clients.sh).
+#
 # Env: PORT (50151), THREADS (default: all cores), ROUNDS (3), BATCH (32),
 #      LIMIT (0 = all 905 prompts), GRAPHS ("fused fused-int8": ORT f32 and ORT's dynamic int8;
 #      add "standard" to time ORT on a standard-op graph),
 #      ORT_ARGS (extra onnx_peer.py flags, e.g. "--no-spin"), OUT (target/bench),
 #      PRECISIONS (tiergate sides; default "bf16 int8 f32" on AVX512-BF16 CPUs, else "int8 f32"),
-#      DATA (../shared/data/dev.jsonl.gz).
+#      DATA (../shared/data/dev.jsonl.gz);
+#      gateway: N (150 prompts), GW_ROUNDS (4), CACHE ("off on"), GW_PORT (50161; it uses 4).
 # Needs: scripts/setup-model.sh done; python3 with onnx onnxruntime numpy safetensors.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -95,7 +110,47 @@ json.dump(summary, open(f"{out}/load-summary.json", "w"), indent=2)
 PY
   exit 0
 fi
-[ "$what" = encoder ] || { echo "usage: scripts/bench.sh [encoder|load]" >&2; exit 2; }
+if [ "$what" = gateway ]; then
+  venv=target/gateway-venv/bin
+  [ -x "$venv/envoy" ] && [ -x "$venv/python" ] || {
+    echo "bench: $venv needs envoy and python: run scripts/gateway-clients.sh" >&2; exit 1; }
+  cargo build --release --quiet --bin tiergate
+  gp="${GW_PORT:-50161}"
+  grpc=$gp http=$((gp + 1)) envoy=$((gp + 2)) stub=$((gp + 3))
+  ports=(--stub "$stub" --grpc "$grpc" --http "$http" --envoy "$envoy")
+  pids=()
+  # Stop each process we started (by pid), whichever way the script ends.
+  trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null || true' EXIT
+  listening() {
+    for _ in $(seq 1 600); do
+      (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+      sleep 0.1
+    done
+    echo "bench: nothing listens on port $1" >&2; exit 1
+  }
+  "$venv/python" scripts/bench_gateway.py prep --out "$out/gateway" "${ports[@]}"
+  "$venv/python" scripts/bench_gateway.py stub --port "$stub" & pids+=($!)
+  "$venv/envoy" -c "$out/gateway/envoy.yaml" --disable-hot-restart --concurrency 1 -l warn \
+    >"$out/gateway/envoy.log" 2>&1 & pids+=($!)
+  files=()
+  for c in ${CACHE:-off on}; do
+    [ "$c" = on ] && size=4096 warm=--warm-all || size=0 warm=
+    echo "== embedding cache $c (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
+    TIERGATE_DRAIN_LAME_DUCK_S=0 RUST_LOG=warn target/release/tiergate serve \
+      --config "$out/gateway/tiergate.toml" --listen "127.0.0.1:$grpc" --metrics-listen "" \
+      --http-listen "127.0.0.1:$http" --embedding-cache "$size" \
+      >"$out/gateway/server-cache-$c.log" 2>&1 & srv=$!; pids+=($srv)
+    for p in "$grpc" "$http" "$envoy" "$stub"; do listening "$p"; done
+    "$venv/python" scripts/bench_gateway.py measure --label "embedding cache $c" $warm \
+      --data "$data" --n "${N:-150}" --rounds "${GW_ROUNDS:-4}" \
+      --out "$out/gateway/cache-$c.json" "${ports[@]}"
+    files+=("$out/gateway/cache-$c.json")
+    kill "$srv"; wait "$srv" 2>/dev/null || true
+  done
+  "$venv/python" scripts/bench_gateway.py summarize --json "$out/gateway-summary.json" "${files[@]}"
+  exit 0
+fi
+[ "$what" = encoder ] || { echo "usage: scripts/bench.sh [encoder|load|gateway]" >&2; exit 2; }
 
 if ! python3 -c "import onnx, onnxruntime, numpy, safetensors" 2>/dev/null; then
   echo "bench: python3 needs onnx onnxruntime numpy safetensors:" >&2
