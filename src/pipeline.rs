@@ -264,6 +264,9 @@ impl TextPipeline {
                         "the tokenizer panicked on this input".into(),
                     )))
                 });
+            // The text's share of the backlog is free once tokenized: give it back before the
+            // reply, so a caller that sees the reply never sees the share still taken.
+            drop(_admitted);
             let _ = tx.send(r);
         });
         rx.await.map_err(|_| EncodeError::WorkerStopped)?
