@@ -197,6 +197,23 @@ mod linear {
             });
     }
 
+    /// The AVX2 kernel where a faster one (AVX-512 VNNI) is what `int8_packed` runs.
+    #[divan::bench(args = M, max_time = 3)]
+    fn int8_packed_avx2(b: Bencher<'_, '_>, m: usize) {
+        if !int8::kernels().contains(&int8::Kernel::Avx2) {
+            return;
+        }
+        let (a, w) = data(m);
+        let packed = int8::PackedI8::pack(&w, K, N);
+        let mut c = vec![0.0f32; m * N];
+        b.counter(divan::counter::ItemsCount::new(2 * m * K * N))
+            .bench_local(|| {
+                pool().install(|| {
+                    int8::matmul_on(int8::Kernel::Avx2, &mut c, black_box(&a), &packed, m, false)
+                })
+            });
+    }
+
     #[divan::bench(args = M, max_time = 3)]
     fn f32_gemm(b: Bencher<'_, '_>, m: usize) {
         let (a, w) = data(m);

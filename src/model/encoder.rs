@@ -463,6 +463,11 @@ impl MiniLm {
     /// Quantizes and packs the weights for the int8 kernel now rather than on the first
     /// int8 forward pass (a no-op when already packed).
     pub fn prepare_int8(&self) {
+        tracing::info!(
+            kernel = int8::kernel().name(),
+            smoothed = self.act_max.is_some(),
+            "int8 linear layers"
+        );
         for (i, l) in self.layers.iter().enumerate() {
             self.packed_i8(i, l);
         }

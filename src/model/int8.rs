@@ -22,6 +22,11 @@
 //! Layout: B (k × n, row-major f32) becomes panels of `NR` columns; inside a panel, group `g`
 //! of four rows holds for each column the four bytes `w[4g..4g+4][c]`, which is what one
 //! 32-bit lane multiplies against a broadcast `a[4g..4g+4]`.
+//!
+//! With AVX-512 VNNI (Cascade Lake and later Xeons, Zen 4) `vpdpbusd` sums four u8 × s8
+//! products straight into i32 without saturating, so the sign trick is not needed: the
+//! activations go in as `a + 128` (u8) and each column's `128 · Σ_k w[k][c]`, kept from packing,
+//! is subtracted. The integers, and so every output, are the same as on the AVX2 kernel.
 use rayon::prelude::*;
 
 use super::par::SendPtr;
@@ -35,22 +40,69 @@ const _: () = assert!(2 * Q * Q <= i16::MAX as i32);
 const NR: usize = 16;
 /// Rows per micro-tile: 4 × 2 accumulators, leaving registers for B, the broadcast and temps.
 const MR: usize = 4;
+/// Rows per micro-tile of the AVX-512 VNNI kernel: one zmm accumulator per row.
+const MR_VNNI: usize = 8;
+/// Quantized activations are padded to a multiple of every kernel's row count.
+const ROW_PAD: usize = 8;
 /// Rows per task, so a task's A rows (≤ 64 × 1536 bytes) stay in L2 across its panels.
 const MC: usize = 64;
 /// Panels per task: enough work per task to amortise scheduling at batch 1.
 const PC: usize = 4;
 
-/// True when this CPU runs the vector kernel (otherwise the scalar reference runs: same
+/// True when this CPU runs a vector kernel (otherwise the scalar reference runs: same
 /// numbers, much slower).
 pub fn available() -> bool {
+    kernel() != Kernel::Scalar
+}
+
+/// The inner kernels; all compute the same integers, so all give the same outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Scalar,
+    /// `vpmaddubsw` + `vpmaddwd`, 4 × 16 tile.
+    Avx2,
+    /// `vpdpbusd` on zmm, 8 × 16 tile.
+    Avx512Vnni,
+}
+
+impl Kernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Scalar => "scalar",
+            Kernel::Avx2 => "avx2",
+            Kernel::Avx512Vnni => "avx512-vnni",
+        }
+    }
+
+    fn rows(self) -> usize {
+        match self {
+            Kernel::Avx512Vnni => MR_VNNI,
+            _ => MR,
+        }
+    }
+}
+
+/// Every kernel this CPU can run, the fastest last.
+pub fn kernels() -> Vec<Kernel> {
+    #[allow(unused_mut)]
+    let mut k = vec![Kernel::Scalar];
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx2") && has!("fma") {
+            k.push(Kernel::Avx2);
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
+                k.push(Kernel::Avx512Vnni);
+            }
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    k
+}
+
+/// The kernel [`matmul`] runs on this CPU.
+pub fn kernel() -> Kernel {
+    static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+    *BEST.get_or_init(|| kernels().last().copied().unwrap_or(Kernel::Scalar))
 }
 
 /// A weight matrix, quantized per output column and packed for [`matmul`].
@@ -62,6 +114,9 @@ pub struct PackedI8 {
     data: Vec<i8>,
     /// Per column: the dequantization scale.
     scale: Vec<f32>,
+    /// Per column (padded to whole panels): `128 · Σ_k w_q[k][c]`, what the VNNI kernel's
+    /// unsigned activations add.
+    comp: Vec<i32>,
     /// Per input channel: what activations are multiplied by before quantizing (`1 / t_c`),
     /// when smoothed.
     act_mul: Option<Vec<f32>>,
@@ -138,12 +193,19 @@ impl PackedI8 {
                     }
                 });
         }
+        let mut comp = vec![0i32; panels * NR];
+        for (p, panel) in data.chunks(k4.max(1) * NR * 4).enumerate() {
+            for (i, &w) in panel.iter().enumerate() {
+                comp[p * NR + (i / 4) % NR] += 128 * w as i32;
+            }
+        }
         Self {
             k,
             n,
             k4,
             data,
             scale,
+            comp,
             act_mul,
         }
     }
@@ -171,7 +233,7 @@ impl PackedI8 {
 }
 
 /// Activations of one call: rows quantized to `-Q..=Q`, `k4 · 4` bytes per row (zero
-/// padded), rows padded to a multiple of `MR`.
+/// padded), rows padded to a multiple of `ROW_PAD`.
 struct QuantRows {
     data: Vec<i8>,
     scale: Vec<f32>,
@@ -179,7 +241,7 @@ struct QuantRows {
 
 fn quantize_rows(a: &[f32], m: usize, k: usize, act_mul: Option<&[f32]>) -> QuantRows {
     let lda = k.div_ceil(4) * 4;
-    let rows = m.div_ceil(MR) * MR;
+    let rows = m.div_ceil(ROW_PAD) * ROW_PAD;
     let mut q = QuantRows {
         data: vec![0i8; rows * lda],
         scale: vec![0.0f32; rows],
@@ -236,6 +298,22 @@ fn quantize_row(row: &[f32], d: &mut [i8]) -> f32 {
 /// `accumulate` the product is added to what `dst` holds. Parallel over the current rayon
 /// pool. Panics on mismatched shapes.
 pub fn matmul(dst: &mut [f32], a: &[f32], b: &PackedI8, m: usize, accumulate: bool) {
+    matmul_on(kernel(), dst, a, b, m, accumulate)
+}
+
+/// [`matmul`] on a given kernel (tests, benches), which must be one of [`kernels`].
+pub fn matmul_on(
+    kern: Kernel,
+    dst: &mut [f32],
+    a: &[f32],
+    b: &PackedI8,
+    m: usize,
+    accumulate: bool,
+) {
+    assert!(
+        kernels().contains(&kern),
+        "int8::matmul: {kern:?} unavailable"
+    );
     let (k, n) = (b.k, b.n);
     assert!(
         dst.len() == m * n && a.len() == m * k,
@@ -250,10 +328,12 @@ pub fn matmul(dst: &mut [f32], a: &[f32], b: &PackedI8, m: usize, accumulate: bo
         }
         return;
     }
-    let q = quantize_rows(a, m, k, b.act_mul.as_deref());
-    let vector = available();
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = vector;
+    let mut q = quantize_rows(a, m, k, b.act_mul.as_deref());
+    if kern == Kernel::Avx512Vnni {
+        // a + 128 as u8 (two's complement: flipping the top bit), for vpdpbusd.
+        q.data.iter_mut().for_each(|x| *x ^= i8::MIN);
+    }
+    let mr = kern.rows();
     let panels = n.div_ceil(NR);
     let groups = panels.div_ceil(PC);
     let blocks = m.div_ceil(MC);
@@ -267,31 +347,32 @@ pub fn matmul(dst: &mut [f32], a: &[f32], b: &PackedI8, m: usize, accumulate: bo
             let cols = (n - p * NR).min(NR);
             let mut r0 = blk * MC;
             while r0 < row_end {
-                let rows = (row_end - r0).min(MR);
+                let rows = (row_end - r0).min(mr);
                 let t = Tile {
-                    a: &q.data[r0 * lda..(r0 + MR) * lda],
+                    a: &q.data[r0 * lda..(r0 + mr) * lda],
                     k4: b.k4,
                     panel,
-                    a_scale: &q.scale[r0..r0 + MR],
+                    a_scale: &q.scale[r0..r0 + mr],
                     w_scale: &b.scale[p * NR..p * NR + cols],
+                    comp: &b.comp[p * NR..p * NR + cols],
                     rows,
                     accumulate,
                 };
                 // SAFETY: the tile writes rows r0..r0+rows and columns p·NR..p·NR+cols of
                 // `dst`, inside its m × n bounds (row stride n) and disjoint from every other
-                // task's region; `t`'s slices hold MR rows of A and a whole panel.
+                // task's region; `t`'s slices hold `mr` rows of A (MC and ROW_PAD are
+                // multiples of it) and a whole panel; `kern` was detected on this CPU.
                 unsafe {
                     let c = out.get().add(r0 * n + p * NR);
-                    #[cfg(target_arch = "x86_64")]
-                    if vector {
-                        x86::tile(&t, c, n)
-                    } else {
-                        tile_scalar(&t, c, n)
+                    match kern {
+                        #[cfg(target_arch = "x86_64")]
+                        Kernel::Avx2 => x86::tile(&t, c, n),
+                        #[cfg(target_arch = "x86_64")]
+                        Kernel::Avx512Vnni => x86::tile_vnni(&t, c, n),
+                        _ => tile_scalar(&t, c, n),
                     }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    tile_scalar(&t, c, n);
                 }
-                r0 += MR;
+                r0 += mr;
             }
         }
     });
@@ -304,6 +385,8 @@ struct Tile<'a> {
     panel: &'a [i8],
     a_scale: &'a [f32],
     w_scale: &'a [f32],
+    /// Per column, what unsigned (VNNI) activations add to the sums.
+    comp: &'a [i32],
     rows: usize,
     accumulate: bool,
 }
@@ -336,7 +419,7 @@ unsafe fn tile_scalar(t: &Tile<'_>, c: *mut f32, ldc: usize) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Tile, MR, NR, Q};
+    use super::{Tile, MR, MR_VNNI, NR, Q};
     use std::arch::x86_64::*;
 
     /// [`super::quantize_row`] eight floats at a time; `vcvtps2dq` rounds to nearest even
@@ -467,6 +550,60 @@ mod x86 {
             }
         }
     }
+
+    /// [`tile`] with `vpdpbusd`: `t.a` holds `a + 128` as u8, and `t.comp` takes the 128s
+    /// back out, so the sums are [`super::tile_scalar`]'s exactly (no step can saturate:
+    /// |sum| ≤ k · 255 · 127).
+    ///
+    /// # Safety
+    /// AVX-512 F, BW and VNNI must be available; `c` as for [`super::tile_scalar`]; `t.a`
+    /// holds `MR_VNNI` rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn tile_vnni(t: &Tile<'_>, c: *mut f32, ldc: usize) {
+        debug_assert!(t.a.len() >= MR_VNNI * t.k4 * 4 && t.panel.len() >= t.k4 * NR * 4);
+        let lda = t.k4 * 4;
+        let mut acc = [_mm512_setzero_si512(); MR_VNNI];
+        let (ap, bp) = (t.a.as_ptr(), t.panel.as_ptr());
+        for g in 0..t.k4 {
+            // SAFETY: g < k4 keeps every read inside `t.a` (MR_VNNI rows of lda bytes) and
+            // the panel (64 bytes per group).
+            unsafe {
+                let b = _mm512_loadu_si512(bp.add(g * NR * 4) as *const __m512i);
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let word = (ap.add(r * lda + 4 * g) as *const i32).read_unaligned();
+                    *acc_r = _mm512_dpbusd_epi32(*acc_r, _mm512_set1_epi32(word), b);
+                }
+            }
+        }
+        let cols = t.w_scale.len();
+        let mask: __mmask16 = if cols >= NR {
+            !0
+        } else {
+            ((1u32 << cols) - 1) as __mmask16
+        };
+        // SAFETY: the mask covers the `cols` entries `t.w_scale` and `t.comp` hold.
+        let (ws, comp) = unsafe {
+            (
+                _mm512_maskz_loadu_ps(mask, t.w_scale.as_ptr()),
+                _mm512_maskz_loadu_epi32(mask, t.comp.as_ptr()),
+            )
+        };
+        for (r, &v) in acc.iter().enumerate().take(t.rows) {
+            let scale = _mm512_mul_ps(_mm512_set1_ps(t.a_scale[r]), ws);
+            let y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v, comp)), scale);
+            // SAFETY: (the caller's contract) row r < rows and the masked columns < cols
+            // are inside dst.
+            unsafe {
+                let p = c.add(r * ldc);
+                let y = if t.accumulate {
+                    _mm512_add_ps(_mm512_maskz_loadu_ps(mask, p), y)
+                } else {
+                    y
+                };
+                _mm512_mask_storeu_ps(p, mask, y);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -494,15 +631,17 @@ mod tests {
         out
     }
 
-    /// The vector kernel against the scalar one (same integers: equal up to the last f32
-    /// ulp of the accumulate step), and both near the exact product.
+    /// Every kernel this CPU has against the scalar one (same integers, same epilogue: equal
+    /// bit for bit), all near the exact product, and accumulating adds.
     #[test]
-    fn matches_scalar_and_exact_on_ragged_shapes() {
+    fn kernels_match_scalar_and_exact_on_ragged_shapes() {
         let mut seed = 11u64;
+        eprintln!("int8 kernels here: {:?}", kernels());
         for &(m, k, n) in &[
             (1, 1, 1),
             (5, 7, 13),
             (7, 33, 70),
+            (9, 64, 16),
             (67, 384, 129),
             (13, 1536, 384),
         ] {
@@ -510,38 +649,25 @@ mod tests {
             let bw: Vec<f32> = (0..k * n).map(|_| lcg(&mut seed)).collect();
             let b = PackedI8::pack(&bw, k, n);
             let want = exact(&a, &bw, m, k, n);
-            let mut got = vec![0.0f32; m * n];
-            matmul(&mut got, &a, &b, m, false);
-            // Scalar tiles over the same quantized rows.
-            let q = quantize_rows(&a, m, k, None);
             let mut scalar = vec![0.0f32; m * n];
-            let lda = b.k4 * 4;
-            for p in 0..n.div_ceil(NR) {
-                let cols = (n - p * NR).min(NR);
-                for r0 in (0..m).step_by(MR) {
-                    let t = Tile {
-                        a: &q.data[r0 * lda..(r0 + MR) * lda],
-                        k4: b.k4,
-                        panel: &b.data[p * b.k4 * NR * 4..(p + 1) * b.k4 * NR * 4],
-                        a_scale: &q.scale[r0..r0 + MR],
-                        w_scale: &b.scale[p * NR..p * NR + cols],
-                        rows: (m - r0).min(MR),
-                        accumulate: false,
-                    };
-                    // SAFETY: the tile lies inside `scalar` (m × n).
-                    unsafe { tile_scalar(&t, scalar.as_mut_ptr().add(r0 * n + p * NR), n) };
-                }
-            }
-            assert_eq!(got, scalar, "{m}×{k}×{n}: vector and scalar kernels differ");
+            matmul_on(Kernel::Scalar, &mut scalar, &a, &b, m, false);
             // Quantization error: each of k products off by about half a step of each side.
             let tol = 0.02 * (k as f32).sqrt() + 1e-6;
-            for (g, w) in got.iter().zip(&want) {
+            for (g, w) in scalar.iter().zip(&want) {
                 assert!((g - w).abs() <= tol, "{m}×{k}×{n}: {g} vs {w}");
             }
-            let mut acc = vec![1.0f32; m * n];
-            matmul(&mut acc, &a, &b, m, true);
-            for (x, g) in acc.iter().zip(&got) {
-                assert!((x - (g + 1.0)).abs() <= 1e-5 * g.abs().max(1.0));
+            for kern in kernels() {
+                let mut got = vec![0.0f32; m * n];
+                matmul_on(kern, &mut got, &a, &b, m, false);
+                assert_eq!(got, scalar, "{m}×{k}×{n}: {kern:?} and scalar differ");
+                let mut acc = vec![1.0f32; m * n];
+                matmul_on(kern, &mut acc, &a, &b, m, true);
+                let mut acc_scalar = vec![1.0f32; m * n];
+                matmul_on(Kernel::Scalar, &mut acc_scalar, &a, &b, m, true);
+                assert_eq!(acc, acc_scalar, "{m}×{k}×{n}: {kern:?} accumulating");
+                for (x, g) in acc.iter().zip(&got) {
+                    assert!((x - (g + 1.0)).abs() <= 1e-5 * g.abs().max(1.0));
+                }
             }
         }
     }
