@@ -23,6 +23,8 @@ enum Cmd {
     /// Measure per-channel activation ranges on train data for the int8 encoder's smoothing
     /// (writes models/int8-act-max.json; rebuild to embed it).
     CalibrateInt8(tiergate::eval::calibrate_int8::CalibrateInt8Args),
+    /// Fit Route's fast-path student (static word vectors mapped onto the encoder) on train prompts.
+    DistillStatic(tiergate::eval::distill_static::DistillStaticArgs),
     /// Score rows offline: p_route and p_verify per row, JSONL out (the evaluation interface).
     Score(tiergate::eval::score::ScoreArgs),
     /// Replay labelled rows: cost–quality curves, savings, APGR, router/verifier figures.
@@ -114,6 +116,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Benchmarks(a) => tiergate::eval::benchmarks::run(a),
         Cmd::Calibrate(a) => tiergate::eval::calibrate::run(a),
         Cmd::CalibrateInt8(a) => tiergate::eval::calibrate_int8::run(a),
+        Cmd::DistillStatic(a) => tiergate::eval::distill_static::run(a),
         Cmd::Score(a) => tiergate::eval::score::run(a),
         Cmd::Eval(a) => tiergate::eval::replay::run(a),
         Cmd::Call(a) => tiergate::tools::client::run(a),

@@ -24,7 +24,14 @@ impl CpuBackend {
         match precision {
             Precision::Bf16 => model.prepare_bf16(),
             Precision::Int8 => model.prepare_int8(),
-            Precision::Auto | Precision::F32 => {}
+            Precision::Static if model.student().is_none() => {
+                return Err(BackendError::Unsupported(
+                    "precision static needs a student fitted on these weights \
+                     (models/static-student.bin, tiergate distill-static)"
+                        .into(),
+                ))
+            }
+            Precision::Auto | Precision::F32 | Precision::Static => {}
         }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))

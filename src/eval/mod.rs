@@ -2,6 +2,7 @@
 pub mod benchmarks;
 pub mod calibrate;
 pub mod calibrate_int8;
+pub mod distill_static;
 pub mod data;
 pub mod fit;
 pub mod knn;

@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 use super::bf16::{self, PackedB};
 use super::int8::{self, PackedI8};
+use super::student::{self, StaticStudent};
 use super::par::SendPtr;
 use crate::base::{BackendError, PackedBatch};
 
@@ -35,6 +36,9 @@ pub enum Precision {
     /// int8 weights (per output channel) and activations (per token), i32 accumulation
     /// (`model::int8`; vector kernel on AVX2, a scalar reference elsewhere).
     Int8,
+    /// No encoder layers: the static student (`model::student`), Route's fast path, for
+    /// measuring it (`tiergate score`); needs a student fitted on these weights.
+    Static,
 }
 
 impl Precision {
@@ -59,6 +63,7 @@ impl Precision {
             Self::F32 => "f32",
             Self::Bf16 => "bf16",
             Self::Int8 => "int8",
+            Self::Static => "static",
         }
     }
 }
@@ -160,6 +165,8 @@ pub struct MiniLm {
     /// Per-channel activation maxima for the int8 layers' smoothing, when the embedded
     /// calibration was made on these weights.
     act_max: Option<ActStats>,
+    /// Route's fast path, when the embedded student was fitted on these weights.
+    student: Option<StaticStudent>,
 }
 
 /// The largest |input| per channel of each linear layer, over calibration prompts:
@@ -174,6 +181,9 @@ pub struct ActStats {
     pub made_from: String,
     pub layers: Vec<[Vec<f32>; 4]>,
 }
+
+/// Fitted by `tiergate distill-static` on train prompts (models/README.md); empty until then.
+const EMBEDDED_STUDENT: &[u8] = include_bytes!("../../models/static-student.bin");
 
 /// Measured by `tiergate calibrate-int8` on train prompts (models/README.md).
 const EMBEDDED_ACT_STATS: &str = include_str!("../../models/int8-act-max.json");
@@ -445,8 +455,12 @@ impl MiniLm {
             layers,
             revision,
             act_max: None,
+            student: None,
         };
         m.act_max = ActStats::embedded_for(&m);
+        m.student = StaticStudent::from_bytes(EMBEDDED_STUDENT)
+            .ok()
+            .filter(|s| s.info().model_revision == m.revision && s.dim() == h);
         Ok(m)
     }
 
@@ -604,13 +618,18 @@ impl MiniLm {
         if batch.is_empty() {
             return Vec::new();
         }
+        let precision = precision.resolve().unwrap_or(Precision::F32);
+        if precision == Precision::Static {
+            if let Some(s) = &self.student {
+                return self.student_forward(s, batch);
+            }
+        }
         let mut x = vec![0.0f32; t * h];
         self.embed_tokens(batch, &mut x);
 
         let mut qkv = vec![0.0f32; t * 3 * h];
         let mut ctx = vec![0.0f32; t * h];
         let mut mid = vec![0.0f32; t * inter];
-        let precision = precision.resolve().unwrap_or(Precision::F32);
         let use_bf16 = precision == Precision::Bf16;
         let use_int8 = precision == Precision::Int8;
         for (li, layer) in self.layers.iter().enumerate() {
@@ -663,6 +682,33 @@ impl MiniLm {
             mean_pool_normalize(&x[batch.seq(s).start * h..batch.seq(s).end * h], o);
         });
         out
+    }
+
+    /// The static student's embedding of each sequence.
+    fn student_forward(&self, s: &StaticStudent, batch: &PackedBatch) -> Vec<f32> {
+        let h = self.cfg.hidden_size;
+        let mut out = vec![0.0f32; batch.len() * h];
+        out.par_chunks_mut(h).enumerate().for_each(|(i, o)| {
+            let mut b = vec![0.0f32; h];
+            student::bag(&self.word, h, &batch.ids[batch.seq(i)], &mut b);
+            s.apply(&b, o);
+        });
+        out
+    }
+
+    /// Whether Route's fast path (the static student) fits these weights.
+    pub fn student(&self) -> Option<&StaticStudent> {
+        self.student.as_ref()
+    }
+
+    /// Replaces the student (`tiergate distill-static` measures the one it just fitted).
+    pub fn set_student(&mut self, s: Option<StaticStudent>) {
+        self.student = s;
+    }
+
+    /// The input word vectors, `vocab × dim`, what the student's bags are made of.
+    pub fn word_vectors(&self) -> &[f32] {
+        &self.word
     }
 
     /// word + position (restarting per sequence) + token type embeddings, then LayerNorm.

@@ -9,6 +9,7 @@ pub mod int8;
 pub mod memory;
 pub mod overlay;
 mod par;
+pub mod student;
 pub mod tokenize;
 pub mod trees;
 pub mod wordpiece;
