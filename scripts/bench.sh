@@ -4,6 +4,7 @@
 #   scripts/bench.sh [encoder]   encoder throughput, tiergate vs ONNX Runtime (below)
 #   scripts/bench.sh load        the release server under loadgen (default config, loopback)
 #   scripts/bench.sh gateway     the latency the OpenAI front and Envoy's ext_proc hop add
+#   scripts/bench.sh overload    open loop at 1x/2x/4x the saturation rate, against the bounds
 #
 # encoder: throughput on the real prompt mix, tiergate vs ONNX Runtime, in one go. Both sides
 # embed the very same token ids (the dev prompts tokenized by tiergate's own tokenizer,
@@ -30,6 +31,9 @@
 # (b)/(c) without x-tiergate-model (not routed, e.g. Envoy failing open) is an error.
 # Every process it starts is stopped on exit. Needs target/gateway-venv
 # (scripts/gateway-clients.sh).
+#
+# overload (issue 19): scripts/bench_overload.py (its header says what it does); arguments
+# after `overload` go to it (e.g. --step-s 30 --multiples 1,2,4,8).
 #
 # Env: PORT (50151), THREADS (default: all cores), ROUNDS (3), BATCH (32),
 #      LIMIT (0 = all 905 prompts), GRAPHS ("fused fused-int8": ORT f32 and ORT's dynamic int8;
@@ -110,6 +114,11 @@ json.dump(summary, open(f"{out}/load-summary.json", "w"), indent=2)
 PY
   exit 0
 fi
+if [ "$what" = overload ]; then
+  cargo build --release --quiet --bin tiergate --bin loadgen
+  shift
+  exec python3 scripts/bench_overload.py --data "$data" --out "$out/overload" "$@"
+fi
 if [ "$what" = gateway ]; then
   venv=target/gateway-venv/bin
   [ -x "$venv/envoy" ] && [ -x "$venv/python" ] || {
@@ -150,7 +159,7 @@ if [ "$what" = gateway ]; then
   "$venv/python" scripts/bench_gateway.py summarize --json "$out/gateway-summary.json" "${files[@]}"
   exit 0
 fi
-[ "$what" = encoder ] || { echo "usage: scripts/bench.sh [encoder|load|gateway]" >&2; exit 2; }
+[ "$what" = encoder ] || { echo "usage: scripts/bench.sh [encoder|load|gateway|overload]" >&2; exit 2; }
 
 if ! python3 -c "import onnx, onnxruntime, numpy, safetensors" 2>/dev/null; then
   echo "bench: python3 needs onnx onnxruntime numpy safetensors:" >&2

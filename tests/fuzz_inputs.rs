@@ -4,11 +4,27 @@
 //! answer parsers, the verifier's form features and the tokenizer. Each must return, never
 //! panic, and keep its invariants (features finite, token limits held). A failing case
 //! prints its seed and text.
+//!
+//! Beside it, proptest targets (seeded, shrinking) for the rest of what a client or a file
+//! controls: heads, overlay and config files (fuzz/files.rs), WordPiece against the
+//! `tokenizers` crate, truncation and grpc-timeout (fuzz/tokens.rs), and whole Route / Verify
+//! requests against a running server (fuzz/requests.rs). `TIERGATE_FUZZ_CASES=N` runs N
+//! inputs per target instead of the defaults (README "Fuzzing").
 use std::path::Path;
 
 use tiergate::model::answer::{chosen, final_answer, options, text_features};
 use tiergate::model::heads::form_features;
 use tiergate::model::{TextTokenizer, TruncSide};
+
+mod common;
+#[path = "fuzz/engine.rs"]
+mod engine;
+#[path = "fuzz/files.rs"]
+mod files;
+#[path = "fuzz/requests.rs"]
+mod requests;
+#[path = "fuzz/tokens.rs"]
+mod tokens;
 
 /// xorshift64*: reproducible without a dependency.
 struct Rng(u64);
@@ -98,7 +114,8 @@ fn client_text_never_panics_the_parsers_or_the_tokenizer() {
     let tok = TextTokenizer::from_file(&root.join("models/base/tokenizer.json"), 256, 512)
         .expect("tokenizer (run scripts/setup-model.sh)");
     let mut rng = Rng(0x7469_6572_6761_7465);
-    for case in 0..5000 {
+    let n = engine::cases(5000);
+    for case in 0..n {
         let seed = rng.0;
         let (prompt, answer) = (text(&mut rng), text(&mut rng));
         let ctx = || format!("case {case} seed {seed:#x}: prompt {prompt:?} answer {answer:?}");
@@ -131,4 +148,5 @@ fn client_text_never_panics_the_parsers_or_the_tokenizer() {
             assert!(e.ids.len() <= 128, "{} ids: {}", e.ids.len(), ctx());
         }
     }
+    println!("fuzz answer_parsers_and_tokenizer: {n} inputs, 0 crashes");
 }

@@ -101,6 +101,10 @@ struct LoadArgs {
     /// Seconds to wait for the server to accept connections and finish its warm-up.
     #[arg(long, default_value_t = 60.0)]
     wait: f64,
+    /// Share of requests sent with priority HIGH (the rest NORMAL), picked per request by a
+    /// seeded hash of its index.
+    #[arg(long, default_value_t = 0.0)]
+    high_share: f64,
     /// Write the report as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -552,24 +556,54 @@ struct Stats {
     server_inference_ms: f64,
     server_total_ms: f64,
     ok: u64,
+    /// Latency of RESOURCE_EXHAUSTED replies: how fast a shed request learns it.
+    reject_ms: Vec<f64>,
+    /// Latency of every error reply.
+    error_ms: Vec<f64>,
+    /// Server-reported inference time of each answered request (its batch's run).
+    batch_ms: Vec<f64>,
+    high_sent: u64,
+    high_ok: u64,
+    /// Calls with no reply at all by their deadline plus a grace period.
+    unanswered: u64,
 }
 
 impl Stats {
-    fn record(&mut self, res: Result<Reply, tonic::Status>, lat: Duration) {
+    fn record(&mut self, res: Option<Result<Reply, tonic::Status>>, lat: Duration, high: bool) {
+        let ms = lat.as_secs_f64() * 1e3;
+        self.high_sent += u64::from(high);
         match res {
-            Ok(r) => {
+            Some(Ok(r)) => {
                 self.ok += 1;
-                self.lat_ms.push(lat.as_secs_f64() * 1e3);
+                self.high_ok += u64::from(high);
+                self.lat_ms.push(ms);
                 self.input_tokens += u64::from(r.input_tokens);
                 if let Some(t) = r.timings {
                     self.server_queue_ms += t.queue_ms;
                     self.server_inference_ms += t.inference_ms;
                     self.server_total_ms += t.total_ms;
+                    self.batch_ms.push(t.inference_ms);
                 }
             }
-            Err(s) => *self.errors.entry(format!("{:?}", s.code())).or_default() += 1,
+            Some(Err(s)) => {
+                *self.errors.entry(format!("{:?}", s.code())).or_default() += 1;
+                self.error_ms.push(ms);
+                if s.code() == tonic::Code::ResourceExhausted {
+                    self.reject_ms.push(ms);
+                }
+            }
+            None => self.unanswered += 1,
         }
     }
+}
+
+/// p50, p99 and max of `v` (sorted here), in a report's map.
+fn spread(v: &mut [f64]) -> BTreeMap<String, f64> {
+    v.sort_by(f64::total_cmp);
+    [("p50", 50.0), ("p99", 99.0), ("max", 100.0)]
+        .iter()
+        .map(|&(k, p)| (k.to_string(), percentile(v, p)))
+        .collect()
 }
 
 struct Reply {
@@ -583,17 +617,38 @@ struct Driver {
     samples: Arc<Vec<Sample>>,
     models: Arc<Vec<String>>,
     timeout: Duration,
+    /// Requests whose hashed index falls below this share of u64 go as HIGH.
+    high_share: f64,
+    seed: u64,
 }
 
 impl Driver {
+    fn is_high(&self, i: u64) -> bool {
+        let h = Rng(i ^ self.seed.rotate_left(17)).next_u64();
+        (h as f64 / u64::MAX as f64) < self.high_share
+    }
+
+    /// One call; None when no reply came by the deadline plus 5 s (a hang: tonic's own
+    /// timers answer at the deadline).
+    async fn call_bounded(&self, i: u64) -> Option<Result<Reply, tonic::Status>> {
+        let limit = self.timeout + Duration::from_secs(5);
+        tokio::time::timeout(limit, self.call(i)).await.ok()
+    }
+
     async fn call(&self, i: u64) -> Result<Reply, tonic::Status> {
         let s = &self.samples[i as usize % self.samples.len()];
         let mut client = self.client.clone();
+        let priority = if self.is_high(i) {
+            proto::Priority::High
+        } else {
+            proto::Priority::Unspecified
+        } as i32;
         match self.rpc {
             Rpc::Route => {
                 let mut req = tonic::Request::new(RouteRequest {
                     request_id: format!("lg-{i}"),
                     input: Some(proto::route_request::Input::Prompt(s.prompt.clone())),
+                    priority,
                     ..Default::default()
                 });
                 req.set_timeout(self.timeout);
@@ -610,6 +665,7 @@ impl Driver {
                     prompt: s.prompt.clone(),
                     answer: s.answer.clone(),
                     model,
+                    priority,
                     ..Default::default()
                 });
                 req.set_timeout(self.timeout);
@@ -639,10 +695,24 @@ struct LoadReport {
     latency_ms: BTreeMap<String, f64>,
     mean_input_tokens: f64,
     server_mean_ms: BTreeMap<String, f64>,
+    /// Time to a RESOURCE_EXHAUSTED reply (ms).
+    reject_latency_ms: BTreeMap<String, f64>,
+    /// Time to any error reply (ms).
+    error_latency_ms: BTreeMap<String, f64>,
+    /// The server's inference time per answered request: one batch's run (ms).
+    server_batch_ms: BTreeMap<String, f64>,
+    high_sent: u64,
+    high_ok: u64,
+    /// Calls with no reply by the deadline + 5 s.
+    unanswered: u64,
 }
 
 fn run_load(a: LoadArgs) -> Result<()> {
     ensure!(a.concurrency > 0, "--concurrency must be > 0");
+    ensure!(
+        (0.0..=1.0).contains(&a.high_share),
+        "--high-share must be in [0, 1]"
+    );
     // Duration::from_secs_f64 panics on negative, NaN or huge values: bound them here.
     ensure!(
         a.duration > 0.0 && a.duration <= 86_400.0,
@@ -724,6 +794,8 @@ async fn load(a: LoadArgs) -> Result<()> {
         samples: Arc::new(samples),
         models: Arc::new(models),
         timeout: Duration::from_millis(a.timeout_ms),
+        high_share: a.high_share,
+        seed: a.seed,
     });
 
     // Until its own warm-up is done the server answers UNAVAILABLE; wait for it.
@@ -758,10 +830,10 @@ async fn load(a: LoadArgs) -> Result<()> {
                             break;
                         }
                         let t = Instant::now();
-                        let res = d.call(i).await;
+                        let res = d.call_bounded(i).await;
                         let lat = t.elapsed();
                         if let Ok(mut s) = st.lock() {
-                            s.record(res, lat);
+                            s.record(res, lat, d.is_high(i));
                         }
                     }
                 }));
@@ -793,11 +865,11 @@ async fn load(a: LoadArgs) -> Result<()> {
                 let (d, st, fl) = (driver.clone(), stats.clone(), in_flight.clone());
                 tasks.spawn(async move {
                     let t = Instant::now();
-                    let res = d.call(i).await;
+                    let res = d.call_bounded(i).await;
                     let lat = t.elapsed();
                     fl.fetch_sub(1, Ordering::Relaxed);
                     if let Ok(mut s) = st.lock() {
-                        s.record(res, lat);
+                        s.record(res, lat, d.is_high(i));
                     }
                 });
                 // Reap finished tasks so the set does not grow with the run.
@@ -830,7 +902,7 @@ async fn load(a: LoadArgs) -> Result<()> {
         addr: addr.to_string(),
         mode,
         prompts,
-        requests_sent: s.ok + errors_total,
+        requests_sent: s.ok + errors_total + s.unanswered,
         ok: s.ok,
         errors: s.errors,
         shed_client_side: shed,
@@ -846,6 +918,12 @@ async fn load(a: LoadArgs) -> Result<()> {
         .iter()
         .map(|&(k, v)| (k.to_string(), v))
         .collect(),
+        reject_latency_ms: spread(&mut s.reject_ms),
+        error_latency_ms: spread(&mut s.error_ms),
+        server_batch_ms: spread(&mut s.batch_ms),
+        high_sent: s.high_sent,
+        high_ok: s.high_ok,
+        unanswered: s.unanswered,
     };
     println!(
         "{} {}: {} ok, {} errors {:?}, {:.1} req/s, latency ms p50 {:.2} p90 {:.2} p99 {:.2}, \

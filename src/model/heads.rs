@@ -164,14 +164,14 @@ impl Heads {
     pub fn load(path: &Path) -> Result<Heads> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading heads {}", path.display()))?;
-        let h: Heads = serde_json::from_str(&text).with_context(|| {
-            format!(
-                "parsing heads {} (retrain with `tiergate train`)",
-                path.display()
-            )
-        })?;
-        h.validate()
-            .with_context(|| format!("heads {}", path.display()))?;
+        Self::from_json(&text).with_context(|| format!("heads {}", path.display()))
+    }
+
+    /// Heads from the text of a heads file, validated: what [`Self::load`] reads.
+    pub fn from_json(text: &str) -> Result<Heads> {
+        let h: Heads =
+            serde_json::from_str(text).context("parsing (retrain with `tiergate train`)")?;
+        h.validate()?;
         Ok(h)
     }
 
@@ -184,8 +184,14 @@ impl Heads {
         }
         let r = &self.router;
         let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
-        if r.proj.len() != r.k * self.dim || !finite(&r.proj) {
-            bail!("router.proj: expected {} finite values", r.k * self.dim);
+        // Checked: k and dim come from the file, and a wrapped product could match proj's length.
+        let proj_len = r.k.checked_mul(self.dim);
+        if proj_len != Some(r.proj.len()) || !finite(&r.proj) {
+            bail!(
+                "router.proj: expected k × dim = {} × {} finite values",
+                r.k,
+                self.dim
+            );
         }
         if r.easiness.w.len() != self.dim || !finite(&r.easiness.w) {
             bail!("router.easiness: expected {} finite weights", self.dim);

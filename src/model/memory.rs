@@ -50,6 +50,18 @@ impl Memory {
         {
             bail!("memory: prompts are not whole finite rows of {dim}");
         }
+        // Unit rows keep every cosine in [-1, 1]: a longer row made a neighbour's weight
+        // exp((cos - 1) / tau) infinite and Route's p NaN (found by tests/fuzz_inputs.rs).
+        if let Some(i) = self.prompts.chunks_exact(dim.max(1)).position(|r| {
+            let n = r
+                .iter()
+                .map(|x| f64::from(*x) * f64::from(*x))
+                .sum::<f64>()
+                .sqrt();
+            (n - 1.0).abs() > 1e-3
+        }) {
+            bail!("memory: prompt {i} is not a unit vector");
+        }
         if self.k == 0 || !(self.alpha.is_finite() && self.alpha > 0.0) {
             bail!(
                 "memory: k {} alpha {} (need k ≥ 1, alpha > 0)",

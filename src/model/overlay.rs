@@ -49,7 +49,12 @@ impl Overlay {
     pub fn load(path: &Path) -> Result<Overlay> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading overlay {}", path.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("parsing overlay {}", path.display()))
+        Self::from_json(&text).with_context(|| format!("parsing overlay {}", path.display()))
+    }
+
+    /// An overlay from the text of an overlay file (checked against heads by [`Self::apply`]).
+    pub fn from_json(text: &str) -> Result<Overlay> {
+        Ok(serde_json::from_str(text)?)
     }
 
     /// Writes atomically (a temporary file renamed over the target): a crash mid-write

@@ -212,19 +212,29 @@ pub fn info_reply(s: &Service) -> proto::InfoReply {
     }
 }
 
-/// The deadline a client set with grpc-timeout, if any.
+/// The deadline a client set with grpc-timeout, if any; a malformed header is ignored (no
+/// deadline), as gRPC's own servers do.
 pub fn deadline_of<T>(req: &tonic::Request<T>) -> Option<Instant> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
-    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    Instant::now().checked_add(parse_grpc_timeout(v)?)
+}
+
+/// A `grpc-timeout` value as the gRPC over HTTP/2 spec writes it: 1 to 8 ASCII digits and a
+/// unit (H, M, S, m, u, n); anything else is None. Strict, because `u64::from_str` alone
+/// also takes a leading `+` and any number of digits.
+pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let num = v.get(..v.len().checked_sub(1)?)?;
+    if num.is_empty() || num.len() > 8 || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: u64 = num.parse().ok()?;
-    let d = match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
+    Some(match &v[num.len()..] {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
         "S" => Duration::from_secs(n),
         "m" => Duration::from_millis(n),
         "u" => Duration::from_micros(n),
         "n" => Duration::from_nanos(n),
         _ => return None,
-    };
-    Instant::now().checked_add(d)
+    })
 }

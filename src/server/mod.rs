@@ -18,6 +18,7 @@ mod tls;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use convert::parse_grpc_timeout;
 pub use grpc::RouterService;
 pub use signal::shutdown_signal;
 
