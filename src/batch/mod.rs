@@ -462,8 +462,9 @@ impl Batcher {
         }
         let now = Instant::now();
         let wait = expected_wait(&st, priority);
-        // The deadline first: the more specific reason.
-        if deadline.is_some_and(|d| now + wait >= d) {
+        // The deadline first: the more specific reason. A wait too long to add to `now` (an
+        // estimate gone infinite) misses every deadline rather than panicking.
+        if deadline.is_some_and(|d| now.checked_add(wait).is_none_or(|t| t >= d)) {
             metrics::counter!(m::DROPPED, "reason" => "deadline_wait", "stage" => "queue")
                 .increment(1);
             return Err(BatchError::Overloaded(format!(

@@ -92,13 +92,7 @@ pub fn run(a: DistillStaticArgs) -> Result<()> {
             a.lambda
         ),
     };
-    let student = StaticStudent::fit(
-        &pick(&bags, true),
-        &pick(&teacher, true),
-        h,
-        a.lambda,
-        info,
-    )?;
+    let student = StaticStudent::fit(&pick(&bags, true), &pick(&teacher, true), h, a.lambda, info)?;
     // Read back through the f16 file, as serving will.
     let bytes = student.to_bytes()?;
     let student = StaticStudent::from_bytes(&bytes)?;

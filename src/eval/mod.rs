@@ -2,8 +2,8 @@
 pub mod benchmarks;
 pub mod calibrate;
 pub mod calibrate_int8;
-pub mod distill_static;
 pub mod data;
+pub mod distill_static;
 pub mod fit;
 pub mod knn;
 pub mod plot;

@@ -18,8 +18,8 @@ use sha2::{Digest, Sha256};
 
 use super::bf16::{self, PackedB};
 use super::int8::{self, PackedI8};
-use super::student::{self, StaticStudent};
 use super::par::SendPtr;
+use super::student::{self, StaticStudent};
 use crate::base::{BackendError, PackedBatch};
 
 /// Arithmetic of the linear layers (everything else is f32 either way).

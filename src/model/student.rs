@@ -90,7 +90,10 @@ impl StaticStudent {
                 .for_each(|(c, (&y, m))| *c = y as f64 - m);
             for i in 0..dim {
                 let xi = xc[i];
-                let (ar, br) = (&mut a[i * dim..(i + 1) * dim], &mut b[i * dim..(i + 1) * dim]);
+                let (ar, br) = (
+                    &mut a[i * dim..(i + 1) * dim],
+                    &mut b[i * dim..(i + 1) * dim],
+                );
                 ar.iter_mut().zip(&xc).for_each(|(s, &x)| *s += xi * x);
                 br.iter_mut().zip(&yc).for_each(|(s, &y)| *s += xi * y);
             }
@@ -150,7 +153,9 @@ impl StaticStudent {
         let rest = bytes
             .strip_prefix(MAGIC.as_slice())
             .context("not a tiergate static student (bad magic)")?;
-        let (len, rest) = rest.split_at_checked(4).context("truncated header length")?;
+        let (len, rest) = rest
+            .split_at_checked(4)
+            .context("truncated header length")?;
         let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
         let (head, body) = rest.split_at_checked(len).context("truncated header")?;
         let info: StudentInfo = serde_json::from_slice(head).context("student header")?;
@@ -259,11 +264,20 @@ mod tests {
 
     #[test]
     fn bad_files_are_errors() {
-        let s = StaticStudent::fit(&[1.0, 0.0, 0.0, 1.0], &[1.0, 2.0, 3.0, 4.0], 2, 0.1, info(2))
-            .unwrap();
+        let s = StaticStudent::fit(
+            &[1.0, 0.0, 0.0, 1.0],
+            &[1.0, 2.0, 3.0, 4.0],
+            2,
+            0.1,
+            info(2),
+        )
+        .unwrap();
         let good = s.to_bytes().unwrap();
         for cut in [0, 4, 9, 12, good.len() - 1] {
-            assert!(StaticStudent::from_bytes(&good[..cut]).is_err(), "cut {cut}");
+            assert!(
+                StaticStudent::from_bytes(&good[..cut]).is_err(),
+                "cut {cut}"
+            );
         }
         let mut long = good.clone();
         long.push(0);
