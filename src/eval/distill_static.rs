@@ -69,7 +69,7 @@ pub fn run(a: DistillStaticArgs) -> Result<()> {
     for (s, o) in seqs.iter().zip(bags.chunks_mut(h)) {
         bag(model.word_vectors(), h, s, o);
     }
-    let held = |i: usize| i % a.holdout_every == 0;
+    let held = |i: usize| i.is_multiple_of(a.holdout_every);
     let pick = |m: &[f32], keep: bool| -> Vec<f32> {
         m.chunks(h)
             .enumerate()

@@ -64,7 +64,7 @@ impl StaticStudent {
         lambda: f64,
         info: StudentInfo,
     ) -> Result<Self> {
-        ensure!(dim > 0 && bags.len() == teacher.len() && bags.len() % dim == 0);
+        ensure!(dim > 0 && bags.len() == teacher.len() && bags.len().is_multiple_of(dim));
         let n = bags.len() / dim;
         ensure!(n > 1, "need at least two texts to fit a student");
         let mean = |m: &[f32]| -> Vec<f64> {
