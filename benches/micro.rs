@@ -136,6 +136,18 @@ mod encoder {
         b.counter(divan::counter::ItemsCount::new(n))
             .bench_local(|| be.embed(black_box(&batch)));
     }
+
+    /// Route's fast path: the static student's embedding of one sequence of `len` tokens.
+    #[divan::bench(args = [64, 186, 256])]
+    fn student(b: Bencher<'_, '_>, len: usize) {
+        let batch = batch(1, len);
+        let m = model();
+        assert!(
+            m.student().is_some(),
+            "no static student fits these weights"
+        );
+        b.bench(|| m.student_embed(black_box(&batch.ids)));
+    }
 }
 
 /// The linear-layer kernels alone on the FFN-in shape (tokens × 384 → 1536): the divan

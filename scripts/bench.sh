@@ -5,6 +5,7 @@
 #   scripts/bench.sh load        the release server under loadgen (default config, loopback)
 #   scripts/bench.sh gateway     the latency the OpenAI front and Envoy's ext_proc hop add
 #   scripts/bench.sh overload    open loop at 1x/2x/4x the saturation rate, against the bounds
+#   scripts/bench.sh fastpath    Route with the static student's fast path off and on
 #
 # encoder: throughput on the real prompt mix, tiergate vs ONNX Runtime, in one go. Both sides
 # embed the very same token ids (the dev prompts tokenized by tiergate's own tokenizer,
@@ -34,6 +35,11 @@
 #
 # overload (issue 19): scripts/bench_overload.py (its header says what it does); arguments
 # after `overload` go to it (e.g. --step-s 30 --multiples 1,2,4,8).
+#
+# fastpath (issue 15): per round, `tiergate serve` (release, embedded default config and
+# catalog, embedding cache off) with Route's fast path off, then on at
+# FAST_PATH_STABILITY (0.05); Route on dev prompts at concurrency 1 (300 requests) and 32 (30 s);
+# the share the student answered alone from the server's /metrics. Medians over rounds.
 #
 # Env: PORT (50151), THREADS (default: all cores), ROUNDS (3), BATCH (32),
 #      LIMIT (0 = all 905 prompts), GRAPHS ("fused fused-int8": ORT f32 and ORT's dynamic int8;
@@ -114,6 +120,59 @@ json.dump(summary, open(f"{out}/load-summary.json", "w"), indent=2)
 PY
   exit 0
 fi
+if [ "$what" = fastpath ]; then
+  port="${PORT:-50151}"
+  mport=$((port + 1))
+  bar="${FAST_PATH_STABILITY:-0.05}"
+  cargo build --release --quiet --bin tiergate --bin loadgen
+  srv=
+  trap '[ -n "$srv" ] && kill "$srv" 2>/dev/null; wait 2>/dev/null || true' EXIT
+  addr="127.0.0.1:$port"
+  for r in $(seq 1 "$rounds"); do
+    echo "== round $r/$rounds (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
+    for side in off on; do
+      extra=()
+      [ "$side" = on ] && extra=(--fast-path-stability "$bar")
+      target/release/tiergate serve --listen "$addr" --metrics-listen "127.0.0.1:$mport" \
+        --embedding-cache 0 "${extra[@]}" >"$out/server-fp-$side.$r.log" 2>&1 &
+      srv=$!
+      "$lg" --addr "$addr" --data "$data" --concurrency 1 --requests 300 \
+        --out "$out/fp-$side-c1.$r.json"
+      "$lg" --addr "$addr" --data "$data" --concurrency 32 --requests 2000 --duration 30 \
+        --out "$out/fp-$side-c32.$r.json"
+      python3 - "http://127.0.0.1:$mport/metrics" >"$out/fp-$side.$r.metrics.json" <<'PY'
+import json, sys, urllib.request
+text = urllib.request.urlopen(sys.argv[1], timeout=10).read().decode()
+n = {"alone": 0.0, "deferred": 0.0}
+for line in text.splitlines():
+    if line.startswith("tiergate_route_fast_path_total{"):
+        for k in n:
+            if f'result="{k}"' in line:
+                n[k] += float(line.rsplit(" ", 1)[1])
+json.dump(n, sys.stdout)
+PY
+      kill "$srv"; wait "$srv" 2>/dev/null || true; srv=
+    done
+  done
+  python3 - "$out" "$rounds" "$bar" <<'PY'
+import json, statistics, sys
+out, rounds, bar = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+print(f"\nmedians of {rounds} rounds (embedding cache off; fast path on at stability {bar})")
+print(f"{'side':<14}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'errors':>8}{'alone':>8}")
+for side in ["off", "on"]:
+    ms = [json.load(open(f"{out}/fp-{side}.{r}.metrics.json")) for r in range(1, rounds + 1)]
+    alone = sum(m["alone"] for m in ms) / max(1.0, sum(m["alone"] + m["deferred"] for m in ms))
+    for c in ["c1", "c32"]:
+        rs = [json.load(open(f"{out}/fp-{side}-{c}.{r}.json")) for r in range(1, rounds + 1)]
+        m = lambda f: statistics.median(f(x) for x in rs)  # noqa: E731
+        print(f"{side + ' ' + c:<14}{m(lambda x: x['throughput_rps']):>9.1f}"
+              f"{m(lambda x: x['latency_ms']['p50']):>9.2f}{m(lambda x: x['latency_ms']['p90']):>9.2f}"
+              f"{m(lambda x: x['latency_ms']['p99']):>9.2f}"
+              f"{sum(sum(x['errors'].values()) for x in rs):>8}{100 * alone:>7.1f}%")
+PY
+  exit 0
+fi
+
 if [ "$what" = overload ]; then
   cargo build --release --quiet --bin tiergate --bin loadgen
   shift
@@ -159,7 +218,7 @@ if [ "$what" = gateway ]; then
   "$venv/python" scripts/bench_gateway.py summarize --json "$out/gateway-summary.json" "${files[@]}"
   exit 0
 fi
-[ "$what" = encoder ] || { echo "usage: scripts/bench.sh [encoder|load|gateway|overload]" >&2; exit 2; }
+[ "$what" = encoder ] || { echo "usage: scripts/bench.sh [encoder|load|gateway|overload|fastpath]" >&2; exit 2; }
 
 if ! python3 -c "import onnx, onnxruntime, numpy, safetensors" 2>/dev/null; then
   echo "bench: python3 needs onnx onnxruntime numpy safetensors:" >&2

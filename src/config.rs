@@ -453,6 +453,12 @@ pub struct PolicyConfig {
     /// unset = the absolute floor.
     #[serde(default)]
     pub relative_floor: Option<f64>,
+    /// Route's fast path: the static student (`model::student`) decides alone when its
+    /// pick's stability (`decide::RouteDecision::stability`) reaches this, and the encoder
+    /// decides otherwise. Unset = off. Read at start (a reload may change the value, not
+    /// turn the path on).
+    #[serde(default)]
+    pub fast_path_stability: Option<f64>,
     pub default_output_tokens: u32,
 }
 
@@ -530,6 +536,10 @@ pub struct Overrides {
     /// Route's default relative floor r in (0, 1] (used when no absolute floor is set).
     #[arg(long, env = "TIERGATE_RELATIVE_FLOOR")]
     pub relative_floor: Option<f64>,
+    /// Route's fast path: the static student decides alone when its pick is at least this
+    /// stable (policy.fast_path_stability; off unless set).
+    #[arg(long, env = "TIERGATE_FAST_PATH_STABILITY")]
+    pub fast_path_stability: Option<f64>,
     /// OpenAI-compatible HTTP front address (gateway.http_listen); "" disables it.
     #[arg(long, env = "TIERGATE_HTTP_LISTEN")]
     pub http_listen: Option<String>,
@@ -610,6 +620,9 @@ impl Config {
         }
         if let Some(v) = o.quality_floor {
             c.policy.quality_floor = Some(v);
+        }
+        if let Some(v) = o.fast_path_stability {
+            c.policy.fast_path_stability = Some(v);
         }
         if let Some(v) = o.relative_floor {
             c.policy.relative_floor = Some(v);
@@ -756,6 +769,9 @@ impl Config {
         }
         if let Some(t) = p.verify_threshold {
             unit("policy.verify_threshold", t)?;
+        }
+        if let Some(t) = p.fast_path_stability {
+            unit("policy.fast_path_stability", t)?;
         }
         if !p.cost_weight.is_finite() || p.cost_weight < 0.0 {
             bail!(

@@ -33,6 +33,7 @@ pub const BUILD_INFO: &str = "tiergate_build_info";
 pub const EXPECTED_COST: &str = "tiergate_expected_cost_usd_total";
 pub const EXPECTED_SAVING: &str = "tiergate_expected_saving_usd_total";
 pub const ROUTE_P_PASS: &str = "tiergate_route_p_pass";
+pub const FAST_PATH: &str = "tiergate_route_fast_path_total";
 pub const TOKENIZE_BACKLOG: &str = "tiergate_tokenize_backlog_bytes";
 
 const SECONDS_BUCKETS: &[f64] = &[
@@ -82,6 +83,10 @@ fn describe() {
         HTTP_REQUEST_SECONDS,
         Unit::Seconds,
         "HTTP front: time to answer a chat completion (the whole cascade; a stream: to its first byte)."
+    );
+    describe_counter!(
+        FAST_PATH,
+        "Routes by the fast path's outcome: the static student decided alone (alone), or its pick was too close to call and the encoder decided (deferred)."
     );
     describe_gauge!(QUEUE_DEPTH, "Requests admitted and not yet batched.");
     describe_histogram!(BATCH_SIZE, "Requests per encoder batch.");

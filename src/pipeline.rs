@@ -77,6 +77,25 @@ pub struct TextPipeline {
     /// The backend's arithmetic (`Backend::numerics`), e.g. "bf16".
     pub numerics: &'static str,
     cache: EmbeddingCache,
+    /// The weights, kept for Route's fast path when it is on and a student fits them.
+    student: Option<Arc<MiniLm>>,
+}
+
+/// Route's fast path, after tokenizing once: the embedding already cached, or the static
+/// student's with the tokens kept for the encoder in case the caller defers.
+pub enum FastEncoded {
+    Cached(EncodedInput),
+    Student(StudentEncoded),
+}
+
+pub struct StudentEncoded {
+    pub embedding: Vec<f32>,
+    pub enc_len: usize,
+    pub truncated: bool,
+    /// Tokenizing and the student together.
+    pub tokenize: Duration,
+    enc: Encoded,
+    key: CacheKey,
 }
 
 /// Recent embeddings by input: a gateway's Verify after Route sends the same prompt again,
@@ -160,11 +179,23 @@ impl TextPipeline {
             cfg.batch.max_input_tokens,
         )
         .map_err(|e| anyhow::anyhow!("{e} (run scripts/setup-model.sh)"))?;
-        let model = load_model(&cfg.model_dir)?;
+        let model = Arc::new(load_model(&cfg.model_dir)?);
         let model_revision = model.revision().to_string();
+        let student = match (cfg.policy.fast_path_stability, model.student()) {
+            (None, _) => None,
+            (Some(_), Some(_)) => Some(model.clone()),
+            (Some(_), None) => {
+                tracing::warn!(
+                    revision = %model_revision,
+                    "policy.fast_path_stability is set but no static student fits these weights \
+                     (tiergate distill-static): Route's fast path is off"
+                );
+                None
+            }
+        };
         let (backend, fallback) = engine::select_with_fallback(
             cfg.backend,
-            Arc::new(model),
+            model,
             &cfg.model_dir,
             cfg.compute_threads(),
             cfg.precision,
@@ -208,7 +239,13 @@ impl TextPipeline {
                 cap: cfg.batch.embedding_cache,
                 inner: Default::default(),
             },
+            student,
         })
+    }
+
+    /// Whether Route's fast path can run (on at start, and a student fits the weights).
+    pub fn has_student(&self) -> bool {
+        self.student.is_some()
     }
 
     pub fn dim(&self) -> usize {
@@ -327,6 +364,85 @@ impl TextPipeline {
         if enc.truncated {
             metrics::counter!(m::TRUNCATIONS, "rpc" => rpc).increment(1);
         }
+        self.embed_tokens(key, enc, tokenize, priority, deadline)
+            .await
+    }
+
+    /// Route's fast path: the cached embedding if there is one, else the prompt tokenized
+    /// once and the static student's embedding of it, on the tokenizer pool. An internal
+    /// error when the fast path is off (`has_student`).
+    pub async fn encode_fast(
+        &self,
+        rpc: &'static str,
+        text: String,
+        side: TruncSide,
+        deadline: Option<Instant>,
+    ) -> Result<FastEncoded, EncodeError> {
+        let Some(model) = self.student.clone() else {
+            return Err(BatchError::Internal("Route's fast path is off".into()).into());
+        };
+        let t0 = Instant::now();
+        let key = EmbeddingCache::key(&Input::Single(text.clone(), side));
+        if let Some((enc_len, truncated, embedding)) = self.cache.get(&key) {
+            metrics::counter!(m::EMBEDDING_CACHE, "result" => "hit").increment(1);
+            return Ok(FastEncoded::Cached(EncodedInput {
+                enc_len,
+                truncated,
+                embedding: embedding.to_vec(),
+                tokenize: Duration::ZERO,
+                queue: Duration::ZERO,
+                inference: Duration::ZERO,
+            }));
+        }
+        metrics::counter!(m::EMBEDDING_CACHE, "result" => "miss").increment(1);
+        let (enc, emb) = self
+            .on_pool(text.len(), deadline, move |t| {
+                let enc = t.encode_single(&text, side)?;
+                let emb = model.student_embed(&enc.ids);
+                Ok((enc, emb))
+            })
+            .await?;
+        {
+            let tokenize = t0.elapsed();
+            metrics::histogram!(m::TOKENIZE_SECONDS).record(tokenize.as_secs_f64());
+            if enc.truncated {
+                metrics::counter!(m::TRUNCATIONS, "rpc" => rpc).increment(1);
+            }
+            // `self.student` is only kept when a student fits, so this is never None.
+            let embedding = emb.ok_or_else(|| {
+                EncodeError::Batch(BatchError::Internal("no static student".into()))
+            })?;
+            Ok(FastEncoded::Student(StudentEncoded {
+                embedding,
+                enc_len: enc.ids.len(),
+                truncated: enc.truncated,
+                tokenize,
+                enc,
+                key,
+            }))
+        }
+    }
+
+    /// The encoder's embedding of a text the fast path deferred, from its kept tokens.
+    pub async fn encode_deferred(
+        &self,
+        s: StudentEncoded,
+        priority: Priority,
+        deadline: Option<Instant>,
+    ) -> Result<EncodedInput, EncodeError> {
+        self.embed_tokens(s.key, s.enc, s.tokenize, priority, deadline)
+            .await
+    }
+
+    /// The encoder's embedding of tokens, through the batcher, then cached.
+    async fn embed_tokens(
+        &self,
+        key: CacheKey,
+        enc: Encoded,
+        tokenize: Duration,
+        priority: Priority,
+        deadline: Option<Instant>,
+    ) -> Result<EncodedInput, EncodeError> {
         let enc_len = enc.ids.len();
         let truncated = enc.truncated;
         let JobOutput {

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use serde_json::Value;
 use tiergate::proto::{self, route_request::Input, Decision};
-use tiergate::service::decide::{route_pick, ships};
+use tiergate::service::decide::{relative_pick, route_pick, ships};
 
 /// Probabilities agree to this (the same encoder and heads; only batch neighbours differ).
 const TOL: f64 = 1e-4;
@@ -26,15 +26,14 @@ fn dev_rows(n: usize) -> Vec<Value> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn score_and_the_server_make_the_same_decisions_on_dev_rows() {
+/// Up to 4 dev rows per prompt of models with a trained head (Route accepts those as
+/// candidates), from the first 40 prompts.
+fn rows_of_trained_models() -> Vec<Value> {
     let root = env!("CARGO_MANIFEST_DIR");
     let heads =
         tiergate::model::Heads::load(&Path::new(root).join("models/heads.json")).expect("heads");
-    // Up to 4 rows per prompt of models with a trained head (Route accepts those as
-    // candidates), from the first 40 prompts.
     let mut per_prompt: BTreeMap<String, usize> = BTreeMap::new();
-    let rows: Vec<Value> = dev_rows(6000)
+    dev_rows(6000)
         .into_iter()
         .filter(|r| {
             heads
@@ -52,16 +51,16 @@ async fn score_and_the_server_make_the_same_decisions_on_dev_rows() {
             *n += 1;
             *n <= 4
         })
-        .collect();
-    assert!(
-        rows.len() >= 100,
-        "only {} dev rows with trained models",
-        rows.len()
-    );
+        .collect()
+}
+
+/// `tiergate score` of `rows` with `args` added: (p_route, p_verify) per row.
+fn score(rows: &[Value], args: &[&str]) -> Vec<Value> {
+    let root = env!("CARGO_MANIFEST_DIR");
     let dir = tempfile::tempdir().expect("tempdir");
     let (inp, out) = (dir.path().join("rows.jsonl"), dir.path().join("out.jsonl"));
     let mut f = std::fs::File::create(&inp).expect("create");
-    for r in &rows {
+    for r in rows {
         writeln!(f, "{r}").expect("write");
     }
     drop(f);
@@ -71,6 +70,7 @@ async fn score_and_the_server_make_the_same_decisions_on_dev_rows() {
         .arg(&inp)
         .arg("--out")
         .arg(&out)
+        .args(args)
         .env("RUST_LOG", "warn")
         .status()
         .expect("score");
@@ -81,10 +81,13 @@ async fn score_and_the_server_make_the_same_decisions_on_dev_rows() {
         .map(|l| serde_json::from_str(l).expect("json"))
         .collect();
     assert_eq!(scored.len(), rows.len());
+    scored
+}
 
-    // prompt -> (model -> offline p_route)
+/// prompt -> (model -> p_route).
+fn p_route_by_prompt(rows: &[Value], scored: &[Value]) -> BTreeMap<String, BTreeMap<String, f64>> {
     let mut by_prompt: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
-    for (r, s) in rows.iter().zip(&scored) {
+    for (r, s) in rows.iter().zip(scored) {
         by_prompt
             .entry(r["prompt"].as_str().expect("prompt").to_string())
             .or_default()
@@ -93,6 +96,19 @@ async fn score_and_the_server_make_the_same_decisions_on_dev_rows() {
                 s["p_route"].as_f64().expect("p_route"),
             );
     }
+    by_prompt
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn score_and_the_server_make_the_same_decisions_on_dev_rows() {
+    let rows = rows_of_trained_models();
+    assert!(
+        rows.len() >= 100,
+        "only {} dev rows with trained models",
+        rows.len()
+    );
+    let scored = score(&rows, &[]);
+    let by_prompt = p_route_by_prompt(&rows, &scored);
 
     let server = common::Server::spawn(&[]);
     server.ready().await;
@@ -166,4 +182,94 @@ async fn score_and_the_server_make_the_same_decisions_on_dev_rows() {
         routes >= 40 && verifies >= 50,
         "compared {routes} routes, {verifies} verifies"
     );
+}
+
+/// Route's fast path serves what `score --precision static` measured: with
+/// `policy.fast_path_stability` set, a prompt whose student pick is at least that stable gets
+/// the student's p_pass and pick (no encoder), any other the encoder's; the metric counts both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fast_path_answers_alone_only_when_the_students_pick_is_stable() {
+    const BAR: f64 = 0.05;
+    const R: f64 = 0.94; // the embedded default's relative floor
+                         // Prompts only: Route needs no answers, and the encoder then runs on 40 texts.
+    let rows: Vec<Value> = rows_of_trained_models()
+        .into_iter()
+        .map(|mut r| {
+            if let Some(o) = r.as_object_mut() {
+                o.remove("response");
+            }
+            r
+        })
+        .collect();
+    let full = p_route_by_prompt(&rows, &score(&rows, &[]));
+    let student = p_route_by_prompt(&rows, &score(&rows, &["--precision", "static"]));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("tiergate.toml");
+    let text = tiergate::config::EMBEDDED_DEFAULT.replace(
+        "relative_floor = 0.94\n",
+        &format!("relative_floor = {R}\nfast_path_stability = {BAR}\n"),
+    );
+    assert!(
+        text.contains("fast_path_stability"),
+        "the default's floor moved"
+    );
+    std::fs::write(&cfg, text).expect("config");
+    let server = common::Server::spawn(&["--config", cfg.to_str().expect("utf-8")]);
+    server.ready().await;
+    let mut c = server.client().await;
+    let (mut alone, mut deferred, mut edge) = (0.0, 0.0, 0.0);
+    for (prompt, sp) in student.iter().filter(|(_, m)| m.len() >= 2) {
+        let rep = c
+            .route(proto::RouteRequest {
+                input: Some(Input::Prompt(prompt.clone())),
+                candidates: sp.keys().cloned().collect(),
+                ..Default::default()
+            })
+            .await
+            .expect("route")
+            .into_inner();
+        // The student's p in the server's price order, and its pick's stability.
+        let ps: Vec<f64> = rep.candidates.iter().map(|cs| sp[&cs.model]).collect();
+        let k = relative_pick(&ps, R);
+        let bar = R * ps.iter().copied().fold(0.0, f64::max);
+        let stability = ps[..k].iter().map(|&x| bar - x).fold(ps[k] - bar, f64::min);
+        if (stability - BAR).abs() < TOL {
+            edge += 1.0; // float noise may tip it either way
+            continue;
+        }
+        let (by, name) = if stability >= BAR {
+            alone += 1.0;
+            (sp, "student")
+        } else {
+            deferred += 1.0;
+            (&full[prompt], "encoder")
+        };
+        let p: Vec<f64> = rep
+            .candidates
+            .iter()
+            .map(|cs| {
+                let q = by[&cs.model];
+                assert!(
+                    (cs.p_pass - q).abs() < TOL,
+                    "{}: served {} vs the {name}'s {q} (stability {stability:.4})",
+                    cs.model,
+                    cs.p_pass
+                );
+                q
+            })
+            .collect();
+        assert_eq!(rep.model, rep.candidates[relative_pick(&p, R)].model);
+    }
+    assert!(
+        alone >= 1.0 && deferred >= 1.0,
+        "{alone} routes alone, {deferred} deferred: both paths must be seen"
+    );
+    let m = server.metrics_text();
+    let count = |result| {
+        common::metric_sum(&m, "tiergate_route_fast_path_total", &[("result", result)])
+            .unwrap_or(0.0)
+    };
+    assert_eq!(count("alone") + count("deferred"), alone + deferred + edge);
+    assert!((alone..=alone + edge).contains(&count("alone")));
 }

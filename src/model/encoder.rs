@@ -696,6 +696,18 @@ impl MiniLm {
         out
     }
 
+    /// The static student's embedding of one tokenized text (microseconds: a bag of word
+    /// vectors and one 384×384 map), if a student fits these weights.
+    pub fn student_embed(&self, ids: &[u32]) -> Option<Vec<f32>> {
+        let s = self.student.as_ref()?;
+        let h = self.cfg.hidden_size;
+        let mut b = vec![0.0f32; h];
+        student::bag(&self.word, h, ids, &mut b);
+        let mut out = vec![0.0f32; h];
+        s.apply(&b, &mut out);
+        Some(out)
+    }
+
     /// Whether Route's fast path (the static student) fits these weights.
     pub fn student(&self) -> Option<&StaticStudent> {
         self.student.as_ref()

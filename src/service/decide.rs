@@ -147,8 +147,20 @@ pub struct RouteDecision {
     pub chosen: usize,
     pub expected_saving: f64,
     pub margin: f64,
+    /// How far the decisive comparisons are from their lines: the chosen candidate's p above
+    /// its bar and every cheaper one's below it (floor and relative modes), the best's lead
+    /// and its distance under the floor (best effort), the utility lead (utility mode).
+    /// No p moving by less changes the pick (up to the max's own move in relative mode);
+    /// Route's fast path answers alone only above a set value of it.
+    pub stability: f64,
     pub verify_recommended: bool,
     pub reason: &'static str,
+}
+
+/// `bar − p` over candidates cheaper than `k`, and `p[k] − bar`: the smallest is how far the
+/// pick of "the first to reach the bar" is from changing.
+fn first_reaching_stability(p: &[f64], k: usize, bar: f64) -> f64 {
+    p[..k].iter().map(|&x| bar - x).fold(p[k] - bar, f64::min)
 }
 
 /// Cheapest candidate with p_pass >= floor, else the one most likely to pass; or, with a cost
@@ -177,10 +189,11 @@ pub fn decide_route(
     // The same picks the offline replay makes (`route_pick`, `utility_pick`), over the
     // affordable candidates in price order.
     let p: Vec<f64> = affordable.iter().map(|&i| scored[i].p_pass).collect();
-    let (chosen, margin, reason) = if let Some(r) = pol.relative_floor {
+    let (chosen, margin, stability, reason) = if let Some(r) = pol.relative_floor {
         let k = relative_pick(&p, r);
         let bar = r * p.iter().copied().fold(0.0, f64::max);
-        (affordable[k], p[k] - bar, "relative")
+        let st = first_reaching_stability(&p, k, bar);
+        (affordable[k], p[k] - bar, st, "relative")
     } else if pol.cost_weight > 0.0 && !pol.floor_given {
         let cost: Vec<f64> = affordable.iter().map(|&i| scored[i].cost).collect();
         let k = utility_pick(&p, &cost, pol.cost_weight);
@@ -194,15 +207,25 @@ pub fn decide_route(
         } else {
             0.0
         };
-        (affordable[k], m, "utility")
+        (affordable[k], m, m, "utility")
     } else {
-        let k = route_pick(&p, pol.quality_floor);
-        let reason = if p[k] >= pol.quality_floor {
-            "floor_met"
+        let f = pol.quality_floor;
+        let k = route_pick(&p, f);
+        if p[k] >= f {
+            let st = first_reaching_stability(&p, k, f);
+            (affordable[k], p[k] - f, st, "floor_met")
         } else {
-            "best_effort"
-        };
-        (affordable[k], p[k] - pol.quality_floor, reason)
+            let runner = (0..p.len())
+                .filter(|&j| j != k)
+                .map(|j| p[j])
+                .fold(f64::NEG_INFINITY, f64::max);
+            let lead = if runner.is_finite() {
+                p[k] - runner
+            } else {
+                f64::INFINITY
+            };
+            (affordable[k], p[k] - f, (f - p[k]).min(lead), "best_effort")
+        }
     };
     let has_higher_tier = affordable
         .iter()
@@ -213,6 +236,7 @@ pub fn decide_route(
         candidates: scored,
         chosen,
         margin,
+        stability,
         verify_recommended,
         reason,
     })
@@ -281,6 +305,15 @@ mod tests {
         let d = decide_route(hard, &p, 0.1).unwrap();
         assert_eq!(d.candidates[d.chosen].model, "top");
         assert!((d.margin - (0.83 - 0.9 * 0.83)).abs() < 1e-12);
+        // top over the bar 0.747 (0.083) is nearer its line than mid under it (0.147).
+        assert!((d.stability - (0.83 - 0.9 * 0.83)).abs() < 1e-12);
+        let close = vec![s("cheap", 0.70, 1.0), s("top", 0.80, 9.0)];
+        let d = decide_route(close, &p, 0.1).unwrap();
+        assert_eq!(d.candidates[d.chosen].model, "top");
+        assert!(
+            (d.stability - (0.72 - 0.70)).abs() < 1e-12,
+            "cheap is 0.02 under the bar"
+        );
         assert_eq!(relative_pick(&[0.5, 0.9, 1.0], 1.0), 2);
         assert_eq!(relative_pick(&[], 0.9), 0);
     }
@@ -301,6 +334,10 @@ mod tests {
         assert_eq!(d.reason, "floor_met");
         assert!((d.margin - 0.05).abs() < 1e-12);
         assert!(
+            (d.stability - 0.05).abs() < 1e-12,
+            "min(0.8 - 0.75, 0.75 - 0.6)"
+        );
+        assert!(
             d.verify_recommended,
             "margin 0.05 < band and a bigger model exists"
         );
@@ -319,6 +356,10 @@ mod tests {
         assert_eq!(d.candidates[d.chosen].model, "b");
         assert_eq!(d.reason, "best_effort");
         assert!(d.margin < 0.0);
+        assert!(
+            (d.stability - 0.1).abs() < 1e-12,
+            "b leads c by 0.1, 0.2 under the floor"
+        );
     }
 
     #[test]

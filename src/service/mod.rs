@@ -33,7 +33,7 @@ use crate::config::{Config, Overrides};
 use crate::metrics as m;
 use crate::model::heads::AnswerInput;
 use crate::model::{Heads, TruncSide};
-use crate::pipeline::{EncodedInput, Input, TextPipeline};
+use crate::pipeline::{EncodedInput, FastEncoded, Input, TextPipeline};
 use crate::policy;
 
 /// Peer answers one Verify may compare (each is a whole answer text to scan).
@@ -219,24 +219,66 @@ impl Service {
             ));
         }
         let prompt_tokens = policy::proxy_tokens(text.len());
-        let e = self
-            .pipeline
-            .encode(
-                "route",
-                Input::Single(text, q.truncation),
-                q.priority,
-                q.deadline,
-            )
-            .await?;
-        let scored = decide::score_candidates(
-            &d.heads,
-            &e.embedding,
-            &cands,
-            prompt_tokens,
-            q.expected_output_tokens,
-        );
+        let decide = |emb: &[f32]| {
+            let scored = decide::score_candidates(
+                &d.heads,
+                emb,
+                &cands,
+                prompt_tokens,
+                q.expected_output_tokens,
+            );
+            decide::decide_route(scored, &pol, d.policy.verify_band)
+        };
+        let fast = d
+            .policy
+            .fast_path_stability
+            .filter(|_| self.pipeline.has_student());
+        let (e, dec, fast_path) = match fast {
+            None => {
+                let input = Input::Single(text, q.truncation);
+                let e = self
+                    .pipeline
+                    .encode("route", input, q.priority, q.deadline)
+                    .await?;
+                let dec = decide(&e.embedding)?;
+                (e, dec, false)
+            }
+            Some(bar) => match self
+                .pipeline
+                .encode_fast("route", text, q.truncation, q.deadline)
+                .await?
+            {
+                FastEncoded::Cached(e) => {
+                    let dec = decide(&e.embedding)?;
+                    (e, dec, false)
+                }
+                FastEncoded::Student(s) => {
+                    let dec = decide(&s.embedding)?;
+                    if dec.stability >= bar {
+                        metrics::counter!(m::FAST_PATH, "result" => "alone").increment(1);
+                        let e = EncodedInput {
+                            enc_len: s.enc_len,
+                            truncated: s.truncated,
+                            embedding: Vec::new(),
+                            tokenize: s.tokenize,
+                            queue: Duration::ZERO,
+                            inference: Duration::ZERO,
+                        };
+                        (e, dec, true)
+                    } else {
+                        metrics::counter!(m::FAST_PATH, "result" => "deferred").increment(1);
+                        let e = self
+                            .pipeline
+                            .encode_deferred(s, q.priority, q.deadline)
+                            .await?;
+                        let dec = decide(&e.embedding)?;
+                        (e, dec, false)
+                    }
+                }
+            },
+        };
         let revision = self.revision_of(&d);
-        let d = decide::decide_route(scored, &pol, d.policy.verify_band)?;
+        let d = dec;
         let chosen = &d.candidates[d.chosen];
         metrics::counter!(m::DECISIONS, "model" => chosen.model.clone(), "reason" => d.reason)
             .increment(1);
@@ -270,6 +312,7 @@ impl Service {
                 inference: e.inference,
                 total: t0.elapsed(),
             },
+            fast_path,
         })
     }
 

@@ -69,6 +69,8 @@ pub struct RouteOutcome {
     /// Every candidate, cheapest first.
     pub candidates: Vec<Scored>,
     pub timings: Timings,
+    /// Decided by the static student alone (Route's fast path), without the encoder.
+    pub fast_path: bool,
 }
 
 #[derive(Debug, Clone)]
