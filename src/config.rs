@@ -646,6 +646,14 @@ impl Config {
             c.drain.timeout_s = v;
         }
         c.validate()?;
+        // The student alone fails the accuracy gate (README, "Route's fast path"): a server
+        // uses it only where its pick is stable, never for every Route and Verify.
+        if c.precision == Precision::Static {
+            bail!(
+                "precision = static is the static student alone, for `tiergate score`; to serve \
+                 it where its decision is stable, set policy.fast_path_stability"
+            );
+        }
         Ok(c)
     }
 
@@ -932,6 +940,24 @@ mod tests {
     }
 
     #[test]
+    fn a_server_does_not_run_on_the_student_alone() {
+        let o = Overrides {
+            precision: Some(Precision::Static),
+            ..Default::default()
+        };
+        let e = format!("{:#}", Config::load(&o).unwrap_err());
+        assert!(e.contains("fast_path_stability"), "{e}");
+        let o = Overrides {
+            fast_path_stability: Some(0.05),
+            ..Default::default()
+        };
+        assert_eq!(
+            Config::load(&o).unwrap().policy.fast_path_stability,
+            Some(0.05)
+        );
+    }
+
+    #[test]
     fn the_cuda_backend_gets_the_gpu_budget() {
         let c = Config::embedded().unwrap();
         let (cpu, gpu) = (
@@ -955,6 +981,8 @@ mod tests {
             .contains("batch.gpu_max_batch_tokens = 100"));
         assert!(with(|c| c.policy.quality_floor = Some(1.5)).contains("policy.quality_floor"));
         assert!(with(|c| c.policy.quality_floor = Some(f64::NAN)).contains("policy.quality_floor"));
+        assert!(with(|c| c.policy.fast_path_stability = Some(-0.1))
+            .contains("policy.fast_path_stability"));
         assert!(with(|c| c.catalog.clear()).contains("catalog is empty"));
         assert!(with(|c| c.catalog[0].in_usd_per_mtok = -1.0).contains("in_usd_per_mtok"));
         assert!(with(|c| {
