@@ -38,8 +38,9 @@
 #
 # fastpath (issue 15): per round, `tiergate serve` (release, embedded default config and
 # catalog, embedding cache off) with Route's fast path off, then on at
-# FAST_PATH_STABILITY (0.05); Route on dev prompts at concurrency 1 (300 requests) and 32 (30 s);
-# the share the student answered alone from the server's /metrics. Medians over rounds.
+# FAST_PATH_STABILITY (0.05) (the order alternating by round); Route on dev prompts at
+# concurrency 1 (300 requests) and 32 (30 s); the share the student answered alone from the
+# server's /metrics. Medians over rounds.
 #
 # Env: PORT (50151), THREADS (default: all cores), ROUNDS (3), BATCH (32),
 #      LIMIT (0 = all 905 prompts), GRAPHS ("fused fused-int8": ORT f32 and ORT's dynamic int8;
@@ -130,7 +131,9 @@ if [ "$what" = fastpath ]; then
   addr="127.0.0.1:$port"
   for r in $(seq 1 "$rounds"); do
     echo "== round $r/$rounds (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
-    for side in off on; do
+    # The sides alternate which goes first, so drifting machine state hits both alike.
+    order="off on"; [ $((r % 2)) = 0 ] && order="on off"
+    for side in $order; do
       extra=()
       [ "$side" = on ] && extra=(--fast-path-stability "$bar")
       target/release/tiergate serve --listen "$addr" --metrics-listen "127.0.0.1:$mport" \
