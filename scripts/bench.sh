@@ -40,7 +40,8 @@
 # catalog, embedding cache off) with Route's fast path off, then on at
 # FAST_PATH_STABILITY (0.05) (the order alternating by round); Route on dev prompts at
 # concurrency 1 (300 requests) and 32 (30 s); the share the student answered alone from the
-# server's /metrics. Medians over rounds.
+# server's /metrics. Medians over rounds. FP_SOURCE and FP_CANDIDATES (comma list) narrow the
+# prompts to one dev source and name Route's candidates (default: all prompts, the catalog).
 #
 # Env: PORT (50151), THREADS (default: all cores), ROUNDS (3), BATCH (32),
 #      LIMIT (0 = all 905 prompts), GRAPHS ("fused fused-int8": ORT f32 and ORT's dynamic int8;
@@ -125,6 +126,10 @@ if [ "$what" = fastpath ]; then
   port="${PORT:-50151}"
   mport=$((port + 1))
   bar="${FAST_PATH_STABILITY:-0.05}"
+  # FP_SOURCE: only that dev source's prompts; FP_CANDIDATES: Route's candidates (comma list).
+  pick=()
+  [ -n "${FP_SOURCE:-}" ] && pick+=(--source "$FP_SOURCE")
+  [ -n "${FP_CANDIDATES:-}" ] && pick+=(--candidates "$FP_CANDIDATES")
   cargo build --release --quiet --bin tiergate --bin loadgen
   srv=
   trap '[ -n "$srv" ] && kill "$srv" 2>/dev/null; wait 2>/dev/null || true' EXIT
@@ -139,10 +144,10 @@ if [ "$what" = fastpath ]; then
       target/release/tiergate serve --listen "$addr" --metrics-listen "127.0.0.1:$mport" \
         --embedding-cache 0 "${extra[@]}" >"$out/server-fp-$side.$r.log" 2>&1 &
       srv=$!
-      "$lg" --addr "$addr" --data "$data" --concurrency 1 --requests 300 \
+      "$lg" --addr "$addr" --data "$data" --concurrency 1 --requests 300 "${pick[@]}" \
         --out "$out/fp-$side-c1.$r.json"
       "$lg" --addr "$addr" --data "$data" --concurrency 32 --requests 2000 --duration 30 \
-        --out "$out/fp-$side-c32.$r.json"
+        "${pick[@]}" --out "$out/fp-$side-c32.$r.json"
       python3 - "http://127.0.0.1:$mport/metrics" >"$out/fp-$side.$r.metrics.json" <<'PY'
 import json, sys, urllib.request
 text = urllib.request.urlopen(sys.argv[1], timeout=10).read().decode()

@@ -105,6 +105,12 @@ struct LoadArgs {
     /// seeded hash of its index.
     #[arg(long, default_value_t = 0.0)]
     high_share: f64,
+    /// Only the dev prompts of this source.
+    #[arg(long)]
+    source: Option<String>,
+    /// Route's candidates, comma-separated (default: none given, i.e. the server's catalog).
+    #[arg(long, value_delimiter = ',')]
+    candidates: Vec<String>,
     /// Write the report as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -196,12 +202,15 @@ struct Sample {
 
 /// Distinct dev prompts in file order (rows repeat each prompt once per model), each with
 /// the first non-empty response seen for it.
-fn dev_samples(path: &Path) -> Result<Vec<Sample>> {
+fn dev_samples(path: &Path, source: Option<&str>) -> Result<Vec<Sample>> {
     let rows = tiergate::eval::data::read_rows(path)?;
     let mut seen = HashSet::new();
     let mut out: Vec<Sample> = Vec::new();
     let mut index = BTreeMap::new();
-    for r in rows {
+    for r in rows
+        .into_iter()
+        .filter(|r| source.is_none_or(|s| r.source == s))
+    {
         let key = (r.source.clone(), r.prompt_id.clone());
         if seen.insert(key.clone()) {
             index.insert(key.clone(), out.len());
@@ -343,7 +352,7 @@ struct IdDump {
 }
 
 fn dump_ids(a: &DumpArgs) -> Result<()> {
-    let samples = dev_samples(&a.data)?;
+    let samples = dev_samples(&a.data, None)?;
     // The pair limit is unused here; it only has to be valid.
     let tok = TextTokenizer::from_file(
         &a.model_dir.join("tokenizer.json"),
@@ -616,6 +625,7 @@ struct Driver {
     rpc: Rpc,
     samples: Arc<Vec<Sample>>,
     models: Arc<Vec<String>>,
+    candidates: Arc<Vec<String>>,
     timeout: Duration,
     /// Requests whose hashed index falls below this share of u64 go as HIGH.
     high_share: f64,
@@ -648,6 +658,7 @@ impl Driver {
                 let mut req = tonic::Request::new(RouteRequest {
                     request_id: format!("lg-{i}"),
                     input: Some(proto::route_request::Input::Prompt(s.prompt.clone())),
+                    candidates: self.candidates.to_vec(),
                     priority,
                     ..Default::default()
                 });
@@ -749,12 +760,16 @@ async fn load(a: LoadArgs) -> Result<()> {
             (v, format!("synthetic ~{n} tokens"))
         }
         None => {
-            let mut v = dev_samples(&a.data)?;
+            let mut v = dev_samples(&a.data, a.source.as_deref())?;
             if a.rpc == Rpc::Verify {
                 v.retain(|s| !s.answer.is_empty());
             }
             ensure!(!v.is_empty(), "no usable prompts in {}", a.data.display());
-            (v, format!("dev prompts ({})", a.data.display()))
+            let of = a
+                .source
+                .as_deref()
+                .map_or(String::new(), |s| format!(", source {s}"));
+            (v, format!("dev prompts ({}{of})", a.data.display()))
         }
     };
     // Seeded shuffle (Fisher-Yates): the request order is the same from run to run.
@@ -793,6 +808,7 @@ async fn load(a: LoadArgs) -> Result<()> {
         rpc: a.rpc,
         samples: Arc::new(samples),
         models: Arc::new(models),
+        candidates: Arc::new(a.candidates.clone()),
         timeout: Duration::from_millis(a.timeout_ms),
         high_share: a.high_share,
         seed: a.seed,
