@@ -142,10 +142,10 @@ mod encoder {
     fn student(b: Bencher<'_, '_>, len: usize) {
         let batch = batch(1, len);
         let m = model();
-        assert!(
-            m.student().is_some(),
-            "no static student fits these weights"
-        );
+        if m.student().is_none() {
+            eprintln!("skipped: no static student fits these weights");
+            return;
+        }
         b.bench(|| m.student_embed(black_box(&batch.ids)));
     }
 }

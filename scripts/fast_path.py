@@ -7,7 +7,7 @@ Usage: FULL=dev-full.jsonl STATIC=dev-static.jsonl python3 scripts/fast_path.py
 STATIC at `--precision static`). Route-only by the default relative floor r (0.94) over each
 source's data models in price order (scripts/relative_floor.py's candidates). The student's
 decision at r is the cheapest candidate j with p_j >= r * max p; its margin is how far the
-decisive comparisons are from the line: min(p_j - r*max, min over cheaper i of r*max - p_i).
+decisive comparisons are from their lines (`margin` below, the server's `stability`).
 With margin >= delta the student answers alone, else the encoder's decision is taken.
 delta is chosen on one half of the prompts (md5, as relative_floor.py) as the smallest value
 on a grid whose hybrid keeps >= 99% agreement with the encoder's decisions on every source,
@@ -21,15 +21,28 @@ sys.path.insert(0, os.path.dirname(__file__))
 import relative_floor as rf  # noqa: E402
 
 R = float(os.environ.get("R", "0.94"))
+BAND = 0.1  # policy.verify_band
 DELTAS = [i / 100 for i in range(0, 41)]
 
 
-def margin(p, r):
+def margin(p, r, band=BAND):
+    """The student's pick j and its stability, as `decide::RouteDecision::stability`: j over
+    the bar (of the others' best when j is the best: its own fall lowers the bar), every
+    cheaper candidate under it, and the margin from the Verify band when a dearer one exists
+    (candidates are in price order)."""
     thr = r * max(p)
     j = rf.pick_rel(p, r)
-    m = p[j] - thr
+    others = max((p[i] for i in range(len(p)) if i != j), default=None)
+    if others is None:
+        m = float("inf")
+    elif p[j] >= others:
+        m = p[j] - r * others
+    else:
+        m = p[j] - thr
     for i in range(j):
         m = min(m, thr - p[i])
+    if j < len(p) - 1:
+        m = min(m, abs(abs(p[j] - thr) - band))
     return j, m
 
 

@@ -778,8 +778,10 @@ impl Config {
         if let Some(t) = p.verify_threshold {
             unit("policy.verify_threshold", t)?;
         }
-        if let Some(t) = p.fast_path_stability {
-            unit("policy.fast_path_stability", t)?;
+        // 0 would let the student decide every relative Route: the server `precision =
+        // static` is refused for.
+        if let Some(t) = p.fast_path_stability.filter(|t| !(*t > 0.0 && *t <= 1.0)) {
+            bail!("policy.fast_path_stability = {t} must be in (0, 1]");
         }
         if !p.cost_weight.is_finite() || p.cost_weight < 0.0 {
             bail!(
@@ -981,8 +983,10 @@ mod tests {
             .contains("batch.gpu_max_batch_tokens = 100"));
         assert!(with(|c| c.policy.quality_floor = Some(1.5)).contains("policy.quality_floor"));
         assert!(with(|c| c.policy.quality_floor = Some(f64::NAN)).contains("policy.quality_floor"));
-        assert!(with(|c| c.policy.fast_path_stability = Some(-0.1))
-            .contains("policy.fast_path_stability"));
+        for bad in [-0.1, 0.0, f64::NAN] {
+            assert!(with(|c| c.policy.fast_path_stability = Some(bad))
+                .contains("policy.fast_path_stability"));
+        }
         assert!(with(|c| c.catalog.clear()).contains("catalog is empty"));
         assert!(with(|c| c.catalog[0].in_usd_per_mtok = -1.0).contains("in_usd_per_mtok"));
         assert!(with(|c| {

@@ -121,17 +121,23 @@ impl EmbeddingCache {
         let mut h = Sha256::new();
         // A fixed-width prefix (kind, option) before the text: no two inputs share bytes.
         match input {
-            Input::Single(t, side) => {
-                h.update([0u8, *side as u8]);
-                h.update(0u64.to_le_bytes());
-                h.update(t.as_bytes());
-            }
+            Input::Single(t, side) => return Self::key_single(t, *side),
             Input::Answer(t, limit) => {
                 h.update([1u8, 0]);
                 h.update((*limit as u64).to_le_bytes());
                 h.update(t.as_bytes());
             }
         }
+        h.finalize().into()
+    }
+
+    /// `key(&Input::Single(text, side))` without owning the text.
+    fn key_single(text: &str, side: TruncSide) -> CacheKey {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update([0u8, side as u8]);
+        h.update(0u64.to_le_bytes());
+        h.update(text.as_bytes());
         h.finalize().into()
     }
 
@@ -382,7 +388,7 @@ impl TextPipeline {
             return Err(BatchError::Internal("Route's fast path is off".into()).into());
         };
         let t0 = Instant::now();
-        let key = EmbeddingCache::key(&Input::Single(text.clone(), side));
+        let key = EmbeddingCache::key_single(&text, side);
         if let Some((enc_len, truncated, embedding)) = self.cache.get(&key) {
             metrics::counter!(m::EMBEDDING_CACHE, "result" => "hit").increment(1);
             return Ok(FastEncoded::Cached(EncodedInput {

@@ -229,11 +229,26 @@ async fn the_fast_path_answers_alone_only_when_the_students_pick_is_stable() {
             .await
             .expect("route")
             .into_inner();
-        // The student's p in the server's price order, and its pick's stability.
+        // The student's p in the server's price order, and its pick's stability: k over the
+        // bar (of the others' best, if k is the best), cheaper ones under it, and the margin
+        // from the Verify band (0.1) when a dearer candidate exists.
         let ps: Vec<f64> = rep.candidates.iter().map(|cs| sp[&cs.model]).collect();
         let k = relative_pick(&ps, R);
-        let bar = R * ps.iter().copied().fold(0.0, f64::max);
-        let stability = ps[..k].iter().map(|&x| bar - x).fold(ps[k] - bar, f64::min);
+        let max = ps.iter().copied().fold(0.0, f64::max);
+        let others = (0..ps.len())
+            .filter(|&j| j != k)
+            .map(|j| ps[j])
+            .fold(f64::NEG_INFINITY, f64::max);
+        let reach = if ps[k] >= others {
+            ps[k] - R * others
+        } else {
+            ps[k] - R * max
+        };
+        let mut stability = ps[..k].iter().map(|&x| R * max - x).fold(reach, f64::min);
+        let cost = |i: usize| rep.candidates[i].expected_cost_usd;
+        if (0..ps.len()).any(|i| cost(i) > cost(k)) {
+            stability = stability.min(((ps[k] - R * max).abs() - 0.1).abs());
+        }
         if (stability - BAR).abs() < TOL {
             edge += 1.0; // float noise may tip it either way
             continue;
