@@ -26,15 +26,17 @@ use crate::base::{BackendError, PackedBatch};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// bf16 where the CPU has AVX512-BF16, else int8 where it has AVX2 (both passed the
-    /// dev accuracy gate, `scripts/precision_gate.py`), else f32.
+    /// int8 where the CPU has AVX2 (on its AVX-512 VNNI kernel where it has that), bf16 on
+    /// an AVX512-BF16 CPU without VNNI, else f32 (both passed the dev accuracy gate,
+    /// `scripts/precision_gate.py`).
     Auto,
     /// f32 weights and activations (the `gemm` crate): the reference.
     F32,
     /// bf16 weights and activations, f32 accumulation (AVX512-BF16 only).
     Bf16,
     /// int8 weights (per output channel) and activations (per token), i32 accumulation
-    /// (`model::int8`; vector kernel on AVX2, a scalar reference elsewhere).
+    /// (`model::int8`; vector kernels on AVX2 and AVX-512 VNNI, a scalar reference
+    /// elsewhere).
     Int8,
     /// No encoder layers: the static student (`model::student`), Route's fast path, for
     /// measuring it (`tiergate score`); needs a student fitted on these weights.
@@ -186,6 +188,10 @@ pub struct ActStats {
 }
 
 /// Fitted by `tiergate distill-static` on train prompts (models/README.md); empty until then.
+/// Rows of the FFN done at once: 256 × 1536 f32 is 1.5 MiB, about one core's L2 and its
+/// share of L3.
+const FFN_ROWS: usize = 256;
+
 const EMBEDDED_STUDENT: &[u8] = include_bytes!("../../models/static-student.bin");
 
 /// Measured by `tiergate calibrate-int8` on train prompts (models/README.md).
@@ -632,19 +638,20 @@ impl MiniLm {
 
         let mut qkv = vec![0.0f32; t * 3 * h];
         let mut ctx = vec![0.0f32; t * h];
-        let mut mid = vec![0.0f32; t * inter];
+        let mut mid = vec![0.0f32; t.min(FFN_ROWS) * inter];
         let use_bf16 = precision == Precision::Bf16;
         let use_int8 = precision == Precision::Int8;
         for (li, layer) in self.layers.iter().enumerate() {
             let packed = use_bf16.then(|| self.packed(layer));
             let packed_i8 = use_int8.then(|| self.packed_i8(li, layer));
-            // dst (+)= a·W[i] in the chosen precision.
-            let mm = |dst: &mut [f32], a: &[f32], i: usize, w: &[f32], k: usize, n: usize| match (
-                packed, packed_i8,
-            ) {
-                (Some(p), _) => bf16::matmul(dst, a, &p[i], t, true),
-                (None, Some(p)) => int8::matmul(dst, a, &p[i], t, true),
-                (None, None) => matmul(dst, a, w, t, k, n, true),
+            // dst (+)= a·W[i] in the chosen precision, over the rows of `a`.
+            let mm = |dst: &mut [f32], a: &[f32], i: usize, w: &[f32], k: usize, n: usize| {
+                let m = a.len() / k;
+                match (packed, packed_i8) {
+                    (Some(p), _) => bf16::matmul(dst, a, &p[i], m, true),
+                    (None, Some(p)) => int8::matmul(dst, a, &p[i], m, true),
+                    (None, None) => matmul(dst, a, w, m, k, n, true),
+                }
             };
             // Q|K|V = x·Wqkv + b (bias pre-filled, GEMM accumulates onto it).
             if let Some(st) = observe.as_deref_mut() {
@@ -665,19 +672,24 @@ impl MiniLm {
                 &layer.ln1_b,
                 self.eps,
             );
-            // mid = GELU(x·Wi + bi)
             if let Some(st) = observe.as_deref_mut() {
                 st.observe(li, 2, &x);
             }
-            fill_rows(&mut mid, &layer.b_inter);
-            mm(&mut mid, &x, 2, &layer.w_inter, h, inter);
-            mid.par_chunks_mut(inter * 8).for_each(gelu_inplace);
-            if let Some(st) = observe.as_deref_mut() {
-                st.observe(li, 3, &mid);
+            // The FFN a block of rows at a time, so a block's intermediate stays in cache from
+            // its GEMM through GELU to the next GEMM (a whole batch's is tens of MB).
+            for xs in x.chunks_mut(FFN_ROWS * h) {
+                let mid = &mut mid[..xs.len() / h * inter];
+                // mid = GELU(x·Wi + bi)
+                fill_rows(mid, &layer.b_inter);
+                mm(mid, xs, 2, &layer.w_inter, h, inter);
+                mid.par_chunks_mut(inter * 8).for_each(gelu_inplace);
+                if let Some(st) = observe.as_deref_mut() {
+                    st.observe(li, 3, mid);
+                }
+                // x = LN(x + mid·Wo2 + bo2)
+                mm(xs, mid, 3, &layer.w_out, inter, h);
+                bias_layer_norm_rows(xs, &layer.b_out, &layer.ln2_g, &layer.ln2_b, self.eps);
             }
-            // x = LN(x + mid·Wo2 + bo2)
-            mm(&mut x, &mid, 3, &layer.w_out, inter, h);
-            bias_layer_norm_rows(&mut x, &layer.b_out, &layer.ln2_g, &layer.ln2_b, self.eps);
         }
 
         let mut out = vec![0.0f32; batch.len() * h];
