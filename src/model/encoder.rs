@@ -188,9 +188,9 @@ pub struct ActStats {
 }
 
 /// Fitted by `tiergate distill-static` on train prompts (models/README.md); empty until then.
-/// Rows of the FFN done at once: 256 × 1536 f32 is 1.5 MiB, about one core's L2 and its
-/// share of L3.
-const FFN_ROWS: usize = 256;
+/// Tokens of one group of sequences a layer runs on at once (`forward_impl`): the FFN's
+/// 256 × 1536 f32 intermediate is 1.5 MiB, about one core's L2 and its share of L3.
+const GROUP_TOKENS: usize = 256;
 
 const EMBEDDED_STUDENT: &[u8] = include_bytes!("../../models/static-student.bin");
 
@@ -636,9 +636,28 @@ impl MiniLm {
         let mut x = vec![0.0f32; t * h];
         self.embed_tokens(batch, &mut x);
 
+        // Whole sequences in groups of about GROUP_TOKENS tokens (a longer sequence is a
+        // group of its own). Nothing crosses sequences after the embeddings, so each layer
+        // runs group by group and a group's activations (its Q|K|V, the FFN's 1536-wide
+        // intermediate) stay in cache from one step to the next; a whole batch's are tens of
+        // MB. A batch within one group runs as before.
+        let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut g0 = 0;
+        for sq in 1..batch.len() {
+            if batch.seq(sq).end - batch.seq(g0).start > GROUP_TOKENS {
+                groups.push(g0..sq);
+                g0 = sq;
+            }
+        }
+        groups.push(g0..batch.len());
+        let most = groups
+            .iter()
+            .map(|g| batch.seq(g.end - 1).end - batch.seq(g.start).start)
+            .max()
+            .unwrap_or(0);
         let mut qkv = vec![0.0f32; t * 3 * h];
         let mut ctx = vec![0.0f32; t * h];
-        let mut mid = vec![0.0f32; t.min(FFN_ROWS) * inter];
+        let mut mid = vec![0.0f32; most * inter];
         let use_bf16 = precision == Precision::Bf16;
         let use_int8 = precision == Precision::Int8;
         for (li, layer) in self.layers.iter().enumerate() {
@@ -653,33 +672,29 @@ impl MiniLm {
                     (None, None) => matmul(dst, a, w, m, k, n, true),
                 }
             };
-            // Q|K|V = x·Wqkv + b (bias pre-filled, GEMM accumulates onto it).
-            if let Some(st) = observe.as_deref_mut() {
-                st.observe(li, 0, &x);
-            }
-            fill_rows(&mut qkv, &layer.b_qkv);
-            mm(&mut qkv, &x, 0, &layer.w_qkv, h, 3 * h);
-            self.attention(batch, &qkv, &mut ctx);
-            if let Some(st) = observe.as_deref_mut() {
-                st.observe(li, 1, &ctx);
-            }
-            // x = LN(x + ctx·Wo + bo): the GEMM adds onto the residual in place.
-            mm(&mut x, &ctx, 1, &layer.w_attn_out, h, h);
-            bias_layer_norm_rows(
-                &mut x,
-                &layer.b_attn_out,
-                &layer.ln1_g,
-                &layer.ln1_b,
-                self.eps,
-            );
-            if let Some(st) = observe.as_deref_mut() {
-                st.observe(li, 2, &x);
-            }
-            // The FFN a block of rows at a time, so a block's intermediate stays in cache from
-            // its GEMM through GELU to the next GEMM (a whole batch's is tens of MB).
-            for xs in x.chunks_mut(FFN_ROWS * h) {
-                let mid = &mut mid[..xs.len() / h * inter];
+            for g in &groups {
+                let rows = batch.seq(g.start).start..batch.seq(g.end - 1).end;
+                let xs = &mut x[rows.start * h..rows.end * h];
+                // Q|K|V = x·Wqkv + b (bias pre-filled, GEMM accumulates onto it).
+                if let Some(st) = observe.as_deref_mut() {
+                    st.observe(li, 0, xs);
+                }
+                let qs = &mut qkv[rows.start * 3 * h..rows.end * 3 * h];
+                fill_rows(qs, &layer.b_qkv);
+                mm(qs, xs, 0, &layer.w_qkv, h, 3 * h);
+                self.attention(batch, g.clone(), &qkv, &mut ctx);
+                let cs = &ctx[rows.start * h..rows.end * h];
+                if let Some(st) = observe.as_deref_mut() {
+                    st.observe(li, 1, cs);
+                }
+                // x = LN(x + ctx·Wo + bo): the GEMM adds onto the residual in place.
+                mm(xs, cs, 1, &layer.w_attn_out, h, h);
+                bias_layer_norm_rows(xs, &layer.b_attn_out, &layer.ln1_g, &layer.ln1_b, self.eps);
+                if let Some(st) = observe.as_deref_mut() {
+                    st.observe(li, 2, xs);
+                }
                 // mid = GELU(x·Wi + bi)
+                let mid = &mut mid[..rows.len() * inter];
                 fill_rows(mid, &layer.b_inter);
                 mm(mid, xs, 2, &layer.w_inter, h, inter);
                 mid.par_chunks_mut(inter * 8).for_each(gelu_inplace);
@@ -766,7 +781,15 @@ impl MiniLm {
     }
 
     /// Multi-head self-attention within each sequence; one task per (sequence, head).
-    fn attention(&self, batch: &PackedBatch, qkv: &[f32], ctx: &mut [f32]) {
+    /// Self-attention of the sequences `seqs` of `batch`, from their rows of `qkv` into
+    /// their rows of `ctx`.
+    fn attention(
+        &self,
+        batch: &PackedBatch,
+        seqs: std::ops::Range<usize>,
+        qkv: &[f32],
+        ctx: &mut [f32],
+    ) {
         let (h, d, heads) = (
             self.cfg.hidden_size,
             self.head_dim,
@@ -775,9 +798,9 @@ impl MiniLm {
         let scale = 1.0 / (d as f32).sqrt();
         let ctx_ptr = SendPtr(ctx.as_mut_ptr());
         let ctx_len = ctx.len();
-        (0..batch.len() * heads).into_par_iter().for_each_init(
-            Vec::new,
-            |scores: &mut Vec<f32>, task| {
+        (seqs.start * heads..seqs.end * heads)
+            .into_par_iter()
+            .for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {
                 let (s, head) = (task / heads, task % heads);
                 let r = batch.seq(s);
                 let l = r.len();
@@ -843,8 +866,7 @@ impl MiniLm {
                         Parallelism::None,
                     );
                 }
-            },
-        );
+            });
     }
 }
 
