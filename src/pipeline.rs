@@ -349,29 +349,34 @@ impl TextPipeline {
     ) -> Result<EncodedInput, EncodeError> {
         let t0 = Instant::now();
         let key = EmbeddingCache::key(&input);
-        if let Some((enc_len, truncated, embedding)) = self.cache.get(&key) {
-            metrics::counter!(m::EMBEDDING_CACHE, "result" => "hit").increment(1);
-            return Ok(EncodedInput {
-                enc_len,
-                truncated,
-                embedding: embedding.to_vec(),
-                tokenize: Duration::ZERO,
-                queue: Duration::ZERO,
-                inference: Duration::ZERO,
-            });
+        if let Some(e) = self.cached(&key) {
+            return Ok(e);
         }
-        metrics::counter!(m::EMBEDDING_CACHE, "result" => "miss").increment(1);
         let enc = match input {
             Input::Single(text, side) => self.tokenize_single(text, side, deadline).await?,
             Input::Answer(a, limit) => self.tokenize_answer(a, limit, deadline).await?,
         };
         let tokenize = t0.elapsed();
-        metrics::histogram!(m::TOKENIZE_SECONDS).record(tokenize.as_secs_f64());
-        if enc.truncated {
-            metrics::counter!(m::TRUNCATIONS, "rpc" => rpc).increment(1);
-        }
+        record_tokenized(rpc, tokenize, enc.truncated);
         self.embed_tokens(key, enc, tokenize, priority, deadline)
             .await
+    }
+
+    /// The cached embedding of `key`, if any, counted as a cache hit or miss.
+    fn cached(&self, key: &CacheKey) -> Option<EncodedInput> {
+        let Some((enc_len, truncated, embedding)) = self.cache.get(key) else {
+            metrics::counter!(m::EMBEDDING_CACHE, "result" => "miss").increment(1);
+            return None;
+        };
+        metrics::counter!(m::EMBEDDING_CACHE, "result" => "hit").increment(1);
+        Some(EncodedInput {
+            enc_len,
+            truncated,
+            embedding: embedding.to_vec(),
+            tokenize: Duration::ZERO,
+            queue: Duration::ZERO,
+            inference: Duration::ZERO,
+        })
     }
 
     /// Route's fast path: the cached embedding if there is one, else the prompt tokenized
@@ -389,18 +394,9 @@ impl TextPipeline {
         };
         let t0 = Instant::now();
         let key = EmbeddingCache::key_single(&text, side);
-        if let Some((enc_len, truncated, embedding)) = self.cache.get(&key) {
-            metrics::counter!(m::EMBEDDING_CACHE, "result" => "hit").increment(1);
-            return Ok(FastEncoded::Cached(EncodedInput {
-                enc_len,
-                truncated,
-                embedding: embedding.to_vec(),
-                tokenize: Duration::ZERO,
-                queue: Duration::ZERO,
-                inference: Duration::ZERO,
-            }));
+        if let Some(e) = self.cached(&key) {
+            return Ok(FastEncoded::Cached(e));
         }
-        metrics::counter!(m::EMBEDDING_CACHE, "result" => "miss").increment(1);
         let (enc, emb) = self
             .on_pool(text.len(), deadline, move |t| {
                 let enc = t.encode_single(&text, side)?;
@@ -408,25 +404,19 @@ impl TextPipeline {
                 Ok((enc, emb))
             })
             .await?;
-        {
-            let tokenize = t0.elapsed();
-            metrics::histogram!(m::TOKENIZE_SECONDS).record(tokenize.as_secs_f64());
-            if enc.truncated {
-                metrics::counter!(m::TRUNCATIONS, "rpc" => rpc).increment(1);
-            }
-            // `self.student` is only kept when a student fits, so this is never None.
-            let embedding = emb.ok_or_else(|| {
-                EncodeError::Batch(BatchError::Internal("no static student".into()))
-            })?;
-            Ok(FastEncoded::Student(StudentEncoded {
-                embedding,
-                enc_len: enc.ids.len(),
-                truncated: enc.truncated,
-                tokenize,
-                enc,
-                key,
-            }))
-        }
+        let tokenize = t0.elapsed();
+        record_tokenized(rpc, tokenize, enc.truncated);
+        // `self.student` is only kept when a student fits, so this is never None.
+        let embedding = emb
+            .ok_or_else(|| EncodeError::Batch(BatchError::Internal("no static student".into())))?;
+        Ok(FastEncoded::Student(StudentEncoded {
+            embedding,
+            enc_len: enc.ids.len(),
+            truncated: enc.truncated,
+            tokenize,
+            enc,
+            key,
+        }))
     }
 
     /// The encoder's embedding of a text the fast path deferred, from its kept tokens.
@@ -470,6 +460,14 @@ impl TextPipeline {
             queue,
             inference,
         })
+    }
+}
+
+/// Tokenizing's metrics, once per text tokenized.
+fn record_tokenized(rpc: &'static str, tokenize: Duration, truncated: bool) {
+    metrics::histogram!(m::TOKENIZE_SECONDS).record(tokenize.as_secs_f64());
+    if truncated {
+        metrics::counter!(m::TRUNCATIONS, "rpc" => rpc).increment(1);
     }
 }
 

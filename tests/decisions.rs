@@ -99,6 +99,28 @@ fn p_route_by_prompt(rows: &[Value], scored: &[Value]) -> BTreeMap<String, BTree
     by_prompt
 }
 
+/// The p_pass of `by` in the reply's (price) order, each asserted equal to what the server
+/// returned for that candidate; `what` names `by` in the failure message.
+fn offline_in_price_order(
+    rep: &proto::RouteReply,
+    by: &BTreeMap<String, f64>,
+    what: &str,
+) -> Vec<f64> {
+    rep.candidates
+        .iter()
+        .map(|cs| {
+            let q = by[&cs.model];
+            assert!(
+                (cs.p_pass - q).abs() < TOL,
+                "{}: served {} vs the {what} {q}",
+                cs.model,
+                cs.p_pass
+            );
+            q
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn score_and_the_server_make_the_same_decisions_on_dev_rows() {
     let rows = rows_of_trained_models();
@@ -129,21 +151,7 @@ async fn score_and_the_server_make_the_same_decisions_on_dev_rows() {
                 .await
                 .expect("route")
                 .into_inner();
-            // The server's price order, the offline p in that order.
-            let p: Vec<f64> = rep
-                .candidates
-                .iter()
-                .map(|cs| {
-                    let q = offline[&cs.model];
-                    assert!(
-                        (cs.p_pass - q).abs() < TOL,
-                        "{}: {} vs {q}",
-                        cs.model,
-                        cs.p_pass
-                    );
-                    q
-                })
-                .collect();
+            let p = offline_in_price_order(&rep, offline, "offline");
             if p.iter().any(|q| (q - floor).abs() < TOL) {
                 continue; // on the edge: float noise may tip it either way
             }
@@ -260,20 +268,8 @@ async fn the_fast_path_answers_alone_only_when_the_students_pick_is_stable() {
             deferred += 1.0;
             (&full[prompt], "encoder")
         };
-        let p: Vec<f64> = rep
-            .candidates
-            .iter()
-            .map(|cs| {
-                let q = by[&cs.model];
-                assert!(
-                    (cs.p_pass - q).abs() < TOL,
-                    "{}: served {} vs the {name}'s {q} (stability {stability:.4})",
-                    cs.model,
-                    cs.p_pass
-                );
-                q
-            })
-            .collect();
+        let what = format!("{name} (stability {stability:.4})");
+        let p = offline_in_price_order(&rep, by, &what);
         assert_eq!(rep.model, rep.candidates[relative_pick(&p, R)].model);
     }
     assert!(

@@ -233,25 +233,22 @@ impl Service {
             .policy
             .fast_path_stability
             .filter(|_| self.pipeline.has_student());
-        let (e, dec, fast_path) = match fast {
+        // The embedding, and the student's decision when it decides alone.
+        let (e, alone) = match fast {
             None => {
                 let input = Input::Single(text, q.truncation);
                 let e = self
                     .pipeline
                     .encode("route", input, q.priority, q.deadline)
                     .await?;
-                let dec = decide(&e.embedding)?;
-                (e, dec, false)
+                (e, None)
             }
             Some(bar) => match self
                 .pipeline
                 .encode_fast("route", text, q.truncation, q.deadline)
                 .await?
             {
-                FastEncoded::Cached(e) => {
-                    let dec = decide(&e.embedding)?;
-                    (e, dec, false)
-                }
+                FastEncoded::Cached(e) => (e, None),
                 FastEncoded::Student(s) => {
                     let dec = decide(&s.embedding)?;
                     if dec.stability >= bar {
@@ -264,18 +261,22 @@ impl Service {
                             queue: Duration::ZERO,
                             inference: Duration::ZERO,
                         };
-                        (e, dec, true)
+                        (e, Some(dec))
                     } else {
                         metrics::counter!(m::FAST_PATH, "result" => "deferred").increment(1);
                         let e = self
                             .pipeline
                             .encode_deferred(s, q.priority, q.deadline)
                             .await?;
-                        let dec = decide(&e.embedding)?;
-                        (e, dec, false)
+                        (e, None)
                     }
                 }
             },
+        };
+        let fast_path = alone.is_some();
+        let dec = match alone {
+            Some(dec) => dec,
+            None => decide(&e.embedding)?,
         };
         let revision = self.revision_of(&d);
         let d = dec;
