@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::base::{Backend, BackendError, Device, PackedBatch};
-use crate::model::{bf16, MiniLm, Precision};
+use crate::model::{MiniLm, Precision};
 
 pub struct CpuBackend {
     model: Arc<MiniLm>,
@@ -20,21 +20,14 @@ impl CpuBackend {
         threads: usize,
         precision: Precision,
     ) -> Result<Self, BackendError> {
-        let requested_auto = precision == Precision::Auto;
-        let mut precision = precision.resolve()?;
-        if requested_auto && precision == Precision::Int8 && !model.int8_smoothed() {
-            // int8 passed the gate smoothed (models/int8-act-max.json fits these weights);
-            // without that, auto keeps to what needs no calibration.
-            precision = if bf16::available() {
-                Precision::Bf16
-            } else {
-                Precision::F32
-            };
+        let resolved = model.resolve_precision(precision)?;
+        if resolved != precision.resolve()? {
             tracing::warn!(
-                fallback = precision.as_str(),
+                fallback = resolved.as_str(),
                 "precision auto: no int8 smoothing ranges fit these weights"
             );
         }
+        let precision = resolved;
         match precision {
             Precision::Bf16 => model.prepare_bf16(),
             Precision::Int8 => model.prepare_int8(),

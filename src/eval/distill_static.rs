@@ -88,7 +88,7 @@ pub fn run(a: DistillStaticArgs) -> Result<()> {
                 .file_name()
                 .map_or_else(String::new, |f| f.to_string_lossy().into_owned()),
             a.holdout_every,
-            a.precision.resolve()?.as_str(),
+            model.resolve_precision(a.precision)?.as_str(),
             a.lambda
         ),
     };

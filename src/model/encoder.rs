@@ -47,8 +47,8 @@ impl Precision {
     /// What `self` runs as on this CPU; `Bf16` without AVX512-BF16 is an error.
     pub fn resolve(self) -> Result<Self, BackendError> {
         match self {
-            // With AVX-512 VNNI, int8 beats bf16 at batch 1 (7.6 vs 10.2 ms p50 on the dev
-            // mix, Zen 4) and ties it batched; both passed the gate (benches/README.md).
+            // With AVX-512 VNNI, int8 is about 1.3x bf16 at batch 1 and batched on the dev
+            // mix (Zen 4); both passed the gate (benches/README.md).
             Self::Auto if int8::kernel() == int8::Kernel::Avx512Vnni => Ok(Self::Int8),
             Self::Auto if bf16::available() => Ok(Self::Bf16),
             // Elsewhere (Arm, pre-AVX2 x86) int8 would run its scalar reference: slower
@@ -187,11 +187,12 @@ pub struct ActStats {
     pub layers: Vec<[Vec<f32>; 4]>,
 }
 
-/// Fitted by `tiergate distill-static` on train prompts (models/README.md); empty until then.
 /// Tokens of one group of sequences a layer runs on at once (`forward_impl`): the FFN's
 /// 256 × 1536 f32 intermediate is 1.5 MiB, about one core's L2 and its share of L3.
 const GROUP_TOKENS: usize = 256;
 
+/// Fitted by `tiergate distill-static` on train prompts (benches/README.md, "Route's fast
+/// path").
 const EMBEDDED_STUDENT: &[u8] = include_bytes!("../../models/static-student.bin");
 
 /// Measured by `tiergate calibrate-int8` on train prompts (models/README.md).
@@ -496,6 +497,21 @@ impl MiniLm {
         }
     }
 
+    /// What `precision` runs as for these weights on this CPU: [`Precision::resolve`], except
+    /// that `Auto` keeps off int8 when no smoothing ranges fit these weights (int8 passed the
+    /// gate smoothed) and takes what needs no calibration.
+    pub fn resolve_precision(&self, precision: Precision) -> Result<Precision, BackendError> {
+        let p = precision.resolve()?;
+        if precision == Precision::Auto && p == Precision::Int8 && !self.int8_smoothed() {
+            return Ok(if bf16::available() {
+                Precision::Bf16
+            } else {
+                Precision::F32
+            });
+        }
+        Ok(p)
+    }
+
     /// Whether the int8 layers are smoothed (calibration maxima fit these weights).
     pub fn int8_smoothed(&self) -> bool {
         self.act_max.is_some()
@@ -608,7 +624,7 @@ impl MiniLm {
     }
 
     /// [`Self::forward`] with the linear layers in `precision` (resolved as
-    /// [`Precision::resolve`] does; `Bf16` without AVX512-BF16 falls back to f32).
+    /// [`Self::resolve_precision`] does; `Bf16` without AVX512-BF16 falls back to f32).
     pub fn forward_with(&self, batch: &PackedBatch, precision: Precision) -> Vec<f32> {
         self.forward_impl(batch, precision, None)
     }
@@ -627,7 +643,7 @@ impl MiniLm {
         if batch.is_empty() {
             return Vec::new();
         }
-        let precision = precision.resolve().unwrap_or(Precision::F32);
+        let precision = self.resolve_precision(precision).unwrap_or(Precision::F32);
         if precision == Precision::Static {
             if let Some(s) = &self.student {
                 return self.student_forward(s, batch);
@@ -719,22 +735,24 @@ impl MiniLm {
         let h = self.cfg.hidden_size;
         let mut out = vec![0.0f32; batch.len() * h];
         out.par_chunks_mut(h).enumerate().for_each(|(i, o)| {
-            let mut b = vec![0.0f32; h];
-            student::bag(&self.word, h, &batch.ids[batch.seq(i)], &mut b);
-            s.apply(&b, o);
+            self.student_into(s, &batch.ids[batch.seq(i)], o);
         });
         out
+    }
+
+    /// `s`'s embedding of the tokens `ids` into `out`.
+    fn student_into(&self, s: &StaticStudent, ids: &[u32], out: &mut [f32]) {
+        let mut b = vec![0.0f32; self.cfg.hidden_size];
+        student::bag(&self.word, b.len(), ids, &mut b);
+        s.apply(&b, out);
     }
 
     /// The static student's embedding of one tokenized text (microseconds: a bag of word
     /// vectors and one 384×384 map), if a student fits these weights.
     pub fn student_embed(&self, ids: &[u32]) -> Option<Vec<f32>> {
         let s = self.student.as_ref()?;
-        let h = self.cfg.hidden_size;
-        let mut b = vec![0.0f32; h];
-        student::bag(&self.word, h, ids, &mut b);
-        let mut out = vec![0.0f32; h];
-        s.apply(&b, &mut out);
+        let mut out = vec![0.0f32; self.cfg.hidden_size];
+        self.student_into(s, ids, &mut out);
         Some(out)
     }
 
@@ -780,9 +798,8 @@ impl MiniLm {
             });
     }
 
-    /// Multi-head self-attention within each sequence; one task per (sequence, head).
-    /// Self-attention of the sequences `seqs` of `batch`, from their rows of `qkv` into
-    /// their rows of `ctx`.
+    /// Multi-head self-attention of the sequences `seqs` of `batch`, each within itself,
+    /// from their rows of `qkv` into their rows of `ctx`; one task per (sequence, head).
     fn attention(
         &self,
         batch: &PackedBatch,
