@@ -66,13 +66,24 @@ pub fn fit_ability(
 
 /// Solves A x = b for symmetric positive definite A (overwritten by its factor).
 pub fn cholesky_solve(a: &mut [f64], b: &[f64], n: usize) -> Result<Vec<f64>> {
+    if !cholesky_factor(a, n) {
+        bail!("logistic: Hessian is not positive definite");
+    }
+    let mut z = b.to_vec();
+    cholesky_substitute(a, &mut z, n);
+    Ok(z)
+}
+
+/// Overwrites the lower triangle of A (n × n, symmetric positive definite) with L, where
+/// L Lᵀ = A; false when A is not positive definite.
+pub fn cholesky_factor(a: &mut [f64], n: usize) -> bool {
     for j in 0..n {
         let mut s = a[j * n + j];
         for k in 0..j {
             s -= a[j * n + k] * a[j * n + k];
         }
         if s <= 0.0 || !s.is_finite() {
-            bail!("logistic: Hessian is not positive definite");
+            return false;
         }
         let l = s.sqrt();
         a[j * n + j] = l;
@@ -84,20 +95,23 @@ pub fn cholesky_solve(a: &mut [f64], b: &[f64], n: usize) -> Result<Vec<f64>> {
             a[i * n + j] = s / l;
         }
     }
-    let mut z = b.to_vec();
+    true
+}
+
+/// Solves L Lᵀ x = z in place, L from [`cholesky_factor`].
+pub fn cholesky_substitute(l: &[f64], z: &mut [f64], n: usize) {
     for i in 0..n {
         for k in 0..i {
-            z[i] -= a[i * n + k] * z[k];
+            z[i] -= l[i * n + k] * z[k];
         }
-        z[i] /= a[i * n + i];
+        z[i] /= l[i * n + i];
     }
     for i in (0..n).rev() {
         for k in i + 1..n {
-            z[i] -= a[k * n + i] * z[k];
+            z[i] -= l[k * n + i] * z[k];
         }
-        z[i] /= a[i * n + i];
+        z[i] /= l[i * n + i];
     }
-    Ok(z)
 }
 
 /// The ability whose mean pass probability over a benchmark's prompts (router features `s`,

@@ -8,6 +8,7 @@
 //! prompts by `tiergate distill-static` and stored as f16 (`models/static-student.bin`,
 //! embedded at build time and used when its model revision matches the weights).
 #![forbid(unsafe_code)]
+use super::ability::{cholesky_factor, cholesky_substitute};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -101,8 +102,22 @@ impl StaticStudent {
         for i in 0..dim {
             a[i * dim + i] += lambda;
         }
-        let l = cholesky(&a, dim).context("the student's normal equations")?;
-        let w = cholesky_solve(&l, &b, dim);
+        ensure!(
+            cholesky_factor(&mut a, dim),
+            "the student's normal equations are not positive definite"
+        );
+        // W = A⁻¹B, a column at a time on the one factor.
+        let mut w = vec![0.0f64; dim * dim];
+        let mut col = vec![0.0f64; dim];
+        for c in 0..dim {
+            col.iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v = b[i * dim + c]);
+            cholesky_substitute(&a, &mut col, dim);
+            col.iter()
+                .enumerate()
+                .for_each(|(i, &v)| w[i * dim + c] = v);
+        }
         let map: Vec<f32> = w.iter().map(|&v| v as f32).collect();
         // b = ȳ − x̄ · W
         let bias = (0..dim)
@@ -180,42 +195,6 @@ impl StaticStudent {
             bias: bias.to_vec(),
         })
     }
-}
-
-/// Lower-triangular `L` with `L Lᵀ = a` (`a` symmetric positive definite, n × n).
-fn cholesky(a: &[f64], n: usize) -> Result<Vec<f64>> {
-    let mut l = vec![0.0f64; n * n];
-    for i in 0..n {
-        for j in 0..=i {
-            let s: f64 = (0..j).map(|k| l[i * n + k] * l[j * n + k]).sum();
-            if i == j {
-                let d = a[i * n + i] - s;
-                ensure!(d > 0.0, "matrix not positive definite at {i}");
-                l[i * n + i] = d.sqrt();
-            } else {
-                l[i * n + j] = (a[i * n + j] - s) / l[j * n + j];
-            }
-        }
-    }
-    Ok(l)
-}
-
-/// Solves `L Lᵀ X = B` for every column of `b` (n × n, row-major).
-fn cholesky_solve(l: &[f64], b: &[f64], n: usize) -> Vec<f64> {
-    let mut x = b.to_vec();
-    for c in 0..n {
-        // forward: L z = b
-        for i in 0..n {
-            let s: f64 = (0..i).map(|k| l[i * n + k] * x[k * n + c]).sum();
-            x[i * n + c] = (x[i * n + c] - s) / l[i * n + i];
-        }
-        // back: Lᵀ x = z
-        for i in (0..n).rev() {
-            let s: f64 = (i + 1..n).map(|k| l[k * n + i] * x[k * n + c]).sum();
-            x[i * n + c] = (x[i * n + c] - s) / l[i * n + i];
-        }
-    }
-    x
 }
 
 #[cfg(test)]
