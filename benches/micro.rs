@@ -209,10 +209,9 @@ mod linear {
             });
     }
 
-    /// The AVX2 kernel where a faster one (AVX-512 VNNI) is what `int8_packed` runs.
-    #[divan::bench(args = M, max_time = 3)]
-    fn int8_packed_avx2(b: Bencher<'_, '_>, m: usize) {
-        if !int8::kernels().contains(&int8::Kernel::Avx2) {
+    /// One named kernel (skipped where this CPU lacks it), beside what `int8_packed` runs.
+    fn int8_on(b: Bencher<'_, '_>, m: usize, kern: int8::Kernel) {
+        if !int8::kernels().contains(&kern) {
             return;
         }
         let (a, w) = data(m);
@@ -220,10 +219,20 @@ mod linear {
         let mut c = vec![0.0f32; m * N];
         b.counter(divan::counter::ItemsCount::new(2 * m * K * N))
             .bench_local(|| {
-                pool().install(|| {
-                    int8::matmul_on(int8::Kernel::Avx2, &mut c, black_box(&a), &packed, m, false)
-                })
+                pool().install(|| int8::matmul_on(kern, &mut c, black_box(&a), &packed, m, false))
             });
+    }
+
+    /// The AVX2 kernel, what AVX2-only CPUs run.
+    #[divan::bench(args = M, max_time = 3)]
+    fn int8_packed_avx2(b: Bencher<'_, '_>, m: usize) {
+        int8_on(b, m, int8::Kernel::Avx2);
+    }
+
+    /// The AVX-VNNI kernel (ymm), what AVX-VNNI CPUs without AVX-512 run.
+    #[divan::bench(args = M, max_time = 3)]
+    fn int8_packed_avx_vnni(b: Bencher<'_, '_>, m: usize) {
+        int8_on(b, m, int8::Kernel::AvxVnni);
     }
 
     #[divan::bench(args = M, max_time = 3)]

@@ -722,6 +722,7 @@ impl Config {
                 crate::engine::fault::ENV
             );
         }
+        crate::model::int8::kernel_from_env().map_err(anyhow::Error::msg)?;
         if self.drain.timeout_s == 0 {
             bail!("drain.timeout_s must be > 0");
         }

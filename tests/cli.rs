@@ -47,6 +47,11 @@ fn invalid_settings_fail_at_start_naming_the_key() {
             "batch.max_input_tokens",
         ),
         (
+            vec!["config"],
+            vec![("TIERGATE_INT8_KERNEL", "sse9")],
+            "TIERGATE_INT8_KERNEL",
+        ),
+        (
             vec!["serve", "--config", "/nonexistent/tiergate.toml"],
             vec![],
             "/nonexistent/tiergate.toml",

@@ -400,6 +400,8 @@ struct ModeReport {
 #[derive(Serialize)]
 struct EncoderReport {
     side: &'static str,
+    /// The int8 kernel (what `int8` precision runs; `TIERGATE_INT8_KERNEL` caps it).
+    int8_kernel: &'static str,
     threads: usize,
     sequences: usize,
     tokens: usize,
@@ -449,6 +451,7 @@ fn bench_encoder(a: &BenchArgs) -> Result<()> {
     } else {
         a.threads
     };
+    tiergate::model::int8::kernel_from_env().map_err(anyhow::Error::msg)?;
     let model = Arc::new(MiniLm::load(&a.model_dir)?);
     let dim = model.dim();
     let mut be = CpuBackend::new(model, threads, a.precision)?;
@@ -513,6 +516,7 @@ fn bench_encoder(a: &BenchArgs) -> Result<()> {
     };
     let report = EncoderReport {
         side: "tiergate",
+        int8_kernel: tiergate::model::int8::kernel().name(),
         threads,
         sequences: seqs.len(),
         tokens,
@@ -522,11 +526,17 @@ fn bench_encoder(a: &BenchArgs) -> Result<()> {
         batched: mode(bb_pass, bb_cpu, None),
     };
     println!(
-        "tiergate: {} seqs ({tokens} tokens), {threads} threads: batch 1 {:.1} seq/s (p50 {:.2} ms), \
-         batch {} {:.1} seq/s",
+        "tiergate ({}, int8 kernel {}): {} seqs ({tokens} tokens), {threads} threads: batch 1 \
+         {:.1} seq/s (p50 {:.2} ms), batch {} {:.1} seq/s",
+        a.precision.as_str(),
+        tiergate::model::int8::kernel().name(),
         seqs.len(),
         report.batch1.seqs_per_s,
-        report.batch1.latency_ms.as_ref().map_or(f64::NAN, |l| l["p50"]),
+        report
+            .batch1
+            .latency_ms
+            .as_ref()
+            .map_or(f64::NAN, |l| l["p50"]),
         a.batch,
         report.batched.seqs_per_s,
     );

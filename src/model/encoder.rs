@@ -47,9 +47,9 @@ impl Precision {
     /// What `self` runs as on this CPU; `Bf16` without AVX512-BF16 is an error.
     pub fn resolve(self) -> Result<Self, BackendError> {
         match self {
-            // With AVX-512 VNNI, int8 is about 1.3x bf16 at batch 1 and batched on the dev
-            // mix (Zen 4); both passed the gate (benches/README.md).
-            Self::Auto if int8::kernel() == int8::Kernel::Avx512Vnni => Ok(Self::Int8),
+            // With a VNNI kernel, int8 is about 1.3x bf16 at batch 1 and batched on the dev
+            // mix (AVX-512 VNNI, Zen 5); both passed the gate (benches/README.md).
+            Self::Auto if int8::kernel().is_vnni() => Ok(Self::Int8),
             Self::Auto if bf16::available() => Ok(Self::Bf16),
             // Elsewhere (Arm, pre-AVX2 x86) int8 would run its scalar reference: slower
             // than f32 through `gemm`, which has NEON kernels.

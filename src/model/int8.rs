@@ -27,6 +27,8 @@
 //! products straight into i32 without saturating, so the sign trick is not needed: the
 //! activations go in as `a + 128` (u8) and each column's `128 · Σ_k w[k][c]`, kept from packing,
 //! is subtracted. The integers, and so every output, are the same as on the AVX2 kernel.
+//! AVX-VNNI (the VEX form on ymm, on CPUs without AVX-512) runs the same scheme on a 4 × 16
+//! tile.
 use rayon::prelude::*;
 
 use super::par::SendPtr;
@@ -61,6 +63,9 @@ pub enum Kernel {
     Scalar,
     /// `vpmaddubsw` + `vpmaddwd`, 4 × 16 tile.
     Avx2,
+    /// VEX `vpdpbusd` on ymm (AVX-VNNI without AVX-512: Intel since Alder Lake and Sierra
+    /// Forest, AMD since Zen 5), 4 × 16 tile.
+    AvxVnni,
     /// `vpdpbusd` on zmm, 8 × 16 tile.
     Avx512Vnni,
 }
@@ -70,8 +75,20 @@ impl Kernel {
         match self {
             Kernel::Scalar => "scalar",
             Kernel::Avx2 => "avx2",
+            Kernel::AvxVnni => "avx-vnni",
             Kernel::Avx512Vnni => "avx512-vnni",
         }
+    }
+
+    /// Whether it reads activations as `a + 128` (u8), as `vpdpbusd` needs.
+    fn unsigned_a(self) -> bool {
+        matches!(self, Kernel::AvxVnni | Kernel::Avx512Vnni)
+    }
+
+    /// A `vpdpbusd` kernel: four products summed into i32 per instruction, so int8 beats
+    /// bf16 and f32 wherever one runs.
+    pub fn is_vnni(self) -> bool {
+        self.unsigned_a()
     }
 
     fn rows(self) -> usize {
@@ -91,6 +108,9 @@ pub fn kernels() -> Vec<Kernel> {
         use std::arch::is_x86_feature_detected as has;
         if has!("avx2") && has!("fma") {
             k.push(Kernel::Avx2);
+            if has!("avxvnni") {
+                k.push(Kernel::AvxVnni);
+            }
             if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
                 k.push(Kernel::Avx512Vnni);
             }
@@ -99,10 +119,57 @@ pub fn kernels() -> Vec<Kernel> {
     k
 }
 
-/// The kernel [`matmul`] runs on this CPU.
+/// Picks a named int8 kernel this CPU has (`scalar`, `avx2`, `avx-vnni`, `avx512-vnni`), so an
+/// AVX-512 machine can measure the path AVX2-only node pools run. Every kernel computes the
+/// same integers, so only speed changes.
+pub const KERNEL_ENV: &str = "TIERGATE_INT8_KERNEL";
+
+/// The kernel [`KERNEL_ENV`] names (`None` when unset or empty); an unknown name or one this
+/// CPU lacks is an error. Entry points call this at start so a bad value is refused there.
+pub fn kernel_from_env() -> Result<Option<Kernel>, String> {
+    match std::env::var_os(KERNEL_ENV) {
+        Some(v) => parse_kernel(&v.to_string_lossy()),
+        None => Ok(None),
+    }
+}
+
+/// A [`KERNEL_ENV`] value: blank is `None`; else a kernel this CPU has, by [`Kernel::name`].
+fn parse_kernel(v: &str) -> Result<Option<Kernel>, String> {
+    let v = v.trim();
+    if v.is_empty() {
+        return Ok(None);
+    }
+    let all = [
+        Kernel::Scalar,
+        Kernel::Avx2,
+        Kernel::AvxVnni,
+        Kernel::Avx512Vnni,
+    ];
+    let Some(k) = all.into_iter().find(|k| k.name() == v) else {
+        return Err(format!(
+            "{KERNEL_ENV}={v:?}: unknown int8 kernel (scalar, avx2, avx-vnni, avx512-vnni)"
+        ));
+    };
+    if !kernels().contains(&k) {
+        return Err(format!("{KERNEL_ENV}={v}: this CPU cannot run that kernel"));
+    }
+    Ok(Some(k))
+}
+
+/// The kernel [`matmul`] runs on this CPU: the fastest, or the one [`KERNEL_ENV`] names.
 pub fn kernel() -> Kernel {
     static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
-    *BEST.get_or_init(|| kernels().last().copied().unwrap_or(Kernel::Scalar))
+    *BEST.get_or_init(|| {
+        let best = kernels().last().copied().unwrap_or(Kernel::Scalar);
+        match kernel_from_env() {
+            Ok(k) => k.unwrap_or(best),
+            // Entry points refuse a bad value first; a library caller gets the best kernel.
+            Err(e) => {
+                tracing::warn!("{e}; using {}", best.name());
+                best
+            }
+        }
+    })
 }
 
 /// A weight matrix, quantized per output column and packed for [`matmul`].
@@ -329,7 +396,7 @@ pub fn matmul_on(
         return;
     }
     let mut q = quantize_rows(a, m, k, b.act_mul.as_deref());
-    if kern == Kernel::Avx512Vnni {
+    if kern.unsigned_a() {
         // a + 128 as u8 (two's complement: flipping the top bit), for vpdpbusd.
         q.data.iter_mut().for_each(|x| *x ^= i8::MIN);
     }
@@ -367,6 +434,8 @@ pub fn matmul_on(
                     match kern {
                         #[cfg(target_arch = "x86_64")]
                         Kernel::Avx2 => x86::tile(&t, c, n),
+                        #[cfg(target_arch = "x86_64")]
+                        Kernel::AvxVnni => x86::tile_avx_vnni(&t, c, n),
                         #[cfg(target_arch = "x86_64")]
                         Kernel::Avx512Vnni => x86::tile_vnni(&t, c, n),
                         _ => tile_scalar(&t, c, n),
@@ -506,6 +575,60 @@ mod x86 {
                 }
             }
         }
+        // SAFETY: the caller's contract, passed on.
+        unsafe { store_ymm(&acc, t, c, ldc) }
+    }
+
+    /// [`tile`] with VEX `vpdpbusd`: `t.a` holds `a + 128` as u8 and `t.comp` takes the 128s
+    /// back out, as in [`tile_vnni`]; half the multiply instructions of the AVX2 kernel.
+    ///
+    /// # Safety
+    /// AVX2, FMA and AVX-VNNI must be available; `c` as for [`super::tile_scalar`].
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub(super) unsafe fn tile_avx_vnni(t: &Tile<'_>, c: *mut f32, ldc: usize) {
+        debug_assert!(t.a.len() >= MR * t.k4 * 4 && t.panel.len() >= t.k4 * NR * 4);
+        let lda = t.k4 * 4;
+        let mut acc = [[_mm256_setzero_si256(); 2]; MR];
+        let (ap, bp) = (t.a.as_ptr(), t.panel.as_ptr());
+        for g in 0..t.k4 {
+            // SAFETY: as in [`tile`].
+            unsafe {
+                let b = bp.add(g * NR * 4);
+                let b0 = _mm256_loadu_si256(b as *const __m256i);
+                let b1 = _mm256_loadu_si256(b.add(32) as *const __m256i);
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let word = (ap.add(r * lda + 4 * g) as *const i32).read_unaligned();
+                    let av = _mm256_set1_epi32(word);
+                    acc_r[0] = _mm256_dpbusd_avx_epi32(acc_r[0], av, b0);
+                    acc_r[1] = _mm256_dpbusd_avx_epi32(acc_r[1], av, b1);
+                }
+            }
+        }
+        // A partial panel's missing columns compensate nothing (their sums are never stored).
+        let mut comp = [0i32; NR];
+        comp[..t.comp.len()].copy_from_slice(t.comp);
+        // SAFETY: `comp` holds NR = 16 i32s.
+        let comp = unsafe {
+            [
+                _mm256_loadu_si256(comp.as_ptr() as *const __m256i),
+                _mm256_loadu_si256(comp.as_ptr().add(8) as *const __m256i),
+            ]
+        };
+        for acc_r in acc.iter_mut() {
+            for (v, cv) in acc_r.iter_mut().zip(comp) {
+                *v = _mm256_sub_epi32(*v, cv);
+            }
+        }
+        // SAFETY: the caller's contract, passed on.
+        unsafe { store_ymm(&acc, t, c, ldc) }
+    }
+
+    /// The AVX2 kernels' epilogue: `c[r][0..cols] (+)= sums · a_scale[r] · w_scale`.
+    ///
+    /// # Safety
+    /// AVX2 must be available; `c` as for [`super::tile_scalar`].
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store_ymm(acc: &[[__m256i; 2]; MR], t: &Tile<'_>, c: *mut f32, ldc: usize) {
         let cols = t.w_scale.len();
         for (r, acc_r) in acc.iter().enumerate().take(t.rows) {
             let a_scale = _mm256_set1_ps(t.a_scale[r]);
@@ -668,6 +791,25 @@ mod tests {
                 for (x, g) in acc.iter().zip(&got) {
                     assert!((x - (g + 1.0)).abs() <= 1e-5 * g.abs().max(1.0));
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn kernel_names_parse_to_kernels_this_cpu_has() {
+        assert_eq!(parse_kernel(" "), Ok(None));
+        assert_eq!(parse_kernel("scalar"), Ok(Some(Kernel::Scalar)));
+        let err = parse_kernel("sse9").unwrap_err();
+        assert!(
+            err.contains(KERNEL_ENV) && err.contains("avx-vnni"),
+            "{err}"
+        );
+        for k in [Kernel::Avx2, Kernel::AvxVnni, Kernel::Avx512Vnni] {
+            let got = parse_kernel(k.name());
+            if kernels().contains(&k) {
+                assert_eq!(got, Ok(Some(k)));
+            } else {
+                assert!(got.unwrap_err().contains("cannot run"), "{k:?}");
             }
         }
     }
