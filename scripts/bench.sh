@@ -47,7 +47,8 @@
 #      LIMIT (0 = all 905 prompts), GRAPHS ("fused fused-int8": ORT f32 and ORT's dynamic int8;
 #      add "standard" to time ORT on a standard-op graph),
 #      ORT_ARGS (extra onnx_peer.py flags, e.g. "--no-spin"), OUT (target/bench),
-#      PRECISIONS (tiergate sides; default "bf16 int8 f32" on AVX512-BF16 CPUs, else "int8 f32"),
+#      PRECISIONS (tiergate sides; default "bf16 int8 f32" on AVX512-BF16 CPUs, else "int8 f32";
+#      int8@KERNEL runs int8 on a named kernel: int8@avx2, int8@avx-vnni, int8@avx512-vnni),
 #      DATA (../shared/data/dev.jsonl.gz);
 #      gateway: N (150 prompts), GW_ROUNDS (4), CACHE ("off on"), GW_PORT (50161; it uses 4).
 # Needs: scripts/setup-model.sh done; python3 with onnx onnxruntime numpy safetensors.
@@ -245,11 +246,20 @@ d["max_tokens"] = 64
 json.dump(d, open(sys.argv[2], "w"))
 PY
 
+# A side is a precision, or int8@KERNEL: int8 on one named kernel this CPU has
+# (TIERGATE_INT8_KERNEL), e.g. int8@avx2 to time AVX2-only CPUs' path on an AVX-512 box.
+side() {
+  local p=$1; shift
+  case "$p" in
+    *@*) TIERGATE_INT8_KERNEL="${p#*@}" "$lg" bench-encoder --precision "${p%@*}" "$@" ;;
+    *) "$lg" bench-encoder --precision "$p" "$@" ;;
+  esac
+}
 for r in $(seq 1 "$rounds"); do
   echo "== round $r/$rounds (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
   for p in $precisions; do
-    "$lg" bench-encoder --ids "$out/ids.json" --threads "$threads" --batch "$batch" --reps 1 \
-      --limit "$limit" --precision "$p" --embeddings-out "$out/tiergate-$p.emb" \
+    side "$p" --ids "$out/ids.json" --threads "$threads" --batch "$batch" --reps 1 \
+      --limit "$limit" --embeddings-out "$out/tiergate-$p.emb" \
       --out "$out/tiergate-$p.$r.json"
   done
   for g in $graphs; do
@@ -259,8 +269,8 @@ for r in $(seq 1 "$rounds"); do
   done
   # 64-token prompts: batch-1 latency only matters here, the batched pass is short.
   for p in $precisions; do
-    "$lg" bench-encoder --ids "$out/ids64.json" --threads "$threads" --batch "$batch" --reps 1 \
-      --precision "$p" --out "$out/tiergate64-$p.$r.json"
+    side "$p" --ids "$out/ids64.json" --threads "$threads" --batch "$batch" --reps 1 \
+      --out "$out/tiergate64-$p.$r.json"
   done
   for g in $graphs; do
     python3 scripts/onnx_peer.py --ids "$out/ids64.json" --threads "$threads" --batch "$batch" \
@@ -288,7 +298,7 @@ for p in precisions:
 print(f"\n{t['sequences']} dev prompts, {t['tokens']} tokens (mean {t['tokens'] / t['sequences']:.1f}), "
       f"{t['threads']} threads, batch {t['batch']}, median of {rounds} rounds")
 b = str(t["batch"])
-print(f"{'side':<16}{'b1 seq/s':>10}{'b1 p50 ms':>11}{'b1 cpu ms/seq':>15}{'b' + b + ' seq/s':>12}"
+print(f"{'side':<24}{'b1 seq/s':>10}{'b1 p50 ms':>11}{'b1 cpu ms/seq':>15}{'b' + b + ' seq/s':>12}"
       f"{'b' + b + ' cpu ms/seq':>16}")
 rows = {}
 for name, reps in sides.items():
@@ -296,7 +306,7 @@ for name, reps in sides.items():
                   med(reps, "batch1", "cpu_ms_per_seq"), med(reps, "batched", "seqs_per_s"),
                   med(reps, "batched", "cpu_ms_per_seq"))
     r = rows[name]
-    print(f"{name:<16}{r[0]:>10.1f}{r[1]:>11.2f}{r[2]:>15.2f}{r[3]:>12.1f}{r[4]:>16.2f}")
+    print(f"{name:<24}{r[0]:>10.1f}{r[1]:>11.2f}{r[2]:>15.2f}{r[3]:>12.1f}{r[4]:>16.2f}")
 for g, p in [(g, p) for g in graphs for p in precisions]:
     o, ti = rows[f"ort-{g}"], rows[f"tiergate-{p}"]
     print(f"ratio tiergate-{p} / ort-{g} (>1: tiergate better): batch 1 throughput x{ti[0] / o[0]:.2f}, "
