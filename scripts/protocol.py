@@ -43,7 +43,7 @@ Per source S (rows: one per prompt x model):
   p_verify, and within-model AUROC per tier model of p_route, p_verify and the kNN p.
 
 usage: python3 scripts/protocol.py [--sources S ...] [--heads H] [--tag NAME] [--no-calibration]
-                                   [--no-memory] [--data ../shared/data/dev.jsonl.gz]
+                                   [--no-memory] [--data ../shared/data/dev.jsonl.gz] [--seed N]
 env:   WORK (work dir, default /tmp/protocol), BIN (default target/debug/tiergate),
        HEADS (default models/heads.json; --heads wins)
 out:   $WORK/<tag>/protocol.json (every figure) and a markdown table on stdout (progress on stderr);
@@ -77,13 +77,16 @@ def unit(s, salt=""):
     return int(hashlib.md5((salt + s).encode()).hexdigest()[:8], 16) / 2**32
 
 
+SPLIT_SALT = ""  # --seed N sets "seed:N:": another draw of the parts and halves
+
+
 def part_of(pid):
-    x = unit(pid)
+    x = unit(pid, SPLIT_SALT)
     return "cal" if x < CAL_FRAC else "tune" if x < CAL_FRAC + TUNE_FRAC else "test"
 
 
 def half_of(pid):
-    return "A" if unit(pid, "half:") < 0.5 else "B"
+    return "A" if unit(pid, SPLIT_SALT + "half:") < 0.5 else "B"
 
 
 def file_md5(path):
@@ -557,6 +560,9 @@ def main():
     ap.add_argument("--no-memory", action="store_true",
                     help="score --no-memory: calibrate without the memory of labelled prompts")
     ap.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "dev.jsonl.gz"))
+    ap.add_argument("--seed", type=int, default=0,
+                    help="another draw of the calibration/tune/test parts and halves (0: the "
+                         "documented one); averaging a few seeds steadies a lever's comparison")
     a = ap.parse_args()
     a.work = os.environ.get("WORK", "/tmp/protocol")
     a.bin = os.path.abspath(os.environ.get("BIN", os.path.join(ROOT, "target", "debug", "tiergate")))
@@ -567,8 +573,13 @@ def main():
     a.heads_md5 = file_md5(a.heads)
     stem = os.path.basename(a.data).split(".")[0]
     a.data_tag = f"{stem}-{file_md5(a.data)[:8]}"
+    if a.seed:
+        global SPLIT_SALT
+        SPLIT_SALT = f"seed:{a.seed}:"
+        a.data_tag += f"-seed{a.seed}"
     mode = ("nocal" if a.no_calibration else "cal") + ("-nomem" if a.no_memory else "")
-    a.tag = a.tag or f"{stem}-{os.path.basename(a.heads).rsplit('.', 1)[0]}-{a.heads_md5[:8]}-{mode}"
+    a.tag = a.tag or (f"{stem}-{os.path.basename(a.heads).rsplit('.', 1)[0]}-{a.heads_md5[:8]}-{mode}"
+                      + (f"-seed{a.seed}" if a.seed else ""))
     by_src = defaultdict(list)
     with gzip.open(a.data, "rt") if a.data.endswith(".gz") else open(a.data) as f:
         for line in f:

@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Leave one task out: new traffic from models the heads know.
+
+The sealed evaluation's new sources (math word problems, prompt-only MCQ, graded chat) are
+answered by models that are in our training data under other tasks. Leave-one-source-out
+(scripts/loso.sh) cannot imitate that: each data model belongs to one source, so leaving a
+source out leaves its models out too. Here one *task* of a source (e.g. routerbench_0shot's
+mbpp) leaves training while the source's other tasks keep its models known:
+
+1. $WORK/data/train.jsonl.gz: train rows without (SOURCE, TASK); dev and catalog linked.
+2. `tiergate train` on it (flags in TRAIN_FLAGS, default the quick recipe loso used:
+   --verify-rows 3000 --verify-folds 0) -> $WORK/heads-wo-<task>.json (kept between runs).
+3. The task's rows from train *and* dev (neither fitted those heads) become one traffic
+   source named SOURCE:TASK -> $WORK/traffic-<task>.jsonl.gz.
+4. scripts/protocol.py on it with those heads (calibration on 20% of its prompts, thresholds
+   picked on others; its docstring has every rule); extra arguments go to protocol.py
+   (e.g. --no-calibration, --no-memory).
+
+usage: python3 scripts/loto.py SOURCE TASK [protocol.py flags...]
+env:   WORK (default /tmp/loto), BIN (default target/release/tiergate), DATA (../shared/data),
+       TRAIN_FLAGS
+"""
+import gzip, json, os, subprocess, sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def main():
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    source, task, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
+    work = os.path.abspath(os.environ.get("WORK", "/tmp/loto"))
+    data = os.path.abspath(os.environ.get("DATA", os.path.join(ROOT, "..", "shared", "data")))
+    bin_ = os.path.abspath(os.environ.get("BIN", os.path.join(ROOT, "target", "release", "tiergate")))
+    flags = os.environ.get("TRAIN_FLAGS", "--verify-rows 3000 --verify-folds 0").split()
+    slug = f"{source}-{task}".replace("/", "_")
+    ddir = os.path.join(work, f"data-wo-{slug}")
+    os.makedirs(ddir, exist_ok=True)
+    traffic = os.path.join(work, f"traffic-{slug}.jsonl.gz")
+    train_out = os.path.join(ddir, "train.jsonl.gz")
+    if not (os.path.exists(train_out) and os.path.exists(traffic)):
+        kept = left = 0
+        with gzip.open(train_out + ".part", "wt") as tr, gzip.open(traffic + ".part", "wt") as tf:
+            for split in ("train", "dev"):
+                with gzip.open(os.path.join(data, f"{split}.jsonl.gz"), "rt") as f:
+                    for line in f:
+                        r = json.loads(line)
+                        if r["source"] == source and r["task"] == task:
+                            r["source"] = f"{source}:{task}"
+                            tf.write(json.dumps(r) + "\n")
+                            left += 1
+                        elif split == "train":
+                            tr.write(line)
+                            kept += 1
+        if left == 0:
+            sys.exit(f"no rows of {source}/{task} in {data}")
+        os.replace(train_out + ".part", train_out)
+        os.replace(traffic + ".part", traffic)
+        log(f"train rows kept {kept}; {source}/{task} rows (train + dev) as new traffic {left}")
+    for name in ("dev.jsonl.gz", "catalog.json"):
+        link = os.path.join(ddir, name)
+        if not os.path.exists(link):
+            os.symlink(os.path.join(data, name), link)
+    heads = os.path.join(work, f"heads-wo-{slug}.json")
+    if not os.path.exists(heads):
+        cmd = [bin_, "train", "--data-dir", ddir, "--out", heads + ".part",
+               "--card", os.path.join(work, f"card-wo-{slug}.md"), *flags]
+        log("training:", " ".join(cmd))
+        with open(os.path.join(work, f"train-wo-{slug}.log"), "w") as lf:
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=lf, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            sys.exit(f"train failed (exit {rc}); see {lf.name}")
+        os.replace(heads + ".part", heads)
+    env = dict(os.environ, BIN=bin_, WORK=os.path.join(work, "protocol"))
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "protocol.py"), "--data", traffic,
+           "--sources", f"{source}:{task}", "--heads", heads, *rest]
+    sys.exit(subprocess.run(cmd, cwd=ROOT, env=env).returncode)
+
+
+if __name__ == "__main__":
+    main()
