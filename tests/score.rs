@@ -186,3 +186,81 @@ fn calibration_fits_a_model_never_seen_in_training() {
         "calibrated mean {m2:.3} vs pass rate {base_rate:.3}"
     );
 }
+
+#[test]
+fn calibration_frees_a_known_models_level_when_its_traffic_differs() {
+    // A known strong model's name on a weak model's answers: traffic where a model the heads
+    // know passes far less often than in training (a new task). Calibration must choose to
+    // free its level, and land near its real pass rate on prompts it did not see; the same
+    // rows under their own name (traffic like training) too.
+    let all = dev_rows(22381);
+    let (weak, strong) = ("Llama-2-7b-hf", "gemini-1.5-pro-002");
+    let mine: Vec<Value> = all
+        .into_iter()
+        .filter(|r| r["model"] == weak)
+        .take(400)
+        .collect();
+    assert!(mine.len() == 400, "{} rows", mine.len());
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    for (name, renamed) in [(strong, true), (weak, false)] {
+        let rows: Vec<Value> = mine
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                r["model"] = Value::String(name.into());
+                r
+            })
+            .collect();
+        let calib: Vec<Value> = rows.iter().step_by(2).cloned().collect();
+        let test: Vec<Value> = rows.iter().skip(1).step_by(2).cloned().collect();
+        let (cp, tp, out) = (
+            dir.path().join("calib.jsonl"),
+            dir.path().join("test.jsonl"),
+            dir.path().join("out.jsonl"),
+        );
+        write_jsonl(&cp, &calib);
+        write_jsonl(&tp, &test);
+        let o = score(&[
+            "--data",
+            tp.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--calibration",
+            cp.to_str().unwrap(),
+            "--no-memory",
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        let report = err
+            .lines()
+            .find_map(|l| l.strip_prefix("calibration: "))
+            .and_then(|l| l.split_once("; "))
+            .map(|(_, json)| json)
+            .unwrap_or_else(|| panic!("no calibration report: {err}"));
+        let report: Value = serde_json::from_str(report).unwrap();
+        let truth = test
+            .iter()
+            .map(|r| r["score"].as_f64().unwrap())
+            .sum::<f64>()
+            / 200.0;
+        let got = read_out(&out);
+        let mean = got
+            .iter()
+            .map(|r| r["p_route"].as_f64().unwrap())
+            .sum::<f64>()
+            / 200.0;
+        assert!(
+            (mean - truth).abs() < 0.06,
+            "{name}: calibrated mean p {mean:.3} vs pass rate {truth:.3}"
+        );
+        // Held-out fifths of 200 prompts may prefer a milder pull on known traffic too;
+        // the renamed model must have its level freed.
+        let chosen = &report["known_pull"]["chosen"];
+        if renamed {
+            assert!(chosen[1].as_f64() < Some(20.0), "{name}: {chosen}");
+        }
+    }
+}

@@ -283,7 +283,7 @@ pub fn adapt(
     f: &RowFeatures,
     memory: bool,
 ) -> Result<serde_json::Value> {
-    let (prior_shift, report) = adapt_router(heads, rows, f)?;
+    let router = adapt_router(heads, rows, f)?;
     learn_answer_lengths(heads, rows);
     let (verifier_rows, refit) = refit_verifier(heads, rows, f)?;
     heads.memory = None;
@@ -294,8 +294,9 @@ pub fn adapt(
     };
     Ok(serde_json::json!({
         "memory": memory,
-        "prior_shift": prior_shift,
-        "models": report,
+        "prior_shift": router.prior_shift,
+        "known_pull": router.known_pull,
+        "models": router.models,
         "verifier_rows": verifier_rows,
         "verifier_refit": refit,
     }))
@@ -324,14 +325,17 @@ fn remember(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> serde_json::Val
     }
 }
 
+/// What [`adapt_router`] did: the prior's shift, a report per model, one on the pull.
+struct RouterAdaptation {
+    prior_shift: Option<f64>,
+    models: serde_json::Map<String, serde_json::Value>,
+    known_pull: serde_json::Value,
+}
+
 /// Each calibration model's ability on this traffic (new models from the shifted prior,
-/// known ones pulled from their trained ability). Returns the prior shift and a report per
-/// model.
-fn adapt_router(
-    heads: &mut Heads,
-    rows: &[Row],
-    f: &RowFeatures,
-) -> Result<(Option<f64>, serde_json::Map<String, serde_json::Value>)> {
+/// known ones pulled from their trained ability, as hard as held-out calibration prompts
+/// favour).
+fn adapt_router(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<RouterAdaptation> {
     let k = heads.router.k;
     let mut by_model: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, r) in rows.iter().enumerate() {
@@ -357,36 +361,107 @@ fn adapt_router(
     } else {
         None
     };
-    let fit_model =
-        |heads: &Heads, m: &str, idx: &[usize]| -> Result<crate::model::heads::Ability> {
-            let (mut z, mut s, mut y) = (Vec::new(), Vec::new(), Vec::new());
-            for &i in idx {
-                let (si, zi) = heads.router.prompt_features(f.prompt(i));
-                z.extend_from_slice(&zi);
-                s.push(si);
-                y.push(rows[i].score.unwrap_or(0.0) as f32);
+    // The prompt part of every row's logit, computed once (the pull is chosen by refitting).
+    let pf: Vec<Option<(f32, Vec<f32>)>> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| r.score.map(|_| heads.router.prompt_features(f.prompt(i))))
+        .collect();
+    let fit_rows = |heads: &Heads,
+                    m: &str,
+                    idx: &[usize],
+                    (l2_u, l2_b): (f64, f64)|
+     -> Result<crate::model::heads::Ability> {
+        let (mut z, mut s, mut y) = (Vec::new(), Vec::new(), Vec::new());
+        for &i in idx {
+            if let (Some((si, zi)), Some(yi)) = (&pf[i], rows[i].score) {
+                z.extend_from_slice(zi);
+                s.push(*si);
+                y.push(yi as f32);
             }
-            // Known models keep more of their trained ability than new ones keep of the prior.
-            let l2 = if heads.router.models.contains_key(m) {
-                20.0
-            } else {
-                2.0
-            };
-            fit::fit_ability(&z, &s, &y, k, heads.router.ability(m), l2)
-        };
+        }
+        crate::model::ability::fit_ability_split(&z, &s, &y, k, heads.router.ability(m), l2_u, l2_b)
+    };
+    // How hard a known model is held to its trained ability: on traffic like training the
+    // strongest pull is right; on a new task of known models (the sealed set's new sources)
+    // their levels differ, and a strong pull leaves the router off by a model-wide offset.
+    // Chosen by log-loss on held-out fifths of the calibration prompts.
+    let fold_of = |i: usize| {
+        let r = &rows[i];
+        (super::util::hash_str(0x5eed, &format!("{}/{}", r.source, r.prompt_id)) % 5) as usize
+    };
+    let known: Vec<(&str, &Vec<usize>)> = by_model
+        .iter()
+        .filter(|(m, _)| heads.router.models.contains_key(**m))
+        .map(|(m, idx)| (*m, idx))
+        .collect();
+    let known_rows: usize = known.iter().map(|(_, idx)| idx.len()).sum();
+    let mut pull_losses = Vec::new();
+    if known_rows >= MIN_ROWS_FOR_PULL {
+        for &pull in &KNOWN_PULLS {
+            let (mut loss, mut n) = (0.0, 0usize);
+            for (m, idx) in &known {
+                for fold in 0..5 {
+                    let (held, fit_idx): (Vec<usize>, Vec<usize>) =
+                        idx.iter().partition(|&&i| fold_of(i) == fold);
+                    if held.is_empty() || fit_idx.is_empty() {
+                        continue;
+                    }
+                    let a = fit_rows(heads, m, &fit_idx, pull)?;
+                    for &i in &held {
+                        if let (Some(p), Some(y)) = (&pf[i], rows[i].score) {
+                            let z = heads.router.logit_from(p, &a) as f64;
+                            loss += fit::bce(crate::base::sigmoid(z), y);
+                            n += 1;
+                        }
+                    }
+                }
+            }
+            pull_losses.push((pull, loss / n.max(1) as f64));
+        }
+    }
+    // The default stays unless another pull predicts held-out rows better.
+    let known_pull = pull_losses
+        .iter()
+        .fold(None::<((f64, f64), f64)>, |best, &(pull, l)| match best {
+            Some((_, bl)) if bl <= l => best,
+            _ => Some((pull, l)),
+        })
+        .map_or(KNOWN_PULLS[0], |(pull, _)| pull);
     let mut report = serde_json::Map::new();
     let mut fitted = Vec::new();
     for (m, idx) in &by_model {
-        let a = fit_model(heads, m, idx)?;
+        let known = heads.router.models.contains_key(*m);
+        // New models start from the (shifted) prior and follow their rows.
+        let pull = if known { known_pull } else { (2.0, 2.0) };
+        let a = fit_rows(heads, m, idx, pull)?;
         report.insert(
             m.to_string(),
-            serde_json::json!({ "rows": idx.len(), "known": heads.router.models.contains_key(*m), "b": a.b }),
+            serde_json::json!({ "rows": idx.len(), "known": known, "b": a.b }),
         );
         fitted.push((m.to_string(), a));
     }
+    let pull_report = serde_json::json!({
+            "chosen": [known_pull.0, known_pull.1],
+            "held_out_log_loss": pull_losses
+                .iter()
+                .map(|((u, b), l)| serde_json::json!({ "skills": u, "level": b, "loss": l }))
+                .collect::<Vec<_>>(),
+    });
     heads.router.models.extend(fitted);
-    Ok((prior_shift, report))
+    Ok(RouterAdaptation {
+        prior_shift,
+        models: report,
+        known_pull: pull_report,
+    })
 }
+
+/// Pulls (on skills, on level) a known model's ability may get; the first is the default.
+const KNOWN_PULLS: [(f64, f64); 4] = [(20.0, 20.0), (20.0, 2.0), (5.0, 5.0), (2.0, 2.0)];
+
+/// Known models' labelled rows needed before the pull is chosen (by log-loss on held-out
+/// fifths of the calibration prompts) rather than left at the default.
+const MIN_ROWS_FOR_PULL: usize = 100;
 
 /// The verifier compares an answer's length with its model's usual; a model the heads have
 /// not seen gets its usual from its calibration answers. Its prices stay unknown (0): scoring

@@ -16,6 +16,20 @@ pub fn fit_ability(
     prior: &Ability,
     l2: f64,
 ) -> Result<Ability> {
+    fit_ability_split(z, s, y, k, prior, l2, l2)
+}
+
+/// [`fit_ability`] with its own pull on the intercept: `l2_u` on the skill loadings, `l2_b`
+/// on the level, so a model's level can follow new traffic while its skills stay.
+pub fn fit_ability_split(
+    z: &[f32],
+    s: &[f32],
+    y: &[f32],
+    k: usize,
+    prior: &Ability,
+    l2_u: f64,
+    l2_b: f64,
+) -> Result<Ability> {
     let n = y.len();
     let p = k + 1;
     let mut th: Vec<f64> = prior
@@ -45,6 +59,7 @@ pub fn fit_ability(
             }
         }
         for a in 0..p {
+            let l2 = if a == k { l2_b } else { l2_u };
             g[a] += l2 * (th[a] - pr[a]);
             h[a * p + a] += l2;
         }
