@@ -68,6 +68,9 @@ else
   precisions="${PRECISIONS:-int8 f32}"
 fi
 case " $precisions " in *" f32 "*) ;; *) echo "bench: PRECISIONS must include f32" >&2; exit 2 ;; esac
+case "$precisions" in
+  *@*) [ "${1:-encoder}" = encoder ] || { echo "bench: int8@KERNEL sides are for encoder mode" >&2; exit 2; } ;;
+esac
 out="${OUT:-target/bench}"
 data="${DATA:-../shared/data/dev.jsonl.gz}"
 what="${1:-encoder}"
@@ -252,7 +255,7 @@ side() {
   local p=$1; shift
   case "$p" in
     *@*) TIERGATE_INT8_KERNEL="${p#*@}" "$lg" bench-encoder --precision "${p%@*}" "$@" ;;
-    *) "$lg" bench-encoder --precision "$p" "$@" ;;
+    *) env -u TIERGATE_INT8_KERNEL "$lg" bench-encoder --precision "$p" "$@" ;;
   esac
 }
 for r in $(seq 1 "$rounds"); do

@@ -9,7 +9,8 @@ mbpp) leaves training while the source's other tasks keep its models known:
 
 1. $WORK/data/train.jsonl.gz: train rows without (SOURCE, TASK); dev and catalog linked.
 2. `tiergate train` on it (flags in TRAIN_FLAGS, default the quick recipe loso used:
-   --verify-rows 3000 --verify-folds 0) -> $WORK/heads-wo-<task>.json (kept between runs).
+   --verify-rows 3000 --verify-folds 0) -> $WORK/heads-wo-<source>-<task>-<hash of DATA and
+   TRAIN_FLAGS>.json (kept between runs; the split data is named alike).
 3. The task's rows from train *and* dev (neither fitted those heads) become one traffic
    source named SOURCE:TASK -> $WORK/traffic-<task>.jsonl.gz.
 4. scripts/protocol.py on it with those heads (calibration on 20% of its prompts, thresholds
@@ -20,7 +21,7 @@ usage: python3 scripts/loto.py SOURCE TASK [protocol.py flags...]
 env:   WORK (default /tmp/loto), BIN (default target/release/tiergate), DATA (../shared/data),
        TRAIN_FLAGS
 """
-import gzip, json, os, subprocess, sys
+import gzip, hashlib, json, os, subprocess, sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +38,9 @@ def main():
     data = os.path.abspath(os.environ.get("DATA", os.path.join(ROOT, "..", "shared", "data")))
     bin_ = os.path.abspath(os.environ.get("BIN", os.path.join(ROOT, "target", "release", "tiergate")))
     flags = os.environ.get("TRAIN_FLAGS", "--verify-rows 3000 --verify-folds 0").split()
-    slug = f"{source}-{task}".replace("/", "_")
+    # What the heads and splits depend on is in their names, so a change never reuses them.
+    key = hashlib.md5(json.dumps([data, flags]).encode()).hexdigest()[:8]
+    slug = f"{source}-{task}-{key}".replace("/", "_")
     ddir = os.path.join(work, f"data-wo-{slug}")
     os.makedirs(ddir, exist_ok=True)
     traffic = os.path.join(work, f"traffic-{slug}.jsonl.gz")
@@ -63,7 +66,7 @@ def main():
         log(f"train rows kept {kept}; {source}/{task} rows (train + dev) as new traffic {left}")
     for name in ("dev.jsonl.gz", "catalog.json"):
         link = os.path.join(ddir, name)
-        if not os.path.exists(link):
+        if not os.path.lexists(link):
             os.symlink(os.path.join(data, name), link)
     heads = os.path.join(work, f"heads-wo-{slug}.json")
     if not os.path.exists(heads):

@@ -697,6 +697,8 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<()> {
+        // Before anything reads the int8 kernel (precision's resolution does).
+        crate::model::int8::kernel_from_env().map_err(anyhow::Error::msg)?;
         if let Err(e) = self.precision.resolve() {
             bail!("precision: {e}");
         }
@@ -722,7 +724,6 @@ impl Config {
                 crate::engine::fault::ENV
             );
         }
-        crate::model::int8::kernel_from_env().map_err(anyhow::Error::msg)?;
         if self.drain.timeout_s == 0 {
             bail!("drain.timeout_s must be > 0");
         }

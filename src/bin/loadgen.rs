@@ -400,7 +400,7 @@ struct ModeReport {
 #[derive(Serialize)]
 struct EncoderReport {
     side: &'static str,
-    /// The int8 kernel (what `int8` precision runs; `TIERGATE_INT8_KERNEL` caps it).
+    /// The int8 kernel (what `int8` precision runs; `TIERGATE_INT8_KERNEL` picks it).
     int8_kernel: &'static str,
     threads: usize,
     sequences: usize,
@@ -528,7 +528,7 @@ fn bench_encoder(a: &BenchArgs) -> Result<()> {
     println!(
         "tiergate ({}, int8 kernel {}): {} seqs ({tokens} tokens), {threads} threads: batch 1 \
          {:.1} seq/s (p50 {:.2} ms), batch {} {:.1} seq/s",
-        a.precision.as_str(),
+        be.numerics(),
         tiergate::model::int8::kernel().name(),
         seqs.len(),
         report.batch1.seqs_per_s,

@@ -420,14 +420,16 @@ fn adapt_router(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<Rout
             pull_losses.push((pull, loss / n.max(1) as f64));
         }
     }
-    // The default stays unless another pull predicts held-out rows better.
+    // The default stays unless another pull predicts held-out rows clearly better: a few
+    // hundred rows would otherwise free the levels on noise.
+    let default_loss = pull_losses.first().map(|&(_, l)| l);
     let known_pull = pull_losses
         .iter()
-        .fold(None::<((f64, f64), f64)>, |best, &(pull, l)| match best {
-            Some((_, bl)) if bl <= l => best,
-            _ => Some((pull, l)),
-        })
-        .map_or(KNOWN_PULLS[0], |(pull, _)| pull);
+        .skip(1)
+        .filter(|(_, l)| l.is_finite())
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .filter(|(_, l)| default_loss.is_some_and(|d| *l < d * (1.0 - MIN_PULL_GAIN)))
+        .map_or(KNOWN_PULLS[0], |&(pull, _)| pull);
     let mut report = serde_json::Map::new();
     let mut fitted = Vec::new();
     for (m, idx) in &by_model {
@@ -462,6 +464,10 @@ const KNOWN_PULLS: [(f64, f64); 4] = [(20.0, 20.0), (20.0, 2.0), (5.0, 5.0), (2.
 /// Known models' labelled rows needed before the pull is chosen (by log-loss on held-out
 /// fifths of the calibration prompts) rather than left at the default.
 const MIN_ROWS_FOR_PULL: usize = 100;
+
+/// Relative fall in held-out log-loss another pull must bring over the default (the
+/// memory's bar too).
+const MIN_PULL_GAIN: f64 = 0.005;
 
 /// The verifier compares an answer's length with its model's usual; a model the heads have
 /// not seen gets its usual from its calibration answers. Its prices stay unknown (0): scoring

@@ -26,17 +26,17 @@ use crate::base::{BackendError, PackedBatch};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// int8 where the CPU has AVX2 (on its AVX-512 VNNI kernel where it has that), bf16 on
-    /// an AVX512-BF16 CPU without VNNI, else f32 (both passed the dev accuracy gate,
-    /// `scripts/precision_gate.py`).
+    /// int8 where the CPU has AVX2 (on its AVX-512 VNNI or AVX-VNNI kernel where it has
+    /// one), bf16 on an AVX512-BF16 CPU without VNNI, else f32 (both passed the dev accuracy
+    /// gate, `scripts/precision_gate.py`).
     Auto,
     /// f32 weights and activations (the `gemm` crate): the reference.
     F32,
     /// bf16 weights and activations, f32 accumulation (AVX512-BF16 only).
     Bf16,
     /// int8 weights (per output channel) and activations (per token), i32 accumulation
-    /// (`model::int8`; vector kernels on AVX2 and AVX-512 VNNI, a scalar reference
-    /// elsewhere).
+    /// (`model::int8`; vector kernels on AVX2, AVX-VNNI and AVX-512 VNNI, a scalar
+    /// reference elsewhere).
     Int8,
     /// No encoder layers: the static student (`model::student`), Route's fast path, for
     /// measuring it (`tiergate score`); needs a student fitted on these weights.
@@ -48,8 +48,9 @@ impl Precision {
     pub fn resolve(self) -> Result<Self, BackendError> {
         match self {
             // With a VNNI kernel, int8 is about 1.3x bf16 at batch 1 and batched on the dev
-            // mix (AVX-512 VNNI, Zen 5); both passed the gate (benches/README.md).
-            Self::Auto if int8::kernel().is_vnni() => Ok(Self::Int8),
+            // mix; both passed the gate (benches/README.md). Decided on the best kernel the
+            // CPU has, so `TIERGATE_INT8_KERNEL` changes speed only, never the numerics.
+            Self::Auto if int8::best_kernel().is_vnni() => Ok(Self::Int8),
             Self::Auto if bf16::available() => Ok(Self::Bf16),
             // Elsewhere (Arm, pre-AVX2 x86) int8 would run its scalar reference: slower
             // than f32 through `gemm`, which has NEON kernels.

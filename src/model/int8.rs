@@ -51,10 +51,10 @@ const MC: usize = 64;
 /// Panels per task: enough work per task to amortise scheduling at batch 1.
 const PC: usize = 4;
 
-/// True when this CPU runs a vector kernel (otherwise the scalar reference runs: same
+/// True when this CPU has a vector kernel (otherwise the scalar reference runs: same
 /// numbers, much slower).
 pub fn available() -> bool {
-    kernel() != Kernel::Scalar
+    best_kernel() != Kernel::Scalar
 }
 
 /// The inner kernels; all compute the same integers, so all give the same outputs.
@@ -63,8 +63,8 @@ pub enum Kernel {
     Scalar,
     /// `vpmaddubsw` + `vpmaddwd`, 4 × 16 tile.
     Avx2,
-    /// VEX `vpdpbusd` on ymm (AVX-VNNI without AVX-512: Intel since Alder Lake and Sierra
-    /// Forest, AMD since Zen 5), 4 × 16 tile.
+    /// VEX `vpdpbusd` on ymm (AVX-VNNI: what Intel's client cores since Alder Lake and its
+    /// E-core Xeons (Sierra Forest) have instead of AVX-512), 4 × 16 tile.
     AvxVnni,
     /// `vpdpbusd` on zmm, 8 × 16 tile.
     Avx512Vnni,
@@ -156,11 +156,16 @@ fn parse_kernel(v: &str) -> Result<Option<Kernel>, String> {
     Ok(Some(k))
 }
 
+/// The fastest kernel this CPU has.
+pub fn best_kernel() -> Kernel {
+    kernels().last().copied().unwrap_or(Kernel::Scalar)
+}
+
 /// The kernel [`matmul`] runs on this CPU: the fastest, or the one [`KERNEL_ENV`] names.
 pub fn kernel() -> Kernel {
     static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
     *BEST.get_or_init(|| {
-        let best = kernels().last().copied().unwrap_or(Kernel::Scalar);
+        let best = best_kernel();
         match kernel_from_env() {
             Ok(k) => k.unwrap_or(best),
             // Entry points refuse a bad value first; a library caller gets the best kernel.
