@@ -18,7 +18,9 @@ Per source S (rows: one per prompt x model):
 - Policies on the uncalibrated prompts (tier models in cost order, the best one last):
   route-only by floor t (the cheapest tier model with p_route >= t, else the best tier; one call);
   cascade (from the cheapest tier, ship if p_verify >= t, else call the next; the last always
-  ships; cost = every call made); kNN route-only by floor with p from a TF-IDF kNN over the
+  ships; cost = every call made); route+cascade, the gateway's own flow (start at the cheapest
+  tier with p_route >= t, then the cascade from there with the same t; not a policy the sealed
+  evaluation scores); kNN route-only by floor with p from a TF-IDF kNN over the
   calibration prompts (word unigrams, lowercase, sublinear tf, smooth idf from the calibration
   prompts, cosine, k = 10, p = (sum of the model's scores on the neighbours + 2 * its calibration
   mean) / (neighbours with a row + 2)); random scores route-only by floor; the oracle (the
@@ -65,7 +67,7 @@ PASS = 0.5           # label: score >= PASS
 K, PRIOR = 10, 2.0   # kNN neighbours and pseudo-count of the prior toward the calibration mean
 BINS = 15            # ECE bins
 ALWAYS_BEST = "always-best"
-POLICIES = ["cascade", "cascade+peers", "probe+peers", "route", "knn", "random"]
+POLICIES = ["cascade", "cascade+peers", "probe+peers", "route", "route+cascade", "knn", "random"]
 
 
 def log(*a):
@@ -311,6 +313,15 @@ class Replay:
                 v = x["pv"][j]
                 if j == last or (v is not None and v >= t):
                     return list(range(j + 1)), j
+        if policy == "route+cascade":
+            # The gateway's flow (src/gateway/cascade.rs): start at the cheapest tier Route
+            # accepts, then Verify gates each answer and escalates. One threshold serves both,
+            # so the pick has one axis like every other policy.
+            j0 = next((j for j in range(self.m) if x["pr"][j] >= t), last)
+            for j in range(j0, self.m):
+                v = x["pv"][j]
+                if j == last or (v is not None and v >= t):
+                    return list(range(j0, j + 1)), j
         if policy in ("cascade+peers", "probe+peers"):
             # Verify's rule with peers (decide::ships_with_peers): ship when p_verify >= t or
             # an answer already bought commits to the same final answer. probe+peers buys
@@ -346,9 +357,9 @@ class Replay:
                 "cost": c, "quality": q, "calls": calls, "prompts": len(ps)}
 
     def grid(self, policy, ps):
-        key = {"cascade": "pv", "cascade+peers": "pv", "probe+peers": "pv", "route": "pr",
-               "knn": "knn", "random": "rnd"}[policy]
-        vals = sorted(v for x in ps for v in x[key] if v is not None)
+        keys = {"cascade": ["pv"], "cascade+peers": ["pv"], "probe+peers": ["pv"], "route": ["pr"],
+                "route+cascade": ["pr", "pv"], "knn": ["knn"], "random": ["rnd"]}[policy]
+        vals = sorted(v for x in ps for key in keys for v in x[key] if v is not None)
         g = {i / 100 for i in range(101)}
         if vals:
             g |= {vals[min(int(q / 100 * len(vals)), len(vals) - 1)] for q in range(1, 100)}
@@ -476,14 +487,15 @@ def short(v):
     return "n/a" if v is None else f"{v:.2f}".lstrip("0") if v >= 0 else f"{v:.2f}"
 
 
-XF_COLUMNS = ("cascade", "cascade+peers", "probe+peers", "route", "knn", "oracle", "random")
+XF_COLUMNS = ("cascade", "cascade+peers", "probe+peers", "route", "route+cascade", "knn", "oracle",
+              "random")
 
 
 def table(results):
     head = ["source", "cal prompts", "test prompts", "tiers", "router AUROC pooled / within",
             "verifier AUROC / ECE", "kNN within AUROC",
-            "XF cascade", "XF cascade+peers", "XF probe+peers", "XF route", "XF kNN", "XF oracle",
-            "XF random",
+            "XF cascade", "XF cascade+peers", "XF probe+peers", "XF route", "XF route+cascade",
+            "XF kNN", "XF oracle", "XF random",
             "T→T cascade", "T→T route", "T→T kNN"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
 
