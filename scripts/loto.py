@@ -7,12 +7,13 @@ answered by models that are in our training data under other tasks. Leave-one-so
 source out leaves its models out too. Here one *task* of a source (e.g. routerbench_0shot's
 mbpp) leaves training while the source's other tasks keep its models known:
 
-1. $WORK/data/train.jsonl.gz: train rows without (SOURCE, TASK); dev and catalog linked.
+1. $WORK/data-wo-<slug>/train.jsonl.gz: train rows without (SOURCE, TASK); dev and catalog
+   linked. <slug> is SOURCE-TASK-<hash of DATA and TRAIN_FLAGS>.
 2. `tiergate train` on it (flags in TRAIN_FLAGS, default the quick recipe loso used:
-   --verify-rows 3000 --verify-folds 0) -> $WORK/heads-wo-<source>-<task>-<hash of DATA and
-   TRAIN_FLAGS>.json (kept between runs; the split data is named alike).
+   --verify-rows 3000 --verify-folds 0) -> $WORK/heads-wo-<slug>.json (kept between runs:
+   a change of DATA or TRAIN_FLAGS makes another slug).
 3. The task's rows from train *and* dev (neither fitted those heads) become one traffic
-   source named SOURCE:TASK -> $WORK/traffic-<task>.jsonl.gz.
+   source named SOURCE:TASK -> $WORK/traffic-<slug>.jsonl.gz.
 4. scripts/protocol.py on it with those heads (calibration on 20% of its prompts, thresholds
    picked on others; its docstring has every rule); extra arguments go to protocol.py
    (e.g. --no-calibration, --no-memory).

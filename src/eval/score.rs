@@ -386,10 +386,7 @@ fn adapt_router(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<Rout
     // strongest pull is right; on a new task of known models (the sealed set's new sources)
     // their levels differ, and a strong pull leaves the router off by a model-wide offset.
     // Chosen by log-loss on held-out fifths of the calibration prompts.
-    let fold_of = |i: usize| {
-        let r = &rows[i];
-        (super::util::hash_str(0x5eed, &format!("{}/{}", r.source, r.prompt_id)) % 5) as usize
-    };
+    let fold_of = |i: usize| calibration_fold(&rows[i]);
     let known: Vec<(&str, &Vec<usize>)> = by_model
         .iter()
         .filter(|(m, _)| heads.router.models.contains_key(**m))
@@ -458,6 +455,12 @@ fn adapt_router(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<Rout
     })
 }
 
+/// Which of five folds a calibration row's prompt falls in: the pull and the verifier's
+/// re-fit are judged on the same held-out prompts.
+fn calibration_fold(r: &Row) -> usize {
+    (super::util::hash_str(0x5eed, &format!("{}/{}", r.source, r.prompt_id)) % 5) as usize
+}
+
 /// Pulls (on skills, on level) a known model's ability may get; the first is the default.
 const KNOWN_PULLS: [(f64, f64); 4] = [(20.0, 20.0), (20.0, 2.0), (5.0, 5.0), (2.0, 2.0)];
 
@@ -508,10 +511,7 @@ fn refit_verifier(
 ) -> Result<(usize, serde_json::Value)> {
     // Calibration rows are split into five folds by prompt; the re-fit picks its candidate
     // on one of them.
-    let fold_of = |i: usize| {
-        let r = &rows[i];
-        (super::util::hash_str(0x5eed, &format!("{}/{}", r.source, r.prompt_id)) % 5) as usize
-    };
+    let fold_of = |i: usize| calibration_fold(&rows[i]);
     let nv = heads::verify_dim(heads.dim);
     let small = nv - heads.dim - 1; // router logit + text/form features + interactions
     let (mut xs, mut ys, mut folds) = (Vec::new(), Vec::new(), Vec::new());

@@ -80,15 +80,10 @@ impl Kernel {
         }
     }
 
-    /// Whether it reads activations as `a + 128` (u8), as `vpdpbusd` needs.
-    fn unsigned_a(self) -> bool {
-        matches!(self, Kernel::AvxVnni | Kernel::Avx512Vnni)
-    }
-
     /// A `vpdpbusd` kernel: four products summed into i32 per instruction, so int8 beats
-    /// bf16 and f32 wherever one runs.
+    /// bf16 and f32 wherever one runs; it reads activations as `a + 128` (u8).
     pub fn is_vnni(self) -> bool {
-        self.unsigned_a()
+        matches!(self, Kernel::AvxVnni | Kernel::Avx512Vnni)
     }
 
     fn rows(self) -> usize {
@@ -407,7 +402,7 @@ pub fn matmul_on(
     } else {
         Vec::new()
     };
-    if kern.unsigned_a() {
+    if kern.is_vnni() {
         // a + 128 as u8 (two's complement: flipping the top bit), for vpdpbusd.
         q.data.iter_mut().for_each(|x| *x ^= i8::MIN);
     }
