@@ -3,7 +3,7 @@
 //! Also the `tiergate score` command and run-time adaptation from labelled calibration rows.
 #![forbid(unsafe_code)]
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
+use std::hash::Hash;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -65,11 +65,7 @@ impl Embedder<'_> {
                 n => d.join(format!("{kind}-{rev}-{n}.emb")),
             }
         });
-        let key = |t: &str| {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            t.hash(&mut h);
-            h.finish()
-        };
+        let key = super::util::str_hash;
         let rec = 8 + dim * 4;
         let mut known: HashMap<u64, Vec<f32>> = HashMap::new();
         if let Some(bytes) = store.as_ref().and_then(|p| std::fs::read(p).ok()) {

@@ -8,7 +8,6 @@
 //! 70% router). The router is then refitted on all train prompts for the same number of steps.
 #![forbid(unsafe_code)]
 use std::collections::BTreeMap;
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -469,15 +468,13 @@ fn fit_verifier(a: &TrainArgs, d: usize, xy: &VerifyXy) -> Result<VerifierFit> {
 
 /// A short hash of what decides: the heads' revision.
 fn heads_revision(out: &Heads) -> Result<String> {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_string(&(
+    let h = super::util::str_hash(&serde_json::to_string(&(
         &out.router,
         &out.verifier,
         out.default_quality_floor,
         out.default_verify_threshold,
-    ))?
-    .hash(&mut h);
-    Ok(format!("{:012x}", h.finish() & 0xffff_ffff_ffff))
+    ))?);
+    Ok(format!("{:012x}", h & 0xffff_ffff_ffff))
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
