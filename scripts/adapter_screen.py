@@ -4,10 +4,10 @@ all models' outcomes per prompt as targets) help on a task it never saw?
 
 Offline and before any Rust, like the other screens in models/EVAL.md. Both arms share one
 router of the heads' form (logit = w.e + c + u_m.(P e) + b_m over the unit mean-pooled
-embedding e) and one training recipe; they differ only in the encoder:
+embedding e):
 - frozen: the base weights;
 - adapter: LoRA (rank R) on every linear layer of the top L encoder layers, trained jointly
-  with the router.
+  with the router, which starts from the frozen arm's.
 Training rows: train.jsonl.gz without the left-out task. Early stopping: dev rows without it.
 New traffic: the left-out task's train and dev rows (neither arm saw them). Reported on that
 traffic, mean over seeds: pooled AUROC and log-loss with the trained abilities, and after a
@@ -15,7 +15,11 @@ calibration like `score --calibration` (20% of the task's prompts by md5(seed, p
 each model's (u_m, b_m) with an L2 pull towards its trained values) the within-model AUROC
 (what a threshold decision uses) and log-loss on the other 80%.
 
-usage: adapter_screen.py SOURCE TASK [--rank 8] [--layers 3] [--epochs 4] [--max-len 256]
+--rank 0 is the control: the router's continued training exactly as in the adapter arm
+(mini-batch Adam, no penalty on P), with no adapter, so that the encoder's part can be told
+from the router's.
+
+usage: adapter_screen.py SOURCE TASK [--rank 8] [--layers 3] [--epochs 3] [--max-len 256]
 needs: torch, safetensors, tokenizers, numpy (e.g. a venv: pip install torch safetensors
        tokenizers numpy); reads models/base and ../shared/data.
 """
@@ -239,7 +243,7 @@ def main():
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16)
     ap.add_argument("--layers", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -341,9 +345,12 @@ def main():
     # Arm 2: LoRA on the top layers, trained with the router (started from arm 1's router).
     layers = [Layer(w, i, a.rank, a.alpha) for i in range(6 - a.layers, 6)]
     params = [p for l in layers for p in l.parameters()]
-    opt = torch.optim.Adam([{"params": params, "lr": a.lr},
-                            {"params": router.parameters(), "lr": a.lr}])
+    groups = [{"params": list(router.parameters()), "lr": a.lr}]
+    if params:  # --rank 0: the control, the same continued training with no adapter
+        groups.append({"params": params, "lr": a.lr})
+    opt = torch.optim.Adam(groups)
     tr_prompts = list(tr)
+    arm = "adapter" if a.rank else "control"
     best_ad, best_ad_state = best, None
     for epoch in range(a.epochs):
         random.shuffle(tr_prompts)
@@ -359,20 +366,22 @@ def main():
             opt.step()
         emb = encode_all(layers, range(len(prompts)))
         v = loss_on(router, emb, dv)
-        log(f"adapter epoch {epoch}: dev loss {v:.4f} ({time.time() - t0:.0f} s)")
+        log(f"{arm} epoch {epoch}: dev loss {v:.4f} ({time.time() - t0:.0f} s)")
         if v < best_ad:
             best_ad = v
             best_ad_state = ({k: t.clone() for k, t in router.state_dict().items()},
                              [{k: t.clone() for k, t in l.state_dict().items()} for l in layers])
+    # The last epoch too, picked or not: the control's figures at the adapter's epoch count.
+    res[f"{arm}_last_epoch"] = {"dev_loss": v, **evaluate(router, emb, new, newp, seeds, a.l2)}
     if best_ad_state is None:
-        log("adapter never beat the frozen arm on dev")
-        res["adapter"] = None
+        log(f"{arm} never beat the frozen arm on dev")
+        res[arm] = None
     else:
         router.load_state_dict(best_ad_state[0])
         for l, s in zip(layers, best_ad_state[1]):
             l.load_state_dict(s)
         emb = encode_all(layers, range(len(prompts)))
-        res["adapter"] = {"dev_loss": best_ad, **evaluate(router, emb, new, newp, seeds, a.l2)}
+        res[arm] = {"dev_loss": best_ad, **evaluate(router, emb, new, newp, seeds, a.l2)}
     res["args"] = vars(a)
     print(json.dumps(res, indent=1))
 
