@@ -4,8 +4,10 @@
 #   1. gpu-check on the real (f16) model and dev prompts: kernels vs CPU references, CPU vs GPU
 #      embeddings and route p_pass (eager and graph), forward timing eager vs graph per budget;
 #   2. gpu-check --random-weights (timing on synthetic lengths 8..512);
-#   3. the server on the CUDA backend under loadgen (Route c1/c64, Verify c32).
-# Everything printed is also written to $OUT (default target/gpu/out). benches/GPU.md.
+#   3. the server on the CUDA backend under loadgen (Route c1/c64, Verify c32; LOAD_S seconds
+#      each at most, default 40).
+# Everything printed is also written to $OUT (default target/gpu/out), and bundled there as
+# gpu-out.tgz. benches/GPU.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 g=target/gpu
@@ -17,7 +19,18 @@ bin="$(mktemp -d)"
 for b in tiergate loadgen; do
   [ -f "$g/$b.gz" ] && gunzip -c "$g/$b.gz" >"$bin/$b" && chmod +x "$bin/$b"
 done
-{ date -u; git rev-parse --short HEAD 2>/dev/null; nvidia-smi; } 2>&1 | tee "$out/device.txt"
+{ date -u; git rev-parse --short HEAD 2>/dev/null; nvidia-smi
+  # The host CPU too: its flags say which CPU kernels the same binary would pick there.
+  grep -m1 'model name' /proc/cpuinfo; nproc
+  grep -o 'avx512[a-z_0-9]*\|avx_vnni\|amx[a-z_0-9]*\|avx2' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
+} 2>&1 | tee "$out/device.txt"
+# A device call returns at most 8 files: on exit, everything here goes into one archive, and
+# the loadgen JSON (in it) leaves the folder, so that the archive and the 7 text logs remain.
+bundle() {
+  tar czf "$bin/gpu-out.tgz" -C "$out" --exclude gpu-out.tgz . 2>/dev/null &&
+    mv "$bin/gpu-out.tgz" "$out/" && rm -f "$out"/load-*.json
+}
+trap bundle EXIT
 
 # A toolkit's libraries first: they match the driver, and PTX from an NVRTC newer than the
 # driver does not load. Then the Python wheels' (nvidia/*/lib).
@@ -53,7 +66,7 @@ if [ -x "$bin/loadgen" ]; then
   "$bin/tiergate" serve --backend cuda --model-dir "$g/base-f16" --listen "$addr" \
     --metrics-listen "" --embedding-cache 0 --tokenize-threads 8 >"$out/serve.log" 2>&1 &
   srv=$!
-  trap 'kill "$srv" 2>/dev/null' EXIT
+  trap 'kill "$srv" 2>/dev/null; bundle' EXIT
   # Wait for it to serve (start-up compiles the kernels and self-checks against the CPU).
   for _ in $(seq 1 120); do
     grep -q "warm-up done" "$out/serve.log" 2>/dev/null && break
@@ -66,7 +79,7 @@ if [ -x "$bin/loadgen" ]; then
   for s in "route 1 500" "route 64 5000" "verify 32 3000"; do
     set -- $s
     "$bin/loadgen" --addr "$addr" --data "$g/prompts.jsonl.gz" --rpc "$1" --concurrency "$2" \
-      --requests "$3" --duration 40 --out "$out/load-$1-c$2.json" 2>&1 | tee "$out/load-$1-c$2.txt"
+      --requests "$3" --duration "${LOAD_S:-40}" --out "$out/load-$1-c$2.json" 2>&1 | tee "$out/load-$1-c$2.txt"
   done
   kill "$srv"; wait "$srv" 2>/dev/null
   grep -E "backend|cuda|graph" "$out/serve.log" | head -20
