@@ -4,8 +4,9 @@
 #   1. gpu-check on the real (f16) model and dev prompts: kernels vs CPU references, CPU vs GPU
 #      embeddings and route p_pass (eager and graph), forward timing eager vs graph per budget;
 #   2. gpu-check --random-weights (timing on synthetic lengths 8..512);
-#   3. the server on the CUDA backend under loadgen (Route c1/c64, Verify c32; LOAD_S seconds
-#      each at most, default 40).
+#   3. the server on the CUDA backend (and each other backend in LOAD_BACKENDS, e.g. "cuda
+#      cpu") under loadgen: Route c1/c64/c256, Verify c32, LOAD_S seconds each at most (20).
+# STAGES="check load" (default) picks the parts.
 # Everything printed is also written to $OUT (default target/gpu/out), and bundled there as
 # gpu-out.tgz. benches/GPU.md.
 set -uo pipefail
@@ -52,36 +53,48 @@ echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee -a "$out/device.txt"
 ldconfig -p | grep -E 'libcuda\.so|libnvrtc|libcublas' | tee -a "$out/device.txt"
 
 rc=0
-"$bin/tiergate" gpu-check --model-dir "$g/base-f16" --data "$g/prompts.jsonl.gz" \
-  --prompts "${PROMPTS:-256}" --budgets 512,1024,2048,4096,8192,16384,32768 --runs "${RUNS:-30}" \
-  2>&1 | tee "$out/gpu-check.txt"
-[ "${PIPESTATUS[0]}" = 0 ] || rc=1
-"$bin/tiergate" gpu-check --random-weights --prompts 256 --budgets 1024,4096,16384,32768 \
-  --runs "${RUNS:-30}" 2>&1 | tee "$out/gpu-check-random.txt"
-[ "${PIPESTATUS[0]}" = 0 ] || rc=1
+stages="${STAGES:-check load}"
+if [[ " $stages " == *" check "* ]]; then
+  "$bin/tiergate" gpu-check --model-dir "$g/base-f16" --data "$g/prompts.jsonl.gz" \
+    --prompts "${PROMPTS:-256}" --budgets 512,1024,2048,4096,8192,16384,32768 --runs "${RUNS:-30}" \
+    2>&1 | tee "$out/gpu-check.txt"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  "$bin/tiergate" gpu-check --random-weights --prompts 256 --budgets 1024,4096,16384,32768 \
+    --runs "${RUNS:-30}" 2>&1 | tee "$out/gpu-check-random.txt"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
 
-if [ -x "$bin/loadgen" ]; then
+# One server per backend in LOAD_BACKENDS ("cuda"; "cuda cpu" adds the CPU backend on the same
+# host for a same-machine ratio), each under the same loadgen runs, LOAD_S seconds at most each.
+if [[ " $stages " == *" load "* ]] && [ -x "$bin/loadgen" ]; then
   addr=127.0.0.1:50161
-  # Tokenizing is on the CPU: give it the cores the encoder no longer needs.
-  "$bin/tiergate" serve --backend cuda --model-dir "$g/base-f16" --listen "$addr" \
-    --metrics-listen "" --embedding-cache 0 --tokenize-threads 8 >"$out/serve.log" 2>&1 &
-  srv=$!
-  trap 'kill "$srv" 2>/dev/null; bundle' EXIT
-  # Wait for it to serve (start-up compiles the kernels and self-checks against the CPU).
-  for _ in $(seq 1 120); do
-    grep -q "warm-up done" "$out/serve.log" 2>/dev/null && break
-    kill -0 "$srv" 2>/dev/null || break
-    sleep 1
+  for backend in ${LOAD_BACKENDS:-cuda}; do
+    log="$out/serve-$backend.log"
+    # Tokenizing is on the CPU: on CUDA, give it the cores the encoder no longer needs.
+    extra=()
+    [ "$backend" = cuda ] && extra=(--tokenize-threads "${TOKENIZE_THREADS:-8}")
+    "$bin/tiergate" serve --backend "$backend" --model-dir "$g/base-f16" --listen "$addr" \
+      --metrics-listen "" --embedding-cache 0 "${extra[@]}" >"$log" 2>&1 &
+    srv=$!
+    trap 'kill "$srv" 2>/dev/null; bundle' EXIT
+    # Wait for it to serve (on CUDA, start-up compiles the kernels and self-checks on the CPU).
+    for _ in $(seq 1 120); do
+      grep -q "warm-up done" "$log" 2>/dev/null && break
+      kill -0 "$srv" 2>/dev/null || break
+      sleep 1
+    done
+    if ! grep -q "warm-up done" "$log"; then
+      echo "the server did not come up on the $backend backend:"; tail -5 "$log"; exit 1
+    fi
+    grep -E "listening local" "$log" | tee -a "$out/load-$backend.txt"
+    # Warm-up requests first: on CUDA the first batch of each token bucket captures a graph.
+    for s in ${LOAD_RUNS:-route:1:3000 route:64:60000 route:256:100000 verify:32:40000}; do
+      IFS=: read -r rpc conc n <<<"$s"
+      "$bin/loadgen" --addr "$addr" --data "$g/prompts.jsonl.gz" --rpc "$rpc" \
+        --concurrency "$conc" --requests "$n" --warmup 200 --duration "${LOAD_S:-20}" \
+        --out "$out/load-$backend-$rpc-c$conc.json" 2>&1 | tee -a "$out/load-$backend.txt"
+    done
+    kill "$srv"; wait "$srv" 2>/dev/null
   done
-  if ! grep -q "warm-up done" "$out/serve.log"; then
-    echo "the server did not come up on the CUDA backend:"; tail -5 "$out/serve.log"; exit 1
-  fi
-  for s in "route 1 500" "route 64 5000" "verify 32 3000"; do
-    set -- $s
-    "$bin/loadgen" --addr "$addr" --data "$g/prompts.jsonl.gz" --rpc "$1" --concurrency "$2" \
-      --requests "$3" --duration "${LOAD_S:-40}" --out "$out/load-$1-c$2.json" 2>&1 | tee "$out/load-$1-c$2.txt"
-  done
-  kill "$srv"; wait "$srv" 2>/dev/null
-  grep -E "backend|cuda|graph" "$out/serve.log" | head -20
 fi
 exit "$rc"
