@@ -6,6 +6,8 @@
 #   2. gpu-check --random-weights (timing on synthetic lengths 8..512);
 #   3. the server on the CUDA backend (and each other backend in LOAD_BACKENDS, e.g. "cuda
 #      cpu") under loadgen: Route c1/c64/c256, Verify c32, LOAD_S seconds each at most (20).
+#   4. (STAGES with "cpu") the host's CPU as a CPU node: encoder bench per precision and
+#      thread count, ONNX Runtime beside it.
 # STAGES="check load" (default) picks the parts.
 # Everything printed is also written to $OUT (default target/gpu/out), and bundled there as
 # gpu-out.tgz. benches/GPU.md.
@@ -95,6 +97,24 @@ if [[ " $stages " == *" load "* ]] && [ -x "$bin/loadgen" ]; then
         --out "$out/load-$backend-$rpc-c$conc.json" 2>&1 | tee -a "$out/load-$backend.txt"
     done
     kill "$srv"; wait "$srv" 2>/dev/null
+  done
+fi
+# The GPU host's CPU as a CPU node: the encoder bench (loadgen bench-encoder) per precision
+# and thread count, and ONNX Runtime (scripts/onnx_peer.py, the image's onnxruntime) on the
+# same ids beside it. Weights are the f16 export widened back to f32 by both sides.
+if [[ " $stages " == *" cpu "* ]]; then
+  ids="$bin/ids.json"
+  "$bin/loadgen" dump-ids --model-dir "$g/base-f16" --data "$g/prompts.jsonl.gz" --out "$ids"
+  n="${CPU_LIMIT:-128}"
+  for s in ${CPU_RUNS-int8:1 int8:2 int8:4 int8:8 int8:16 bf16:2 bf16:16 f32:2 f32:16}; do
+    IFS=: read -r prec t <<<"$s"
+    "$bin/loadgen" bench-encoder --ids "$ids" --model-dir "$g/base-f16" --precision "$prec" \
+      --threads "$t" --limit "$n" --reps 2 2>&1 | grep -v ' INFO \| WARN ' | tee -a "$out/cpu.txt"
+  done
+  for s in ${ORT_RUNS-fused:2 fused:16 fused-int8:16}; do
+    IFS=: read -r graph t <<<"$s"
+    python3 scripts/onnx_peer.py --model-dir "$g/base-f16" --ids "$ids" --threads "$t" \
+      --graph "$graph" --limit "$n" --reps 2 --min-cos 0.999 2>&1 | grep -v parity | tee -a "$out/cpu.txt"
   done
 fi
 exit "$rc"
