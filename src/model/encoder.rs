@@ -51,7 +51,7 @@ impl Precision {
             // mix; both passed the gate (benches/README.md). Decided on the best kernel the
             // CPU has, so `TIERGATE_INT8_KERNEL` changes speed only, never the numerics.
             Self::Auto if int8::best_kernel().is_vnni() => Ok(Self::Int8),
-            Self::Auto if bf16::available() => Ok(Self::Bf16),
+            Self::Auto if bf16::preferred() => Ok(Self::Bf16),
             // Elsewhere (Arm, pre-AVX2 x86) int8 would run its scalar reference: slower
             // than f32 through `gemm`, which has NEON kernels.
             Self::Auto if int8::available() => Ok(Self::Int8),
@@ -504,7 +504,7 @@ impl MiniLm {
     pub fn resolve_precision(&self, precision: Precision) -> Result<Precision, BackendError> {
         let p = precision.resolve()?;
         if precision == Precision::Auto && p == Precision::Int8 && !self.int8_smoothed() {
-            return Ok(if bf16::available() {
+            return Ok(if bf16::preferred() {
                 Precision::Bf16
             } else {
                 Precision::F32
