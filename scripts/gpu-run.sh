@@ -8,7 +8,8 @@
 #      cpu") under loadgen: Route c1/c64/c256, Verify c32, LOAD_S seconds each at most (20).
 #   4. (STAGES with "cpu") the host's CPU as a CPU node: encoder bench per precision and
 #      thread count, ONNX Runtime beside it.
-# STAGES="check load" (default) picks the parts.
+# STAGES="check load" (default) picks the parts; SERVE_CPUS / LOADGEN_CPUS pin the server and
+# loadgen (taskset lists) to size the server like a pod.
 # Everything printed is also written to $OUT (default target/gpu/out), and bundled there as
 # gpu-out.tgz. benches/GPU.md.
 set -uo pipefail
@@ -75,8 +76,10 @@ if [[ " $stages " == *" load "* ]] && [ -x "$bin/loadgen" ]; then
     # Tokenizing is on the CPU: on CUDA, give it the cores the encoder no longer needs.
     extra=()
     [ "$backend" = cuda ] && extra=(--tokenize-threads "${TOKENIZE_THREADS:-8}")
-    "$bin/tiergate" serve --backend "$backend" --model-dir "$g/base-f16" --listen "$addr" \
-      --metrics-listen "" --embedding-cache 0 "${extra[@]}" >"$log" 2>&1 &
+    # SERVE_CPUS / LOADGEN_CPUS (taskset lists, e.g. 0-3 and 4-15) size the server like a pod.
+    ${SERVE_CPUS:+taskset -c "$SERVE_CPUS"} "$bin/tiergate" serve --backend "$backend" \
+      --model-dir "$g/base-f16" --listen "$addr" --metrics-listen "" --embedding-cache 0 \
+      ${SERVE_CPUS:+--threads "$(taskset -c "$SERVE_CPUS" nproc)"} "${extra[@]}" >"$log" 2>&1 &
     srv=$!
     trap 'kill "$srv" 2>/dev/null; bundle' EXIT
     # Wait for it to serve (on CUDA, start-up compiles the kernels and self-checks on the CPU).
@@ -92,7 +95,8 @@ if [[ " $stages " == *" load "* ]] && [ -x "$bin/loadgen" ]; then
     # Warm-up requests first: on CUDA the first batch of each token bucket captures a graph.
     for s in ${LOAD_RUNS:-route:1:3000 route:64:60000 route:256:100000 verify:32:40000}; do
       IFS=: read -r rpc conc n <<<"$s"
-      "$bin/loadgen" --addr "$addr" --data "$g/prompts.jsonl.gz" --rpc "$rpc" \
+      ${LOADGEN_CPUS:+taskset -c "$LOADGEN_CPUS"} "$bin/loadgen" --addr "$addr" \
+        --data "$g/prompts.jsonl.gz" --rpc "$rpc" \
         --concurrency "$conc" --requests "$n" --warmup 200 --duration "${LOAD_S:-20}" \
         --out "$out/load-$backend-$rpc-c$conc.json" 2>&1 | tee -a "$out/load-$backend.txt"
     done
