@@ -33,11 +33,10 @@ pub fn available() -> bool {
     }
 }
 
-/// Whether bf16 is worth taking over f32 when nothing better is (`precision = auto`): on AMD
-/// (Zen 4, Zen 5) `vdpbf16ps` issues at the FMA rate, so it does twice the f32 work per
-/// cycle (bf16 ran ×1.6 f32 on a 2-core Zen 5, benches/README.md). On Intel it issues on
-/// one port where FMAs have two, and on a Sapphire-Rapids-class Xeon bf16 ran at ×0.82
-/// (2 threads) and ×0.89 (16) of f32 (2026-12-04): there f32 it is.
+/// Whether bf16 is worth taking over f32 when nothing better is (`precision = auto`). Only
+/// on AMD: bf16 ran ×1.6 f32 on a 2-core Zen 5, but ×0.67–0.96 of f32 on a
+/// Sapphire-Rapids-class Xeon at 2 and 16 threads (benches/README.md, 2026-12-04), where
+/// `vdpbf16ps` likely has fewer ports than the FMAs it replaces.
 pub fn preferred() -> bool {
     available() && cpu_vendor_is_amd()
 }
