@@ -215,7 +215,7 @@ mod linear {
             return;
         }
         let (a, w) = data(m);
-        let packed = int8::PackedI8::pack(&w, K, N);
+        let packed = int8::PackedI8::pack_for(kern, &w, K, N);
         let mut c = vec![0.0f32; m * N];
         b.counter(divan::counter::ItemsCount::new(2 * m * K * N))
             .bench_local(|| {

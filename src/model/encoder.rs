@@ -49,7 +49,8 @@ impl Precision {
         match self {
             // With a VNNI kernel, int8 is about 1.3x bf16 at batch 1 and batched on the dev
             // mix; both passed the gate (benches/README.md). Decided on the best kernel the
-            // CPU has, so `TIERGATE_INT8_KERNEL` changes speed only, never the numerics.
+            // CPU has, so `TIERGATE_INT8_KERNEL` never changes which precision runs (only
+            // the speed, and with `avx2` the weights' width: what AVX2-only CPUs compute).
             Self::Auto if int8::best_kernel().is_vnni() => Ok(Self::Int8),
             Self::Auto if bf16::preferred() => Ok(Self::Bf16),
             // Elsewhere (Arm, pre-AVX2 x86) int8 would run its scalar reference: slower
@@ -488,8 +489,15 @@ impl MiniLm {
     /// Quantizes and packs the weights for the int8 kernel now rather than on the first
     /// int8 forward pass (a no-op when already packed).
     pub fn prepare_int8(&self) {
+        let kern = int8::kernel();
+        let weight_bits = if kern.weight_levels() == int8::Q {
+            8
+        } else {
+            7
+        };
         tracing::info!(
-            kernel = int8::kernel().name(),
+            kernel = kern.name(),
+            weight_bits,
             smoothed = self.act_max.is_some(),
             "int8 linear layers"
         );

@@ -1,17 +1,26 @@
 //! int8 GEMM for the encoder's linear layers on CPUs without AVX512-BF16 (AVX2 is enough).
 //!
 //! Weights are quantized once, per output channel, and packed; activations per row (token) on
-//! every call. Both are symmetric, `-Q..=Q` with `Q = 127`, and the product is exact in i32:
+//! every call. Both are symmetric: activations `-Q..=Q` with `Q = 127`, weights `-Q..=Q` on
+//! the VNNI kernels and `-Q7..=Q7` (`Q7 = 63`, 7 bits) on the AVX2 kernel (below). The
+//! product is exact in i32:
 //!
 //! `c[r][n] = s_a[r] · s_w[n] · Σ_k a_q[r][k] · w_q[k][n]`
 //!
-//! AVX2 has no int8 dot product with i32 accumulation. `vpmaddubsw` multiplies *unsigned* by
-//! signed bytes and adds pairs into a saturating i16; `vpmaddwd` by ones then widens pairs to
-//! i32. We feed it `|a|` and `w` with `a`'s sign moved onto it (`vpsignb`), so both factors are
-//! at most 127 and a pair sum (≤ 2 · 127 · 127 = 32,258) never saturates: the vector kernel and
-//! the scalar reference agree bit for bit. (ONNX Runtime's u8 × s8 path can saturate, which is
-//! how it loses this model: min cosine 0.86 against f32 on the dev prompts.) Symmetric s8
-//! activations have a step of `max|a| / 127`, never coarser than an asymmetric u7 range.
+//! Every kernel feeds activations in as `a + 128` (u8) and subtracts each column's
+//! `128 · Σ_k w[k][c]`, kept from packing. With AVX-512 VNNI (Cascade Lake and later Xeons,
+//! Zen 4/5) `vpdpbusd` sums four u8 × s8 products straight into i32 without saturating;
+//! AVX-VNNI (the VEX form on ymm, on CPUs without AVX-512) runs the same scheme on a 4 × 16
+//! tile. AVX2 has no int8 dot product with i32 accumulation: `vpmaddubsw` multiplies u8 by s8
+//! and adds pairs into a *saturating* i16, and `vpmaddwd` by ones widens pairs to i32. With
+//! 7-bit weights a pair is at most 2 · 255 · 63 = 32,130, so it never saturates and the AVX2
+//! kernel equals the scalar reference bit for bit on its own weights. (ONNX Runtime's u8 × s8
+//! path uses 8-bit weights and can saturate, which is how it loses this model: min cosine
+//! 0.82 against f32 on the dev prompts.) The 7-bit weights passed the dev accuracy gate
+//! (benches/README.md, 2026-12-04); they replace a sign trick (`|a|` times `w` with `a`'s
+//! sign, `vpsignb`) that kept 8-bit weights at three more instructions per row and group of
+//! four k (×1.15 on the dev mix). So the kernel decides the weights' width:
+//! `TIERGATE_INT8_KERNEL=avx2` on a VNNI CPU computes exactly what an AVX2-only CPU does.
 //!
 //! Outlier channels: a few hidden channels carry activations far larger than the rest, and a
 //! per-token scale set by them leaves the others few levels. [`PackedI8::pack_smoothed`] moves
@@ -22,21 +31,16 @@
 //! Layout: B (k × n, row-major f32) becomes panels of `NR` columns; inside a panel, group `g`
 //! of four rows holds for each column the four bytes `w[4g..4g+4][c]`, which is what one
 //! 32-bit lane multiplies against a broadcast `a[4g..4g+4]`.
-//!
-//! With AVX-512 VNNI (Cascade Lake and later Xeons, Zen 4) `vpdpbusd` sums four u8 × s8
-//! products straight into i32 without saturating, so the sign trick is not needed: the
-//! activations go in as `a + 128` (u8) and each column's `128 · Σ_k w[k][c]`, kept from packing,
-//! is subtracted. The integers, and so every output, are the same as on the AVX2 kernel.
-//! AVX-VNNI (the VEX form on ymm, on CPUs without AVX-512) runs the same scheme on a 4 × 16
-//! tile.
 use rayon::prelude::*;
 
 use super::par::SendPtr;
 
-/// Levels each side of zero, for weights and activations alike.
+/// Levels each side of zero: activations, and weights on every kernel but AVX2.
 pub const Q: i32 = 127;
-// A pair of products must fit vpmaddubsw's i16 exactly.
-const _: () = assert!(2 * Q * Q <= i16::MAX as i32);
+/// Levels each side of zero of the AVX2 kernel's weights.
+pub const Q7: i32 = 63;
+// A pair of u8 × s7 products must fit vpmaddubsw's i16 exactly.
+const _: () = assert!(2 * (2 * Q + 1) * Q7 <= i16::MAX as i32);
 
 /// Columns per panel: two ymm accumulators per row.
 const NR: usize = 16;
@@ -57,11 +61,12 @@ pub fn available() -> bool {
     best_kernel() != Kernel::Scalar
 }
 
-/// The inner kernels; all compute the same integers, so all give the same outputs.
+/// The inner kernels. Given the same packed weights all compute the same integers; the AVX2
+/// kernel needs weights packed at 7 bits ([`Kernel::weight_levels`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
     Scalar,
-    /// `vpmaddubsw` + `vpmaddwd`, 4 × 16 tile.
+    /// `vpmaddubsw` + `vpmaddwd` on 7-bit weights, 4 × 16 tile.
     Avx2,
     /// VEX `vpdpbusd` on ymm (AVX-VNNI: what Intel's client cores since Alder Lake and its
     /// E-core Xeons (Sierra Forest) have instead of AVX-512), 4 × 16 tile.
@@ -84,6 +89,15 @@ impl Kernel {
     /// bf16 and f32 wherever one runs; it reads activations as `a + 128` (u8).
     pub fn is_vnni(self) -> bool {
         matches!(self, Kernel::AvxVnni | Kernel::Avx512Vnni)
+    }
+
+    /// Levels each side of zero of the weights this kernel multiplies: [`Q7`] for AVX2 (so
+    /// `vpmaddubsw` cannot saturate), [`Q`] elsewhere.
+    pub fn weight_levels(self) -> i32 {
+        match self {
+            Kernel::Avx2 => Q7,
+            _ => Q,
+        }
     }
 
     fn rows(self) -> usize {
@@ -115,8 +129,8 @@ pub fn kernels() -> Vec<Kernel> {
 }
 
 /// Picks a named int8 kernel this CPU has (`scalar`, `avx2`, `avx-vnni`, `avx512-vnni`), so an
-/// AVX-512 machine can measure the path AVX2-only node pools run. Every kernel computes the
-/// same integers, so only speed changes.
+/// AVX-512 machine can measure the path AVX2-only node pools run, with their numerics: the
+/// weights are packed at the named kernel's width.
 pub const KERNEL_ENV: &str = "TIERGATE_INT8_KERNEL";
 
 /// The kernel [`KERNEL_ENV`] names (`None` when unset or empty); an unknown name or one this
@@ -181,7 +195,9 @@ pub struct PackedI8 {
     data: Vec<i8>,
     /// Per column: the dequantization scale.
     scale: Vec<f32>,
-    /// Per column (padded to whole panels): `128 · Σ_k w_q[k][c]`, what the VNNI kernel's
+    /// Levels each side of zero the weights were quantized to.
+    levels: i32,
+    /// Per column (padded to whole panels): `128 · Σ_k w_q[k][c]`, what the vector kernels'
     /// unsigned activations add.
     comp: Vec<i32>,
     /// Per input channel: what activations are multiplied by before quantizing (`1 / t_c`),
@@ -190,15 +206,25 @@ pub struct PackedI8 {
 }
 
 impl PackedI8 {
-    /// Quantizes and packs row-major `b` (k × n). A partial last group of rows and a partial
-    /// last panel are zero-padded.
+    /// Quantizes and packs row-major `b` (k × n) for [`kernel`]. A partial last group of rows
+    /// and a partial last panel are zero-padded.
     pub fn pack(b: &[f32], k: usize, n: usize) -> Self {
-        Self::pack_inner(b, k, n, None)
+        Self::pack_for(kernel(), b, k, n)
+    }
+
+    /// [`Self::pack`] for a given kernel (its weight width).
+    pub fn pack_for(kern: Kernel, b: &[f32], k: usize, n: usize) -> Self {
+        Self::pack_inner(b, k, n, None, kern.weight_levels())
     }
 
     /// [`Self::pack`] with input channel `c`'s range moved into the weights, given the
     /// largest `|a_c|` seen on calibration prompts (`act_max.len() == k`).
     pub fn pack_smoothed(b: &[f32], k: usize, n: usize, act_max: &[f32]) -> Self {
+        Self::pack_smoothed_for(kernel(), b, k, n, act_max)
+    }
+
+    /// [`Self::pack_smoothed`] for a given kernel.
+    pub fn pack_smoothed_for(kern: Kernel, b: &[f32], k: usize, n: usize, act_max: &[f32]) -> Self {
         assert_eq!(b.len(), k * n, "PackedI8::pack_smoothed: shapes");
         assert_eq!(
             act_max.len(),
@@ -222,10 +248,10 @@ impl PackedI8 {
             .flat_map(|(row, &tc)| row.iter().map(move |&w| w * tc))
             .collect();
         let inv = t.iter().map(|&tc| 1.0 / tc).collect();
-        Self::pack_inner(&scaled, k, n, Some(inv))
+        Self::pack_inner(&scaled, k, n, Some(inv), kern.weight_levels())
     }
 
-    fn pack_inner(b: &[f32], k: usize, n: usize, act_mul: Option<Vec<f32>>) -> Self {
+    fn pack_inner(b: &[f32], k: usize, n: usize, act_mul: Option<Vec<f32>>, levels: i32) -> Self {
         assert_eq!(
             b.len(),
             k * n,
@@ -236,11 +262,15 @@ impl PackedI8 {
         let mut scale = vec![0.0f32; n];
         for (c, s) in scale.iter_mut().enumerate() {
             let amax = (0..k).map(|r| b[r * n + c].abs()).fold(0.0f32, f32::max);
-            *s = if amax > 0.0 { amax / Q as f32 } else { 1.0 };
+            *s = if amax > 0.0 {
+                amax / levels as f32
+            } else {
+                1.0
+            };
         }
         let q = |r: usize, c: usize| -> i8 {
             let v = (b[r * n + c] / scale[c]).round();
-            v.clamp(-Q as f32, Q as f32) as i8
+            v.clamp(-levels as f32, levels as f32) as i8
         };
         let panels = n.div_ceil(NR);
         let mut data = vec![0i8; panels * k4 * NR * 4];
@@ -272,9 +302,15 @@ impl PackedI8 {
             k4,
             data,
             scale,
+            levels,
             comp,
             act_mul,
         }
+    }
+
+    /// Levels each side of zero the weights were quantized to ([`Kernel::weight_levels`]).
+    pub fn levels(&self) -> i32 {
+        self.levels
     }
 
     pub fn k(&self) -> usize {
@@ -381,6 +417,12 @@ pub fn matmul_on(
         kernels().contains(&kern),
         "int8::matmul: {kern:?} unavailable"
     );
+    assert!(
+        b.levels <= kern.weight_levels(),
+        "int8::matmul: {kern:?} needs weights packed at ±{} levels, not ±{}",
+        kern.weight_levels(),
+        b.levels
+    );
     let (k, n) = (b.k, b.n);
     assert!(
         dst.len() == m * n && a.len() == m * k,
@@ -396,14 +438,9 @@ pub fn matmul_on(
         return;
     }
     let mut q = quantize_rows(a, m, k, b.act_mul.as_deref());
-    // The AVX2 kernel multiplies |a| by w with a's sign: |a| made once here, not per tile.
-    let abs: Vec<i8> = if kern == Kernel::Avx2 {
-        q.data.iter().map(|x| x.abs()).collect()
-    } else {
-        Vec::new()
-    };
-    if kern.is_vnni() {
-        // a + 128 as u8 (two's complement: flipping the top bit), for vpdpbusd.
+    if kern != Kernel::Scalar {
+        // a + 128 as u8 (two's complement: flipping the top bit), the unsigned operand of
+        // vpdpbusd and vpmaddubsw.
         q.data.iter_mut().for_each(|x| *x ^= i8::MIN);
     }
     let mr = kern.rows();
@@ -423,7 +460,6 @@ pub fn matmul_on(
                 let rows = (row_end - r0).min(mr);
                 let t = Tile {
                     a: &q.data[r0 * lda..(r0 + mr) * lda],
-                    a_abs: abs.get(r0 * lda..(r0 + mr) * lda).unwrap_or(&[]),
                     k4: b.k4,
                     panel,
                     a_scale: &q.scale[r0..r0 + mr],
@@ -456,14 +492,13 @@ pub fn matmul_on(
 
 /// One MR × NR tile's inputs.
 struct Tile<'a> {
+    /// Quantized activations: as i8 for the scalar kernel, as `a + 128` (u8) for the others.
     a: &'a [i8],
-    /// `|a|`, for the AVX2 kernel only (empty otherwise).
-    a_abs: &'a [i8],
     k4: usize,
     panel: &'a [i8],
     a_scale: &'a [f32],
     w_scale: &'a [f32],
-    /// Per column, what unsigned (VNNI) activations add to the sums.
+    /// Per column, what unsigned activations add to the sums.
     comp: &'a [i32],
     rows: usize,
     accumulate: bool,
@@ -555,22 +590,44 @@ mod x86 {
         s
     }
 
-    /// `c[r][0..cols] (+)= tile` for r < rows. `t.a_abs` holds `|a|`, made once per
-    /// product rather than per tile and group (an instruction fewer per row and group).
+    /// Subtracts what the `+ 128` of unsigned activations added: `t.comp` per column (a
+    /// partial panel's missing columns compensate nothing; their sums are never stored).
+    #[target_feature(enable = "avx2")]
+    fn uncompensate(acc: &mut [[__m256i; 2]; MR], t: &Tile<'_>) {
+        let mut comp = [0i32; NR];
+        comp[..t.comp.len()].copy_from_slice(t.comp);
+        // SAFETY: `comp` holds NR = 16 i32s.
+        let comp = unsafe {
+            [
+                _mm256_loadu_si256(comp.as_ptr() as *const __m256i),
+                _mm256_loadu_si256(comp.as_ptr().add(8) as *const __m256i),
+            ]
+        };
+        for acc_r in acc.iter_mut() {
+            for (v, cv) in acc_r.iter_mut().zip(comp) {
+                *v = _mm256_sub_epi32(*v, cv);
+            }
+        }
+    }
+
+    /// `c[r][0..cols] (+)= tile` for r < rows: `vpmaddubsw` of `a + 128` (u8) and 7-bit
+    /// weights (a pair ≤ 2 · 255 · 63, exact in i16), `vpmaddwd` by ones into i32, `t.comp`
+    /// taken out at the end.
     ///
     /// # Safety
-    /// AVX2 and FMA must be available; `c` as for [`super::tile_scalar`].
+    /// AVX2 and FMA must be available; `c` as for [`super::tile_scalar`]; the panel's
+    /// weights are within ±[`super::Q7`].
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tile(t: &Tile<'_>, c: *mut f32, ldc: usize) {
-        assert!(t.a.len() >= MR * t.k4 * 4 && t.a_abs.len() == t.a.len());
+        assert!(t.a.len() >= MR * t.k4 * 4);
         debug_assert!(t.panel.len() >= t.k4 * NR * 4);
         let lda = t.k4 * 4;
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_si256(); 2]; MR];
-        let (ap, sp, bp) = (t.a.as_ptr(), t.a_abs.as_ptr(), t.panel.as_ptr());
+        let (ap, bp) = (t.a.as_ptr(), t.panel.as_ptr());
         for g in 0..t.k4 {
-            // SAFETY: g < k4 keeps every read inside `t.a` and `t.a_abs` (MR rows of lda bytes
-            // each) and the panel.
+            // SAFETY: g < k4 keeps every read inside `t.a` (MR rows of lda bytes each) and
+            // the panel.
             unsafe {
                 let b = bp.add(g * NR * 4);
                 let b0 = _mm256_loadu_si256(b as *const __m256i);
@@ -578,22 +635,20 @@ mod x86 {
                 for (r, acc_r) in acc.iter_mut().enumerate() {
                     let word = (ap.add(r * lda + 4 * g) as *const i32).read_unaligned();
                     let av = _mm256_set1_epi32(word);
-                    let aw = (sp.add(r * lda + 4 * g) as *const i32).read_unaligned();
-                    let aa = _mm256_set1_epi32(aw);
-                    // |a| · (w with a's sign): pairs of products ≤ 2·Q·Q, exact in i16.
-                    let p0 = _mm256_maddubs_epi16(aa, _mm256_sign_epi8(b0, av));
-                    let p1 = _mm256_maddubs_epi16(aa, _mm256_sign_epi8(b1, av));
+                    let p0 = _mm256_maddubs_epi16(av, b0);
+                    let p1 = _mm256_maddubs_epi16(av, b1);
                     acc_r[0] = _mm256_add_epi32(acc_r[0], _mm256_madd_epi16(p0, ones));
                     acc_r[1] = _mm256_add_epi32(acc_r[1], _mm256_madd_epi16(p1, ones));
                 }
             }
         }
+        uncompensate(&mut acc, t);
         // SAFETY: the caller's contract, passed on.
         unsafe { store_ymm(&acc, t, c, ldc) }
     }
 
-    /// [`tile`] with VEX `vpdpbusd`: `t.a` holds `a + 128` as u8 and `t.comp` takes the 128s
-    /// back out, as in [`tile_vnni`]; half the multiply instructions of the AVX2 kernel.
+    /// [`tile`] with VEX `vpdpbusd` (one instruction for the AVX2 kernel's three, no
+    /// saturation, so 8-bit weights), as in [`tile_vnni`].
     ///
     /// # Safety
     /// AVX2, FMA and AVX-VNNI must be available; `c` as for [`super::tile_scalar`].
@@ -617,21 +672,7 @@ mod x86 {
                 }
             }
         }
-        // A partial panel's missing columns compensate nothing (their sums are never stored).
-        let mut comp = [0i32; NR];
-        comp[..t.comp.len()].copy_from_slice(t.comp);
-        // SAFETY: `comp` holds NR = 16 i32s.
-        let comp = unsafe {
-            [
-                _mm256_loadu_si256(comp.as_ptr() as *const __m256i),
-                _mm256_loadu_si256(comp.as_ptr().add(8) as *const __m256i),
-            ]
-        };
-        for acc_r in acc.iter_mut() {
-            for (v, cv) in acc_r.iter_mut().zip(comp) {
-                *v = _mm256_sub_epi32(*v, cv);
-            }
-        }
+        uncompensate(&mut acc, t);
         // SAFETY: the caller's contract, passed on.
         unsafe { store_ymm(&acc, t, c, ldc) }
     }
@@ -687,8 +728,8 @@ mod x86 {
         }
     }
 
-    /// [`tile`] with `vpdpbusd`: `t.a` holds `a + 128` as u8, and `t.comp` takes the 128s
-    /// back out, so the sums are [`super::tile_scalar`]'s exactly (no step can saturate:
+    /// [`tile`] with `vpdpbusd` on zmm: `t.a` holds `a + 128` as u8, and `t.comp` takes the
+    /// 128s back out, so the sums are [`super::tile_scalar`]'s exactly (no step can saturate:
     /// |sum| ≤ k · 255 · 127).
     ///
     /// # Safety
@@ -783,29 +824,91 @@ mod tests {
         ] {
             let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed) * 4.0).collect();
             let bw: Vec<f32> = (0..k * n).map(|_| lcg(&mut seed)).collect();
-            let b = PackedI8::pack(&bw, k, n);
             let want = exact(&a, &bw, m, k, n);
-            let mut scalar = vec![0.0f32; m * n];
-            matmul_on(Kernel::Scalar, &mut scalar, &a, &b, m, false);
-            // Quantization error: each of k products off by about half a step of each side.
-            let tol = 0.02 * (k as f32).sqrt() + 1e-6;
-            for (g, w) in scalar.iter().zip(&want) {
-                assert!((g - w).abs() <= tol, "{m}×{k}×{n}: {g} vs {w}");
-            }
-            for kern in kernels() {
-                let mut got = vec![0.0f32; m * n];
-                matmul_on(kern, &mut got, &a, &b, m, false);
-                assert_eq!(got, scalar, "{m}×{k}×{n}: {kern:?} and scalar differ");
-                let mut acc = vec![1.0f32; m * n];
-                matmul_on(kern, &mut acc, &a, &b, m, true);
-                let mut acc_scalar = vec![1.0f32; m * n];
-                matmul_on(Kernel::Scalar, &mut acc_scalar, &a, &b, m, true);
-                assert_eq!(acc, acc_scalar, "{m}×{k}×{n}: {kern:?} accumulating");
-                for (x, g) in acc.iter().zip(&got) {
-                    assert!((x - (g + 1.0)).abs() <= 1e-5 * g.abs().max(1.0));
+            // Each weight width against the kernels that take it (every kernel takes 7 bits).
+            for levels in [Q, Q7] {
+                let b = PackedI8::pack_inner(&bw, k, n, None, levels);
+                let mut scalar = vec![0.0f32; m * n];
+                matmul_on(Kernel::Scalar, &mut scalar, &a, &b, m, false);
+                // Quantization error: each of k products off by about half a step of each side.
+                let tol = 0.02 * (Q as f32 / levels as f32) * (k as f32).sqrt() + 1e-6;
+                for (g, w) in scalar.iter().zip(&want) {
+                    assert!((g - w).abs() <= tol, "{m}×{k}×{n}: {g} vs {w}");
+                }
+                for kern in kernels()
+                    .into_iter()
+                    .filter(|k| k.weight_levels() >= levels)
+                {
+                    let mut got = vec![0.0f32; m * n];
+                    matmul_on(kern, &mut got, &a, &b, m, false);
+                    assert_eq!(got, scalar, "{m}×{k}×{n}: {kern:?} and scalar differ");
+                    let mut acc = vec![1.0f32; m * n];
+                    matmul_on(kern, &mut acc, &a, &b, m, true);
+                    let mut acc_scalar = vec![1.0f32; m * n];
+                    matmul_on(Kernel::Scalar, &mut acc_scalar, &a, &b, m, true);
+                    assert_eq!(acc, acc_scalar, "{m}×{k}×{n}: {kern:?} accumulating");
+                    for (x, g) in acc.iter().zip(&got) {
+                        assert!((x - (g + 1.0)).abs() <= 1e-5 * g.abs().max(1.0));
+                    }
                 }
             }
         }
+    }
+
+    /// The widest products each width allows (activations at ±Q, so `a + 128` at 255 and 1,
+    /// weights at their extremes): no kernel saturates, all equal the scalar sums.
+    #[test]
+    fn extreme_products_do_not_saturate() {
+        let (m, k, n) = (8, 64, 16);
+        // Rows alternate all-max and all-min activations; columns all-max, all-min or mixed.
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| if (i / k) % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        let bw: Vec<f32> = (0..k * n)
+            .map(|i| match (i % n) % 3 {
+                0 => 1.0,
+                1 => -1.0,
+                _ if (i / n) % 2 == 0 => 1.0,
+                _ => -1.0,
+            })
+            .collect();
+        for levels in [Q, Q7] {
+            let b = PackedI8::pack_inner(&bw, k, n, None, levels);
+            let mut scalar = vec![0.0f32; m * n];
+            matmul_on(Kernel::Scalar, &mut scalar, &a, &b, m, false);
+            let want = exact(&a, &bw, m, k, n);
+            assert_eq!(scalar, want, "±1 inputs are exact at ±{levels} levels");
+            for kern in kernels()
+                .into_iter()
+                .filter(|k| k.weight_levels() >= levels)
+            {
+                let mut got = vec![0.0f32; m * n];
+                matmul_on(kern, &mut got, &a, &b, m, false);
+                assert_eq!(got, scalar, "{kern:?} at ±{levels} levels");
+            }
+        }
+    }
+
+    /// Weights packed wider than a kernel takes are refused, not silently saturated.
+    #[test]
+    fn a_kernel_refuses_weights_wider_than_it_takes() {
+        if !kernels().contains(&Kernel::Avx2) {
+            return;
+        }
+        let b = PackedI8::pack_for(Kernel::Scalar, &[0.5; 16], 4, 4);
+        assert_eq!(b.levels(), Q);
+        let mut c = vec![0.0f32; 4];
+        let r = std::panic::catch_unwind(move || {
+            matmul_on(Kernel::Avx2, &mut c, &[1.0; 4], &b, 1, false)
+        });
+        assert!(
+            r.is_err(),
+            "8-bit weights on the AVX2 kernel must be refused"
+        );
+        assert_eq!(
+            PackedI8::pack_for(Kernel::Avx2, &[0.5; 16], 4, 4).levels(),
+            Q7
+        );
     }
 
     #[test]
