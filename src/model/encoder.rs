@@ -27,8 +27,8 @@ use crate::base::{BackendError, PackedBatch};
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// int8 where the CPU has AVX2 (on its AVX-512 VNNI or AVX-VNNI kernel where it has
-    /// one), bf16 on an AVX512-BF16 CPU without VNNI, else f32 (both passed the dev accuracy
-    /// gate, `scripts/precision_gate.py`).
+    /// one; 7-bit weights on the AVX2 kernel), bf16 on an AMD AVX512-BF16 CPU without VNNI,
+    /// else f32 (each passed the dev accuracy gate, `scripts/precision_gate.py`).
     Auto,
     /// f32 weights and activations (the `gemm` crate): the reference.
     F32,
