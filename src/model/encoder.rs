@@ -50,7 +50,8 @@ impl Precision {
             // With a VNNI kernel, int8 is about 1.3x bf16 at batch 1 and batched on the dev
             // mix; both passed the gate (benches/README.md). Decided on the best kernel the
             // CPU has, so `TIERGATE_INT8_KERNEL` never changes which precision runs (only
-            // the speed, and with `avx2` the weights' width: what AVX2-only CPUs compute).
+            // the speed, and the weights' width where it names a kernel of the other width:
+            // 7 bits on `avx2`, 8 on the rest).
             Self::Auto if int8::best_kernel().is_vnni() => Ok(Self::Int8),
             Self::Auto if bf16::preferred() => Ok(Self::Bf16),
             // Elsewhere (Arm, pre-AVX2 x86) int8 would run its scalar reference: slower

@@ -7,8 +7,8 @@
 //!
 //! `c[r][n] = s_a[r] · s_w[n] · Σ_k a_q[r][k] · w_q[k][n]`
 //!
-//! Every kernel feeds activations in as `a + 128` (u8) and subtracts each column's
-//! `128 · Σ_k w[k][c]`, kept from packing. With AVX-512 VNNI (Cascade Lake and later Xeons,
+//! Every vector kernel feeds activations in as `a + 128` (u8) and subtracts each column's
+//! `128 · Σ_k w[k][c]`, kept from packing (the scalar reference multiplies signed bytes). With AVX-512 VNNI (Cascade Lake and later Xeons,
 //! Zen 4/5) `vpdpbusd` sums four u8 × s8 products straight into i32 without saturating;
 //! AVX-VNNI (the VEX form on ymm, on CPUs without AVX-512) runs the same scheme on a 4 × 16
 //! tile. AVX2 has no int8 dot product with i32 accumulation: `vpmaddubsw` multiplies u8 by s8
@@ -55,8 +55,8 @@ const MC: usize = 64;
 /// Panels per task: enough work per task to amortise scheduling at batch 1.
 const PC: usize = 4;
 
-/// True when this CPU has a vector kernel (otherwise the scalar reference runs: same
-/// numbers, much slower).
+/// True when this CPU has a vector kernel (otherwise the scalar reference runs: the VNNI
+/// kernels' numbers, 8-bit weights, much slower).
 pub fn available() -> bool {
     best_kernel() != Kernel::Scalar
 }
@@ -85,8 +85,8 @@ impl Kernel {
         }
     }
 
-    /// A `vpdpbusd` kernel: four products summed into i32 per instruction, so int8 beats
-    /// bf16 and f32 wherever one runs; it reads activations as `a + 128` (u8).
+    /// A `vpdpbusd` kernel: four u8 × s8 products summed into i32 per instruction, without
+    /// saturating (so 8-bit weights), and int8 beats bf16 and f32 wherever one runs.
     pub fn is_vnni(self) -> bool {
         matches!(self, Kernel::AvxVnni | Kernel::Avx512Vnni)
     }
@@ -615,8 +615,8 @@ mod x86 {
     /// taken out at the end.
     ///
     /// # Safety
-    /// AVX2 and FMA must be available; `c` as for [`super::tile_scalar`]; the panel's
-    /// weights are within ±[`super::Q7`].
+    /// AVX2 and FMA must be available; `c` as for [`super::tile_scalar`]. (The sums are
+    /// right only for weights within ±[`super::Q7`], which `matmul_on` checks.)
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tile(t: &Tile<'_>, c: *mut f32, ldc: usize) {
         assert!(t.a.len() >= MR * t.k4 * 4);
