@@ -45,13 +45,13 @@ async fn every_rpc_health_reflection_and_metrics() {
         info.backend
     );
     // `precision = auto`: int8 with a VNNI kernel, else bf16 on an AMD CPU with AVX512-BF16, else
-    // int8 with AVX2, else f32; f16 on CUDA.
+    // int8 with AVX2 (7-bit weights), else f32; f16 on CUDA.
     use tiergate::model::int8;
     let want = match info.backend.as_str() {
         "cuda" => "f16",
         _ if int8::best_kernel().is_vnni() => "int8",
         _ if tiergate::model::bf16::preferred() => "bf16",
-        _ if tiergate::model::int8::available() => "int8",
+        _ if tiergate::model::int8::available() => "int8-w7",
         _ => "f32",
     };
     assert_eq!(info.numerics, want);

@@ -86,7 +86,16 @@ impl Backend for CpuBackend {
     }
 
     fn numerics(&self) -> &'static str {
-        self.precision.as_str()
+        match self.precision {
+            // The AVX2 kernel's 7-bit weights give other embeddings than the 8-bit kernels:
+            // a name of their own, so no cache mixes the two.
+            Precision::Int8
+                if crate::model::int8::kernel().weight_levels() != crate::model::int8::Q =>
+            {
+                "int8-w7"
+            }
+            p => p.as_str(),
+        }
     }
 
     fn embed(&mut self, batch: &PackedBatch) -> Result<Vec<f32>, BackendError> {
