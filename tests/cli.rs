@@ -79,3 +79,61 @@ fn a_config_file_is_read_and_unknown_keys_rejected() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("max_qeueu"));
 }
+
+/// `TIERGATE_INT8_KERNEL` picks the kernel and with it the weights' width and the numerics'
+/// name: `avx2` runs 7-bit weights ("int8-w7"), the scalar reference 8-bit ("int8"), and the
+/// embeddings differ a little, not in direction.
+#[test]
+fn the_int8_kernel_variable_sets_weight_width_and_numerics() {
+    if !tiergate::model::int8::kernels().contains(&tiergate::model::int8::Kernel::Avx2) {
+        return; // no AVX2 here: only the scalar kernel
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ids = dir.path().join("ids.json");
+    // [CLS] … [SEP] sequences of ordinary word-piece ids.
+    let seqs: Vec<Vec<u32>> = (0..3)
+        .map(|i| {
+            let mut s = vec![101];
+            s.extend((0..20 + 7 * i).map(|j| 2000 + (j * 37 + i * 11) as u32 % 5000));
+            s.push(102);
+            s
+        })
+        .collect();
+    let dump = serde_json::json!({ "source": "test", "max_tokens": 256, "seqs": seqs });
+    std::fs::write(&ids, dump.to_string()).unwrap();
+    let run = |kernel: &str| {
+        let emb = dir.path().join(format!("{kernel}.f32"));
+        let o = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["bench-encoder", "--ids"])
+            .arg(&ids)
+            .args(["--precision", "int8", "--threads", "1", "--reps", "1"])
+            .arg("--embeddings-out")
+            .arg(&emb)
+            .env("TIERGATE_INT8_KERNEL", kernel)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let bytes = std::fs::read(&emb).unwrap();
+        let v: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        (String::from_utf8_lossy(&o.stdout).into_owned(), v)
+    };
+    let (out7, e7) = run("avx2");
+    let (out8, e8) = run("scalar");
+    assert!(out7.contains("(int8-w7, int8 kernel avx2)"), "{out7}");
+    assert!(out8.contains("(int8, int8 kernel scalar)"), "{out8}");
+    assert_eq!(e7.len(), e8.len());
+    assert_ne!(
+        e7, e8,
+        "7- and 8-bit weights must give different embeddings"
+    );
+    for (a, b) in e7.chunks(384).zip(e8.chunks(384)) {
+        let cos: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>()
+            / (a.iter().map(|x| x * x).sum::<f32>().sqrt()
+                * b.iter().map(|y| y * y).sum::<f32>().sqrt());
+        assert!(cos > 0.99, "cosine {cos}");
+    }
+}
