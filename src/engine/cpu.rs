@@ -89,11 +89,7 @@ impl Backend for CpuBackend {
         match self.precision {
             // The AVX2 kernel's 7-bit weights give other embeddings than the 8-bit kernels:
             // a name of their own, so no cache mixes the two.
-            Precision::Int8
-                if crate::model::int8::kernel().weight_levels() != crate::model::int8::Q =>
-            {
-                "int8-w7"
-            }
+            Precision::Int8 if crate::model::int8::kernel().weight_bits() == 7 => "int8-w7",
             p => p.as_str(),
         }
     }

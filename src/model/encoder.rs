@@ -491,14 +491,9 @@ impl MiniLm {
     /// int8 forward pass (a no-op when already packed).
     pub fn prepare_int8(&self) {
         let kern = int8::kernel();
-        let weight_bits = if kern.weight_levels() == int8::Q {
-            8
-        } else {
-            7
-        };
         tracing::info!(
             kernel = kern.name(),
-            weight_bits,
+            weight_bits = kern.weight_bits(),
             smoothed = self.act_max.is_some(),
             "int8 linear layers"
         );

@@ -100,6 +100,20 @@ impl Kernel {
         }
     }
 
+    /// The weights' width in bits: 7 on AVX2, 8 elsewhere (logs and the numerics' name).
+    pub fn weight_bits(self) -> u32 {
+        if self.weight_levels() == Q {
+            8
+        } else {
+            7
+        }
+    }
+
+    /// Whether weights packed at ±`levels` are exact on this kernel (no narrower than it).
+    pub fn takes(self, levels: i32) -> bool {
+        levels <= self.weight_levels()
+    }
+
     fn rows(self) -> usize {
         match self {
             Kernel::Avx512Vnni => MR_VNNI,
@@ -220,11 +234,6 @@ impl PackedI8 {
     /// [`Self::pack`] with input channel `c`'s range moved into the weights, given the
     /// largest `|a_c|` seen on calibration prompts (`act_max.len() == k`).
     pub fn pack_smoothed(b: &[f32], k: usize, n: usize, act_max: &[f32]) -> Self {
-        Self::pack_smoothed_for(kernel(), b, k, n, act_max)
-    }
-
-    /// [`Self::pack_smoothed`] for a given kernel.
-    pub fn pack_smoothed_for(kern: Kernel, b: &[f32], k: usize, n: usize, act_max: &[f32]) -> Self {
         assert_eq!(b.len(), k * n, "PackedI8::pack_smoothed: shapes");
         assert_eq!(
             act_max.len(),
@@ -248,7 +257,7 @@ impl PackedI8 {
             .flat_map(|(row, &tc)| row.iter().map(move |&w| w * tc))
             .collect();
         let inv = t.iter().map(|&tc| 1.0 / tc).collect();
-        Self::pack_inner(&scaled, k, n, Some(inv), kern.weight_levels())
+        Self::pack_inner(&scaled, k, n, Some(inv), kernel().weight_levels())
     }
 
     fn pack_inner(b: &[f32], k: usize, n: usize, act_mul: Option<Vec<f32>>, levels: i32) -> Self {
@@ -418,7 +427,7 @@ pub fn matmul_on(
         "int8::matmul: {kern:?} unavailable"
     );
     assert!(
-        b.levels <= kern.weight_levels(),
+        kern.takes(b.levels),
         "int8::matmul: {kern:?} needs weights packed at ±{} levels, not ±{}",
         kern.weight_levels(),
         b.levels
@@ -835,10 +844,7 @@ mod tests {
                 for (g, w) in scalar.iter().zip(&want) {
                     assert!((g - w).abs() <= tol, "{m}×{k}×{n}: {g} vs {w}");
                 }
-                for kern in kernels()
-                    .into_iter()
-                    .filter(|k| k.weight_levels() >= levels)
-                {
+                for kern in kernels().into_iter().filter(|k| k.takes(levels)) {
                     let mut got = vec![0.0f32; m * n];
                     matmul_on(kern, &mut got, &a, &b, m, false);
                     assert_eq!(got, scalar, "{m}×{k}×{n}: {kern:?} and scalar differ");
@@ -878,10 +884,7 @@ mod tests {
             matmul_on(Kernel::Scalar, &mut scalar, &a, &b, m, false);
             let want = exact(&a, &bw, m, k, n);
             assert_eq!(scalar, want, "±1 inputs are exact at ±{levels} levels");
-            for kern in kernels()
-                .into_iter()
-                .filter(|k| k.weight_levels() >= levels)
-            {
+            for kern in kernels().into_iter().filter(|k| k.takes(levels)) {
                 let mut got = vec![0.0f32; m * n];
                 matmul_on(kern, &mut got, &a, &b, m, false);
                 assert_eq!(got, scalar, "{kern:?} at ±{levels} levels");
