@@ -42,7 +42,9 @@ Per source S (rows: one per prompt x model):
   in-sample (the pick on all uncalibrated prompts, for reference).
 - Score quality on the uncalibrated rows of the tier models (label = score >= 0.5): pooled AUROC
   (ties rank-averaged) and ECE (15 equal-width bins, against the score itself) of p_route and
-  p_verify, and within-model AUROC per tier model of p_route, p_verify and the kNN p.
+  p_verify, and within-model AUROC per tier model of p_route, p_verify and the kNN p. Beside
+  each ECE its floor: the mean ECE of the same p against labels drawn as Bernoulli(p) (200 seeded
+  draws), what a perfectly calibrated p shows on that many rows; ECE near the floor is noise.
 
 usage: python3 scripts/protocol.py [--sources S ...] [--heads H] [--tag NAME] [--no-calibration]
                                    [--no-memory] [--data ../shared/data/dev.jsonl.gz] [--seed N]
@@ -53,7 +55,7 @@ out:   $WORK/<tag>/protocol.json (every figure) and a markdown table on stdout (
        scores and the score run's log to $WORK/cache. Scoring all three dev sources with a cold
        encoder cache takes about 30 minutes on 2 cores (mmlu_pro 23); the analysis, seconds.
 """
-import argparse, gzip, hashlib, json, math, os, re, subprocess, sys, time
+import argparse, gzip, hashlib, json, math, os, random, re, subprocess, sys, time
 from collections import Counter, defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -267,12 +269,22 @@ def ece(p, s, b=BINS):
     return sum(abs(a - c) for a, c, _ in bins) / len(p)
 
 
+def ece_floor(p, draws=200, b=BINS):
+    """The ECE a perfectly calibrated p would show on these rows: labels drawn as Bernoulli(p)
+    (seeded), the mean over draws. An ECE near it is all the rows can resolve."""
+    if not p:
+        return None
+    rng = random.Random(13)
+    return mean([ece(p, [float(rng.random() < pp) for pp in p], b) for _ in range(draws)])
+
+
 def quality_block(rows, tier_models):
     """Pooled and within-model AUROC / ECE over rows {model, score, pr, pv, knn}."""
     def pooled(key):
         rs = [r for r in rows if r[key] is not None]
         return {"auroc": auroc([r[key] for r in rs], [int(r["score"] >= PASS) for r in rs]),
-                "ece": ece([r[key] for r in rs], [r["score"] for r in rs]), "rows": len(rs)}
+                "ece": ece([r[key] for r in rs], [r["score"] for r in rs]),
+                "ece_floor": ece_floor([r[key] for r in rs]), "rows": len(rs)}
     out = {k: pooled(k) for k in ("pr", "pv", "knn")}
     for k in ("pr", "pv", "knn"):
         w = {}
@@ -554,7 +566,10 @@ def details(results, a):
     for r in results:
         sq = r["score_quality"]
         tiers = ", ".join(f"{t['model']} ({t['cost']:.2e} $, {t['quality']:.3f})" for t in r["tiers"])
-        out.append(f"- {r['source']}: tiers {tiers}. Router ECE {num(sq['router']['ece'])}, "
+        out.append(f"- {r['source']}: tiers {tiers}. Router ECE {num(sq['router']['ece'])} "
+                   f"(floor {num(sq['router']['ece_floor'])}), verifier ECE "
+                   f"{num(sq['verifier']['ece'])} (floor {num(sq['verifier']['ece_floor'])}; the "
+                   f"floor: a perfectly calibrated p on these {sq['verifier']['rows']} rows), "
                    f"verifier within {' '.join(short(v) for v in sq['verifier']['within'].values())}, "
                    f"kNN pooled AUROC {num(sq['knn']['auroc'])}; "
                    f"skipped uncalibrated prompts {r['uncalibrated']['skipped_prompts']}. In-sample at "
