@@ -74,6 +74,8 @@ pub struct TextPipeline {
     backlog: Arc<Backlog>,
     pub batcher: Batcher,
     pub model_revision: String,
+    /// The revision these weights were exported from, when they are an f16 export.
+    pub model_source_revision: Option<String>,
     /// The backend's arithmetic (`Backend::numerics`), e.g. "bf16".
     pub numerics: &'static str,
     cache: EmbeddingCache,
@@ -187,6 +189,7 @@ impl TextPipeline {
         .map_err(|e| anyhow::anyhow!("{e} (run scripts/setup-model.sh)"))?;
         let model = Arc::new(load_model(&cfg.model_dir)?);
         let model_revision = model.revision().to_string();
+        let model_source_revision = model.source_revision().map(String::from);
         let student = match (cfg.policy.fast_path_stability, model.student()) {
             (None, _) => None,
             (Some(_), Some(_)) => Some(model.clone()),
@@ -240,6 +243,7 @@ impl TextPipeline {
             }),
             batcher,
             model_revision,
+            model_source_revision,
             numerics,
             cache: EmbeddingCache {
                 cap: cfg.batch.embedding_cache,
@@ -256,6 +260,12 @@ impl TextPipeline {
 
     pub fn dim(&self) -> usize {
         self.batcher.dim()
+    }
+
+    /// Whether heads fitted on encoder revision `rev` fit these weights: the same weights, or
+    /// the weights this f16 export was made from.
+    pub fn fits_revision(&self, rev: &str) -> bool {
+        self.model_revision == rev || self.model_source_revision.as_deref() == Some(rev)
     }
 
     /// Runs `f` on a text of `bytes` bytes on a tokenizer pool, off the async runtime, once

@@ -334,6 +334,27 @@ fn f16_export_is_half_the_size_and_embeds_like_the_original() {
         b.revision(),
         "a different file has its own revision"
     );
+    // It records where it came from, so what was fitted on the original still fits it.
+    assert_eq!(a.source_revision(), None);
+    assert_eq!(b.source_revision(), Some(a.revision()));
+    assert!(b.fits_revision(a.revision()) && b.fits_revision(b.revision()));
+    assert!(
+        !a.fits_revision(b.revision()),
+        "the original does not fit the export's own"
+    );
+    assert!(
+        a.int8_smoothed() && a.student().is_some(),
+        "embedded ranges fit models/base"
+    );
+    assert!(
+        b.int8_smoothed() && b.student().is_some(),
+        "and its f16 export"
+    );
+    // An export of the export names the first source, not the intermediate copy.
+    let again = tempfile::tempdir().unwrap();
+    encoder::export_f16(dir.path(), again.path()).unwrap();
+    let c = MiniLm::load(again.path()).unwrap();
+    assert_eq!(c.source_revision(), Some(a.revision()));
     let tok = TextTokenizer::from_file(&model_dir().join("tokenizer.json"), 256, 256).unwrap();
     let mut batch = PackedBatch::new();
     for p in [

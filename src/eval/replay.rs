@@ -496,7 +496,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .collect::<Result<_>>()?;
 
     let enc = offline_encoder(&a.encoder, heads.max_answer_tokens)?;
-    if enc.model_revision != heads.encoder_revision {
+    if !enc.fits_revision(&heads.encoder_revision) {
         eprintln!(
             "warning: heads were fitted on encoder {} but {} is {}",
             heads.encoder_revision,

@@ -6,6 +6,7 @@
 //! Elementwise work is fused around the GEMMs: bias is written into the GEMM's
 //! destination beforehand, residuals are accumulated by the GEMM itself, and
 //! bias+LayerNorm / GELU are single row passes.
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
 
@@ -170,6 +171,8 @@ pub struct MiniLm {
     emb_ln_b: Vec<f32>,
     layers: Vec<Layer>,
     revision: String,
+    /// The revision these weights were exported from (`tiergate export-f16`), if any.
+    source_revision: Option<String>,
     /// Per-channel activation maxima for the int8 layers' smoothing, when the embedded
     /// calibration was made on these weights.
     act_max: Option<ActStats>,
@@ -217,7 +220,7 @@ impl ActStats {
     fn embedded_for(m: &MiniLm) -> Option<Self> {
         let s: Self = serde_json::from_str(EMBEDDED_ACT_STATS).ok()?;
         let e = Self::empty(m);
-        let fits = s.model_revision == m.revision
+        let fits = m.fits_revision(&s.model_revision)
             && s.layers.len() == e.layers.len()
             && s.layers
                 .iter()
@@ -306,6 +309,19 @@ pub type RawTensor = (String, Dtype, Vec<usize>, Vec<u8>);
 
 /// Writes `tensors` as a safetensors file at `path`.
 pub fn write_safetensors(path: &Path, tensors: &[RawTensor]) -> Result<()> {
+    write_safetensors_with(path, tensors, None)
+}
+
+/// The safetensors metadata key under which [`export_f16`] records the revision of the weights
+/// it was made from.
+const SOURCE_REVISION_KEY: &str = "tiergate.source_revision";
+
+/// [`write_safetensors`] with the file's `__metadata__` strings.
+fn write_safetensors_with(
+    path: &Path,
+    tensors: &[RawTensor],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
     let views = tensors
         .iter()
         .map(|(n, dtype, shape, b)| {
@@ -314,20 +330,24 @@ pub fn write_safetensors(path: &Path, tensors: &[RawTensor]) -> Result<()> {
                 .with_context(|| format!("tensor {n}"))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize_to_file(views, None, path)
+    safetensors::serialize_to_file(views, metadata, path)
         .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Copies the encoder in `src` (config.json, model.safetensors, tokenizer.json when present)
 /// to `dst` with every floating-point tensor stored as f16: half the size (about 44 MiB for
 /// MiniLM-L6), for carrying to a GPU machine. Both backends load it (the CUDA backend rounds
-/// to f16 anyway); its revision is its own, since the file differs.
+/// to f16 anyway). Its revision is its own, since the file differs, and it records the revision
+/// it was made from (an export's own source, when `src` is an export), so heads, int8 ranges and
+/// the static student fitted on the source still fit it: f16 rounding moves Route's p by about
+/// 2e-4 (benches/GPU.md), far inside what they tolerate.
 pub fn export_f16(src: &Path, dst: &Path) -> Result<u64> {
     let st_path = src.join("model.safetensors");
     let bytes =
         std::fs::read(&st_path).with_context(|| format!("reading {}", st_path.display()))?;
     let name = st_path.display().to_string();
     let st = SafeTensors::deserialize(&bytes).with_context(|| format!("parsing {name}"))?;
+    let source = source_revision(&bytes).unwrap_or_else(|| hex12(&Sha256::digest(&bytes)));
     let mut tensors = Vec::new();
     for (n, t) in st.tensors() {
         let out = match t.dtype() {
@@ -349,7 +369,8 @@ pub fn export_f16(src: &Path, dst: &Path) -> Result<u64> {
     }
     std::fs::create_dir_all(dst).with_context(|| format!("creating {}", dst.display()))?;
     let out = dst.join("model.safetensors");
-    write_safetensors(&out, &tensors)?;
+    let meta = HashMap::from([(SOURCE_REVISION_KEY.to_string(), source)]);
+    write_safetensors_with(&out, &tensors, Some(meta))?;
     for f in ["config.json", "tokenizer.json"] {
         let from = src.join(f);
         if f == "config.json" || from.exists() {
@@ -360,6 +381,15 @@ pub fn export_f16(src: &Path, dst: &Path) -> Result<u64> {
     Ok(std::fs::metadata(&out)
         .with_context(|| format!("reading {}", out.display()))?
         .len())
+}
+
+/// The revision an export recorded as its source (`tiergate.source_revision` in the file's
+/// metadata), if any; a malformed header reads as none here and fails the parse that follows.
+fn source_revision(bytes: &[u8]) -> Option<String> {
+    let (_, meta) = SafeTensors::read_metadata(bytes).ok()?;
+    let rev = meta.metadata().as_ref()?.get(SOURCE_REVISION_KEY)?;
+    // A revision is 12 hex chars; anything else in the field is not ours to trust.
+    (rev.len() == 12 && rev.bytes().all(|b| b.is_ascii_hexdigit())).then(|| rev.clone())
 }
 
 impl MiniLm {
@@ -400,6 +430,7 @@ impl MiniLm {
         let mmap = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("mapping {}", st_path.display()))?;
         let revision = hex12(&Sha256::digest(&mmap[..]));
+        let source_revision = source_revision(&mmap[..]);
         let w = Weights {
             st: SafeTensors::deserialize(&mmap)
                 .with_context(|| format!("parsing {}", st_path.display()))?,
@@ -467,13 +498,14 @@ impl MiniLm {
             emb_ln_b,
             layers,
             revision,
+            source_revision,
             act_max: None,
             student: None,
         };
         m.act_max = ActStats::embedded_for(&m);
         m.student = StaticStudent::from_bytes(EMBEDDED_STUDENT)
             .ok()
-            .filter(|s| s.info().model_revision == m.revision && s.dim() == h);
+            .filter(|s| m.fits_revision(&s.info().model_revision) && s.dim() == h);
         Ok(m)
     }
 
@@ -577,6 +609,17 @@ impl MiniLm {
     /// First 12 hex chars of the sha256 of `model.safetensors`.
     pub fn revision(&self) -> &str {
         &self.revision
+    }
+
+    /// The revision an f16 export was made from (`tiergate export-f16`), if these weights are one.
+    pub fn source_revision(&self) -> Option<&str> {
+        self.source_revision.as_deref()
+    }
+
+    /// Whether something fitted on weights of revision `rev` (heads, int8 ranges, the static
+    /// student) fits these: the same weights, or the weights this export was made from.
+    pub fn fits_revision(&self, rev: &str) -> bool {
+        self.revision == rev || self.source_revision.as_deref() == Some(rev)
     }
 
     /// Checks what [`Self::forward`] would otherwise panic on: token ids, type ids

@@ -497,7 +497,7 @@ fn warn_on_mismatch(cfg: &Config, pipeline: &TextPipeline, heads: &Heads) {
             );
         }
     }
-    if pipeline.model_revision != heads.encoder_revision {
+    if !pipeline.fits_revision(&heads.encoder_revision) {
         tracing::warn!(
             encoder = %pipeline.model_revision,
             heads = %heads.encoder_revision,
