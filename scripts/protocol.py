@@ -30,7 +30,14 @@ Per source S (rows: one per prompt x model):
   (`final_answer` in score's output: a multiple-choice pick or a declared number, read from each
   answer alone). cascade+peers: the cascade, earlier tiers' answers as peers (no extra call);
   probe+peers: the two cheapest tiers' answers bought up front, each the other's peer, then the
-  cascade. Every call is paid for in the cost.
+  cascade. consensus: a probe set of
+  2 or 3 cheap models called together; the cheapest answer of `need` that commit to the same
+  final answer ships, else the best tier is called too. Its "threshold" is the probe set and
+  `need`, picked like any threshold among the pairs and triples of up to six models from the
+  calibration rows (consensus_sets: covering >= 95% of the calibration prompts, mean cost under
+  half the best tier's, the best-scoring six). picked: what an operator does with labelled
+  traffic, the policy and its threshold picked together among cascade, consensus, route and
+  route+cascade. Every call is paid for in the cost.
 - Thresholds: 0..1 in steps of 0.01 plus the 1..99% quantiles of the policy's own scores on the
   picking part. Pick = the threshold with the largest saving whose quality >= 98% of the best
   tier's on the picking part; always calling the best tier (saving 0) is always a candidate, so a
@@ -57,6 +64,7 @@ out:   $WORK/<tag>/protocol.json (every figure) and a markdown table on stdout (
 """
 import argparse, gzip, hashlib, json, math, os, random, re, subprocess, sys, time
 from collections import Counter, defaultdict
+from itertools import combinations
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ["alpaca_eval2_wgpt4t", "mmlu_pro", "routerbench_0shot"]
@@ -69,7 +77,11 @@ PASS = 0.5           # label: score >= PASS
 K, PRIOR = 10, 2.0   # kNN neighbours and pseudo-count of the prior toward the calibration mean
 BINS = 15            # ECE bins
 ALWAYS_BEST = "always-best"
-POLICIES = ["cascade", "cascade+peers", "probe+peers", "route", "route+cascade", "knn", "random"]
+POLICIES = ["cascade", "cascade+peers", "probe+peers", "consensus", "route", "route+cascade", "knn",
+            "random", "picked"]
+CONSENSUS_MODELS = 6  # candidates the consensus policy's probe sets are drawn from
+# What an operator picks among on its labelled traffic: the policy and its threshold together.
+PICKED_FROM = ["cascade", "consensus", "route", "route+cascade"]
 
 
 def log(*a):
@@ -301,9 +313,12 @@ def quality_block(rows, tier_models):
 class Replay:
     """Prompts x tier models (cost order, best last) of the uncalibrated prompts."""
 
-    def __init__(self, prompts):
-        self.p = prompts  # list of dicts: id, part, half, score[], cost[], pr[], pv[], knn[], rnd[]
+    def __init__(self, prompts, consensus_sets=()):
+        # list of dicts: id, part, half, score[], cost[], pr[], pv[], knn[], rnd[], fa[], and
+        # all = {model: (score, cost, final answer)} over the consensus candidates
+        self.p = prompts
         self.m = len(prompts[0]["score"]) if prompts else 0
+        self.consensus_sets = list(consensus_sets)
 
     def sub(self, pred):
         return [x for x in self.p if pred(x)]
@@ -352,13 +367,33 @@ class Replay:
         j = next((j for j in range(self.m) if x[key][j] >= t), last)
         return [j], j
 
+    def outcome(self, policy, x, t):
+        """(cost paid, score shipped, calls made) for one prompt at threshold t."""
+        if policy == "picked" and t != ALWAYS_BEST:
+            return self.outcome(t[0], x, t[1])
+        if policy == "consensus" and t != ALWAYS_BEST:
+            # t = (probe models, how many must agree): buy the probes' answers together; ship
+            # the cheapest of `need` that commit to the same final answer, else call the best
+            # tier too. A probe without a row for this prompt counts as no answer, unpaid.
+            probe, need = t
+            got = [x["all"].get(m) for m in probe]
+            cost = sum(g[1] for g in got if g)
+            votes = Counter(g[2] for g in got if g and g[2] is not None)
+            top = votes.most_common(1)
+            if top and top[0][1] >= need:
+                return cost, next(g[0] for g in got if g and g[2] == top[0][0]), len(probe)
+            last = self.m - 1
+            return cost + x["cost"][last], x["score"][last], len(probe) + 1
+        called, j = self.plan(policy, x, t)
+        return sum(x["cost"][c] for c in called), x["score"][j], len(called)
+
     def point(self, policy, ps, t):
         cost = qual = calls = 0.0
         for x in ps:
-            called, j = self.plan(policy, x, t)
-            cost += sum(x["cost"][c] for c in called)
-            qual += x["score"][j]
-            calls += len(called)
+            c, q, k = self.outcome(policy, x, t)
+            cost += c
+            qual += q
+            calls += k
         n = max(len(ps), 1)
         return cost / n, qual / n, calls / n
 
@@ -369,6 +404,10 @@ class Replay:
                 "cost": c, "quality": q, "calls": calls, "prompts": len(ps)}
 
     def grid(self, policy, ps):
+        if policy == "consensus":
+            return self.consensus_sets
+        if policy == "picked":
+            return [(p, t) for p in PICKED_FROM for t in self.grid(p, ps)]
         keys = {"cascade": ["pv"], "cascade+peers": ["pv"], "probe+peers": ["pv"], "route": ["pr"],
                 "route+cascade": ["pr", "pv"], "knn": ["knn"], "random": ["rnd"]}[policy]
         vals = sorted(v for x in ps for key in keys for v in x[key] if v is not None)
@@ -386,16 +425,41 @@ class Replay:
         quality, then the higher threshold); always-best (saving 0) is always a candidate."""
         bc, bq = self.best(ps)
         best = (0.0, 1.0, math.inf, ALWAYS_BEST)
-        for t in self.grid(policy, ps):
+        # Ties go to the later grid point: the higher threshold where thresholds are numbers.
+        for i, t in enumerate(self.grid(policy, ps)):
             c, q, _ = self.point(policy, ps, t)
             if q >= TARGET * bq:
-                cand = (1 - c / bc, q / bq, t, t)
+                cand = (1 - c / bc, q / bq, i, t)
                 if cand[:3] > best[:3]:
                     best = cand
         return best[3]
 
 
+def consensus_sets(cal, tier):
+    """Probe sets the consensus policy picks among, from the calibration rows: up to six models
+    cheaper than half the best tier's mean cost, covering >= COVERAGE of the calibration
+    prompts, the best-scoring first; every pair (both must agree) and every triple (all three,
+    or two of three)."""
+    prompts = {r["prompt_id"] for r in cal}
+    acc = defaultdict(lambda: [0.0, 0.0, set()])
+    for r in cal:
+        e = acc[r["model"]]
+        e[0] += r["cost_usd"]; e[1] += r["score"]; e[2].add(r["prompt_id"])
+    best = tier[-1]
+    cands = sorted(((s / len(ps), m) for m, (c, s, ps) in acc.items()
+                    if len(ps) >= COVERAGE * len(prompts) and c / len(ps) < 0.5 * best["cost"]
+                    and m != best["model"]), reverse=True)[:CONSENSUS_MODELS]
+    ms = sorted(m for _, m in cands)
+    sets = [((a, b), 2) for a, b in combinations(ms, 2)]
+    sets += [(t, need) for t in combinations(ms, 3) for need in (3, 2)]
+    return sets
+
+
 def fmt_t(t):
+    if isinstance(t, tuple) and t and isinstance(t[0], str):  # picked: (policy, its threshold)
+        return [t[0], fmt_t(t[1])]
+    if isinstance(t, tuple) and t and isinstance(t[0], tuple):
+        return [list(t[0]), t[1]]
     if isinstance(t, tuple):
         return [round(v, 6) for v in t]
     return t if t == ALWAYS_BEST else round(t, 6)
@@ -441,9 +505,13 @@ def run_source(src, rows, a):
     got, info = score_rows(src, cal, uncal, a)
     uprompts = {r["prompt_id"]: r["prompt"] for r in uncal}
     knn = knn_scores(cal, uprompts, tier_models)
+    csets = consensus_sets(cal, tier)
+    cmodels = {m for ms, _ in csets for m in ms}
     # per-row view of the tier models' uncalibrated rows
-    qrows, by_prompt = [], defaultdict(dict)
+    qrows, by_prompt, others = [], defaultdict(dict), defaultdict(dict)
     for r, g in zip(uncal, got):
+        if r["model"] in cmodels:
+            others[r["prompt_id"]][r["model"]] = (r["score"], r["cost_usd"], g.get("final_answer"))
         if r["model"] not in tier_models:
             continue
         q = {"model": r["model"], "score": r["score"], "cost": r["cost_usd"], "pr": g["p_route"],
@@ -461,9 +529,10 @@ def run_source(src, rows, a):
         x = {"id": pid, "part": part_of(pid), "half": half_of(pid)}
         for k in ("score", "cost", "pr", "pv", "knn", "rnd", "fa"):
             x[k] = [ms[m][k] for m in tier_models]
+        x["all"] = others[pid]
         prompts.append(x)
     skipped += len(uprompts) - len(by_prompt)
-    rp = Replay(prompts)
+    rp = Replay(prompts, csets)
     count = lambda f: sum(1 for x in prompts if f(x))
     res = {
         "source": src,
@@ -475,6 +544,7 @@ def run_source(src, rows, a):
                          "B": count(lambda x: x["half"] == "B")},
         "tiers": tier,
         "front": [f["model"] for f in front],
+        "consensus_candidates": sorted({m for ms, _ in csets for m in ms}),
         "score_run": info,
         "score_quality": quality_block(qrows, tier_models),
         "single_models": {m: {"cost": mean([x["cost"][j] for x in prompts]),
@@ -499,15 +569,15 @@ def short(v):
     return "n/a" if v is None else f"{v:.2f}".lstrip("0") if v >= 0 else f"{v:.2f}"
 
 
-XF_COLUMNS = ("cascade", "cascade+peers", "probe+peers", "route", "route+cascade", "knn", "oracle",
-              "random")
+XF_COLUMNS = ("cascade", "cascade+peers", "probe+peers", "consensus", "route", "route+cascade", "knn",
+              "picked", "oracle", "random")
 
 
 def table(results):
     head = ["source", "cal prompts", "test prompts", "tiers", "router AUROC pooled / within",
             "verifier AUROC / ECE", "kNN within AUROC",
-            "XF cascade", "XF cascade+peers", "XF probe+peers", "XF route", "XF route+cascade",
-            "XF kNN", "XF oracle", "XF random",
+            "XF cascade", "XF cascade+peers", "XF probe+peers", "XF consensus", "XF route",
+            "XF route+cascade", "XF kNN", "XF picked", "XF oracle", "XF random",
             "T→T cascade", "T→T route", "T→T kNN"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
 
