@@ -30,9 +30,9 @@ Per source S (rows: one per prompt x model):
   (`final_answer` in score's output: a multiple-choice pick or a declared number, read from each
   answer alone). cascade+peers: the cascade, earlier tiers' answers as peers (no extra call);
   probe+peers: the two cheapest tiers' answers bought up front, each the other's peer, then the
-  cascade. consensus: a probe set of
-  2 or 3 cheap models called together; the cheapest answer of `need` that commit to the same
-  final answer ships, else the best tier is called too. Its "threshold" is the probe set and
+  cascade. consensus (the gateway's `consensus` policy, `decide::consensus`): a probe set of
+  2 or 3 cheap models called together; the cheapest answer of the largest group of at least
+  `need` that commit to the same final answer ships, else the best tier is called too. Its "threshold" is the probe set and
   `need`, picked like any threshold among the pairs and triples of up to six models from the
   calibration rows (consensus_sets: covering >= 95% of the calibration prompts, mean cost under
   half the best tier's, the best-scoring six). picked: what an operator does with labelled
@@ -449,7 +449,8 @@ def consensus_sets(cal, tier):
     cands = sorted(((s / len(ps), m) for m, (c, s, ps) in acc.items()
                     if len(ps) >= COVERAGE * len(prompts) and c / len(ps) < 0.5 * best["cost"]
                     and m != best["model"]), reverse=True)[:CONSENSUS_MODELS]
-    ms = sorted(m for _, m in cands)
+    # Cheapest first, as the gateway asks them: the cheapest agreeing answer ships.
+    ms = sorted((m for _, m in cands), key=lambda m: (acc[m][0] / len(acc[m][2]), m))
     sets = [((a, b), 2) for a, b in combinations(ms, 2)]
     sets += [(t, need) for t in combinations(ms, 3) for need in (3, 2)]
     return sets

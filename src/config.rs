@@ -249,6 +249,28 @@ pub enum VerifyMode {
     Always,
 }
 
+/// A consensus policy: call `models` together and ship when `agree` of their answers commit
+/// to the same final answer (a multiple-choice pick or a declared number), else call the most
+/// expensive candidate too. Pays where cheap models' agreement is a strong signal
+/// (multiple-choice and math traffic; models/EVAL.md, "Consensus"); `scripts/protocol.py` picks
+/// the models and `agree` from labelled rows of one's own traffic.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsensusConfig {
+    /// Catalog models with an upstream, 2 to [`MAX_CONSENSUS_MODELS`] of them.
+    pub models: Vec<String>,
+    /// How many must agree: 2 up to the number of models.
+    #[serde(default = "default_agree")]
+    pub agree: usize,
+}
+
+/// Upstream calls a consensus makes at once, at most.
+pub const MAX_CONSENSUS_MODELS: usize = 4;
+
+fn default_agree() -> usize {
+    2
+}
+
 /// A policy a client names as `auto:<name>`: Route's policy fields and the verify mode.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -263,6 +285,10 @@ pub struct GatewayPolicy {
     pub max_cost_usd: Option<f64>,
     #[serde(default)]
     pub verify: Option<VerifyMode>,
+    /// Ask cheap models together first and ship what they agree on (chat completions without
+    /// streaming; a stream or ext_proc routes as the policy's other fields say).
+    #[serde(default)]
+    pub consensus: Option<ConsensusConfig>,
 }
 
 /// Where the HTTP front calls a catalog model: an OpenAI-compatible API.
@@ -880,6 +906,37 @@ impl Config {
                     bail!("{} must be finite and >= 0", key(f));
                 }
             }
+            if let Some(c) = &p.consensus {
+                let n = c.models.len();
+                if !(2..=MAX_CONSENSUS_MODELS).contains(&n) {
+                    bail!(
+                        "{} lists {n} models; a consensus takes 2 to {MAX_CONSENSUS_MODELS}",
+                        key("consensus.models")
+                    );
+                }
+                if !(2..=n).contains(&c.agree) {
+                    bail!(
+                        "{} = {} must be in 2..={n}",
+                        key("consensus.agree"),
+                        c.agree
+                    );
+                }
+                for (i, m) in c.models.iter().enumerate() {
+                    if c.models[..i].contains(m) {
+                        bail!("{} lists {m:?} twice", key("consensus.models"));
+                    }
+                    if !self
+                        .catalog
+                        .iter()
+                        .any(|e| &e.model == m && e.upstream.is_some())
+                    {
+                        bail!(
+                            "{}: {m:?} is not a catalog model with an `upstream`",
+                            key("consensus.models")
+                        );
+                    }
+                }
+            }
         }
         if !g.http_listen.is_empty() && self.catalog.iter().all(|e| e.upstream.is_none()) {
             bail!("gateway.http_listen is set but no [[catalog]] entry has an `upstream` to call");
@@ -1022,6 +1079,27 @@ mod tests {
             c.gateway.policies.insert("cheap".into(), p);
         })
         .contains("gateway.policies.cheap.relative_floor"));
+        let consensus = |models: &[&str], agree| {
+            with(|c| {
+                c.catalog[0].upstream = Some(up("https://api.example/v1"));
+                c.catalog[1].upstream = Some(up("https://api.example/v1"));
+                let p = GatewayPolicy {
+                    consensus: Some(ConsensusConfig {
+                        models: models.iter().map(|m| m.to_string()).collect(),
+                        agree,
+                    }),
+                    ..Default::default()
+                };
+                c.gateway.policies.insert("vote".into(), p);
+            })
+        };
+        let cat = Config::embedded().unwrap().catalog;
+        let (a, b, other) = (&cat[0].model, &cat[1].model, &cat[2].model);
+        assert!(consensus(&[a], 2).contains("lists 1 models"));
+        assert!(consensus(&[a, b], 3).contains("consensus.agree = 3"));
+        assert!(consensus(&[a, a], 2).contains("twice"));
+        assert!(consensus(&[a, other], 2).contains("not a catalog model with an `upstream`"));
+        assert!(consensus(&[a, "nope"], 2).contains("\"nope\""));
         // A front with one callable model is valid.
         let mut c = Config::embedded().unwrap();
         c.gateway.http_listen = "127.0.0.1:0".into();

@@ -11,11 +11,14 @@ use std::process::{Command, Stdio};
 use common::upstream::{self, Stub};
 use common::{free_port, Server};
 use serde_json::{json, Value};
-use tiergate::config::{Config, GatewayPolicy, UpstreamConfig, VerifyMode};
+use tiergate::config::{Config, ConsensusConfig, GatewayPolicy, UpstreamConfig, VerifyMode};
 
 const FLASH: &str = "gemini-2.5-flash";
 const SONNET: &str = "claude-sonnet-4.6";
 const OPUS: &str = "claude-opus-4.8";
+
+/// A multiple-choice prompt whose answers' picks `auto:vote` compares.
+const MCQ: &str = "Which planet is largest?\nA) Mars\nB) Jupiter\nC) Venus\nAnswer:";
 
 /// Routed to the cheapest tier and to the strongest, among the three with upstreams.
 const EASY: &str = "What is 2 + 2?";
@@ -64,6 +67,15 @@ fn config(stub: &Stub, http: &str) -> Config {
     c.gateway
         .policies
         .insert("verified".into(), verify(VerifyMode::Always));
+    // Listed dearest first: the gateway asks them cheapest first whatever the order here.
+    let vote = GatewayPolicy {
+        consensus: Some(ConsensusConfig {
+            models: vec![SONNET.into(), FLASH.into()],
+            agree: 2,
+        }),
+        ..Default::default()
+    };
+    c.gateway.policies.insert("vote".into(), vote);
     c
 }
 
@@ -149,6 +161,31 @@ async fn the_openai_client_gets_the_cascade() {
             "auto:verified",
             EASY,
             json!({"answer": {"stub-flash": refusal, "stub-sonnet": good}}),
+        ),
+        case(
+            "vote_agree",
+            "auto:vote",
+            MCQ,
+            json!({"answer": {"stub-flash": "The answer is (B).", "stub-sonnet": "B"}}),
+        ),
+        case(
+            "vote_disagree",
+            "auto:vote",
+            MCQ,
+            json!({"answer": {"stub-flash": "(A)", "stub-sonnet": "The answer is (B)."}}),
+        ),
+        case(
+            "vote_probe_fails",
+            "auto:vote",
+            MCQ,
+            json!({"answer": {"stub-sonnet": "B"}, "fail": {"stub-flash": 503}}),
+        ),
+        case(
+            "vote_top_fails",
+            "auto:vote",
+            MCQ,
+            json!({"answer": {"stub-flash": "(A)", "stub-sonnet": "(B)"},
+                "fail": {"stub-opus": 503}}),
         ),
         case(
             "failover",
@@ -254,6 +291,49 @@ async fn the_openai_client_gets_the_cascade() {
         cost(OPUS, &cfg) - spent
     ));
 
+    // Consensus: both probes asked (together), they agree, the cheaper one's answer ships;
+    // both are paid for and the top tier is not called.
+    let sorted = |name: &str| {
+        let mut m = stub.models(name);
+        m.sort();
+        m
+    };
+    let va = &r["vote_agree"];
+    assert_eq!(va["model"], FLASH, "{va}");
+    assert_eq!(va["text"], "The answer is (B).");
+    assert_eq!(va["headers"]["x-tiergate-escalations"], "0");
+    assert_eq!(sorted("vote_agree"), ["stub-flash", "stub-sonnet"]);
+    let probes = cost(FLASH, &cfg) + cost(SONNET, &cfg);
+    assert!(close(header_f64(va, "x-tiergate-cost-usd"), probes));
+    assert!(close(
+        header_f64(va, "x-tiergate-saved-usd"),
+        cost(OPUS, &cfg) - probes
+    ));
+    // They disagree: the top tier answers, all three paid for.
+    let vd = &r["vote_disagree"];
+    assert_eq!(vd["model"], OPUS, "{vd}");
+    assert_eq!(vd["headers"]["x-tiergate-escalations"], "1");
+    assert_eq!(
+        sorted("vote_disagree"),
+        ["stub-flash", "stub-opus", "stub-sonnet"]
+    );
+    assert!(close(
+        header_f64(vd, "x-tiergate-cost-usd"),
+        probes + cost(OPUS, &cfg)
+    ));
+    // A failed probe is no vote (and not paid for): one answer cannot agree, so the top answers.
+    let vp = &r["vote_probe_fails"];
+    assert_eq!(vp["model"], OPUS, "{vp}");
+    assert!(close(
+        header_f64(vp, "x-tiergate-cost-usd"),
+        cost(SONNET, &cfg) + cost(OPUS, &cfg)
+    ));
+    // No consensus and the top fails: the cheapest probe's answer ships rather than an error.
+    let vt = &r["vote_top_fails"];
+    assert_eq!(vt["model"], FLASH, "{vt}");
+    assert_eq!(vt["text"], "(A)");
+    assert!(close(header_f64(vt, "x-tiergate-cost-usd"), probes));
+
     // A failing tier is retried one up; only the answer that came is paid for.
     let f = &r["failover"];
     assert_eq!(f["model"], SONNET, "{f}");
@@ -338,7 +418,15 @@ async fn the_openai_client_gets_the_cascade() {
 
     assert_eq!(
         r["models"]["ids"],
-        json!(["auto", "auto:fast", "auto:verified", FLASH, SONNET, OPUS])
+        json!([
+            "auto",
+            "auto:fast",
+            "auto:verified",
+            "auto:vote",
+            FLASH,
+            SONNET,
+            OPUS
+        ])
     );
 
     // LiteLLM's SDK, as a LiteLLM deployment calls the front (`openai/auto` + api_base): the

@@ -1,7 +1,8 @@
 //! The whole cascade for one chat completion: Route over the catalog models that have an
 //! upstream, call the chosen one, Verify its answer when the policy asks, and escalate to the
 //! next model up (after a rejected answer or a failed upstream), at most
-//! `gateway.max_escalations` times, all before the request's deadline.
+//! `gateway.max_escalations` times, all before the request's deadline. A named policy with a
+//! `consensus` asks its cheap models together instead and ships what they agree on.
 #![forbid(unsafe_code)]
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,9 +14,9 @@ use super::status::GatewayError;
 use super::targets::{callable, entry, policy, prices, route_query};
 use super::upstream::{UpstreamError, Upstreams};
 use crate::batch::Priority;
-use crate::config::{UpstreamConfig, VerifyMode};
+use crate::config::{ConsensusConfig, UpstreamConfig, VerifyMode};
 use crate::policy::PolicyRequest;
-use crate::service::{Decider, RouteInput, RouteOutcome, Service, VerifyQuery};
+use crate::service::{decide, Decider, RouteInput, RouteOutcome, Service, VerifyQuery};
 
 pub struct Front {
     pub svc: Arc<Service>,
@@ -50,6 +51,8 @@ struct Plan {
     policy: Option<PolicyRequest>,
     verify: bool,
     prompt: String,
+    /// The named policy's consensus: cheap models asked together before anything else.
+    consensus: Option<ConsensusConfig>,
 }
 
 impl Plan {
@@ -99,11 +102,13 @@ impl Front {
                     policy: None,
                     verify: false,
                     prompt,
+                    consensus: None,
                     d,
                 })
             }
             Ask::Auto(name) => {
-                let (pol, mode) = policy(&d.cfg.gateway, name.as_deref())?;
+                let (pol, mode, consensus) = policy(&d.cfg.gateway, name.as_deref())?;
+                let consensus = consensus.cloned();
                 let route = self
                     .svc
                     .route(route_query(input, order, pol, deadline))
@@ -120,6 +125,7 @@ impl Front {
                     policy: pol,
                     verify,
                     prompt,
+                    consensus,
                     d,
                 })
             }
@@ -134,6 +140,9 @@ impl Front {
         deadline: Instant,
     ) -> Result<Shipped, GatewayError> {
         let plan = self.plan(&body, ask, deadline).await?;
+        if let Some(c) = &plan.consensus {
+            return self.consensus(&plan, c, &body, deadline).await;
+        }
         let max_bytes = plan.d.cfg.gateway.max_body_bytes;
         let (mut at, mut hops, mut spent) = (plan.start.clone(), 0u32, 0.0);
         // The last answer the verifier turned down: shipped if every later tier fails.
@@ -175,6 +184,92 @@ impl Front {
                     };
                 }
             }
+        }
+    }
+
+    /// A consensus policy: the probe models called together (every answer paid for); the
+    /// cheapest of those that agree ships (`decide::consensus`), else the most expensive
+    /// candidate is called and its answer ships (one escalation). A probe that fails counts as
+    /// no answer; when the last call fails too, the cheapest probe answer that came ships.
+    async fn consensus(
+        &self,
+        plan: &Plan,
+        c: &ConsensusConfig,
+        body: &Value,
+        deadline: Instant,
+    ) -> Result<Shipped, GatewayError> {
+        let max_bytes = plan.d.cfg.gateway.max_body_bytes;
+        // Cheapest first, as Route priced the candidates for this prompt.
+        let mut probes = c.models.clone();
+        let rank = |m: &String| plan.order.iter().position(|o| o == m).unwrap_or(usize::MAX);
+        probes.sort_by_key(rank);
+        let mut calls = Vec::with_capacity(probes.len());
+        for m in &probes {
+            let up = plan.upstream(m)?;
+            let sent = chat::with_model(body, up.model.as_deref().unwrap_or(m));
+            calls.push(self.upstreams.complete(m, up, sent, deadline, max_bytes));
+        }
+        let mut replies = Vec::with_capacity(probes.len());
+        let mut spent = 0.0;
+        for (m, r) in probes.iter().zip(futures::future::join_all(calls).await) {
+            match r {
+                Ok(reply) => {
+                    spent += plan.cost(m, &reply);
+                    replies.push(Some(reply));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, model = %m, "consensus probe failed");
+                    replies.push(None);
+                }
+            }
+        }
+        let texts: Vec<Option<&str>> = replies
+            .iter()
+            .map(|r| r.as_ref().and_then(chat::answer))
+            .collect();
+        if let Some(i) = decide::consensus(&plan.prompt, &texts, c.agree) {
+            if let Some(reply) = replies[i].take() {
+                return Ok(ship(plan, probes[i].clone(), reply, spent, 0));
+            }
+        }
+        let fallback = |replies: &mut Vec<Option<Value>>| {
+            replies
+                .iter_mut()
+                .zip(&probes)
+                .find_map(|(r, m)| r.take().map(|r| (m.clone(), r)))
+        };
+        let Some(top) = plan.order.last().cloned() else {
+            return match fallback(&mut replies) {
+                Some((m, reply)) => Ok(ship(plan, m, reply, spent, 0)),
+                None => Err(GatewayError::UnknownModel(
+                    "no candidate to escalate to".into(),
+                )),
+            };
+        };
+        // The top candidate may be a probe whose answer is already here.
+        if let Some(i) = probes.iter().position(|m| *m == top) {
+            if let Some(reply) = replies[i].take() {
+                return Ok(ship(plan, top, reply, spent, 0));
+            }
+        }
+        let up = plan.upstream(&top)?;
+        let sent = chat::with_model(body, up.model.as_deref().unwrap_or(&top));
+        match self
+            .upstreams
+            .complete(&top, up, sent, deadline, max_bytes)
+            .await
+        {
+            Ok(reply) => {
+                spent += plan.cost(&top, &reply);
+                Ok(ship(plan, top, reply, spent, 1))
+            }
+            Err(e) => match fallback(&mut replies) {
+                Some((m, reply)) => {
+                    tracing::warn!(error = %e, shipped = %m, "escalation failed; shipping a probe's answer");
+                    Ok(ship(plan, m, reply, spent, 1))
+                }
+                None => Err(e.into()),
+            },
         }
     }
 

@@ -189,7 +189,7 @@ impl Exchange {
             return Ok(None);
         };
         svc.check_ready()?;
-        let (pol, _) = policy(g, name.as_deref())?;
+        let (pol, _, _) = policy(g, name.as_deref())?;
         let turns = chat::turns(&json)?;
         let input = RouteInput::Messages(turns);
         let prompt_bytes = input.clone().into_text().len();

@@ -2,7 +2,7 @@
 //! their prices, and the named policies of `auto:<name>`.
 #![forbid(unsafe_code)]
 use super::status::GatewayError;
-use crate::config::{CatalogEntryConfig, GatewayConfig, VerifyMode};
+use crate::config::{CatalogEntryConfig, ConsensusConfig, GatewayConfig, VerifyMode};
 use crate::policy::PolicyRequest;
 use crate::service::Decider;
 
@@ -26,13 +26,20 @@ pub fn callable(d: &Decider) -> Vec<String> {
         .collect()
 }
 
-/// A named policy's Route fields and verify mode.
-pub fn policy(
-    g: &GatewayConfig,
+/// A named policy's Route fields, verify mode and consensus.
+pub fn policy<'a>(
+    g: &'a GatewayConfig,
     name: Option<&str>,
-) -> Result<(Option<PolicyRequest>, VerifyMode), GatewayError> {
+) -> Result<
+    (
+        Option<PolicyRequest>,
+        VerifyMode,
+        Option<&'a ConsensusConfig>,
+    ),
+    GatewayError,
+> {
     let Some(name) = name else {
-        return Ok((None, g.verify));
+        return Ok((None, g.verify, None));
     };
     let p = g.policies.get(name).ok_or_else(|| {
         GatewayError::UnknownModel(format!(
@@ -48,7 +55,11 @@ pub fn policy(
         cost_weight: p.cost_weight,
         relative_floor: p.relative_floor,
     };
-    Ok((Some(req), p.verify.unwrap_or(g.verify)))
+    Ok((
+        Some(req),
+        p.verify.unwrap_or(g.verify),
+        p.consensus.as_ref(),
+    ))
 }
 
 /// The Route the gateway asks for a conversation: among `candidates`, under `policy`, at normal

@@ -63,6 +63,30 @@ pub fn ships_with_peers(
     ships(p_pass, threshold) || (agreeing >= 1 && peer_threshold.is_some_and(|t| p_pass >= t))
 }
 
+/// A consensus over answers bought together (a gateway policy's `consensus`), listed cheapest
+/// first (`None`: no answer came): the answer to ship, if at least `agree` commit to the same
+/// final answer (`model::answer::final_answer`). The largest such group wins, ties to the group
+/// with the cheaper first member, and its cheapest member ships. `None`: no consensus, escalate.
+/// `scripts/protocol.py` replays this rule as its `consensus` policy.
+pub fn consensus(prompt: &str, answers: &[Option<&str>], agree: usize) -> Option<usize> {
+    let keys: Vec<Option<String>> = answers
+        .iter()
+        .map(|a| a.and_then(|a| crate::model::answer::final_answer(prompt, a)))
+        .collect();
+    let mut best: Option<(usize, usize)> = None; // (votes, first member)
+    for (i, k) in keys.iter().enumerate() {
+        let Some(k) = k else { continue };
+        if keys[..i].iter().any(|e| e.as_ref() == Some(k)) {
+            continue; // this group was counted at its first member
+        }
+        let votes = keys[i..].iter().filter(|e| e.as_ref() == Some(k)).count();
+        if votes >= agree.max(1) && best.is_none_or(|(v, _)| votes > v) {
+            best = Some((votes, i));
+        }
+    }
+    best.map(|(_, i)| i)
+}
+
 /// Cascade from `start`: ship the first answer that [`ships`] (an answer the verifier cannot
 /// read counts as rejected), the last model's answer regardless. Returns the model shipped
 /// and whether the verifier accepted it.
@@ -275,6 +299,43 @@ pub fn escalation_target<'a>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn consensus_ships_the_cheapest_of_the_largest_agreeing_group() {
+        use super::consensus;
+        let mcq = "Which?\nA) one\nB) two\nC) three\nAnswer:";
+        let (a, b) = (Some("The answer is (A)."), Some("B"));
+        let b2 = Some("Two, so the answer is (B).");
+        assert_eq!(consensus(mcq, &[b, b2], 2), Some(0));
+        assert_eq!(consensus(mcq, &[a, b2], 2), None, "they disagree");
+        assert_eq!(consensus(mcq, &[a, b, b2], 2), Some(1), "two of three");
+        assert_eq!(consensus(mcq, &[a, b, b2], 3), None, "not all three");
+        assert_eq!(
+            consensus(mcq, &[None, b, b2], 2),
+            Some(1),
+            "a failed call is no vote"
+        );
+        // Two groups of two: the one whose first member is cheaper.
+        let c = Some("(C)");
+        assert_eq!(consensus(mcq, &[c, a, c, a], 2), Some(0));
+        assert_eq!(
+            consensus(mcq, &[a, c, c, c], 2),
+            Some(1),
+            "the larger group wins"
+        );
+        // Answers with no final answer (free text, code) never agree.
+        let free = Some("def f(x):\n    return x");
+        assert_eq!(consensus(mcq, &[free, free], 2), None);
+        let math = "Tom has 3 boxes of 400 pens. How many pens?";
+        assert_eq!(
+            consensus(
+                math,
+                &[Some("#### 1,200"), Some("so the answer is 1200.")],
+                2
+            ),
+            Some(0)
+        );
+    }
+
     use super::*;
 
     fn s(m: &str, p: f64, c: f64) -> Scored {
