@@ -252,7 +252,7 @@ pub enum VerifyMode {
 /// A consensus policy: call `models` together and ship when `agree` of their answers commit
 /// to the same final answer (a multiple-choice pick or a declared number), else call the most
 /// expensive candidate too. Pays where cheap models' agreement is a strong signal
-/// (multiple-choice and math traffic; models/EVAL.md, "Consensus"); `scripts/protocol.py` picks
+/// (multiple-choice and math traffic; models/EVAL.md, "Consensus"); `tiergate consensus` picks
 /// the models and `agree` from labelled rows of one's own traffic.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

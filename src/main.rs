@@ -20,6 +20,9 @@ enum Cmd {
     /// Fit per-model parameters and the verifier's re-fit on labelled rows of your own traffic;
     /// write them as an overlay (`overlays` in the config).
     Calibrate(tiergate::eval::calibrate::CalibrateArgs),
+    /// Which cheap models to ask together (the gateway's consensus policy) on labelled rows of
+    /// your own traffic, and what that saved there, cross-fitted.
+    Consensus(tiergate::eval::consensus::ConsensusArgs),
     /// Measure per-channel activation ranges on train data for the int8 encoder's smoothing
     /// (writes models/int8-act-max.json; rebuild to embed it).
     CalibrateInt8(tiergate::eval::calibrate_int8::CalibrateInt8Args),
@@ -115,6 +118,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Train(a) => tiergate::eval::train::run(a),
         Cmd::Benchmarks(a) => tiergate::eval::benchmarks::run(a),
         Cmd::Calibrate(a) => tiergate::eval::calibrate::run(a),
+        Cmd::Consensus(a) => tiergate::eval::consensus::run(a),
         Cmd::CalibrateInt8(a) => tiergate::eval::calibrate_int8::run(a),
         Cmd::DistillStatic(a) => tiergate::eval::distill_static::run(a),
         Cmd::Score(a) => tiergate::eval::score::run(a),

@@ -243,3 +243,87 @@ fn bad_train_flags_fail_at_once_naming_the_flag() {
         assert!(stderr.contains(flag), "{flag}: {stderr}");
     }
 }
+
+/// `tiergate consensus` on all dev rows: a probe set where answers carry a final answer
+/// (MMLU-Pro, RouterBench), none on free-text chat (AlpacaEval), and the in-sample figures
+/// recomputed here from the rows with the gateway's own rule (`decide::consensus`).
+#[test]
+fn consensus_suggests_probe_sets_and_pays_for_every_call() {
+    let data = data_dir().join("dev.jsonl.gz");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("consensus.json");
+    let o = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(["consensus", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let reports = v.as_array().unwrap();
+    let by = |s: &str| reports.iter().find(|r| r["source"] == s).unwrap();
+    assert_eq!(reports.len(), 3);
+    let alpaca = by("alpaca_eval2_wgpt4t");
+    assert!(alpaca["in_sample"]["pick"].is_null(), "{alpaca}");
+    assert_eq!(alpaca["cross_fitted_saving"], 0.0);
+
+    let rows = tiergate::eval::data::read_rows(&data).unwrap();
+    for src in ["mmlu_pro", "routerbench_0shot"] {
+        let r = by(src);
+        let pick = &r["in_sample"]["pick"];
+        let models: Vec<&str> = pick["models"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{src}: no pick: {r}"))
+            .iter()
+            .map(|m| m.as_str().unwrap())
+            .collect();
+        let agree = pick["agree"].as_u64().unwrap() as usize;
+        assert!((2..=4).contains(&models.len()) && (2..=models.len()).contains(&agree));
+        assert!(stdout.contains(&format!("consensus = {{ models = [\"{}\"", models[0])));
+        // Replay the pick over the source's prompts: probes paid for, the best model on
+        // disagreement.
+        let best = r["best_model"].as_str().unwrap();
+        let mut per: std::collections::BTreeMap<&str, Vec<&tiergate::eval::data::Row>> =
+            Default::default();
+        for row in rows.iter().filter(|x| x.source == src) {
+            per.entry(&row.prompt_id).or_default().push(row);
+        }
+        let (mut cost, mut qual, mut best_cost, mut best_qual, mut n) = (0.0, 0.0, 0.0, 0.0, 0);
+        for ps in per.values() {
+            let get = |m: &str| ps.iter().find(|x| x.model == m);
+            let Some(b) = get(best) else { continue };
+            let probes: Vec<_> = models.iter().map(|m| get(m)).collect();
+            let answers: Vec<Option<&str>> = probes
+                .iter()
+                .map(|p| p.and_then(|p| p.response.as_deref()))
+                .collect();
+            let paid: f64 = probes.iter().flatten().map(|p| p.cost_usd.unwrap()).sum();
+            let prompt = &ps[0].prompt;
+            match tiergate::service::decide::consensus(prompt, &answers, agree) {
+                Some(i) => {
+                    cost += paid;
+                    qual += probes[i].unwrap().score.unwrap();
+                }
+                None => {
+                    cost += paid + b.cost_usd.unwrap();
+                    qual += b.score.unwrap();
+                }
+            }
+            best_cost += b.cost_usd.unwrap();
+            best_qual += b.score.unwrap();
+            n += 1;
+        }
+        assert!(n > 300, "{src}: {n} prompts");
+        let saving = 1.0 - cost / best_cost;
+        let ratio = qual / best_qual;
+        let got = &r["in_sample"];
+        assert!(
+            (got["saving"].as_f64().unwrap() - saving).abs() < 1e-9,
+            "{src}: {got} vs {saving}"
+        );
+        assert!((got["quality_ratio"].as_f64().unwrap() - ratio).abs() < 1e-9);
+        assert!(saving > 0.0 && ratio >= 0.98, "{src}: {saving} at {ratio}");
+    }
+}

@@ -2,6 +2,7 @@
 pub mod benchmarks;
 pub mod calibrate;
 pub mod calibrate_int8;
+pub mod consensus;
 pub mod data;
 pub mod distill_static;
 pub mod fit;

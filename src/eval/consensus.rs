@@ -1,0 +1,419 @@
+//! `tiergate consensus`: from labelled rows of one's own traffic (every model's answer to the
+//! same prompts), which cheap models to ask together for the gateway's consensus policy
+//! (`[gateway.policies.<name>] consensus = { models, agree }`), and what it saved there. The
+//! rule is `service::decide::consensus`, the one the gateway runs; the candidates and the pick
+//! are `scripts/protocol.py`'s: models covering >= 95% of the prompts whose mean cost is under
+//! half the best model's, the six best-scoring, every pair (both agree) and triple (all three,
+//! or two of three); the pick is the largest saving that keeps `target` of the best model's
+//! quality. Alongside the pick on all rows it reports a cross-fitted figure (picked on one half
+//! of the prompts, measured on the other, both ways), the one to trust: picks on a few hundred
+//! prompts flatter themselves. No encoder, no heads: it reads costs, scores and answers.
+#![forbid(unsafe_code)]
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+
+use super::data::{read_rows, Row};
+use super::util::hash_str;
+use crate::config::MAX_CONSENSUS_MODELS;
+use crate::service::decide;
+
+/// Share of a source's prompts a model must answer to be a candidate or the best model.
+const COVERAGE: f64 = 0.95;
+/// Candidates probe sets are drawn from, the best-scoring first.
+const CANDIDATES: usize = 6;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConsensusArgs {
+    /// Labelled rows (prompt_id, prompt, model, score in [0,1], cost_usd, response) in the data
+    /// schema; each `source` is judged as its own traffic.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Quality to keep, as a share of the best model's mean score.
+    #[arg(long, default_value_t = 0.98)]
+    pub target: f64,
+    /// A cross-fitted half's saving counts only where its quality held this share.
+    #[arg(long, default_value_t = 0.97)]
+    pub hold: f64,
+    /// Write the report as JSON here too.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// A probe set and how many must agree (`ConsensusConfig`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProbeSet {
+    pub models: Vec<String>,
+    pub agree: usize,
+}
+
+/// A policy's outcome on some prompts, against always calling the best model.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    /// `None`: always the best model (no probe set kept the quality).
+    pub pick: Option<ProbeSet>,
+    pub saving: f64,
+    pub quality_ratio: f64,
+    pub prompts: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceReport {
+    pub source: String,
+    pub prompts: usize,
+    pub best_model: String,
+    pub candidates: Vec<String>,
+    /// Picked and measured on all prompts (in-sample).
+    pub in_sample: Outcome,
+    /// Picked on half A, measured on B, and the other way round.
+    pub halves: [Outcome; 2],
+    /// The halves' savings, each counted only where its quality held `hold`; their mean.
+    pub cross_fitted_saving: f64,
+}
+
+/// One prompt's rows of the models that matter: (score, cost, response) by model.
+struct Prompt {
+    text: String,
+    half: usize,
+    rows: HashMap<String, (f64, f64, Option<String>)>,
+}
+
+impl Prompt {
+    /// (cost, score) of consensus `s` on this prompt, the best model's call on disagreement.
+    fn play(&self, s: &ProbeSet, best: &str) -> Option<(f64, f64)> {
+        let (b_score, b_cost, _) = self.rows.get(best)?;
+        let got: Vec<Option<&(f64, f64, Option<String>)>> =
+            s.models.iter().map(|m| self.rows.get(m)).collect();
+        let cost: f64 = got.iter().flatten().map(|r| r.1).sum();
+        let answers: Vec<Option<&str>> =
+            got.iter().map(|r| r.and_then(|r| r.2.as_deref())).collect();
+        Some(match decide::consensus(&self.text, &answers, s.agree) {
+            Some(i) => (cost, got[i].map_or(0.0, |r| r.0)),
+            None => (cost + b_cost, *b_score),
+        })
+    }
+}
+
+/// Mean (cost, score) over `ps` of consensus `s`, or of the best model alone (`None`).
+fn point(ps: &[&Prompt], s: Option<&ProbeSet>, best: &str) -> (f64, f64) {
+    let (mut c, mut q, mut n) = (0.0, 0.0, 0usize);
+    for p in ps {
+        let r = match s {
+            Some(s) => p.play(s, best),
+            None => p.rows.get(best).map(|r| (r.1, r.0)),
+        };
+        if let Some((pc, pq)) = r {
+            c += pc;
+            q += pq;
+            n += 1;
+        }
+    }
+    let n = n.max(1) as f64;
+    (c / n, q / n)
+}
+
+fn outcome(ps: &[&Prompt], s: Option<&ProbeSet>, best: &str) -> Outcome {
+    let (bc, bq) = point(ps, None, best);
+    let (c, q) = point(ps, s, best);
+    Outcome {
+        pick: s.cloned(),
+        saving: if bc > 0.0 { 1.0 - c / bc } else { 0.0 },
+        quality_ratio: if bq > 0.0 { q / bq } else { 1.0 },
+        prompts: ps.len(),
+    }
+}
+
+/// The probe set with the largest saving keeping `target` of the best model's quality on `ps`
+/// (ties: the higher quality, then the earlier set); `None` when none does better than the
+/// best model alone.
+fn pick<'a>(ps: &[&Prompt], sets: &'a [ProbeSet], best: &str, target: f64) -> Option<&'a ProbeSet> {
+    let (bc, bq) = point(ps, None, best);
+    let mut chosen: Option<(f64, f64, &ProbeSet)> = None;
+    for s in sets {
+        let (c, q) = point(ps, Some(s), best);
+        let (saving, ratio) = (
+            1.0 - c / bc.max(f64::MIN_POSITIVE),
+            q / bq.max(f64::MIN_POSITIVE),
+        );
+        if q >= target * bq
+            && saving > 0.0
+            && chosen.is_none_or(|(sv, r, _)| saving > sv || (saving == sv && ratio > r))
+        {
+            chosen = Some((saving, ratio, s));
+        }
+    }
+    chosen.map(|(_, _, s)| s)
+}
+
+/// The probe sets of `scripts/protocol.py`'s `consensus_sets`, cheapest model first in each.
+fn probe_sets(cands: &[String]) -> Vec<ProbeSet> {
+    let mut sets = Vec::new();
+    let n = cands.len();
+    for a in 0..n {
+        for b in a + 1..n {
+            sets.push(ProbeSet {
+                models: vec![cands[a].clone(), cands[b].clone()],
+                agree: 2,
+            });
+        }
+    }
+    for a in 0..n {
+        for b in a + 1..n {
+            for c in b + 1..n {
+                for agree in [3, 2] {
+                    let models = vec![cands[a].clone(), cands[b].clone(), cands[c].clone()];
+                    sets.push(ProbeSet { models, agree });
+                }
+            }
+        }
+    }
+    debug_assert!(sets.iter().all(|s| s.models.len() <= MAX_CONSENSUS_MODELS));
+    sets
+}
+
+/// The report for one source's rows.
+pub fn judge(source: &str, rows: &[&Row], target: f64, hold: f64) -> Option<SourceReport> {
+    let mut prompts: BTreeMap<&str, Prompt> = BTreeMap::new();
+    let mut per_model: BTreeMap<&str, (f64, f64, BTreeSet<&str>)> = BTreeMap::new();
+    for r in rows {
+        let (Some(score), Some(cost)) = (r.score, r.cost_usd) else {
+            continue;
+        };
+        let p = prompts.entry(&r.prompt_id).or_insert_with(|| Prompt {
+            text: r.prompt.clone(),
+            half: (hash_str(0x6861_6c66, &r.prompt_id) & 1) as usize,
+            rows: HashMap::new(),
+        });
+        p.rows
+            .insert(r.model.clone(), (score, cost, r.response.clone()));
+        let e = per_model.entry(&r.model).or_default();
+        e.0 += cost;
+        e.1 += score;
+        e.2.insert(&r.prompt_id);
+    }
+    let n = prompts.len();
+    // (model, mean cost, mean score) of the models that answer nearly every prompt.
+    let covered: Vec<(&str, f64, f64)> = per_model
+        .iter()
+        .filter(|(_, (_, _, ps))| ps.len() as f64 >= COVERAGE * n as f64)
+        .map(|(m, (c, s, ps))| (*m, c / ps.len() as f64, s / ps.len() as f64))
+        .collect();
+    // The best model: the highest mean score, the cheaper on ties.
+    let best = covered
+        .iter()
+        .max_by(|a, b| a.2.total_cmp(&b.2).then(b.1.total_cmp(&a.1)))?;
+    let mut cands: Vec<&(&str, f64, f64)> = covered
+        .iter()
+        .filter(|m| m.0 != best.0 && m.1 < 0.5 * best.1)
+        .collect();
+    cands.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(b.0)));
+    cands.truncate(CANDIDATES);
+    // Cheapest first, as the gateway asks them.
+    cands.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(b.0)));
+    let cands: Vec<String> = cands.iter().map(|m| m.0.to_string()).collect();
+    let sets = probe_sets(&cands);
+    let all: Vec<&Prompt> = prompts.values().collect();
+    let half = |h: usize| -> Vec<&Prompt> { all.iter().copied().filter(|p| p.half == h).collect() };
+    let (a, b) = (half(0), half(1));
+    let across =
+        |on: &[&Prompt], to: &[&Prompt]| outcome(to, pick(on, &sets, best.0, target), best.0);
+    let halves = [across(&a, &b), across(&b, &a)];
+    let counted = |o: &Outcome| {
+        if o.quality_ratio >= hold {
+            o.saving
+        } else {
+            0.0
+        }
+    };
+    Some(SourceReport {
+        source: source.to_string(),
+        prompts: n,
+        best_model: best.0.to_string(),
+        candidates: cands,
+        in_sample: outcome(&all, pick(&all, &sets, best.0, target), best.0),
+        cross_fitted_saving: (counted(&halves[0]) + counted(&halves[1])) / 2.0,
+        halves,
+    })
+}
+
+pub fn run(a: ConsensusArgs) -> Result<()> {
+    let share = |v: f64| v > 0.0 && v <= 1.5;
+    if !(share(a.target) && share(a.hold)) {
+        bail!("--target and --hold are shares of the best model's quality, in (0, 1.5]");
+    }
+    let rows = read_rows(&a.data)?;
+    for (i, r) in rows.iter().enumerate() {
+        if r.score.is_some_and(|s| !(0.0..=1.0).contains(&s)) {
+            bail!("{} row {}: score outside [0, 1]", a.data.display(), i + 1);
+        }
+        if r.cost_usd.is_some_and(|c| !c.is_finite() || c < 0.0) {
+            bail!(
+                "{} row {}: cost_usd must be finite and >= 0",
+                a.data.display(),
+                i + 1
+            );
+        }
+    }
+    let mut by_source: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
+    for r in &rows {
+        by_source.entry(&r.source).or_default().push(r);
+    }
+    let mut reports = Vec::new();
+    for (src, rs) in &by_source {
+        match judge(src, rs, a.target, a.hold) {
+            Some(rep) => {
+                print_report(&rep, a.target);
+                reports.push(rep);
+            }
+            None => {
+                println!("{src}: no model answers >= 95% of its prompts with a score and a cost")
+            }
+        }
+    }
+    if let Some(out) = &a.out {
+        let text = serde_json::to_string_pretty(&reports)?;
+        std::fs::write(out, text + "\n")
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
+    }
+    Ok(())
+}
+
+fn print_report(r: &SourceReport, target: f64) {
+    let fmt = |o: &Outcome| match &o.pick {
+        Some(s) => format!(
+            "{} (agree {}): saved {:.1}% at {:.1}% quality",
+            s.models.join(" + "),
+            s.agree,
+            100.0 * o.saving,
+            100.0 * o.quality_ratio
+        ),
+        None => format!("always {}: nothing saved", r.best_model),
+    };
+    println!(
+        "{}: {} prompts, best model {}, candidates {}",
+        r.source,
+        r.prompts,
+        r.best_model,
+        r.candidates.join(", ")
+    );
+    println!("  picked on all prompts: {}", fmt(&r.in_sample));
+    for (name, o) in ["A -> B", "B -> A"].iter().zip(&r.halves) {
+        println!("  picked on half {name}: {}", fmt(o));
+    }
+    println!(
+        "  cross-fitted saving {:.1}% (a half counts where its quality held), target {:.0}%",
+        100.0 * r.cross_fitted_saving,
+        100.0 * target
+    );
+    match &r.in_sample.pick {
+        Some(s) if r.cross_fitted_saving > 0.0 => {
+            let models: Vec<String> = s.models.iter().map(|m| format!("{m:?}")).collect();
+            println!(
+                "  [gateway.policies.vote]\n  consensus = {{ models = [{}], agree = {} }}",
+                models.join(", "),
+                s.agree
+            );
+        }
+        _ => println!("  consensus does not pay on this traffic: route or cascade it instead"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(pid: usize, model: &str, score: f64, cost: f64, answer: &str) -> Row {
+        Row {
+            source: "mcq".into(),
+            task: None,
+            prompt_id: format!("p{pid}"),
+            prompt: format!("Question {pid}?\nA) one\nB) two\nC) three\nAnswer:"),
+            model: model.into(),
+            score: Some(score),
+            response: Some(answer.into()),
+            cost_usd: Some(cost),
+            prompt_tokens: None,
+            response_tokens: None,
+        }
+    }
+
+    /// Two cheap models that agree on 80% of prompts and are right then; the best model is
+    /// always right and costs 10x both together.
+    fn traffic(free_text: bool) -> Vec<Row> {
+        let mut rows = Vec::new();
+        for i in 0..400 {
+            let agree = i % 5 != 0;
+            let (a, b) = if free_text {
+                ("it is two", "it is two")
+            } else if agree {
+                ("The answer is (B).", "B")
+            } else {
+                ("(A)", "(C)")
+            };
+            let right = if agree { 1.0 } else { 0.0 };
+            rows.push(row(i, "cheap-a", right, 1.0, a));
+            rows.push(row(i, "cheap-b", right, 1.0, b));
+            rows.push(row(i, "weak", 0.0, 0.5, "(C)"));
+            rows.push(row(i, "best", 1.0, 20.0, "B"));
+        }
+        rows
+    }
+
+    #[test]
+    fn picks_the_pair_that_agrees_and_counts_every_call() {
+        let rows = traffic(false);
+        let refs: Vec<&Row> = rows.iter().collect();
+        let r = judge("mcq", &refs, 0.98, 0.97).unwrap();
+        assert_eq!(r.best_model, "best");
+        assert_eq!(
+            r.candidates,
+            ["weak", "cheap-a", "cheap-b"],
+            "cheapest first"
+        );
+        let pick = r.in_sample.pick.clone().unwrap();
+        assert_eq!(pick.models, ["cheap-a", "cheap-b"]);
+        assert_eq!(pick.agree, 2);
+        // Agreed (80%): 2 paid; else 2 + 20. Mean 0.8 * 2 + 0.2 * 22 = 6 against 20.
+        assert!(
+            (r.in_sample.saving - 0.7).abs() < 1e-12,
+            "{}",
+            r.in_sample.saving
+        );
+        assert!((r.in_sample.quality_ratio - 1.0).abs() < 1e-12);
+        assert!(r.halves.iter().all(|h| h.pick.as_ref() == Some(&pick)));
+        assert!(
+            (r.cross_fitted_saving - 0.7).abs() < 0.02,
+            "{}",
+            r.cross_fitted_saving
+        );
+    }
+
+    #[test]
+    fn answers_without_a_final_answer_never_agree() {
+        let rows = traffic(true);
+        let refs: Vec<&Row> = rows.iter().collect();
+        let r = judge("mcq", &refs, 0.98, 0.97).unwrap();
+        assert!(r.in_sample.pick.is_none(), "{:?}", r.in_sample.pick);
+        assert_eq!(r.in_sample.saving, 0.0);
+        assert_eq!(r.cross_fitted_saving, 0.0);
+    }
+
+    #[test]
+    fn a_quality_target_the_pair_misses_keeps_the_best_model() {
+        // The agreed answers are wrong on a tenth of all prompts: quality 0.7 + 0.2 = 0.9.
+        let mut rows = traffic(false);
+        for r in rows.iter_mut() {
+            let pid: usize = r.prompt_id[1..].parse().unwrap();
+            if r.model.starts_with("cheap") && pid % 10 == 1 {
+                r.score = Some(0.0);
+            }
+        }
+        let refs: Vec<&Row> = rows.iter().collect();
+        let r = judge("mcq", &refs, 0.98, 0.97).unwrap();
+        assert!(r.in_sample.pick.is_none(), "{:?}", r.in_sample.pick);
+        let lax = judge("mcq", &refs, 0.85, 0.85).unwrap();
+        assert!(lax.in_sample.pick.is_some());
+    }
+}
