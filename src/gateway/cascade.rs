@@ -143,18 +143,11 @@ impl Front {
         if let Some(c) = &plan.consensus {
             return self.consensus(&plan, c, &body, deadline).await;
         }
-        let max_bytes = plan.d.cfg.gateway.max_body_bytes;
         let (mut at, mut hops, mut spent) = (plan.start.clone(), 0u32, 0.0);
         // The last answer the verifier turned down: shipped if every later tier fails.
         let mut rejected: Option<(String, Value)> = None;
         loop {
-            let up = plan.upstream(&at)?;
-            let sent = chat::with_model(&body, up.model.as_deref().unwrap_or(&at));
-            match self
-                .upstreams
-                .complete(&at, up, sent, deadline, max_bytes)
-                .await
-            {
+            match self.call(&plan, &at, &body, deadline).await? {
                 Ok(reply) => {
                     spent += plan.cost(&at, &reply);
                     // Earlier tiers' answers are not sent as Verify peers: agreement moves a
@@ -187,6 +180,25 @@ impl Front {
         }
     }
 
+    /// One upstream call with the request's body (`model` set to the provider's id), its reply
+    /// read whole. The outer error is the plan's (no upstream for `model`), the inner one the
+    /// upstream's, which the caller may retry at another tier.
+    async fn call(
+        &self,
+        plan: &Plan,
+        model: &str,
+        body: &Value,
+        deadline: Instant,
+    ) -> Result<Result<Value, UpstreamError>, GatewayError> {
+        let up = plan.upstream(model)?;
+        let sent = chat::with_model(body, up.model.as_deref().unwrap_or(model));
+        let max_bytes = plan.d.cfg.gateway.max_body_bytes;
+        Ok(self
+            .upstreams
+            .complete(model, up, sent, deadline, max_bytes)
+            .await)
+    }
+
     /// A consensus policy: the probe models called together (every answer paid for); the
     /// cheapest of those that agree ships (`decide::consensus`), else the most expensive
     /// candidate is called and its answer ships (one escalation). A probe that fails counts as
@@ -198,21 +210,15 @@ impl Front {
         body: &Value,
         deadline: Instant,
     ) -> Result<Shipped, GatewayError> {
-        let max_bytes = plan.d.cfg.gateway.max_body_bytes;
         // Cheapest first, as Route priced the candidates for this prompt.
         let mut probes = c.models.clone();
         let rank = |m: &String| plan.order.iter().position(|o| o == m).unwrap_or(usize::MAX);
         probes.sort_by_key(rank);
-        let mut calls = Vec::with_capacity(probes.len());
-        for m in &probes {
-            let up = plan.upstream(m)?;
-            let sent = chat::with_model(body, up.model.as_deref().unwrap_or(m));
-            calls.push(self.upstreams.complete(m, up, sent, deadline, max_bytes));
-        }
+        let calls = probes.iter().map(|m| self.call(plan, m, body, deadline));
         let mut replies = Vec::with_capacity(probes.len());
         let mut spent = 0.0;
         for (m, r) in probes.iter().zip(futures::future::join_all(calls).await) {
-            match r {
+            match r? {
                 Ok(reply) => {
                     spent += plan.cost(m, &reply);
                     replies.push(Some(reply));
@@ -252,13 +258,7 @@ impl Front {
                 return Ok(ship(plan, top, reply, spent, 0));
             }
         }
-        let up = plan.upstream(&top)?;
-        let sent = chat::with_model(body, up.model.as_deref().unwrap_or(&top));
-        match self
-            .upstreams
-            .complete(&top, up, sent, deadline, max_bytes)
-            .await
-        {
+        match self.call(plan, &top, body, deadline).await? {
             Ok(reply) => {
                 spent += plan.cost(&top, &reply);
                 Ok(ship(plan, top, reply, spent, 1))
