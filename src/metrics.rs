@@ -8,6 +8,7 @@ pub const REQUESTS: &str = "tiergate_requests_total";
 pub const REQUEST_SECONDS: &str = "tiergate_request_duration_seconds";
 pub const HTTP_REQUESTS: &str = "tiergate_http_requests_total";
 pub const HTTP_REQUEST_SECONDS: &str = "tiergate_http_request_duration_seconds";
+pub const GATEWAY_CONSENSUS: &str = "tiergate_gateway_consensus_total";
 pub const QUEUE_DEPTH: &str = "tiergate_queue_depth";
 pub const BATCH_SIZE: &str = "tiergate_batch_size";
 pub const BATCH_TOKENS: &str = "tiergate_batch_tokens";
@@ -78,6 +79,12 @@ fn describe() {
     describe_counter!(
         HTTP_REQUESTS,
         "HTTP front (OpenAI-compatible) requests answered, by route and HTTP status."
+    );
+    describe_counter!(
+        GATEWAY_CONSENSUS,
+        "HTTP front requests under a consensus policy, by outcome: agreed (a probe's answer \
+         shipped), escalated (the top candidate's), fallback (the top failed; a probe's \
+         answer shipped), failed (no answer at all)."
     );
     describe_histogram!(
         HTTP_REQUEST_SECONDS,

@@ -333,6 +333,18 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(vt["model"], FLASH, "{vt}");
     assert_eq!(vt["text"], "(A)");
     assert!(close(header_f64(vt, "x-tiergate-cost-usd"), probes));
+    let m = srv.metrics_text();
+    for (outcome, n) in [("agreed", 1.0), ("escalated", 2.0), ("fallback", 1.0)] {
+        assert_eq!(
+            common::metric_sum(
+                &m,
+                "tiergate_gateway_consensus_total",
+                &[("outcome", outcome)]
+            ),
+            Some(n),
+            "{outcome}: {m}"
+        );
+    }
 
     // A failing tier is retried one up; only the answer that came is paid for.
     let f = &r["failover"];

@@ -233,8 +233,12 @@ impl Front {
             .iter()
             .map(|r| r.as_ref().and_then(chat::answer))
             .collect();
+        let counted = |outcome: &'static str| {
+            metrics::counter!(crate::metrics::GATEWAY_CONSENSUS, "outcome" => outcome).increment(1);
+        };
         if let Some(i) = decide::consensus(&plan.prompt, &texts, c.agree) {
             if let Some(reply) = replies[i].take() {
+                counted("agreed");
                 return Ok(ship(plan, probes[i].clone(), reply, spent, 0));
             }
         }
@@ -245,31 +249,39 @@ impl Front {
                 .find_map(|(r, m)| r.take().map(|r| (m.clone(), r)))
         };
         let Some(top) = plan.order.last().cloned() else {
-            return match fallback(&mut replies) {
-                Some((m, reply)) => Ok(ship(plan, m, reply, spent, 0)),
-                None => Err(GatewayError::UnknownModel(
-                    "no candidate to escalate to".into(),
-                )),
-            };
+            counted("failed");
+            return Err(GatewayError::UnknownModel(
+                "no candidate to escalate to".into(),
+            ));
         };
         // The top candidate may be a probe whose answer is already here.
         if let Some(i) = probes.iter().position(|m| *m == top) {
             if let Some(reply) = replies[i].take() {
+                counted("escalated");
                 return Ok(ship(plan, top, reply, spent, 0));
             }
         }
-        match self.call(plan, &top, body, deadline).await? {
-            Ok(reply) => {
+        match self.call(plan, &top, body, deadline).await {
+            Ok(Ok(reply)) => {
+                counted("escalated");
                 spent += plan.cost(&top, &reply);
                 Ok(ship(plan, top, reply, spent, 1))
             }
-            Err(e) => match fallback(&mut replies) {
+            Ok(Err(e)) => match fallback(&mut replies) {
                 Some((m, reply)) => {
+                    counted("fallback");
                     tracing::warn!(error = %e, shipped = %m, "escalation failed; shipping a probe's answer");
                     Ok(ship(plan, m, reply, spent, 1))
                 }
-                None => Err(e.into()),
+                None => {
+                    counted("failed");
+                    Err(e.into())
+                }
             },
+            Err(e) => {
+                counted("failed");
+                Err(e)
+            }
         }
     }
 
