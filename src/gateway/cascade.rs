@@ -248,11 +248,22 @@ impl Front {
                 .zip(&probes)
                 .find_map(|(r, m)| r.take().map(|r| (m.clone(), r)))
         };
-        let Some(top) = plan.order.last().cloned() else {
-            counted("failed");
-            return Err(GatewayError::UnknownModel(
-                "no candidate to escalate to".into(),
-            ));
+        // With no escalation allowed (gateway.max_escalations = 0) the cheapest answer that
+        // came ships, as a cascade ships its first.
+        let top = plan.order.last().cloned();
+        let Some(top) = top.filter(|_| plan.d.cfg.gateway.max_escalations > 0) else {
+            return match fallback(&mut replies) {
+                Some((m, reply)) => {
+                    counted("fallback");
+                    Ok(ship(plan, m, reply, spent, 0))
+                }
+                None => {
+                    counted("failed");
+                    Err(GatewayError::UnknownModel(
+                        "no candidate to escalate to".into(),
+                    ))
+                }
+            };
         };
         // The top candidate may be a probe whose answer is already here.
         if let Some(i) = probes.iter().position(|m| *m == top) {
