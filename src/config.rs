@@ -907,6 +907,15 @@ impl Config {
                 }
             }
             if let Some(c) = &p.consensus {
+                // A consensus escalates to the most expensive candidate, whatever it costs.
+                if p.max_cost_usd.is_some() {
+                    bail!(
+                        "{} and {} do not go together: a consensus escalates to the most \
+                         expensive candidate",
+                        key("consensus"),
+                        key("max_cost_usd")
+                    );
+                }
                 let n = c.models.len();
                 if !(2..=MAX_CONSENSUS_MODELS).contains(&n) {
                     bail!(
@@ -1100,6 +1109,20 @@ mod tests {
         assert!(consensus(&[a, a], 2).contains("twice"));
         assert!(consensus(&[a, other], 2).contains("not a catalog model with an `upstream`"));
         assert!(consensus(&[a, "nope"], 2).contains("\"nope\""));
+        assert!(with(|c| {
+            c.catalog[0].upstream = Some(up("https://api.example/v1"));
+            c.catalog[1].upstream = Some(up("https://api.example/v1"));
+            let p = GatewayPolicy {
+                max_cost_usd: Some(0.01),
+                consensus: Some(ConsensusConfig {
+                    models: vec![cat[0].model.clone(), cat[1].model.clone()],
+                    agree: 2,
+                }),
+                ..Default::default()
+            };
+            c.gateway.policies.insert("vote".into(), p);
+        })
+        .contains("do not go together"));
         // A front with one callable model is valid.
         let mut c = Config::embedded().unwrap();
         c.gateway.http_listen = "127.0.0.1:0".into();

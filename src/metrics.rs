@@ -82,9 +82,9 @@ fn describe() {
     );
     describe_counter!(
         GATEWAY_CONSENSUS,
-        "HTTP front requests under a consensus policy, by outcome: agreed (a probe's answer \
-         shipped), escalated (the top candidate's), fallback (the top failed; a probe's \
-         answer shipped), failed (no answer at all)."
+        "HTTP front requests under a consensus policy, by outcome: agreed (the probes agreed), \
+         escalated (the top candidate's answer shipped), fallback (no consensus and no answer \
+         from the top, failed or not called: a probe's answer shipped), failed (no answer)."
     );
     describe_histogram!(
         HTTP_REQUEST_SECONDS,

@@ -188,6 +188,12 @@ async fn the_openai_client_gets_the_cascade() {
                 "fail": {"stub-opus": 503}}),
         ),
         case(
+            "vote_refused",
+            "auto:vote",
+            MCQ,
+            json!({"fail": {"stub-flash": 400, "stub-sonnet": 400}}),
+        ),
+        case(
             "failover",
             "auto:fast",
             EASY,
@@ -333,8 +339,17 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(vt["model"], FLASH, "{vt}");
     assert_eq!(vt["text"], "(A)");
     assert!(close(header_f64(vt, "x-tiergate-cost-usd"), probes));
+    // Both probes refuse the request itself (400): the upstream's error, the top not called.
+    let vr = &r["vote_refused"];
+    assert_eq!(vr["status"], 400, "{vr}");
+    assert_eq!(sorted("vote_refused"), ["stub-flash", "stub-sonnet"]);
     let m = srv.metrics_text();
-    for (outcome, n) in [("agreed", 1.0), ("escalated", 2.0), ("fallback", 1.0)] {
+    for (outcome, n) in [
+        ("agreed", 1.0),
+        ("escalated", 2.0),
+        ("fallback", 1.0),
+        ("failed", 1.0),
+    ] {
         assert_eq!(
             common::metric_sum(
                 &m,

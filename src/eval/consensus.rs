@@ -126,25 +126,25 @@ fn outcome(ps: &[&Prompt], s: Option<&ProbeSet>, best: &str) -> Outcome {
 }
 
 /// The probe set with the largest saving keeping `target` of the best model's quality on `ps`
-/// (ties: the higher quality, then the earlier set); `None` when none does better than the
-/// best model alone.
+/// (ties: the higher quality, then the later set, as protocol.py's pick); `None` when none
+/// beats the best model alone, or there is nothing to judge on.
 fn pick<'a>(ps: &[&Prompt], sets: &'a [ProbeSet], best: &str, target: f64) -> Option<&'a ProbeSet> {
     let (bc, bq) = point(ps, None, best);
-    let mut chosen: Option<(f64, f64, &ProbeSet)> = None;
+    if ps.is_empty() || bc <= 0.0 || bq <= 0.0 {
+        return None;
+    }
+    // Always calling the best model: saving 0, quality 1, the candidate to beat.
+    let (mut sv, mut rv, mut chosen) = (0.0, 1.0, None);
     for s in sets {
         let (c, q) = point(ps, Some(s), best);
-        let (saving, ratio) = (
-            1.0 - c / bc.max(f64::MIN_POSITIVE),
-            q / bq.max(f64::MIN_POSITIVE),
-        );
-        if q >= target * bq
-            && saving > 0.0
-            && chosen.is_none_or(|(sv, r, _)| saving > sv || (saving == sv && ratio > r))
-        {
-            chosen = Some((saving, ratio, s));
+        let (saving, ratio) = (1.0 - c / bc, q / bq);
+        let beats =
+            saving > sv || (saving == sv && (ratio > rv || (ratio == rv && chosen.is_some())));
+        if q >= target * bq && beats {
+            (sv, rv, chosen) = (saving, ratio, Some(s));
         }
     }
-    chosen.map(|(_, _, s)| s)
+    chosen
 }
 
 /// The probe sets of `scripts/protocol.py`'s `consensus_sets`, cheapest model first in each.
@@ -208,7 +208,8 @@ pub fn judge(source: &str, rows: &[&Row], target: f64, hold: f64) -> Option<Sour
         .iter()
         .filter(|m| m.0 != best.0 && m.1 < 0.5 * best.1)
         .collect();
-    cands.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(b.0)));
+    // Ties by name, descending, as protocol.py's sort.
+    cands.sort_by(|a, b| b.2.total_cmp(&a.2).then(b.0.cmp(a.0)));
     cands.truncate(CANDIDATES);
     // Cheapest first, as the gateway asks them.
     cands.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(b.0)));

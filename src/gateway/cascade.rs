@@ -201,8 +201,10 @@ impl Front {
 
     /// A consensus policy: the probe models called together (every answer paid for); the
     /// cheapest of those that agree ships (`decide::consensus`), else the most expensive
-    /// candidate is called and its answer ships (one escalation). A probe that fails counts as
-    /// no answer; when the last call fails too, the cheapest probe answer that came ships.
+    /// candidate is called and its answer ships (one escalation; none when it was a probe). A
+    /// probe that fails counts as no answer; when the last call fails too, or escalation is
+    /// off, the cheapest probe answer that came ships; with no answer at all, an upstream's
+    /// error goes back (the request's own fault first, without calling the top).
     async fn consensus(
         &self,
         plan: &Plan,
@@ -216,6 +218,7 @@ impl Front {
         probes.sort_by_key(rank);
         let calls = probes.iter().map(|m| self.call(plan, m, body, deadline));
         let mut replies = Vec::with_capacity(probes.len());
+        let mut errors: Vec<UpstreamError> = Vec::new();
         let mut spent = 0.0;
         for (m, r) in probes.iter().zip(futures::future::join_all(calls).await) {
             match r? {
@@ -226,72 +229,81 @@ impl Front {
                 Err(e) => {
                     tracing::warn!(error = %e, model = %m, "consensus probe failed");
                     replies.push(None);
+                    errors.push(e);
                 }
+            }
+        }
+        let counted = |outcome: &'static str| {
+            metrics::counter!(crate::metrics::GATEWAY_CONSENSUS, "outcome" => outcome).increment(1);
+        };
+        // No answer, and an upstream refused the request itself (a 4xx other than 429): every
+        // tier would; its error goes back as the upstream wrote it, as in the cascade.
+        if replies.iter().all(Option::is_none) {
+            if let Some(k) = errors.iter().position(|e| !e.retryable()) {
+                counted("failed");
+                return Err(errors.swap_remove(k).into());
             }
         }
         let texts: Vec<Option<&str>> = replies
             .iter()
             .map(|r| r.as_ref().and_then(chat::answer))
             .collect();
-        let counted = |outcome: &'static str| {
-            metrics::counter!(crate::metrics::GATEWAY_CONSENSUS, "outcome" => outcome).increment(1);
-        };
         if let Some(i) = decide::consensus(&plan.prompt, &texts, c.agree) {
             if let Some(reply) = replies[i].take() {
                 counted("agreed");
                 return Ok(ship(plan, probes[i].clone(), reply, spent, 0));
             }
         }
-        let fallback = |replies: &mut Vec<Option<Value>>| {
-            replies
-                .iter_mut()
-                .zip(&probes)
-                .find_map(|(r, m)| r.take().map(|r| (m.clone(), r)))
-        };
-        // With no escalation allowed (gateway.max_escalations = 0) the cheapest answer that
-        // came ships, as a cascade ships its first.
-        let top = plan.order.last().cloned();
-        let Some(top) = top.filter(|_| plan.d.cfg.gateway.max_escalations > 0) else {
-            return match fallback(&mut replies) {
-                Some((m, reply)) => {
-                    counted("fallback");
-                    Ok(ship(plan, m, reply, spent, 0))
+        // No consensus: the most expensive candidate answers, unless escalation is off
+        // (gateway.max_escalations = 0) or it was a probe, called already.
+        let top = (plan.d.cfg.gateway.max_escalations > 0)
+            .then(|| plan.order.last().cloned())
+            .flatten();
+        let mut hops = 0;
+        if let Some(top) = top {
+            match probes.iter().position(|m| *m == top) {
+                Some(i) => {
+                    if let Some(reply) = replies[i].take() {
+                        counted("escalated");
+                        return Ok(ship(plan, top, reply, spent, 0));
+                    }
                 }
                 None => {
-                    counted("failed");
-                    Err(GatewayError::UnknownModel(
-                        "no candidate to escalate to".into(),
-                    ))
+                    hops = 1;
+                    match self.call(plan, &top, body, deadline).await {
+                        Ok(Ok(reply)) => {
+                            counted("escalated");
+                            spent += plan.cost(&top, &reply);
+                            return Ok(ship(plan, top, reply, spent, 1));
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, model = %top, "consensus escalation failed");
+                            errors.push(e);
+                        }
+                        Err(e) => {
+                            counted("failed");
+                            return Err(e);
+                        }
+                    }
                 }
-            };
-        };
-        // The top candidate may be a probe whose answer is already here.
-        if let Some(i) = probes.iter().position(|m| *m == top) {
-            if let Some(reply) = replies[i].take() {
-                counted("escalated");
-                return Ok(ship(plan, top, reply, spent, 0));
             }
         }
-        match self.call(plan, &top, body, deadline).await {
-            Ok(Ok(reply)) => {
-                counted("escalated");
-                spent += plan.cost(&top, &reply);
-                Ok(ship(plan, top, reply, spent, 1))
+        // The cheapest probe answer that came, else the last upstream error.
+        match replies
+            .iter_mut()
+            .zip(&probes)
+            .find_map(|(r, m)| r.take().map(|r| (m.clone(), r)))
+        {
+            Some((m, reply)) => {
+                counted("fallback");
+                Ok(ship(plan, m, reply, spent, hops))
             }
-            Ok(Err(e)) => match fallback(&mut replies) {
-                Some((m, reply)) => {
-                    counted("fallback");
-                    tracing::warn!(error = %e, shipped = %m, "escalation failed; shipping a probe's answer");
-                    Ok(ship(plan, m, reply, spent, 1))
-                }
-                None => {
-                    counted("failed");
-                    Err(e.into())
-                }
-            },
-            Err(e) => {
+            None => {
                 counted("failed");
-                Err(e)
+                Err(match errors.pop() {
+                    Some(e) => e.into(),
+                    None => GatewayError::UnknownModel("no candidate to escalate to".into()),
+                })
             }
         }
     }
