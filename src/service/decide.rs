@@ -53,7 +53,8 @@ pub fn peer_agreement(own: Option<&str>, peers: &[Option<String>]) -> (u32, u32)
 /// Verify's rule with peers: ship when p_pass reaches the threshold, or, when the request
 /// gives a lower bar for answers a peer agrees with, when a peer agrees and p_pass reaches
 /// that bar. Off unless asked: on dev's cascades agreement did not pay under the
-/// cross-fitted protocol (models/EVAL.md, "Peer answers").
+/// cross-fitted protocol (models/EVAL.md, "Peer answers"); as a policy of its own, cheap
+/// answers bought together and shipped when they agree, it does ([`consensus`]).
 pub fn ships_with_peers(
     p_pass: f64,
     threshold: f64,
