@@ -285,8 +285,8 @@ pub struct GatewayPolicy {
     pub max_cost_usd: Option<f64>,
     #[serde(default)]
     pub verify: Option<VerifyMode>,
-    /// Ask cheap models together first and ship what they agree on (chat completions without
-    /// streaming; a stream or ext_proc routes as the policy's other fields say).
+    /// Ask cheap models together first and ship what they agree on (chat completions; a stream
+    /// gets the shipped answer as events once decided; ext_proc routes as the other fields say).
     #[serde(default)]
     pub consensus: Option<ConsensusConfig>,
 }

@@ -187,6 +187,16 @@ async fn the_openai_client_gets_the_cascade() {
             json!({"answer": {"stub-flash": "(A)", "stub-sonnet": "(B)"},
                 "fail": {"stub-opus": 503}}),
         ),
+        {
+            let mut c = case(
+                "vote_stream",
+                "auto:vote",
+                MCQ,
+                json!({"answer": {"stub-flash": "The answer is (B).", "stub-sonnet": "B"}}),
+            );
+            c["stream"] = json!(true);
+            c
+        },
         case(
             "vote_refused",
             "auto:vote",
@@ -339,13 +349,26 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(vt["model"], FLASH, "{vt}");
     assert_eq!(vt["text"], "(A)");
     assert!(close(header_f64(vt, "x-tiergate-cost-usd"), probes));
+    // A stream asked of a consensus: the probes are asked for whole answers, and the one that
+    // ships comes back as server-sent events (one content chunk, one finishing).
+    let vs = &r["vote_stream"];
+    assert_eq!(vs["headers"]["x-tiergate-model"], FLASH, "{vs}");
+    assert_eq!(vs["text"], "The answer is (B).");
+    assert_eq!(vs["chunks"], 2);
+    let calls = stub.calls("vote_stream");
+    assert_eq!(calls.len(), 2);
+    assert!(
+        calls.iter().all(|c| c.body.get("stream").is_none()),
+        "probes not streamed"
+    );
+
     // Both probes refuse the request itself (400): the upstream's error, the top not called.
     let vr = &r["vote_refused"];
     assert_eq!(vr["status"], 400, "{vr}");
     assert_eq!(sorted("vote_refused"), ["stub-flash", "stub-sonnet"]);
     let m = srv.metrics_text();
     for (outcome, n) in [
-        ("agreed", 1.0),
+        ("agreed", 2.0),
         ("escalated", 2.0),
         ("fallback", 1.0),
         ("failed", 1.0),

@@ -2,7 +2,8 @@
 //! upstream, call the chosen one, Verify its answer when the policy asks, and escalate to the
 //! next model up (after a rejected answer or a failed upstream), at most
 //! `gateway.max_escalations` times, all before the request's deadline. A named policy with a
-//! `consensus` asks its cheap models together instead and ships what they agree on.
+//! `consensus` asks its cheap models together instead and ships what they agree on (a stream
+//! asked of it gets the shipped answer as server-sent events).
 #![forbid(unsafe_code)]
 use std::sync::Arc;
 use std::time::Instant;
@@ -129,6 +130,21 @@ impl Front {
                     d,
                 })
             }
+        }
+    }
+
+    /// Whether `ask` names a policy with a consensus (which reads whole answers, so a stream
+    /// asked of it is answered from the shipped one: `chat::as_sse`).
+    pub fn is_consensus(&self, ask: &Ask) -> bool {
+        let d = self.svc.decider();
+        match ask {
+            Ask::Auto(Some(name)) => d
+                .cfg
+                .gateway
+                .policies
+                .get(name)
+                .is_some_and(|p| p.consensus.is_some()),
+            _ => false,
         }
     }
 

@@ -73,6 +73,57 @@ pub fn is_stream(body: &Value) -> bool {
     body.get("stream").and_then(Value::as_bool).unwrap_or(false)
 }
 
+/// The body without streaming (`stream`, `stream_options` removed): a consensus reads whole
+/// answers before anything is sent, then streams the one that ships ([`as_sse`]).
+pub fn without_stream(body: &Value) -> Value {
+    let mut b = body.clone();
+    if let Some(o) = b.as_object_mut() {
+        o.remove("stream");
+        o.remove("stream_options");
+    }
+    b
+}
+
+/// A whole chat completion as the server-sent events a streaming client expects: one chunk
+/// with the answer, one with the finish reason and `usage`, then `[DONE]`.
+pub fn as_sse(reply: &Value) -> Vec<u8> {
+    let get = |k: &str| reply.get(k).cloned().unwrap_or(Value::Null);
+    let chunk = |choice: Value, usage: Option<Value>| {
+        let mut c = serde_json::json!({
+            "id": get("id"), "object": "chat.completion.chunk", "created": get("created"),
+            "model": get("model"), "choices": [choice],
+        });
+        if let (Some(u), Some(o)) = (usage, c.as_object_mut()) {
+            o.insert("usage".into(), u);
+        }
+        c
+    };
+    let content = answer(reply).map_or(Value::Null, |a| Value::String(a.into()));
+    let finish = reply
+        .pointer("/choices/0/finish_reason")
+        .cloned()
+        .filter(|f| !f.is_null())
+        .unwrap_or_else(|| Value::String("stop".into()));
+    let first = chunk(
+        serde_json::json!({"index": 0, "delta": {"role": "assistant", "content": content},
+            "finish_reason": null}),
+        None,
+    );
+    let last = chunk(
+        serde_json::json!({"index": 0, "delta": {}, "finish_reason": finish}),
+        reply.get("usage").cloned(),
+    );
+    let mut out = Vec::new();
+    for c in [first, last] {
+        out.extend_from_slice(b"data: ");
+        // Serialising a Value cannot fail (its keys are strings).
+        out.extend(serde_json::to_vec(&c).unwrap_or_default());
+        out.extend_from_slice(b"\n\n");
+    }
+    out.extend_from_slice(b"data: [DONE]\n\n");
+    out
+}
+
 /// The body to send with `model` replaced.
 pub fn with_model(body: &Value, model: &str) -> Vec<u8> {
     let mut b = body.clone();
@@ -127,6 +178,32 @@ pub fn finish(mut reply: Value, model: &str, total_cost: f64) -> Value {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_whole_reply_streams_as_two_chunks_and_done() {
+        let reply = json!({"id": "c1", "created": 7, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "B"},
+                "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "cost": 0.5}});
+        let sse = String::from_utf8(as_sse(&reply)).unwrap();
+        let events: Vec<&str> = sse
+            .split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| e.strip_prefix("data: ").unwrap())
+            .collect();
+        assert_eq!(events.len(), 3, "{sse}");
+        assert_eq!(events[2], "[DONE]");
+        let a: Value = serde_json::from_str(events[0]).unwrap();
+        let b: Value = serde_json::from_str(events[1]).unwrap();
+        assert_eq!(a["object"], "chat.completion.chunk");
+        assert_eq!(a["id"], "c1");
+        assert_eq!(a["choices"][0]["delta"]["content"], "B");
+        assert!(a["choices"][0]["finish_reason"].is_null());
+        assert_eq!(b["choices"][0]["finish_reason"], "stop");
+        assert_eq!(b["usage"]["cost"], 0.5);
+        let body = json!({"model": "x", "stream": true, "stream_options": {"include_usage": true}});
+        assert_eq!(without_stream(&body), json!({"model": "x"}));
+    }
 
     #[test]
     fn model_names_what_to_do() {

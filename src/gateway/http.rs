@@ -175,7 +175,8 @@ async fn answer(
     let deadline = deadline(headers, Duration::from_secs(g.timeout_s));
     let (body, model) = chat::parse(body)?;
     let ask = chat::ask(&model, &g.auto_model);
-    if chat::is_stream(&body) {
+    let streamed = chat::is_stream(&body);
+    if streamed && !front.is_consensus(&ask) {
         let s = front.stream(body, ask, deadline).await?;
         let mut out = HeaderMap::new();
         if let Some(ct) = s.resp.headers().get(header::CONTENT_TYPE) {
@@ -201,17 +202,27 @@ async fn answer(
         let stream = Body::from_stream(s.resp.bytes_stream());
         return Ok(((StatusCode::OK, out, stream).into_response(), answered));
     }
+    // A consensus asked to stream reads whole answers, then streams the one that ships.
+    let body = if streamed {
+        chat::without_stream(&body)
+    } else {
+        body
+    };
     let s = front.complete(body, ask, deadline).await?;
     let answered = Answered {
         model: s.model.clone(),
         escalations: s.escalations,
         cost_usd: s.cost_usd,
-        stream: false,
+        stream: streamed,
     };
     let mut out = HeaderMap::new();
     out.insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
+        HeaderValue::from_static(if streamed {
+            "text/event-stream"
+        } else {
+            "application/json"
+        }),
     );
     set(&mut out, "x-tiergate-model", s.model);
     set(&mut out, "x-tiergate-cost-usd", s.cost_usd.to_string());
@@ -221,7 +232,11 @@ async fn answer(
         "x-tiergate-escalations",
         s.escalations.to_string(),
     );
-    let bytes = serde_json::to_vec(&s.reply).unwrap_or_default();
+    let bytes = if streamed {
+        chat::as_sse(&s.reply)
+    } else {
+        serde_json::to_vec(&s.reply).unwrap_or_default()
+    };
     Ok(((StatusCode::OK, out, bytes).into_response(), answered))
 }
 
