@@ -9,19 +9,19 @@
 //! of the prompts, measured on the other, both ways), the one to trust: picks on a few hundred
 //! prompts flatter themselves. No encoder, no heads: it reads costs, scores and answers.
 #![forbid(unsafe_code)]
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use serde::Serialize;
 
 use super::data::{read_rows, Row};
+use super::replay::{model_stats, MIN_COVERAGE};
 use super::util::hash_str;
 use crate::config::MAX_CONSENSUS_MODELS;
+use crate::model::answer::final_answer;
 use crate::service::decide;
 
-/// Share of a source's prompts a model must answer to be a candidate or the best model.
-const COVERAGE: f64 = 0.95;
 /// Candidates probe sets are drawn from, the best-scoring first.
 const CANDIDATES: usize = 6;
 
@@ -73,9 +73,9 @@ pub struct SourceReport {
     pub cross_fitted_saving: f64,
 }
 
-/// One prompt's rows of the models that matter: (score, cost, response) by model.
+/// One prompt's rows: (score, cost, final answer) by model, the final answer read once
+/// (`model::answer::final_answer`) for every probe set judged on it.
 struct Prompt {
-    text: String,
     half: usize,
     rows: HashMap<String, (f64, f64, Option<String>)>,
 }
@@ -87,9 +87,8 @@ impl Prompt {
         let got: Vec<Option<&(f64, f64, Option<String>)>> =
             s.models.iter().map(|m| self.rows.get(m)).collect();
         let cost: f64 = got.iter().flatten().map(|r| r.1).sum();
-        let answers: Vec<Option<&str>> =
-            got.iter().map(|r| r.and_then(|r| r.2.as_deref())).collect();
-        Some(match decide::consensus(&self.text, &answers, s.agree) {
+        let keys: Vec<Option<&str>> = got.iter().map(|r| r.and_then(|r| r.2.as_deref())).collect();
+        Some(match decide::consensus_of(&keys, s.agree) {
             Some(i) => (cost, got[i].map_or(0.0, |r| r.0)),
             None => (cost + b_cost, *b_score),
         })
@@ -176,29 +175,28 @@ fn probe_sets(cands: &[String]) -> Vec<ProbeSet> {
 /// The report for one source's rows.
 pub fn judge(source: &str, rows: &[&Row], target: f64, hold: f64) -> Option<SourceReport> {
     let mut prompts: BTreeMap<&str, Prompt> = BTreeMap::new();
-    let mut per_model: BTreeMap<&str, (f64, f64, BTreeSet<&str>)> = BTreeMap::new();
     for r in rows {
         let (Some(score), Some(cost)) = (r.score, r.cost_usd) else {
             continue;
         };
         let p = prompts.entry(&r.prompt_id).or_insert_with(|| Prompt {
-            text: r.prompt.clone(),
             half: (hash_str(0x6861_6c66, &r.prompt_id) & 1) as usize,
             rows: HashMap::new(),
         });
-        p.rows
-            .insert(r.model.clone(), (score, cost, r.response.clone()));
-        let e = per_model.entry(&r.model).or_default();
-        e.0 += cost;
-        e.1 += score;
-        e.2.insert(&r.prompt_id);
+        let key = r
+            .response
+            .as_deref()
+            .and_then(|a| final_answer(&r.prompt, a));
+        p.rows.insert(r.model.clone(), (score, cost, key));
     }
     let n = prompts.len();
-    // (model, mean cost, mean score) of the models that answer nearly every prompt.
-    let covered: Vec<(&str, f64, f64)> = per_model
+    // (model, mean cost, mean score) of the models that answer nearly every prompt (one row
+    // per prompt and model, as the data schema has them).
+    let stats = model_stats(rows.iter().copied());
+    let covered: Vec<(&str, f64, f64)> = stats
         .iter()
-        .filter(|(_, (_, _, ps))| ps.len() as f64 >= COVERAGE * n as f64)
-        .map(|(m, (c, s, ps))| (*m, c / ps.len() as f64, s / ps.len() as f64))
+        .filter(|(_, (_, _, k))| *k as f64 >= MIN_COVERAGE * n as f64)
+        .map(|(m, (c, s, k))| (m.as_str(), c / *k as f64, s / *k as f64))
         .collect();
     // The best model: the highest mean score, the cheaper on ties.
     let best = covered

@@ -59,7 +59,7 @@ pub struct EvalArgs {
 
 /// Share of a source's prompts a model must have rows for to be a tier candidate (MMLU-Pro's
 /// gemini models miss a handful of questions and are still the realistic choices).
-const MIN_COVERAGE: f64 = 0.95;
+pub(super) const MIN_COVERAGE: f64 = 0.95;
 /// Models priced strictly between the cheap and the strong one that join the tier.
 const MAX_MIDS: usize = 2;
 /// Fraction of the best tier model's quality the cost-reduction figure asks for.
@@ -374,7 +374,9 @@ fn limit_per_source(rows: Vec<Row>, max: usize, seed: u64) -> Vec<Row> {
         .collect()
 }
 
-fn model_stats<'a>(rows: impl Iterator<Item = &'a Row>) -> BTreeMap<String, (f64, f64, usize)> {
+pub(super) fn model_stats<'a>(
+    rows: impl Iterator<Item = &'a Row>,
+) -> BTreeMap<String, (f64, f64, usize)> {
     let mut m: BTreeMap<String, (f64, f64, usize)> = BTreeMap::new();
     for r in rows {
         if let (Some(s), Some(c)) = (r.score, r.cost_usd) {

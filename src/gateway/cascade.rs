@@ -137,15 +137,8 @@ impl Front {
     /// asked of it is answered from the shipped one: `chat::as_sse`).
     pub fn is_consensus(&self, ask: &Ask) -> bool {
         let d = self.svc.decider();
-        match ask {
-            Ask::Auto(Some(name)) => d
-                .cfg
-                .gateway
-                .policies
-                .get(name)
-                .is_some_and(|p| p.consensus.is_some()),
-            _ => false,
-        }
+        matches!(ask, Ask::Auto(name)
+            if policy(&d.cfg.gateway, name.as_deref()).is_ok_and(|(_, _, c)| c.is_some()))
     }
 
     /// Route, call, verify, escalate; the answer that ships and what the request cost.

@@ -74,13 +74,20 @@ pub fn consensus(prompt: &str, answers: &[Option<&str>], agree: usize) -> Option
         .iter()
         .map(|a| a.and_then(|a| crate::model::answer::final_answer(prompt, a)))
         .collect();
+    let keys: Vec<Option<&str>> = keys.iter().map(Option::as_deref).collect();
+    consensus_of(&keys, agree)
+}
+
+/// [`consensus`] on final answers already read, for callers that judge the same answers
+/// many times (`tiergate consensus`).
+pub fn consensus_of(keys: &[Option<&str>], agree: usize) -> Option<usize> {
     let mut best: Option<(usize, usize)> = None; // (votes, first member)
     for (i, k) in keys.iter().enumerate() {
         let Some(k) = k else { continue };
-        if keys[..i].iter().any(|e| e.as_ref() == Some(k)) {
+        if keys[..i].iter().any(|e| e == &Some(*k)) {
             continue; // this group was counted at its first member
         }
-        let votes = keys[i..].iter().filter(|e| e.as_ref() == Some(k)).count();
+        let votes = keys[i..].iter().filter(|e| *e == &Some(*k)).count();
         if votes >= agree.max(1) && best.is_none_or(|(v, _)| votes > v) {
             best = Some((votes, i));
         }
