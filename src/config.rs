@@ -1088,11 +1088,12 @@ mod tests {
             c.gateway.policies.insert("cheap".into(), p);
         })
         .contains("gateway.policies.cheap.relative_floor"));
-        let consensus = |models: &[&str], agree| {
+        let consensus = |models: &[&str], agree, max_cost_usd| {
             with(|c| {
                 c.catalog[0].upstream = Some(up("https://api.example/v1"));
                 c.catalog[1].upstream = Some(up("https://api.example/v1"));
                 let p = GatewayPolicy {
+                    max_cost_usd,
                     consensus: Some(ConsensusConfig {
                         models: models.iter().map(|m| m.to_string()).collect(),
                         agree,
@@ -1104,25 +1105,12 @@ mod tests {
         };
         let cat = Config::embedded().unwrap().catalog;
         let (a, b, other) = (&cat[0].model, &cat[1].model, &cat[2].model);
-        assert!(consensus(&[a], 2).contains("lists 1 models"));
-        assert!(consensus(&[a, b], 3).contains("consensus.agree = 3"));
-        assert!(consensus(&[a, a], 2).contains("twice"));
-        assert!(consensus(&[a, other], 2).contains("not a catalog model with an `upstream`"));
-        assert!(consensus(&[a, "nope"], 2).contains("\"nope\""));
-        assert!(with(|c| {
-            c.catalog[0].upstream = Some(up("https://api.example/v1"));
-            c.catalog[1].upstream = Some(up("https://api.example/v1"));
-            let p = GatewayPolicy {
-                max_cost_usd: Some(0.01),
-                consensus: Some(ConsensusConfig {
-                    models: vec![cat[0].model.clone(), cat[1].model.clone()],
-                    agree: 2,
-                }),
-                ..Default::default()
-            };
-            c.gateway.policies.insert("vote".into(), p);
-        })
-        .contains("do not go together"));
+        assert!(consensus(&[a], 2, None).contains("lists 1 models"));
+        assert!(consensus(&[a, b], 3, None).contains("consensus.agree = 3"));
+        assert!(consensus(&[a, a], 2, None).contains("twice"));
+        assert!(consensus(&[a, other], 2, None).contains("not a catalog model with an `upstream`"));
+        assert!(consensus(&[a, "nope"], 2, None).contains("\"nope\""));
+        assert!(consensus(&[a, b], 2, Some(0.01)).contains("do not go together"));
         // A front with one callable model is valid.
         let mut c = Config::embedded().unwrap();
         c.gateway.http_listen = "127.0.0.1:0".into();
