@@ -32,9 +32,9 @@ Per source S (rows: one per prompt x model):
   probe+peers: the two cheapest tiers' answers bought up front, each the other's peer, then the
   cascade. consensus (the gateway's `consensus` policy, `decide::consensus`): a probe set of
   2 or 3 cheap models called together; the cheapest answer of the largest group of at least
-  `need` that commit to the same final answer ships, else the best tier is called too. Its "threshold" is the probe set and
-  `need`, picked like any threshold among the pairs and triples of up to six models from the
-  calibration rows (consensus_sets: covering >= 95% of the calibration prompts, mean cost under
+  `need` that commit to the same final answer ships, else the best tier is called too. Its
+  "threshold" is the probe set and `need`, picked like any threshold among the pairs and
+  triples of up to six models from the calibration rows (consensus_sets: covering >= 95% of the calibration prompts, mean cost under
   half the best tier's, the best-scoring six). picked: what an operator does with labelled
   traffic, the policy and its threshold picked together among cascade, consensus, route and
   route+cascade. Every call is paid for in the cost.
@@ -179,14 +179,19 @@ def score_rows(src, cal, uncal, a):
 
 # ---------------------------------------------------------------- tiers
 
-def choose_tiers(cal):
-    prompts = {r["prompt_id"] for r in cal}
+def model_stats(cal):
+    """Per model of the calibration rows: mean cost, mean score and prompts answered."""
     acc = defaultdict(lambda: [0.0, 0.0, set()])
     for r in cal:
         e = acc[r["model"]]
         e[0] += r["cost_usd"]; e[1] += r["score"]; e[2].add(r["prompt_id"])
-    stats = {m: {"model": m, "cost": c / len(ps), "quality": s / len(ps), "prompts": len(ps)}
-             for m, (c, s, ps) in acc.items()}
+    return {m: {"model": m, "cost": c / len(ps), "quality": s / len(ps), "prompts": len(ps)}
+            for m, (c, s, ps) in acc.items()}
+
+
+def choose_tiers(cal):
+    prompts = {r["prompt_id"] for r in cal}
+    stats = model_stats(cal)
     cands = [st for st in stats.values() if st["prompts"] >= COVERAGE * len(prompts)]
     cands.sort(key=lambda st: (st["cost"], -st["quality"], st["model"]))
     front = []
@@ -440,17 +445,13 @@ def consensus_sets(cal, tier):
     cheaper than half the best tier's mean cost, covering >= COVERAGE of the calibration
     prompts, the best-scoring first; every pair (both must agree) and every triple (all three,
     or two of three)."""
-    prompts = {r["prompt_id"] for r in cal}
-    acc = defaultdict(lambda: [0.0, 0.0, set()])
-    for r in cal:
-        e = acc[r["model"]]
-        e[0] += r["cost_usd"]; e[1] += r["score"]; e[2].add(r["prompt_id"])
-    best = tier[-1]
-    cands = sorted(((s / len(ps), m) for m, (c, s, ps) in acc.items()
-                    if len(ps) >= COVERAGE * len(prompts) and c / len(ps) < 0.5 * best["cost"]
+    n = len({r["prompt_id"] for r in cal})
+    stats, best = model_stats(cal), tier[-1]
+    cands = sorted(((st["quality"], m) for m, st in stats.items()
+                    if st["prompts"] >= COVERAGE * n and st["cost"] < 0.5 * best["cost"]
                     and m != best["model"]), reverse=True)[:CONSENSUS_MODELS]
     # Cheapest first, as the gateway asks them: the cheapest agreeing answer ships.
-    ms = sorted((m for _, m in cands), key=lambda m: (acc[m][0] / len(acc[m][2]), m))
+    ms = sorted((m for _, m in cands), key=lambda m: (stats[m]["cost"], m))
     sets = [((a, b), 2) for a, b in combinations(ms, 2)]
     sets += [(t, need) for t in combinations(ms, 3) for need in (3, 2)]
     return sets
@@ -545,7 +546,7 @@ def run_source(src, rows, a):
                          "B": count(lambda x: x["half"] == "B")},
         "tiers": tier,
         "front": [f["model"] for f in front],
-        "consensus_candidates": sorted({m for ms, _ in csets for m in ms}),
+        "consensus_candidates": sorted(cmodels),
         "score_run": info,
         "score_quality": quality_block(qrows, tier_models),
         "single_models": {m: {"cost": mean([x["cost"][j] for x in prompts]),
