@@ -242,11 +242,9 @@ pub fn run(a: ConsensusArgs) -> Result<()> {
     if !(share(a.target) && share(a.hold)) {
         bail!("--target and --hold are shares of the best model's quality, in (0, 1.5]");
     }
+    // read_rows refuses scores outside [0, 1]; costs are checked here.
     let rows = read_rows(&a.data)?;
     for (i, r) in rows.iter().enumerate() {
-        if r.score.is_some_and(|s| !(0.0..=1.0).contains(&s)) {
-            bail!("{} row {}: score outside [0, 1]", a.data.display(), i + 1);
-        }
         if r.cost_usd.is_some_and(|c| !c.is_finite() || c < 0.0) {
             bail!(
                 "{} row {}: cost_usd must be finite and >= 0",
