@@ -76,6 +76,15 @@ fn config(stub: &Stub, http: &str) -> Config {
         ..Default::default()
     };
     c.gateway.policies.insert("vote".into(), vote);
+    // Two of three, the top among them.
+    let vote3 = GatewayPolicy {
+        consensus: Some(ConsensusConfig {
+            models: vec![OPUS.into(), SONNET.into(), FLASH.into()],
+            agree: 2,
+        }),
+        ..Default::default()
+    };
+    c.gateway.policies.insert("vote3".into(), vote3);
     c
 }
 
@@ -178,7 +187,22 @@ async fn the_openai_client_gets_the_cascade() {
             "vote_probe_fails",
             "auto:vote",
             MCQ,
-            json!({"answer": {"stub-sonnet": "B"}, "fail": {"stub-flash": 503}}),
+            json!({"answer": {"stub-sonnet": "B"}, "fail": {"stub-flash": 503},
+                "delay_ms": {"stub-sonnet": 3000}}),
+        ),
+        case(
+            "vote_early",
+            "auto:vote3",
+            MCQ,
+            json!({"answer": {"stub-flash": "(B)", "stub-sonnet": "The answer is (B)."},
+                "delay_ms": {"stub-opus": 3000}}),
+        ),
+        case(
+            "vote_top_probe",
+            "auto:vote3",
+            MCQ,
+            json!({"answer": {"stub-opus": "(C)"}, "fail": {"stub-flash": 503, "stub-sonnet": 503},
+                "delay_ms": {"stub-opus": 300}}),
         ),
         case(
             "vote_top_fails",
@@ -337,13 +361,27 @@ async fn the_openai_client_gets_the_cascade() {
         header_f64(vd, "x-tiergate-cost-usd"),
         probes + cost(OPUS, &cfg)
     ));
-    // A failed probe is no vote (and not paid for): one answer cannot agree, so the top answers.
+    // A failed probe is no vote (and not paid for): the other's answer cannot reach two votes,
+    // so the top is called at once, the slow probe cancelled and not counted.
     let vp = &r["vote_probe_fails"];
     assert_eq!(vp["model"], OPUS, "{vp}");
     assert!(close(
         header_f64(vp, "x-tiergate-cost-usd"),
-        cost(SONNET, &cfg) + cost(OPUS, &cfg)
+        cost(OPUS, &cfg)
     ));
+    // Two of three agree while the third is out: it ships without waiting for (or paying) it.
+    let ve = &r["vote_early"];
+    assert_eq!(ve["model"], FLASH, "{ve}");
+    assert_eq!(ve["headers"]["x-tiergate-escalations"], "0");
+    assert!(close(
+        header_f64(ve, "x-tiergate-cost-usd"),
+        cost(FLASH, &cfg) + cost(SONNET, &cfg)
+    ));
+    // Two probes fail, so no two can agree, but the top is the third probe: it is waited for.
+    let vtp = &r["vote_top_probe"];
+    assert_eq!(vtp["model"], OPUS, "{vtp}");
+    assert_eq!(vtp["text"], "(C)");
+    assert_eq!(vtp["headers"]["x-tiergate-escalations"], "0");
     // No consensus and the top fails: the cheapest probe's answer ships rather than an error.
     let vt = &r["vote_top_fails"];
     assert_eq!(vt["model"], FLASH, "{vt}");
@@ -368,8 +406,8 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(sorted("vote_refused"), ["stub-flash", "stub-sonnet"]);
     let m = srv.metrics_text();
     for (outcome, n) in [
-        ("agreed", 2.0),
-        ("escalated", 2.0),
+        ("agreed", 3.0),
+        ("escalated", 3.0),
         ("fallback", 1.0),
         ("failed", 1.0),
     ] {
@@ -473,6 +511,7 @@ async fn the_openai_client_gets_the_cascade() {
             "auto:fast",
             "auto:verified",
             "auto:vote",
+            "auto:vote3",
             FLASH,
             SONNET,
             OPUS

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use serde_json::Value;
 
 use super::chat::{self, Ask};
@@ -213,7 +214,10 @@ impl Front {
     /// candidate is called and its answer ships (one escalation; none when it was a probe). A
     /// probe that fails counts as no answer; when the last call fails too, or escalation is
     /// off, the cheapest probe answer that came ships; with no answer at all, an upstream's
-    /// error goes back (the request's own fault first, without calling the top).
+    /// error goes back (the request's own fault first, without calling the top). The decision
+    /// is taken as soon as the answers in settle it (`decide::consensus_settled`): a probe
+    /// still out then is cancelled, not waited for, and not in the cost (a provider may still
+    /// bill a cancelled call).
     async fn consensus(
         &self,
         plan: &Plan,
@@ -225,22 +229,63 @@ impl Front {
         let mut probes = c.models.clone();
         let rank = |m: &String| plan.order.iter().position(|o| o == m).unwrap_or(usize::MAX);
         probes.sort_by_key(rank);
-        let calls = probes.iter().map(|m| self.call(plan, m, body, deadline));
-        let mut replies = Vec::with_capacity(probes.len());
+        let top_probe = plan
+            .order
+            .last()
+            .and_then(|t| probes.iter().position(|m| m == t));
+        let mut calls: FuturesUnordered<_> = probes
+            .iter()
+            .enumerate()
+            .map(|(i, m)| async move { (i, self.call(plan, m, body, deadline).await) })
+            .collect();
+        let mut replies: Vec<Option<Value>> = vec![None; probes.len()];
+        // Each probe's final answer: None while it is out, Some(None) for no answer.
+        let mut keys: Vec<Option<Option<String>>> = vec![None; probes.len()];
         let mut errors: Vec<UpstreamError> = Vec::new();
         let mut spent = 0.0;
-        for (m, r) in probes.iter().zip(futures::future::join_all(calls).await) {
+        loop {
+            let view: Vec<Option<Option<&str>>> = keys
+                .iter()
+                .map(|k| k.as_ref().map(Option::as_deref))
+                .collect();
+            match decide::consensus_settled(&view, c.agree) {
+                decide::Settled::Ship(_) => break,
+                // Not while the top is a probe still out (its answer is the escalation), nor
+                // after a refusal of the request itself (every probe may refuse it, and then
+                // its error goes back without calling the top).
+                decide::Settled::Escalate
+                    if top_probe.is_none_or(|t| keys[t].is_some())
+                        && errors.iter().all(UpstreamError::retryable) =>
+                {
+                    break
+                }
+                _ => {}
+            }
+            let Some((i, r)) = calls.next().await else {
+                break;
+            };
             match r? {
                 Ok(reply) => {
-                    spent += plan.cost(m, &reply);
-                    replies.push(Some(reply));
+                    spent += plan.cost(&probes[i], &reply);
+                    let key = chat::answer(&reply)
+                        .and_then(|a| crate::model::answer::final_answer(&plan.prompt, a));
+                    keys[i] = Some(key);
+                    replies[i] = Some(reply);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, model = %m, "consensus probe failed");
-                    replies.push(None);
+                    tracing::warn!(error = %e, model = %probes[i], "consensus probe failed");
+                    keys[i] = Some(None);
                     errors.push(e);
                 }
             }
+        }
+        let out = calls.len();
+        drop(calls);
+        if out > 0 {
+            tracing::debug!(
+                cancelled = out,
+                "consensus settled before every probe answered"
+            );
         }
         let counted = |outcome: &'static str| {
             metrics::counter!(crate::metrics::GATEWAY_CONSENSUS, "outcome" => outcome).increment(1);
@@ -253,11 +298,11 @@ impl Front {
                 return Err(errors.swap_remove(k).into());
             }
         }
-        let texts: Vec<Option<&str>> = replies
+        let view: Vec<Option<Option<&str>>> = keys
             .iter()
-            .map(|r| r.as_ref().and_then(chat::answer))
+            .map(|k| k.as_ref().map(Option::as_deref))
             .collect();
-        if let Some(i) = decide::consensus(&plan.prompt, &texts, c.agree) {
+        if let decide::Settled::Ship(i) = decide::consensus_settled(&view, c.agree) {
             if let Some(reply) = replies[i].take() {
                 counted("agreed");
                 return Ok(ship(plan, probes[i].clone(), reply, spent, 0));

@@ -95,6 +95,49 @@ pub fn consensus_of(keys: &[Option<&str>], agree: usize) -> Option<usize> {
     best.map(|(_, i)| i)
 }
 
+/// Where a consensus stands while some answers are still to come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// This answer ships whatever the rest say: no pending answer can outvote or tie its group.
+    Ship(usize),
+    /// No group can reach `agree` even if every pending answer joins the largest.
+    Escalate,
+    /// The pending answers can still change the outcome.
+    Wait,
+}
+
+/// [`consensus_of`] before every answer is in, so that a gateway need not wait on a slow
+/// probe whose answer cannot change the decision. `keys[i]`: `None` while answer i is pending,
+/// `Some(None)` when it came without a final answer (or did not come). Once nothing is pending
+/// it is [`consensus_of`]'s decision. A `Ship` names the cheapest member of its group that has
+/// answered: the final answer is the one [`consensus_of`] would pick once all are in, though a
+/// cheaper pending member could have shipped the same answer in other words.
+pub fn consensus_settled(keys: &[Option<Option<&str>>], agree: usize) -> Settled {
+    let pending = keys.iter().filter(|k| k.is_none()).count();
+    let came: Vec<Option<&str>> = keys.iter().map(|k| k.flatten()).collect();
+    if pending == 0 {
+        return consensus_of(&came, agree).map_or(Settled::Escalate, Settled::Ship);
+    }
+    // Each group's votes at its first (cheapest) member that has answered, largest first.
+    let mut groups: Vec<(usize, usize)> = Vec::new();
+    for (i, k) in came.iter().enumerate() {
+        let Some(k) = k else { continue };
+        if !came[..i].contains(&Some(*k)) {
+            groups.push((came[i..].iter().filter(|e| *e == &Some(*k)).count(), i));
+        }
+    }
+    groups.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let lead = groups.first().map_or(0, |g| g.0);
+    let second = groups.get(1).map_or(0, |g| g.0);
+    match groups.first() {
+        Some(&(votes, first)) if votes >= agree.max(1) && votes > second + pending => {
+            Settled::Ship(first)
+        }
+        _ if lead + pending < agree.max(1) => Settled::Escalate,
+        _ => Settled::Wait,
+    }
+}
+
 /// Cascade from `start`: ship the first answer that [`ships`] (an answer the verifier cannot
 /// read counts as rejected), the last model's answer regardless. Returns the model shipped
 /// and whether the verifier accepted it.
@@ -307,6 +350,55 @@ pub fn escalation_target<'a>(
 
 #[cfg(test)]
 mod tests {
+    /// Every pattern of up to four answers (pending, none, or one of three picks) against every
+    /// way the pending ones could come: a `Ship` is the final answer whatever they say, an
+    /// `Escalate` exactly when none of them could bring consensus.
+    #[test]
+    fn a_settled_consensus_is_the_one_all_answers_would_give() {
+        use super::{consensus_of, consensus_settled, Settled};
+        const K: [Option<&str>; 4] = [None, Some("A"), Some("B"), Some("C")];
+        for n in 1..=4usize {
+            for code in 0..5usize.pow(n as u32) {
+                // 0: pending; 1..=4: K[d - 1].
+                let digits: Vec<usize> = (0..n).map(|i| code / 5usize.pow(i as u32) % 5).collect();
+                let keys: Vec<Option<Option<&str>>> =
+                    digits.iter().map(|&d| (d > 0).then(|| K[d - 1])).collect();
+                let open: Vec<usize> = (0..n).filter(|&i| digits[i] == 0).collect();
+                for agree in 1..=n + 1 {
+                    let settled = consensus_settled(&keys, agree);
+                    let mut finals = Vec::new();
+                    for fill in 0..4usize.pow(open.len() as u32) {
+                        let mut all: Vec<Option<&str>> = keys.iter().map(|k| k.flatten()).collect();
+                        for (j, &i) in open.iter().enumerate() {
+                            all[i] = K[fill / 4usize.pow(j as u32) % 4];
+                        }
+                        finals.push(consensus_of(&all, agree).map(|i| all[i]));
+                    }
+                    let case = format!("{keys:?} agree {agree}: {settled:?}");
+                    match settled {
+                        Settled::Ship(i) => {
+                            let k = keys[i].flatten();
+                            assert!(k.is_some(), "{case}");
+                            assert!(finals.iter().all(|f| *f == Some(k)), "{case}");
+                            assert!(keys[..i].iter().all(|e| e.flatten() != k), "{case}");
+                        }
+                        Settled::Escalate => assert!(finals.iter().all(Option::is_none), "{case}"),
+                        Settled::Wait => {
+                            assert!(!open.is_empty(), "{case}");
+                            assert!(finals.iter().any(Option::is_some), "{case}");
+                        }
+                    }
+                    if open.is_empty() {
+                        let all: Vec<Option<&str>> = keys.iter().map(|k| k.flatten()).collect();
+                        let expect =
+                            consensus_of(&all, agree).map_or(Settled::Escalate, Settled::Ship);
+                        assert_eq!(settled, expect, "{case}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn consensus_ships_the_cheapest_of_the_largest_agreeing_group() {
         use super::consensus;
