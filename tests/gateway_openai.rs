@@ -422,6 +422,26 @@ async fn the_openai_client_gets_the_cascade() {
         );
     }
 
+    // A consensus does not ask Route (no encoder pass): its decisions counter stays put.
+    let routed = |m: &str| common::metric_sum(m, "tiergate_route_decisions_total", &[]);
+    let before = routed(&srv.metrics_text());
+    let again = run_client(
+        "openai_cases.py",
+        &base,
+        vec![case(
+            "vote_again",
+            "auto:vote",
+            MCQ,
+            json!({"answer": {"stub-flash": "(B)", "stub-sonnet": "B"}}),
+        )],
+    );
+    assert_eq!(again["vote_again"]["model"], FLASH, "{again}");
+    assert!(
+        before.is_some_and(|n| n > 0.0),
+        "Route ran for the other cases"
+    );
+    assert_eq!(routed(&srv.metrics_text()), before);
+
     // A failing tier is retried one up; only the answer that came is paid for.
     let f = &r["failover"];
     assert_eq!(f["model"], SONNET, "{f}");

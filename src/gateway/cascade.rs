@@ -17,8 +17,10 @@ use super::targets::{callable, entry, policy, prices, route_query};
 use super::upstream::{UpstreamError, Upstreams};
 use crate::batch::Priority;
 use crate::config::{ConsensusConfig, UpstreamConfig, VerifyMode};
-use crate::policy::PolicyRequest;
-use crate::service::{decide, Decider, RouteInput, RouteOutcome, Service, VerifyQuery};
+use crate::policy::{proxy_tokens, PolicyRequest};
+use crate::service::{
+    decide, Decider, RouteInput, RouteOutcome, Service, ServiceError, VerifyQuery,
+};
 
 pub struct Front {
     pub svc: Arc<Service>,
@@ -50,6 +52,8 @@ struct Plan {
     order: Vec<String>,
     start: String,
     route: Option<RouteOutcome>,
+    /// Whether the gateway chose (`auto`): then what it saved against the top is reported.
+    priced: bool,
     policy: Option<PolicyRequest>,
     verify: bool,
     prompt: String,
@@ -101,6 +105,7 @@ impl Front {
                     order: vec![m.clone()],
                     start: m,
                     route: None,
+                    priced: false,
                     policy: None,
                     verify: false,
                     prompt,
@@ -111,6 +116,24 @@ impl Front {
             Ask::Auto(name) => {
                 let (pol, mode, consensus) = policy(&d.cfg.gateway, name.as_deref())?;
                 let consensus = consensus.cloned();
+                if consensus.is_some() {
+                    // A consensus reads only the price order (its probes cheapest first, the
+                    // top to escalate to): no encoder pass, so it answers when Route is busy.
+                    self.svc.check_text("prompt", &prompt, false)?;
+                    let cands = d.catalog.resolve(&order).map_err(ServiceError::from)?;
+                    let order = decide::price_order(&cands, proxy_tokens(prompt.len()));
+                    return Ok(Plan {
+                        start: order.first().cloned().unwrap_or_default(),
+                        order,
+                        route: None,
+                        priced: true,
+                        policy: pol,
+                        verify: false,
+                        prompt,
+                        consensus,
+                        d,
+                    });
+                }
                 let route = self
                     .svc
                     .route(route_query(input, order, pol, deadline))
@@ -124,6 +147,7 @@ impl Front {
                     order: route.candidates.iter().map(|c| c.model.clone()).collect(),
                     start: route.model.clone(),
                     route: Some(route),
+                    priced: true,
                     policy: pol,
                     verify,
                     prompt,
@@ -446,8 +470,8 @@ fn retry(e: &UpstreamError, deadline: Instant) -> bool {
 
 fn ship(plan: &Plan, model: String, reply: Value, spent: f64, hops: u32) -> Shipped {
     // What the most expensive candidate would have cost for the same tokens.
-    let saved = match (&plan.route, plan.order.last()) {
-        (Some(_), Some(top)) => plan.cost(top, &reply) - spent,
+    let saved = match plan.order.last() {
+        Some(top) if plan.priced => plan.cost(top, &reply) - spent,
         _ => 0.0,
     };
     Shipped {

@@ -250,6 +250,22 @@ fn relative_stability(p: &[f64], k: usize, r: f64) -> f64 {
     p[..k].iter().map(|&x| r * max - x).fold(reach, f64::min)
 }
 
+/// Price order: by expected cost, ties by name, as Route lists its candidates.
+fn price_cmp(a: (f64, &str), b: (f64, &str)) -> std::cmp::Ordering {
+    a.0.total_cmp(&b.0).then_with(|| a.1.cmp(b.1))
+}
+
+/// Candidates' names in Route's price order for a prompt of `prompt_tokens`, without scoring
+/// them (a consensus needs only the order, not an encoder pass).
+pub fn price_order(candidates: &[&Model], prompt_tokens: u32) -> Vec<String> {
+    let mut c: Vec<(f64, &str)> = candidates
+        .iter()
+        .map(|m| (m.expected_cost(prompt_tokens, None), m.name.as_str()))
+        .collect();
+    c.sort_by(|a, b| price_cmp(*a, *b));
+    c.into_iter().map(|(_, n)| n.to_string()).collect()
+}
+
 /// Cheapest candidate with p_pass >= floor, else the one most likely to pass; or, with a cost
 /// weight, the best p_pass - weight * cost. `max_cost_usd` filters candidates first.
 pub fn decide_route(
@@ -257,11 +273,7 @@ pub fn decide_route(
     pol: &Effective,
     verify_band: f64,
 ) -> Result<RouteDecision, PolicyError> {
-    scored.sort_by(|a, b| {
-        a.cost
-            .total_cmp(&b.cost)
-            .then_with(|| a.model.cmp(&b.model))
-    });
+    scored.sort_by(|a, b| price_cmp((a.cost, &a.model), (b.cost, &b.model)));
     let max_all = scored.iter().map(|s| s.cost).fold(0.0, f64::max);
     let affordable: Vec<usize> = (0..scored.len())
         .filter(|&i| pol.max_cost_usd.is_none_or(|m| scored[i].cost <= m))

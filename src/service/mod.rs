@@ -158,7 +158,12 @@ impl Service {
         self.ready.store(true, Ordering::Release);
     }
 
-    fn check_text(&self, what: &str, text: &str, allow_empty: bool) -> Result<(), ServiceError> {
+    pub(crate) fn check_text(
+        &self,
+        what: &str,
+        text: &str,
+        allow_empty: bool,
+    ) -> Result<(), ServiceError> {
         if !allow_empty && text.trim().is_empty() {
             return Err(ServiceError::InvalidArgument(format!("{what} is empty")));
         }
