@@ -700,6 +700,11 @@ async fn the_front_logs_and_counts_each_request() {
         Some(3.0),
         "{m}"
     );
+    // The dashboard's latency panel reads the buckets (deploy/metrics-used.txt).
+    assert!(
+        m.contains("tiergate_http_request_duration_seconds_bucket{"),
+        "{m}"
+    );
     srv.sigterm();
     assert!(srv.wait_exit(std::time::Duration::from_secs(60)).success());
 

@@ -15,6 +15,11 @@ fn may_be_absent(name: &str, backend: &str) -> Option<&'static str> {
         "tiergate_dropped_before_compute_total" => Some("needs a request dropped while queued"),
         // Counted when backend = auto ends on the CPU: absent where a GPU was found.
         "tiergate_backend_fallback_total" if backend == "cuda" => Some("a GPU was found"),
+        // The HTTP front is off by default (gateway.http_listen) and needs upstreams:
+        // tests/gateway_openai.rs drives it and checks these are exported.
+        "tiergate_http_requests_total"
+        | "tiergate_http_request_duration_seconds_bucket"
+        | "tiergate_gateway_consensus_total" => Some("needs the HTTP front and its upstreams"),
         _ => None,
     }
 }
