@@ -9,6 +9,7 @@ pub const REQUEST_SECONDS: &str = "tiergate_request_duration_seconds";
 pub const HTTP_REQUESTS: &str = "tiergate_http_requests_total";
 pub const HTTP_REQUEST_SECONDS: &str = "tiergate_http_request_duration_seconds";
 pub const GATEWAY_CONSENSUS: &str = "tiergate_gateway_consensus_total";
+pub const GATEWAY_CONSENSUS_PROBES: &str = "tiergate_gateway_consensus_probes_total";
 pub const QUEUE_DEPTH: &str = "tiergate_queue_depth";
 pub const BATCH_SIZE: &str = "tiergate_batch_size";
 pub const BATCH_TOKENS: &str = "tiergate_batch_tokens";
@@ -85,6 +86,12 @@ fn describe() {
         "HTTP front requests under a consensus policy, by outcome: agreed (the probes agreed), \
          escalated (the top candidate's answer shipped), fallback (no consensus and no answer \
          from the top, failed or not called: a probe's answer shipped), failed (no answer)."
+    );
+    describe_counter!(
+        GATEWAY_CONSENSUS_PROBES,
+        "Consensus probe calls, by result: answered, failed, or cancelled (still out when the \
+         answers in settled the decision; not in the request's cost, though a provider may \
+         bill it)."
     );
     describe_histogram!(
         HTTP_REQUEST_SECONDS,

@@ -442,6 +442,19 @@ async fn the_openai_client_gets_the_cascade() {
     );
     assert_eq!(routed(&srv.metrics_text()), before);
 
+    // Probes by result: the slow ones of vote_probe_fails and vote_early were cancelled.
+    for (result, n) in [("answered", 11.0), ("failed", 5.0), ("cancelled", 2.0)] {
+        assert_eq!(
+            common::metric_sum(
+                &m,
+                "tiergate_gateway_consensus_probes_total",
+                &[("result", result)]
+            ),
+            Some(n),
+            "{result}: {m}"
+        );
+    }
+
     // A failing tier is retried one up; only the answer that came is paid for.
     let f = &r["failover"];
     assert_eq!(f["model"], SONNET, "{f}");

@@ -19,7 +19,10 @@ fn may_be_absent(name: &str, backend: &str) -> Option<&'static str> {
         // tests/gateway_openai.rs drives it and checks these are exported.
         "tiergate_http_requests_total"
         | "tiergate_http_request_duration_seconds_bucket"
-        | "tiergate_gateway_consensus_total" => Some("needs the HTTP front and its upstreams"),
+        | "tiergate_gateway_consensus_total"
+        | "tiergate_gateway_consensus_probes_total" => {
+            Some("needs the HTTP front and its upstreams")
+        }
         _ => None,
     }
 }

@@ -305,11 +305,14 @@ impl Front {
         }
         let out = calls.len();
         drop(calls);
-        if out > 0 {
-            tracing::debug!(
-                cancelled = out,
-                "consensus settled before every probe answered"
-            );
+        let answered = replies.iter().filter(|r| r.is_some()).count();
+        for (result, n) in [
+            ("answered", answered),
+            ("failed", errors.len()),
+            ("cancelled", out),
+        ] {
+            metrics::counter!(crate::metrics::GATEWAY_CONSENSUS_PROBES, "result" => result)
+                .increment(n as u64);
         }
         let counted = |outcome: &'static str| {
             metrics::counter!(crate::metrics::GATEWAY_CONSENSUS, "outcome" => outcome).increment(1);
