@@ -191,6 +191,13 @@ async fn the_openai_client_gets_the_cascade() {
                 "delay_ms": {"stub-sonnet": 3000}}),
         ),
         case(
+            "vote_slow_fallback",
+            "auto:vote",
+            MCQ,
+            json!({"answer": {"stub-sonnet": "B"}, "fail": {"stub-flash": 503, "stub-opus": 503},
+                "delay_ms": {"stub-sonnet": 1500}}),
+        ),
+        case(
             "vote_early",
             "auto:vote3",
             MCQ,
@@ -369,6 +376,14 @@ async fn the_openai_client_gets_the_cascade() {
         header_f64(vp, "x-tiergate-cost-usd"),
         cost(OPUS, &cfg)
     ));
+    // The same, and the top fails too: the slow probe ran on beside it, and its answer ships.
+    let vsf = &r["vote_slow_fallback"];
+    assert_eq!(vsf["model"], SONNET, "{vsf}");
+    assert_eq!(vsf["text"], "B");
+    assert!(close(
+        header_f64(vsf, "x-tiergate-cost-usd"),
+        cost(SONNET, &cfg)
+    ));
     // Two of three agree while the third is out: it ships without waiting for (or paying) it.
     let ve = &r["vote_early"];
     assert_eq!(ve["model"], FLASH, "{ve}");
@@ -408,7 +423,7 @@ async fn the_openai_client_gets_the_cascade() {
     for (outcome, n) in [
         ("agreed", 3.0),
         ("escalated", 3.0),
-        ("fallback", 1.0),
+        ("fallback", 2.0),
         ("failed", 1.0),
     ] {
         assert_eq!(
@@ -443,7 +458,7 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(routed(&srv.metrics_text()), before);
 
     // Probes by result: the slow ones of vote_probe_fails and vote_early were cancelled.
-    for (result, n) in [("answered", 11.0), ("failed", 5.0), ("cancelled", 2.0)] {
+    for (result, n) in [("answered", 12.0), ("failed", 6.0), ("cancelled", 2.0)] {
         assert_eq!(
             common::metric_sum(
                 &m,

@@ -239,9 +239,10 @@ impl Front {
     /// probe that fails counts as no answer; when the last call fails too, or escalation is
     /// off, the cheapest probe answer that came ships; with no answer at all, an upstream's
     /// error goes back (the request's own fault first, without calling the top). The decision
-    /// is taken as soon as the answers in settle it (`decide::consensus_settled`): a probe
-    /// still out then is cancelled, not waited for, and not in the cost (a provider may still
-    /// bill a cancelled call).
+    /// is taken as soon as the answers in settle it (`decide::consensus_settled`): an agreement
+    /// ships at once, and a consensus that can no longer form calls the top while the probes
+    /// still out run on, as the fallback should the top fail. A probe still out when an answer
+    /// ships is cancelled and not in the cost (a provider may still bill it).
     async fn consensus(
         &self,
         plan: &Plan,
@@ -249,143 +250,144 @@ impl Front {
         body: &Value,
         deadline: Instant,
     ) -> Result<Shipped, GatewayError> {
-        // Cheapest first, as Route priced the candidates for this prompt.
+        // Cheapest first, as Route prices the candidates for this prompt.
         let mut probes = c.models.clone();
         let rank = |m: &String| plan.order.iter().position(|o| o == m).unwrap_or(usize::MAX);
         probes.sort_by_key(rank);
-        let top_probe = plan
-            .order
-            .last()
+        // Where no consensus goes: the most expensive candidate, unless escalation is off.
+        let top = (plan.d.cfg.gateway.max_escalations > 0)
+            .then(|| plan.order.last().cloned())
+            .flatten();
+        let top_probe = top
+            .as_ref()
             .and_then(|t| probes.iter().position(|m| m == t));
         let mut calls: FuturesUnordered<_> = probes
             .iter()
             .enumerate()
             .map(|(i, m)| async move { (i, self.call(plan, m, body, deadline).await) })
             .collect();
-        let mut replies: Vec<Option<Value>> = vec![None; probes.len()];
-        // Each probe's final answer: None while it is out, Some(None) for no answer.
-        let mut keys: Vec<Option<Option<String>>> = vec![None; probes.len()];
-        let mut errors: Vec<UpstreamError> = Vec::new();
-        let mut spent = 0.0;
-        loop {
-            let view: Vec<Option<Option<&str>>> = keys
-                .iter()
-                .map(|k| k.as_ref().map(Option::as_deref))
-                .collect();
-            match decide::consensus_settled(&view, c.agree) {
-                decide::Settled::Ship(_) => break,
-                // Not while the top is a probe still out (its answer is the escalation), nor
-                // after a refusal of the request itself (every probe may refuse it, and then
-                // its error goes back without calling the top).
-                decide::Settled::Escalate
-                    if top_probe.is_none_or(|t| keys[t].is_some())
-                        && errors.iter().all(UpstreamError::retryable) =>
-                {
-                    break
-                }
-                _ => {}
-            }
-            let Some((i, r)) = calls.next().await else {
-                break;
+        let mut v = Votes::new(probes.len());
+        let settled = loop {
+            let settled = v.settled(c.agree);
+            let now = match settled {
+                decide::Settled::Ship(_) => true,
+                // Early only with somewhere to go: a top outside the probes (called while the
+                // rest run on) when no probe has refused the request itself (then every probe
+                // may, and its error goes back without calling the top), or a top probe that
+                // answered.
+                decide::Settled::Escalate => match top_probe {
+                    None => top.is_some() && v.errors.iter().all(UpstreamError::retryable),
+                    Some(t) => v.replies[t].is_some(),
+                },
+                decide::Settled::Wait => false,
             };
-            match r? {
-                Ok(reply) => {
-                    spent += plan.cost(&probes[i], &reply);
-                    let key = chat::answer(&reply)
-                        .and_then(|a| crate::model::answer::final_answer(&plan.prompt, a));
-                    keys[i] = Some(key);
-                    replies[i] = Some(reply);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, model = %probes[i], "consensus probe failed");
-                    keys[i] = Some(None);
-                    errors.push(e);
-                }
+            if now {
+                break settled;
             }
-        }
-        let out = calls.len();
-        drop(calls);
-        let answered = replies.iter().filter(|r| r.is_some()).count();
-        for (result, n) in [
-            ("answered", answered),
-            ("failed", errors.len()),
-            ("cancelled", out),
+            match calls.next().await {
+                Some((i, r)) => v.record(plan, &probes[i], i, r?),
+                None => break settled,
+            }
+        };
+        let result = self
+            .consensus_decided(
+                plan, &probes, settled, top, &mut v, &mut calls, body, deadline,
+            )
+            .await;
+        for (what, n) in [
+            ("answered", v.replies_came),
+            ("failed", v.failed),
+            ("cancelled", calls.len()),
         ] {
-            metrics::counter!(crate::metrics::GATEWAY_CONSENSUS_PROBES, "result" => result)
+            metrics::counter!(crate::metrics::GATEWAY_CONSENSUS_PROBES, "result" => what)
                 .increment(n as u64);
         }
-        let counted = |outcome: &'static str| {
-            metrics::counter!(crate::metrics::GATEWAY_CONSENSUS, "outcome" => outcome).increment(1);
+        let outcome = match &result {
+            Ok((_, o)) => *o,
+            Err(_) => "failed",
         };
+        metrics::counter!(crate::metrics::GATEWAY_CONSENSUS, "outcome" => outcome).increment(1);
+        result.map(|(shipped, _)| shipped)
+    }
+
+    /// What a consensus ships once `settled` (see [`Self::consensus`]), with its outcome label;
+    /// `calls` are the probes still out.
+    #[allow(clippy::too_many_arguments)]
+    async fn consensus_decided<F>(
+        &self,
+        plan: &Plan,
+        probes: &[String],
+        settled: decide::Settled,
+        top: Option<String>,
+        v: &mut Votes,
+        calls: &mut FuturesUnordered<F>,
+        body: &Value,
+        deadline: Instant,
+    ) -> Result<(Shipped, &'static str), GatewayError>
+    where
+        F: std::future::Future<
+            Output = (usize, Result<Result<Value, UpstreamError>, GatewayError>),
+        >,
+    {
+        if let decide::Settled::Ship(i) = settled {
+            if let Some(reply) = v.replies[i].take() {
+                return Ok((ship(plan, probes[i].clone(), reply, v.spent, 0), "agreed"));
+            }
+        }
         // No answer, and an upstream refused the request itself (a 4xx other than 429): every
         // tier would; its error goes back as the upstream wrote it, as in the cascade.
-        if replies.iter().all(Option::is_none) {
-            if let Some(k) = errors.iter().position(|e| !e.retryable()) {
-                counted("failed");
-                return Err(errors.swap_remove(k).into());
+        if calls.is_empty() && v.replies.iter().all(Option::is_none) {
+            if let Some(k) = v.errors.iter().position(|e| !e.retryable()) {
+                return Err(v.errors.swap_remove(k).into());
             }
         }
-        let view: Vec<Option<Option<&str>>> = keys
-            .iter()
-            .map(|k| k.as_ref().map(Option::as_deref))
-            .collect();
-        if let decide::Settled::Ship(i) = decide::consensus_settled(&view, c.agree) {
-            if let Some(reply) = replies[i].take() {
-                counted("agreed");
-                return Ok(ship(plan, probes[i].clone(), reply, spent, 0));
-            }
-        }
-        // No consensus: the most expensive candidate answers, unless escalation is off
-        // (gateway.max_escalations = 0) or it was a probe, called already.
-        let top = (plan.d.cfg.gateway.max_escalations > 0)
-            .then(|| plan.order.last().cloned())
-            .flatten();
         let mut hops = 0;
         if let Some(top) = top {
             match probes.iter().position(|m| *m == top) {
                 Some(i) => {
-                    if let Some(reply) = replies[i].take() {
-                        counted("escalated");
-                        return Ok(ship(plan, top, reply, spent, 0));
+                    if let Some(reply) = v.replies[i].take() {
+                        return Ok((ship(plan, top, reply, v.spent, 0), "escalated"));
                     }
                 }
                 None => {
                     hops = 1;
-                    match self.call(plan, &top, body, deadline).await {
-                        Ok(Ok(reply)) => {
-                            counted("escalated");
-                            spent += plan.cost(&top, &reply);
-                            return Ok(ship(plan, top, reply, spent, 1));
+                    // The probes still out run on beside the top: the fallback if it fails.
+                    let top_call = self.call(plan, &top, body, deadline);
+                    tokio::pin!(top_call);
+                    let r = loop {
+                        tokio::select! {
+                            r = &mut top_call => break r?,
+                            Some((i, r)) = calls.next() => v.record(plan, &probes[i], i, r?),
                         }
-                        Ok(Err(e)) => {
-                            tracing::warn!(error = %e, model = %top, "consensus escalation failed");
-                            errors.push(e);
+                    };
+                    match r {
+                        Ok(reply) => {
+                            v.spent += plan.cost(&top, &reply);
+                            return Ok((ship(plan, top.clone(), reply, v.spent, 1), "escalated"));
                         }
                         Err(e) => {
-                            counted("failed");
-                            return Err(e);
+                            tracing::warn!(error = %e, model = %top, "consensus escalation failed");
+                            v.errors.push(e);
                         }
                     }
                 }
             }
         }
-        // The cheapest probe answer that came, else the last upstream error.
-        match replies
+        // The cheapest probe answer, once every probe has had its say; else the last error.
+        while let Some((i, r)) = calls.next().await {
+            v.record(plan, &probes[i], i, r?);
+        }
+        match v
+            .replies
             .iter_mut()
-            .zip(&probes)
+            .zip(probes)
             .find_map(|(r, m)| r.take().map(|r| (m.clone(), r)))
         {
-            Some((m, reply)) => {
-                counted("fallback");
-                Ok(ship(plan, m, reply, spent, hops))
-            }
-            None => {
-                counted("failed");
-                Err(match errors.pop() {
-                    Some(e) => e.into(),
-                    None => GatewayError::UnknownModel("no candidate to escalate to".into()),
-                })
-            }
+            Some((m, reply)) => Ok((ship(plan, m, reply, v.spent, hops), "fallback")),
+            None => Err(match v.errors.pop() {
+                Some(e) => e.into(),
+                None => GatewayError::UnknownModel("no candidate to escalate to".into()),
+            }),
         }
     }
 
@@ -462,6 +464,58 @@ impl Front {
                     }
                     None => return Err(e.into()),
                 },
+            }
+        }
+    }
+}
+
+/// The probe answers of a consensus so far.
+struct Votes {
+    replies: Vec<Option<Value>>,
+    /// Each probe's final answer: None while it is out, Some(None) for no answer.
+    keys: Vec<Option<Option<String>>>,
+    errors: Vec<UpstreamError>,
+    spent: f64,
+    replies_came: usize,
+    failed: usize,
+}
+
+impl Votes {
+    fn new(n: usize) -> Votes {
+        Votes {
+            replies: vec![None; n],
+            keys: vec![None; n],
+            errors: Vec::new(),
+            spent: 0.0,
+            replies_came: 0,
+            failed: 0,
+        }
+    }
+
+    fn settled(&self, agree: usize) -> decide::Settled {
+        let view: Vec<Option<Option<&str>>> = self
+            .keys
+            .iter()
+            .map(|k| k.as_ref().map(Option::as_deref))
+            .collect();
+        decide::consensus_settled(&view, agree)
+    }
+
+    fn record(&mut self, plan: &Plan, model: &str, i: usize, r: Result<Value, UpstreamError>) {
+        match r {
+            Ok(reply) => {
+                self.spent += plan.cost(model, &reply);
+                let key = chat::answer(&reply)
+                    .and_then(|a| crate::model::answer::final_answer(&plan.prompt, a));
+                self.keys[i] = Some(key);
+                self.replies[i] = Some(reply);
+                self.replies_came += 1;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, model = %model, "consensus probe failed");
+                self.keys[i] = Some(None);
+                self.errors.push(e);
+                self.failed += 1;
             }
         }
     }
