@@ -17,6 +17,7 @@ tail to --prompt-len tokens, the answer's tail to the rest (the verdict sits at 
 
 usage: xenc_screen.py SOURCE --served SCORE.jsonl [--train-rows 8000] [--rank 8] [--layers 3]
        [--epochs 2] [--max-len 256] [--prompt-len 96] [--test-prompts N]
+SCORE.jsonl: `tiergate score --data ROWS.jsonl --out SCORE.jsonl` over the source's dev rows.
 needs: torch, safetensors, tokenizers, numpy; reads models/base and ../shared/data.
 """
 import argparse, gzip, hashlib, json, math, os, random, sys, time
