@@ -198,6 +198,13 @@ async fn the_openai_client_gets_the_cascade() {
                 "delay_ms": {"stub-sonnet": 1500}}),
         ),
         case(
+            "vote_late_refusal",
+            "auto:vote",
+            MCQ,
+            json!({"fail": {"stub-flash": 503, "stub-sonnet": 400, "stub-opus": 503},
+                "delay_ms": {"stub-sonnet": 1000, "stub-opus": 2500}}),
+        ),
+        case(
             "vote_early",
             "auto:vote3",
             MCQ,
@@ -384,6 +391,14 @@ async fn the_openai_client_gets_the_cascade() {
         header_f64(vsf, "x-tiergate-cost-usd"),
         cost(SONNET, &cfg)
     ));
+    // The top is called early; the slow probe then refuses the request itself, and the top
+    // fails after it: the probe's 400 goes back, not the top's later 503.
+    let vlr = &r["vote_late_refusal"];
+    assert_eq!(vlr["status"], 400, "{vlr}");
+    assert_eq!(
+        vlr["error"]["message"],
+        "stub-sonnet via stub failing with 400"
+    );
     // Two of three agree while the third is out: it ships without waiting for (or paying) it.
     let ve = &r["vote_early"];
     assert_eq!(ve["model"], FLASH, "{ve}");
@@ -424,7 +439,7 @@ async fn the_openai_client_gets_the_cascade() {
         ("agreed", 3.0),
         ("escalated", 3.0),
         ("fallback", 2.0),
-        ("failed", 1.0),
+        ("failed", 2.0),
     ] {
         assert_eq!(
             common::metric_sum(
@@ -458,7 +473,7 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(routed(&srv.metrics_text()), before);
 
     // Probes by result: the slow ones of vote_probe_fails and vote_early were cancelled.
-    for (result, n) in [("answered", 12.0), ("failed", 6.0), ("cancelled", 2.0)] {
+    for (result, n) in [("answered", 12.0), ("failed", 8.0), ("cancelled", 2.0)] {
         assert_eq!(
             common::metric_sum(
                 &m,

@@ -272,11 +272,15 @@ impl Front {
             let now = match settled {
                 decide::Settled::Ship(_) => true,
                 // Early only with somewhere to go: a top outside the probes (called while the
-                // rest run on) when no probe has refused the request itself (then every probe
-                // may, and its error goes back without calling the top), or a top probe that
-                // answered.
+                // rest run on) unless a probe refused the request itself with no answer in
+                // yet (then every probe may, and its error goes back without calling the top),
+                // or a top probe that answered.
                 decide::Settled::Escalate => match top_probe {
-                    None => top.is_some() && v.errors.iter().all(UpstreamError::retryable),
+                    None => {
+                        top.is_some()
+                            && (v.replies.iter().any(Option::is_some)
+                                || v.errors.iter().all(UpstreamError::retryable))
+                    }
                     Some(t) => v.replies[t].is_some(),
                 },
                 decide::Settled::Wait => false,
@@ -384,9 +388,14 @@ impl Front {
             .find_map(|(r, m)| r.take().map(|r| (m.clone(), r)))
         {
             Some((m, reply)) => Ok((ship(plan, m, reply, v.spent, hops), "fallback")),
-            None => Err(match v.errors.pop() {
-                Some(e) => e.into(),
-                None => GatewayError::UnknownModel("no candidate to escalate to".into()),
+            // The request's own fault first (a probe that answered after the top was called
+            // may have refused it), else the last error.
+            None => Err(match v.errors.iter().position(|e| !e.retryable()) {
+                Some(k) => v.errors.swap_remove(k).into(),
+                None => match v.errors.pop() {
+                    Some(e) => e.into(),
+                    None => GatewayError::UnknownModel("no candidate to escalate to".into()),
+                },
             }),
         }
     }
