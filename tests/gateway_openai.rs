@@ -354,6 +354,7 @@ async fn the_openai_client_gets_the_cascade() {
     };
     let va = &r["vote_agree"];
     assert_eq!(va["model"], FLASH, "{va}");
+    assert_eq!(va["headers"]["x-tiergate-consensus"], "agreed");
     assert_eq!(va["text"], "The answer is (B).");
     assert_eq!(va["headers"]["x-tiergate-escalations"], "0");
     assert_eq!(sorted("vote_agree"), ["stub-flash", "stub-sonnet"]);
@@ -366,6 +367,7 @@ async fn the_openai_client_gets_the_cascade() {
     // They disagree: the top tier answers, all three paid for.
     let vd = &r["vote_disagree"];
     assert_eq!(vd["model"], OPUS, "{vd}");
+    assert_eq!(vd["headers"]["x-tiergate-consensus"], "escalated");
     assert_eq!(vd["headers"]["x-tiergate-escalations"], "1");
     assert_eq!(
         sorted("vote_disagree"),
@@ -415,6 +417,7 @@ async fn the_openai_client_gets_the_cascade() {
     // No consensus and the top fails: the cheapest probe's answer ships rather than an error.
     let vt = &r["vote_top_fails"];
     assert_eq!(vt["model"], FLASH, "{vt}");
+    assert_eq!(vt["headers"]["x-tiergate-consensus"], "fallback");
     assert_eq!(vt["text"], "(A)");
     assert!(close(header_f64(vt, "x-tiergate-cost-usd"), probes));
     // A stream asked of a consensus: the probes are asked for whole answers, and the one that
@@ -488,6 +491,7 @@ async fn the_openai_client_gets_the_cascade() {
     // A failing tier is retried one up; only the answer that came is paid for.
     let f = &r["failover"];
     assert_eq!(f["model"], SONNET, "{f}");
+    assert!(f["headers"].get("x-tiergate-consensus").is_none(), "{f}");
     assert_eq!(f["headers"]["x-tiergate-escalations"], "1");
     assert_eq!(stub.models("failover"), ["stub-flash", "stub-sonnet"]);
     assert!(close(

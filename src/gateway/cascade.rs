@@ -36,6 +36,8 @@ pub struct Shipped {
     /// when escalations cost more than that.
     pub saved_usd: f64,
     pub escalations: u32,
+    /// A consensus policy's outcome (`agreed`, `escalated`, `fallback`); None otherwise.
+    pub consensus: Option<&'static str>,
 }
 
 /// A stream's upstream response, not yet read, and who answers it.
@@ -311,7 +313,10 @@ impl Front {
             Err(_) => "failed",
         };
         metrics::counter!(crate::metrics::GATEWAY_CONSENSUS, "outcome" => outcome).increment(1);
-        result.map(|(shipped, _)| shipped)
+        result.map(|(shipped, outcome)| Shipped {
+            consensus: Some(outcome),
+            ..shipped
+        })
     }
 
     /// What a consensus ships once `settled` (see [`Self::consensus`]), with its outcome label;
@@ -546,5 +551,6 @@ fn ship(plan: &Plan, model: String, reply: Value, spent: f64, hops: u32) -> Ship
         cost_usd: spent,
         saved_usd: saved,
         escalations: hops,
+        consensus: None,
     }
 }

@@ -232,6 +232,9 @@ async fn answer(
         "x-tiergate-escalations",
         s.escalations.to_string(),
     );
+    if let Some(outcome) = s.consensus {
+        set(&mut out, "x-tiergate-consensus", outcome.to_string());
+    }
     let bytes = if streamed {
         chat::as_sse(&s.reply)
     } else {
