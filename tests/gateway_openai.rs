@@ -772,6 +772,10 @@ async fn the_front_logs_and_counts_each_request() {
     assert_eq!(a["status"], 200, "{a}");
     assert_eq!(a["model"], model.as_str(), "{a}");
     assert_eq!(a["escalations"], 0, "{a}");
+    assert!(
+        a.get("consensus").is_none(),
+        "only under a consensus policy: {a}"
+    );
     assert!(a["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{a}");
     assert!(a["latency_ms"].as_f64().is_some_and(|ms| ms >= 0.0), "{a}");
     for (id, status, reason) in [

@@ -34,6 +34,8 @@ struct Answered {
     escalations: u32,
     cost_usd: f64,
     stream: bool,
+    /// A consensus policy's outcome (logged only then).
+    consensus: Option<&'static str>,
 }
 
 pub fn router(front: Arc<Front>, max_body_bytes: usize) -> axum::Router {
@@ -144,7 +146,7 @@ fn observe(t0: Instant, r: &Result<(Response, Answered), GatewayError>) {
         Ok((_, a)) => {
             tracing::debug!(target: ACCESS, status = 200u16, model = %a.model,
                 escalations = a.escalations, cost_usd = a.cost_usd, stream = a.stream,
-                latency_ms, "answered");
+                consensus = a.consensus, latency_ms, "answered");
             StatusCode::OK
         }
         Err(e) => {
@@ -187,6 +189,7 @@ async fn answer(
             escalations: s.escalations,
             cost_usd: s.expected_cost_usd,
             stream: true,
+            consensus: None,
         };
         set(&mut out, "x-tiergate-model", s.model);
         set(
@@ -214,6 +217,7 @@ async fn answer(
         escalations: s.escalations,
         cost_usd: s.cost_usd,
         stream: streamed,
+        consensus: s.consensus,
     };
     let mut out = HeaderMap::new();
     out.insert(
