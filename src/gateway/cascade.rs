@@ -269,6 +269,9 @@ impl Front {
             .map(|(i, m)| async move { (i, self.call(plan, m, body, deadline).await) })
             .collect();
         let mut v = Votes::new(probes.len());
+        // A plan error (a probe without an upstream, which config validation rules out) ends
+        // the request; it is still counted below.
+        let mut broken: Option<GatewayError> = None;
         let settled = loop {
             let settled = v.settled(c.agree);
             let now = match settled {
@@ -291,15 +294,24 @@ impl Front {
                 break settled;
             }
             match calls.next().await {
-                Some((i, r)) => v.record(plan, &probes[i], i, r?),
+                Some((i, r)) => {
+                    if let Err(e) = v.record_or_fail(plan, &probes[i], i, r) {
+                        broken = Some(e);
+                        break settled;
+                    }
+                }
                 None => break settled,
             }
         };
-        let result = self
-            .consensus_decided(
-                plan, &probes, settled, top, &mut v, &mut calls, body, deadline,
-            )
-            .await;
+        let result = match broken {
+            Some(e) => Err(e),
+            None => {
+                self.consensus_decided(
+                    plan, &probes, settled, top, &mut v, &mut calls, body, deadline,
+                )
+                .await
+            }
+        };
         for (what, n) in [
             ("answered", v.replies_came),
             ("failed", v.failed),
@@ -366,7 +378,7 @@ impl Front {
                     let r = loop {
                         tokio::select! {
                             r = &mut top_call => break r?,
-                            Some((i, r)) = calls.next() => v.record(plan, &probes[i], i, r?),
+                            Some((i, r)) = calls.next() => v.record_or_fail(plan, &probes[i], i, r)?,
                         }
                     };
                     match r {
@@ -384,7 +396,7 @@ impl Front {
         }
         // The cheapest probe answer, once every probe has had its say; else the last error.
         while let Some((i, r)) = calls.next().await {
-            v.record(plan, &probes[i], i, r?);
+            v.record_or_fail(plan, &probes[i], i, r)?;
         }
         match v
             .replies
@@ -513,6 +525,26 @@ impl Votes {
             .map(|k| k.as_ref().map(Option::as_deref))
             .collect();
         decide::consensus_settled(&view, agree)
+    }
+
+    /// [`Self::record`] a probe's call, or count it failed and hand back the plan's error.
+    fn record_or_fail(
+        &mut self,
+        plan: &Plan,
+        model: &str,
+        i: usize,
+        r: Result<Result<Value, UpstreamError>, GatewayError>,
+    ) -> Result<(), GatewayError> {
+        match r {
+            Ok(r) => {
+                self.record(plan, model, i, r);
+                Ok(())
+            }
+            Err(e) => {
+                self.failed += 1;
+                Err(e)
+            }
+        }
     }
 
     fn record(&mut self, plan: &Plan, model: &str, i: usize, r: Result<Value, UpstreamError>) {
