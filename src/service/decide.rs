@@ -81,18 +81,26 @@ pub fn consensus(prompt: &str, answers: &[Option<&str>], agree: usize) -> Option
 /// [`consensus`] on final answers already read, for callers that judge the same answers
 /// many times (`tiergate consensus`).
 pub fn consensus_of(keys: &[Option<&str>], agree: usize) -> Option<usize> {
-    let mut best: Option<(usize, usize)> = None; // (votes, first member)
+    leader(&groups(keys), agree).map(|(_, i)| i)
+}
+
+/// The groups of answers that commit to the same final answer, as (votes, first member):
+/// largest first, ties to the group whose first (cheapest) member is cheaper.
+fn groups(keys: &[Option<&str>]) -> Vec<(usize, usize)> {
+    let mut groups: Vec<(usize, usize)> = Vec::new();
     for (i, k) in keys.iter().enumerate() {
         let Some(k) = k else { continue };
-        if keys[..i].iter().any(|e| e == &Some(*k)) {
-            continue; // this group was counted at its first member
-        }
-        let votes = keys[i..].iter().filter(|e| *e == &Some(*k)).count();
-        if votes >= agree.max(1) && best.is_none_or(|(v, _)| votes > v) {
-            best = Some((votes, i));
+        if !keys[..i].contains(&Some(*k)) {
+            groups.push((keys[i..].iter().filter(|e| *e == &Some(*k)).count(), i));
         }
     }
-    best.map(|(_, i)| i)
+    groups.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    groups
+}
+
+/// The leading group of [`groups`], if it has `agree` votes.
+fn leader(groups: &[(usize, usize)], agree: usize) -> Option<(usize, usize)> {
+    groups.first().copied().filter(|g| g.0 >= agree.max(1))
 }
 
 /// Where a consensus stands while some answers are still to come.
@@ -115,25 +123,15 @@ pub enum Settled {
 pub fn consensus_settled(keys: &[Option<Option<&str>>], agree: usize) -> Settled {
     let pending = keys.iter().filter(|k| k.is_none()).count();
     let came: Vec<Option<&str>> = keys.iter().map(|k| k.flatten()).collect();
+    let groups = groups(&came);
+    let lead = leader(&groups, agree);
     if pending == 0 {
-        return consensus_of(&came, agree).map_or(Settled::Escalate, Settled::Ship);
+        return lead.map_or(Settled::Escalate, |(_, i)| Settled::Ship(i));
     }
-    // Each group's votes at its first (cheapest) member that has answered, largest first.
-    let mut groups: Vec<(usize, usize)> = Vec::new();
-    for (i, k) in came.iter().enumerate() {
-        let Some(k) = k else { continue };
-        if !came[..i].contains(&Some(*k)) {
-            groups.push((came[i..].iter().filter(|e| *e == &Some(*k)).count(), i));
-        }
-    }
-    groups.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-    let lead = groups.first().map_or(0, |g| g.0);
-    let second = groups.get(1).map_or(0, |g| g.0);
-    match groups.first() {
-        Some(&(votes, first)) if votes >= agree.max(1) && votes > second + pending => {
-            Settled::Ship(first)
-        }
-        _ if lead + pending < agree.max(1) => Settled::Escalate,
+    let votes = |g: Option<&(usize, usize)>| g.map_or(0, |g| g.0);
+    match lead {
+        Some((v, first)) if v > votes(groups.get(1)) + pending => Settled::Ship(first),
+        _ if votes(groups.first()) + pending < agree.max(1) => Settled::Escalate,
         _ => Settled::Wait,
     }
 }
