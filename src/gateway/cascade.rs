@@ -358,8 +358,8 @@ impl Front {
         // No answer, and an upstream refused the request itself (a 4xx other than 429): every
         // tier would; its error goes back as the upstream wrote it, as in the cascade.
         if calls.is_empty() && v.replies.iter().all(Option::is_none) {
-            if let Some(k) = v.errors.iter().position(|e| !e.retryable()) {
-                return Err(v.errors.swap_remove(k).into());
+            if let Some(e) = v.take_refusal() {
+                return Err(e.into());
             }
         }
         let mut hops = 0;
@@ -407,12 +407,9 @@ impl Front {
             Some((m, reply)) => Ok((ship(plan, m, reply, v.spent, hops), "fallback")),
             // The request's own fault first (a probe that answered after the top was called
             // may have refused it), else the last error.
-            None => Err(match v.errors.iter().position(|e| !e.retryable()) {
-                Some(k) => v.errors.swap_remove(k).into(),
-                None => match v.errors.pop() {
-                    Some(e) => e.into(),
-                    None => GatewayError::UnknownModel("no candidate to escalate to".into()),
-                },
+            None => Err(match v.take_refusal().or_else(|| v.errors.pop()) {
+                Some(e) => e.into(),
+                None => GatewayError::UnknownModel("no candidate to escalate to".into()),
             }),
         }
     }
@@ -525,6 +522,13 @@ impl Votes {
             .map(|k| k.as_ref().map(Option::as_deref))
             .collect();
         decide::consensus_settled(&view, agree)
+    }
+
+    /// An upstream's refusal of the request itself (a 4xx other than 429), taken out of the
+    /// errors: every tier would refuse it too, so it goes back as the upstream wrote it.
+    fn take_refusal(&mut self) -> Option<UpstreamError> {
+        let k = self.errors.iter().position(|e| !e.retryable())?;
+        Some(self.errors.swap_remove(k))
     }
 
     /// [`Self::record`] a probe's call, or count it failed and hand back the plan's error.
