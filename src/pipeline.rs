@@ -265,7 +265,11 @@ impl TextPipeline {
     /// Whether heads fitted on encoder revision `rev` fit these weights: the same weights, or
     /// the weights this f16 export was made from.
     pub fn fits_revision(&self, rev: &str) -> bool {
-        self.model_revision == rev || self.model_source_revision.as_deref() == Some(rev)
+        crate::model::encoder::revision_fits(
+            &self.model_revision,
+            self.model_source_revision.as_deref(),
+            rev,
+        )
     }
 
     /// Runs `f` on a text of `bytes` bytes on a tokenizer pool, off the async runtime, once

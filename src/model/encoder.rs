@@ -392,6 +392,12 @@ fn source_revision(bytes: &[u8]) -> Option<String> {
     (rev.len() == 12 && rev.bytes().all(|b| b.is_ascii_hexdigit())).then(|| rev.clone())
 }
 
+/// Whether something fitted on weights of revision `rev` fits weights of revision `own`,
+/// exported from `source` if they are an f16 export: the same weights, or their source.
+pub fn revision_fits(own: &str, source: Option<&str>, rev: &str) -> bool {
+    own == rev || source == Some(rev)
+}
+
 impl MiniLm {
     /// Loads `config.json` and `model.safetensors` from `dir`.
     pub fn load(dir: &Path) -> Result<Self> {
@@ -619,7 +625,7 @@ impl MiniLm {
     /// Whether something fitted on weights of revision `rev` (heads, int8 ranges, the static
     /// student) fits these: the same weights, or the weights this export was made from.
     pub fn fits_revision(&self, rev: &str) -> bool {
-        self.revision == rev || self.source_revision.as_deref() == Some(rev)
+        revision_fits(&self.revision, self.source_revision.as_deref(), rev)
     }
 
     /// Checks what [`Self::forward`] would otherwise panic on: token ids, type ids
