@@ -140,15 +140,21 @@ def batches(lengths, idx, max_tokens):
     return out
 
 
-def run_layers(layers, states, ids):
+def padded(states, ids):
+    """states[ids] as one zero-padded f32 batch, its valid-token mask and attention mask."""
     n = max(states[i].shape[0] for i in ids)
     x = torch.zeros(len(ids), n, 384)
     valid = torch.zeros(len(ids), n, dtype=torch.bool)
     for j, i in enumerate(ids):
-        x[j, : states[i].shape[0]] = states[i]
+        x[j, : states[i].shape[0]] = states[i].float()
         valid[j, : states[i].shape[0]] = True
     mask = torch.zeros(len(ids), 1, 1, n)
     mask.masked_fill_(~valid[:, None, None, :], -1e4)
+    return x, valid, mask
+
+
+def run_layers(layers, states, ids):
+    x, valid, mask = padded(states, ids)
     for layer in layers:
         x = layer(x, mask)
     pooled = (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)

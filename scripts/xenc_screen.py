@@ -29,7 +29,7 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from adapter_screen import Layer, auroc, batches  # noqa: E402
+from adapter_screen import Layer, auroc, batches, padded  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.manual_seed(0)
@@ -70,18 +70,6 @@ def embed(w, ids, types):
          + w["embeddings.token_type_embeddings.weight"][types])
     return F.layer_norm(torch.tensor(x), (384,), torch.tensor(w["embeddings.LayerNorm.weight"]),
                         torch.tensor(w["embeddings.LayerNorm.bias"]), eps=1e-12)
-
-
-def padded(states, ids):
-    n = max(states[i].shape[0] for i in ids)
-    x = torch.zeros(len(ids), n, 384)
-    valid = torch.zeros(len(ids), n, dtype=torch.bool)
-    for j, i in enumerate(ids):
-        x[j, : states[i].shape[0]] = states[i].float()
-        valid[j, : states[i].shape[0]] = True
-    mask = torch.zeros(len(ids), 1, 1, n)
-    mask.masked_fill_(~valid[:, None, None, :], -1e4)
-    return x, valid, mask
 
 
 def top(layers, states, ids):
