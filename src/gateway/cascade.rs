@@ -54,8 +54,6 @@ struct Plan {
     order: Vec<String>,
     start: String,
     route: Option<RouteOutcome>,
-    /// Whether the gateway chose (`auto`): then what it saved against the top is reported.
-    priced: bool,
     policy: Option<PolicyRequest>,
     verify: bool,
     prompt: String,
@@ -107,7 +105,6 @@ impl Front {
                     order: vec![m.clone()],
                     start: m,
                     route: None,
-                    priced: false,
                     policy: None,
                     verify: false,
                     prompt,
@@ -128,7 +125,6 @@ impl Front {
                         start: order.first().cloned().unwrap_or_default(),
                         order,
                         route: None,
-                        priced: true,
                         policy: pol,
                         verify: false,
                         prompt,
@@ -149,7 +145,6 @@ impl Front {
                     order: route.candidates.iter().map(|c| c.model.clone()).collect(),
                     start: route.model.clone(),
                     route: Some(route),
-                    priced: true,
                     policy: pol,
                     verify,
                     prompt,
@@ -576,11 +571,12 @@ fn retry(e: &UpstreamError, deadline: Instant) -> bool {
 }
 
 fn ship(plan: &Plan, model: String, reply: Value, spent: f64, hops: u32) -> Shipped {
-    // What the most expensive candidate would have cost for the same tokens.
-    let saved = match plan.order.last() {
-        Some(top) if plan.priced => plan.cost(top, &reply) - spent,
-        _ => 0.0,
-    };
+    // What the most expensive candidate would have cost for the same tokens (a named model's
+    // plan holds that model alone, so it saved exactly 0).
+    let saved = plan
+        .order
+        .last()
+        .map_or(0.0, |top| plan.cost(top, &reply) - spent);
     Shipped {
         reply: chat::finish(reply, &model, spent),
         model,
