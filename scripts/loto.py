@@ -18,7 +18,9 @@ mbpp) leaves training while the source's other tasks keep its models known:
    picked on others; its docstring has every rule); extra arguments go to protocol.py
    (e.g. --no-calibration, --no-memory).
 
-usage: python3 scripts/loto.py SOURCE TASK [protocol.py flags...]
+usage: python3 scripts/loto.py SOURCE TASK[,TASK...] [protocol.py flags...]
+       (several tasks leave together and come back as one traffic, e.g. the MMLU-Pro subjects
+       of the sealed set's kind that train never holds)
 env:   WORK (default /tmp/loto), BIN (default target/release/tiergate), DATA (../shared/data),
        TRAIN_FLAGS
 """
@@ -35,6 +37,7 @@ def main():
     if len(sys.argv) < 3:
         sys.exit(__doc__)
     source, task, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
+    tasks = set(task.split(","))
     work = os.path.abspath(os.environ.get("WORK", "/tmp/loto"))
     data = os.path.abspath(os.environ.get("DATA", os.path.join(ROOT, "..", "shared", "data")))
     bin_ = os.path.abspath(os.environ.get("BIN", os.path.join(ROOT, "target", "release", "tiergate")))
@@ -53,7 +56,7 @@ def main():
                 with gzip.open(os.path.join(data, f"{split}.jsonl.gz"), "rt") as f:
                     for line in f:
                         r = json.loads(line)
-                        if r["source"] == source and r["task"] == task:
+                        if r["source"] == source and r["task"] in tasks:
                             r["source"] = f"{source}:{task}"
                             tf.write(json.dumps(r) + "\n")
                             left += 1
