@@ -534,43 +534,59 @@ fn refit_verifier(
             z
         };
         // Candidates (features, L2): the combination alone, or the small features too. With
-        // enough rows, the one with the lowest log-loss on a held-out fifth of the calibration
+        // enough rows, the one with the lowest log-loss on held-out fifths of the calibration
         // prompts wins (on traffic the heads know, re-weighing rarely pays; on new traffic it
-        // does), then it is re-fitted on all rows.
+        // does), then it is re-fitted on all rows. Every fifth is held out in turn: one fifth
+        // alone chose a different candidate in most draws of the same traffic.
         let mut cands = vec![(1usize, 1e-4)];
         if ys.len() >= MIN_ROWS_FOR_FEATURE_REFIT {
             cands.extend([(small, 1e-3), (small, 1e-2), (small, 1e-1)]);
         }
-        let rows_of = |width: usize, want_held: Option<bool>| -> (Vec<f32>, Vec<f32>) {
+        // (features, labels) of the rows in `fold` (held) or outside it (fit); None: all.
+        let rows_of = |width: usize, fold: Option<(usize, bool)>| -> (Vec<f32>, Vec<f32>) {
             let mut fx = Vec::new();
             let mut fy = Vec::new();
             for (j, x) in xs.iter().enumerate() {
-                if want_held.is_none_or(|w| (folds[j] == 0) == w) {
+                if fold.is_none_or(|(k, held)| (folds[j] == k) == held) {
                     fx.extend(feats(x, width));
                     fy.push(ys[j]);
                 }
             }
             (fx, fy)
         };
+        // Fifths with rows on both sides; with fewer than two the trained verifier's own
+        // combination is re-fitted without a choice.
+        let usable: Vec<usize> = (0..5)
+            .filter(|&k| folds.contains(&k) && folds.iter().any(|&f| f != k))
+            .collect();
         // The trained verifier, unchanged (it reads the adapted router), is a candidate too:
         // on traffic the heads already know, a re-fit on a few thousand rows can cost more
-        // than it brings.
-        let held: Vec<usize> = (0..xs.len()).filter(|&j| folds[j] == 0).collect();
-        let keep_loss = (!held.is_empty() && held.len() < xs.len()).then(|| {
-            let p: Vec<f64> = held.iter().map(|&j| v.p(&xs[j])).collect();
-            let y: Vec<f32> = held.iter().map(|&j| ys[j]).collect();
-            fit::log_loss(&p, &y)
-        });
+        // than it brings. Losses are summed over the held-out rows of every usable fifth.
+        let held_rows: Vec<usize> = (0..xs.len())
+            .filter(|&j| usable.contains(&folds[j]))
+            .collect();
         let mut chosen = Some(cands[0]);
-        if let Some(keep) = keep_loss {
+        let mut losses = Vec::new();
+        if usable.len() >= 2 {
+            let p: Vec<f64> = held_rows.iter().map(|&j| v.p(&xs[j])).collect();
+            let y: Vec<f32> = held_rows.iter().map(|&j| ys[j]).collect();
+            let keep = fit::log_loss(&p, &y);
+            losses.push(serde_json::json!({ "kept": true, "loss": keep }));
             let mut best = keep;
             chosen = None;
             for &(width, l2) in &cands {
                 let d = 1 + width;
-                let ((fx, fy), (hx, hy)) =
-                    (rows_of(width, Some(false)), rows_of(width, Some(true)));
-                let h = fit::logistic(&fx, d, &fy, l2)?;
-                let loss = fit::head_log_loss(&h, &hx, d, &hy);
+                let mut total = 0.0;
+                for &k in &usable {
+                    let ((fx, fy), (hx, hy)) = (
+                        rows_of(width, Some((k, false))),
+                        rows_of(width, Some((k, true))),
+                    );
+                    let h = fit::logistic(&fx, d, &fy, l2)?;
+                    total += fit::head_log_loss(&h, &hx, d, &hy) * hy.len() as f64;
+                }
+                let loss = total / held_rows.len() as f64;
+                losses.push(serde_json::json!({ "features": width, "l2": l2, "loss": loss }));
                 if loss < best {
                     best = loss;
                     chosen = Some((width, l2));
@@ -578,7 +594,10 @@ fn refit_verifier(
             }
         }
         let Some((width, l2)) = chosen else {
-            return Ok((ys.len(), serde_json::json!({ "kept": true })));
+            return Ok((
+                ys.len(),
+                serde_json::json!({ "kept": true, "held_out_log_loss": losses }),
+            ));
         };
         let d = 1 + width;
         let (flat, _) = rows_of(width, None);
@@ -602,7 +621,7 @@ fn refit_verifier(
             platt_b: 0.0,
             router_coef: 0.0,
         };
-        refit = serde_json::json!({ "features": width, "l2": l2 });
+        refit = serde_json::json!({ "features": width, "l2": l2, "held_out_log_loss": losses });
     }
     Ok((ys.len(), refit))
 }
@@ -795,6 +814,33 @@ mod tests {
         h.validate()?;
         let after = verifier_auroc(&h, &test, &tf);
         assert!(after > 0.9, "after calibration {after} (before {before})");
+        Ok(())
+    }
+
+    /// The re-fit's choice is the candidate with the least log-loss summed over every held-out
+    /// fifth, the trained verifier kept among them; the report shows each loss.
+    #[test]
+    fn refit_choice_is_the_least_held_out_loss() -> Result<()> {
+        let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/heads.json"));
+        let mut h = Heads::load(path)?;
+        let (calib, cf) = traffic(MIN_ROWS_FOR_FEATURE_REFIT + 300, 0, h.dim);
+        let rep = adapt(&mut h, &calib, &cf, true)?;
+        let refit = &rep["verifier_refit"];
+        let losses = refit["held_out_log_loss"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(losses.len(), 5, "kept + four candidates: {refit}");
+        assert_eq!(losses[0]["kept"], serde_json::json!(true), "{refit}");
+        let loss = |e: &serde_json::Value| e["loss"].as_f64().unwrap_or(f64::NAN);
+        let best = losses
+            .iter()
+            .min_by(|a, b| loss(a).total_cmp(&loss(b)))
+            .cloned()
+            .unwrap_or_default();
+        assert!(losses.iter().all(|e| loss(e).is_finite()), "{refit}");
+        assert_eq!(best["features"], refit["features"], "{refit}");
+        assert_eq!(best["l2"], refit["l2"], "{refit}");
         Ok(())
     }
 
