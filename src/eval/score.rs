@@ -506,7 +506,7 @@ fn refit_verifier(
     f: &RowFeatures,
 ) -> Result<(usize, serde_json::Value)> {
     // Calibration rows are split into five folds by prompt; the re-fit picks its candidate
-    // on one of them.
+    // by its log-loss on each fold in turn, fitted on the other four.
     let fold_of = |i: usize| calibration_fold(&rows[i]);
     let nv = heads::verify_dim(heads.dim);
     let small = nv - heads.dim - 1; // router logit + text/form features + interactions
@@ -542,13 +542,16 @@ fn refit_verifier(
         if ys.len() >= MIN_ROWS_FOR_FEATURE_REFIT {
             cands.extend([(small, 1e-3), (small, 1e-2), (small, 1e-1)]);
         }
+        // Every row's widest features, once (the trees are read here); a narrower candidate
+        // reads a prefix.
+        let widest: Vec<Vec<f32>> = xs.iter().map(|x| feats(x, small)).collect();
         // (features, labels) of the rows in `fold` (held) or outside it (fit); None: all.
         let rows_of = |width: usize, fold: Option<(usize, bool)>| -> (Vec<f32>, Vec<f32>) {
             let mut fx = Vec::new();
             let mut fy = Vec::new();
-            for (j, x) in xs.iter().enumerate() {
+            for (j, x) in widest.iter().enumerate() {
                 if fold.is_none_or(|(k, held)| (folds[j] == k) == held) {
-                    fx.extend(feats(x, width));
+                    fx.extend_from_slice(&x[..1 + width]);
                     fy.push(ys[j]);
                 }
             }
@@ -596,7 +599,7 @@ fn refit_verifier(
         let Some((width, l2)) = chosen else {
             return Ok((
                 ys.len(),
-                serde_json::json!({ "kept": true, "held_out_log_loss": losses }),
+                serde_json::json!({ "kept": true, "folds": usable.len(), "held_out_log_loss": losses }),
             ));
         };
         let d = 1 + width;
@@ -621,7 +624,12 @@ fn refit_verifier(
             platt_b: 0.0,
             router_coef: 0.0,
         };
-        refit = serde_json::json!({ "features": width, "l2": l2, "held_out_log_loss": losses });
+        refit = serde_json::json!({
+            "features": width,
+            "l2": l2,
+            "folds": usable.len(),
+            "held_out_log_loss": losses,
+        });
     }
     Ok((ys.len(), refit))
 }
@@ -831,6 +839,11 @@ mod tests {
             .cloned()
             .unwrap_or_default();
         assert_eq!(losses.len(), 5, "kept + four candidates: {refit}");
+        assert_eq!(
+            refit["folds"].as_u64(),
+            Some(5),
+            "every fifth held out in turn: {refit}"
+        );
         assert_eq!(losses[0]["kept"], serde_json::json!(true), "{refit}");
         let loss = |e: &serde_json::Value| e["loss"].as_f64().unwrap_or(f64::NAN);
         let best = losses
