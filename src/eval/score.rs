@@ -284,7 +284,7 @@ pub fn adapt(
     let (verifier_rows, refit) = refit_verifier(heads, rows, f)?;
     heads.memory = None;
     let memory = if memory {
-        remember(heads, rows, f)
+        remember(heads, rows, f, &router.held_out_p)
     } else {
         serde_json::Value::Null
     };
@@ -300,14 +300,26 @@ pub fn adapt(
 
 /// The labelled prompts as a memory that corrects the (adapted) router per prompt, kept only
 /// when it predicts the calibration rows better than the router, each from the other prompts.
-fn remember(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> serde_json::Value {
+/// The router's side of that comparison is its held-out p where there is one: abilities fitted
+/// on the very rows they are judged on look better than they will on new prompts, and the
+/// memory would lose to that optimism.
+fn remember(
+    heads: &mut Heads,
+    rows: &[Row],
+    f: &RowFeatures,
+    held_out_p: &[Option<f64>],
+) -> serde_json::Value {
     heads.memory = None;
     let outcomes: Vec<(usize, String, f32, f64)> = rows
         .iter()
         .enumerate()
         .filter_map(|(i, r)| {
             let s = r.score?;
-            let p = heads.route_p(&r.model, f.prompt(i));
+            let p = held_out_p
+                .get(i)
+                .copied()
+                .flatten()
+                .unwrap_or_else(|| heads.route_p(&r.model, f.prompt(i)));
             Some((f.prompt_of_row[i], r.model.clone(), s as f32, p))
         })
         .collect();
@@ -326,6 +338,9 @@ struct RouterAdaptation {
     prior_shift: Option<f64>,
     models: serde_json::Map<String, serde_json::Value>,
     known_pull: serde_json::Value,
+    /// Per calibration row: the router's p from abilities fitted without the row's fifth of
+    /// the prompts (what a new prompt of this traffic sees); None where no such fit exists.
+    held_out_p: Vec<Option<f64>>,
 }
 
 /// Each calibration model's ability on this traffic (new models from the shifted prior,
@@ -425,10 +440,25 @@ fn adapt_router(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<Rout
         .map_or(KNOWN_PULLS[0], |&(pull, _)| pull);
     let mut report = serde_json::Map::new();
     let mut fitted = Vec::new();
+    let mut held_out_p = vec![None; rows.len()];
     for (m, idx) in &by_model {
         let known = heads.router.models.contains_key(*m);
         // New models start from the (shifted) prior and follow their rows.
         let pull = if known { known_pull } else { (2.0, 2.0) };
+        for fold in 0..5 {
+            let (held, fit_idx): (Vec<usize>, Vec<usize>) =
+                idx.iter().partition(|&&i| fold_of(i) == fold);
+            if held.is_empty() || fit_idx.is_empty() {
+                continue;
+            }
+            let a = fit_rows(heads, m, &fit_idx, pull)?;
+            for &i in &held {
+                if let Some(p) = &pf[i] {
+                    held_out_p[i] =
+                        Some(crate::base::sigmoid(heads.router.logit_from(p, &a) as f64));
+                }
+            }
+        }
         let a = fit_rows(heads, m, idx, pull)?;
         report.insert(
             m.to_string(),
@@ -448,6 +478,7 @@ fn adapt_router(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<Rout
         prior_shift,
         models: report,
         known_pull: pull_report,
+        held_out_p,
     })
 }
 
@@ -854,6 +885,29 @@ mod tests {
         assert!(losses.iter().all(|e| loss(e).is_finite()), "{refit}");
         assert_eq!(best["features"], refit["features"], "{refit}");
         assert_eq!(best["l2"], refit["l2"], "{refit}");
+        Ok(())
+    }
+
+    /// The memory is judged against the router's p on prompts its abilities were not fitted
+    /// on: every calibration row gets one, and it predicts the rows worse than the in-sample
+    /// fit does (the optimism the memory would otherwise have to beat).
+    #[test]
+    fn held_out_router_p_is_held_out() -> Result<()> {
+        let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/heads.json"));
+        let mut h = Heads::load(path)?;
+        let (calib, cf) = traffic(300, 0, h.dim);
+        let adapted = adapt_router(&mut h, &calib, &cf)?;
+        let held: Vec<f64> = adapted.held_out_p.iter().flatten().copied().collect();
+        assert_eq!(held.len(), calib.len(), "one held-out p per row");
+        let y: Vec<f32> = calib
+            .iter()
+            .map(|r| r.score.unwrap_or(0.0) as f32)
+            .collect();
+        let in_sample: Vec<f64> = (0..calib.len())
+            .map(|i| h.route_p(&calib[i].model, cf.prompt(i)))
+            .collect();
+        let (lh, li) = (fit::log_loss(&held, &y), fit::log_loss(&in_sample, &y));
+        assert!(lh > li, "held-out {lh} vs in-sample {li}");
         Ok(())
     }
 
