@@ -398,6 +398,28 @@ fn adapt_router(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<Rout
     // their levels differ, and a strong pull leaves the router off by a model-wide offset.
     // Chosen by log-loss on held-out fifths of the calibration prompts.
     let fold_of = |i: usize| calibration_fold(&rows[i]);
+    // (row, p) for each of `idx`'s rows, p from abilities fitted without the row's fifth of
+    // the prompts; rows of a fifth with no other fifth beside it are left out.
+    let held_out = |m: &str, idx: &[usize], pull: (f64, f64)| -> Result<Vec<(usize, f64)>> {
+        let mut out = Vec::new();
+        for fold in 0..5 {
+            let (held, fit_idx): (Vec<usize>, Vec<usize>) =
+                idx.iter().partition(|&&i| fold_of(i) == fold);
+            if held.is_empty() || fit_idx.is_empty() {
+                continue;
+            }
+            let a = fit_rows(heads, m, &fit_idx, pull)?;
+            for &i in &held {
+                if let Some(p) = &pf[i] {
+                    out.push((
+                        i,
+                        crate::base::sigmoid(heads.router.logit_from(p, &a) as f64),
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    };
     let known: Vec<(&str, &Vec<usize>)> = by_model
         .iter()
         .filter(|(m, _)| heads.router.models.contains_key(**m))
@@ -405,27 +427,23 @@ fn adapt_router(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<Rout
         .collect();
     let known_rows: usize = known.iter().map(|(_, idx)| idx.len()).sum();
     let mut pull_losses = Vec::new();
+    // Known models' held-out p under each pull tried, kept for the memory's comparison.
+    let mut held_by_pull: Vec<(Pull, Vec<(usize, f64)>)> = Vec::new();
     if known_rows >= MIN_ROWS_FOR_PULL {
         for &pull in &KNOWN_PULLS {
             let (mut loss, mut n) = (0.0, 0usize);
+            let mut all = Vec::new();
             for (m, idx) in &known {
-                for fold in 0..5 {
-                    let (held, fit_idx): (Vec<usize>, Vec<usize>) =
-                        idx.iter().partition(|&&i| fold_of(i) == fold);
-                    if held.is_empty() || fit_idx.is_empty() {
-                        continue;
+                for (i, p) in held_out(m, idx, pull)? {
+                    if let Some(y) = rows[i].score {
+                        loss += fit::bce(p, y);
+                        n += 1;
                     }
-                    let a = fit_rows(heads, m, &fit_idx, pull)?;
-                    for &i in &held {
-                        if let (Some(p), Some(y)) = (&pf[i], rows[i].score) {
-                            let z = heads.router.logit_from(p, &a) as f64;
-                            loss += fit::bce(crate::base::sigmoid(z), y);
-                            n += 1;
-                        }
-                    }
+                    all.push((i, p));
                 }
             }
             pull_losses.push((pull, loss / n.max(1) as f64));
+            held_by_pull.push((pull, all));
         }
     }
     // The default stays unless another pull predicts held-out rows clearly better: a few
@@ -441,22 +459,18 @@ fn adapt_router(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<Rout
     let mut report = serde_json::Map::new();
     let mut fitted = Vec::new();
     let mut held_out_p = vec![None; rows.len()];
+    // Known models' were fitted while choosing the pull; the others' are fitted below.
+    let cached = held_by_pull.iter().find(|(pull, _)| *pull == known_pull);
+    for &(i, p) in cached.map_or(&[][..], |(_, v)| v.as_slice()) {
+        held_out_p[i] = Some(p);
+    }
     for (m, idx) in &by_model {
         let known = heads.router.models.contains_key(*m);
         // New models start from the (shifted) prior and follow their rows.
         let pull = if known { known_pull } else { (2.0, 2.0) };
-        for fold in 0..5 {
-            let (held, fit_idx): (Vec<usize>, Vec<usize>) =
-                idx.iter().partition(|&&i| fold_of(i) == fold);
-            if held.is_empty() || fit_idx.is_empty() {
-                continue;
-            }
-            let a = fit_rows(heads, m, &fit_idx, pull)?;
-            for &i in &held {
-                if let Some(p) = &pf[i] {
-                    held_out_p[i] =
-                        Some(crate::base::sigmoid(heads.router.logit_from(p, &a) as f64));
-                }
+        if !(known && cached.is_some()) {
+            for (i, p) in held_out(m, idx, pull)? {
+                held_out_p[i] = Some(p);
             }
         }
         let a = fit_rows(heads, m, idx, pull)?;
@@ -488,8 +502,11 @@ fn calibration_fold(r: &Row) -> usize {
     (super::util::hash_str(0x5eed, &format!("{}/{}", r.source, r.prompt_id)) % 5) as usize
 }
 
+/// L2 pulls (on skills, on level) towards a model's trained ability.
+type Pull = (f64, f64);
+
 /// Pulls (on skills, on level) a known model's ability may get; the first is the default.
-const KNOWN_PULLS: [(f64, f64); 4] = [(20.0, 20.0), (20.0, 2.0), (5.0, 5.0), (2.0, 2.0)];
+const KNOWN_PULLS: [Pull; 4] = [(20.0, 20.0), (20.0, 2.0), (5.0, 5.0), (2.0, 2.0)];
 
 /// Known models' labelled rows needed before the pull is chosen (by log-loss on held-out
 /// fifths of the calibration prompts) rather than left at the default.
@@ -827,6 +844,13 @@ mod tests {
         (rows, f)
     }
 
+    fn trained_heads() -> Result<Heads> {
+        Heads::load(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/models/heads.json"
+        )))
+    }
+
     fn verifier_auroc(h: &Heads, rows: &[Row], f: &RowFeatures) -> f64 {
         let s = score_with(h, rows, f);
         let p: Vec<f64> = s.iter().map(|(_, v)| v.unwrap_or(0.0)).collect();
@@ -836,8 +860,7 @@ mod tests {
 
     #[test]
     fn calibration_reweighs_text_cues_on_new_traffic() -> Result<()> {
-        let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/heads.json"));
-        let mut h = Heads::load(path)?;
+        let mut h = trained_heads()?;
         let (test, tf) = traffic(200, 10_000, h.dim);
         let before = verifier_auroc(&h, &test, &tf);
         assert!(
@@ -860,8 +883,7 @@ mod tests {
     /// fifth, the trained verifier kept among them; the report shows each loss.
     #[test]
     fn refit_choice_is_the_least_held_out_loss() -> Result<()> {
-        let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/heads.json"));
-        let mut h = Heads::load(path)?;
+        let mut h = trained_heads()?;
         let (calib, cf) = traffic(MIN_ROWS_FOR_FEATURE_REFIT + 300, 0, h.dim);
         let rep = adapt(&mut h, &calib, &cf, true)?;
         let refit = &rep["verifier_refit"];
@@ -893,8 +915,7 @@ mod tests {
     /// fit does (the optimism the memory would otherwise have to beat).
     #[test]
     fn held_out_router_p_is_held_out() -> Result<()> {
-        let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/heads.json"));
-        let mut h = Heads::load(path)?;
+        let mut h = trained_heads()?;
         let (calib, cf) = traffic(300, 0, h.dim);
         let adapted = adapt_router(&mut h, &calib, &cf)?;
         let held: Vec<f64> = adapted.held_out_p.iter().flatten().copied().collect();
@@ -913,8 +934,7 @@ mod tests {
 
     #[test]
     fn few_calibration_rows_only_recombine() -> Result<()> {
-        let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/heads.json"));
-        let mut h = Heads::load(path)?;
+        let mut h = trained_heads()?;
         let (calib, cf) = traffic(100, 0, h.dim);
         let rep = adapt(&mut h, &calib, &cf, true)?;
         assert_eq!(rep["verifier_refit"]["features"].as_u64(), Some(1), "{rep}");
