@@ -5,7 +5,8 @@ the other way round from `score --calibration`'s memory of the user's labelled p
 For each dev row (prompt, model) the train prompts of the same source nearest to the dev prompt
 (cosine of the served encoder's prompt embeddings) give that model's train outcomes; they are
 blended with the row's p_route as pseudo-counts, the router's p counting as `alpha` outcomes and
-each neighbour as exp((cos - 1) / tau) (tau 0: all alike), as `model::memory` blends. Reported per
+each neighbour as exp((cos - 1) / tau) (tau 0: all alike), as `model::memory` blends (except that
+outcomes here are pass/fail at score 0.5, where the Rust blends soft scores). Reported per
 (k, tau, alpha): within-model AUROC (mean over the source's models with >= 50 train prompts) and
 log-loss, router alone -> blended. Nothing here is fitted on dev; dev only reads the figures.
 
@@ -127,8 +128,9 @@ def main():
                     y, p0, p1 = [], [], []
                     for r in rows:
                         s = sims[d_ix[r["prompt_id"]], idx]
-                        nn = np.argpartition(-s, k)[:k]
-                        w = np.exp((s[nn] - 1) / tau) if tau > 0 else np.ones(k)
+                        kk = min(k, len(s))
+                        nn = np.argpartition(-s, kk - 1)[:kk]
+                        w = np.exp((s[nn] - 1) / tau) if tau > 0 else np.ones(kk)
                         pr = p_route[(src, r["prompt_id"], m)]
                         y.append(int(r["score"] >= 0.5))
                         p0.append(pr)
