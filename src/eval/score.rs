@@ -323,7 +323,14 @@ fn remember(
             Some((f.prompt_of_row[i], r.model.clone(), s as f32, p))
         })
         .collect();
-    match crate::model::memory::fit(f.dim, &f.prompt_emb, &outcomes) {
+    // Each prompt's fifth: the memory's setting is judged on each fifth chosen on the others.
+    let mut groups = vec![usize::MAX; f.prompt_emb.len() / f.dim.max(1)];
+    for (i, r) in rows.iter().enumerate() {
+        if let Some(g) = groups.get_mut(f.prompt_of_row[i]) {
+            *g = calibration_fold(r);
+        }
+    }
+    match crate::model::memory::fit(f.dim, &f.prompt_emb, &outcomes, Some(&groups)) {
         Some((m, fit)) => {
             let report = serde_json::json!({ "prompts": m.len(), "fit": fit });
             heads.memory = Some(m);
