@@ -229,53 +229,54 @@ pub fn fit(
                 .flat_map(move |&a| TAUS.iter().map(move |&t| (k, a, t)))
         })
         .collect();
-    let per: Vec<Vec<f64>> = settings
-        .iter()
+    // Each outcome's slot: its prompt's group among those present, the last slot for none.
+    let group_of = |j: usize| groups.and_then(|g| g.get(outcomes[j].0).copied());
+    let ids: Vec<usize> = {
+        let set: std::collections::BTreeSet<usize> =
+            (0..outcomes.len()).filter_map(group_of).collect();
+        set.into_iter().collect()
+    };
+    let slot: Vec<usize> = (0..outcomes.len())
+        .map(|j| group_of(j).map_or(ids.len(), |g| ids.partition_point(|&x| x < g)))
+        .collect();
+    // Per setting: its summed loss over all outcomes (in order, so that without groups the
+    // figures are what they always were) and per slot, so that a setting can be chosen without
+    // a group and read on it; 120 × (groups + 1) numbers, however many outcomes.
+    let sums: Vec<(f64, Vec<f64>)> = settings
+        .par_iter()
         .map(|&(k, alpha, tau)| {
-            outcomes
-                .iter()
-                .enumerate()
-                .map(|(j, (_, _, s, p))| {
-                    let top = &tops[j][..k.min(tops[j].len())];
-                    bce(blend(top, *p, alpha, tau), *s as f64)
-                })
-                .collect()
+            let mut by_slot = vec![0.0f64; ids.len() + 1];
+            let mut total = 0.0f64;
+            for (j, (_, _, s, p)) in outcomes.iter().enumerate() {
+                let top = &tops[j][..k.min(tops[j].len())];
+                let l = bce(blend(top, *p, alpha, tau), *s as f64);
+                total += l;
+                by_slot[slot[j]] += l;
+            }
+            (total, by_slot)
         })
         .collect();
-    let n = outcomes.len() as f64;
-    // The setting with the least summed loss over the outcomes `sel` keeps (first on ties).
-    let choose = |sel: &dyn Fn(usize) -> bool| -> Option<usize> {
-        let sums = per.iter().map(|l| {
-            l.iter()
-                .enumerate()
-                .filter(|&(j, _)| sel(j))
-                .map(|(_, v)| v)
-                .sum::<f64>()
-        });
-        sums.enumerate()
+    let count = outcomes.len() as f64;
+    // The first setting with the least of `score` (the grid's order breaks ties).
+    let choose = |score: &dyn Fn(&(f64, Vec<f64>)) -> f64| -> Option<usize> {
+        sums.iter()
+            .map(score)
+            .enumerate()
             .min_by(|a, b| a.1.total_cmp(&b.1))
             .map(|(g, _)| g)
     };
-    let best = choose(&|_| true)?;
-    let loss_memory = per[best].iter().sum::<f64>() / n;
+    let best = choose(&|s| s.0)?;
+    let loss_memory = sums[best].0 / count;
     let (k, alpha, tau) = settings[best];
-    let group_of = |j: usize| groups.and_then(|g| g.get(outcomes[j].0).copied());
-    let ids: std::collections::BTreeSet<usize> = (0..outcomes.len()).filter_map(group_of).collect();
+    // Each group read with the setting chosen on the other groups (outcomes without a group
+    // count in every choice and are read with the overall one).
     let loss_memory_nested = (ids.len() >= 2).then(|| {
-        let mut total = 0.0;
-        for &g in &ids {
-            let pick = choose(&|j| group_of(j) != Some(g)).unwrap_or(best);
-            total += (0..outcomes.len())
-                .filter(|&j| group_of(j) == Some(g))
-                .map(|j| per[pick][j])
-                .sum::<f64>();
+        let mut total = sums[best].1[ids.len()];
+        for g in 0..ids.len() {
+            let pick = choose(&|s| s.0 - s.1[g]).unwrap_or(best);
+            total += sums[pick].1[g];
         }
-        // Outcomes of prompts without a group are read with the overall choice.
-        total += (0..outcomes.len())
-            .filter(|&j| group_of(j).is_none())
-            .map(|j| per[best][j])
-            .sum::<f64>();
-        total / n
+        total / count
     });
     // A gain at the noise level is not worth a scan per Route (on left-out MMLU-Pro, 103
     // calibration prompts of unrelated topics gained 1e-5).
@@ -329,6 +330,11 @@ mod tests {
             emb.extend_from_slice(&v);
             out.push((i, "a".to_string(), if c == 0 { 1.0 } else { 0.0 }, 0.5));
         }
+        let groups: Vec<usize> = (0..40).map(|i| i % 5).collect();
+        assert!(
+            fit(dim, &emb, &out, Some(&groups)).is_some(),
+            "held out by fifths, a real signal is kept"
+        );
         let (mem, fit) = fit(dim, &emb, &out, None).expect("memory pays here");
         assert!(fit.loss_memory < fit.loss_router - 0.3, "{fit:?}");
         mem.validate(dim).unwrap();
