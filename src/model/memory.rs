@@ -136,6 +136,9 @@ fn blend(top: &[(f32, f32)], p: f64, alpha: f32, tau: f32) -> f64 {
     (num / den).clamp(1e-6, 1.0 - 1e-6)
 }
 
+/// A setting's summed loss over all outcomes, and per group slot.
+type SettingLoss = (f64, Vec<f64>);
+
 /// Relative log-loss gain the memory must bring to be kept.
 const MIN_GAIN: f64 = 0.005;
 
@@ -242,7 +245,7 @@ pub fn fit(
     // Per setting: its summed loss over all outcomes (in order, so that without groups the
     // figures are what they always were) and per slot, so that a setting can be chosen without
     // a group and read on it; 120 × (groups + 1) numbers, however many outcomes.
-    let sums: Vec<(f64, Vec<f64>)> = settings
+    let sums: Vec<SettingLoss> = settings
         .par_iter()
         .map(|&(k, alpha, tau)| {
             let mut by_slot = vec![0.0f64; ids.len() + 1];
@@ -258,7 +261,7 @@ pub fn fit(
         .collect();
     let count = outcomes.len() as f64;
     // The first setting with the least of `score` (the grid's order breaks ties).
-    let choose = |score: &dyn Fn(&(f64, Vec<f64>)) -> f64| -> Option<usize> {
+    let choose = |score: &dyn Fn(&SettingLoss) -> f64| -> Option<usize> {
         sums.iter()
             .map(score)
             .enumerate()
