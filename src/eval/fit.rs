@@ -42,6 +42,8 @@ pub fn logistic(x: &[f32], d: usize, y: &[f32], l2: f64) -> Result<LinearHead> {
     };
     let mut xw = vec![0.0f64; n * p];
     let mut h = vec![0.0f64; p * p];
+    // The penalised loss at `beta`, carried from the step that reached it.
+    let mut now = objective(&beta);
     for _ in 0..30 {
         let mut grad = vec![0.0f64; p];
         for i in 0..n {
@@ -91,11 +93,12 @@ pub fn logistic(x: &[f32], d: usize, y: &[f32], l2: f64) -> Result<LinearHead> {
         // Backtracking: a full Newton step can overshoot where most rows sit far on one
         // side (their curvature vanishes) and then diverge; halve it until the penalised
         // loss does not rise, and stop where no step lowers it.
-        let now = objective(&beta);
         let mut t = 1.0f64;
         let next = loop {
             let cand: Vec<f64> = beta.iter().zip(&step).map(|(b, s)| b - t * s).collect();
-            if objective(&cand) <= now {
+            let at = objective(&cand);
+            if at <= now {
+                now = at;
                 break Some(cand);
             }
             t *= 0.5;

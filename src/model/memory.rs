@@ -222,8 +222,7 @@ pub fn fit(
             / outcomes.len() as f64
     };
     let loss_router = loss(&|j| outcomes[j].3);
-    // Every setting's loss on every outcome, so that a setting can be chosen on some outcomes
-    // and read on others.
+    // The grid, in the order that breaks ties (k, then alpha, then tau).
     let settings: Vec<(usize, f32, f32)> = KS
         .iter()
         .flat_map(|&k| {
