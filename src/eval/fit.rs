@@ -24,8 +24,7 @@ pub fn logistic(x: &[f32], d: usize, y: &[f32], l2: f64) -> Result<LinearHead> {
                 .chain(std::iter::once(1.0))
         })
         .collect();
-    // Mean cross-entropy (soft labels) plus the L2 penalty on the weights: what each step
-    // must not raise.
+    // Mean cross-entropy (soft labels) plus the L2 penalty on the weights.
     let objective = |beta: &[f64]| -> f64 {
         let ce: f64 = (0..n)
             .map(|i| {
@@ -34,21 +33,18 @@ pub fn logistic(x: &[f32], d: usize, y: &[f32], l2: f64) -> Result<LinearHead> {
                     .zip(beta)
                     .map(|(a, b)| a * b)
                     .sum();
-                // log(1 + e^z) - y z, without overflow.
-                z.max(0.0) + (-z.abs()).exp().ln_1p() - y[i] as f64 * z
+                softplus_ce(z, y[i] as f64)
             })
             .sum();
         ce / n as f64 + 0.5 * l2 * beta[..d].iter().map(|b| b * b).sum::<f64>()
     };
     let mut xw = vec![0.0f64; n * p];
-    let mut h = vec![0.0f64; p * p];
-    // The penalised loss at `beta`, carried from the step that reached it.
-    let mut now = objective(&beta);
-    for _ in 0..30 {
+    let grad_hess = |beta: &[f64]| -> (Vec<f64>, Vec<f64>) {
         let mut grad = vec![0.0f64; p];
+        let mut h = vec![0.0f64; p * p];
         for i in 0..n {
             let row = &xa[i * p..(i + 1) * p];
-            let z: f64 = row.iter().zip(&beta).map(|(a, b)| a * b).sum();
+            let z: f64 = row.iter().zip(beta).map(|(a, b)| a * b).sum();
             let mu = 1.0 / (1.0 + (-z).exp());
             let r = (mu - y[i] as f64) / n as f64;
             let s = (mu * (1.0 - mu) / n as f64).max(1e-12).sqrt();
@@ -89,30 +85,9 @@ pub fn logistic(x: &[f32], d: usize, y: &[f32], l2: f64) -> Result<LinearHead> {
         for j in 0..p {
             h[j * p + j] += if j < d { l2 } else { 1e-9 };
         }
-        let step = cholesky_solve(&mut h, &grad, p)?;
-        // Backtracking: a full Newton step can overshoot where most rows sit far on one
-        // side (their curvature vanishes) and then diverge; halve it until the penalised
-        // loss does not rise, and stop where no step lowers it.
-        let mut t = 1.0f64;
-        let next = loop {
-            let cand: Vec<f64> = beta.iter().zip(&step).map(|(b, s)| b - t * s).collect();
-            let at = objective(&cand);
-            if at <= now {
-                now = at;
-                break Some(cand);
-            }
-            t *= 0.5;
-            if t < 1e-10 {
-                break None;
-            }
-        };
-        let Some(next) = next else { break };
-        let max_step = step.iter().fold(0.0f64, |m, s| m.max((t * s).abs()));
-        beta = next;
-        if max_step < 1e-6 {
-            break;
-        }
-    }
+        (grad, h)
+    };
+    let beta = damped_newton(beta, 30, 1e-6, objective, grad_hess)?;
     Ok(LinearHead {
         w: beta[..d].iter().map(|&v| v as f32).collect(),
         b: beta[d] as f32,
@@ -120,8 +95,8 @@ pub fn logistic(x: &[f32], d: usize, y: &[f32], l2: f64) -> Result<LinearHead> {
 }
 
 pub use crate::base::sigmoid;
-use crate::model::ability::cholesky_solve;
 pub use crate::model::ability::fit_ability;
+use crate::model::ability::{damped_newton, softplus_ce};
 
 pub fn bce(p: f64, y: f64) -> f64 {
     let p = p.clamp(1e-7, 1.0 - 1e-7);
@@ -487,11 +462,16 @@ pub fn fit_router(
 
 /// Platt scaling: (a, b) minimising the log-loss of sigmoid(a·z + b) (Newton, 2 parameters).
 pub fn platt(z: &[f64], y: &[f32]) -> Result<(f64, f64)> {
-    let (mut a, mut b) = (1.0f64, 0.0f64);
-    for _ in 0..50 {
+    let loss = |t: &[f64]| -> f64 {
+        z.iter()
+            .zip(y)
+            .map(|(&zi, &yi)| softplus_ce(t[0] * zi + t[1], yi as f64))
+            .sum()
+    };
+    let grad_hess = |t: &[f64]| -> (Vec<f64>, Vec<f64>) {
         let (mut ga, mut gb, mut haa, mut hab, mut hbb) = (0.0, 0.0, 1e-6, 0.0, 1e-6);
         for (&zi, &yi) in z.iter().zip(y) {
-            let mu = sigmoid(a * zi + b);
+            let mu = sigmoid(t[0] * zi + t[1]);
             let w = (mu * (1.0 - mu)).max(1e-12);
             let r = mu - yi as f64;
             ga += r * zi;
@@ -500,17 +480,10 @@ pub fn platt(z: &[f64], y: &[f32]) -> Result<(f64, f64)> {
             hab += w * zi;
             hbb += w;
         }
-        let det = haa * hbb - hab * hab;
-        if det.abs() < 1e-18 {
-            bail!("platt: singular");
-        }
-        let da = (hbb * ga - hab * gb) / det;
-        let db = (haa * gb - hab * ga) / det;
-        a -= da;
-        b -= db;
-        if da.abs().max(db.abs()) < 1e-9 {
-            break;
-        }
-    }
+        (vec![ga, gb], vec![haa, hab, hab, hbb])
+    };
+    let t = damped_newton(vec![1.0, 0.0], 50, 1e-9, loss, grad_hess)
+        .map_err(|e| anyhow::anyhow!("platt: {e}"))?;
+    let (a, b) = (t[0], t[1]);
     Ok((a, b))
 }
