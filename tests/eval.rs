@@ -327,3 +327,46 @@ fn consensus_suggests_probe_sets_and_pays_for_every_call() {
         assert!(saving > 0.0 && ratio >= 0.98, "{src}: {saving} at {ratio}");
     }
 }
+
+/// `eval` and `consensus` refuse a row they cannot price or grade, naming it, rather than
+/// replaying the rest as if it were not there.
+#[test]
+fn replays_refuse_a_row_without_a_score_or_cost() {
+    let dir = tempfile::tempdir().unwrap();
+    let row = |pid: &str, model: &str, extra: &str| {
+        format!(
+            r#"{{"source":"s","prompt_id":"{pid}","prompt":"2+2? A) 3 B) 4","model":"{model}","response":"B"{extra}}}"#
+        )
+    };
+    for (bad, what) in [
+        (row("p2", "m1", r#","cost_usd":0.001"#), "no score"),
+        (row("p2", "m1", r#","score":1.0"#), "no cost"),
+        (
+            row("p2", "m1", r#","score":1.0,"cost_usd":-1"#),
+            "a negative cost",
+        ),
+    ] {
+        let data = dir.path().join("rows.jsonl");
+        let good = [
+            row("p1", "m1", r#","score":1.0,"cost_usd":0.001"#),
+            row("p1", "m2", r#","score":1.0,"cost_usd":0.01"#),
+        ];
+        std::fs::write(&data, format!("{}\n{}\n{bad}\n", good[0], good[1])).unwrap();
+        for cmd in [
+            vec!["consensus", "--data"],
+            vec!["eval", "--out-dir", dir.path().to_str().unwrap(), "--data"],
+        ] {
+            let o = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+                .args(&cmd)
+                .arg(&data)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(!o.status.success(), "{cmd:?} accepted a row with {what}");
+            assert!(
+                err.contains("row 3") && err.contains("needs a score"),
+                "{cmd:?}, {what}: {err}"
+            );
+        }
+    }
+}

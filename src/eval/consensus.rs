@@ -242,17 +242,10 @@ pub fn run(a: ConsensusArgs) -> Result<()> {
     if !(share(a.target) && share(a.hold)) {
         bail!("--target and --hold are shares of the best model's quality, in (0, 1.5]");
     }
-    // read_rows refuses scores outside [0, 1]; costs are checked here.
+    // read_rows refuses scores outside [0, 1]; a row without a score or with a bad cost is
+    // refused as `eval` refuses it, not skipped.
     let rows = read_rows(&a.data)?;
-    for (i, r) in rows.iter().enumerate() {
-        if r.cost_usd.is_some_and(|c| !c.is_finite() || c < 0.0) {
-            bail!(
-                "{} row {}: cost_usd must be finite and >= 0",
-                a.data.display(),
-                i + 1
-            );
-        }
-    }
+    super::data::check_labelled(&rows, &a.data)?;
     let mut by_source: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
     for r in &rows {
         by_source.entry(&r.source).or_default().push(r);

@@ -111,3 +111,22 @@ mod tests {
         assert!(e.contains("line 2"), "{e}");
     }
 }
+
+/// Rows with the fields a replay needs (a score and a cost: `eval` and `consensus` price and
+/// grade every row); anything else is an error naming the row.
+pub fn check_labelled(rows: &[Row], path: &Path) -> Result<()> {
+    for (i, r) in rows.iter().enumerate() {
+        match (r.score, r.cost_usd) {
+            (Some(_), Some(c)) if c.is_finite() && c >= 0.0 => {}
+            _ => bail!(
+                "{}: row {} ({}/{} {}) needs a score and a non-negative cost_usd",
+                path.display(),
+                i + 1,
+                r.source,
+                r.prompt_id,
+                r.model
+            ),
+        }
+    }
+    Ok(())
+}

@@ -331,24 +331,6 @@ fn opt(v: Option<f64>) -> Value {
         .map_or(Value::Null, |x| json!(x))
 }
 
-/// Rows with the fields a replay needs; anything else is an error naming the row.
-fn check_labelled(rows: &[Row], path: &Path) -> Result<()> {
-    for (i, r) in rows.iter().enumerate() {
-        match (r.score, r.cost_usd) {
-            (Some(_), Some(c)) if c.is_finite() && c >= 0.0 => {}
-            _ => bail!(
-                "{}: row {} ({}/{} {}) needs a score and a non-negative cost_usd",
-                path.display(),
-                i + 1,
-                r.source,
-                r.prompt_id,
-                r.model
-            ),
-        }
-    }
-    Ok(())
-}
-
 /// Keeps at most `max` prompts per source, chosen by a seeded hash of their ids; 0 = all.
 fn limit_per_source(rows: Vec<Row>, max: usize, seed: u64) -> Vec<Row> {
     if max == 0 {
@@ -483,7 +465,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             bail!("{}: no rows of source {s}", a.data.display());
         }
     }
-    check_labelled(&rows, &a.data)?;
+    super::data::check_labelled(&rows, &a.data)?;
     let mut train = read_rows(&a.train)?;
     for r in train.iter_mut() {
         r.response = None; // not needed: keeps memory down
