@@ -365,28 +365,45 @@ fn adapt_router(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<Rout
     // to this traffic's pass rate first (one logit shift, fitted on those models' rows): a few
     // rows per model then refine a start that is already right on average, instead of pulling
     // away from the training mix's rate (AlpacaEval's preferences grade far below it).
-    let (mut uz, mut uy) = (Vec::new(), Vec::new());
+    let fold_of = |i: usize| calibration_fold(&rows[i]);
+    let (mut uz, mut uy, mut ufold) = (Vec::new(), Vec::new(), Vec::new());
     for (i, r) in rows.iter().enumerate() {
         if let (Some(s), false) = (r.score, heads.router.models.contains_key(&r.model)) {
             uz.push(heads.route_logit(&r.model, f.prompt(i)) as f64);
             uy.push(s as f32);
+            ufold.push(fold_of(i));
         }
     }
-    let prior_shift = if uy.len() >= 20 {
-        let c = fit::shift(&uz, &uy);
-        heads.router.prior.b += c as f32;
-        Some(c)
-    } else {
-        None
+    // The shift from the rows outside `fold` (all rows: None), 0 below 20 rows.
+    let shift_without = |fold: Option<usize>| -> f64 {
+        let (z, y): (Vec<f64>, Vec<f32>) = (0..uy.len())
+            .filter(|&j| fold.is_none_or(|k| ufold[j] != k))
+            .map(|j| (uz[j], uy[j]))
+            .unzip();
+        if y.len() >= 20 {
+            fit::shift(&z, &y)
+        } else {
+            0.0
+        }
     };
+    let prior0 = heads.router.prior.clone();
+    let prior_shift = (uy.len() >= 20).then(|| shift_without(None));
+    heads.router.prior.b += prior_shift.unwrap_or(0.0) as f32;
+    // New models' starts for each held-out fifth: the prior shifted by the other fifths' rows
+    // only, so their held-out p (the memory's bar) are not fitted on the rows they predict.
+    let fold_priors: Vec<crate::model::heads::Ability> = (0..5)
+        .map(|k| crate::model::heads::Ability {
+            u: prior0.u.clone(),
+            b: prior0.b + shift_without(Some(k)) as f32,
+        })
+        .collect();
     // The prompt part of every row's logit, computed once (the pull is chosen by refitting).
     let pf: Vec<Option<(f32, Vec<f32>)>> = rows
         .iter()
         .enumerate()
         .map(|(i, r)| r.score.map(|_| heads.router.prompt_features(f.prompt(i))))
         .collect();
-    let fit_rows = |heads: &Heads,
-                    m: &str,
+    let fit_rows = |start: &crate::model::heads::Ability,
                     idx: &[usize],
                     (l2_u, l2_b): (f64, f64)|
      -> Result<crate::model::heads::Ability> {
@@ -398,13 +415,12 @@ fn adapt_router(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<Rout
                 y.push(yi as f32);
             }
         }
-        crate::model::ability::fit_ability_split(&z, &s, &y, k, heads.router.ability(m), l2_u, l2_b)
+        crate::model::ability::fit_ability_split(&z, &s, &y, k, start, l2_u, l2_b)
     };
     // How hard a known model is held to its trained ability: on traffic like training the
     // strongest pull is right; on a new task of known models (the sealed set's new sources)
     // their levels differ, and a strong pull leaves the router off by a model-wide offset.
     // Chosen by log-loss on held-out fifths of the calibration prompts.
-    let fold_of = |i: usize| calibration_fold(&rows[i]);
     // (row, p) for each of `idx`'s rows, p from abilities fitted without the row's fifth of
     // the prompts; rows of a fifth with no other fifth beside it are left out.
     let held_out = |m: &str, idx: &[usize], pull: (f64, f64)| -> Result<Vec<(usize, f64)>> {
@@ -415,7 +431,13 @@ fn adapt_router(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<Rout
             if held.is_empty() || fit_idx.is_empty() {
                 continue;
             }
-            let a = fit_rows(heads, m, &fit_idx, pull)?;
+            let known = heads.router.models.contains_key(m);
+            let start = if known {
+                heads.router.ability(m)
+            } else {
+                &fold_priors[fold]
+            };
+            let a = fit_rows(start, &fit_idx, pull)?;
             for &i in &held {
                 if let Some(p) = &pf[i] {
                     out.push((
@@ -480,7 +502,7 @@ fn adapt_router(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<Rout
                 held_out_p[i] = Some(p);
             }
         }
-        let a = fit_rows(heads, m, idx, pull)?;
+        let a = fit_rows(heads.router.ability(m), idx, pull)?;
         report.insert(
             m.to_string(),
             serde_json::json!({ "rows": idx.len(), "known": known, "b": a.b }),
@@ -936,6 +958,35 @@ mod tests {
             .collect();
         let (lh, li) = (fit::log_loss(&held, &y), fit::log_loss(&in_sample, &y));
         assert!(lh > li, "held-out {lh} vs in-sample {li}");
+        Ok(())
+    }
+
+    /// A new model's held-out p for a fifth of the prompts reads nothing of that fifth's
+    /// labels: not through its fit, nor through the prior's shift to the traffic's pass rate
+    /// (which used every row before).
+    #[test]
+    fn held_out_p_of_new_models_ignore_their_own_fifth() -> Result<()> {
+        let dim = trained_heads()?.dim;
+        let (calib, cf) = traffic(300, 0, dim);
+        let held_for = |rows: &[Row]| -> Result<Vec<Option<f64>>> {
+            let mut h = trained_heads()?;
+            Ok(adapt_router(&mut h, rows, &cf)?.held_out_p)
+        };
+        let before = held_for(&calib)?;
+        let mut flipped = calib.clone();
+        for r in flipped.iter_mut().filter(|r| calibration_fold(r) == 0) {
+            r.score = Some(1.0);
+        }
+        let after = held_for(&flipped)?;
+        let fold0: Vec<usize> = (0..calib.len())
+            .filter(|&i| calibration_fold(&calib[i]) == 0)
+            .collect();
+        assert!(fold0.len() > 20 && fold0.len() < 100, "{}", fold0.len());
+        for &i in &fold0 {
+            assert_eq!(before[i], after[i], "row {i}");
+        }
+        // The other fifths' p read fold 0's new labels.
+        assert!((0..calib.len()).any(|i| !fold0.contains(&i) && before[i] != after[i]));
         Ok(())
     }
 
