@@ -96,9 +96,13 @@ def unit(s, salt=""):
 SPLIT_SALT = ""  # --seed N sets "seed:N:": another draw of the parts and halves
 
 
+CAL_FRAC_USED = CAL_FRAC  # --cal-frac
+
+
 def part_of(pid):
     x = unit(pid, SPLIT_SALT)
-    return "cal" if x < CAL_FRAC else "tune" if x < CAL_FRAC + TUNE_FRAC else "test"
+    c = CAL_FRAC_USED
+    return "cal" if x < c else "tune" if x < c + TUNE_FRAC else "test"
 
 
 def half_of(pid):
@@ -659,6 +663,9 @@ def main():
     ap.add_argument("--no-memory", action="store_true",
                     help="score --no-memory: calibrate without the memory of labelled prompts")
     ap.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "dev.jsonl.gz"))
+    ap.add_argument("--cal-frac", type=float, default=CAL_FRAC,
+                    help="share of the prompts labelled for calibration (the sealed set's: 0.2); "
+                         "tune keeps 0.2, test the rest: how each router gains from more labels")
     ap.add_argument("--seed", type=int, default=0,
                     help="another draw of the calibration/tune/test parts and halves (0: the "
                          "documented one); averaging a few seeds steadies a lever's comparison")
@@ -672,12 +679,19 @@ def main():
     a.heads_md5 = file_md5(a.heads)
     stem = os.path.basename(a.data).split(".")[0]
     a.data_tag = f"{stem}-{file_md5(a.data)[:8]}"
+    if not 0.0 < a.cal_frac <= 1.0 - TUNE_FRAC - 0.1:
+        sys.exit(f"--cal-frac {a.cal_frac}: must leave tune ({TUNE_FRAC}) and a test part")
+    if a.cal_frac != CAL_FRAC:
+        global CAL_FRAC_USED
+        CAL_FRAC_USED = a.cal_frac
+        a.data_tag += f"-cal{a.cal_frac:g}"
     if a.seed:
         global SPLIT_SALT
         SPLIT_SALT = f"seed:{a.seed}:"
         a.data_tag += f"-seed{a.seed}"
     mode = ("nocal" if a.no_calibration else "cal") + ("-nomem" if a.no_memory else "")
     a.tag = a.tag or (f"{stem}-{os.path.basename(a.heads).rsplit('.', 1)[0]}-{a.heads_md5[:8]}-{mode}"
+                      + (f"-cal{a.cal_frac:g}" if a.cal_frac != CAL_FRAC else "")
                       + (f"-seed{a.seed}" if a.seed else ""))
     by_src = defaultdict(list)
     with gzip.open(a.data, "rt") if a.data.endswith(".gz") else open(a.data) as f:
@@ -697,7 +711,7 @@ def main():
     os.makedirs(d, exist_ok=True)
     doc = {"protocol": "issue 13", "data": a.data, "heads": a.heads, "heads_md5": a.heads_md5,
            "bin": a.bin, "bin_md5": file_md5(a.bin), "calibration": not a.no_calibration,
-           "constants": {"cal_frac": CAL_FRAC, "tune_frac": TUNE_FRAC, "coverage": COVERAGE,
+           "constants": {"cal_frac": CAL_FRAC_USED, "tune_frac": TUNE_FRAC, "coverage": COVERAGE,
                          "max_mids": MAX_MIDS, "target": TARGET, "hold": HOLD, "pass": PASS,
                          "k": K, "prior": PRIOR, "bins": BINS},
            "sources": results}
