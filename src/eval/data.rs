@@ -83,6 +83,25 @@ pub fn read_catalog(path: &Path) -> Result<BTreeMap<String, Price>> {
     Ok(list.into_iter().map(|p| (p.model.clone(), p)).collect())
 }
 
+/// Rows with the fields a replay needs (a score and a cost: `eval` and `consensus` price and
+/// grade every row); anything else is an error naming the row.
+pub fn check_labelled(rows: &[Row], path: &Path) -> Result<()> {
+    for (i, r) in rows.iter().enumerate() {
+        match (r.score, r.cost_usd) {
+            (Some(_), Some(c)) if c.is_finite() && c >= 0.0 => {}
+            _ => bail!(
+                "{}: row {} ({}/{} {}) needs a score and a non-negative cost_usd",
+                path.display(),
+                i + 1,
+                r.source,
+                r.prompt_id,
+                r.model
+            ),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,23 +129,4 @@ mod tests {
         let e = format!("{:#}", read_rows(&bad).unwrap_err());
         assert!(e.contains("line 2"), "{e}");
     }
-}
-
-/// Rows with the fields a replay needs (a score and a cost: `eval` and `consensus` price and
-/// grade every row); anything else is an error naming the row.
-pub fn check_labelled(rows: &[Row], path: &Path) -> Result<()> {
-    for (i, r) in rows.iter().enumerate() {
-        match (r.score, r.cost_usd) {
-            (Some(_), Some(c)) if c.is_finite() && c >= 0.0 => {}
-            _ => bail!(
-                "{}: row {} ({}/{} {}) needs a score and a non-negative cost_usd",
-                path.display(),
-                i + 1,
-                r.source,
-                r.prompt_id,
-                r.model
-            ),
-        }
-    }
-    Ok(())
 }

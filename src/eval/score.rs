@@ -425,7 +425,7 @@ fn adapt_router(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<Rout
     // the prompts; rows of a fifth with no other fifth beside it are left out.
     let held_out = |m: &str, idx: &[usize], pull: (f64, f64)| -> Result<Vec<(usize, f64)>> {
         let mut out = Vec::new();
-        for fold in 0..5 {
+        for (fold, fold_prior) in fold_priors.iter().enumerate() {
             let (held, fit_idx): (Vec<usize>, Vec<usize>) =
                 idx.iter().partition(|&&i| fold_of(i) == fold);
             if held.is_empty() || fit_idx.is_empty() {
@@ -435,7 +435,7 @@ fn adapt_router(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<Rout
             let start = if known {
                 heads.router.ability(m)
             } else {
-                &fold_priors[fold]
+                fold_prior
             };
             let a = fit_rows(start, &fit_idx, pull)?;
             for &i in &held {
