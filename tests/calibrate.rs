@@ -175,3 +175,118 @@ fn overlays_that_do_not_fit_are_refused_at_start() {
         assert!(err.contains("overlay.json") && err.contains(why), "{err}");
     }
 }
+
+/// `calibrate` recommends a Route floor from the labelled rows: candidates in cost order, the
+/// best by mean score, a pick that kept the target on the rows it was picked on, each half's
+/// pick measured on the other, and the served default beside it; rows without a cost leave
+/// the recommendation out (a note), not the overlay.
+#[test]
+fn calibrate_recommends_a_floor_and_says_how_it_held() {
+    const MODELS: [&str; 4] = [
+        "mistralai/mistral-7b-chat",
+        "mistralai/mixtral-8x7b-chat",
+        "claude-instant-v1",
+        "gpt-4-1106-preview",
+    ];
+    let f = std::fs::File::open(root().join("../shared/data/dev.jsonl.gz")).expect("dev");
+    let rows: Vec<Value> = std::io::BufReader::new(flate2::read::GzDecoder::new(f))
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(&l.expect("line")).expect("json"))
+        .filter(|r| {
+            r["source"] == "routerbench_0shot"
+                && MODELS.contains(&r["model"].as_str().unwrap_or(""))
+        })
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("labelled.jsonl");
+    write_jsonl(&data, &rows);
+    let (overlay, rec) = (dir.path().join("o.json"), dir.path().join("rec.json"));
+    let out = tiergate(&[
+        "calibrate",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        overlay.to_str().unwrap(),
+        "--recommend-out",
+        rec.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(&rec).expect("rec")).expect("json");
+    let r = &v[0];
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
+    // Candidates cheapest first by mean cost on the rows; the best by mean score.
+    let mean = |m: &str, k: &str| {
+        let xs: Vec<f64> = rows
+            .iter()
+            .filter(|x| x["model"] == m)
+            .filter_map(|x| x[k].as_f64().or_else(|| x[k].as_str()?.parse().ok()))
+            .collect();
+        xs.iter().sum::<f64>() / xs.len() as f64
+    };
+    let cands: Vec<&str> = r["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(cands.len(), 4, "{r}");
+    assert!(
+        cands
+            .windows(2)
+            .all(|w| mean(w[0], "cost_usd") <= mean(w[1], "cost_usd")),
+        "{cands:?}"
+    );
+    let best = MODELS
+        .iter()
+        .copied()
+        .max_by(|a, b| mean(a, "score").total_cmp(&mean(b, "score")))
+        .unwrap();
+    assert_eq!(r["best"], best);
+    let q = |o: &Value| o["quality"].as_f64().unwrap();
+    if !r["floor"].is_null() {
+        assert!(
+            q(&r["in_sample"]) >= 0.98 && r["in_sample"]["saved"].as_f64().unwrap() > 0.0,
+            "{r}"
+        );
+        assert!(stdout.contains("recommended: [policy] "), "{stdout}");
+    }
+    assert_eq!(r["crossed"].as_array().map(Vec::len), Some(2), "{r}");
+    assert!(r["crossed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| q(&c["held"]).is_finite()));
+    assert_eq!(r["default"][0]["relative_floor"], 0.94, "{r}");
+    assert!(
+        stdout.contains("the default (relative_floor = 0.94)"),
+        "{stdout}"
+    );
+
+    // One row without a cost: the overlay is written, the recommendation is not.
+    let mut stripped = rows.clone();
+    stripped[0].as_object_mut().unwrap().remove("cost_usd");
+    write_jsonl(&data, &stripped);
+    let rec2 = dir.path().join("rec2.json");
+    let out = tiergate(&[
+        "calibrate",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        overlay.to_str().unwrap(),
+        "--recommend-out",
+        rec2.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no Route floor recommended: row 1 has no cost_usd"),
+        "{stderr}"
+    );
+    assert!(!rec2.exists());
+}

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 
-use super::data::read_rows;
+use super::data::{read_rows, Row};
+use super::recommend::{describe, recommend_floors, Floor};
 use super::score::{adapt, offline_encoder, Embedder, EncoderArgs, RowFeatures};
 use crate::model::overlay::{Overlay, OverlayModel, OVERLAY_FORMAT};
 use crate::model::Heads;
@@ -25,11 +26,23 @@ pub struct CalibrateArgs {
     /// Models with fewer labelled rows are left out of the overlay.
     #[arg(long, default_value_t = 20)]
     pub min_rows: usize,
+    /// Quality a recommended Route floor must keep, as a share of the best model's mean score.
+    #[arg(long, default_value_t = 0.98)]
+    pub target: f64,
+    /// Skip the Route floor recommendation (it calibrates twice more, on halves of the rows).
+    #[arg(long)]
+    pub no_recommend: bool,
+    /// Write the recommendation (per source, JSON) here too.
+    #[arg(long)]
+    pub recommend_out: Option<PathBuf>,
     #[command(flatten)]
     pub encoder: EncoderArgs,
 }
 
 pub fn run(a: CalibrateArgs) -> Result<()> {
+    if !(a.target > 0.0 && a.target <= 1.5) {
+        bail!("--target is a share of the best model's quality, in (0, 1.5]");
+    }
     let heads = Heads::load(&a.heads)?;
     let rows = read_rows(&a.data)?;
     for (i, r) in rows.iter().enumerate() {
@@ -68,6 +81,34 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
             "kept"
         }
     );
+    if !a.no_recommend {
+        recommend(&a, &heads, &rows, &f)?;
+    }
+    Ok(())
+}
+
+/// Prints (and with `--recommend-out` writes) the Route floor each source's labelled rows
+/// support; rows without a cost leave it out with a note, not an error (the overlay stands).
+fn recommend(a: &CalibrateArgs, heads: &Heads, rows: &[Row], f: &RowFeatures) -> Result<()> {
+    let default = crate::config::Config::embedded()?
+        .policy
+        .relative_floor
+        .map(Floor::RelativeFloor);
+    let recs = match recommend_floors(heads, rows, f, a.target, default) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("calibrate: no Route floor recommended: {e:#}");
+            return Ok(());
+        }
+    };
+    for r in &recs {
+        print!("{}", describe(r, a.target));
+    }
+    if let Some(out) = &a.recommend_out {
+        let text = serde_json::to_string_pretty(&recs)?;
+        std::fs::write(out, text + "\n")
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
+    }
     Ok(())
 }
 

@@ -8,6 +8,7 @@ pub mod distill_static;
 pub mod fit;
 pub mod knn;
 pub mod plot;
+pub mod recommend;
 pub mod replay;
 pub mod score;
 pub mod train;

@@ -220,6 +220,32 @@ impl RowFeatures {
         })
     }
 
+    /// The features of rows `idx` (in that order), their prompts re-indexed so that only those
+    /// rows' prompts remain (a memory fitted on them holds no other prompt).
+    pub fn subset(&self, idx: &[usize]) -> RowFeatures {
+        let mut remap = std::collections::HashMap::new();
+        let mut prompt_emb = Vec::new();
+        let prompt_of_row = idx
+            .iter()
+            .map(|&i| {
+                let p = self.prompt_of_row[i];
+                *remap.entry(p).or_insert_with(|| {
+                    prompt_emb
+                        .extend_from_slice(&self.prompt_emb[p * self.dim..(p + 1) * self.dim]);
+                    prompt_emb.len() / self.dim.max(1) - 1
+                })
+            })
+            .collect();
+        RowFeatures {
+            dim: self.dim,
+            prompt_emb,
+            prompt_of_row,
+            answer_of_row: idx.iter().map(|&i| self.answer_of_row[i]).collect(),
+            answer_emb: self.answer_emb.clone(),
+            answer_truncated: self.answer_truncated.clone(),
+        }
+    }
+
     pub fn prompt(&self, row: usize) -> &[f32] {
         let p = self.prompt_of_row[row];
         &self.prompt_emb[p * self.dim..(p + 1) * self.dim]

@@ -1,0 +1,454 @@
+//! What `tiergate calibrate` recommends for Route on the operator's labelled traffic: the
+//! floor (an absolute `quality_floor` or a `relative_floor`) with the largest saving that kept
+//! the target share of the best model's quality. The p come from heads calibrated on the
+//! other half of the prompts (as new traffic meets them), and the pick is judged on the half
+//! it was not picked on, both ways: a floor picked on a few hundred prompts sits at the edge
+//! of its target and often does not hold elsewhere (the winner's curse issue 13 measured).
+//! The decisions are the served ones (`decide::route_pick`, `decide::relative_pick`).
+#![forbid(unsafe_code)]
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+
+use super::data::Row;
+use super::score::{adapt, score_with, RowFeatures};
+use super::util::hash_str;
+use crate::model::Heads;
+use crate::service::decide;
+
+/// Share of a source's prompts a model must answer to be a candidate (one row per prompt and
+/// model, as the data schema has them).
+const MIN_COVERAGE: f64 = 0.95;
+
+/// Prompts a source needs, with a row of every candidate, before a floor is recommended.
+pub const MIN_PROMPTS: usize = 40;
+
+/// Which half of the prompts a prompt falls in (the same halves as `tiergate consensus`).
+pub fn half_of(prompt_id: &str) -> usize {
+    (hash_str(0x6861_6c66, prompt_id) & 1) as usize
+}
+
+/// A Route rule as the config names it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Floor {
+    /// `policy.quality_floor`: the cheapest candidate with p ≥ t, else the likeliest to pass.
+    QualityFloor(f64),
+    /// `policy.relative_floor`: the cheapest candidate with p ≥ r · the prompt's highest p.
+    RelativeFloor(f64),
+}
+
+impl Floor {
+    fn pick(self, p: &[f64]) -> usize {
+        match self {
+            Floor::QualityFloor(t) => decide::route_pick(p, t),
+            Floor::RelativeFloor(r) => decide::relative_pick(p, r),
+        }
+    }
+
+    /// The config line that sets it.
+    pub fn toml(self) -> String {
+        match self {
+            Floor::QualityFloor(t) => format!("quality_floor = {t:.2}"),
+            Floor::RelativeFloor(r) => format!("relative_floor = {r:.2}"),
+        }
+    }
+
+    /// Every floor a pick chooses among: absolute floors 0.01–0.99, relative 0.50–1.00.
+    pub fn grid() -> Vec<Floor> {
+        let abs = (1..100).map(|i| Floor::QualityFloor(i as f64 / 100.0));
+        let rel = (50..=100).map(|i| Floor::RelativeFloor(i as f64 / 100.0));
+        abs.chain(rel).collect()
+    }
+}
+
+/// One prompt: per candidate (cheapest first) its cross-fitted p_route, score and cost.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub half: usize,
+    pub p: Vec<f64>,
+    pub score: Vec<f64>,
+    pub cost: Vec<f64>,
+}
+
+/// A floor's outcome on some prompts, against always calling the best candidate.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Outcome {
+    /// 1 − cost / the best candidate's cost.
+    pub saved: f64,
+    /// Mean score / the best candidate's mean score.
+    pub quality: f64,
+}
+
+/// `floor` on `ps` (None: always the best candidate, index `best`).
+pub fn outcome(ps: &[&Prompt], floor: Option<Floor>, best: usize) -> Outcome {
+    let (mut cost, mut score, mut b_cost, mut b_score) = (0.0, 0.0, 0.0, 0.0);
+    for p in ps {
+        let j = floor.map_or(best, |f| f.pick(&p.p));
+        cost += p.cost[j];
+        score += p.score[j];
+        b_cost += p.cost[best];
+        b_score += p.score[best];
+    }
+    Outcome {
+        saved: if b_cost > 0.0 {
+            1.0 - cost / b_cost
+        } else {
+            0.0
+        },
+        quality: if b_score > 0.0 { score / b_score } else { 1.0 },
+    }
+}
+
+/// The floor with the largest saving whose quality held `target` on `ps`; None (always the
+/// best candidate) when none saves anything there. Ties keep the earlier floor of the grid.
+pub fn pick(ps: &[&Prompt], floors: &[Floor], best: usize, target: f64) -> Option<Floor> {
+    let mut chosen = None;
+    let mut top = 0.0;
+    for &f in floors {
+        let o = outcome(ps, Some(f), best);
+        if o.quality >= target && o.saved > top {
+            top = o.saved;
+            chosen = Some(f);
+        }
+    }
+    chosen
+}
+
+/// Picked on one half, measured on the other.
+#[derive(Debug, Clone, Serialize)]
+pub struct Crossed {
+    pub picked_on: usize,
+    pub floor: Option<Floor>,
+    pub held: Outcome,
+}
+
+/// The recommendation for one source.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceRecommendation {
+    pub source: String,
+    pub prompts: usize,
+    /// Candidates cheapest first (mean cost per call on these rows) and the best of them.
+    pub candidates: Vec<String>,
+    pub best: String,
+    /// The floor picked on all prompts (None: keep calling the best model) and its outcome.
+    pub floor: Option<Floor>,
+    pub in_sample: Outcome,
+    /// Each half's pick measured on the other half.
+    pub crossed: Vec<Crossed>,
+    /// The served default (the embedded config's relative floor) on all prompts.
+    pub default: Option<(Floor, Outcome)>,
+}
+
+/// Candidates and prompts of one source from its rows and their cross-fitted p_route (same
+/// order as `rows`); None when fewer than [`MIN_PROMPTS`] prompts have a row of every
+/// candidate, or fewer than two models qualify.
+pub fn prompts_of(rows: &[&Row], p: &[f64]) -> Option<(Vec<String>, usize, Vec<Prompt>)> {
+    // Per model: (cost sum, score sum, prompts); per prompt: model -> (p, score, cost).
+    let mut stats: BTreeMap<&str, (f64, f64, usize)> = BTreeMap::new();
+    let mut by_prompt: BTreeMap<&str, BTreeMap<&str, (f64, f64, f64)>> = BTreeMap::new();
+    for (r, &pr) in rows.iter().zip(p) {
+        let (Some(s), Some(c)) = (r.score, r.cost_usd) else {
+            continue;
+        };
+        let e = stats.entry(&r.model).or_default();
+        e.0 += c;
+        e.1 += s;
+        e.2 += 1;
+        by_prompt
+            .entry(&r.prompt_id)
+            .or_default()
+            .insert(&r.model, (pr, s, c));
+    }
+    let n = by_prompt.len() as f64;
+    let mut cands: Vec<(&str, f64, f64)> = stats
+        .iter()
+        .filter(|(_, (_, _, k))| *k as f64 >= MIN_COVERAGE * n)
+        .map(|(m, (c, s, k))| (*m, c / *k as f64, s / *k as f64))
+        .collect();
+    if cands.len() < 2 {
+        return None;
+    }
+    cands.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(b.0)));
+    // The best: the highest mean score, the cheaper on ties.
+    let best = (0..cands.len()).fold(0, |b, j| if cands[j].2 > cands[b].2 { j } else { b });
+    let prompts: Vec<Prompt> = by_prompt
+        .iter()
+        .filter_map(|(pid, m)| {
+            let got: Option<Vec<(f64, f64, f64)>> =
+                cands.iter().map(|(c, _, _)| m.get(c).copied()).collect();
+            let got = got?;
+            Some(Prompt {
+                half: half_of(pid),
+                p: got.iter().map(|x| x.0).collect(),
+                score: got.iter().map(|x| x.1).collect(),
+                cost: got.iter().map(|x| x.2).collect(),
+            })
+        })
+        .collect();
+    if prompts.len() < MIN_PROMPTS || (0..2).any(|h| !prompts.iter().any(|p| p.half == h)) {
+        return None;
+    }
+    Some((
+        cands.iter().map(|c| c.0.to_string()).collect(),
+        best,
+        prompts,
+    ))
+}
+
+/// Picks and judges a floor for one source's prompts.
+pub fn recommend(
+    source: &str,
+    candidates: Vec<String>,
+    best: usize,
+    prompts: &[Prompt],
+    target: f64,
+    default: Option<Floor>,
+) -> SourceRecommendation {
+    let floors = Floor::grid();
+    let all: Vec<&Prompt> = prompts.iter().collect();
+    let half = |h: usize| -> Vec<&Prompt> { prompts.iter().filter(|p| p.half == h).collect() };
+    let crossed = (0..2)
+        .map(|h| {
+            let floor = pick(&half(h), &floors, best, target);
+            Crossed {
+                picked_on: h,
+                floor,
+                held: outcome(&half(1 - h), floor, best),
+            }
+        })
+        .collect();
+    let floor = pick(&all, &floors, best, target);
+    SourceRecommendation {
+        source: source.to_string(),
+        prompts: prompts.len(),
+        best: candidates[best].clone(),
+        candidates,
+        floor,
+        in_sample: outcome(&all, floor, best),
+        crossed,
+        default: default.map(|f| (f, outcome(&all, Some(f), best))),
+    }
+}
+
+/// Per source of the labelled `rows` (features `f`): the recommended floor, with p_route from
+/// heads calibrated on the other half of the prompts. `default`: the served default floor.
+pub fn recommend_floors(
+    heads: &Heads,
+    rows: &[Row],
+    f: &RowFeatures,
+    target: f64,
+    default: Option<Floor>,
+) -> Result<Vec<SourceRecommendation>> {
+    if let Some(i) = rows.iter().position(|r| r.cost_usd.is_none()) {
+        bail!(
+            "row {} has no cost_usd: a floor's saving needs every row's cost",
+            i + 1
+        );
+    }
+    let mut p = vec![f64::NAN; rows.len()];
+    for h in 0..2 {
+        let (scored, fitted): (Vec<usize>, Vec<usize>) =
+            (0..rows.len()).partition(|&i| half_of(&rows[i].prompt_id) == h);
+        if scored.is_empty() || fitted.is_empty() {
+            bail!("every prompt falls in one half: too few prompts");
+        }
+        let pick = |idx: &[usize]| -> Vec<Row> { idx.iter().map(|&i| rows[i].clone()).collect() };
+        let mut hh = heads.clone();
+        adapt(&mut hh, &pick(&fitted), &f.subset(&fitted), true)?;
+        let s = score_with(&hh, &pick(&scored), &f.subset(&scored));
+        for (&i, (pr, _)) in scored.iter().zip(s) {
+            p[i] = pr;
+        }
+    }
+    let mut by_source: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, r) in rows.iter().enumerate() {
+        by_source.entry(&r.source).or_default().push(i);
+    }
+    let mut out = Vec::new();
+    for (src, idx) in by_source {
+        let rs: Vec<&Row> = idx.iter().map(|&i| &rows[i]).collect();
+        let ps: Vec<f64> = idx.iter().map(|&i| p[i]).collect();
+        match prompts_of(&rs, &ps) {
+            Some((cands, best, prompts)) => {
+                out.push(recommend(src, cands, best, &prompts, target, default))
+            }
+            None => eprintln!(
+                "calibrate: {src}: no floor recommended (needs {MIN_PROMPTS} prompts answered by \
+                 two or more models, each with a row for {:.0}% of the prompts)",
+                100.0 * MIN_COVERAGE
+            ),
+        }
+    }
+    Ok(out)
+}
+
+/// The operator's summary of one source.
+pub fn describe(r: &SourceRecommendation, target: f64) -> String {
+    let pct = |x: f64| format!("{:.1}%", 100.0 * x);
+    let mut out = format!(
+        "{}: {} prompts, {} candidates (cheapest {}, best {})\n",
+        r.source,
+        r.prompts,
+        r.candidates.len(),
+        r.candidates[0],
+        r.best
+    );
+    if let Some((f, o)) = r.default {
+        out += &format!(
+            "  the default ({}): saved {} at {} of {}'s quality\n",
+            f.toml(),
+            pct(o.saved),
+            pct(o.quality),
+            r.best
+        );
+    }
+    let held: Vec<String> = r
+        .crossed
+        .iter()
+        .map(|c| {
+            format!(
+                "{} picked on half {}: saved {} at {} on the other",
+                c.floor.map_or("the best model".into(), |f| f.toml()),
+                c.picked_on,
+                pct(c.held.saved),
+                pct(c.held.quality)
+            )
+        })
+        .collect();
+    match r.floor {
+        Some(f) => {
+            out += &format!(
+                "  recommended: [policy] {} (saved {} at {} of {}'s quality on these prompts)\n",
+                f.toml(),
+                pct(r.in_sample.saved),
+                pct(r.in_sample.quality),
+                r.best
+            )
+        }
+        None => {
+            out += &format!(
+            "  recommended: keep calling {}; no floor kept {} of its quality and saved anything\n",
+            r.best,
+            pct(target)
+        )
+        }
+    }
+    out += &format!("  cross-fitted: {}\n", held.join("; "));
+    if r.crossed
+        .iter()
+        .any(|c| c.held.quality < target - HOLD_SLACK)
+    {
+        out += &format!(
+            "  warning: a half's pick fell below {} of the quality on the other half; a floor \
+             picked on this many prompts may not hold on new ones (label more, or keep a \
+             higher floor)\n",
+            pct(target - HOLD_SLACK)
+        );
+    }
+    out
+}
+
+/// How far below the target a pick may fall on the other half before the summary warns
+/// (the protocol counts a cross-fitted half's saving down to 97% for a 98% target).
+const HOLD_SLACK: f64 = 0.01;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prompt(half: usize, p: [f64; 2], score: [f64; 2]) -> Prompt {
+        Prompt {
+            half,
+            p: p.to_vec(),
+            score: score.to_vec(),
+            cost: vec![1.0, 10.0],
+        }
+    }
+
+    /// Cheap passes where its p is high: the floor that keeps quality sends those prompts to
+    /// it and the rest to the best; a floor too low loses quality, one too high saves less.
+    #[test]
+    fn the_pick_is_the_cheapest_floor_that_keeps_quality() {
+        let mut ps = Vec::new();
+        for i in 0..100 {
+            let p = i as f64 / 100.0;
+            // The cheap model passes exactly when its p is at least 0.6.
+            let cheap = if p >= 0.6 { 1.0 } else { 0.0 };
+            ps.push(prompt(i % 2, [p, 0.9], [cheap, 1.0]));
+        }
+        let all: Vec<&Prompt> = ps.iter().collect();
+        // Full quality: exactly 0.6; at 98% two failures are allowed, so 0.58.
+        let f = pick(&all, &Floor::grid(), 1, 1.0);
+        assert_eq!(f, Some(Floor::QualityFloor(0.6)));
+        assert_eq!(
+            pick(&all, &Floor::grid(), 1, 0.98),
+            Some(Floor::QualityFloor(0.58))
+        );
+        let o = outcome(&all, f, 1);
+        // 40 prompts at cost 1, 60 at cost 10: 1 - 640 / 1000.
+        assert!((o.saved - 0.36).abs() < 1e-9, "{o:?}");
+        assert!((o.quality - 1.0).abs() < 1e-9, "{o:?}");
+        let lower = outcome(&all, Some(Floor::QualityFloor(0.5)), 1);
+        assert!(lower.quality < 0.98 && lower.saved > o.saved, "{lower:?}");
+        // Always the best: nothing saved, full quality.
+        let b = outcome(&all, None, 1);
+        assert_eq!((b.saved, b.quality), (0.0, 1.0));
+    }
+
+    #[test]
+    fn no_floor_when_the_cheap_model_never_holds_quality() {
+        let ps: Vec<Prompt> = (0..60)
+            .map(|i| prompt(i % 2, [0.99, 0.5], [0.0, 1.0]))
+            .collect();
+        let all: Vec<&Prompt> = ps.iter().collect();
+        assert_eq!(pick(&all, &Floor::grid(), 1, 0.98), None);
+        let r = recommend("s", vec!["cheap".into(), "best".into()], 1, &ps, 0.98, None);
+        assert!(r.floor.is_none());
+        assert!(describe(&r, 0.98).contains("keep calling best"));
+        // Each half's pick is none too, so the other half keeps all of the best's quality.
+        assert!(r
+            .crossed
+            .iter()
+            .all(|c| c.floor.is_none() && c.held.quality == 1.0));
+    }
+
+    #[test]
+    fn candidates_need_a_row_for_nearly_every_prompt() {
+        let row = |pid: usize, model: &str, score: f64, cost: f64| Row {
+            source: "s".into(),
+            task: None,
+            prompt_id: format!("q{pid}"),
+            prompt: format!("question {pid}"),
+            model: model.into(),
+            score: Some(score),
+            response: None,
+            cost_usd: Some(cost),
+            prompt_tokens: None,
+            response_tokens: None,
+        };
+        let mut rows = Vec::new();
+        for i in 0..80 {
+            rows.push(row(i, "cheap", 0.0, 1.0));
+            rows.push(row(i, "best", 1.0, 5.0));
+            if i < 10 {
+                rows.push(row(i, "rare", 1.0, 0.1));
+            }
+        }
+        let refs: Vec<&Row> = rows.iter().collect();
+        let p = vec![0.5; rows.len()];
+        let (cands, best, prompts) = prompts_of(&refs, &p).expect("two candidates");
+        assert_eq!(
+            cands,
+            ["cheap", "best"],
+            "cheapest first; `rare` answers 10 of 80"
+        );
+        assert_eq!(best, 1);
+        assert_eq!(prompts.len(), 80);
+        assert!(
+            prompts_of(&refs[..60], &p[..60]).is_none(),
+            "30 prompts are too few"
+        );
+    }
+}
