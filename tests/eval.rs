@@ -357,6 +357,7 @@ fn replays_refuse_a_row_without_a_score_or_cost() {
             vec!["eval", "--out-dir", dir.path().to_str().unwrap(), "--data"],
         ] {
             let o = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
                 .args(&cmd)
                 .arg(&data)
                 .output()

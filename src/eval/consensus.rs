@@ -176,6 +176,7 @@ fn probe_sets(cands: &[String]) -> Vec<ProbeSet> {
 pub fn judge(source: &str, rows: &[&Row], target: f64, hold: f64) -> Option<SourceReport> {
     let mut prompts: BTreeMap<&str, Prompt> = BTreeMap::new();
     for r in rows {
+        // `run` refuses rows without them (`check_labelled`); a library caller's are skipped.
         let (Some(score), Some(cost)) = (r.score, r.cost_usd) else {
             continue;
         };
@@ -258,7 +259,7 @@ pub fn run(a: ConsensusArgs) -> Result<()> {
                 reports.push(rep);
             }
             None => {
-                println!("{src}: no model answers >= 95% of its prompts with a score and a cost")
+                println!("{src}: no model answers >= 95% of its prompts")
             }
         }
     }

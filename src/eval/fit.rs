@@ -1,6 +1,6 @@
 //! Small statistical fits: L2-regularised logistic regression (Newton's method, the Hessian by
 //! GEMM), temperature scaling, and the figures we report (AUROC, ECE, log-loss).
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::model::heads::LinearHead;
 
@@ -87,7 +87,7 @@ pub fn logistic(x: &[f32], d: usize, y: &[f32], l2: f64) -> Result<LinearHead> {
         }
         (grad, h)
     };
-    let beta = damped_newton(beta, 30, 1e-6, objective, grad_hess)?;
+    let beta = damped_newton(beta, 30, 1e-6, objective, grad_hess).context("logistic")?;
     Ok(LinearHead {
         w: beta[..d].iter().map(|&v| v as f32).collect(),
         b: beta[d] as f32,
@@ -265,6 +265,24 @@ mod tests {
         assert!(
             fitted < 0.5 * start,
             "{fitted} vs {start} at the start: {h:?}"
+        );
+    }
+
+    #[test]
+    fn platt_recovers_a_planted_scaling_and_survives_a_far_start() {
+        let z: Vec<f64> = (0..2000).map(|i| (i as f64 / 250.0) - 4.0).collect();
+        let y: Vec<f32> = z.iter().map(|&z| sigmoid(2.5 * z - 1.0) as f32).collect();
+        let (a, b) = platt(&z, &y).unwrap();
+        assert!((a - 2.5).abs() < 1e-4 && (b + 1.0).abs() < 1e-4, "{a} {b}");
+        // Logits far from the labels' scale: a full step from (1, 0) overshoots.
+        let z: Vec<f64> = (0..400).map(|i| 40.0 * ((i as f64) * 0.37).sin()).collect();
+        let y: Vec<f32> = z.iter().map(|&z| sigmoid(0.02 * z + 3.0) as f32).collect();
+        let (a, b) = platt(&z, &y).unwrap();
+        assert!((a - 0.02).abs() < 1e-3 && (b - 3.0).abs() < 1e-2, "{a} {b}");
+        assert!(platt(&z, &y[..10]).is_err(), "lengths must match");
+        assert!(
+            platt(&[f64::NAN, 1.0], &[1.0, 0.0]).is_err(),
+            "non-finite logits"
         );
     }
 
@@ -462,6 +480,9 @@ pub fn fit_router(
 
 /// Platt scaling: (a, b) minimising the log-loss of sigmoid(a·z + b) (Newton, 2 parameters).
 pub fn platt(z: &[f64], y: &[f32]) -> Result<(f64, f64)> {
+    if z.len() != y.len() {
+        bail!("platt: {} logits for {} labels", z.len(), y.len());
+    }
     let loss = |t: &[f64]| -> f64 {
         z.iter()
             .zip(y)
@@ -482,8 +503,7 @@ pub fn platt(z: &[f64], y: &[f32]) -> Result<(f64, f64)> {
         }
         (vec![ga, gb], vec![haa, hab, hab, hbb])
     };
-    let t = damped_newton(vec![1.0, 0.0], 50, 1e-9, loss, grad_hess)
-        .map_err(|e| anyhow::anyhow!("platt: {e}"))?;
+    let t = damped_newton(vec![1.0, 0.0], 50, 1e-9, loss, grad_hess).context("platt")?;
     let (a, b) = (t[0], t[1]);
     Ok((a, b))
 }

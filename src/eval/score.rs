@@ -373,6 +373,9 @@ struct RouterAdaptation {
     known_pull: serde_json::Value,
     /// Per calibration row: the router's p from abilities fitted without the row's fifth of
     /// the prompts (what a new prompt of this traffic sees); None where no such fit exists.
+    /// Known models' pull is chosen over every fifth, so theirs read their own fifth through
+    /// that one choice among four (new models' starts do not; their prior's shift is fitted
+    /// without the fifth, left unshifted where fewer than 20 rows remain).
     held_out_p: Vec<Option<f64>>,
 }
 
@@ -451,13 +454,13 @@ fn adapt_router(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<Rout
     // the prompts; rows of a fifth with no other fifth beside it are left out.
     let held_out = |m: &str, idx: &[usize], pull: (f64, f64)| -> Result<Vec<(usize, f64)>> {
         let mut out = Vec::new();
+        let known = heads.router.models.contains_key(m);
         for (fold, fold_prior) in fold_priors.iter().enumerate() {
             let (held, fit_idx): (Vec<usize>, Vec<usize>) =
                 idx.iter().partition(|&&i| fold_of(i) == fold);
             if held.is_empty() || fit_idx.is_empty() {
                 continue;
             }
-            let known = heads.router.models.contains_key(m);
             let start = if known {
                 heads.router.ability(m)
             } else {
@@ -1009,6 +1012,7 @@ mod tests {
             .collect();
         assert!(fold0.len() > 20 && fold0.len() < 100, "{}", fold0.len());
         for &i in &fold0 {
+            assert!(before[i].is_some(), "row {i} has a held-out p");
             assert_eq!(before[i], after[i], "row {i}");
         }
         // The other fifths' p read fold 0's new labels.

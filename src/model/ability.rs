@@ -1,7 +1,7 @@
 //! Fitting one model's ability on labelled prompts (Newton steps, an L2 pull towards a
 //! starting ability): what calibration, overlays and serving-time feedback share.
 #![forbid(unsafe_code)]
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use super::heads::Ability;
 use crate::base::sigmoid;
@@ -34,7 +34,7 @@ pub fn fit_ability_split(
     let p = k + 1;
     if z.len() != n * k || s.len() != n || prior.u.len() != k {
         bail!(
-            "ability fit: {n} labels, {} prompt parts, {} skill values for {k} skills, a start of {}",
+            "ability fit: {n} labels, {} prompt parts, {} skill values for {k} skills, and a start with {} skill loadings",
             s.len(),
             z.len(),
             prior.u.len()
@@ -77,7 +77,7 @@ pub fn fit_ability_split(
         }
         (g, h)
     };
-    let th = damped_newton(pr.clone(), 25, 1e-7, loss, grad_hess)?;
+    let th = damped_newton(pr.clone(), 25, 1e-7, loss, grad_hess).context("ability fit")?;
     Ok(Ability {
         u: th[..k].iter().map(|&v| v as f32).collect(),
         b: th[k] as f32,
@@ -106,9 +106,15 @@ pub fn damped_newton(
     let p = theta.len();
     // The loss at `theta`, carried from the step that reached it.
     let mut now = loss(&theta);
+    if !now.is_finite() {
+        bail!("Newton: the loss at the start is {now} (non-finite inputs?)");
+    }
     for _ in 0..max_iter {
         let (g, mut h) = grad_hess(&theta);
         let step = cholesky_solve(&mut h, &g, p)?;
+        if step.iter().any(|s| !s.is_finite()) {
+            bail!("Newton: a non-finite step (non-finite inputs?)");
+        }
         let mut t = 1.0f64;
         let next = loop {
             let cand: Vec<f64> = theta.iter().zip(&step).map(|(b, s)| b - t * s).collect();
