@@ -201,15 +201,18 @@ fn calibrate_recommends_a_floor_and_says_how_it_held() {
     let data = dir.path().join("labelled.jsonl");
     write_jsonl(&data, &rows);
     let (overlay, rec) = (dir.path().join("o.json"), dir.path().join("rec.json"));
-    let out = tiergate(&[
-        "calibrate",
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        overlay.to_str().unwrap(),
-        "--recommend-out",
-        rec.to_str().unwrap(),
-    ]);
+    let calibrate = |rec: &Path| {
+        tiergate(&[
+            "calibrate",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            overlay.to_str().unwrap(),
+            "--recommend-out",
+            rec.to_str().unwrap(),
+        ])
+    };
+    let out = calibrate(&rec);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -273,15 +276,7 @@ fn calibrate_recommends_a_floor_and_says_how_it_held() {
     stripped[0].as_object_mut().unwrap().remove("cost_usd");
     write_jsonl(&data, &stripped);
     let rec2 = dir.path().join("rec2.json");
-    let out = tiergate(&[
-        "calibrate",
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        overlay.to_str().unwrap(),
-        "--recommend-out",
-        rec2.to_str().unwrap(),
-    ]);
+    let out = calibrate(&rec2);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
