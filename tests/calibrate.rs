@@ -252,13 +252,13 @@ fn calibrate_recommends_a_floor_and_says_how_it_held() {
         .unwrap();
     assert_eq!(r["best"], best);
     let q = |o: &Value| o["quality"].as_f64().unwrap();
-    if !r["floor"].is_null() {
-        assert!(
-            q(&r["in_sample"]) >= 0.98 && r["in_sample"]["saved"].as_f64().unwrap() > 0.0,
-            "{r}"
-        );
-        assert!(stdout.contains("recommended: [policy] "), "{stdout}");
-    }
+    // On these four models a floor pays (0.89 at the time of writing); it kept the target.
+    assert!(!r["floor"].is_null(), "{r}");
+    assert!(
+        q(&r["in_sample"]) >= 0.98 && r["in_sample"]["saved"].as_f64().unwrap() > 0.0,
+        "{r}"
+    );
+    assert!(stdout.contains("recommended: [policy] "), "{stdout}");
     assert_eq!(r["crossed"].as_array().map(Vec::len), Some(2), "{r}");
     assert!(r["crossed"]
         .as_array()
@@ -280,7 +280,7 @@ fn calibrate_recommends_a_floor_and_says_how_it_held() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("no Route floor recommended: row 1 has no cost_usd"),
+        stderr.contains("no Route floor recommended: row 1 has no finite, non-negative cost_usd"),
         "{stderr}"
     );
     assert!(!rec2.exists());

@@ -88,8 +88,16 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
 }
 
 /// Prints (and with `--recommend-out` writes) the Route floor each source's labelled rows
-/// support; rows without a cost leave it out with a note, not an error (the overlay stands).
+/// support, beside the embedded config's default; rows without a cost leave it out with a
+/// note, not an error (the overlay stands).
 fn recommend(a: &CalibrateArgs, heads: &Heads, rows: &[Row], f: &RowFeatures) -> Result<()> {
+    // A file from an earlier run must not pass for this one's.
+    if let Some(out) = &a.recommend_out {
+        if out.exists() {
+            std::fs::remove_file(out)
+                .map_err(|e| anyhow::anyhow!("removing {}: {e}", out.display()))?;
+        }
+    }
     let default = crate::config::Config::embedded()?
         .policy
         .relative_floor

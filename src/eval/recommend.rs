@@ -102,13 +102,15 @@ pub fn outcome(ps: &[&Prompt], floor: Option<Floor>, best: usize) -> Outcome {
 }
 
 /// The floor with the largest saving whose quality held `target` on `ps`; None (always the
-/// best candidate) when none saves anything there. Ties keep the earlier floor of the grid.
+/// best candidate) when none saves anything there. Ties keep the later floor of the grid: the
+/// highest of a plateau (its lowest is the edge most likely to fail on new prompts), and a
+/// relative floor over an absolute one (it carries better to traffic unlike the labels).
 pub fn pick(ps: &[&Prompt], floors: &[Floor], best: usize, target: f64) -> Option<Floor> {
     let mut chosen = None;
     let mut top = 0.0;
     for &f in floors {
         let o = outcome(ps, Some(f), best);
-        if o.quality >= target && o.saved > top {
+        if o.quality >= target && o.saved > 0.0 && o.saved >= top {
             top = o.saved;
             chosen = Some(f);
         }
@@ -145,21 +147,26 @@ pub struct SourceRecommendation {
 /// order as `rows`); None when fewer than [`MIN_PROMPTS`] prompts have a row of every
 /// candidate, or fewer than two models qualify.
 pub fn prompts_of(rows: &[&Row], p: &[f64]) -> Option<(Vec<String>, usize, Vec<Prompt>)> {
-    // Per model: (cost sum, score sum, prompts); per prompt: model -> (p, score, cost).
-    let mut stats: BTreeMap<&str, (f64, f64, usize)> = BTreeMap::new();
+    // Per prompt: model -> (p, score, cost); a repeated (prompt, model) row keeps the last.
     let mut by_prompt: BTreeMap<&str, BTreeMap<&str, (f64, f64, f64)>> = BTreeMap::new();
     for (r, &pr) in rows.iter().zip(p) {
         let (Some(s), Some(c)) = (r.score, r.cost_usd) else {
             continue;
         };
-        let e = stats.entry(&r.model).or_default();
-        e.0 += c;
-        e.1 += s;
-        e.2 += 1;
         by_prompt
             .entry(&r.prompt_id)
             .or_default()
             .insert(&r.model, (pr, s, c));
+    }
+    // Per model, over the prompts it answered (each once): (cost sum, score sum, prompts).
+    let mut stats: BTreeMap<&str, (f64, f64, usize)> = BTreeMap::new();
+    for m in by_prompt.values() {
+        for (model, &(_, s, c)) in m {
+            let e = stats.entry(model).or_default();
+            e.0 += c;
+            e.1 += s;
+            e.2 += 1;
+        }
     }
     let n = by_prompt.len() as f64;
     let mut cands: Vec<(&str, f64, f64)> = stats
@@ -232,21 +239,10 @@ pub fn recommend(
     }
 }
 
-/// Per source of the labelled `rows` (features `f`): the recommended floor, with p_route from
-/// heads calibrated on the other half of the prompts. `default`: the served default floor.
-pub fn recommend_floors(
-    heads: &Heads,
-    rows: &[Row],
-    f: &RowFeatures,
-    target: f64,
-    default: Option<Floor>,
-) -> Result<Vec<SourceRecommendation>> {
-    if let Some(i) = rows.iter().position(|r| r.cost_usd.is_none()) {
-        bail!(
-            "row {} has no cost_usd: a floor's saving needs every row's cost",
-            i + 1
-        );
-    }
+/// Each row's p_route from the heads calibrated on the rows of the other half of the prompts
+/// (the answers are left out: Route's p never reads the verifier, and a subset with them
+/// would copy every answer embedding).
+pub fn cross_fitted_p(heads: &Heads, rows: &[Row], f: &RowFeatures) -> Result<Vec<f64>> {
     let mut p = vec![f64::NAN; rows.len()];
     for h in 0..2 {
         let (scored, fitted): (Vec<usize>, Vec<usize>) =
@@ -256,12 +252,34 @@ pub fn recommend_floors(
         }
         let pick = |idx: &[usize]| -> Vec<Row> { idx.iter().map(|&i| rows[i].clone()).collect() };
         let mut hh = heads.clone();
-        adapt(&mut hh, &pick(&fitted), &f.subset(&fitted), true)?;
-        let s = score_with(&hh, &pick(&scored), &f.subset(&scored));
+        adapt(&mut hh, &pick(&fitted), &f.subset(&fitted, false), true)?;
+        let s = score_with(&hh, &pick(&scored), &f.subset(&scored, false));
         for (&i, (pr, _)) in scored.iter().zip(s) {
             p[i] = pr;
         }
     }
+    Ok(p)
+}
+
+/// Per source of the labelled `rows` (features `f`): the recommended floor, with p_route from
+/// heads calibrated on the other half of the prompts. `default`: the served default floor.
+pub fn recommend_floors(
+    heads: &Heads,
+    rows: &[Row],
+    f: &RowFeatures,
+    target: f64,
+    default: Option<Floor>,
+) -> Result<Vec<SourceRecommendation>> {
+    if let Some(i) = rows
+        .iter()
+        .position(|r| !r.cost_usd.is_some_and(|c| c.is_finite() && c >= 0.0))
+    {
+        bail!(
+            "row {} has no finite, non-negative cost_usd: a floor's saving needs every row's cost",
+            i + 1
+        );
+    }
+    let p = cross_fitted_p(heads, rows, f)?;
     let mut by_source: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, r) in rows.iter().enumerate() {
         by_source.entry(&r.source).or_default().push(i);
@@ -288,7 +306,7 @@ pub fn recommend_floors(
 pub fn describe(r: &SourceRecommendation, target: f64) -> String {
     let pct = |x: f64| format!("{:.1}%", 100.0 * x);
     let mut out = format!(
-        "{}: {} prompts, {} candidates (cheapest {}, best {})\n",
+        "{}: {} prompts, {} candidates (the labelled models, by mean cost: cheapest {}, best {})\n",
         r.source,
         r.prompts,
         r.candidates.len(),
@@ -329,10 +347,11 @@ pub fn describe(r: &SourceRecommendation, target: f64) -> String {
         }
         None => {
             out += &format!(
-            "  recommended: keep calling {}; no floor kept {} of its quality and saved anything\n",
-            r.best,
-            pct(target)
-        )
+                "  recommended: no floor; none kept {} of {}'s quality and saved anything (route \
+             this traffic to that model alone)\n",
+                pct(target),
+                r.best
+            )
         }
     }
     out += &format!("  cross-fitted: {}\n", held.join("; "));
@@ -379,13 +398,25 @@ mod tests {
             ps.push(prompt(i % 2, [p, 0.9], [cheap, 1.0]));
         }
         let all: Vec<&Prompt> = ps.iter().collect();
-        // Full quality: exactly 0.6; at 98% two failures are allowed, so 0.58.
+        // Full quality: the cheap model from p = 0.6 up, which quality_floor 0.60 does and so
+        // does relative_floor 0.66 (0.66 × 0.9 = 0.594); the tie goes to the relative floor.
         let f = pick(&all, &Floor::grid(), 1, 1.0);
-        assert_eq!(f, Some(Floor::QualityFloor(0.6)));
+        assert_eq!(f, Some(Floor::RelativeFloor(0.66)));
+        assert_eq!(
+            outcome(&all, Some(Floor::QualityFloor(0.6)), 1).saved,
+            outcome(&all, f, 1).saved
+        );
+        // At 98% two failures are allowed: from p = 0.58 (relative 0.64: 0.576).
         assert_eq!(
             pick(&all, &Floor::grid(), 1, 0.98),
-            Some(Floor::QualityFloor(0.58))
+            Some(Floor::RelativeFloor(0.64))
         );
+        // Among absolute floors alone, the highest of a plateau: only 0.60 reaches p = 0.6.
+        let abs: Vec<Floor> = Floor::grid()
+            .into_iter()
+            .filter(|f| matches!(f, Floor::QualityFloor(_)))
+            .collect();
+        assert_eq!(pick(&all, &abs, 1, 1.0), Some(Floor::QualityFloor(0.6)));
         let o = outcome(&all, f, 1);
         // 40 prompts at cost 1, 60 at cost 10: 1 - 640 / 1000.
         assert!((o.saved - 0.36).abs() < 1e-9, "{o:?}");
@@ -406,12 +437,67 @@ mod tests {
         assert_eq!(pick(&all, &Floor::grid(), 1, 0.98), None);
         let r = recommend("s", vec!["cheap".into(), "best".into()], 1, &ps, 0.98, None);
         assert!(r.floor.is_none());
-        assert!(describe(&r, 0.98).contains("keep calling best"));
+        assert!(describe(&r, 0.98).contains("recommended: no floor"));
         // Each half's pick is none too, so the other half keeps all of the best's quality.
         assert!(r
             .crossed
             .iter()
             .all(|c| c.floor.is_none() && c.held.quality == 1.0));
+    }
+
+    /// A row's p comes from heads calibrated on the other half only: flipping every label of
+    /// one half leaves that half's p as they were and moves the other half's.
+    #[test]
+    fn a_rows_p_never_reads_its_own_half() -> Result<()> {
+        let heads = Heads::load(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/models/heads.json"
+        )))?;
+        let (dim, n) = (heads.dim, 200);
+        let mut rows = Vec::new();
+        for i in 0..n {
+            for (j, model) in ["brand-new-a", "brand-new-b"].iter().enumerate() {
+                rows.push(Row {
+                    source: "s".into(),
+                    task: None,
+                    prompt_id: format!("q{i}"),
+                    prompt: format!("question {i}"),
+                    model: model.to_string(),
+                    score: Some(((i * 7 + j * 3) % 5 < 2 + j) as u8 as f64),
+                    response: None,
+                    cost_usd: Some(1.0 + j as f64),
+                    prompt_tokens: None,
+                    response_tokens: None,
+                });
+            }
+        }
+        let f = RowFeatures {
+            dim,
+            prompt_emb: (0..n * dim)
+                .map(|k| (((k * 2_654_435_761) % 1000) as f32 / 1000.0) - 0.5)
+                .collect(),
+            prompt_of_row: (0..2 * n).map(|r| r / 2).collect(),
+            answer_of_row: vec![None; 2 * n],
+            answer_emb: Vec::new(),
+            answer_truncated: Vec::new(),
+        };
+        let before = cross_fitted_p(&heads, &rows, &f)?;
+        let mut flipped = rows.clone();
+        for r in flipped.iter_mut().filter(|r| half_of(&r.prompt_id) == 0) {
+            r.score = r.score.map(|s| 1.0 - s);
+        }
+        let after = cross_fitted_p(&heads, &flipped, &f)?;
+        assert!(before.iter().all(|p| p.is_finite()));
+        let mut moved = 0;
+        for (i, r) in rows.iter().enumerate() {
+            if half_of(&r.prompt_id) == 0 {
+                assert_eq!(before[i], after[i], "row {i}");
+            } else if before[i] != after[i] {
+                moved += 1;
+            }
+        }
+        assert!(moved > 0, "the other half reads the flipped labels");
+        Ok(())
     }
 
     #[test]
@@ -448,7 +534,7 @@ mod tests {
         assert_eq!(prompts.len(), 80);
         assert!(
             prompts_of(&refs[..60], &p[..60]).is_none(),
-            "30 prompts are too few"
+            "25 prompts are too few"
         );
     }
 }

@@ -221,8 +221,9 @@ impl RowFeatures {
     }
 
     /// The features of rows `idx` (in that order), their prompts re-indexed so that only those
-    /// rows' prompts remain (a memory fitted on them holds no other prompt).
-    pub fn subset(&self, idx: &[usize]) -> RowFeatures {
+    /// rows' prompts remain (a memory fitted on them holds no other prompt); without `answers`
+    /// the rows have none (Route's p alone: no answer embedding is copied).
+    pub fn subset(&self, idx: &[usize], answers: bool) -> RowFeatures {
         let mut remap = std::collections::HashMap::new();
         let mut prompt_emb = Vec::new();
         let prompt_of_row = idx
@@ -240,9 +241,20 @@ impl RowFeatures {
             dim: self.dim,
             prompt_emb,
             prompt_of_row,
-            answer_of_row: idx.iter().map(|&i| self.answer_of_row[i]).collect(),
-            answer_emb: self.answer_emb.clone(),
-            answer_truncated: self.answer_truncated.clone(),
+            answer_of_row: idx
+                .iter()
+                .map(|&i| self.answer_of_row[i].filter(|_| answers))
+                .collect(),
+            answer_emb: if answers {
+                self.answer_emb.clone()
+            } else {
+                Vec::new()
+            },
+            answer_truncated: if answers {
+                self.answer_truncated.clone()
+            } else {
+                Vec::new()
+            },
         }
     }
 
