@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use super::data::{read_rows, Row};
 use super::replay::{model_stats, MIN_COVERAGE};
-use super::util::hash_str;
+use super::util::half_of;
 use crate::config::MAX_CONSENSUS_MODELS;
 use crate::model::answer::final_answer;
 use crate::service::decide;
@@ -181,7 +181,7 @@ pub fn judge(source: &str, rows: &[&Row], target: f64, hold: f64) -> Option<Sour
             continue;
         };
         let p = prompts.entry(&r.prompt_id).or_insert_with(|| Prompt {
-            half: (hash_str(0x6861_6c66, &r.prompt_id) & 1) as usize,
+            half: half_of(&r.prompt_id),
             rows: HashMap::new(),
         });
         let key = r

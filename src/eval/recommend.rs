@@ -12,22 +12,14 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use super::data::Row;
+use super::replay::MIN_COVERAGE;
 use super::score::{adapt, score_with, RowFeatures};
-use super::util::hash_str;
+use super::util::half_of;
 use crate::model::Heads;
 use crate::service::decide;
 
-/// Share of a source's prompts a model must answer to be a candidate (one row per prompt and
-/// model, as the data schema has them).
-const MIN_COVERAGE: f64 = 0.95;
-
 /// Prompts a source needs, with a row of every candidate, before a floor is recommended.
 pub const MIN_PROMPTS: usize = 40;
-
-/// Which half of the prompts a prompt falls in (the same halves as `tiergate consensus`).
-pub fn half_of(prompt_id: &str) -> usize {
-    (hash_str(0x6861_6c66, prompt_id) & 1) as usize
-}
 
 /// A Route rule as the config names it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]

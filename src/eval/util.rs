@@ -13,6 +13,12 @@ pub fn hash_str(seed: u64, s: &str) -> u64 {
     mix(str_hash(s) ^ seed)
 }
 
+/// Which half (0 or 1) of a traffic's prompts `prompt_id` falls in: the halves `consensus`
+/// cross-fits over and `calibrate` recommends a Route floor over.
+pub fn half_of(prompt_id: &str) -> usize {
+    (hash_str(0x6861_6c66, prompt_id) & 1) as usize
+}
+
 /// What `s.hash(&mut DefaultHasher::new())` gave when the committed splits, folds and figures
 /// were made (SipHash-1-3, zero keys, over the bytes and a 0xff terminator), written out here
 /// because std may change DefaultHasher's algorithm between releases: a Rust upgrade must not

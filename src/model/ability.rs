@@ -62,7 +62,7 @@ pub fn fit_ability_split(
         let mut h = vec![0.0f64; p * p];
         for (i, &yi) in y.iter().enumerate() {
             let x: Vec<f64> = row(i).collect();
-            let mu = sigmoid(logit(th, i));
+            let mu = sigmoid(s[i] as f64 + x.iter().zip(th).map(|(a, b)| a * b).sum::<f64>());
             let w = (mu * (1.0 - mu)).max(1e-9);
             for a in 0..p {
                 g[a] += (mu - yi as f64) * x[a];
@@ -255,11 +255,6 @@ mod tests {
         assert!(ability_for_accuracy(&prior, &s, &z, 1.0).is_err());
         assert!(ability_for_accuracy(&prior, &s, &z[..3], 0.5).is_err());
     }
-}
-
-#[cfg(test)]
-mod newton_tests {
-    use super::*;
 
     /// Many outcomes that all pass, on prompts the start puts far below even odds: a full
     /// Newton step from there jumps thousands of logits past the optimum, and the pull sends
