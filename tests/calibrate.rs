@@ -66,9 +66,9 @@ fn config_with(dir: &Path, overlay: &Path) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calibrate_writes_an_overlay_the_server_routes_on() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let rows = sample(60);
-    assert_eq!(rows.len(), 60);
-    let (cal, test) = rows.split_at(50);
+    let rows = sample(160);
+    assert_eq!(rows.len(), 160);
+    let (cal, test) = rows.split_at(150);
     let (cal_path, test_path) = (dir.path().join("cal.jsonl"), dir.path().join("test.jsonl"));
     write_jsonl(&cal_path, cal);
     write_jsonl(&test_path, test);
@@ -87,7 +87,18 @@ async fn calibrate_writes_an_overlay_the_server_routes_on() {
     );
     let o: Value =
         serde_json::from_str(&std::fs::read_to_string(&overlay).expect("overlay")).expect("json");
-    assert_eq!(o["models"][NEW]["rows"], 50);
+    assert_eq!(o["models"][NEW]["rows"], 150);
+    // 150 answers are enough to re-learn Verify's per-floor thresholds on this traffic.
+    let table: Vec<(f64, f64)> =
+        serde_json::from_value(o["verify_thresholds"].clone()).expect("re-learned thresholds");
+    assert!(!table.is_empty(), "{o}");
+    let heads = tiergate::model::Heads::load(&root().join("models/heads.json")).expect("heads");
+    assert_ne!(table, heads.verify_thresholds);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Verify thresholds re-learned on 150"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // The same calibration through the evaluation interface, for the held-out rows.
     let scored = dir.path().join("scored.jsonl");
@@ -125,7 +136,39 @@ async fn calibrate_writes_an_overlay_the_server_routes_on() {
         .iter()
         .find(|e| e.model == NEW)
         .expect("in Info");
-    assert_eq!(entry.params, "calibrated:50");
+    assert_eq!(entry.params, "calibrated:150");
+    // The server's Verify reads the overlay's table: the default threshold is the default
+    // floor's, and a requested floor maps through the same table.
+    let floor = heads
+        .default_quality_floor
+        .unwrap_or(tiergate::model::heads::FALLBACK_FLOOR);
+    let want = tiergate::model::heads::threshold_from(&table, floor);
+    assert!(
+        (info.default_verify_threshold - want).abs() < 1e-9,
+        "{}",
+        info.default_verify_threshold
+    );
+    let r = &test[0];
+    let rep = c
+        .verify(proto::VerifyRequest {
+            prompt: r["prompt"].as_str().expect("prompt").into(),
+            answer: r["response"].as_str().expect("response").into(),
+            model: NEW.into(),
+            policy: Some(proto::Policy {
+                quality_floor: Some(0.9),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("verify")
+        .into_inner();
+    let want = tiergate::model::heads::threshold_from(&table, 0.9);
+    assert!(
+        (rep.threshold - want).abs() < 1e-9,
+        "{} vs {want}",
+        rep.threshold
+    );
     for (r, want) in test.iter().zip(&offline) {
         let rep = c
             .route(proto::RouteRequest {
@@ -141,7 +184,7 @@ async fn calibrate_writes_an_overlay_the_server_routes_on() {
             .iter()
             .find(|s| s.model == NEW)
             .expect("candidate");
-        assert_eq!(s.params, "calibrated:50");
+        assert_eq!(s.params, "calibrated:150");
         assert!((s.p_pass - want).abs() < 1e-4, "{} vs {want}", s.p_pass);
         assert_eq!(rep.revision.matches('+').count(), 2, "{}", rep.revision);
     }

@@ -35,6 +35,9 @@ pub struct CalibrateArgs {
     /// Write the recommendation (per source, JSON) here too.
     #[arg(long)]
     pub recommend_out: Option<PathBuf>,
+    /// Cache encoder outputs here (off by default), as `score --cache-dir`.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
     #[command(flatten)]
     pub encoder: EncoderArgs,
 }
@@ -59,10 +62,10 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
     let enc = offline_encoder(&a.encoder, heads.max_answer_tokens)?;
     let emb = Embedder {
         enc: &enc,
-        cache_dir: None,
+        cache_dir: a.cache_dir.clone(),
     };
     let f = RowFeatures::compute(&emb, "calibrate", &rows, true, heads.max_answer_tokens)?;
-    let overlay = fit_overlay(&heads, &rows, &f, a.min_rows)?;
+    let (overlay, report) = fit_overlay(&heads, &rows, &f, a.min_rows)?;
     overlay.validate(&heads)?;
     overlay.save(&a.out)?;
     eprintln!(
@@ -81,10 +84,65 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
             "kept"
         }
     );
+    eprintln!("{}", describe_thresholds(&report["verify_thresholds"]));
     if !a.no_recommend {
         recommend(&a, &heads, &rows, &f)?;
     }
     Ok(())
+}
+
+/// One paragraph on Verify's thresholds: re-learned or kept, and for the floors the operator
+/// is likely to ask for, what the trained table's threshold shipped on this traffic.
+fn describe_thresholds(r: &serde_json::Value) -> String {
+    let rows = r["held_out_rows"].as_u64().unwrap_or(0);
+    if r["relearned"] != true {
+        return format!(
+            "Verify thresholds: trained table kept ({rows} held-out answers; {} needed)",
+            super::score::MIN_ROWS_FOR_THRESHOLDS
+        );
+    }
+    let pairs = |v: &serde_json::Value| -> Vec<(f64, f64)> {
+        serde_json::from_value(v.clone()).unwrap_or_default()
+    };
+    let table = pairs(&r["table"]);
+    let mut s = format!("Verify thresholds re-learned on {rows} held-out answers:");
+    if table.is_empty() {
+        s.push_str(" no floor reached on 30 or more of them; a floor is its own threshold");
+    }
+    for (f, t) in &table {
+        s.push_str(&format!(" {f:.2}→{t:.3}"));
+    }
+    let trained = r["trained_table_here"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let held: Vec<String> = trained
+        .iter()
+        .filter(|e| {
+            [0.8, 0.9, 0.95]
+                .iter()
+                .any(|f| e["floor"].as_f64() == Some(*f))
+        })
+        .map(|e| match e["passed"].as_f64() {
+            Some(p) => format!(
+                "floor {:.2}: {} shipped, {:.1}% passed",
+                e["floor"].as_f64().unwrap_or(f64::NAN),
+                e["shipped"],
+                100.0 * p
+            ),
+            None => format!(
+                "floor {:.2}: none shipped",
+                e["floor"].as_f64().unwrap_or(f64::NAN)
+            ),
+        })
+        .collect();
+    if !held.is_empty() {
+        s.push_str(&format!(
+            "\n  the trained thresholds on the same answers: {}",
+            held.join("; ")
+        ));
+    }
+    s
 }
 
 /// Prints (and with `--recommend-out` writes) the Route floor each source's labelled rows
@@ -120,15 +178,16 @@ fn recommend(a: &CalibrateArgs, heads: &Heads, rows: &[Row], f: &RowFeatures) ->
     Ok(())
 }
 
-/// The overlay of one calibration: `adapt` on a copy of the heads, then what changed.
+/// The overlay of one calibration: `adapt` on a copy of the heads, then what changed; with
+/// `adapt`'s report.
 pub fn fit_overlay(
     heads: &Heads,
     rows: &[super::data::Row],
     f: &RowFeatures,
     min_rows: usize,
-) -> Result<Overlay> {
+) -> Result<(Overlay, serde_json::Value)> {
     let mut h = heads.clone();
-    adapt(&mut h, rows, f, true)?;
+    let report = adapt(&mut h, rows, f, true)?;
     let mut count = std::collections::BTreeMap::<&str, usize>::new();
     for r in rows.iter().filter(|r| r.score.is_some()) {
         *count.entry(r.model.as_str()).or_default() += 1;
@@ -157,7 +216,7 @@ pub fn fit_overlay(
         .iter()
         .filter(|r| r.score.is_some() && r.response.is_some())
         .count();
-    Ok(Overlay {
+    let overlay = Overlay {
         format: OVERLAY_FORMAT,
         heads_revision: heads.revision.clone(),
         prior: h.router.prior.clone(),
@@ -165,5 +224,8 @@ pub fn fit_overlay(
         verifier: changed.then(|| h.verifier.clone()),
         verifier_rows,
         memory: h.memory.clone(),
-    })
+        verify_thresholds: (h.verify_thresholds != heads.verify_thresholds)
+            .then(|| h.verify_thresholds.clone()),
+    };
+    Ok((overlay, report))
 }

@@ -319,7 +319,8 @@ pub fn adapt(
 ) -> Result<serde_json::Value> {
     let router = adapt_router(heads, rows, f)?;
     learn_answer_lengths(heads, rows);
-    let (verifier_rows, refit) = refit_verifier(heads, rows, f)?;
+    let (verifier_rows, refit, held) = refit_verifier(heads, rows, f)?;
+    let thresholds = relearn_thresholds(heads, &held);
     heads.memory = None;
     let memory = if memory {
         remember(heads, rows, f, &router.held_out_p)
@@ -333,7 +334,50 @@ pub fn adapt(
         "models": router.models,
         "verifier_rows": verifier_rows,
         "verifier_refit": refit,
+        "verify_thresholds": thresholds,
     }))
+}
+
+/// Held-out answers needed before Verify's per-floor thresholds are re-learned on this
+/// traffic (below it the trained table stays).
+pub const MIN_ROWS_FOR_THRESHOLDS: usize = 100;
+
+/// Verify's per-floor thresholds re-learned from this traffic's held-out answers (`held`: p
+/// from the verifier that ships, fitted without each answer's fifth, and the label), as
+/// `tiergate train` learns them on its held-back rows. The trained table maps a floor to the
+/// p at which the training mix's shipped answers passed that often; on other traffic the
+/// calibrated p spread differently above it, and answers shipped at the trained threshold
+/// passed less often than asked (dev RouterBench: 0.79 at a floor of 0.9; models/EVAL.md).
+/// Returns the report: the new table, and what the trained one would have shipped here.
+fn relearn_thresholds(heads: &mut Heads, held: &[HeldOut]) -> serde_json::Value {
+    if held.len() < MIN_ROWS_FOR_THRESHOLDS {
+        return serde_json::json!({ "relearned": false, "held_out_rows": held.len() });
+    }
+    let (p, y): (Vec<f64>, Vec<f32>) = held.iter().map(|h| (h.p, h.y)).unzip();
+    // What the trained table's threshold for each of its floors shipped on these answers.
+    let trained: Vec<serde_json::Value> = heads
+        .verify_thresholds
+        .iter()
+        .map(|&(floor, t)| {
+            let shipped: Vec<f32> = held.iter().filter(|h| h.p >= t).map(|h| h.y).collect();
+            let pass = shipped.iter().filter(|&&y| y >= 0.5).count();
+            serde_json::json!({
+                "floor": floor,
+                "threshold": t,
+                "shipped": shipped.len(),
+                "passed": (!shipped.is_empty()).then(|| pass as f64 / shipped.len() as f64),
+            })
+        })
+        .collect();
+    let table = super::train::threshold_table(&p, &y);
+    heads.set_verify_thresholds(table.clone());
+    serde_json::json!({
+        "relearned": true,
+        "held_out_rows": held.len(),
+        "table": table,
+        "default_threshold": heads.default_verify_threshold,
+        "trained_table_here": trained,
+    })
 }
 
 /// The labelled prompts as a memory that corrects the (adapted) router per prompt, kept only
@@ -617,22 +661,24 @@ fn learn_answer_lengths(heads: &mut Heads, rows: &[Row]) {
 /// and never much worse than the router where the answer features do not transfer. With
 /// enough rows, also the weights of its text and form features (not the embedding's), so cues
 /// that mean something else on this traffic (an option's length rank, a bare letter) are
-/// re-weighed. Returns the rows used and what was re-fitted.
+/// re-weighed. Returns the rows used, what was re-fitted, and the held-out answers (none
+/// when the re-fit had no fifths to hold out).
 fn refit_verifier(
     heads: &mut Heads,
     rows: &[Row],
     f: &RowFeatures,
-) -> Result<(usize, serde_json::Value)> {
+) -> Result<(usize, serde_json::Value, Vec<HeldOut>)> {
     // Calibration rows are split into five folds by prompt; the re-fit picks its candidate
     // by its log-loss on each fold in turn, fitted on the other four.
     let fold_of = |i: usize| calibration_fold(&rows[i]);
     let nv = heads::verify_dim(heads.dim);
     let small = nv - heads.dim - 1; // router logit + text/form features + interactions
-    let (mut xs, mut ys, mut folds) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut xs, mut ys, mut folds, mut row_of) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (i, r) in rows.iter().enumerate() {
         let (Some(s), Some(a)) = (r.score, f.answer(i, r)) else {
             continue;
         };
+        row_of.push(i);
         // The router logit here comes from abilities fitted on these same rows. Out-of-fold
         // logits (abilities fitted without each fifth) were tried: they lowered left-out
         // AlpacaEval's verifier AUROC from 0.838 to 0.809 (MMLU-Pro 0.843 → 0.840). What the
@@ -642,114 +688,147 @@ fn refit_verifier(
         ys.push(s as f32);
         folds.push(fold_of(i));
     }
-    let mut refit = serde_json::Value::Null;
-    if ys.len() >= 50 {
-        let v = heads.verifier.clone();
-        // Features of the re-fit: [trained head logit, router logit, small features...].
-        let feats = |x: &[f32], width: usize| -> Vec<f32> {
-            let mut z = vec![v.raw_logit(x), x[0]];
-            z.extend_from_slice(&x[1..width]);
-            z
-        };
-        // Candidates (features, L2): the combination alone, or the small features too. With
-        // enough rows, the one with the lowest log-loss on held-out fifths of the calibration
-        // prompts wins (on traffic the heads know, re-weighing rarely pays; on new traffic it
-        // does), then it is re-fitted on all rows. Every fifth is held out in turn: one fifth
-        // alone chose a different candidate in most draws of the same traffic.
-        let mut cands = vec![(1usize, 1e-4)];
-        if ys.len() >= MIN_ROWS_FOR_FEATURE_REFIT {
-            cands.extend([(small, 1e-3), (small, 1e-2), (small, 1e-1)]);
-        }
-        // Every row's widest features, once (the trees are read here); a narrower candidate
-        // reads a prefix.
-        let widest: Vec<Vec<f32>> = xs.iter().map(|x| feats(x, small)).collect();
-        // (features, labels) of the rows in `fold` (held) or outside it (fit); None: all.
-        let rows_of = |width: usize, fold: Option<(usize, bool)>| -> (Vec<f32>, Vec<f32>) {
-            let mut fx = Vec::new();
-            let mut fy = Vec::new();
-            for (j, x) in widest.iter().enumerate() {
-                if fold.is_none_or(|(k, held)| (folds[j] == k) == held) {
-                    fx.extend_from_slice(&x[..1 + width]);
-                    fy.push(ys[j]);
-                }
-            }
-            (fx, fy)
-        };
-        // Fifths with rows on both sides; with fewer than two the trained verifier's own
-        // combination is re-fitted without a choice.
-        let usable: Vec<usize> = (0..5)
-            .filter(|&k| folds.contains(&k) && folds.iter().any(|&f| f != k))
-            .collect();
-        // The trained verifier, unchanged (it reads the adapted router), is a candidate too:
-        // on traffic the heads already know, a re-fit on a few thousand rows can cost more
-        // than it brings. Losses are summed over the held-out rows of every usable fifth.
-        let held_rows: Vec<usize> = (0..xs.len())
-            .filter(|&j| usable.contains(&folds[j]))
-            .collect();
-        let mut chosen = Some(cands[0]);
-        let mut losses = Vec::new();
-        if usable.len() >= 2 {
-            let p: Vec<f64> = held_rows.iter().map(|&j| v.p(&xs[j])).collect();
-            let y: Vec<f32> = held_rows.iter().map(|&j| ys[j]).collect();
-            let keep = fit::log_loss(&p, &y);
-            losses.push(serde_json::json!({ "kept": true, "loss": keep }));
-            let mut best = keep;
-            chosen = None;
-            for &(width, l2) in &cands {
-                let d = 1 + width;
-                let mut total = 0.0;
-                for &k in &usable {
-                    let ((fx, fy), (hx, hy)) = (
-                        rows_of(width, Some((k, false))),
-                        rows_of(width, Some((k, true))),
-                    );
-                    let h = fit::logistic(&fx, d, &fy, l2)?;
-                    total += fit::head_log_loss(&h, &hx, d, &hy) * hy.len() as f64;
-                }
-                let loss = total / held_rows.len() as f64;
-                losses.push(serde_json::json!({ "features": width, "l2": l2, "loss": loss }));
-                if loss < best {
-                    best = loss;
-                    chosen = Some((width, l2));
-                }
-            }
-        }
-        let Some((width, l2)) = chosen else {
-            return Ok((
-                ys.len(),
-                serde_json::json!({ "kept": true, "folds": usable.len(), "held_out_log_loss": losses }),
-            ));
-        };
-        let d = 1 + width;
-        let (flat, _) = rows_of(width, None);
-        let h = fit::logistic(&flat, d, &ys, l2)?;
-        // Fold the re-fit into the head: z = a·(w·x + b0 + trees(x)) + c·x0 + Σ v_j x_j + b.
-        let a = h.w[0];
-        let mut w: Vec<f32> = v.head.w.iter().map(|wi| a * wi).collect();
-        let mut trees = v.trees.clone();
-        trees.scale(a);
-        // h.w[1..] are the deltas for x[0..width] (router logit, then the small features).
-        for (wj, dj) in w.iter_mut().zip(&h.w[1..]) {
-            *wj += dj;
-        }
-        heads.verifier = VerifierHead {
-            head: LinearHead {
-                w,
-                b: a * v.head.b + h.b,
-            },
-            trees,
-            platt_a: 1.0,
-            platt_b: 0.0,
-            router_coef: 0.0,
-        };
-        refit = serde_json::json!({
-            "features": width,
-            "l2": l2,
-            "folds": usable.len(),
-            "held_out_log_loss": losses,
-        });
+    // The trained verifier never saw these answers: its p are held out as they stand.
+    let trained_p = |v: &VerifierHead| -> Vec<HeldOut> {
+        (0..xs.len())
+            .map(|j| HeldOut {
+                row: row_of[j],
+                p: v.p(&xs[j]),
+                y: ys[j],
+            })
+            .collect()
+    };
+    if ys.len() < 50 {
+        let held = trained_p(&heads.verifier);
+        return Ok((ys.len(), serde_json::Value::Null, held));
     }
-    Ok((ys.len(), refit))
+    let v = heads.verifier.clone();
+    // Features of the re-fit: [trained head logit, router logit, small features...].
+    let feats = |x: &[f32], width: usize| -> Vec<f32> {
+        let mut z = vec![v.raw_logit(x), x[0]];
+        z.extend_from_slice(&x[1..width]);
+        z
+    };
+    // Candidates (features, L2): the combination alone, or the small features too. With
+    // enough rows, the one with the lowest log-loss on held-out fifths of the calibration
+    // prompts wins (on traffic the heads know, re-weighing rarely pays; on new traffic it
+    // does), then it is re-fitted on all rows. Every fifth is held out in turn: one fifth
+    // alone chose a different candidate in most draws of the same traffic.
+    let mut cands = vec![(1usize, 1e-4)];
+    if ys.len() >= MIN_ROWS_FOR_FEATURE_REFIT {
+        cands.extend([(small, 1e-3), (small, 1e-2), (small, 1e-1)]);
+    }
+    // Every row's widest features, once (the trees are read here); a narrower candidate
+    // reads a prefix.
+    let widest: Vec<Vec<f32>> = xs.iter().map(|x| feats(x, small)).collect();
+    // (features, labels) of the rows in `fold` (held) or outside it (fit); None: all.
+    let rows_of = |width: usize, fold: Option<(usize, bool)>| -> (Vec<f32>, Vec<f32>) {
+        let mut fx = Vec::new();
+        let mut fy = Vec::new();
+        for (j, x) in widest.iter().enumerate() {
+            if fold.is_none_or(|(k, held)| (folds[j] == k) == held) {
+                fx.extend_from_slice(&x[..1 + width]);
+                fy.push(ys[j]);
+            }
+        }
+        (fx, fy)
+    };
+    // Fifths with rows on both sides; with fewer than two the trained verifier's own
+    // combination is re-fitted without a choice.
+    let usable: Vec<usize> = (0..5)
+        .filter(|&k| folds.contains(&k) && folds.iter().any(|&f| f != k))
+        .collect();
+    // The trained verifier, unchanged (it reads the adapted router), is a candidate too:
+    // on traffic the heads already know, a re-fit on a few thousand rows can cost more
+    // than it brings. Losses are summed over the held-out rows of every usable fifth.
+    let held_rows: Vec<usize> = (0..xs.len())
+        .filter(|&j| usable.contains(&folds[j]))
+        .collect();
+    let mut chosen = Some(cands[0]);
+    let mut losses = Vec::new();
+    // The chosen candidate's p on each held-out row, fitted on the other fifths.
+    let mut held: Vec<HeldOut> = Vec::new();
+    if usable.len() >= 2 {
+        let p: Vec<f64> = held_rows.iter().map(|&j| v.p(&xs[j])).collect();
+        let y: Vec<f32> = held_rows.iter().map(|&j| ys[j]).collect();
+        let keep = fit::log_loss(&p, &y);
+        losses.push(serde_json::json!({ "kept": true, "loss": keep }));
+        let mut best = keep;
+        chosen = None;
+        held = trained_p(&v);
+        for &(width, l2) in &cands {
+            let d = 1 + width;
+            let mut total = 0.0;
+            let mut cand_held = Vec::with_capacity(held_rows.len());
+            for &k in &usable {
+                let ((fx, fy), (hx, hy)) = (
+                    rows_of(width, Some((k, false))),
+                    rows_of(width, Some((k, true))),
+                );
+                let h = fit::logistic(&fx, d, &fy, l2)?;
+                total += fit::head_log_loss(&h, &hx, d, &hy) * hy.len() as f64;
+                // rows_of lists fold k's rows in this order.
+                let rows_k = (0..xs.len()).filter(|&j| folds[j] == k);
+                cand_held.extend(hx.chunks_exact(d).zip(rows_k).map(|(x, j)| HeldOut {
+                    row: row_of[j],
+                    p: crate::base::sigmoid(h.logit(x) as f64),
+                    y: ys[j],
+                }));
+            }
+            let loss = total / held_rows.len() as f64;
+            losses.push(serde_json::json!({ "features": width, "l2": l2, "loss": loss }));
+            if loss < best {
+                best = loss;
+                chosen = Some((width, l2));
+                held = cand_held;
+            }
+        }
+    }
+    let Some((width, l2)) = chosen else {
+        return Ok((
+            ys.len(),
+            serde_json::json!({ "kept": true, "folds": usable.len(), "held_out_log_loss": losses }),
+            held,
+        ));
+    };
+    let d = 1 + width;
+    let (flat, _) = rows_of(width, None);
+    let h = fit::logistic(&flat, d, &ys, l2)?;
+    // Fold the re-fit into the head: z = a·(w·x + b0 + trees(x)) + c·x0 + Σ v_j x_j + b.
+    let a = h.w[0];
+    let mut w: Vec<f32> = v.head.w.iter().map(|wi| a * wi).collect();
+    let mut trees = v.trees.clone();
+    trees.scale(a);
+    // h.w[1..] are the deltas for x[0..width] (router logit, then the small features).
+    for (wj, dj) in w.iter_mut().zip(&h.w[1..]) {
+        *wj += dj;
+    }
+    heads.verifier = VerifierHead {
+        head: LinearHead {
+            w,
+            b: a * v.head.b + h.b,
+        },
+        trees,
+        platt_a: 1.0,
+        platt_b: 0.0,
+        router_coef: 0.0,
+    };
+    let refit = serde_json::json!({
+        "features": width,
+        "l2": l2,
+        "folds": usable.len(),
+        "held_out_log_loss": losses,
+    });
+    Ok((ys.len(), refit, held))
+}
+
+/// A calibration answer's p from the verifier that ships, fitted without the answer's fifth
+/// of the prompts (the trained verifier's own p when it is kept), with its label.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct HeldOut {
+    row: usize,
+    p: f64,
+    y: f32,
 }
 
 /// Labelled answers needed before run-time calibration re-weighs the verifier's text and
@@ -1029,6 +1108,95 @@ mod tests {
         }
         // The other fifths' p read fold 0's new labels.
         assert!((0..calib.len()).any(|i| !fold0.contains(&i) && before[i] != after[i]));
+        Ok(())
+    }
+
+    /// Verify's per-floor thresholds are re-learned on the traffic's held-out answers: the
+    /// answers of new prompts shipped at each floor's threshold pass at least that often, and
+    /// the default threshold follows the table.
+    #[test]
+    fn verify_thresholds_are_relearned_and_hold_on_new_answers() -> Result<()> {
+        let trained = trained_heads()?;
+        let mut h = trained.clone();
+        let (calib, cf) = traffic(MIN_ROWS_FOR_FEATURE_REFIT + 300, 0, h.dim);
+        let rep = adapt(&mut h, &calib, &cf, true)?;
+        let t = &rep["verify_thresholds"];
+        assert_eq!(t["relearned"], true, "{t}");
+        assert_eq!(t["held_out_rows"].as_u64(), Some(calib.len() as u64), "{t}");
+        assert!(!h.verify_thresholds.is_empty(), "{t}");
+        assert_ne!(h.verify_thresholds, trained.verify_thresholds);
+        h.validate()?;
+        let floor = h.default_quality_floor.unwrap_or(heads::FALLBACK_FLOOR);
+        assert_eq!(
+            h.default_verify_threshold,
+            heads::threshold_from(&h.verify_thresholds, floor)
+        );
+        let (test, tf) = traffic(300, 10_000, h.dim);
+        let scored = score_with(&h, &test, &tf);
+        for &(floor, th) in &h.verify_thresholds {
+            let shipped: Vec<bool> = test
+                .iter()
+                .zip(&scored)
+                .filter(|(_, (_, v))| v.is_some_and(|p| p >= th))
+                .map(|(r, _)| r.passed() == Some(true))
+                .collect();
+            let rate = shipped.iter().filter(|&&x| x).count() as f64 / shipped.len() as f64;
+            assert!(
+                !shipped.is_empty() && rate >= floor,
+                "floor {floor}: threshold {th} shipped {} at {rate}",
+                shipped.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// The answers the thresholds are learned on are held out: flipping one fifth's labels
+    /// leaves that fifth's p as they were (the re-fit's choice is the same both ways).
+    #[test]
+    fn held_out_verify_p_ignore_their_own_fifth() -> Result<()> {
+        let dim = trained_heads()?.dim;
+        // Fewer rows than the feature re-fit needs: one candidate beside the trained
+        // verifier, chosen with either set of labels.
+        let (calib, cf) = traffic(300, 0, dim);
+        let held_for = |rows: &[Row]| -> Result<(serde_json::Value, Vec<HeldOut>)> {
+            let mut h = trained_heads()?;
+            let (_, refit, held) = refit_verifier(&mut h, rows, &cf)?;
+            Ok((refit, held))
+        };
+        let (refit, before) = held_for(&calib)?;
+        let mut flipped = calib.clone();
+        for r in flipped.iter_mut().filter(|r| calibration_fold(r) == 0) {
+            r.score = Some(1.0);
+        }
+        let (refit2, after) = held_for(&flipped)?;
+        assert_eq!(refit["features"], refit2["features"]);
+        assert_eq!(refit["l2"], refit2["l2"]);
+        assert_eq!(before.len(), calib.len());
+        let p_of = |held: &[HeldOut], i: usize| held.iter().find(|h| h.row == i).map(|h| h.p);
+        let fold0: Vec<usize> = (0..calib.len())
+            .filter(|&i| calibration_fold(&calib[i]) == 0)
+            .collect();
+        assert!(fold0.len() > 20, "{}", fold0.len());
+        assert_eq!(refit["features"], 1, "{refit}");
+        for &i in &fold0 {
+            assert!(p_of(&before, i).is_some(), "row {i}");
+            assert_eq!(p_of(&before, i), p_of(&after, i), "row {i}");
+        }
+        assert!(
+            (0..calib.len()).any(|i| !fold0.contains(&i) && p_of(&before, i) != p_of(&after, i))
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn few_answers_keep_the_trained_thresholds() -> Result<()> {
+        let trained = trained_heads()?;
+        let mut h = trained.clone();
+        let (calib, cf) = traffic(MIN_ROWS_FOR_THRESHOLDS - 1, 0, h.dim);
+        let rep = adapt(&mut h, &calib, &cf, true)?;
+        assert_eq!(rep["verify_thresholds"]["relearned"], false, "{rep}");
+        assert_eq!(h.verify_thresholds, trained.verify_thresholds);
+        assert_eq!(h.default_verify_threshold, trained.default_verify_threshold);
         Ok(())
     }
 

@@ -767,6 +767,11 @@ pub fn threshold_table(p: &[f64], y: &[f32]) -> Vec<(f64, f64)> {
     let mut pass = 0.0;
     for (n, &i) in idx.iter().enumerate() {
         pass += if y[i] >= 0.5 { 1.0 } else { 0.0 };
+        // A cut inside a run of equal p would count part of the run while `p >= t` ships
+        // all of it: cut only where p falls.
+        if idx.get(n + 1).is_some_and(|&j| p[j] == p[i]) {
+            continue;
+        }
         cuts.push((p[i], pass / (n + 1) as f64, n + 1));
     }
     let floors = [
@@ -1011,5 +1016,26 @@ mod tests {
         }
         // Precision 1.0 is reached at 0.40: every floor's threshold is at most that.
         assert!(t.iter().all(|&(_, th)| th <= 0.40 + 1e-12), "{t:?}");
+    }
+
+    /// Equal p ship together: a cut inside a run of them would count its first rows only.
+    #[test]
+    fn threshold_table_cuts_between_runs_of_equal_p() {
+        // 10 passes at 0.9; 40 at 0.5 whose 10 passes come first; 50 failures at 0.1. Every
+        // cut that ships 30 or more passes at most 20 / 50 = 0.4: no floor is reached. A cut
+        // 20 rows into the 0.5 run would claim 20 / 30.
+        let mut p = vec![0.9; 10];
+        p.extend([0.5; 40]);
+        p.extend([0.1; 50]);
+        let mut y = vec![1.0f32; 20];
+        y.extend([0.0; 80]);
+        assert_eq!(threshold_table(&p, &y), vec![]);
+        // With 30 of the run passing, p >= 0.5 ships 40 / 50 = 0.8: floors up to 0.8 get 0.5.
+        for v in &mut y[20..40] {
+            *v = 1.0;
+        }
+        let t = threshold_table(&p, &y);
+        assert_eq!(t.first(), Some(&(0.5, 0.5)), "{t:?}");
+        assert_eq!(t.last(), Some(&(0.8, 0.5)), "{t:?}");
     }
 }

@@ -217,13 +217,7 @@ impl Heads {
             bail!("verifier: expected {nv} finite weights");
         }
         v.trees.validate(nv).context("verifier.trees")?;
-        let mut last = (f64::NEG_INFINITY, f64::NEG_INFINITY);
-        for &(f, t) in &self.verify_thresholds {
-            if !(0.0..=1.0).contains(&f) || !(0.0..=1.0).contains(&t) || f <= last.0 || t < last.1 {
-                bail!("verify_thresholds must be ascending pairs in [0, 1]");
-            }
-            last = (f, t);
-        }
+        check_thresholds(&self.verify_thresholds)?;
         if let Some(f) = self.default_quality_floor {
             if !(0.0..=1.0).contains(&f) {
                 bail!("default_quality_floor must be in [0, 1]");
@@ -242,6 +236,14 @@ impl Heads {
     /// itself outside them, since p_pass is calibrated).
     pub fn threshold_for(&self, floor: f64) -> f64 {
         threshold_from(&self.verify_thresholds, floor)
+    }
+
+    /// Verify's per-floor thresholds, and the default threshold they give the default floor
+    /// (as `tiergate train` sets it).
+    pub fn set_verify_thresholds(&mut self, t: Vec<(f64, f64)>) {
+        self.verify_thresholds = t;
+        let floor = self.default_quality_floor.unwrap_or(FALLBACK_FLOOR);
+        self.default_verify_threshold = threshold_from(&self.verify_thresholds, floor);
     }
 
     /// Router logit of `model` (its own ability, or the population prior).
@@ -413,6 +415,19 @@ pub fn verify_features(
     x.push(dot(prompt_emb, a.embedding));
     x.extend_from_slice(a.embedding);
     x
+}
+
+/// `verify_thresholds`' shape: (floor, threshold) pairs in [0, 1], floors rising, thresholds
+/// not falling.
+pub fn check_thresholds(t: &[(f64, f64)]) -> Result<()> {
+    let mut last = (f64::NEG_INFINITY, f64::NEG_INFINITY);
+    for &(f, th) in t {
+        if !(0.0..=1.0).contains(&f) || !(0.0..=1.0).contains(&th) || f <= last.0 || th < last.1 {
+            bail!("verify_thresholds must be ascending pairs in [0, 1]");
+        }
+        last = (f, th);
+    }
+    Ok(())
 }
 
 /// See [`Heads::threshold_for`].

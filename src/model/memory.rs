@@ -451,6 +451,7 @@ mod overlay_tests {
             models: Default::default(),
             verifier: None,
             verifier_rows: 0,
+            verify_thresholds: None,
             memory: Some(Memory {
                 dim: d,
                 prompts: near_e.clone(),

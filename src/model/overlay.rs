@@ -1,7 +1,8 @@
 //! Overlays: what calibration on a user's own labelled traffic learned (`tiergate calibrate`),
 //! kept apart from the trained heads and applied on top of them at start. Per model: its
 //! ability on the router's scale and how many rows taught it; the population prior after the
-//! traffic's shift; the verifier when it was re-fitted. An overlay names the heads revision it
+//! traffic's shift; the verifier when it was re-fitted; Verify's per-floor thresholds when
+//! re-learned. An overlay names the heads revision it
 //! was fitted against and is refused on any other, or with shapes that do not fit.
 #![forbid(unsafe_code)]
 use std::collections::BTreeMap;
@@ -43,6 +44,10 @@ pub struct Overlay {
     /// The labelled prompts, kept when they correct the router per prompt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<Memory>,
+    /// Verify's per-floor thresholds re-learned on this traffic's held-out answers; None
+    /// keeps the trained table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_thresholds: Option<Vec<(f64, f64)>>,
 }
 
 impl Overlay {
@@ -111,6 +116,9 @@ impl Overlay {
         if let Some(m) = &self.memory {
             m.validate(heads.dim)?;
         }
+        if let Some(t) = &self.verify_thresholds {
+            super::heads::check_thresholds(t)?;
+        }
         Ok(())
     }
 
@@ -135,6 +143,9 @@ impl Overlay {
         }
         if let Some(m) = &self.memory {
             heads.memory = Some(m.clone());
+        }
+        if let Some(t) = &self.verify_thresholds {
+            heads.set_verify_thresholds(t.clone());
         }
         Ok(())
     }

@@ -119,6 +119,7 @@ impl Service {
                 verifier: None,
                 verifier_rows: 0,
                 memory: None,
+                verify_thresholds: None,
             },
         };
         // Copy what is due under the lock and fit outside it: Route and Feedback take the same

@@ -358,7 +358,7 @@ fn an_overlay_memory_row_that_is_not_unit_is_refused() {
 }
 
 /// An overlay as `tiergate calibrate` writes one for the committed heads: abilities, a
-/// re-fitted verifier and a memory of labelled prompts.
+/// re-fitted verifier, a memory of labelled prompts and re-learned Verify thresholds.
 fn base_overlay(h: &Heads) -> Overlay {
     let names: Vec<String> = h.router.models.keys().take(3).cloned().collect();
     let models: BTreeMap<String, OverlayModel> = names
@@ -395,6 +395,7 @@ fn base_overlay(h: &Heads) -> Overlay {
         models,
         verifier: Some(h.verifier.clone()),
         verifier_rows: 300,
+        verify_thresholds: Some(vec![(0.8, 0.55), (0.9, 0.7), (0.95, 0.82)]),
         memory: Some(Memory {
             dim: h.dim,
             prompts,
@@ -430,6 +431,7 @@ fn overlay_json_loads_or_fails_typed() {
                 // All or nothing: a refused overlay changed nothing.
                 prop_assert_eq!(&h.router.models, &heads.router.models);
                 prop_assert!(h.memory.is_none());
+                prop_assert_eq!(&h.verify_thresholds, &heads.verify_thresholds);
                 Ok(())
             }
         }
