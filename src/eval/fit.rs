@@ -184,6 +184,41 @@ pub fn ece(p: &[f64], y: &[f32], bins: usize) -> f64 {
         .sum()
 }
 
+/// For each quality floor, the lowest p at which the answers with p ≥ it pass at least
+/// `floor` of the time (at least 30 shipped), made non-decreasing in the floor.
+pub fn threshold_table(p: &[f64], y: &[f32]) -> Vec<(f64, f64)> {
+    let mut idx: Vec<usize> = (0..p.len()).collect();
+    idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+    let mut cuts = Vec::with_capacity(idx.len());
+    let mut pass = 0.0;
+    for (n, &i) in idx.iter().enumerate() {
+        pass += if y[i] >= 0.5 { 1.0 } else { 0.0 };
+        // A cut inside a run of equal p would count part of the run while `p >= t` ships
+        // all of it: cut only where p falls.
+        if idx.get(n + 1).is_some_and(|&j| p[j] == p[i]) {
+            continue;
+        }
+        cuts.push((p[i], pass / (n + 1) as f64, n + 1));
+    }
+    let floors = [
+        0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99,
+    ];
+    let mut out: Vec<(f64, f64)> = Vec::new();
+    for f in floors {
+        let t = cuts
+            .iter()
+            .filter(|c| c.2 >= 30 && c.1 >= f)
+            .map(|c| c.0)
+            .fold(f64::INFINITY, f64::min);
+        if !t.is_finite() {
+            break; // unreachable on held-back data: beyond the table the floor itself applies
+        }
+        let t = out.last().map_or(t, |&(_, prev): &(f64, f64)| t.max(prev));
+        out.push((f, t));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,6 +337,51 @@ mod tests {
         assert!(ece(&p, &y, 10) < 1e-9);
         let over: Vec<f64> = z.iter().map(|&z| sigmoid(3.0 * z)).collect();
         assert!(ece(&over, &y, 10) > 0.01, "overconfidence shows");
+    }
+
+    #[test]
+    fn threshold_table_meets_each_floor_on_its_data() {
+        // p = i/100 for i in 0..100, passing exactly when i >= 40: precision of p ≥ t is 1 for
+        // t ≥ 0.40 and falls below it.
+        let p: Vec<f64> = (0..100).map(|i| i as f64 / 100.0).collect();
+        let y: Vec<f32> = (0..100).map(|i| if i >= 40 { 1.0 } else { 0.0 }).collect();
+        let t = threshold_table(&p, &y);
+        assert!(!t.is_empty());
+        for w in t.windows(2) {
+            assert!(w[0].1 <= w[1].1, "non-decreasing: {t:?}");
+        }
+        for &(f, th) in &t {
+            let shipped: Vec<usize> = (0..100).filter(|&i| p[i] >= th).collect();
+            let prec =
+                shipped.iter().filter(|&&i| y[i] > 0.5).count() as f64 / shipped.len() as f64;
+            assert!(
+                prec >= f,
+                "floor {f}: threshold {th} ships at precision {prec}"
+            );
+        }
+        // Precision 1.0 is reached at 0.40: every floor's threshold is at most that.
+        assert!(t.iter().all(|&(_, th)| th <= 0.40 + 1e-12), "{t:?}");
+    }
+
+    /// Equal p ship together: a cut inside a run of them would count its first rows only.
+    #[test]
+    fn threshold_table_cuts_between_runs_of_equal_p() {
+        // 10 passes at 0.9; 40 at 0.5 whose 10 passes come first; 50 failures at 0.1. Every
+        // cut that ships 30 or more passes at most 20 / 50 = 0.4: no floor is reached. A cut
+        // 20 rows into the 0.5 run would claim 20 / 30.
+        let mut p = vec![0.9; 10];
+        p.extend([0.5; 40]);
+        p.extend([0.1; 50]);
+        let mut y = vec![1.0f32; 20];
+        y.extend([0.0; 80]);
+        assert_eq!(threshold_table(&p, &y), vec![]);
+        // With 30 of the run passing, p >= 0.5 ships 40 / 50 = 0.8: floors up to 0.8 get 0.5.
+        for v in &mut y[20..40] {
+            *v = 1.0;
+        }
+        let t = threshold_table(&p, &y);
+        assert_eq!(t.first(), Some(&(0.5, 0.5)), "{t:?}");
+        assert_eq!(t.last(), Some(&(0.8, 0.5)), "{t:?}");
     }
 }
 

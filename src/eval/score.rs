@@ -369,7 +369,7 @@ fn relearn_thresholds(heads: &mut Heads, held: &[HeldOut]) -> serde_json::Value 
             })
         })
         .collect();
-    let table = super::train::threshold_table(&p, &y);
+    let table = fit::threshold_table(&p, &y);
     heads.set_verify_thresholds(table.clone());
     serde_json::json!({
         "relearned": true,
