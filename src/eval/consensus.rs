@@ -16,7 +16,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use super::data::{read_rows, Row};
-use super::replay::{model_stats, MIN_COVERAGE};
+use super::replay::MIN_COVERAGE;
 use super::util::half_of;
 use crate::config::MAX_CONSENSUS_MODELS;
 use crate::model::answer::final_answer;
@@ -191,13 +191,22 @@ pub fn judge(source: &str, rows: &[&Row], target: f64, hold: f64) -> Option<Sour
         p.rows.insert(r.model.clone(), (score, cost, key));
     }
     let n = prompts.len();
-    // (model, mean cost, mean score) of the models that answer nearly every prompt (one row
-    // per prompt and model, as the data schema has them).
-    let stats = model_stats(rows.iter().copied());
+    // (model, mean cost, mean score) of the models that answer nearly every prompt, over the
+    // prompts (a repeated row counts once, as the replay reads it), so that duplicate rows
+    // cannot pass a model that answers half of them.
+    let mut stats: BTreeMap<&str, (f64, f64, usize)> = BTreeMap::new();
+    for p in prompts.values() {
+        for (m, &(score, cost, _)) in &p.rows {
+            let e = stats.entry(m.as_str()).or_default();
+            e.0 += cost;
+            e.1 += score;
+            e.2 += 1;
+        }
+    }
     let covered: Vec<(&str, f64, f64)> = stats
         .iter()
         .filter(|(_, (_, _, k))| *k as f64 >= MIN_COVERAGE * n as f64)
-        .map(|(m, (c, s, k))| (m.as_str(), c / *k as f64, s / *k as f64))
+        .map(|(m, (c, s, k))| (*m, c / *k as f64, s / *k as f64))
         .collect();
     // The best model: the highest mean score, the cheaper on ties.
     let best = covered
@@ -379,6 +388,26 @@ mod tests {
             "{}",
             r.cross_fitted_saving
         );
+    }
+
+    /// Coverage counts prompts: a model that answers half of them, each twice, is not a
+    /// candidate.
+    #[test]
+    fn repeated_rows_do_not_make_a_model_cover_the_prompts() {
+        let mut rows = traffic(false);
+        for i in 0..200 {
+            for _ in 0..2 {
+                rows.push(row(i, "half", 1.0, 0.1, "B"));
+            }
+        }
+        let refs: Vec<&Row> = rows.iter().collect();
+        let r = judge("mcq", &refs, 0.98, 0.97).unwrap();
+        assert!(
+            !r.candidates.iter().any(|c| c == "half"),
+            "{:?}",
+            r.candidates
+        );
+        assert_eq!(r.candidates, ["weak", "cheap-a", "cheap-b"]);
     }
 
     #[test]
