@@ -97,7 +97,8 @@ fn describe_thresholds(r: &serde_json::Value) -> String {
     let rows = r["held_out_rows"].as_u64().unwrap_or(0);
     if r["relearned"] != true {
         return format!(
-            "Verify thresholds: trained table kept ({rows} held-out answers; {} needed)",
+            "Verify thresholds: trained table kept: {} ({rows} held-out answers; {} needed)",
+            r["why"].as_str().unwrap_or("not re-learned"),
             super::score::MIN_ROWS_FOR_THRESHOLDS
         );
     }
@@ -224,8 +225,49 @@ pub fn fit_overlay(
         verifier: changed.then(|| h.verifier.clone()),
         verifier_rows,
         memory: h.memory.clone(),
-        verify_thresholds: (h.verify_thresholds != heads.verify_thresholds)
+        // Whenever the verifier or the table changed: a later overlay's verifier must not
+        // run on an earlier overlay's table (overlays apply in order), so a re-fitted verifier
+        // carries the table it was calibrated with, the trained one when not re-learned.
+        verify_thresholds: (changed
+            || report["verify_thresholds"]["relearned"] == true
+            || h.verify_thresholds != heads.verify_thresholds)
             .then(|| h.verify_thresholds.clone()),
     };
     Ok((overlay, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::score::tests::{traffic, trained_heads};
+
+    /// An overlay with a re-fitted verifier carries the table it was calibrated with (the
+    /// trained one when too few answers re-learned it), so that a later overlay's verifier
+    /// never runs on an earlier overlay's table.
+    #[test]
+    fn a_refitted_verifier_carries_its_thresholds() -> Result<()> {
+        let heads = trained_heads()?;
+        let (few, f) = traffic(
+            super::super::score::MIN_ROWS_FOR_THRESHOLDS - 20,
+            0,
+            heads.dim,
+        );
+        let (o, report) = fit_overlay(&heads, &few, &f, 1)?;
+        assert!(o.verifier.is_some(), "{report}");
+        assert_eq!(report["verify_thresholds"]["relearned"], false, "{report}");
+        assert_eq!(o.verify_thresholds.as_ref(), Some(&heads.verify_thresholds));
+        let (many, f) = traffic(600, 0, heads.dim);
+        let (o, report) = fit_overlay(&heads, &many, &f, 1)?;
+        assert_eq!(report["verify_thresholds"]["relearned"], true, "{report}");
+        let t = o.verify_thresholds.clone().unwrap_or_default();
+        assert!(!t.is_empty() && t != heads.verify_thresholds, "{t:?}");
+        // Applied over an overlay with another table, the last one's table is the one in use.
+        let mut h = heads.clone();
+        o.apply(&mut h)?;
+        assert_eq!(h.verify_thresholds, t);
+        let (o2, _) = fit_overlay(&heads, &few, &traffic(80, 0, heads.dim).1, 1)?;
+        o2.apply(&mut h)?;
+        assert_eq!(h.verify_thresholds, heads.verify_thresholds);
+        Ok(())
+    }
 }

@@ -211,7 +211,7 @@ pub fn threshold_table(p: &[f64], y: &[f32]) -> Vec<(f64, f64)> {
             .map(|c| c.0)
             .fold(f64::INFINITY, f64::min);
         if !t.is_finite() {
-            break; // unreachable on held-back data: beyond the table the floor itself applies
+            break; // not reached on these rows: beyond the table the floor itself applies
         }
         let t = out.last().map_or(t, |&(_, prev): &(f64, f64)| t.max(prev));
         out.push((f, t));

@@ -320,7 +320,7 @@ pub fn adapt(
     let router = adapt_router(heads, rows, f)?;
     learn_answer_lengths(heads, rows);
     let (verifier_rows, refit, held) = refit_verifier(heads, rows, f)?;
-    let thresholds = relearn_thresholds(heads, &held);
+    let thresholds = relearn_thresholds(heads, &held, verifier_rows);
     heads.memory = None;
     let memory = if memory {
         remember(heads, rows, f, &router.held_out_p)
@@ -348,10 +348,23 @@ pub const MIN_ROWS_FOR_THRESHOLDS: usize = 100;
 /// p at which the training mix's shipped answers passed that often; on other traffic the
 /// calibrated p spread differently above it, and answers shipped at the trained threshold
 /// passed less often than asked (dev RouterBench: 0.79 at a floor of 0.9; models/EVAL.md).
-/// Returns the report: the new table, and what the trained one would have shipped here.
-fn relearn_thresholds(heads: &mut Heads, held: &[HeldOut]) -> serde_json::Value {
+/// The verifier's router-logit input comes from abilities fitted on every calibration row
+/// (see `refit_verifier`), so these p are held out in the verifier's own fit only.
+/// Returns the report: the new table, and what the trained one would have shipped here;
+/// `answers`: the labelled answers the verifier saw, for the report.
+fn relearn_thresholds(heads: &mut Heads, held: &[HeldOut], answers: usize) -> serde_json::Value {
+    let held: Vec<&HeldOut> = held.iter().filter(|h| h.p.is_finite()).collect();
     if held.len() < MIN_ROWS_FOR_THRESHOLDS {
-        return serde_json::json!({ "relearned": false, "held_out_rows": held.len() });
+        let why = if held.is_empty() && answers >= MIN_ROWS_FOR_THRESHOLDS {
+            "the verifier was re-fitted without held-out fifths (its prompts fall in fewer than two)"
+        } else {
+            "too few held-out answers"
+        };
+        return serde_json::json!({
+            "relearned": false,
+            "held_out_rows": held.len(),
+            "why": why,
+        });
     }
     let (p, y): (Vec<f64>, Vec<f32>) = held.iter().map(|h| (h.p, h.y)).unzip();
     // What the trained table's threshold for each of its floors shipped on these answers.
@@ -948,7 +961,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Synthetic traffic on which one cue means the opposite of what the trained heads learned
@@ -957,7 +970,7 @@ mod tests {
     /// (passes), a letter out of range (fails). The trained head ranks them longest > short >
     /// out of range, so no monotone transform of its logit, which is all that re-combining
     /// can do, ranks the passing kind first; only re-weighing the cues can.
-    fn traffic(n: usize, offset: usize, dim: usize) -> (Vec<Row>, RowFeatures) {
+    pub(crate) fn traffic(n: usize, offset: usize, dim: usize) -> (Vec<Row>, RowFeatures) {
         let mut rows = Vec::new();
         for i in 0..n {
             let id = offset + i;
@@ -993,7 +1006,7 @@ mod tests {
         (rows, f)
     }
 
-    fn trained_heads() -> Result<Heads> {
+    pub(crate) fn trained_heads() -> Result<Heads> {
         Heads::load(std::path::Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/models/heads.json"
@@ -1185,6 +1198,22 @@ mod tests {
         assert!(
             (0..calib.len()).any(|i| !fold0.contains(&i) && p_of(&before, i) != p_of(&after, i))
         );
+        // Each p sits on its own row: a different answer in one row of fold 0 moves that
+        // row's p and no other of fold 0 (fitted without fold 0 either way).
+        let j = fold0[0];
+        let mut changed = calib.clone();
+        changed[j].response = Some("Reasoning done. The answer is (H).".into());
+        changed[j].score = Some(0.0);
+        if calib[j].response == changed[j].response {
+            changed[j].response = Some("Reasoning done. The answer is (B).".into());
+            changed[j].score = Some(1.0);
+        }
+        let (refit3, moved) = held_for(&changed)?;
+        assert_eq!(refit["features"], refit3["features"]);
+        assert_ne!(p_of(&before, j), p_of(&moved, j), "row {j}");
+        for &i in fold0.iter().filter(|&&i| i != j) {
+            assert_eq!(p_of(&before, i), p_of(&moved, i), "row {i}");
+        }
         Ok(())
     }
 
