@@ -1,14 +1,23 @@
 #!/usr/bin/env python3
-"""Does `tiergate calibrate`'s recommended Route floor hold on prompts it never saw?
+"""Does `tiergate calibrate`'s recommendation hold on prompts it never saw?
 
 An operator labels a share of its traffic, runs `calibrate`, and applies the recommended
-[policy] line. Here, per draw (md5 of "rec:<seed>:<prompt_id>" < SHARE labels a prompt), that
-floor and the embedded default (relative 0.94) are measured on the other prompts over the same
-candidates, p_route from `score --calibration <the labelled rows>` (the overlay's calibration);
-the decision rules are Route's (`decide::route_pick`, `decide::relative_pick`), rewritten here.
+[policy] line (and `[gateway] verify = "always"` when the recommendation verifies). Here, per
+draw (md5 of "rec:<seed>:<prompt_id>" < SHARE labels a prompt), three flows are measured on the
+other prompts over the same candidates:
+- the recommendation as printed (Route's pick, verified and escalated when it says so);
+- the best flow without Verify (the recommendation itself when it does not verify, else its
+  `other`): what the recommendation was before it weighed Verify;
+- the embedded default (relative 0.94), Route alone.
+p_route and p_verify come from `score --calibration <the labelled rows>` (the overlay's
+calibration); the Verify threshold from the overlay's re-learned table (the heads' when it has
+none) at the quality floor, or its default threshold under a relative floor; a rejected answer
+escalates to the next candidate up, at most MAX_ESCALATIONS times, every call paid. The rules
+are Route's and the gateway's (`decide::route_pick`, `decide::relative_pick`,
+`gateway::cascade`), rewritten here.
 
 usage: python3 scripts/recommend_holdout.py TRAFFIC.jsonl.gz HEADS.json [SHARE=0.4]
-env:   BIN (default target/release/tiergate), WORK (default /tmp/recommend)
+env:   BIN (default target/release/tiergate), WORK (default /tmp/recommend), DRAWS (5)
 """
 import gzip, hashlib, json, os, subprocess, sys
 
@@ -17,45 +26,120 @@ BIN = os.environ.get('BIN', os.path.join(ROOT, 'target', 'release', 'tiergate'))
 TRAFFIC, HEADS = sys.argv[1], sys.argv[2]
 SHARE = float(sys.argv[3]) if len(sys.argv) > 3 else 0.4
 W = os.environ.get('WORK', '/tmp/recommend')
-rows=[json.loads(l) for l in gzip.open(TRAFFIC,'rt')]
-def u(s): return int(hashlib.md5(s.encode()).hexdigest()[:8],16)/2**32
+DRAWS = int(os.environ.get('DRAWS', '5'))
+MAX_ESCALATIONS = 2  # the embedded config's gateway.max_escalations
+CACHE = os.path.join(ROOT, 'models', 'cache')
+rows = [json.loads(l) for l in gzip.open(TRAFFIC, 'rt')]
+heads = json.load(open(HEADS))
+
+
+def u(s):
+    return int(hashlib.md5(s.encode()).hexdigest()[:8], 16) / 2**32
+
+
 def route_pick(p, t):
-    for j,x in enumerate(p):
-        if x>=t: return j
-    return max(range(len(p)), key=lambda j:(p[j], -j))
+    for j, x in enumerate(p):
+        if x >= t:
+            return j
+    return max(range(len(p)), key=lambda j: (p[j], -j))
+
+
 def rel_pick(p, r):
-    bar=r*max(p)
-    for j,x in enumerate(p):
-        if x>=bar: return j
+    bar = r * max(p)
+    for j, x in enumerate(p):
+        if x >= bar:
+            return j
     return 0
-for seed in range(5):
-    lab=[r for r in rows if u(f"rec:{seed}:{r['prompt_id']}")<SHARE]
-    new=[r for r in rows if u(f"rec:{seed}:{r['prompt_id']}")>=SHARE]
-    d=f"{W}/s{seed}"; os.makedirs(d,exist_ok=True)
-    for name,rs in (('lab',lab),('new',new)):
-        with open(f"{d}/{name}.jsonl",'w') as f:
-            for r in rs: f.write(json.dumps(r)+'\n')
+
+
+def threshold_from(t, floor):
+    for i, (f, th) in enumerate(t):
+        if f >= floor:
+            if i == 0:
+                return min(floor, th) if floor < f else th
+            f0, t0 = t[i - 1]
+            return t0 + (th - t0) * (floor - f0) / max(f - f0, 1e-12)
+    return max(t[-1][1], floor) if t else floor
+
+
+def flow_of(floor, verify, table):
+    """(pick function, verify threshold or None) of a recommended flow."""
+    if floor is None:
+        return None, None
+    if 'quality_floor' in floor:
+        t = floor['quality_floor']
+        return (lambda p: route_pick(p, t)), (threshold_from(table, t) if verify else None)
+    r = floor['relative_floor']
+    default = threshold_from(table, heads.get('default_quality_floor') or 0.7)
+    return (lambda p: rel_pick(p, r)), (default if verify else None)
+
+
+def label(floor, verify):
+    if floor is None:
+        return 'none'
+    k, v = next(iter(floor.items()))
+    return f"{k} {v}" + (" + verify" if verify else "")
+
+
+for seed in range(DRAWS):
+    lab = [r for r in rows if u(f"rec:{seed}:{r['prompt_id']}") < SHARE]
+    new = [r for r in rows if u(f"rec:{seed}:{r['prompt_id']}") >= SHARE]
+    d = f"{W}/s{seed}"
+    os.makedirs(d, exist_ok=True)
+    for name, rs in (('lab', lab), ('new', new)):
+        with open(f"{d}/{name}.jsonl", 'w') as f:
+            for r in rs:
+                f.write(json.dumps(r) + '\n')
     if not os.path.exists(f"{d}/rec.json"):
-        subprocess.run([BIN,'calibrate','--heads',HEADS,'--data',f"{d}/lab.jsonl",'--out',f"{d}/ov.json",'--recommend-out',f"{d}/rec.json"],cwd=ROOT,stdout=open(f"{d}/cal.out",'w'),stderr=open(f"{d}/cal.log",'w'),check=True)
+        subprocess.run([BIN, 'calibrate', '--heads', HEADS, '--data', f"{d}/lab.jsonl", '--out',
+                        f"{d}/ov.json", '--recommend-out', f"{d}/rec.json", '--cache-dir', CACHE],
+                       cwd=ROOT, stdout=open(f"{d}/cal.out", 'w'),
+                       stderr=open(f"{d}/cal.log", 'w'), check=True)
     if not os.path.exists(f"{d}/new-scores.jsonl"):
-        subprocess.run([BIN,'score','--heads',HEADS,'--data',f"{d}/new.jsonl",'--calibration',f"{d}/lab.jsonl",'--cache-dir','models/cache','--out',f"{d}/new-scores.jsonl"],cwd=ROOT,stdout=subprocess.DEVNULL,stderr=open(f"{d}/score.log",'w'),check=True)
-    rec=json.load(open(f"{d}/rec.json"))[0]
-    cands=rec['candidates']; best=cands.index(rec['best'])
-    sc=[json.loads(l) for l in open(f"{d}/new-scores.jsonl")]
-    by={}
-    for r,s in zip(new,sc):
-        by.setdefault(r['prompt_id'],{})[r['model']]=(s['p_route'],float(r['score']),float(r['cost_usd']))
-    ps=[[m[c] for c in cands] for m in by.values() if all(c in m for c in cands)]
-    def fig(pick):
-        c=q=bc=bq=0
+        subprocess.run([BIN, 'score', '--heads', HEADS, '--data', f"{d}/new.jsonl",
+                        '--calibration', f"{d}/lab.jsonl", '--cache-dir', CACHE, '--out',
+                        f"{d}/new-scores.jsonl"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                       stderr=open(f"{d}/score.log", 'w'), check=True)
+    rec = json.load(open(f"{d}/rec.json"))[0]
+    table = json.load(open(f"{d}/ov.json")).get('verify_thresholds') or heads['verify_thresholds']
+    cands = rec['candidates']
+    best = cands.index(rec['best'])
+    sc = [json.loads(l) for l in open(f"{d}/new-scores.jsonl")]
+    by = {}
+    for r, s in zip(new, sc):
+        by.setdefault(r['prompt_id'], {})[r['model']] = (
+            s['p_route'], s['p_verify'], float(r['score']), float(r['cost_usd']))
+    ps = [[m[c] for c in cands] for m in by.values() if all(c in m for c in cands)]
+
+    def fig(pick, t):
+        c = q = bc = bq = 0
         for p in ps:
-            j=pick([x[0] for x in p]) if pick else best
-            c+=p[j][2]; q+=p[j][1]; bc+=p[best][2]; bq+=p[best][1]
-        return 1-c/bc, q/bq
-    fl=rec['floor']
-    if fl is None: rp=None; label='none'
-    elif 'quality_floor' in fl: t=fl['quality_floor']; rp=lambda p: route_pick(p,t); label=f"quality_floor {t}"
-    else: r_=fl['relative_floor']; rp=lambda p: rel_pick(p,r_); label=f"relative_floor {r_}"
-    s1,q1=fig(rp); s0,q0=fig(lambda p: rel_pick(p,0.94))
-    cr=rec['crossed']; warn=any(c['held']['quality']<0.97 for c in cr)
-    print(f"seed {seed}: {len(ps)} new prompts; recommended {label} (in-sample {rec['in_sample']['saved']:.1%} at {rec['in_sample']['quality']:.1%}; warned {warn}) -> new: saved {s1:.1%} at {q1:.1%}; default 0.94 -> saved {s0:.1%} at {q0:.1%}", flush=True)
+            j = pick([x[0] for x in p]) if pick else best
+            cost, hops = p[j][3], 0
+            # Verify every answer below the top; a rejected one (or one it cannot read: the
+            # gateway ships those) escalates while escalations are left.
+            while t is not None and j + 1 < len(p) and hops < MAX_ESCALATIONS \
+                    and p[j][1] is not None and p[j][1] < t:
+                j += 1
+                hops += 1
+                cost += p[j][3]
+            c += cost
+            q += p[j][2]
+            bc += p[best][3]
+            bq += p[best][2]
+        return 1 - c / bc, q / bq
+
+    flows = {'recommended': (rec['floor'], rec.get('verify', False))}
+    if rec.get('verify') and rec.get('other'):
+        o = rec['other'][0]
+        flows['route alone'] = (o['floor'], o['verify'])
+    else:
+        flows['route alone'] = flows['recommended']
+    flows['default 0.94'] = ({'relative_floor': 0.94}, False)
+    out = []
+    for name, (floor, verify) in flows.items():
+        pick, t = flow_of(floor, verify, table)
+        s, q = fig(pick, t)
+        out.append(f"{name} [{label(floor, verify)}] saved {s:.1%} at {q:.1%}")
+    warn = any(c['held']['quality'] < 0.97 for c in rec['crossed'])
+    print(f"seed {seed}: {len(ps)} new prompts; warned {warn}; " + "; ".join(out), flush=True)

@@ -157,11 +157,10 @@ fn recommend(a: &CalibrateArgs, heads: &Heads, rows: &[Row], f: &RowFeatures) ->
                 .map_err(|e| anyhow::anyhow!("removing {}: {e}", out.display()))?;
         }
     }
-    let default = crate::config::Config::embedded()?
-        .policy
-        .relative_floor
-        .map(Floor::RelativeFloor);
-    let recs = match recommend_floors(heads, rows, f, a.target, default) {
+    let cfg = crate::config::Config::embedded()?;
+    let default = cfg.policy.relative_floor.map(Floor::RelativeFloor);
+    let hops = cfg.gateway.max_escalations;
+    let recs = match recommend_floors(heads, rows, f, a.target, default, hops) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("calibrate: no Route floor recommended: {e:#}");

@@ -5,6 +5,12 @@
 //! it was not picked on, both ways: a floor picked on a few hundred prompts sits at the edge
 //! of its target and often does not hold elsewhere (the winner's curse issue 13 measured).
 //! The decisions are the served ones (`decide::route_pick`, `decide::relative_pick`).
+//!
+//! Beside each floor it replays the gateway's cascade (`verify = "always"`): the routed
+//! model's answer is verified at the threshold the server would use under that floor, from
+//! the re-learned table of the half's heads, and a rejected one escalates to the next model
+//! up, every call paid for. The pick is the one flow that saved most, so Verify is
+//! recommended only where it earned its calls on these prompts.
 #![forbid(unsafe_code)]
 use std::collections::BTreeMap;
 
@@ -55,13 +61,82 @@ impl Floor {
     }
 }
 
-/// One prompt: per candidate (cheapest first) its cross-fitted p_route, score and cost.
+/// One prompt: per candidate (cheapest first) its cross-fitted p_route and p_verify (None:
+/// no answer in the row), score and cost.
 #[derive(Debug, Clone)]
 pub struct Prompt {
     pub half: usize,
     pub p: Vec<f64>,
+    pub v: Vec<Option<f64>>,
     pub score: Vec<f64>,
     pub cost: Vec<f64>,
+}
+
+/// A Route floor, and whether the gateway verifies the answer of every model below the top
+/// and escalates a rejected one (`[gateway] verify = "always"`; else Route's pick ships).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Flow {
+    pub floor: Floor,
+    pub verify: bool,
+}
+
+impl Flow {
+    fn route(floor: Floor) -> Flow {
+        Flow {
+            floor,
+            verify: false,
+        }
+    }
+}
+
+/// Verify's thresholds as the heads that scored a half's prompts have them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyRule {
+    pub table: Vec<(f64, f64)>,
+    pub default: f64,
+}
+
+impl VerifyRule {
+    /// The threshold the server's Verify uses with `floor` in the config
+    /// (`decide::default_threshold`): a quality floor's own, else the default.
+    fn threshold(&self, floor: Floor) -> f64 {
+        match floor {
+            Floor::QualityFloor(f) => crate::model::heads::threshold_from(&self.table, f),
+            Floor::RelativeFloor(_) => self.default,
+        }
+    }
+}
+
+/// What the replay of a flow needs beside the prompts: each half's Verify rule (`rules[h]`
+/// for the prompts of half h) and the gateway's escalations after the first call.
+#[derive(Debug, Clone, Default)]
+pub struct Cascade {
+    pub rules: [VerifyRule; 2],
+    pub max_escalations: u32,
+}
+
+impl Cascade {
+    /// (cost, score) of `flow` on one prompt: Route's pick, then with `verify` the answer of
+    /// each model below the top verified and a rejected one escalated to the next model up,
+    /// as many times as the gateway allows (the last one called ships unverified).
+    fn play(&self, p: &Prompt, flow: Flow) -> (f64, f64) {
+        let mut j = flow.floor.pick(&p.p);
+        if !flow.verify {
+            return (p.cost[j], p.score[j]);
+        }
+        let t = self.rules[p.half.min(1)].threshold(flow.floor);
+        let (mut cost, mut hops) = (0.0, 0);
+        loop {
+            cost += p.cost[j];
+            let last = j + 1 >= p.p.len() || hops >= self.max_escalations;
+            // An answer Verify cannot read ships unverified, as the gateway does.
+            if last || p.v[j].is_none_or(|v| decide::ships(v, t)) {
+                return (cost, p.score[j]);
+            }
+            j += 1;
+            hops += 1;
+        }
+    }
 }
 
 /// A floor's outcome on some prompts, against always calling the best candidate.
@@ -73,13 +148,18 @@ pub struct Outcome {
     pub quality: f64,
 }
 
-/// `floor` on `ps` (None: always the best candidate, index `best`).
+/// `floor` on `ps` (None: always the best candidate, index `best`), Route's pick shipping.
 pub fn outcome(ps: &[&Prompt], floor: Option<Floor>, best: usize) -> Outcome {
+    flow_outcome(ps, floor.map(Flow::route), best, &Cascade::default())
+}
+
+/// `flow` on `ps` (None: always the best candidate, index `best`).
+pub fn flow_outcome(ps: &[&Prompt], flow: Option<Flow>, best: usize, c: &Cascade) -> Outcome {
     let (mut cost, mut score, mut b_cost, mut b_score) = (0.0, 0.0, 0.0, 0.0);
     for p in ps {
-        let j = floor.map_or(best, |f| f.pick(&p.p));
-        cost += p.cost[j];
-        score += p.score[j];
+        let (ci, si) = flow.map_or((p.cost[best], p.score[best]), |f| c.play(p, f));
+        cost += ci;
+        score += si;
         b_cost += p.cost[best];
         b_score += p.score[best];
     }
@@ -98,10 +178,23 @@ pub fn outcome(ps: &[&Prompt], floor: Option<Floor>, best: usize) -> Outcome {
 /// highest of a plateau (its lowest is the edge most likely to fail on new prompts), and a
 /// relative floor over an absolute one (it carries better to traffic unlike the labels).
 pub fn pick(ps: &[&Prompt], floors: &[Floor], best: usize, target: f64) -> Option<Floor> {
+    let flows: Vec<Flow> = floors.iter().map(|&f| Flow::route(f)).collect();
+    pick_flow(ps, &flows, best, target, &Cascade::default()).map(|f| f.floor)
+}
+
+/// [`pick`] over flows; ties keep the later flow (so list the verified ones first: a tie
+/// goes to Route alone, which makes fewer calls).
+pub fn pick_flow(
+    ps: &[&Prompt],
+    flows: &[Flow],
+    best: usize,
+    target: f64,
+    c: &Cascade,
+) -> Option<Flow> {
     let mut chosen = None;
     let mut top = 0.0;
-    for &f in floors {
-        let o = outcome(ps, Some(f), best);
+    for &f in flows {
+        let o = flow_outcome(ps, Some(f), best, c);
         if o.quality >= target && o.saved > 0.0 && o.saved >= top {
             top = o.saved;
             chosen = Some(f);
@@ -110,11 +203,28 @@ pub fn pick(ps: &[&Prompt], floors: &[Floor], best: usize, target: f64) -> Optio
     chosen
 }
 
+/// Every flow a pick chooses among: each floor of [`Floor::grid`] verified (when `verify`),
+/// then each alone.
+pub fn flows(verify: bool) -> Vec<Flow> {
+    let floors = Floor::grid();
+    let verified = floors.iter().map(|&floor| Flow {
+        floor,
+        verify: true,
+    });
+    let alone = floors.iter().map(|&f| Flow::route(f));
+    verified
+        .take(if verify { usize::MAX } else { 0 })
+        .chain(alone)
+        .collect()
+}
+
 /// Picked on one half, measured on the other.
 #[derive(Debug, Clone, Serialize)]
 pub struct Crossed {
     pub picked_on: usize,
     pub floor: Option<Floor>,
+    /// Whether the pick verifies (`[gateway] verify = "always"`).
+    pub verify: bool,
     pub held: Outcome,
 }
 
@@ -128,32 +238,45 @@ pub struct SourceRecommendation {
     pub best: String,
     /// The floor picked on all prompts (None: keep calling the best model) and its outcome.
     pub floor: Option<Floor>,
+    /// Whether the pick verifies every answer below the top (the gateway's `verify =
+    /// "always"`); false: Route's pick ships.
+    pub verify: bool,
     pub in_sample: Outcome,
+    /// The best flow of the other kind (with Verify when the pick has none, and the other way
+    /// round) on all prompts, for comparison; None when none kept the target or every row
+    /// lacked an answer to verify.
+    pub other: Option<(Flow, Outcome)>,
     /// Each half's pick measured on the other half.
     pub crossed: Vec<Crossed>,
     /// The served default (the embedded config's relative floor) on all prompts.
     pub default: Option<(Floor, Outcome)>,
 }
 
-/// Candidates and prompts of one source from its rows and their cross-fitted p_route (same
-/// order as `rows`); None when fewer than [`MIN_PROMPTS`] prompts have a row of every
-/// candidate, or fewer than two models qualify.
-pub fn prompts_of(rows: &[&Row], p: &[f64]) -> Option<(Vec<String>, usize, Vec<Prompt>)> {
-    // Per prompt: model -> (p, score, cost); a repeated (prompt, model) row keeps the last.
-    let mut by_prompt: BTreeMap<&str, BTreeMap<&str, (f64, f64, f64)>> = BTreeMap::new();
-    for (r, &pr) in rows.iter().zip(p) {
+/// Candidates and prompts of one source from its rows and their cross-fitted p_route and
+/// p_verify (same order as `rows`); None when fewer than [`MIN_PROMPTS`] prompts have a row of
+/// every candidate, or fewer than two models qualify.
+pub fn prompts_of(
+    rows: &[&Row],
+    p: &[f64],
+    v: &[Option<f64>],
+) -> Option<(Vec<String>, usize, Vec<Prompt>)> {
+    // Per prompt: model -> (p, score, cost, p_verify); a repeated (prompt, model) row keeps
+    // the last.
+    type Cell = (f64, f64, f64, Option<f64>);
+    let mut by_prompt: BTreeMap<&str, BTreeMap<&str, Cell>> = BTreeMap::new();
+    for ((r, &pr), &pv) in rows.iter().zip(p).zip(v) {
         let (Some(s), Some(c)) = (r.score, r.cost_usd) else {
             continue;
         };
         by_prompt
             .entry(&r.prompt_id)
             .or_default()
-            .insert(&r.model, (pr, s, c));
+            .insert(&r.model, (pr, s, c, pv));
     }
     // Per model, over the prompts it answered (each once): (cost sum, score sum, prompts).
     let mut stats: BTreeMap<&str, (f64, f64, usize)> = BTreeMap::new();
     for m in by_prompt.values() {
-        for (model, &(_, s, c)) in m {
+        for (model, &(_, s, c, _)) in m {
             let e = stats.entry(model).or_default();
             e.0 += c;
             e.1 += s;
@@ -175,12 +298,12 @@ pub fn prompts_of(rows: &[&Row], p: &[f64]) -> Option<(Vec<String>, usize, Vec<P
     let prompts: Vec<Prompt> = by_prompt
         .iter()
         .filter_map(|(pid, m)| {
-            let got: Option<Vec<(f64, f64, f64)>> =
-                cands.iter().map(|(c, _, _)| m.get(c).copied()).collect();
+            let got: Option<Vec<Cell>> = cands.iter().map(|(c, _, _)| m.get(c).copied()).collect();
             let got = got?;
             Some(Prompt {
                 half: half_of(pid),
                 p: got.iter().map(|x| x.0).collect(),
+                v: got.iter().map(|x| x.3).collect(),
                 score: got.iter().map(|x| x.1).collect(),
                 cost: got.iter().map(|x| x.2).collect(),
             })
@@ -196,7 +319,8 @@ pub fn prompts_of(rows: &[&Row], p: &[f64]) -> Option<(Vec<String>, usize, Vec<P
     ))
 }
 
-/// Picks and judges a floor for one source's prompts.
+/// Picks and judges a flow for one source's prompts; verified flows are among the choices
+/// only where every row below the top candidate (never verified) has an answer to verify.
 pub fn recommend(
     source: &str,
     candidates: Vec<String>,
@@ -204,39 +328,62 @@ pub fn recommend(
     prompts: &[Prompt],
     target: f64,
     default: Option<Floor>,
+    cascade: &Cascade,
 ) -> SourceRecommendation {
-    let floors = Floor::grid();
+    let verify = prompts
+        .iter()
+        .all(|p| p.v.iter().rev().skip(1).all(Option::is_some));
+    let flows = flows(verify);
     let all: Vec<&Prompt> = prompts.iter().collect();
     let half = |h: usize| -> Vec<&Prompt> { prompts.iter().filter(|p| p.half == h).collect() };
     let crossed = (0..2)
         .map(|h| {
-            let floor = pick(&half(h), &floors, best, target);
+            let flow = pick_flow(&half(h), &flows, best, target, cascade);
             Crossed {
                 picked_on: h,
-                floor,
-                held: outcome(&half(1 - h), floor, best),
+                floor: flow.map(|f| f.floor),
+                verify: flow.is_some_and(|f| f.verify),
+                held: flow_outcome(&half(1 - h), flow, best, cascade),
             }
         })
         .collect();
-    let floor = pick(&all, &floors, best, target);
+    let flow = pick_flow(&all, &flows, best, target, cascade);
+    let chosen_verify = flow.is_some_and(|f| f.verify);
+    let others: Vec<Flow> = flows
+        .iter()
+        .copied()
+        .filter(|f| verify && f.verify != chosen_verify)
+        .collect();
+    let other = pick_flow(&all, &others, best, target, cascade)
+        .map(|f| (f, flow_outcome(&all, Some(f), best, cascade)));
     SourceRecommendation {
         source: source.to_string(),
         prompts: prompts.len(),
         best: candidates[best].clone(),
         candidates,
-        floor,
-        in_sample: outcome(&all, floor, best),
+        floor: flow.map(|f| f.floor),
+        verify: chosen_verify,
+        in_sample: flow_outcome(&all, flow, best, cascade),
+        other,
         crossed,
         default: default.map(|f| (f, outcome(&all, Some(f), best))),
     }
 }
 
-/// Each row's p_route from the heads calibrated on the rows of the other half of the prompts
-/// (the answers are left out: Route's p never reads the verifier, and a subset with them
-/// would copy every answer embedding).
-pub fn cross_fitted_p(heads: &Heads, rows: &[Row], f: &RowFeatures) -> Result<Vec<f64>> {
+/// Each row's p_route and p_verify from the heads calibrated on the rows of the other half
+/// of the prompts, and each half's Verify rule from those heads (`rules[h]` scored half h).
+pub struct CrossFitted {
+    pub p: Vec<f64>,
+    pub v: Vec<Option<f64>>,
+    pub rules: [VerifyRule; 2],
+}
+
+/// See [`CrossFitted`].
+pub fn cross_fitted(heads: &Heads, rows: &[Row], f: &RowFeatures) -> Result<CrossFitted> {
     let mut p = vec![f64::NAN; rows.len()];
-    for h in 0..2 {
+    let mut v = vec![None; rows.len()];
+    let mut rules: [VerifyRule; 2] = Default::default();
+    for (h, rule) in rules.iter_mut().enumerate() {
         let (scored, fitted): (Vec<usize>, Vec<usize>) =
             (0..rows.len()).partition(|&i| half_of(&rows[i].prompt_id) == h);
         if scored.is_empty() || fitted.is_empty() {
@@ -244,13 +391,18 @@ pub fn cross_fitted_p(heads: &Heads, rows: &[Row], f: &RowFeatures) -> Result<Ve
         }
         let pick = |idx: &[usize]| -> Vec<Row> { idx.iter().map(|&i| rows[i].clone()).collect() };
         let mut hh = heads.clone();
-        adapt(&mut hh, &pick(&fitted), &f.subset(&fitted, false), true)?;
-        let s = score_with(&hh, &pick(&scored), &f.subset(&scored, false));
-        for (&i, (pr, _)) in scored.iter().zip(s) {
+        adapt(&mut hh, &pick(&fitted), &f.subset(&fitted, true), true)?;
+        let s = score_with(&hh, &pick(&scored), &f.subset(&scored, true));
+        for (&i, (pr, pv)) in scored.iter().zip(s) {
             p[i] = pr;
+            v[i] = pv;
         }
+        *rule = VerifyRule {
+            table: hh.verify_thresholds.clone(),
+            default: hh.default_verify_threshold,
+        };
     }
-    Ok(p)
+    Ok(CrossFitted { p, v, rules })
 }
 
 /// Per source of the labelled `rows` (features `f`): the recommended floor, with p_route from
@@ -261,6 +413,7 @@ pub fn recommend_floors(
     f: &RowFeatures,
     target: f64,
     default: Option<Floor>,
+    max_escalations: u32,
 ) -> Result<Vec<SourceRecommendation>> {
     if let Some(i) = rows
         .iter()
@@ -271,7 +424,11 @@ pub fn recommend_floors(
             i + 1
         );
     }
-    let p = cross_fitted_p(heads, rows, f)?;
+    let x = cross_fitted(heads, rows, f)?;
+    let cascade = Cascade {
+        rules: x.rules.clone(),
+        max_escalations,
+    };
     let mut by_source: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, r) in rows.iter().enumerate() {
         by_source.entry(&r.source).or_default().push(i);
@@ -279,11 +436,12 @@ pub fn recommend_floors(
     let mut out = Vec::new();
     for (src, idx) in by_source {
         let rs: Vec<&Row> = idx.iter().map(|&i| &rows[i]).collect();
-        let ps: Vec<f64> = idx.iter().map(|&i| p[i]).collect();
-        match prompts_of(&rs, &ps) {
-            Some((cands, best, prompts)) => {
-                out.push(recommend(src, cands, best, &prompts, target, default))
-            }
+        let ps: Vec<f64> = idx.iter().map(|&i| x.p[i]).collect();
+        let vs: Vec<Option<f64>> = idx.iter().map(|&i| x.v[i]).collect();
+        match prompts_of(&rs, &ps, &vs) {
+            Some((cands, best, prompts)) => out.push(recommend(
+                src, cands, best, &prompts, target, default, &cascade,
+            )),
             None => eprintln!(
                 "calibrate: {src}: no floor recommended (needs {MIN_PROMPTS} prompts answered by \
                  two or more models, each with a row for {:.0}% of the prompts)",
@@ -319,23 +477,43 @@ pub fn describe(r: &SourceRecommendation, target: f64) -> String {
         .iter()
         .map(|c| {
             format!(
-                "{} picked on half {}: saved {} at {} on the other",
+                "{}{} picked on half {}: saved {} at {} on the other",
                 c.floor.map_or("the best model".into(), |f| f.toml()),
+                if c.verify { " with Verify" } else { "" },
                 c.picked_on,
                 pct(c.held.saved),
                 pct(c.held.quality)
             )
         })
         .collect();
+    const VERIFY: &str = "[gateway] verify = \"always\"";
     match r.floor {
         Some(f) => {
             out += &format!(
-                "  recommended: [policy] {} (saved {} at {} of {}'s quality on these prompts)\n",
+                "  recommended: [policy] {}{} (saved {} at {} of {}'s quality on these prompts)\n",
                 f.toml(),
+                if r.verify {
+                    format!(" and {VERIFY}: Verify every answer below the top, escalating a rejected one")
+                } else {
+                    String::new()
+                },
                 pct(r.in_sample.saved),
                 pct(r.in_sample.quality),
                 r.best
-            )
+            );
+            if let Some((o, oo)) = r.other {
+                out += &format!(
+                    "  {}: at best [policy] {} saved {} at {}\n",
+                    if o.verify {
+                        format!("with {VERIFY}")
+                    } else {
+                        "without Verify".to_string()
+                    },
+                    o.floor.toml(),
+                    pct(oo.saved),
+                    pct(oo.quality)
+                );
+            }
         }
         None => {
             out += &format!(
@@ -373,6 +551,7 @@ mod tests {
         Prompt {
             half,
             p: p.to_vec(),
+            v: vec![None; 2],
             score: score.to_vec(),
             cost: vec![1.0, 10.0],
         }
@@ -420,6 +599,95 @@ mod tests {
         assert_eq!((b.saved, b.quality), (0.0, 1.0));
     }
 
+    /// Three models at costs 1, 4, 10. Route's p cannot tell the prompts apart, but the
+    /// verifier can: the cheap answer passes exactly where its p_verify is high. Verifying it
+    /// and escalating the rest keeps full quality for less than the best alone, every call
+    /// paid; with the one escalation the gateway allows, a rejection at the cheap model
+    /// ships the middle model's answer.
+    #[test]
+    fn verify_is_picked_where_it_earns_its_calls() {
+        let ps: Vec<Prompt> = (0..100)
+            .map(|i| {
+                let good = i % 2 == 0;
+                Prompt {
+                    half: i % 2,
+                    p: vec![0.9, 0.9, 0.9],
+                    v: vec![Some(if good { 0.95 } else { 0.2 }), Some(0.5), None],
+                    score: vec![if good { 1.0 } else { 0.0 }, 0.5, 1.0],
+                    cost: vec![1.0, 4.0, 10.0],
+                }
+            })
+            .collect();
+        let all: Vec<&Prompt> = ps.iter().collect();
+        let rule = VerifyRule {
+            table: vec![(0.8, 0.6), (0.9, 0.7)],
+            default: 0.65,
+        };
+        let c = Cascade {
+            rules: [rule.clone(), rule],
+            max_escalations: 2,
+        };
+        let floor = Floor::QualityFloor(0.5);
+        // Route alone sends all to the cheap model: half fail.
+        let alone = flow_outcome(&all, Some(Flow::route(floor)), 2, &c);
+        assert!((alone.quality - 0.5).abs() < 1e-12, "{alone:?}");
+        // Verified at 0.5's threshold (the floor itself, below the table): 0.2 < 0.5 escalates
+        // to the middle (0.5 ships at 0.5): quality (50 + 25) / 100.
+        let v = Flow {
+            floor,
+            verify: true,
+        };
+        let o = flow_outcome(&all, Some(v), 2, &c);
+        assert!((o.quality - 0.75).abs() < 1e-12, "{o:?}");
+        // At quality_floor 0.9 the threshold is 0.7: the middle's 0.5 is rejected too and the
+        // best answers. Cost 50 * 1 + 50 * (1 + 4 + 10) = 800 against 1000.
+        let v9 = Flow {
+            floor: Floor::QualityFloor(0.9),
+            verify: true,
+        };
+        let o9 = flow_outcome(&all, Some(v9), 2, &c);
+        assert!(
+            (o9.quality - 1.0).abs() < 1e-12 && (o9.saved - 0.2).abs() < 1e-12,
+            "{o9:?}"
+        );
+        // With one escalation the middle's answer ships unverified.
+        let one = Cascade {
+            max_escalations: 1,
+            ..c.clone()
+        };
+        assert!((flow_outcome(&all, Some(v9), 2, &one).quality - 0.75).abs() < 1e-12);
+        // The pick: Route alone never keeps 98% here (p are all alike); the verified flow does.
+        let picked = pick_flow(&all, &flows(true), 2, 0.98, &c).expect("a flow");
+        assert!(picked.verify, "{picked:?}");
+        assert!(pick_flow(&all, &flows(false), 2, 0.98, &c).is_none());
+        let r = recommend(
+            "s",
+            vec!["cheap".into(), "mid".into(), "best".into()],
+            2,
+            &ps,
+            0.98,
+            None,
+            &c,
+        );
+        // The top model's answer is never verified: its rows need none.
+        assert!(r.verify && r.floor.is_some(), "{r:?}");
+        assert!(r.other.is_none(), "Route alone keeps nothing: {r:?}");
+        assert!(describe(&r, 0.98).contains("and [gateway] verify = \"always\""));
+        // A row below the top without an answer: no verified flow is offered.
+        let mut gap = ps.clone();
+        gap[3].v[1] = None;
+        let r = recommend(
+            "s",
+            vec!["cheap".into(), "mid".into(), "best".into()],
+            2,
+            &gap,
+            0.98,
+            None,
+            &c,
+        );
+        assert!(!r.verify && r.floor.is_none(), "{r:?}");
+    }
+
     #[test]
     fn no_floor_when_the_cheap_model_never_holds_quality() {
         let ps: Vec<Prompt> = (0..60)
@@ -427,7 +695,15 @@ mod tests {
             .collect();
         let all: Vec<&Prompt> = ps.iter().collect();
         assert_eq!(pick(&all, &Floor::grid(), 1, 0.98), None);
-        let r = recommend("s", vec!["cheap".into(), "best".into()], 1, &ps, 0.98, None);
+        let r = recommend(
+            "s",
+            vec!["cheap".into(), "best".into()],
+            1,
+            &ps,
+            0.98,
+            None,
+            &Cascade::default(),
+        );
         assert!(r.floor.is_none());
         assert!(describe(&r, 0.98).contains("recommended: no floor"));
         // Each half's pick is none too, so the other half keeps all of the best's quality.
@@ -473,12 +749,12 @@ mod tests {
             answer_emb: Vec::new(),
             answer_truncated: Vec::new(),
         };
-        let before = cross_fitted_p(&heads, &rows, &f)?;
+        let before = cross_fitted(&heads, &rows, &f)?.p;
         let mut flipped = rows.clone();
         for r in flipped.iter_mut().filter(|r| half_of(&r.prompt_id) == 0) {
             r.score = r.score.map(|s| 1.0 - s);
         }
-        let after = cross_fitted_p(&heads, &flipped, &f)?;
+        let after = cross_fitted(&heads, &flipped, &f)?.p;
         assert!(before.iter().all(|p| p.is_finite()));
         let mut moved = 0;
         for (i, r) in rows.iter().enumerate() {
@@ -516,7 +792,8 @@ mod tests {
         }
         let refs: Vec<&Row> = rows.iter().collect();
         let p = vec![0.5; rows.len()];
-        let (cands, best, prompts) = prompts_of(&refs, &p).expect("two candidates");
+        let v = vec![None; rows.len()];
+        let (cands, best, prompts) = prompts_of(&refs, &p, &v).expect("two candidates");
         assert_eq!(
             cands,
             ["cheap", "best"],
@@ -525,7 +802,7 @@ mod tests {
         assert_eq!(best, 1);
         assert_eq!(prompts.len(), 80);
         assert!(
-            prompts_of(&refs[..60], &p[..60]).is_none(),
+            prompts_of(&refs[..60], &p[..60], &v[..60]).is_none(),
             "25 prompts are too few"
         );
     }
