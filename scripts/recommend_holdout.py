@@ -22,6 +22,8 @@ env:   BIN (default target/release/tiergate), WORK (default /tmp/recommend), DRA
 import gzip, hashlib, json, os, subprocess, sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+from verify_thresholds_holdout import threshold_from  # noqa: E402  (`heads::threshold_from`)
 BIN = os.environ.get('BIN', os.path.join(ROOT, 'target', 'release', 'tiergate'))
 TRAFFIC, HEADS = sys.argv[1], sys.argv[2]
 SHARE = float(sys.argv[3]) if len(sys.argv) > 3 else 0.4
@@ -50,16 +52,6 @@ def rel_pick(p, r):
         if x >= bar:
             return j
     return 0
-
-
-def threshold_from(t, floor):
-    for i, (f, th) in enumerate(t):
-        if f >= floor:
-            if i == 0:
-                return min(floor, th) if floor < f else th
-            f0, t0 = t[i - 1]
-            return t0 + (th - t0) * (floor - f0) / max(f - f0, 1e-12)
-    return max(t[-1][1], floor) if t else floor
 
 
 def flow_of(floor, verify, table):
