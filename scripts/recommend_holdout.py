@@ -54,15 +54,19 @@ def rel_pick(p, r):
     return 0
 
 
-def flow_of(floor, verify, table):
-    """(pick function, verify threshold or None) of a recommended flow."""
+def flow_of(floor, verify, relearned):
+    """(pick function, verify threshold or None) of a recommended flow, with the thresholds
+    the server has once the overlay (its re-learned table, or None) is applied."""
     if floor is None:
         return None, None
+    table = heads['verify_thresholds'] if relearned is None else relearned
     if 'quality_floor' in floor:
         t = floor['quality_floor']
         return (lambda p: route_pick(p, t)), (threshold_from(table, t) if verify else None)
     r = floor['relative_floor']
-    default = threshold_from(table, heads.get('default_quality_floor') or 0.7)
+    dq = heads.get('default_quality_floor')
+    default = (heads['default_verify_threshold'] if relearned is None
+               else threshold_from(table, 0.7 if dq is None else dq))
     return (lambda p: rel_pick(p, r)), (default if verify else None)
 
 
@@ -93,7 +97,7 @@ for seed in range(DRAWS):
                         f"{d}/new-scores.jsonl"], cwd=ROOT, stdout=subprocess.DEVNULL,
                        stderr=open(f"{d}/score.log", 'w'), check=True)
     rec = json.load(open(f"{d}/rec.json"))[0]
-    table = json.load(open(f"{d}/ov.json")).get('verify_thresholds') or heads['verify_thresholds']
+    relearned = json.load(open(f"{d}/ov.json")).get('verify_thresholds')
     cands = rec['candidates']
     best = cands.index(rec['best'])
     sc = [json.loads(l) for l in open(f"{d}/new-scores.jsonl")]
@@ -111,7 +115,7 @@ for seed in range(DRAWS):
             # Verify every answer below the top; a rejected one (or one it cannot read: the
             # gateway ships those) escalates while escalations are left.
             while t is not None and j + 1 < len(p) and hops < MAX_ESCALATIONS \
-                    and p[j][1] is not None and p[j][1] < t:
+                    and p[j][1] is not None and not p[j][1] >= t:
                 j += 1
                 hops += 1
                 cost += p[j][3]
@@ -122,15 +126,16 @@ for seed in range(DRAWS):
         return 1 - c / bc, q / bq
 
     flows = {'recommended': (rec['floor'], rec.get('verify', False))}
-    if rec.get('verify') and rec.get('other'):
-        o = rec['other'][0]
+    if rec.get('verify'):
+        # The best Route-alone flow; none kept the target: the best model alone.
+        o = (rec.get('other') or [{'floor': None, 'verify': False}])[0]
         flows['route alone'] = (o['floor'], o['verify'])
     else:
         flows['route alone'] = flows['recommended']
     flows['default 0.94'] = ({'relative_floor': 0.94}, False)
     out = []
     for name, (floor, verify) in flows.items():
-        pick, t = flow_of(floor, verify, table)
+        pick, t = flow_of(floor, verify, relearned)
         s, q = fig(pick, t)
         out.append(f"{name} [{label(floor, verify)}] saved {s:.1%} at {q:.1%}")
     warn = any(c['held']['quality'] < 0.97 for c in rec['crossed'])

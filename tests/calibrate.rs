@@ -302,16 +302,19 @@ fn calibrate_recommends_a_floor_and_says_how_it_held() {
         "{r}"
     );
     assert!(stdout.contains("recommended: [policy] "), "{stdout}");
-    // Verify weighed beside Route alone: the pick says whether it verifies, and the best flow
-    // of the other kind is shown (here, at the time of writing, verifying saved more).
+    // Verify weighed beside Route alone: the pick says whether it verifies and which gateway
+    // line goes with it; the best flow of the other kind, when one kept the target, is of the
+    // other kind.
     let verify = r["verify"].as_bool().expect("verify is a bool");
-    assert!(r["other"].is_array(), "{r}");
-    assert_eq!(r["other"][0]["verify"].as_bool(), Some(!verify), "{r}");
-    assert_eq!(
-        stdout.contains("[gateway] verify = \"always\": Verify every answer"),
-        verify,
-        "{stdout}"
-    );
+    let line = if verify {
+        "[gateway] verify = \"always\": Verify every answer"
+    } else {
+        "[gateway] verify = \"never\": Route's pick ships"
+    };
+    assert!(stdout.contains(line), "{stdout}");
+    if !r["other"].is_null() {
+        assert_eq!(r["other"][0]["verify"].as_bool(), Some(!verify), "{r}");
+    }
     assert_eq!(r["crossed"].as_array().map(Vec::len), Some(2), "{r}");
     assert!(r["crossed"]
         .as_array()

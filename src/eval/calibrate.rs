@@ -35,6 +35,11 @@ pub struct CalibrateArgs {
     /// Write the recommendation (per source, JSON) here too.
     #[arg(long)]
     pub recommend_out: Option<PathBuf>,
+    /// The server config the overlay will run under (default: the embedded one): the
+    /// recommendation replays its default floor, `policy.verify_threshold` and
+    /// `gateway.max_escalations`.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Cache encoder outputs here (off by default), as `score --cache-dir`.
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
@@ -157,10 +162,12 @@ fn recommend(a: &CalibrateArgs, heads: &Heads, rows: &[Row], f: &RowFeatures) ->
                 .map_err(|e| anyhow::anyhow!("removing {}: {e}", out.display()))?;
         }
     }
-    let cfg = crate::config::Config::embedded()?;
+    let cfg = crate::config::Config::load(&crate::config::Overrides {
+        config: a.config.clone(),
+        ..Default::default()
+    })?;
     let default = cfg.policy.relative_floor.map(Floor::RelativeFloor);
-    let hops = cfg.gateway.max_escalations;
-    let recs = match recommend_floors(heads, rows, f, a.target, default, hops) {
+    let recs = match recommend_floors(heads, rows, f, a.target, default, &cfg) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("calibrate: no Route floor recommended: {e:#}");

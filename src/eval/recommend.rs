@@ -73,7 +73,9 @@ pub struct Prompt {
 }
 
 /// A Route floor, and whether the gateway verifies the answer of every model below the top
-/// and escalates a rejected one (`[gateway] verify = "always"`; else Route's pick ships).
+/// and escalates a rejected one (`[gateway] verify = "always"`; else `"never"`: Route's pick
+/// ships. The gateway's default, `"borderline"`, verifies only picks Route calls close and
+/// is not replayed).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Flow {
     pub floor: Floor,
@@ -96,22 +98,13 @@ pub struct VerifyRule {
     pub default: f64,
 }
 
-impl VerifyRule {
-    /// The threshold the server's Verify uses with `floor` in the config
-    /// (`decide::default_threshold`): a quality floor's own, else the default.
-    fn threshold(&self, floor: Floor) -> f64 {
-        match floor {
-            Floor::QualityFloor(f) => crate::model::heads::threshold_from(&self.table, f),
-            Floor::RelativeFloor(_) => self.default,
-        }
-    }
-}
-
 /// What the replay of a flow needs beside the prompts: each half's Verify rule (`rules[h]`
-/// for the prompts of half h) and the gateway's escalations after the first call.
+/// for the prompts of half h), the config's `policy.verify_threshold` and the gateway's
+/// escalations after the first call.
 #[derive(Debug, Clone, Default)]
 pub struct Cascade {
     pub rules: [VerifyRule; 2],
+    pub verify_threshold: Option<f64>,
     pub max_escalations: u32,
 }
 
@@ -119,12 +112,24 @@ impl Cascade {
     /// (cost, score) of `flow` on one prompt: Route's pick, then with `verify` the answer of
     /// each model below the top verified and a rejected one escalated to the next model up,
     /// as many times as the gateway allows (the last one called ships unverified).
+    /// The threshold the server's Verify uses with `floor` in the config
+    /// (`decide::default_threshold`): the configured one, else a quality floor's own from the
+    /// table of the heads that scored half `half`, else their default.
+    fn threshold(&self, half: usize, floor: Floor) -> f64 {
+        let rule = &self.rules[half.min(1)];
+        match (self.verify_threshold, floor) {
+            (Some(t), _) => t,
+            (None, Floor::QualityFloor(f)) => crate::model::heads::threshold_from(&rule.table, f),
+            (None, Floor::RelativeFloor(_)) => rule.default,
+        }
+    }
+
     fn play(&self, p: &Prompt, flow: Flow) -> (f64, f64) {
         let mut j = flow.floor.pick(&p.p);
         if !flow.verify {
             return (p.cost[j], p.score[j]);
         }
-        let t = self.rules[p.half.min(1)].threshold(flow.floor);
+        let t = self.threshold(p.half, flow.floor);
         let (mut cost, mut hops) = (0.0, 0);
         loop {
             cost += p.cost[j];
@@ -207,15 +212,15 @@ pub fn pick_flow(
 /// then each alone.
 pub fn flows(verify: bool) -> Vec<Flow> {
     let floors = Floor::grid();
+    let alone = floors.iter().map(|&f| Flow::route(f));
+    if !verify {
+        return alone.collect();
+    }
     let verified = floors.iter().map(|&floor| Flow {
         floor,
         verify: true,
     });
-    let alone = floors.iter().map(|&f| Flow::route(f));
-    verified
-        .take(if verify { usize::MAX } else { 0 })
-        .chain(alone)
-        .collect()
+    verified.chain(alone).collect()
 }
 
 /// Picked on one half, measured on the other.
@@ -395,7 +400,12 @@ pub fn cross_fitted(heads: &Heads, rows: &[Row], f: &RowFeatures) -> Result<Cros
         let s = score_with(&hh, &pick(&scored), &f.subset(&scored, true));
         for (&i, (pr, pv)) in scored.iter().zip(s) {
             p[i] = pr;
-            v[i] = pv;
+            // The server never ships an empty answer (its p is 0 there).
+            let empty = rows[i]
+                .response
+                .as_deref()
+                .is_some_and(|a| a.trim().is_empty());
+            v[i] = if empty { Some(0.0) } else { pv };
         }
         *rule = VerifyRule {
             table: hh.verify_thresholds.clone(),
@@ -413,7 +423,7 @@ pub fn recommend_floors(
     f: &RowFeatures,
     target: f64,
     default: Option<Floor>,
-    max_escalations: u32,
+    cfg: &crate::config::Config,
 ) -> Result<Vec<SourceRecommendation>> {
     if let Some(i) = rows
         .iter()
@@ -427,7 +437,8 @@ pub fn recommend_floors(
     let x = cross_fitted(heads, rows, f)?;
     let cascade = Cascade {
         rules: x.rules.clone(),
-        max_escalations,
+        verify_threshold: cfg.policy.verify_threshold,
+        max_escalations: cfg.gateway.max_escalations,
     };
     let mut by_source: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, r) in rows.iter().enumerate() {
@@ -487,6 +498,7 @@ pub fn describe(r: &SourceRecommendation, target: f64) -> String {
         })
         .collect();
     const VERIFY: &str = "[gateway] verify = \"always\"";
+    const NEVER: &str = "[gateway] verify = \"never\"";
     match r.floor {
         Some(f) => {
             out += &format!(
@@ -495,7 +507,7 @@ pub fn describe(r: &SourceRecommendation, target: f64) -> String {
                 if r.verify {
                     format!(" and {VERIFY}: Verify every answer below the top, escalating a rejected one")
                 } else {
-                    String::new()
+                    format!(" and {NEVER}: Route's pick ships (the default \"borderline\" also verifies close picks; not replayed)")
                 },
                 pct(r.in_sample.saved),
                 pct(r.in_sample.quality),
@@ -507,7 +519,7 @@ pub fn describe(r: &SourceRecommendation, target: f64) -> String {
                     if o.verify {
                         format!("with {VERIFY}")
                     } else {
-                        "without Verify".to_string()
+                        format!("with {NEVER}")
                     },
                     o.floor.toml(),
                     pct(oo.saved),
@@ -625,6 +637,7 @@ mod tests {
         };
         let c = Cascade {
             rules: [rule.clone(), rule],
+            verify_threshold: None,
             max_escalations: 2,
         };
         let floor = Floor::QualityFloor(0.5);
@@ -686,6 +699,59 @@ mod tests {
             &c,
         );
         assert!(!r.verify && r.floor.is_none(), "{r:?}");
+    }
+
+    /// The threshold is the one the server would use: the config's `verify_threshold` first,
+    /// else the quality floor's own from the table of the heads that scored the prompt's half,
+    /// else (a relative floor) their default.
+    #[test]
+    fn each_half_is_verified_by_its_own_heads_rule() {
+        let rules = [
+            VerifyRule {
+                table: vec![(0.9, 0.3)],
+                default: 0.1,
+            },
+            VerifyRule {
+                table: vec![(0.9, 0.6)],
+                default: 0.7,
+            },
+        ];
+        let c = Cascade {
+            rules,
+            verify_threshold: None,
+            max_escalations: 2,
+        };
+        let q = Floor::QualityFloor(0.9);
+        let r = Floor::RelativeFloor(0.9);
+        assert_eq!(c.threshold(0, q), 0.3);
+        assert_eq!(c.threshold(1, q), 0.6);
+        assert_eq!(c.threshold(0, r), 0.1);
+        assert_eq!(c.threshold(1, r), 0.7);
+        let set = Cascade {
+            verify_threshold: Some(0.42),
+            ..c.clone()
+        };
+        assert_eq!(set.threshold(1, q), 0.42);
+        // A cheap answer at p_verify 0.5 ships on half 0 (0.5 >= 0.3) and escalates on half 1.
+        let ps: Vec<Prompt> = (0..2)
+            .map(|half| Prompt {
+                half,
+                p: vec![0.95, 0.95],
+                v: vec![Some(0.5), Some(0.9)],
+                score: vec![0.0, 1.0],
+                cost: vec![1.0, 10.0],
+            })
+            .collect();
+        let flow = Flow {
+            floor: q,
+            verify: true,
+        };
+        assert_eq!(c.play(&ps[0], flow), (1.0, 0.0));
+        assert_eq!(c.play(&ps[1], flow), (11.0, 1.0));
+        // An empty answer's p is 0 (`cross_fitted`): it never ships below the top.
+        let mut empty = ps[0].clone();
+        empty.v[0] = Some(0.0);
+        assert_eq!(c.play(&empty, flow), (11.0, 1.0));
     }
 
     #[test]
