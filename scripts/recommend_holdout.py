@@ -2,10 +2,11 @@
 """Does `tiergate calibrate`'s recommendation hold on prompts it never saw?
 
 An operator labels a share of its traffic, runs `calibrate`, and applies the recommended
-[policy] line (and `[gateway] verify = "always"` when the recommendation verifies). Here, per
+[policy] line with its `[gateway] verify` mode (always, borderline or never). Here, per
 draw (md5 of "rec:<seed>:<prompt_id>" < SHARE labels a prompt), three flows are measured on the
 other prompts over the same candidates:
-- the recommendation as printed (Route's pick, verified and escalated when it says so);
+- the recommendation as printed (Route's pick, verified and escalated as its mode says:
+  `borderline` where the pick is within policy.verify_band (0.1) of the floor's line);
 - the best flow without Verify (the recommendation itself when it does not verify, else its
   `other`): what the recommendation was before it weighed Verify;
 - the embedded default (relative 0.94), Route alone.
@@ -30,6 +31,7 @@ SHARE = float(sys.argv[3]) if len(sys.argv) > 3 else 0.4
 W = os.environ.get('WORK', '/tmp/recommend')
 DRAWS = int(os.environ.get('DRAWS', '5'))
 MAX_ESCALATIONS = 2  # the embedded config's gateway.max_escalations
+VERIFY_BAND = 0.1    # and its policy.verify_band
 CACHE = os.path.join(ROOT, 'models', 'cache')
 rows = [json.loads(l) for l in gzip.open(TRAFFIC, 'rt')]
 heads = json.load(open(HEADS))
@@ -55,26 +57,26 @@ def rel_pick(p, r):
 
 
 def flow_of(floor, verify, relearned):
-    """(pick function, verify threshold or None) of a recommended flow, with the thresholds
-    the server has once the overlay (its re-learned table, or None) is applied."""
+    """(pick function, floor line function, verify threshold) of a recommended flow, with the
+    thresholds the server has once the overlay (its re-learned table, or None) is applied."""
     if floor is None:
-        return None, None
+        return None, None, None
     table = heads['verify_thresholds'] if relearned is None else relearned
     if 'quality_floor' in floor:
         t = floor['quality_floor']
-        return (lambda p: route_pick(p, t)), (threshold_from(table, t) if verify else None)
+        return (lambda p: route_pick(p, t)), (lambda p: t), threshold_from(table, t)
     r = floor['relative_floor']
     dq = heads.get('default_quality_floor')
     default = (heads['default_verify_threshold'] if relearned is None
                else threshold_from(table, 0.7 if dq is None else dq))
-    return (lambda p: rel_pick(p, r)), (default if verify else None)
+    return (lambda p: rel_pick(p, r)), (lambda p: r * max(p)), default
 
 
 def label(floor, verify):
     if floor is None:
         return 'none'
     k, v = next(iter(floor.items()))
-    return f"{k} {v}" + (" + verify" if verify else "")
+    return f"{k} {v}" + ("" if verify == 'never' else f" + verify {verify}")
 
 
 for seed in range(DRAWS):
@@ -107,14 +109,17 @@ for seed in range(DRAWS):
             s['p_route'], s['p_verify'], float(r['score']), float(r['cost_usd']))
     ps = [[m[c] for c in cands] for m in by.values() if all(c in m for c in cands)]
 
-    def fig(pick, t):
+    def fig(pick, line, t, mode):
         c = q = bc = bq = 0
         for p in ps:
-            j = pick([x[0] for x in p]) if pick else best
+            pr = [x[0] for x in p]
+            j = pick(pr) if pick else best
             cost, hops = p[j][3], 0
+            verify = pick is not None and (mode == 'always' or (
+                mode == 'borderline' and abs(pr[j] - line(pr)) < VERIFY_BAND and j + 1 < len(p)))
             # Verify every answer below the top; a rejected one (or one it cannot read: the
             # gateway ships those) escalates while escalations are left.
-            while t is not None and j + 1 < len(p) and hops < MAX_ESCALATIONS \
+            while verify and j + 1 < len(p) and hops < MAX_ESCALATIONS \
                     and p[j][1] is not None and not p[j][1] >= t:
                 j += 1
                 hops += 1
@@ -125,18 +130,19 @@ for seed in range(DRAWS):
             bq += p[best][2]
         return 1 - c / bc, q / bq
 
-    flows = {'recommended': (rec['floor'], rec.get('verify', False))}
-    if rec.get('verify'):
+    flows = {'recommended': (rec['floor'], rec['verify'])}
+    if rec['verify'] != 'never':
         # The best Route-alone flow; none kept the target: the best model alone.
-        o = (rec.get('other') or [{'floor': None, 'verify': False}])[0]
+        o = (rec.get('other') or [{'floor': None, 'verify': 'never'}])[0]
         flows['route alone'] = (o['floor'], o['verify'])
     else:
         flows['route alone'] = flows['recommended']
-    flows['default 0.94'] = ({'relative_floor': 0.94}, False)
+    flows['default 0.94'] = ({'relative_floor': 0.94}, 'never')
+    flows['default 0.94 borderline'] = ({'relative_floor': 0.94}, 'borderline')
     out = []
     for name, (floor, verify) in flows.items():
-        pick, t = flow_of(floor, verify, relearned)
-        s, q = fig(pick, t)
+        pick, line, t = flow_of(floor, verify, relearned)
+        s, q = fig(pick, line, t, verify)
         out.append(f"{name} [{label(floor, verify)}] saved {s:.1%} at {q:.1%}")
     warn = any(c['held']['quality'] < 0.97 for c in rec['crossed'])
     print(f"seed {seed}: {len(ps)} new prompts; warned {warn}; " + "; ".join(out), flush=True)

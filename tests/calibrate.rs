@@ -305,15 +305,17 @@ fn calibrate_recommends_a_floor_and_says_how_it_held() {
     // Verify weighed beside Route alone: the pick says whether it verifies and which gateway
     // line goes with it; the best flow of the other kind, when one kept the target, is of the
     // other kind.
-    let verify = r["verify"].as_bool().expect("verify is a bool");
-    let line = if verify {
-        "[gateway] verify = \"always\": Verify every answer"
-    } else {
-        "[gateway] verify = \"never\": Route's pick ships"
+    let verify = r["verify"].as_str().expect("verify is a mode");
+    let line = match verify {
+        "always" => "[gateway] verify = \"always\": Verify every answer",
+        "borderline" => "[gateway] verify = \"borderline\": Verify where Route's pick is close",
+        "never" => "[gateway] verify = \"never\": Route's pick ships",
+        other => panic!("verify = {other:?}"),
     };
     assert!(stdout.contains(line), "{stdout}");
     if !r["other"].is_null() {
-        assert_eq!(r["other"][0]["verify"].as_bool(), Some(!verify), "{r}");
+        let other = r["other"][0]["verify"].as_str().expect("a mode");
+        assert_eq!(other == "never", verify != "never", "{r}");
     }
     assert_eq!(r["crossed"].as_array().map(Vec::len), Some(2), "{r}");
     assert!(r["crossed"]

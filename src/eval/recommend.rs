@@ -21,6 +21,7 @@ use super::data::Row;
 use super::replay::MIN_COVERAGE;
 use super::score::{adapt, score_with, RowFeatures};
 use super::util::half_of;
+use crate::config::VerifyMode;
 use crate::model::Heads;
 use crate::service::decide;
 
@@ -72,21 +73,20 @@ pub struct Prompt {
     pub cost: Vec<f64>,
 }
 
-/// A Route floor, and whether the gateway verifies the answer of every model below the top
-/// and escalates a rejected one (`[gateway] verify = "always"`; else `"never"`: Route's pick
-/// ships. The gateway's default, `"borderline"`, verifies only picks Route calls close and
-/// is not replayed).
+/// A Route floor, and when the gateway verifies an answer below the top and escalates a
+/// rejected one (`[gateway] verify`): `never` (Route's pick ships), `borderline` (when Route
+/// calls its pick close: within `policy.verify_band` of the floor's line), `always`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Flow {
     pub floor: Floor,
-    pub verify: bool,
+    pub verify: VerifyMode,
 }
 
 impl Flow {
     fn route(floor: Floor) -> Flow {
         Flow {
             floor,
-            verify: false,
+            verify: VerifyMode::Never,
         }
     }
 }
@@ -99,19 +99,17 @@ pub struct VerifyRule {
 }
 
 /// What the replay of a flow needs beside the prompts: each half's Verify rule (`rules[h]`
-/// for the prompts of half h), the config's `policy.verify_threshold` and the gateway's
-/// escalations after the first call.
+/// for the prompts of half h), the config's `policy.verify_threshold` and `verify_band`, and
+/// the gateway's escalations after the first call.
 #[derive(Debug, Clone, Default)]
 pub struct Cascade {
     pub rules: [VerifyRule; 2],
     pub verify_threshold: Option<f64>,
+    pub verify_band: f64,
     pub max_escalations: u32,
 }
 
 impl Cascade {
-    /// (cost, score) of `flow` on one prompt: Route's pick, then with `verify` the answer of
-    /// each model below the top verified and a rejected one escalated to the next model up,
-    /// as many times as the gateway allows (the last one called ships unverified).
     /// The threshold the server's Verify uses with `floor` in the config
     /// (`decide::default_threshold`): the configured one, else a quality floor's own from the
     /// table of the heads that scored half `half`, else their default.
@@ -124,9 +122,24 @@ impl Cascade {
         }
     }
 
+    /// (cost, score) of `flow` on one prompt: Route's pick, then, when the flow verifies it
+    /// (`decide::decide_route`'s `verify_recommended` for `borderline`), the answer of each
+    /// model below the top verified and a rejected one escalated to the next model up, as
+    /// many times as the gateway allows (the last one called ships unverified).
     fn play(&self, p: &Prompt, flow: Flow) -> (f64, f64) {
         let mut j = flow.floor.pick(&p.p);
-        if !flow.verify {
+        let verify = match flow.verify {
+            VerifyMode::Never => false,
+            VerifyMode::Always => true,
+            VerifyMode::Borderline => {
+                let line = match flow.floor {
+                    Floor::QualityFloor(t) => t,
+                    Floor::RelativeFloor(r) => r * p.p.iter().copied().fold(0.0, f64::max),
+                };
+                (p.p[j] - line).abs() < self.verify_band && j + 1 < p.p.len()
+            }
+        };
+        if !verify {
             return (p.cost[j], p.score[j]);
         }
         let t = self.threshold(p.half, flow.floor);
@@ -208,19 +221,23 @@ pub fn pick_flow(
     chosen
 }
 
-/// Every flow a pick chooses among: each floor of [`Floor::grid`] verified (when `verify`),
-/// then each alone.
+/// Every flow a pick chooses among: each floor of [`Floor::grid`] always verified, then
+/// verified when borderline (when `verify`), then each alone: a tie goes to fewer calls.
 pub fn flows(verify: bool) -> Vec<Flow> {
     let floors = Floor::grid();
-    let alone = floors.iter().map(|&f| Flow::route(f));
-    if !verify {
-        return alone.collect();
-    }
-    let verified = floors.iter().map(|&floor| Flow {
-        floor,
-        verify: true,
-    });
-    verified.chain(alone).collect()
+    let modes: &[VerifyMode] = if verify {
+        &[
+            VerifyMode::Always,
+            VerifyMode::Borderline,
+            VerifyMode::Never,
+        ]
+    } else {
+        &[VerifyMode::Never]
+    };
+    modes
+        .iter()
+        .flat_map(|&verify| floors.iter().map(move |&floor| Flow { floor, verify }))
+        .collect()
 }
 
 /// Picked on one half, measured on the other.
@@ -228,8 +245,8 @@ pub fn flows(verify: bool) -> Vec<Flow> {
 pub struct Crossed {
     pub picked_on: usize,
     pub floor: Option<Floor>,
-    /// Whether the pick verifies (`[gateway] verify = "always"`).
-    pub verify: bool,
+    /// When the pick verifies (`[gateway] verify`).
+    pub verify: VerifyMode,
     pub held: Outcome,
 }
 
@@ -243,12 +260,12 @@ pub struct SourceRecommendation {
     pub best: String,
     /// The floor picked on all prompts (None: keep calling the best model) and its outcome.
     pub floor: Option<Floor>,
-    /// Whether the pick verifies every answer below the top (the gateway's `verify =
-    /// "always"`); false: Route's pick ships.
-    pub verify: bool,
+    /// When the pick verifies an answer below the top (`[gateway] verify`); `never`: Route's
+    /// pick ships (also with no floor).
+    pub verify: VerifyMode,
     pub in_sample: Outcome,
-    /// The best flow of the other kind (with Verify when the pick has none, and the other way
-    /// round) on all prompts, for comparison; None when none kept the target or every row
+    /// The best flow of the other kind (with Verify when the pick has none, Route alone
+    /// when it has) on all prompts, for comparison; None when none kept the target or a row
     /// lacked an answer to verify.
     pub other: Option<(Flow, Outcome)>,
     /// Each half's pick measured on the other half.
@@ -347,17 +364,18 @@ pub fn recommend(
             Crossed {
                 picked_on: h,
                 floor: flow.map(|f| f.floor),
-                verify: flow.is_some_and(|f| f.verify),
+                verify: flow.map_or(VerifyMode::Never, |f| f.verify),
                 held: flow_outcome(&half(1 - h), flow, best, cascade),
             }
         })
         .collect();
     let flow = pick_flow(&all, &flows, best, target, cascade);
-    let chosen_verify = flow.is_some_and(|f| f.verify);
+    let chosen_verify = flow.map_or(VerifyMode::Never, |f| f.verify);
+    let verifies = |m: VerifyMode| m != VerifyMode::Never;
     let others: Vec<Flow> = flows
         .iter()
         .copied()
-        .filter(|f| verify && f.verify != chosen_verify)
+        .filter(|f| verify && verifies(f.verify) != verifies(chosen_verify))
         .collect();
     let other = pick_flow(&all, &others, best, target, cascade)
         .map(|f| (f, flow_outcome(&all, Some(f), best, cascade)));
@@ -438,6 +456,7 @@ pub fn recommend_floors(
     let cascade = Cascade {
         rules: x.rules.clone(),
         verify_threshold: cfg.policy.verify_threshold,
+        verify_band: cfg.policy.verify_band,
         max_escalations: cfg.gateway.max_escalations,
     };
     let mut by_source: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
@@ -490,24 +509,42 @@ pub fn describe(r: &SourceRecommendation, target: f64) -> String {
             format!(
                 "{}{} picked on half {}: saved {} at {} on the other",
                 c.floor.map_or("the best model".into(), |f| f.toml()),
-                if c.verify { " with Verify" } else { "" },
+                match c.verify {
+                    VerifyMode::Never => "",
+                    VerifyMode::Borderline => " with borderline Verify",
+                    VerifyMode::Always => " with Verify",
+                },
                 c.picked_on,
                 pct(c.held.saved),
                 pct(c.held.quality)
             )
         })
         .collect();
-    const VERIFY: &str = "[gateway] verify = \"always\"";
-    const NEVER: &str = "[gateway] verify = \"never\"";
+    let line = |m: VerifyMode| {
+        format!(
+            "[gateway] verify = \"{}\"",
+            match m {
+                VerifyMode::Never => "never",
+                VerifyMode::Borderline => "borderline",
+                VerifyMode::Always => "always",
+            }
+        )
+    };
     match r.floor {
         Some(f) => {
             out += &format!(
                 "  recommended: [policy] {}{} (saved {} at {} of {}'s quality on these prompts)\n",
                 f.toml(),
-                if r.verify {
-                    format!(" and {VERIFY}: Verify every answer below the top, escalating a rejected one")
-                } else {
-                    format!(" and {NEVER}: Route's pick ships (the default \"borderline\" also verifies close picks; not replayed)")
+                match r.verify {
+                    VerifyMode::Always => format!(
+                        " and {}: Verify every answer below the top, escalating a rejected one",
+                        line(r.verify)
+                    ),
+                    VerifyMode::Borderline => format!(
+                        " and {}: Verify where Route's pick is close, escalating a rejected one",
+                        line(r.verify)
+                    ),
+                    VerifyMode::Never => format!(" and {}: Route's pick ships", line(r.verify)),
                 },
                 pct(r.in_sample.saved),
                 pct(r.in_sample.quality),
@@ -515,12 +552,8 @@ pub fn describe(r: &SourceRecommendation, target: f64) -> String {
             );
             if let Some((o, oo)) = r.other {
                 out += &format!(
-                    "  {}: at best [policy] {} saved {} at {}\n",
-                    if o.verify {
-                        format!("with {VERIFY}")
-                    } else {
-                        format!("with {NEVER}")
-                    },
+                    "  with {}: at best [policy] {} saved {} at {}\n",
+                    line(o.verify),
                     o.floor.toml(),
                     pct(oo.saved),
                     pct(oo.quality)
@@ -638,6 +671,7 @@ mod tests {
         let c = Cascade {
             rules: [rule.clone(), rule],
             verify_threshold: None,
+            verify_band: 0.1,
             max_escalations: 2,
         };
         let floor = Floor::QualityFloor(0.5);
@@ -648,7 +682,7 @@ mod tests {
         // to the middle (0.5 ships at 0.5): quality (50 + 25) / 100.
         let v = Flow {
             floor,
-            verify: true,
+            verify: VerifyMode::Always,
         };
         let o = flow_outcome(&all, Some(v), 2, &c);
         assert!((o.quality - 0.75).abs() < 1e-12, "{o:?}");
@@ -656,7 +690,7 @@ mod tests {
         // best answers. Cost 50 * 1 + 50 * (1 + 4 + 10) = 800 against 1000.
         let v9 = Flow {
             floor: Floor::QualityFloor(0.9),
-            verify: true,
+            verify: VerifyMode::Always,
         };
         let o9 = flow_outcome(&all, Some(v9), 2, &c);
         assert!(
@@ -671,7 +705,9 @@ mod tests {
         assert!((flow_outcome(&all, Some(v9), 2, &one).quality - 0.75).abs() < 1e-12);
         // The pick: Route alone never keeps 98% here (p are all alike); the verified flow does.
         let picked = pick_flow(&all, &flows(true), 2, 0.98, &c).expect("a flow");
-        assert!(picked.verify, "{picked:?}");
+        // Every p alike: a relative floor's pick sits on its line, so `borderline` verifies
+        // it as `always` does, and the tie goes to it.
+        assert_ne!(picked.verify, VerifyMode::Never, "{picked:?}");
         assert!(pick_flow(&all, &flows(false), 2, 0.98, &c).is_none());
         let r = recommend(
             "s",
@@ -683,9 +719,16 @@ mod tests {
             &c,
         );
         // The top model's answer is never verified: its rows need none.
-        assert!(r.verify && r.floor.is_some(), "{r:?}");
+        assert!(r.verify != VerifyMode::Never && r.floor.is_some(), "{r:?}");
         assert!(r.other.is_none(), "Route alone keeps nothing: {r:?}");
-        assert!(describe(&r, 0.98).contains("and [gateway] verify = \"always\""));
+        assert!(describe(&r, 0.98).contains(&format!(
+            "and [gateway] verify = \"{}\"",
+            if r.verify == VerifyMode::Always {
+                "always"
+            } else {
+                "borderline"
+            }
+        )));
         // A row below the top without an answer: no verified flow is offered.
         let mut gap = ps.clone();
         gap[3].v[1] = None;
@@ -698,7 +741,56 @@ mod tests {
             None,
             &c,
         );
-        assert!(!r.verify && r.floor.is_none(), "{r:?}");
+        assert!(r.verify == VerifyMode::Never && r.floor.is_none(), "{r:?}");
+    }
+
+    /// `borderline` verifies only where Route's pick is within `verify_band` of the floor's
+    /// line (and a model above it remains), as `decide::decide_route` sets
+    /// `verify_recommended`; the cascade then runs as with `always`.
+    #[test]
+    fn borderline_verifies_close_picks_only() {
+        let rule = VerifyRule {
+            table: vec![],
+            default: 0.5,
+        };
+        let c = Cascade {
+            rules: [rule.clone(), rule],
+            verify_threshold: None,
+            verify_band: 0.1,
+            max_escalations: 2,
+        };
+        let prompt = |p0: f64| Prompt {
+            half: 0,
+            p: vec![p0, 0.99],
+            v: vec![Some(0.1), Some(0.9)],
+            score: vec![0.0, 1.0],
+            cost: vec![1.0, 10.0],
+        };
+        let flow = |verify| Flow {
+            floor: Floor::QualityFloor(0.7),
+            verify,
+        };
+        // p 0.75 is within 0.1 of the floor 0.7: verified (0.1 < 0.7's threshold, the floor
+        // itself with an empty table) and escalated.
+        assert_eq!(
+            c.play(&prompt(0.75), flow(VerifyMode::Borderline)),
+            (11.0, 1.0)
+        );
+        // p 0.85 is clear of it: the cheap answer ships unverified; `always` still verifies.
+        assert_eq!(
+            c.play(&prompt(0.85), flow(VerifyMode::Borderline)),
+            (1.0, 0.0)
+        );
+        assert_eq!(c.play(&prompt(0.85), flow(VerifyMode::Always)), (11.0, 1.0));
+        // A relative floor's line is r times the prompt's highest p: 0.9 * 0.99 = 0.891.
+        let rel = Flow {
+            floor: Floor::RelativeFloor(0.9),
+            verify: VerifyMode::Borderline,
+        };
+        // 0.88 is below 0.891: the pick is the top model, with nothing above to escalate to.
+        assert_eq!(c.play(&prompt(0.88), rel), (10.0, 1.0));
+        // 0.9 clears it by 0.009: close, verified at the default threshold (0.5), escalated.
+        assert_eq!(c.play(&prompt(0.9), rel), (11.0, 1.0));
     }
 
     /// The threshold is the one the server would use: the config's `verify_threshold` first,
@@ -719,6 +811,7 @@ mod tests {
         let c = Cascade {
             rules,
             verify_threshold: None,
+            verify_band: 0.1,
             max_escalations: 2,
         };
         let q = Floor::QualityFloor(0.9);
@@ -744,7 +837,7 @@ mod tests {
             .collect();
         let flow = Flow {
             floor: q,
-            verify: true,
+            verify: VerifyMode::Always,
         };
         assert_eq!(c.play(&ps[0], flow), (1.0, 0.0));
         assert_eq!(c.play(&ps[1], flow), (11.0, 1.0));
