@@ -323,9 +323,11 @@ fn calibrate_recommends_a_floor_and_says_how_it_held() {
         .unwrap()
         .iter()
         .all(|c| q(&c["held"]).is_finite()));
-    assert_eq!(r["default"][0]["relative_floor"], 0.94, "{r}");
+    // The served default: the embedded relative floor with the gateway's default Verify mode.
+    assert_eq!(r["default"][0]["floor"]["relative_floor"], 0.94, "{r}");
+    assert_eq!(r["default"][0]["verify"], "borderline", "{r}");
     assert!(
-        stdout.contains("the default (relative_floor = 0.94)"),
+        stdout.contains("the default (relative_floor = 0.94, [gateway] verify = \"borderline\")"),
         "{stdout}"
     );
 

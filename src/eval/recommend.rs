@@ -271,7 +271,7 @@ pub struct SourceRecommendation {
     /// Each half's pick measured on the other half.
     pub crossed: Vec<Crossed>,
     /// The served default (the embedded config's relative floor) on all prompts.
-    pub default: Option<(Floor, Outcome)>,
+    pub default: Option<(Flow, Outcome)>,
 }
 
 /// Candidates and prompts of one source from its rows and their cross-fitted p_route and
@@ -349,7 +349,7 @@ pub fn recommend(
     best: usize,
     prompts: &[Prompt],
     target: f64,
-    default: Option<Floor>,
+    default: Option<Flow>,
     cascade: &Cascade,
 ) -> SourceRecommendation {
     let verify = prompts
@@ -389,7 +389,7 @@ pub fn recommend(
         in_sample: flow_outcome(&all, flow, best, cascade),
         other,
         crossed,
-        default: default.map(|f| (f, outcome(&all, Some(f), best))),
+        default: default.map(|f| (f, flow_outcome(&all, Some(f), best, cascade))),
     }
 }
 
@@ -434,7 +434,8 @@ pub fn cross_fitted(heads: &Heads, rows: &[Row], f: &RowFeatures) -> Result<Cros
 }
 
 /// Per source of the labelled `rows` (features `f`): the recommended floor, with p_route from
-/// heads calibrated on the other half of the prompts. `default`: the served default floor.
+/// heads calibrated on the other half of the prompts. `default`: the served default floor,
+/// replayed with the config's `[gateway] verify` mode.
 pub fn recommend_floors(
     heads: &Heads,
     rows: &[Row],
@@ -470,7 +471,16 @@ pub fn recommend_floors(
         let vs: Vec<Option<f64>> = idx.iter().map(|&i| x.v[i]).collect();
         match prompts_of(&rs, &ps, &vs) {
             Some((cands, best, prompts)) => out.push(recommend(
-                src, cands, best, &prompts, target, default, &cascade,
+                src,
+                cands,
+                best,
+                &prompts,
+                target,
+                default.map(|floor| Flow {
+                    floor,
+                    verify: cfg.gateway.verify,
+                }),
+                &cascade,
             )),
             None => eprintln!(
                 "calibrate: {src}: no floor recommended (needs {MIN_PROMPTS} prompts answered by \
@@ -493,10 +503,21 @@ pub fn describe(r: &SourceRecommendation, target: f64) -> String {
         r.candidates[0],
         r.best
     );
+    let line = |m: VerifyMode| {
+        format!(
+            "[gateway] verify = \"{}\"",
+            match m {
+                VerifyMode::Never => "never",
+                VerifyMode::Borderline => "borderline",
+                VerifyMode::Always => "always",
+            }
+        )
+    };
     if let Some((f, o)) = r.default {
         out += &format!(
-            "  the default ({}): saved {} at {} of {}'s quality\n",
-            f.toml(),
+            "  the default ({}, {}): saved {} at {} of {}'s quality\n",
+            f.floor.toml(),
+            line(f.verify),
             pct(o.saved),
             pct(o.quality),
             r.best
@@ -520,16 +541,6 @@ pub fn describe(r: &SourceRecommendation, target: f64) -> String {
             )
         })
         .collect();
-    let line = |m: VerifyMode| {
-        format!(
-            "[gateway] verify = \"{}\"",
-            match m {
-                VerifyMode::Never => "never",
-                VerifyMode::Borderline => "borderline",
-                VerifyMode::Always => "always",
-            }
-        )
-    };
     match r.floor {
         Some(f) => {
             out += &format!(
