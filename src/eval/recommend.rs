@@ -603,6 +603,17 @@ const HOLD_SLACK: f64 = 0.01;
 mod tests {
     use super::*;
 
+    /// Both halves verified by one rule; the embedded config's band and escalations.
+    fn same_rule(table: Vec<(f64, f64)>, default: f64) -> Cascade {
+        let rule = VerifyRule { table, default };
+        Cascade {
+            rules: [rule.clone(), rule],
+            verify_threshold: None,
+            verify_band: 0.1,
+            max_escalations: 2,
+        }
+    }
+
     fn prompt(half: usize, p: [f64; 2], score: [f64; 2]) -> Prompt {
         Prompt {
             half,
@@ -675,16 +686,7 @@ mod tests {
             })
             .collect();
         let all: Vec<&Prompt> = ps.iter().collect();
-        let rule = VerifyRule {
-            table: vec![(0.8, 0.6), (0.9, 0.7)],
-            default: 0.65,
-        };
-        let c = Cascade {
-            rules: [rule.clone(), rule],
-            verify_threshold: None,
-            verify_band: 0.1,
-            max_escalations: 2,
-        };
+        let c = same_rule(vec![(0.8, 0.6), (0.9, 0.7)], 0.65);
         let floor = Floor::QualityFloor(0.5);
         // Route alone sends all to the cheap model: half fail.
         let alone = flow_outcome(&all, Some(Flow::route(floor)), 2, &c);
@@ -760,16 +762,7 @@ mod tests {
     /// `verify_recommended`; the cascade then runs as with `always`.
     #[test]
     fn borderline_verifies_close_picks_only() {
-        let rule = VerifyRule {
-            table: vec![],
-            default: 0.5,
-        };
-        let c = Cascade {
-            rules: [rule.clone(), rule],
-            verify_threshold: None,
-            verify_band: 0.1,
-            max_escalations: 2,
-        };
+        let c = same_rule(vec![], 0.5);
         let prompt = |p0: f64| Prompt {
             half: 0,
             p: vec![p0, 0.99],
