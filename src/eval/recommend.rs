@@ -722,15 +722,11 @@ mod tests {
         // it as `always` does, and the tie goes to it.
         assert_ne!(picked.verify, VerifyMode::Never, "{picked:?}");
         assert!(pick_flow(&all, &flows(false), 2, 0.98, &c).is_none());
-        let r = recommend(
-            "s",
-            vec!["cheap".into(), "mid".into(), "best".into()],
-            2,
-            &ps,
-            0.98,
-            None,
-            &c,
-        );
+        let three = |ps: &[Prompt]| {
+            let names = vec!["cheap".into(), "mid".into(), "best".into()];
+            recommend("s", names, 2, ps, 0.98, None, &c)
+        };
+        let r = three(&ps);
         // The top model's answer is never verified: its rows need none.
         assert!(r.verify != VerifyMode::Never && r.floor.is_some(), "{r:?}");
         assert!(r.other.is_none(), "Route alone keeps nothing: {r:?}");
@@ -745,15 +741,7 @@ mod tests {
         // A row below the top without an answer: no verified flow is offered.
         let mut gap = ps.clone();
         gap[3].v[1] = None;
-        let r = recommend(
-            "s",
-            vec!["cheap".into(), "mid".into(), "best".into()],
-            2,
-            &gap,
-            0.98,
-            None,
-            &c,
-        );
+        let r = three(&gap);
         assert!(r.verify == VerifyMode::Never && r.floor.is_none(), "{r:?}");
     }
 
