@@ -6,11 +6,12 @@
 //! of its target and often does not hold elsewhere (the winner's curse issue 13 measured).
 //! The decisions are the served ones (`decide::route_pick`, `decide::relative_pick`).
 //!
-//! Beside each floor it replays the gateway's cascade (`verify = "always"`): the routed
-//! model's answer is verified at the threshold the server would use under that floor, from
-//! the re-learned table of the half's heads, and a rejected one escalates to the next model
-//! up, every call paid for. The pick is the one flow that saved most, so Verify is
-//! recommended only where it earned its calls on these prompts.
+//! Beside each floor it replays the gateway's cascade in each `[gateway] verify` mode
+//! (`never`, `borderline`, `always`): where Verify runs, the routed model's answer is verified
+//! at the threshold the server would use under that floor, from the re-learned table of the
+//! half's heads, and a rejected one escalates to the next model up, every call paid for. The
+//! pick is the one flow that saved most, so Verify is recommended only where it earned its
+//! calls on these prompts.
 #![forbid(unsafe_code)]
 use std::collections::BTreeMap;
 
