@@ -271,8 +271,10 @@ pub struct SourceRecommendation {
     pub other: Option<(Flow, Outcome)>,
     /// Each half's pick measured on the other half.
     pub crossed: Vec<Crossed>,
-    /// The served default (the embedded config's relative floor) on all prompts.
+    /// The served default (the config's relative floor under its Verify mode) on all prompts.
     pub default: Option<(Flow, Outcome)>,
+    /// The same floor with Route alone, when the default verifies: what its Verify changed.
+    pub default_without_verify: Option<Outcome>,
 }
 
 /// Candidates and prompts of one source from its rows and their cross-fitted p_route and
@@ -391,6 +393,9 @@ pub fn recommend(
         other,
         crossed,
         default: default.map(|f| (f, flow_outcome(&all, Some(f), best, cascade))),
+        default_without_verify: default
+            .filter(|f| f.verify != VerifyMode::Never)
+            .map(|f| flow_outcome(&all, Some(Flow::route(f.floor)), best, cascade)),
     }
 }
 
@@ -523,6 +528,19 @@ pub fn describe(r: &SourceRecommendation, target: f64) -> String {
             pct(o.quality),
             r.best
         );
+        if let Some(w) = r
+            .default_without_verify
+            .filter(|w| w.quality > o.quality + LOST_TO_VERIFY)
+        {
+            out += &format!(
+                "  note: the default's Verify lowered quality here ({} without it): a rejected \
+                 answer escalates to the next model up in price, which among these candidates \
+                 is often not a better one; {} (or a catalog whose prices rise with quality) \
+                 avoids that\n",
+                pct(w.quality),
+                line(VerifyMode::Never)
+            );
+        }
     }
     let held: Vec<String> = r
         .crossed
@@ -595,6 +613,10 @@ pub fn describe(r: &SourceRecommendation, target: f64) -> String {
     }
     out
 }
+
+/// Quality the default's Verify may cost (share of the best model's) before the summary
+/// says so.
+const LOST_TO_VERIFY: f64 = 0.005;
 
 /// How far below the target a pick may fall on the other half before the summary warns
 /// (the protocol counts a cross-fitted half's saving down to 97% for a 98% target).
@@ -784,6 +806,46 @@ mod tests {
         assert_eq!(c.play(&prompt(0.88), rel), (10.0, 1.0));
         // 0.9 clears it by 0.009: close, verified at the default threshold (0.5), escalated.
         assert_eq!(c.play(&prompt(0.9), rel), (11.0, 1.0));
+    }
+
+    /// A default that verifies, where the next model up in price is a worse one: Verify
+    /// rejects the cheap model's right answers and ships the middle model's wrong ones. The
+    /// summary says what the default's Verify cost.
+    #[test]
+    fn the_summary_says_when_the_defaults_verify_lowers_quality() {
+        let ps: Vec<Prompt> = (0..80)
+            .map(|i| Prompt {
+                half: i % 2,
+                p: vec![0.9, 0.5, 0.92],
+                v: vec![Some(0.1), Some(0.9), None],
+                score: vec![1.0, 0.0, 1.0],
+                cost: vec![1.0, 3.0, 10.0],
+            })
+            .collect();
+        let c = same_rule(vec![], 0.5);
+        let default = Flow {
+            floor: Floor::RelativeFloor(0.94),
+            verify: VerifyMode::Always,
+        };
+        let names = vec!["cheap".into(), "mid".into(), "top".into()];
+        let r = recommend("s", names, 2, &ps, 0.98, Some(default), &c);
+        let (_, o) = r.default.expect("the default");
+        let w = r.default_without_verify.expect("it verifies");
+        // 0.94 * 0.92 = 0.865: the cheap model; Verify rejects it and `mid` ships a fail.
+        assert_eq!((w.quality, o.quality), (1.0, 0.0), "{r:?}");
+        let text = describe(&r, 0.98);
+        assert!(
+            text.contains("note: the default's Verify lowered quality here (100.0% without it)"),
+            "{text}"
+        );
+        // Route alone keeps it all: the recommendation does not verify.
+        assert_eq!(r.verify, VerifyMode::Never, "{r:?}");
+        // A default that does not verify has nothing to compare.
+        let never = Flow::route(Floor::RelativeFloor(0.94));
+        let names = vec!["cheap".into(), "mid".into(), "top".into()];
+        let r = recommend("s", names, 2, &ps, 0.98, Some(never), &c);
+        assert!(r.default_without_verify.is_none());
+        assert!(!describe(&r, 0.98).contains("note: the default's Verify"));
     }
 
     /// The threshold is the one the server would use: the config's `verify_threshold` first,
