@@ -16,7 +16,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use super::data::{read_rows, Row};
-use super::replay::MIN_COVERAGE;
+use super::replay::covering;
 use super::util::half_of;
 use crate::config::MAX_CONSENSUS_MODELS;
 use crate::model::answer::final_answer;
@@ -190,24 +190,13 @@ pub fn judge(source: &str, rows: &[&Row], target: f64, hold: f64) -> Option<Sour
             .and_then(|a| final_answer(&r.prompt, a));
         p.rows.insert(r.model.clone(), (score, cost, key));
     }
-    let n = prompts.len();
-    // (model, mean cost, mean score) of the models that answer nearly every prompt, over the
-    // prompts (a repeated row counts once, as the replay reads it), so that duplicate rows
-    // cannot pass a model that answers half of them.
-    let mut stats: BTreeMap<&str, (f64, f64, usize)> = BTreeMap::new();
-    for p in prompts.values() {
-        for (m, &(score, cost, _)) in &p.rows {
-            let e = stats.entry(m.as_str()).or_default();
-            e.0 += cost;
-            e.1 += score;
-            e.2 += 1;
-        }
-    }
-    let covered: Vec<(&str, f64, f64)> = stats
-        .iter()
-        .filter(|(_, (_, _, k))| *k as f64 >= MIN_COVERAGE * n as f64)
-        .map(|(m, (c, s, k))| (*m, c / *k as f64, s / *k as f64))
-        .collect();
+    // (model, mean cost, mean score) of the models that answer nearly every prompt, a repeated
+    // row counting once.
+    let covered = covering(prompts.values().map(|p| {
+        p.rows
+            .iter()
+            .map(|(m, &(score, cost, _))| (m.as_str(), score, cost))
+    }));
     // The best model: the highest mean score, the cheaper on ties.
     let best = covered
         .iter()
@@ -238,7 +227,7 @@ pub fn judge(source: &str, rows: &[&Row], target: f64, hold: f64) -> Option<Sour
     };
     Some(SourceReport {
         source: source.to_string(),
-        prompts: n,
+        prompts: prompts.len(),
         best_model: best.0.to_string(),
         candidates: cands,
         in_sample: outcome(&all, pick(&all, &sets, best.0, target), best.0),

@@ -19,7 +19,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use super::data::Row;
-use super::replay::MIN_COVERAGE;
+use super::replay::{covering, MIN_COVERAGE};
 use super::score::{adapt, score_with, RowFeatures};
 use super::util::half_of;
 use crate::config::VerifyMode;
@@ -298,22 +298,11 @@ pub fn prompts_of(
             .or_default()
             .insert(&r.model, (pr, s, c, pv));
     }
-    // Per model, over the prompts it answered (each once): (cost sum, score sum, prompts).
-    let mut stats: BTreeMap<&str, (f64, f64, usize)> = BTreeMap::new();
-    for m in by_prompt.values() {
-        for (model, &(_, s, c, _)) in m {
-            let e = stats.entry(model).or_default();
-            e.0 += c;
-            e.1 += s;
-            e.2 += 1;
-        }
-    }
-    let n = by_prompt.len() as f64;
-    let mut cands: Vec<(&str, f64, f64)> = stats
-        .iter()
-        .filter(|(_, (_, _, k))| *k as f64 >= MIN_COVERAGE * n)
-        .map(|(m, (c, s, k))| (*m, c / *k as f64, s / *k as f64))
-        .collect();
+    let mut cands = covering(
+        by_prompt
+            .values()
+            .map(|m| m.iter().map(|(model, &(_, s, c, _))| (*model, s, c))),
+    );
     if cands.len() < 2 {
         return None;
     }
@@ -931,10 +920,7 @@ mod tests {
     /// one half leaves that half's p as they were and moves the other half's.
     #[test]
     fn a_rows_p_never_reads_its_own_half() -> Result<()> {
-        let heads = Heads::load(std::path::Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/models/heads.json"
-        )))?;
+        let heads = crate::eval::score::tests::trained_heads()?;
         let (dim, n) = (heads.dim, 200);
         let mut rows = Vec::new();
         for i in 0..n {

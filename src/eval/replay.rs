@@ -356,6 +356,32 @@ fn limit_per_source(rows: Vec<Row>, max: usize, seed: u64) -> Vec<Row> {
         .collect()
 }
 
+/// (model, mean cost, mean score) of the models with a row for at least [`MIN_COVERAGE`] of
+/// the prompts, in name order, from each prompt's (model, score, cost), one per model: a model
+/// counts once per prompt, so repeated rows cannot pass one that answers half of them.
+pub(super) fn covering<'a, P, M>(prompts: P) -> Vec<(&'a str, f64, f64)>
+where
+    P: IntoIterator<Item = M>,
+    M: IntoIterator<Item = (&'a str, f64, f64)>,
+{
+    let mut n = 0usize;
+    let mut stats: BTreeMap<&str, (f64, f64, usize)> = BTreeMap::new();
+    for models in prompts {
+        n += 1;
+        for (m, score, cost) in models {
+            let e = stats.entry(m).or_default();
+            e.0 += cost;
+            e.1 += score;
+            e.2 += 1;
+        }
+    }
+    stats
+        .into_iter()
+        .filter(|(_, (_, _, k))| *k as f64 >= MIN_COVERAGE * n as f64)
+        .map(|(m, (c, s, k))| (m, c / k as f64, s / k as f64))
+        .collect()
+}
+
 pub(super) fn model_stats<'a>(
     rows: impl Iterator<Item = &'a Row>,
 ) -> BTreeMap<String, (f64, f64, usize)> {

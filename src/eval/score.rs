@@ -220,9 +220,9 @@ impl RowFeatures {
         })
     }
 
-    /// The features of rows `idx` (in that order), their prompts re-indexed so that only those
-    /// rows' prompts remain (a memory fitted on them holds no other prompt); without `answers`
-    /// the rows have none (Route's p alone: no answer embedding is copied).
+    /// The features of rows `idx` (in that order), their prompts and answers re-indexed so that
+    /// only those rows' remain (a memory fitted on them holds no other prompt); without
+    /// `answers` the rows have none (Route's p alone).
     pub fn subset(&self, idx: &[usize], answers: bool) -> RowFeatures {
         let mut remap = std::collections::HashMap::new();
         let mut prompt_emb = Vec::new();
@@ -237,24 +237,27 @@ impl RowFeatures {
                 })
             })
             .collect();
+        let mut aremap = std::collections::HashMap::new();
+        let (mut answer_emb, mut answer_truncated) = (Vec::new(), Vec::new());
+        let answer_of_row = idx
+            .iter()
+            .map(|&i| {
+                let a = self.answer_of_row[i].filter(|_| answers)?;
+                Some(*aremap.entry(a).or_insert_with(|| {
+                    answer_emb
+                        .extend_from_slice(&self.answer_emb[a * self.dim..(a + 1) * self.dim]);
+                    answer_truncated.push(self.answer_truncated[a]);
+                    answer_truncated.len() - 1
+                }))
+            })
+            .collect();
         RowFeatures {
             dim: self.dim,
             prompt_emb,
             prompt_of_row,
-            answer_of_row: idx
-                .iter()
-                .map(|&i| self.answer_of_row[i].filter(|_| answers))
-                .collect(),
-            answer_emb: if answers {
-                self.answer_emb.clone()
-            } else {
-                Vec::new()
-            },
-            answer_truncated: if answers {
-                self.answer_truncated.clone()
-            } else {
-                Vec::new()
-            },
+            answer_of_row,
+            answer_emb,
+            answer_truncated,
         }
     }
 
@@ -762,13 +765,13 @@ fn refit_verifier(
     // The chosen candidate's p on each held-out row, fitted on the other fifths.
     let mut held: Vec<HeldOut> = Vec::new();
     if usable.len() >= 2 {
-        let p: Vec<f64> = held_rows.iter().map(|&j| v.p(&xs[j])).collect();
-        let y: Vec<f32> = held_rows.iter().map(|&j| ys[j]).collect();
+        held = trained_p(&v);
+        let (p, y): (Vec<f64>, Vec<f32>) =
+            held_rows.iter().map(|&j| (held[j].p, held[j].y)).unzip();
         let keep = fit::log_loss(&p, &y);
         losses.push(serde_json::json!({ "kept": true, "loss": keep }));
         let mut best = keep;
         chosen = None;
-        held = trained_p(&v);
         for &(width, l2) in &cands {
             let d = 1 + width;
             let mut total = 0.0;

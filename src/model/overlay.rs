@@ -44,8 +44,9 @@ pub struct Overlay {
     /// The labelled prompts, kept when they correct the router per prompt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<Memory>,
-    /// Verify's per-floor thresholds re-learned on this traffic's held-out answers; None
-    /// keeps the trained table.
+    /// Verify's per-floor thresholds: re-learned on this traffic's held-out answers, or the
+    /// trained table again beside a re-fitted verifier that could not re-learn them; None
+    /// leaves the table as it stands (the trained one, or an earlier overlay's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify_thresholds: Option<Vec<(f64, f64)>>,
 }
