@@ -48,6 +48,20 @@ fn tiergate(args: &[&str]) -> std::process::Output {
         .expect("run tiergate")
 }
 
+/// The command ran to success (its stderr otherwise).
+fn succeeded(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn json_file(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).expect("a file the command wrote");
+    serde_json::from_str(&text).expect("json")
+}
+
 fn config_with(dir: &Path, overlay: &Path) -> PathBuf {
     let text = tiergate::config::EMBEDDED_DEFAULT.replace(
         "heads = \"models/heads.json\"",
@@ -80,13 +94,8 @@ async fn calibrate_writes_an_overlay_the_server_routes_on() {
         "--out",
         overlay.to_str().expect("utf-8"),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let o: Value =
-        serde_json::from_str(&std::fs::read_to_string(&overlay).expect("overlay")).expect("json");
+    succeeded(&out);
+    let o = json_file(&overlay);
     assert_eq!(o["models"][NEW]["rows"], 150);
     // 150 answers are enough to re-learn Verify's per-floor thresholds on this traffic.
     let table: Vec<(f64, f64)> =
@@ -111,11 +120,7 @@ async fn calibrate_writes_an_overlay_the_server_routes_on() {
         "--out",
         scored.to_str().expect("utf-8"),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let offline: Vec<f64> = std::fs::read_to_string(&scored)
         .expect("scored")
         .lines()
@@ -257,13 +262,8 @@ fn calibrate_recommends_a_floor_and_says_how_it_held() {
     };
     let out = calibrate(&rec);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value =
-        serde_json::from_str(&std::fs::read_to_string(&rec).expect("rec")).expect("json");
+    succeeded(&out);
+    let v = json_file(&rec);
     let r = &v[0];
     assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
     // Candidates cheapest first by mean cost on the rows; the best by mean score.
