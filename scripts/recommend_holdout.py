@@ -13,8 +13,10 @@ other prompts over the same candidates:
 p_route and p_verify come from `score --calibration <the labelled rows>` (the overlay's
 calibration); the Verify threshold from the overlay's re-learned table (the heads' when it has
 none) at the quality floor, or its default threshold under a relative floor; a rejected answer
-escalates to the next candidate up, at most MAX_ESCALATIONS times, every call paid. The rules
-are Route's and the gateway's (`decide::route_pick`, `decide::relative_pick`,
+escalates where Verify names (the pricier candidate with the highest p_route, when above the
+answering one's or when the answer's p_verify is under ESCALATE_BELOW times its; else the
+answer ships), at most MAX_ESCALATIONS times, every call paid. The rules are Route's and the
+gateway's (`decide::route_pick`, `decide::relative_pick`, `decide::escalation_pick`,
 `gateway::cascade`), rewritten here.
 
 usage: python3 scripts/recommend_holdout.py TRAFFIC.jsonl.gz HEADS.json [SHARE=0.4]
@@ -32,6 +34,7 @@ W = os.environ.get('WORK', '/tmp/recommend')
 DRAWS = int(os.environ.get('DRAWS', '5'))
 MAX_ESCALATIONS = 2  # the embedded config's gateway.max_escalations
 VERIFY_BAND = 0.1    # and its policy.verify_band
+ESCALATE_BELOW = 0.3  # decide::ESCALATE_BELOW
 CACHE = os.path.join(ROOT, 'models', 'cache')
 rows = [json.loads(l) for l in gzip.open(TRAFFIC, 'rt')]
 heads = json.load(open(HEADS))
@@ -39,6 +42,16 @@ heads = json.load(open(HEADS))
 
 def u(s):
     return int(hashlib.md5(s.encode()).hexdigest()[:8], 16) / 2**32
+
+
+def escalation_pick(p, j, v):
+    """`decide::escalation_pick`: the pricier candidate with the highest p (the cheaper on
+    ties), when above p[j] or when the answer's p_verify v is under ESCALATE_BELOW times it."""
+    up = [k for k in range(j + 1, len(p)) if p[k] == p[k]]
+    if not up:
+        return None
+    k = max(up, key=lambda i: (p[i], -i))
+    return k if p[k] > p[j] or v < ESCALATE_BELOW * p[k] else None
 
 
 def route_pick(p, t):
@@ -119,9 +132,12 @@ for seed in range(DRAWS):
                 mode == 'borderline' and abs(pr[j] - line(pr)) < VERIFY_BAND and j + 1 < len(p)))
             # Verify every answer below the top; a rejected one (or one it cannot read: the
             # gateway ships those) escalates while escalations are left.
-            while verify and j + 1 < len(p) and hops < MAX_ESCALATIONS \
-                    and p[j][1] is not None and not p[j][1] >= t:
-                j += 1
+            while verify and hops < MAX_ESCALATIONS and p[j][1] is not None \
+                    and not p[j][1] >= t:
+                k = escalation_pick(pr, j, p[j][1])
+                if k is None:
+                    break
+                j = k
                 hops += 1
                 cost += p[j][3]
             c += cost

@@ -22,6 +22,9 @@ const MCQ: &str = "Which planet is largest?\nA) Mars\nB) Jupiter\nC) Venus\nAnsw
 
 /// Routed to the cheapest tier and to the strongest, among the three with upstreams.
 const EASY: &str = "What is 2 + 2?";
+/// Routed to the cheapest tier, though Route rates the middle one higher: where Verify sends
+/// a rejected answer. (On EASY the cheapest is rated highest: nothing to escalate to.)
+const CLOSE: &str = "Write a haiku.";
 const HARD: &str = "Prove that there are infinitely many primes p such that p + 2 is also \
     prime, or explain precisely which known results come closest and why the full \
     statement remains open.";
@@ -159,16 +162,16 @@ async fn the_openai_client_gets_the_cascade() {
     let base = format!("http://{http}/v1");
 
     let refusal = "I'm sorry, but I can't help with that.";
-    // The real verifier on EASY: p 0.57 for the refusal (below the learned 0.742), 0.84 for
-    // the plain answer.
-    let good = "4";
+    // The real verifier on CLOSE: p 0.61 for flash's refusal (below the learned 0.742), so
+    // it escalates to sonnet, which Route rates above flash and opus; sonnet's answer ships.
+    let good = "Autumn leaves falling / whispering to the cold ground / the year lets go now";
     let cases = vec![
         case("easy", "auto:fast", EASY, json!({})),
         case("hard", "auto:fast", HARD, json!({})),
         case(
             "verified",
             "auto:verified",
-            EASY,
+            CLOSE,
             json!({"answer": {"stub-flash": refusal, "stub-sonnet": good}}),
         ),
         case(
@@ -263,7 +266,7 @@ async fn the_openai_client_gets_the_cascade() {
         case(
             "borderline",
             "auto",
-            EASY,
+            CLOSE,
             json!({"answer": {"stub-flash": refusal}}),
         ),
         case("unknown_model", "gpt-4o", EASY, json!({})),
@@ -331,7 +334,8 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(calls[0].model, "stub-opus");
     assert_eq!(calls[0].auth, None);
 
-    // The verifier turns the refusal down; the next tier's answer ships, both are paid for.
+    // The verifier turns the refusal down; the answer of the model Route rates highest above
+    // it ships, both are paid for.
     let v = &r["verified"];
     assert_eq!(v["model"], SONNET, "{v}");
     assert_eq!(v["text"], good);
@@ -533,7 +537,7 @@ async fn the_openai_client_gets_the_cascade() {
                 tiergate::proto::Messages {
                     messages: vec![tiergate::proto::ChatMessage {
                         role: "user".into(),
-                        content: EASY.into(),
+                        content: CLOSE.into(),
                     }],
                 },
             )),

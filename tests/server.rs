@@ -185,7 +185,18 @@ async fn every_rpc_health_reflection_and_metrics() {
     assert_eq!(r.input_tokens, 256);
 
     // A gateway's Verify after Route on the same prompt reuses the prompt's embedding.
-    c.route(route("What is 12 * 12?")).await.unwrap();
+    let routed = c
+        .route(route("What is 12 * 12?"))
+        .await
+        .unwrap()
+        .into_inner();
+    // Where Verify escalates from `model`: the rule on Route's p, in Route's price order.
+    let escalation = |r: &proto::RouteReply, model: &str, p_answer: f64| {
+        let p: Vec<f64> = r.candidates.iter().map(|c| c.p_pass).collect();
+        let from = r.candidates.iter().position(|c| c.model == model).unwrap();
+        tiergate::service::decide::escalation_pick(&p, from, p_answer)
+            .map_or(String::new(), |j| r.candidates[j].model.clone())
+    };
 
     // Verify: a calibrated p_pass, a decision consistent with the threshold.
     let v = c
@@ -210,18 +221,34 @@ async fn every_rpc_health_reflection_and_metrics() {
     if ship {
         assert!(v.escalate_to.is_empty());
     } else {
-        // Expected cost at 250 output tokens: flash < deepseek-v4 < haiku < sonnet < opus < gpt-5.5.
-        assert_eq!(v.escalate_to, "deepseek-v4", "next model up in price order");
+        assert_eq!(
+            v.escalate_to,
+            escalation(&routed, "gemini-2.5-flash", v.p_pass)
+        );
     }
-    // An empty answer is never shipped; the top tier has nowhere to escalate to.
-    let v = c
-        .verify(verify("Write a haiku.", "  ", "claude-opus-4.8"))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(v.decision, Decision::Escalate as i32);
-    assert_eq!(v.p_pass, 0.0);
-    assert_eq!(v.escalate_to, "gpt-5.5");
+    // An empty answer is never shipped. It escalates to the pricier model Route rates most
+    // likely to pass, past pricier ones rated lower (expected cost at 250 output tokens:
+    // flash < deepseek-v4 < haiku < sonnet < opus < gpt-5.5), and, having p 0, even to one
+    // rated no higher than the model that answered; the top tier has nowhere to go.
+    let haiku = c.route(route("Write a haiku.")).await.unwrap().into_inner();
+    let names: Vec<&str> = haiku.candidates.iter().map(|c| c.model.as_str()).collect();
+    assert_eq!(names[0], "gemini-2.5-flash", "{names:?}");
+    assert_eq!(names[5], "gpt-5.5", "{names:?}");
+    let mut to = Vec::new();
+    for model in ["gemini-2.5-flash", "claude-opus-4.8"] {
+        let v = c
+            .verify(verify("Write a haiku.", "  ", model))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(v.decision, Decision::Escalate as i32);
+        assert_eq!(v.p_pass, 0.0);
+        assert_eq!(v.escalate_to, escalation(&haiku, model, 0.0), "{haiku:?}");
+        to.push(v.escalate_to);
+    }
+    // With the landed heads Route rates deepseek-v4 and haiku below flash here, and gpt-5.5
+    // the same as opus (the catalog gives both gpt-4-1106-preview's parameters).
+    assert_eq!(to, ["claude-sonnet-4.6", "gpt-5.5"], "{haiku:?}");
     let mut top = verify("Write a haiku.", "", "gpt-5.5");
     top.policy = Some(proto::Policy {
         quality_floor: Some(0.9),

@@ -9,7 +9,8 @@
 //! Beside each floor it replays the gateway's cascade in each `[gateway] verify` mode
 //! (`never`, `borderline`, `always`): where Verify runs, the routed model's answer is verified
 //! at the threshold the server would use under that floor, from the re-learned table of the
-//! half's heads, and a rejected one escalates to the next model up, every call paid for. The
+//! half's heads, and a rejected one escalates where the server's Verify sends it (the pricier
+//! candidate with the highest p, if above the answer's own), every call paid for. The
 //! pick is the one flow that saved most, so Verify is recommended only where it earned its
 //! calls on these prompts.
 #![forbid(unsafe_code)]
@@ -125,8 +126,9 @@ impl Cascade {
 
     /// (cost, score) of `flow` on one prompt: Route's pick, then, when the flow verifies it
     /// (`decide::decide_route`'s `verify_recommended` for `borderline`), the answer of each
-    /// model below the top verified and a rejected one escalated to the next model up, as
-    /// many times as the gateway allows (the last one called ships unverified).
+    /// model below the top verified and a rejected one escalated where Verify would send it
+    /// (`decide::escalation_pick`), as many times as the gateway allows (the last one called
+    /// ships unverified).
     fn play(&self, p: &Prompt, flow: Flow) -> (f64, f64) {
         let mut j = flow.floor.pick(&p.p);
         let verify = match flow.verify {
@@ -147,12 +149,15 @@ impl Cascade {
         let (mut cost, mut hops) = (0.0, 0);
         loop {
             cost += p.cost[j];
-            let last = j + 1 >= p.p.len() || hops >= self.max_escalations;
             // An answer Verify cannot read ships unverified, as the gateway does.
-            if last || p.v[j].is_none_or(|v| decide::ships(v, t)) {
-                return (cost, p.score[j]);
+            let v = match p.v[j] {
+                Some(v) if hops < self.max_escalations && !decide::ships(v, t) => v,
+                _ => return (cost, p.score[j]),
+            };
+            match decide::escalation_pick(&p.p, j, v) {
+                Some(k) => j = k,
+                None => return (cost, p.score[j]),
             }
-            j += 1;
             hops += 1;
         }
     }
@@ -264,6 +269,9 @@ pub struct SourceRecommendation {
     /// When the pick verifies an answer below the top (`[gateway] verify`); `never`: Route's
     /// pick ships (also with no floor).
     pub verify: VerifyMode,
+    /// Whether verified flows were among the choices: picked on each half, one held the
+    /// target on the other and saved more there than Route alone.
+    pub verify_earned: bool,
     pub in_sample: Outcome,
     /// The best flow of the other kind (with Verify when the pick has none, Route alone
     /// when it has) on all prompts, for comparison; None when none kept the target or a row
@@ -347,27 +355,49 @@ pub fn recommend(
     let verify = prompts
         .iter()
         .all(|p| p.v.iter().rev().skip(1).all(Option::is_some));
-    let flows = flows(verify);
     let all: Vec<&Prompt> = prompts.iter().collect();
     let half = |h: usize| -> Vec<&Prompt> { prompts.iter().filter(|p| p.half == h).collect() };
-    let crossed = (0..2)
-        .map(|h| {
-            let flow = pick_flow(&half(h), &flows, best, target, cascade);
-            Crossed {
-                picked_on: h,
-                floor: flow.map(|f| f.floor),
-                verify: flow.map_or(VerifyMode::Never, |f| f.verify),
-                held: flow_outcome(&half(1 - h), flow, best, cascade),
-            }
+    // Each half's pick among `among`, measured on the other half.
+    let cross = |among: &[Flow]| -> Vec<Crossed> {
+        (0..2)
+            .map(|h| {
+                let flow = pick_flow(&half(h), among, best, target, cascade);
+                Crossed {
+                    picked_on: h,
+                    floor: flow.map(|f| f.floor),
+                    verify: flow.map_or(VerifyMode::Never, |f| f.verify),
+                    held: flow_outcome(&half(1 - h), flow, best, cascade),
+                }
+            })
+            .collect()
+    };
+    let route_alone = flows(false);
+    let alone = cross(&route_alone);
+    // Verified flows have more to choose among, so a pick fits its prompts more closely:
+    // one is offered only when, picked on each half, it held the target on the other and
+    // saved more there than Route alone picked the same way (or Route alone did not hold).
+    let verify_earned = verify && {
+        let verified: Vec<Flow> = flows(true)
+            .into_iter()
+            .filter(|f| f.verify != VerifyMode::Never)
+            .collect();
+        let holds = |o: &Outcome| o.quality >= target - HOLD_SLACK;
+        cross(&verified).iter().zip(&alone).all(|(v, r)| {
+            v.floor.is_some() && holds(&v.held) && (v.held.saved > r.held.saved || !holds(&r.held))
         })
-        .collect();
+    };
+    let flows = if verify_earned {
+        flows(true)
+    } else {
+        route_alone
+    };
+    let crossed = if verify_earned { cross(&flows) } else { alone };
     let flow = pick_flow(&all, &flows, best, target, cascade);
     let chosen_verify = flow.map_or(VerifyMode::Never, |f| f.verify);
     let verifies = |m: VerifyMode| m != VerifyMode::Never;
-    let others: Vec<Flow> = flows
-        .iter()
-        .copied()
-        .filter(|f| verify && verifies(f.verify) != verifies(chosen_verify))
+    let others: Vec<Flow> = self::flows(verify)
+        .into_iter()
+        .filter(|f| verifies(f.verify) != verifies(chosen_verify))
         .collect();
     let other = pick_flow(&all, &others, best, target, cascade)
         .map(|f| (f, flow_outcome(&all, Some(f), best, cascade)));
@@ -378,6 +408,7 @@ pub fn recommend(
         candidates,
         floor: flow.map(|f| f.floor),
         verify: chosen_verify,
+        verify_earned,
         in_sample: flow_outcome(&all, flow, best, cascade),
         other,
         crossed,
@@ -522,10 +553,9 @@ pub fn describe(r: &SourceRecommendation, target: f64) -> String {
             .filter(|w| w.quality > o.quality + LOST_TO_VERIFY)
         {
             out += &format!(
-                "  note: the default's Verify lowered quality here ({} without it): a rejected \
-                 answer escalates to the next model up in price, which among these candidates \
-                 is often not a better one; {} (or a catalog whose prices rise with quality) \
-                 avoids that\n",
+                "  note: the default's Verify lowered quality here ({} without it): it turns \
+                 down answers that pass, and the model a rejected one escalates to (the pricier \
+                 one Route rates highest) can fail where they passed; {} avoids that\n",
                 pct(w.quality),
                 line(VerifyMode::Never)
             );
@@ -569,15 +599,6 @@ pub fn describe(r: &SourceRecommendation, target: f64) -> String {
                 pct(r.in_sample.quality),
                 r.best
             );
-            if let Some((o, oo)) = r.other {
-                out += &format!(
-                    "  with {}: at best [policy] {} saved {} at {}\n",
-                    line(o.verify),
-                    o.floor.toml(),
-                    pct(oo.saved),
-                    pct(oo.quality)
-                );
-            }
         }
         None => {
             out += &format!(
@@ -587,6 +608,21 @@ pub fn describe(r: &SourceRecommendation, target: f64) -> String {
                 r.best
             )
         }
+    }
+    if let Some((o, oo)) = r.other {
+        out += &format!(
+            "  with {}: at best [policy] {} saved {} at {}{}\n",
+            line(o.verify),
+            o.floor.toml(),
+            pct(oo.saved),
+            pct(oo.quality),
+            if o.verify != VerifyMode::Never && !r.verify_earned {
+                " (not offered: picked on one half, it did not hold or did not save \
+                     more than Route alone on the other)"
+            } else {
+                ""
+            }
+        );
     }
     out += &format!("  cross-fitted: {}\n", held.join("; "));
     if r.crossed
@@ -678,25 +714,27 @@ mod tests {
         assert_eq!((b.saved, b.quality), (0.0, 1.0));
     }
 
-    /// Three models at costs 1, 4, 10. Route's p cannot tell the prompts apart, but the
-    /// verifier can: the cheap answer passes exactly where its p_verify is high. Verifying it
-    /// and escalating the rest keeps full quality for less than the best alone, every call
-    /// paid; with the one escalation the gateway allows, a rejection at the cheap model
-    /// ships the middle model's answer.
+    /// Three models at costs 1, 4, 10, Route's p rising with price. Route's p cannot tell the
+    /// prompts apart, but the verifier can: the cheap answer passes exactly where its
+    /// p_verify is high. Verifying it and escalating the rest keeps full quality for less
+    /// than the best alone, every call paid. A rejection escalates to the model Route rates
+    /// highest (the best), past the middle one.
     #[test]
     fn verify_is_picked_where_it_earns_its_calls() {
-        let ps: Vec<Prompt> = (0..100)
-            .map(|i| {
-                let good = i % 2 == 0;
-                Prompt {
+        // `good(i)`: prompt i's cheap answer passes (and Verify rates it 0.95, else 0.2).
+        let make = |good: fn(usize) -> bool| -> Vec<Prompt> {
+            (0..100)
+                .map(|i| Prompt {
                     half: i % 2,
-                    p: vec![0.9, 0.9, 0.9],
-                    v: vec![Some(if good { 0.95 } else { 0.2 }), Some(0.5), None],
-                    score: vec![if good { 1.0 } else { 0.0 }, 0.5, 1.0],
+                    p: vec![0.9, 0.92, 0.95],
+                    v: vec![Some(if good(i) { 0.95 } else { 0.2 }), Some(0.5), None],
+                    score: vec![if good(i) { 1.0 } else { 0.0 }, 0.5, 1.0],
                     cost: vec![1.0, 4.0, 10.0],
-                }
-            })
-            .collect();
+                })
+                .collect()
+        };
+        // Half the cheap answers pass, in each half of the prompts.
+        let ps = make(|i| i % 4 < 2);
         let all: Vec<&Prompt> = ps.iter().collect();
         let c = same_rule(vec![(0.8, 0.6), (0.9, 0.7)], 0.65);
         let floor = Floor::QualityFloor(0.5);
@@ -704,34 +742,37 @@ mod tests {
         let alone = flow_outcome(&all, Some(Flow::route(floor)), 2, &c);
         assert!((alone.quality - 0.5).abs() < 1e-12, "{alone:?}");
         // Verified at 0.5's threshold (the floor itself, below the table): 0.2 < 0.5 escalates
-        // to the middle (0.5 ships at 0.5): quality (50 + 25) / 100.
+        // to the best. Cost 50 * 1 + 50 * (1 + 10) = 600 against 1000, at full quality.
         let v = Flow {
             floor,
             verify: VerifyMode::Always,
         };
         let o = flow_outcome(&all, Some(v), 2, &c);
-        assert!((o.quality - 0.75).abs() < 1e-12, "{o:?}");
-        // At quality_floor 0.9 the threshold is 0.7: the middle's 0.5 is rejected too and the
-        // best answers. Cost 50 * 1 + 50 * (1 + 4 + 10) = 800 against 1000.
-        let v9 = Flow {
-            floor: Floor::QualityFloor(0.9),
+        assert!(
+            (o.quality - 1.0).abs() < 1e-12 && (o.saved - 0.4).abs() < 1e-12,
+            "{o:?}"
+        );
+        // At quality_floor 0.92 Route picks the middle (p 0.92); at 0.92's threshold (above
+        // the table: the floor itself) its 0.5 is rejected and the best answers: 4 + 10 a
+        // prompt.
+        let v92 = Flow {
+            floor: Floor::QualityFloor(0.92),
             verify: VerifyMode::Always,
         };
-        let o9 = flow_outcome(&all, Some(v9), 2, &c);
+        let o92 = flow_outcome(&all, Some(v92), 2, &c);
         assert!(
-            (o9.quality - 1.0).abs() < 1e-12 && (o9.saved - 0.2).abs() < 1e-12,
-            "{o9:?}"
+            (o92.quality - 1.0).abs() < 1e-12 && (o92.saved + 0.4).abs() < 1e-12,
+            "{o92:?}"
         );
-        // With one escalation the middle's answer ships unverified.
-        let one = Cascade {
-            max_escalations: 1,
+        // With no escalation allowed, Verify changes nothing: Route's pick ships.
+        let none = Cascade {
+            max_escalations: 0,
             ..c.clone()
         };
-        assert!((flow_outcome(&all, Some(v9), 2, &one).quality - 0.75).abs() < 1e-12);
+        let o0 = flow_outcome(&all, Some(v), 2, &none);
+        assert_eq!((o0.saved, o0.quality), (alone.saved, alone.quality));
         // The pick: Route alone never keeps 98% here (p are all alike); the verified flow does.
         let picked = pick_flow(&all, &flows(true), 2, 0.98, &c).expect("a flow");
-        // Every p alike: a relative floor's pick sits on its line, so `borderline` verifies
-        // it as `always` does, and the tie goes to it.
         assert_ne!(picked.verify, VerifyMode::Never, "{picked:?}");
         assert!(pick_flow(&all, &flows(false), 2, 0.98, &c).is_none());
         let three = |ps: &[Prompt]| {
@@ -750,11 +791,20 @@ mod tests {
                 "borderline"
             }
         )));
+        assert!(r.verify_earned);
         // A row below the top without an answer: no verified flow is offered.
         let mut gap = ps.clone();
         gap[3].v[1] = None;
         let r = three(&gap);
         assert!(r.verify == VerifyMode::Never && r.floor.is_none(), "{r:?}");
+        // Every passing cheap answer in half 0: picked there, the cheapest verified flow
+        // ships them all (a low floor's threshold is low) and fails half 1. Verify is not
+        // offered, though on all the prompts a verified flow saves 40% at full quality.
+        let r = three(&make(|i| i % 2 == 0));
+        assert!(!r.verify_earned && r.verify == VerifyMode::Never, "{r:?}");
+        let (o, oo) = r.other.expect("the best verified flow, for comparison");
+        assert!(o.verify != VerifyMode::Never && oo.quality >= 0.98, "{r:?}");
+        assert!(describe(&r, 0.98).contains("(not offered: picked on one half"));
     }
 
     /// `borderline` verifies only where Route's pick is within `verify_band` of the floor's
@@ -797,7 +847,7 @@ mod tests {
         assert_eq!(c.play(&prompt(0.9), rel), (11.0, 1.0));
     }
 
-    /// A default that verifies, where the next model up in price is a worse one: Verify
+    /// A default that verifies, where the model Route rates highest is a worse one: Verify
     /// rejects the cheap model's right answers and ships the middle model's wrong ones. The
     /// summary says what the default's Verify cost.
     #[test]
@@ -805,7 +855,7 @@ mod tests {
         let ps: Vec<Prompt> = (0..80)
             .map(|i| Prompt {
                 half: i % 2,
-                p: vec![0.9, 0.5, 0.92],
+                p: vec![0.9, 0.95, 0.92],
                 v: vec![Some(0.1), Some(0.9), None],
                 score: vec![1.0, 0.0, 1.0],
                 cost: vec![1.0, 3.0, 10.0],
@@ -820,7 +870,7 @@ mod tests {
         let r = recommend("s", names, 2, &ps, 0.98, Some(default), &c);
         let (_, o) = r.default.expect("the default");
         let w = r.default_without_verify.expect("it verifies");
-        // 0.94 * 0.92 = 0.865: the cheap model; Verify rejects it and `mid` ships a fail.
+        // 0.94 * 0.95 = 0.893: the cheap model; Verify rejects it and `mid` ships a fail.
         assert_eq!((w.quality, o.quality), (1.0, 0.0), "{r:?}");
         let text = describe(&r, 0.98);
         assert!(
@@ -873,7 +923,7 @@ mod tests {
         let ps: Vec<Prompt> = (0..2)
             .map(|half| Prompt {
                 half,
-                p: vec![0.95, 0.95],
+                p: vec![0.95, 0.97],
                 v: vec![Some(0.5), Some(0.9)],
                 score: vec![0.0, 1.0],
                 cost: vec![1.0, 10.0],

@@ -1,6 +1,7 @@
 //! The whole cascade for one chat completion: Route over the catalog models that have an
-//! upstream, call the chosen one, Verify its answer when the policy asks, and escalate to the
-//! next model up (after a rejected answer or a failed upstream), at most
+//! upstream, call the chosen one, Verify its answer when the policy asks, and escalate: after
+//! a rejected answer to where Verify says (the pricier model Route rates most likely to pass;
+//! none, and the answer ships), after a failed upstream to the next model up in price; at most
 //! `gateway.max_escalations` times, all before the request's deadline. A named policy with a
 //! `consensus` asks its cheap models together instead and ships what they agree on (a stream
 //! asked of it gets the shipped answer as server-sent events).
@@ -422,7 +423,8 @@ impl Front {
         if !plan.verify || Instant::now() >= deadline {
             return None;
         }
-        let next = plan.next(at, hops)?;
+        // Nothing pricier, or no escalations left: nothing to ask Verify.
+        plan.next(at, hops)?;
         let v = self
             .svc
             .verify(VerifyQuery {
@@ -439,7 +441,8 @@ impl Front {
             })
             .await;
         match v {
-            Ok(v) if !v.ship => Some(v.escalate_to.unwrap_or(next)),
+            // Turned down with nowhere Route rates better: the answer ships.
+            Ok(v) if !v.ship => v.escalate_to,
             Ok(_) => None,
             Err(e) => {
                 tracing::warn!(error = %e, "verify failed; shipping the answer unverified");

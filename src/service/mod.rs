@@ -322,7 +322,7 @@ impl Service {
         })
     }
 
-    /// Ship the answer, or escalate to the next model up in price order.
+    /// Ship the answer, or escalate to the pricier candidate Route rates most likely to pass.
     pub async fn verify(&self, q: VerifyQuery) -> Result<VerifyOutcome, ServiceError> {
         let t0 = Instant::now();
         self.check_ready()?;
@@ -357,41 +357,41 @@ impl Service {
         let cands = d.catalog.resolve(&q.candidates)?;
         let threshold = decide::verify_threshold(&pol, &d.policy, &d.heads);
         let prompt_tokens = policy::proxy_tokens(q.prompt.len());
-        let escalate_to =
-            decide::escalation_target(model, &cands, prompt_tokens).map(|m| m.name.clone());
-        let (p, truncated, input_tokens, timings) = if q.answer.trim().is_empty() {
-            // Nothing to ship: no need to ask the encoder.
-            (0.0, false, 0, Timings::default())
+        // The prompt is encoded even for an empty answer: where to escalate reads Route's p.
+        // Prompt and answer are encoded separately (the verifier reads both embeddings and
+        // the pair's text), as two jobs in the same batcher.
+        let encode_prompt = self.pipeline.encode(
+            "verify",
+            Input::Single(q.prompt.clone(), TruncSide::HeadTail),
+            q.priority,
+            q.deadline,
+        );
+        let (pe, ae) = if q.answer.trim().is_empty() {
+            // Nothing to ship: p is 0 without reading it.
+            (encode_prompt.await?, None)
         } else {
-            // Prompt and answer are encoded separately (the verifier reads both embeddings
-            // and the pair's text), as two jobs in the same batcher.
             let limit = self.cfg.batch.max_answer_tokens;
-            let (pe, ae) = tokio::join!(
-                self.pipeline.encode(
-                    "verify",
-                    Input::Single(q.prompt.clone(), TruncSide::HeadTail),
-                    q.priority,
-                    q.deadline
-                ),
-                self.pipeline.encode(
-                    "verify",
-                    Input::Answer(q.answer.clone(), limit),
-                    q.priority,
-                    q.deadline
-                ),
+            let encode_answer = self.pipeline.encode(
+                "verify",
+                Input::Answer(q.answer.clone(), limit),
+                q.priority,
+                q.deadline,
             );
-            let (pe, ae) = (pe?, ae?);
-            (
-                verify_p(&d.heads, &model.head, &q.prompt, &q.answer, &pe, &ae),
-                pe.truncated || ae.truncated,
-                (pe.enc_len + ae.enc_len) as u32,
-                Timings {
-                    tokenize: pe.tokenize.max(ae.tokenize),
-                    queue: pe.queue.max(ae.queue),
-                    inference: pe.inference.max(ae.inference),
-                    total: Duration::ZERO,
-                },
-            )
+            let (pe, ae) = tokio::join!(encode_prompt, encode_answer);
+            (pe?, Some(ae?))
+        };
+        let p = ae.as_ref().map_or(0.0, |ae| {
+            verify_p(&d.heads, &model.head, &q.prompt, &q.answer, &pe, ae)
+        });
+        let truncated = pe.truncated || ae.as_ref().is_some_and(|a| a.truncated);
+        let input_tokens = (pe.enc_len + ae.as_ref().map_or(0, |a| a.enc_len)) as u32;
+        let at =
+            |f: fn(&EncodedInput) -> Duration| ae.as_ref().map_or(f(&pe), |a| f(&pe).max(f(a)));
+        let timings = Timings {
+            tokenize: at(|e| e.tokenize),
+            queue: at(|e| e.queue),
+            inference: at(|e| e.inference),
+            total: Duration::ZERO,
         };
         // Final answers are read only when there are peers to compare them with.
         let (peers_compared, peers_agreeing) = if q.peers.is_empty() {
@@ -402,6 +402,17 @@ impl Service {
             decide::peer_agreement(key(&q.answer).as_deref(), &peer_keys)
         };
         let ship = decide::ships_with_peers(p, threshold, peers_agreeing, q.peer_threshold);
+        let escalate_to = if ship {
+            None
+        } else {
+            let mut ladder = cands.clone();
+            if !ladder.iter().any(|c| c.name == model.name) {
+                ladder.push(model);
+            }
+            let scored =
+                decide::score_candidates(&d.heads, &pe.embedding, &ladder, prompt_tokens, None);
+            decide::escalation_target(scored, &model.name, p, pol.max_cost_usd)
+        };
         metrics::counter!(m::VERIFY_DECISIONS, "decision" => if ship { "ship" } else { "escalate" })
             .increment(1);
         if !ship {
@@ -411,7 +422,7 @@ impl Service {
             request_id: q.request_id,
             p_pass: p,
             ship,
-            escalate_to: if ship { None } else { escalate_to },
+            escalate_to,
             threshold,
             truncated,
             input_tokens,

@@ -115,7 +115,8 @@ pub struct VerifyOutcome {
     pub request_id: String,
     pub p_pass: f64,
     pub ship: bool,
-    /// The next model up in price order when escalating; None when shipping or at the top.
+    /// Where to escalate (`decide::escalation_target`); None when shipping or nowhere is
+    /// better.
     pub escalate_to: Option<String>,
     pub threshold: f64,
     pub truncated: bool,
