@@ -51,7 +51,7 @@ def escalation_pick(p, j, v):
     if not up:
         return None
     k = max(up, key=lambda i: (p[i], -i))
-    return k if p[k] > p[j] or v < ESCALATE_BELOW * p[k] else None
+    return k if p[k] > p[j] or v <= 0 or v < ESCALATE_BELOW * p[k] else None
 
 
 def route_pick(p, t):

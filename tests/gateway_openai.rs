@@ -25,6 +25,9 @@ const EASY: &str = "What is 2 + 2?";
 /// Routed to the cheapest tier, though Route rates the middle one higher: where Verify sends
 /// a rejected answer. (On EASY the cheapest is rated highest: nothing to escalate to.)
 const CLOSE: &str = "Write a haiku.";
+/// Routed to the cheapest tier; Route rates opus above sonnet above it, so a rejected answer
+/// goes past sonnet, the next one up in price.
+const SKIP: &str = "Explain recursion to a child.";
 const HARD: &str = "Prove that there are infinitely many primes p such that p + 2 is also \
     prime, or explain precisely which known results come closest and why the full \
     statement remains open.";
@@ -173,6 +176,24 @@ async fn the_openai_client_gets_the_cascade() {
             "auto:verified",
             CLOSE,
             json!({"answer": {"stub-flash": refusal, "stub-sonnet": good}}),
+        ),
+        case(
+            "verified_skip",
+            "auto:verified",
+            SKIP,
+            json!({"answer": {"stub-flash": refusal}}),
+        ),
+        case(
+            "verified_kept",
+            "auto:verified",
+            EASY,
+            json!({"answer": {"stub-flash": refusal}}),
+        ),
+        case(
+            "verified_empty",
+            "auto:verified",
+            EASY,
+            json!({"answer": {"stub-flash": ""}}),
         ),
         case(
             "vote_agree",
@@ -349,6 +370,24 @@ async fn the_openai_client_gets_the_cascade() {
         cost(OPUS, &cfg) - spent
     ));
 
+    // Past a tier: the refusal goes to opus, which Route rates highest; sonnet is not called.
+    let vs = &r["verified_skip"];
+    assert_eq!(vs["model"], OPUS, "{vs}");
+    assert_eq!(vs["headers"]["x-tiergate-escalations"], "1");
+    assert_eq!(stub.models("verified_skip"), ["stub-flash", "stub-opus"]);
+    let spent = cost(FLASH, &cfg) + cost(OPUS, &cfg);
+    assert!(close(header_f64(vs, "x-tiergate-cost-usd"), spent));
+    // On EASY Route rates flash above both: Verify turns the refusal (p 0.57) down with
+    // nowhere better to go, and it ships; an empty answer still escalates.
+    let vk = &r["verified_kept"];
+    assert_eq!(vk["model"], FLASH, "{vk}");
+    assert_eq!(vk["text"], refusal);
+    assert_eq!(vk["headers"]["x-tiergate-escalations"], "0");
+    assert_eq!(stub.models("verified_kept"), ["stub-flash"]);
+    let ve = &r["verified_empty"];
+    assert_ne!(ve["model"], FLASH, "{ve}");
+    assert_eq!(ve["headers"]["x-tiergate-escalations"], "1");
+
     // Consensus: both probes asked (together), they agree, the cheaper one's answer ships;
     // both are paid for and the top tier is not called.
     let sorted = |name: &str| {
@@ -442,6 +481,10 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(vr["status"], 400, "{vr}");
     assert_eq!(sorted("vote_refused"), ["stub-flash", "stub-sonnet"]);
     let m = srv.metrics_text();
+    // The refusal kept on EASY is counted apart from escalations.
+    let kept = [("decision", "kept")];
+    let kept = common::metric_sum(&m, "tiergate_verify_decisions_total", &kept);
+    assert!(kept.is_some_and(|n| n >= 1.0), "{m}");
     for (outcome, n) in [
         ("agreed", 3.0),
         ("escalated", 3.0),

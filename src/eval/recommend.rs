@@ -9,8 +9,8 @@
 //! Beside each floor it replays the gateway's cascade in each `[gateway] verify` mode
 //! (`never`, `borderline`, `always`): where Verify runs, the routed model's answer is verified
 //! at the threshold the server would use under that floor, from the re-learned table of the
-//! half's heads, and a rejected one escalates where the server's Verify sends it (the pricier
-//! candidate with the highest p, if above the answer's own), every call paid for. The
+//! half's heads, and a rejected one escalates where the server's Verify sends it
+//! (`decide::escalation_pick`; nowhere: it ships), every call paid for. The
 //! pick is the one flow that saved most, so Verify is recommended only where it earned its
 //! calls on these prompts.
 #![forbid(unsafe_code)]

@@ -424,13 +424,14 @@ impl Front {
             return None;
         }
         // Nothing pricier, or no escalations left: nothing to ask Verify.
-        plan.next(at, hops)?;
+        let next = plan.next(at, hops)?;
+        let answer = chat::answer(reply)?;
         let v = self
             .svc
             .verify(VerifyQuery {
                 request_id: String::new(),
                 prompt: plan.prompt.clone(),
-                answer: chat::answer(reply)?.to_string(),
+                answer: answer.to_string(),
                 model: at.to_string(),
                 candidates: plan.order.clone(),
                 policy: plan.policy,
@@ -444,6 +445,11 @@ impl Front {
             // Turned down with nowhere Route rates better: the answer ships.
             Ok(v) if !v.ship => v.escalate_to,
             Ok(_) => None,
+            // An empty answer is never shipped while a model above remains.
+            Err(e) if answer.trim().is_empty() => {
+                tracing::warn!(error = %e, next = %next, "verify failed on an empty answer; escalating up the prices");
+                Some(next)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "verify failed; shipping the answer unverified");
                 None

@@ -343,8 +343,8 @@ pub fn decide_route(
 /// Where a cascade escalates an answer Verify turned down, over candidates' Route p in price
 /// order: the pricier candidate Route rates most likely to pass (the cheaper on ties), when
 /// Route rates it above the model that answered (`from`), or when the answer's own p_pass
-/// (`p_answer`, Verify's) is below [`ESCALATE_BELOW`] times its p; else nowhere, and the
-/// answer ships. With many candidates the next one up in price is often a weaker model: on
+/// (`p_answer`, Verify's; 0 for an empty answer) is 0 or below [`ESCALATE_BELOW`] times its
+/// p; else nowhere, and the answer ships. With many candidates the next one up in price is often a weaker model: on
 /// new MMLU-Pro subjects (29 candidates) the served default escalating there kept 89% of the
 /// best model's quality against 97% for Route alone; this rule kept 98% (models/EVAL.md,
 /// "Where a rejected answer goes").
@@ -356,7 +356,7 @@ pub fn escalation_pick(p: &[f64], from: usize, p_answer: f64) -> Option<usize> {
             k = Some(j);
         }
     }
-    k.filter(|&k| p[k] > own || p_answer < ESCALATE_BELOW * p[k])
+    k.filter(|&k| p[k] > own || p_answer <= 0.0 || p_answer < ESCALATE_BELOW * p[k])
 }
 
 /// An answer turned down goes to a pricier model Route rates no higher only when Verify
@@ -409,6 +409,12 @@ mod tests {
         assert_eq!(escalation_pick(&[0.6, 0.5, 0.6], 0, 0.17), Some(2));
         assert_eq!(escalation_pick(&[0.6, 0.5, 0.6], 0, 0.19), None);
         assert_eq!(escalation_pick(&[0.6], 0, 0.0), None, "nothing pricier");
+        assert_eq!(
+            escalation_pick(&[0.6, 0.0], 0, 0.0),
+            Some(1),
+            "an empty answer"
+        );
+        assert_eq!(escalation_pick(&[0.6, 0.0], 0, 0.01), None);
         let s = |model: &str, p_pass: f64, cost: f64| Scored {
             model: model.into(),
             p_pass,

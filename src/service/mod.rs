@@ -413,9 +413,14 @@ impl Service {
                 decide::score_candidates(&d.heads, &pe.embedding, &ladder, prompt_tokens, None);
             decide::escalation_target(scored, &model.name, p, pol.max_cost_usd)
         };
-        metrics::counter!(m::VERIFY_DECISIONS, "decision" => if ship { "ship" } else { "escalate" })
-            .increment(1);
-        if !ship {
+        // `kept`: turned down with nowhere Route rates better; a cascade ships it.
+        let decision = match (ship, &escalate_to) {
+            (true, _) => "ship",
+            (false, Some(_)) => "escalate",
+            (false, None) => "kept",
+        };
+        metrics::counter!(m::VERIFY_DECISIONS, "decision" => decision).increment(1);
+        if escalate_to.is_some() {
             metrics::counter!(m::ESCALATIONS, "from" => q.model.clone()).increment(1);
         }
         Ok(VerifyOutcome {

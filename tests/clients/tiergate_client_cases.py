@@ -49,7 +49,7 @@ def main():
                          "escalate_to": v_bad.escalate_to, "threshold": v_bad.threshold},
         }
 
-        # The cascade: the routed model answers unusably, the next one well.
+        # The cascade: the routed model answers unusably, the one Verify names well.
         called = []
 
         def call_model(model):
