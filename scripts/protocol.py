@@ -19,8 +19,9 @@ Per source S (rows: one per prompt x model):
   route-only by floor t (the cheapest tier model with p_route >= t, else the best tier; one call);
   cascade (from the cheapest tier, ship if p_verify >= t, else call the next; the last always
   ships; cost = every call made); route+cascade, the gateway's own flow (start at the cheapest
-  tier with p_route >= t, then the cascade from there with the same t; not a policy the sealed
-  evaluation scores); kNN route-only by floor with p from a TF-IDF kNN over the
+  tier with p_route >= t; an answer with p_verify < t escalates where Verify names: the tier
+  above with the highest p_route, when above the answering tier's or when p_verify is under
+  0.3 times it, else the answer ships; not a policy the sealed evaluation scores); kNN route-only by floor with p from a TF-IDF kNN over the
   calibration prompts (word unigrams, lowercase, sublinear tf, smooth idf from the calibration
   prompts, cosine, k = 10, p = (sum of the model's scores on the neighbours + 2 * its calibration
   mean) / (neighbours with a row + 2)); random scores route-only by floor; the oracle (the
@@ -77,6 +78,7 @@ PASS = 0.5           # label: score >= PASS
 K, PRIOR = 10, 2.0   # kNN neighbours and pseudo-count of the prior toward the calibration mean
 BINS = 15            # ECE bins
 ALWAYS_BEST = "always-best"
+ESCALATE_BELOW = 0.3  # decide::ESCALATE_BELOW
 POLICIES = ["cascade", "cascade+peers", "probe+peers", "consensus", "route", "route+cascade", "knn",
             "random", "picked"]
 CONSENSUS_MODELS = 6  # candidates the consensus policy's probe sets are drawn from
@@ -319,6 +321,17 @@ def quality_block(rows, tier_models):
 
 # ---------------------------------------------------------------- replay
 
+
+def escalation_pick(p, j, v):
+    """`decide::escalation_pick`: of the tiers above j, the one with the highest p_route (the
+    cheaper on ties), when above p[j] or when the answer's p_verify v is under ESCALATE_BELOW
+    times it; else None (the answer ships)."""
+    up = [k for k in range(j + 1, len(p)) if p[k] == p[k]]
+    if not up:
+        return None
+    k = max(up, key=lambda i: (p[i], -i))
+    return k if p[k] > p[j] or v <= 0 or v < ESCALATE_BELOW * p[k] else None
+
 class Replay:
     """Prompts x tier models (cost order, best last) of the uncalibrated prompts."""
 
@@ -351,13 +364,22 @@ class Replay:
                     return list(range(j + 1)), j
         if policy == "route+cascade":
             # The gateway's flow (src/gateway/cascade.rs): start at the cheapest tier Route
-            # accepts, then Verify gates each answer and escalates. One threshold serves both,
-            # so the pick has one axis like every other policy.
-            j0 = next((j for j in range(self.m) if x["pr"][j] >= t), last)
-            for j in range(j0, self.m):
+            # accepts, then Verify gates each answer and a rejected one goes where Verify
+            # names (escalation_pick; none: it ships). One threshold serves both, so the pick
+            # has one axis like every other policy. An answer without a p_verify (no
+            # response) escalates, as it did before the escalation rule.
+            j = next((j for j in range(self.m) if x["pr"][j] >= t), last)
+            called = [j]
+            while j != last:
                 v = x["pv"][j]
-                if j == last or (v is not None and v >= t):
-                    return list(range(j0, j + 1)), j
+                if v is not None and v >= t:
+                    break
+                k = escalation_pick(x["pr"], j, 0.0 if v is None else v)
+                if k is None:
+                    break
+                j = k
+                called.append(j)
+            return called, j
         if policy in ("cascade+peers", "probe+peers"):
             # Verify's rule with peers (decide::ships_with_peers): ship when p_verify >= t or
             # an answer already bought commits to the same final answer. probe+peers buys
