@@ -91,6 +91,19 @@ fn config(stub: &Stub, http: &str) -> Config {
         ..Default::default()
     };
     c.gateway.policies.insert("vote3".into(), vote3);
+    // Route's expected cost at 100 output tokens: flash 0.00025, sonnet 0.0015, opus 0.0025
+    // USD (plus the prompt's few tokens); within budget, flash and sonnet.
+    for e in &mut c.catalog {
+        if [FLASH, SONNET, OPUS].contains(&e.model.as_str()) {
+            e.expected_output_tokens = Some(100);
+        }
+    }
+    let budget = GatewayPolicy {
+        max_cost_usd: Some(0.002),
+        verify: Some(VerifyMode::Never),
+        ..Default::default()
+    };
+    c.gateway.policies.insert("budget".into(), budget);
     c
 }
 
@@ -176,6 +189,12 @@ async fn the_openai_client_gets_the_cascade() {
             "auto:verified",
             CLOSE,
             json!({"answer": {"stub-flash": refusal, "stub-sonnet": good}}),
+        ),
+        case(
+            "budget_failover",
+            "auto:budget",
+            EASY,
+            json!({"fail": {"stub-flash": 503, "stub-sonnet": 503}}),
         ),
         case(
             "verified_skip",
@@ -555,6 +574,14 @@ async fn the_openai_client_gets_the_cascade() {
     );
     assert_eq!(stub.models("bad_request"), ["stub-flash"]);
 
+    // A failing tier falls only to tiers within the policy's max_cost_usd: opus is not called.
+    let bf = &r["budget_failover"];
+    assert_eq!(bf["status"], 503, "{bf}");
+    assert_eq!(
+        stub.models("budget_failover"),
+        ["stub-flash", "stub-sonnet"]
+    );
+
     // Rate-limited everywhere: every tier tried (two escalations), the last 429 returned.
     let l = &r["all_limited"];
     assert_eq!(l["status"], 429, "{l}");
@@ -622,6 +649,7 @@ async fn the_openai_client_gets_the_cascade() {
         r["models"]["ids"],
         json!([
             "auto",
+            "auto:budget",
             "auto:fast",
             "auto:verified",
             "auto:vote",

@@ -142,8 +142,17 @@ impl Front {
                     VerifyMode::Borderline => route.verify_recommended,
                     VerifyMode::Always => true,
                 };
+                // Tiers a failed upstream may fall to: those the policy's max_cost_usd allows
+                // at Route's expected cost, as Route and Verify's target keep to it.
+                let max_cost = pol.as_ref().and_then(|p| p.max_cost_usd);
+                let order = route
+                    .candidates
+                    .iter()
+                    .filter(|c| max_cost.is_none_or(|m| c.cost <= m))
+                    .map(|c| c.model.clone())
+                    .collect();
                 Ok(Plan {
-                    order: route.candidates.iter().map(|c| c.model.clone()).collect(),
+                    order,
                     start: route.model.clone(),
                     route: Some(route),
                     policy: pol,
