@@ -771,7 +771,8 @@ mod tests {
         };
         let o0 = flow_outcome(&all, Some(v), 2, &none);
         assert_eq!((o0.saved, o0.quality), (alone.saved, alone.quality));
-        // The pick: Route alone never keeps 98% here (p are all alike); the verified flow does.
+        // The pick: Route alone never keeps 98% here (its p do not tell the prompts apart);
+        // the verified flow does.
         let picked = pick_flow(&all, &flows(true), 2, 0.98, &c).expect("a flow");
         assert_ne!(picked.verify, VerifyMode::Never, "{picked:?}");
         assert!(pick_flow(&all, &flows(false), 2, 0.98, &c).is_none());

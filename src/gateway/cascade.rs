@@ -454,7 +454,7 @@ impl Front {
             // Turned down with nowhere Route rates better: the answer ships.
             Ok(v) if !v.ship => v.escalate_to,
             Ok(_) => None,
-            // An empty answer is never shipped while a model above remains.
+            // Verify could not run on an empty answer: up the prices rather than ship nothing.
             Err(e) if answer.trim().is_empty() => {
                 tracing::warn!(error = %e, next = %next, "verify failed on an empty answer; escalating up the prices");
                 Some(next)

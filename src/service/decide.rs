@@ -344,10 +344,10 @@ pub fn decide_route(
 /// order: the pricier candidate Route rates most likely to pass (the cheaper on ties), when
 /// Route rates it above the model that answered (`from`), or when the answer's own p_pass
 /// (`p_answer`, Verify's; 0 for an empty answer) is 0 or below [`ESCALATE_BELOW`] times its
-/// p; else nowhere, and the answer ships. With many candidates the next one up in price is often a weaker model: on
-/// new MMLU-Pro subjects (29 candidates) the served default escalating there kept 89% of the
-/// best model's quality against 97% for Route alone; this rule kept 98% (models/EVAL.md,
-/// "Where a rejected answer goes").
+/// p; else nowhere, and the answer ships. With many candidates the next one up in price is
+/// often a weaker model: on new MMLU-Pro subjects (29 candidates) the served default
+/// escalating there kept 89% of the best model's quality against 97% for Route alone; this
+/// rule kept 98% (models/EVAL.md, "Where a rejected answer goes").
 pub fn escalation_pick(p: &[f64], from: usize, p_answer: f64) -> Option<usize> {
     let own = *p.get(from)?;
     let mut k: Option<usize> = None;
@@ -362,7 +362,7 @@ pub fn escalation_pick(p: &[f64], from: usize, p_answer: f64) -> Option<usize> {
 /// An answer turned down goes to a pricier model Route rates no higher only when Verify
 /// gives it less than this share of that model's p, so an empty answer (p 0) always does.
 /// On new MMLU-Pro subjects, where the verifier is weak (within-model AUROC 0.78), a higher
-/// share escalates correct answers to worse models: 0 / 0.3 / 0.5 / 0.7 kept 98.0% / 98.3% /
+/// share escalates correct answers to worse models: none / 0.3 / 0.5 / 0.7 kept 98.0% / 98.3% /
 /// 98.1% / 97.9% of the best model's quality, saving 59.1% / 56.7% / 54.6% / 49.2%; on four
 /// other traffics it made no difference (models/EVAL.md, "Where a rejected answer goes").
 pub const ESCALATE_BELOW: f64 = 0.3;
