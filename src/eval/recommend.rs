@@ -12,7 +12,8 @@
 //! half's heads, and a rejected one escalates where the server's Verify sends it
 //! (`decide::escalation_pick`; nowhere: it ships), every call paid for. The
 //! pick is the one flow that saved most, so Verify is recommended only where it earned its
-//! calls on these prompts.
+//! calls on these prompts; verified flows are among the choices only where, picked on each
+//! half, one held on the other (the served default, which is not picked, always is).
 #![forbid(unsafe_code)]
 use std::collections::BTreeMap;
 
@@ -386,12 +387,20 @@ pub fn recommend(
             v.floor.is_some() && holds(&v.held) && (v.held.saved > r.held.saved || !holds(&r.held))
         })
     };
-    let flows = if verify_earned {
+    let mut flows = if verify_earned {
         flows(true)
     } else {
         route_alone
     };
-    let crossed = if verify_earned { cross(&flows) } else { alone };
+    // The served default is one fixed flow, not picked on these prompts, so how it did on
+    // them is a fair estimate of how it does on new ones: it stays a choice (first, so a tie
+    // goes to a picked flow without Verify).
+    if let Some(d) =
+        default.filter(|d| (verify || d.verify == VerifyMode::Never) && !flows.contains(d))
+    {
+        flows.insert(0, d);
+    }
+    let crossed = cross(&flows);
     let flow = pick_flow(&all, &flows, best, target, cascade);
     let chosen_verify = flow.map_or(VerifyMode::Never, |f| f.verify);
     let verifies = |m: VerifyMode| m != VerifyMode::Never;
@@ -582,7 +591,7 @@ pub fn describe(r: &SourceRecommendation, target: f64) -> String {
     match r.floor {
         Some(f) => {
             out += &format!(
-                "  recommended: [policy] {}{} (saved {} at {} of {}'s quality on these prompts)\n",
+                "  recommended: [policy] {}{} (saved {} at {} of {}'s quality on these prompts){}\n",
                 f.toml(),
                 match r.verify {
                     VerifyMode::Always => format!(
@@ -597,7 +606,12 @@ pub fn describe(r: &SourceRecommendation, target: f64) -> String {
                 },
                 pct(r.in_sample.saved),
                 pct(r.in_sample.quality),
-                r.best
+                r.best,
+                if r.default.is_some_and(|(d, _)| d.floor == f && d.verify == r.verify) {
+                    "; the served default: nothing to change"
+                } else {
+                    ""
+                }
             );
         }
         None => {
@@ -806,6 +820,23 @@ mod tests {
         let (o, oo) = r.other.expect("the best verified flow, for comparison");
         assert!(o.verify != VerifyMode::Never && oo.quality >= 0.98, "{r:?}");
         assert!(describe(&r, 0.98).contains("(not offered: picked on one half"));
+        // The served default is not picked on the prompts: where it verifies and holds, it
+        // stays a choice. Relative 0.94 (0.893) routes to the cheap model, close to the line:
+        // verified at the default threshold 0.65, the bad answers go to the best.
+        let served = Flow {
+            floor: Floor::RelativeFloor(0.94),
+            verify: VerifyMode::Borderline,
+        };
+        let names = vec!["cheap".into(), "mid".into(), "best".into()];
+        let r = recommend("s", names, 2, &make(|i| i % 2 == 0), 0.98, Some(served), &c);
+        assert!(!r.verify_earned, "{r:?}");
+        assert_eq!(
+            (r.floor, r.verify),
+            (Some(served.floor), served.verify),
+            "{r:?}"
+        );
+        assert!((r.in_sample.saved - 0.4).abs() < 1e-12, "{r:?}");
+        assert!(describe(&r, 0.98).contains("the served default: nothing to change"));
     }
 
     /// `borderline` verifies only where Route's pick is within `verify_band` of the floor's
