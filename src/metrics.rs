@@ -122,11 +122,11 @@ fn describe() {
     );
     describe_counter!(
         VERIFY_DECISIONS,
-        "Verify decisions: ship or escalate (escalate / all = the escalation ratio)."
+        "Verify decisions: ship, escalate, or kept (turned down with nowhere Route rates better, so a cascade ships it); escalate / all = the escalation ratio."
     );
     describe_counter!(
         ESCALATIONS,
-        "Verify decisions to escalate, by the model whose answer was rejected."
+        "Verify decisions to escalate (turned down, with a model to go to), by the model whose answer was rejected."
     );
     describe_counter!(
         TRUNCATIONS,

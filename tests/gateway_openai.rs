@@ -191,6 +191,12 @@ async fn the_openai_client_gets_the_cascade() {
             json!({"answer": {"stub-flash": refusal, "stub-sonnet": good}}),
         ),
         case(
+            "budget_saved",
+            "auto:budget",
+            EASY,
+            json!({"fail": {"stub-flash": 503}}),
+        ),
+        case(
             "budget_failover",
             "auto:budget",
             EASY,
@@ -212,7 +218,7 @@ async fn the_openai_client_gets_the_cascade() {
             "verified_empty",
             "auto:verified",
             EASY,
-            json!({"answer": {"stub-flash": ""}}),
+            json!({"answer": {"stub-flash": "", "stub-sonnet": "4", "stub-opus": "4"}}),
         ),
         case(
             "vote_agree",
@@ -405,7 +411,10 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(stub.models("verified_kept"), ["stub-flash"]);
     let ve = &r["verified_empty"];
     assert_ne!(ve["model"], FLASH, "{ve}");
+    assert_eq!(ve["text"], "4");
     assert_eq!(ve["headers"]["x-tiergate-escalations"], "1");
+    let called = stub.models("verified_empty");
+    assert!(called.len() == 2 && called[0] == "stub-flash", "{called:?}");
 
     // Consensus: both probes asked (together), they agree, the cheaper one's answer ships;
     // both are paid for and the top tier is not called.
@@ -575,6 +584,13 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(stub.models("bad_request"), ["stub-flash"]);
 
     // A failing tier falls only to tiers within the policy's max_cost_usd: opus is not called.
+    // Within budget it falls to sonnet; the saving is still against the dearest candidate.
+    let bs = &r["budget_saved"];
+    assert_eq!(bs["model"], SONNET, "{bs}");
+    assert!(close(
+        header_f64(bs, "x-tiergate-saved-usd"),
+        cost(OPUS, &cfg) - cost(SONNET, &cfg)
+    ));
     let bf = &r["budget_failover"];
     assert_eq!(bf["status"], 503, "{bf}");
     assert_eq!(

@@ -249,6 +249,14 @@ async fn every_rpc_health_reflection_and_metrics() {
     // With the landed heads Route rates deepseek-v4 and haiku below flash here, and gpt-5.5
     // the same as opus (the catalog gives both gpt-4-1106-preview's parameters).
     assert_eq!(to, ["claude-sonnet-4.6", "gpt-5.5"], "{haiku:?}");
+    // Not even at a threshold of 0 (a floor of 0 below the learned table).
+    let mut zero = verify("Write a haiku.", "", "gemini-2.5-flash");
+    zero.policy = Some(proto::Policy {
+        quality_floor: Some(0.0),
+        ..Default::default()
+    });
+    let v = c.verify(zero).await.unwrap().into_inner();
+    assert_eq!((v.threshold, v.decision), (0.0, Decision::Escalate as i32));
     let mut top = verify("Write a haiku.", "", "gpt-5.5");
     top.policy = Some(proto::Policy {
         quality_floor: Some(0.9),

@@ -630,7 +630,11 @@ pub fn describe(r: &SourceRecommendation, target: f64) -> String {
             o.floor.toml(),
             pct(oo.saved),
             pct(oo.quality),
-            if o.verify != VerifyMode::Never && !r.verify_earned {
+            // The served default is offered even then.
+            if o.verify != VerifyMode::Never
+                && !r.verify_earned
+                && r.default.is_none_or(|(d, _)| d != o)
+            {
                 " (not offered: picked on one half, it did not hold or did not save \
                      more than Route alone on the other)"
             } else {

@@ -1,7 +1,8 @@
 //! The whole cascade for one chat completion: Route over the catalog models that have an
 //! upstream, call the chosen one, Verify its answer when the policy asks, and escalate: after
 //! a rejected answer to where Verify says (the pricier model Route rates most likely to pass;
-//! none, and the answer ships), after a failed upstream to the next model up in price; at most
+//! none, and the answer ships; an empty one up the prices when Verify cannot run), after a
+//! failed upstream to the next model up in price within the policy's `max_cost_usd`; at most
 //! `gateway.max_escalations` times, all before the request's deadline. A named policy with a
 //! `consensus` asks its cheap models together instead and ships what they agree on (a stream
 //! asked of it gets the shipped answer as server-sent events).
@@ -69,13 +70,23 @@ impl Plan {
             .ok_or_else(|| GatewayError::UnknownModel(format!("{model} has no upstream")))
     }
 
-    /// The next model up in price order, while escalations are left.
+    /// The next model up in price order, while escalations are left and it fits the policy's
+    /// `max_cost_usd` at Route's expected cost (as Route's pick and Verify's target do).
     fn next(&self, model: &str, hops: u32) -> Option<String> {
         if hops >= self.d.cfg.gateway.max_escalations {
             return None;
         }
         let i = self.order.iter().position(|m| m == model)?;
-        self.order.get(i + 1).cloned()
+        let next = self.order.get(i + 1)?;
+        let max = self.policy.as_ref().and_then(|p| p.max_cost_usd);
+        let cost = |m: &str| {
+            let r = self.route.as_ref()?;
+            r.candidates.iter().find(|c| c.model == m).map(|c| c.cost)
+        };
+        match (max, cost(next)) {
+            (Some(max), Some(c)) if c > max => None,
+            _ => Some(next.clone()),
+        }
     }
 
     fn cost(&self, model: &str, reply: &Value) -> f64 {
@@ -142,17 +153,8 @@ impl Front {
                     VerifyMode::Borderline => route.verify_recommended,
                     VerifyMode::Always => true,
                 };
-                // Tiers a failed upstream may fall to: those the policy's max_cost_usd allows
-                // at Route's expected cost, as Route and Verify's target keep to it.
-                let max_cost = pol.as_ref().and_then(|p| p.max_cost_usd);
-                let order = route
-                    .candidates
-                    .iter()
-                    .filter(|c| max_cost.is_none_or(|m| c.cost <= m))
-                    .map(|c| c.model.clone())
-                    .collect();
                 Ok(Plan {
-                    order,
+                    order: route.candidates.iter().map(|c| c.model.clone()).collect(),
                     start: route.model.clone(),
                     route: Some(route),
                     policy: pol,

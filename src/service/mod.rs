@@ -401,7 +401,9 @@ impl Service {
             let peer_keys: Vec<Option<String>> = q.peers.iter().map(|pa| key(&pa.answer)).collect();
             decide::peer_agreement(key(&q.answer).as_deref(), &peer_keys)
         };
-        let ship = decide::ships_with_peers(p, threshold, peers_agreeing, q.peer_threshold);
+        // An empty answer never ships, even at a threshold of 0.
+        let ship = ae.is_some()
+            && decide::ships_with_peers(p, threshold, peers_agreeing, q.peer_threshold);
         let escalate_to = if ship {
             None
         } else {
