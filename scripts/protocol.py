@@ -21,7 +21,8 @@ Per source S (rows: one per prompt x model):
   ships; cost = every call made); route+cascade, the gateway's own flow (start at the cheapest
   tier with p_route >= t; an answer with p_verify < t escalates where Verify names: the tier
   above with the highest p_route, when above the answering tier's or when p_verify is under
-  0.3 times it, else the answer ships; not a policy the sealed evaluation scores); kNN route-only by floor with p from a TF-IDF kNN over the
+  0.3 times it, else the answer ships; at most 2 escalations; a row without an answer ships
+  unverified; not a policy the sealed evaluation scores); kNN route-only by floor with p from a TF-IDF kNN over the
   calibration prompts (word unigrams, lowercase, sublinear tf, smooth idf from the calibration
   prompts, cosine, k = 10, p = (sum of the model's scores on the neighbours + 2 * its calibration
   mean) / (neighbours with a row + 2)); random scores route-only by floor; the oracle (the
@@ -79,6 +80,7 @@ K, PRIOR = 10, 2.0   # kNN neighbours and pseudo-count of the prior toward the c
 BINS = 15            # ECE bins
 ALWAYS_BEST = "always-best"
 ESCALATE_BELOW = 0.3  # decide::ESCALATE_BELOW
+MAX_ESCALATIONS = 2   # the embedded config's gateway.max_escalations
 POLICIES = ["cascade", "cascade+peers", "probe+peers", "consensus", "route", "route+cascade", "knn",
             "random", "picked"]
 CONSENSUS_MODELS = 6  # candidates the consensus policy's probe sets are drawn from
@@ -365,16 +367,17 @@ class Replay:
         if policy == "route+cascade":
             # The gateway's flow (src/gateway/cascade.rs): start at the cheapest tier Route
             # accepts, then Verify gates each answer and a rejected one goes where Verify
-            # names (escalation_pick; none: it ships). One threshold serves both, so the pick
-            # has one axis like every other policy. An answer without a p_verify (no
-            # response) escalates, as it did before the escalation rule.
+            # names (escalation_pick; none: it ships), at most MAX_ESCALATIONS times. One
+            # threshold serves both, so the pick has one axis like every other policy. An
+            # answer without a p_verify (no response in the row) ships unverified, as the
+            # gateway ships an answer Verify cannot read.
             j = next((j for j in range(self.m) if x["pr"][j] >= t), last)
             called = [j]
-            while j != last:
+            while j != last and len(called) <= MAX_ESCALATIONS:
                 v = x["pv"][j]
-                if v is not None and v >= t:
+                if v is None or v >= t:
                     break
-                k = escalation_pick(x["pr"], j, 0.0 if v is None else v)
+                k = escalation_pick(x["pr"], j, v)
                 if k is None:
                     break
                 j = k
