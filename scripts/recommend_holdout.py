@@ -14,7 +14,7 @@ p_route and p_verify come from `score --calibration <the labelled rows>` (the ov
 calibration); the Verify threshold from the overlay's re-learned table (the heads' when it has
 none) at the quality floor, or its default threshold under a relative floor; a rejected answer
 escalates where Verify names (the pricier candidate with the highest p_route, when above the
-answering one's or when the answer's p_verify is under ESCALATE_BELOW times its; else the
+answering one's or when the answer's p_verify is under 0.3 times its; else the
 answer ships), at most MAX_ESCALATIONS times, every call paid. The rules are Route's and the
 gateway's (`decide::route_pick`, `decide::relative_pick`, `decide::escalation_pick`,
 `gateway::cascade`), rewritten here.
@@ -27,14 +27,14 @@ import gzip, hashlib, json, os, subprocess, sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 from verify_thresholds_holdout import threshold_from  # noqa: E402  (`heads::threshold_from`)
+# `decide::escalation_pick` and the gateway's escalations, as the protocol replays them.
+from protocol import escalation_pick, MAX_ESCALATIONS  # noqa: E402
 BIN = os.environ.get('BIN', os.path.join(ROOT, 'target', 'release', 'tiergate'))
 TRAFFIC, HEADS = sys.argv[1], sys.argv[2]
 SHARE = float(sys.argv[3]) if len(sys.argv) > 3 else 0.4
 W = os.environ.get('WORK', '/tmp/recommend')
 DRAWS = int(os.environ.get('DRAWS', '5'))
-MAX_ESCALATIONS = 2  # the embedded config's gateway.max_escalations
-VERIFY_BAND = 0.1    # and its policy.verify_band
-ESCALATE_BELOW = 0.3  # decide::ESCALATE_BELOW
+VERIFY_BAND = 0.1    # the embedded config's policy.verify_band
 CACHE = os.path.join(ROOT, 'models', 'cache')
 rows = [json.loads(l) for l in gzip.open(TRAFFIC, 'rt')]
 heads = json.load(open(HEADS))
@@ -42,16 +42,6 @@ heads = json.load(open(HEADS))
 
 def u(s):
     return int(hashlib.md5(s.encode()).hexdigest()[:8], 16) / 2**32
-
-
-def escalation_pick(p, j, v):
-    """`decide::escalation_pick`: the pricier candidate with the highest p (the cheaper on
-    ties), when above p[j] or when the answer's p_verify v is under ESCALATE_BELOW times it."""
-    up = [k for k in range(j + 1, len(p)) if p[k] == p[k]]
-    if not up:
-        return None
-    k = max(up, key=lambda i: (p[i], -i))
-    return k if p[k] > p[j] or v <= 0 or v < ESCALATE_BELOW * p[k] else None
 
 
 def route_pick(p, t):
