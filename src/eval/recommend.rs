@@ -118,11 +118,16 @@ impl Cascade {
     /// table of the heads that scored half `half`, else their default.
     fn threshold(&self, half: usize, floor: Floor) -> f64 {
         let rule = &self.rules[half.min(1)];
-        match (self.verify_threshold, floor) {
-            (Some(t), _) => t,
-            (None, Floor::QualityFloor(f)) => crate::model::heads::threshold_from(&rule.table, f),
-            (None, Floor::RelativeFloor(_)) => rule.default,
-        }
+        let quality_floor = match floor {
+            Floor::QualityFloor(f) => Some(f),
+            Floor::RelativeFloor(_) => None,
+        };
+        decide::configured_threshold(
+            self.verify_threshold,
+            quality_floor,
+            &rule.table,
+            rule.default,
+        )
     }
 
     /// (cost, score) of `flow` on one prompt: Route's pick, then, when the flow verifies it

@@ -579,7 +579,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
         router: rc.router.clone(),
         verifier: vfit.head,
         models,
-        verify_thresholds: vfit.thresholds,
         ..stage.clone()
     };
     // Defaults learned on the 30% of prompts held back from the router, scored by the router
@@ -587,7 +586,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     // Verify threshold that floor maps to.
     let (floor, floor_report) = learn_default_floor(&stage, &train, &tf, seed)?;
     out.default_quality_floor = Some(floor);
-    out.default_verify_threshold = heads::threshold_from(&out.verify_thresholds, floor);
+    out.set_verify_thresholds(vfit.thresholds);
     eprintln!(
         "default quality floor {floor:.2} (verify threshold {:.3}): {floor_report}",
         out.default_verify_threshold

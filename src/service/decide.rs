@@ -157,10 +157,27 @@ pub fn default_floor(cfg: &PolicyConfig, heads: &Heads) -> f64 {
 /// Verify's default ship threshold: the configured threshold, else the threshold of the
 /// configured floor, else the learned default (the learned floor's).
 pub fn default_threshold(cfg: &PolicyConfig, heads: &Heads) -> f64 {
-    match (cfg.verify_threshold, cfg.quality_floor) {
+    configured_threshold(
+        cfg.verify_threshold,
+        cfg.quality_floor,
+        &heads.verify_thresholds,
+        heads.default_verify_threshold,
+    )
+}
+
+/// [`default_threshold`] on plain values: a configured `verify_threshold`, else the configured
+/// `quality_floor`'s own from `table`, else `default` (the heads' default threshold). The
+/// offline replay of the gateway's cascade calls it with each half's table.
+pub fn configured_threshold(
+    verify_threshold: Option<f64>,
+    quality_floor: Option<f64>,
+    table: &[(f64, f64)],
+    default: f64,
+) -> f64 {
+    match (verify_threshold, quality_floor) {
         (Some(t), _) => t,
-        (None, Some(f)) => heads.threshold_for(f),
-        (None, None) => heads.default_verify_threshold,
+        (None, Some(f)) => crate::model::heads::threshold_from(table, f),
+        (None, None) => default,
     }
 }
 
