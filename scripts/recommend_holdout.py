@@ -6,7 +6,9 @@ An operator labels a share of its traffic, runs `calibrate`, and applies the rec
 draw (md5 of "rec:<seed>:<prompt_id>" < SHARE labels a prompt), three flows are measured on the
 other prompts over the same candidates:
 - the recommendation as printed (Route's pick, verified and escalated as its mode says:
-  `borderline` where the pick is within policy.verify_band (0.1) of the floor's line);
+  `borderline` where the pick is within policy.verify_band (0.1) of the floor's line and a
+  pricier candidate is rated above it, or its answer is empty; Verify calls per prompt beside
+  each verified flow);
 - the best flow without Verify (the recommendation itself when it does not verify, else its
   `other`): what the recommendation was before it weighed Verify;
 - the embedded default (relative 0.94), Route alone.
@@ -108,22 +110,30 @@ for seed in range(DRAWS):
     sc = [json.loads(l) for l in open(f"{d}/new-scores.jsonl")]
     by = {}
     for r, s in zip(new, sc):
+        empty = r.get('response') is not None and not r['response'].strip()
         by.setdefault(r['prompt_id'], {})[r['model']] = (
-            s['p_route'], s['p_verify'], float(r['score']), float(r['cost_usd']))
+            s['p_route'], s['p_verify'], float(r['score']), float(r['cost_usd']), empty)
     ps = [[m[c] for c in cands] for m in by.values() if all(c in m for c in cands)]
 
     def fig(pick, line, t, mode):
-        c = q = bc = bq = 0
+        c = q = bc = bq = calls = 0
         for p in ps:
             pr = [x[0] for x in p]
             j = pick(pr) if pick else best
             cost, hops = p[j][3], 0
-            verify = pick is not None and (mode == 'always' or (
-                mode == 'borderline' and abs(pr[j] - line(pr)) < VERIFY_BAND and j + 1 < len(p)))
+            # `borderline`: Route's verify_recommended (`decide::worth_verifying`: within the
+            # band of the line, and a pricier candidate rated above the pick), or an empty
+            # answer, which the gateway verifies from any pick.
+            verify = pick is not None and (mode == 'always' or (mode == 'borderline' and (
+                (abs(pr[j] - line(pr)) < VERIFY_BAND and any(x > pr[j] for x in pr[j + 1:]))
+                or p[j][4])))
             # Verify every answer below the top; a rejected one (or one it cannot read: the
             # gateway ships those) escalates while escalations are left.
-            while verify and hops < MAX_ESCALATIONS and p[j][1] is not None \
-                    and not p[j][1] >= t:
+            # (Nothing pricier: the gateway asks Verify nothing.)
+            while verify and hops < MAX_ESCALATIONS and j + 1 < len(p) and p[j][1] is not None:
+                calls += 1
+                if p[j][1] >= t:
+                    break
                 k = escalation_pick(pr, j, p[j][1])
                 if k is None:
                     break
@@ -134,7 +144,7 @@ for seed in range(DRAWS):
             q += p[j][2]
             bc += p[best][3]
             bq += p[best][2]
-        return 1 - c / bc, q / bq
+        return 1 - c / bc, q / bq, calls / len(ps)
 
     flows = {'recommended': (rec['floor'], rec['verify'])}
     if rec['verify'] != 'never':
@@ -148,7 +158,8 @@ for seed in range(DRAWS):
     out = []
     for name, (floor, verify) in flows.items():
         pick, line, t = flow_of(floor, verify, relearned)
-        s, q = fig(pick, line, t, verify)
-        out.append(f"{name} [{label(floor, verify)}] saved {s:.1%} at {q:.1%}")
+        s, q, calls = fig(pick, line, t, verify)
+        vc = f" ({calls:.2f} Verify calls/prompt)" if verify != 'never' else ""
+        out.append(f"{name} [{label(floor, verify)}] saved {s:.1%} at {q:.1%}{vc}")
     warn = any(c['held']['quality'] < 0.97 for c in rec['crossed'])
     print(f"seed {seed}: {len(ps)} new prompts; warned {warn}; " + "; ".join(out), flush=True)

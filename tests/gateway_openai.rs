@@ -315,6 +315,12 @@ async fn the_openai_client_gets_the_cascade() {
             CLOSE,
             json!({"answer": {"stub-flash": refusal}}),
         ),
+        case(
+            "borderline_empty",
+            "auto",
+            EASY,
+            json!({"answer": {"stub-flash": ""}}),
+        ),
         case("unknown_model", "gpt-4o", EASY, json!({})),
         case("unknown_policy", "auto:nope", EASY, json!({})),
         {
@@ -615,24 +621,23 @@ async fn the_openai_client_gets_the_cascade() {
 
     // Plain `auto` verifies when Route calls its pick borderline (gateway.verify's default):
     // the same Route over gRPC says whether it does, and the refusal escalated iff so.
-    let rr = srv
-        .client()
-        .await
-        .route(tiergate::proto::RouteRequest {
+    let route = |prompt: &str| {
+        let req = tiergate::proto::RouteRequest {
             input: Some(tiergate::proto::route_request::Input::Messages(
                 tiergate::proto::Messages {
                     messages: vec![tiergate::proto::ChatMessage {
                         role: "user".into(),
-                        content: CLOSE.into(),
+                        content: prompt.into(),
                     }],
                 },
             )),
             candidates: vec![FLASH.into(), SONNET.into(), OPUS.into()],
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        };
+        let srv = &srv;
+        async move { srv.client().await.route(req).await.unwrap().into_inner() }
+    };
+    let rr = route(CLOSE).await;
     let bl = &r["borderline"];
     assert_eq!(rr.model, FLASH, "{rr:?}");
     let calls = stub.models("borderline");
@@ -641,6 +646,15 @@ async fn the_openai_client_gets_the_cascade() {
         bl["headers"]["x-tiergate-escalations"],
         (calls.len() - 1).to_string()
     );
+    // On EASY Route rates flash, its pick, above both pricier models: Verify could not send
+    // an answer anywhere better, so Route does not ask for it; an empty answer still goes on.
+    let re = route(EASY).await;
+    assert_eq!(re.model, FLASH, "{re:?}");
+    assert!(!re.verify_recommended, "{re:?}");
+    let be = &r["borderline_empty"];
+    assert_ne!(be["model"], FLASH, "{be}");
+    assert_eq!(be["headers"]["x-tiergate-escalations"], "1");
+    assert_eq!(stub.models("borderline_empty")[0], "stub-flash");
 
     assert_eq!(r["unknown_model"]["status"], 404, "{}", r["unknown_model"]);
     assert_eq!(r["unknown_policy"]["status"], 404);

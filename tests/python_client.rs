@@ -119,6 +119,12 @@ async fn the_python_client_routes_verifies_and_cascades() {
     assert_eq!(c0["called"], json!([routed]), "{c0}");
     assert_eq!(c0["answer"], "I don't know.");
     assert_eq!(c0["decisions"], json!([null]));
+    // Borderline (the default): Route did not ask for Verify, yet the empty answer went on.
+    let ce = &o["cascade_empty"];
+    assert_eq!(ce["verify_recommended"], false, "{ce}");
+    assert_eq!(ce["called"][0], ce["routed"], "{ce}");
+    assert_eq!(ce["escalations"], 1, "{ce}");
+    assert_eq!(ce["answer"], "The answer is B.");
 
     // Feedback by the earlier Route's request id reached the server.
     assert_eq!(o["feedback_accepted"], 1);

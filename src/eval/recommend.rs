@@ -72,6 +72,9 @@ pub struct Prompt {
     pub half: usize,
     pub p: Vec<f64>,
     pub v: Vec<Option<f64>>,
+    /// The answer is empty: the gateway verifies it (and so escalates it) under `borderline`
+    /// even where Route did not ask for Verify.
+    pub empty: Vec<bool>,
     pub score: Vec<f64>,
     pub cost: Vec<f64>,
 }
@@ -145,7 +148,8 @@ impl Cascade {
                     Floor::QualityFloor(t) => t,
                     Floor::RelativeFloor(r) => r * p.p.iter().copied().fold(0.0, f64::max),
                 };
-                (p.p[j] - line).abs() < self.verify_band && j + 1 < p.p.len()
+                let above: Vec<f64> = p.p[j + 1..].iter().map(|x| x - p.p[j]).collect();
+                decide::worth_verifying(p.p[j] - line, self.verify_band, &above) || p.empty[j]
             }
         };
         if !verify {
@@ -299,23 +303,29 @@ pub fn prompts_of(
     p: &[f64],
     v: &[Option<f64>],
 ) -> Option<(Vec<String>, usize, Vec<Prompt>)> {
-    // Per prompt: model -> (p, score, cost, p_verify); a repeated (prompt, model) row keeps
-    // the last.
-    type Cell = (f64, f64, f64, Option<f64>);
+    // Per prompt: model -> (p, score, cost, p_verify, empty answer); a repeated (prompt,
+    // model) row keeps the last.
+    type Cell = (f64, f64, f64, Option<f64>, bool);
     let mut by_prompt: BTreeMap<&str, BTreeMap<&str, Cell>> = BTreeMap::new();
     for ((r, &pr), &pv) in rows.iter().zip(p).zip(v) {
         let (Some(s), Some(c)) = (r.score, r.cost_usd) else {
             continue;
         };
-        by_prompt
-            .entry(&r.prompt_id)
-            .or_default()
-            .insert(&r.model, (pr, s, c, pv));
+        by_prompt.entry(&r.prompt_id).or_default().insert(
+            &r.model,
+            (
+                pr,
+                s,
+                c,
+                pv,
+                r.response.as_deref().is_some_and(|a| a.trim().is_empty()),
+            ),
+        );
     }
     let mut cands = covering(
         by_prompt
             .values()
-            .map(|m| m.iter().map(|(model, &(_, s, c, _))| (*model, s, c))),
+            .map(|m| m.iter().map(|(model, &(_, s, c, _, _))| (*model, s, c))),
     );
     if cands.len() < 2 {
         return None;
@@ -332,6 +342,7 @@ pub fn prompts_of(
                 half: half_of(pid),
                 p: got.iter().map(|x| x.0).collect(),
                 v: got.iter().map(|x| x.3).collect(),
+                empty: got.iter().map(|x| x.4).collect(),
                 score: got.iter().map(|x| x.1).collect(),
                 cost: got.iter().map(|x| x.2).collect(),
             })
@@ -690,6 +701,7 @@ mod tests {
             half,
             p: p.to_vec(),
             v: vec![None; 2],
+            empty: vec![false; 2],
             score: score.to_vec(),
             cost: vec![1.0, 10.0],
         }
@@ -751,6 +763,7 @@ mod tests {
                     half: i % 2,
                     p: vec![0.9, 0.92, 0.95],
                     v: vec![Some(if good(i) { 0.95 } else { 0.2 }), Some(0.5), None],
+                    empty: vec![false; 3],
                     score: vec![if good(i) { 1.0 } else { 0.0 }, 0.5, 1.0],
                     cost: vec![1.0, 4.0, 10.0],
                 })
@@ -858,6 +871,7 @@ mod tests {
             half: 0,
             p: vec![p0, 0.99],
             v: vec![Some(0.1), Some(0.9)],
+            empty: vec![false; 2],
             score: vec![0.0, 1.0],
             cost: vec![1.0, 10.0],
         };
@@ -877,6 +891,15 @@ mod tests {
             (1.0, 0.0)
         );
         assert_eq!(c.play(&prompt(0.85), flow(VerifyMode::Always)), (11.0, 1.0));
+        // Close to the floor, but the pricier model is rated below the pick: Verify could
+        // not send the answer anywhere better (`decide::worth_verifying`), so it ships.
+        let mut lower = prompt(0.75);
+        lower.p[1] = 0.72;
+        assert_eq!(c.play(&lower, flow(VerifyMode::Borderline)), (1.0, 0.0));
+        // An empty answer goes on all the same, as the gateway sends it.
+        lower.empty[0] = true;
+        lower.v[0] = Some(0.0);
+        assert_eq!(c.play(&lower, flow(VerifyMode::Borderline)), (11.0, 1.0));
         // A relative floor's line is r times the prompt's highest p: 0.9 * 0.99 = 0.891.
         let rel = Flow {
             floor: Floor::RelativeFloor(0.9),
@@ -898,6 +921,7 @@ mod tests {
                 half: i % 2,
                 p: vec![0.9, 0.95, 0.92],
                 v: vec![Some(0.1), Some(0.9), None],
+                empty: vec![false; 3],
                 score: vec![1.0, 0.0, 1.0],
                 cost: vec![1.0, 3.0, 10.0],
             })
@@ -966,6 +990,7 @@ mod tests {
                 half,
                 p: vec![0.95, 0.97],
                 v: vec![Some(0.5), Some(0.9)],
+                empty: vec![false; 2],
                 score: vec![0.0, 1.0],
                 cost: vec![1.0, 10.0],
             })

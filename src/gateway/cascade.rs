@@ -58,6 +58,9 @@ struct Plan {
     route: Option<RouteOutcome>,
     policy: Option<PolicyRequest>,
     verify: bool,
+    /// An empty answer is verified (and so escalated) even where `verify` is off, unless the
+    /// policy's Verify mode is `never` or the model was named.
+    verify_empty: bool,
     prompt: String,
     /// The named policy's consensus: cheap models asked together before anything else.
     consensus: Option<ConsensusConfig>,
@@ -119,6 +122,7 @@ impl Front {
                     route: None,
                     policy: None,
                     verify: false,
+                    verify_empty: false,
                     prompt,
                     consensus: None,
                     d,
@@ -139,6 +143,7 @@ impl Front {
                         route: None,
                         policy: pol,
                         verify: false,
+                        verify_empty: false,
                         prompt,
                         consensus,
                         d,
@@ -159,6 +164,7 @@ impl Front {
                     route: Some(route),
                     policy: pol,
                     verify,
+                    verify_empty: mode != VerifyMode::Never,
                     prompt,
                     consensus,
                     d,
@@ -431,12 +437,17 @@ impl Front {
         hops: u32,
         deadline: Instant,
     ) -> Option<String> {
-        if !plan.verify || Instant::now() >= deadline {
+        if Instant::now() >= deadline {
+            return None;
+        }
+        let answer = chat::answer(reply)?;
+        // Route asks for Verify only where it could send the answer somewhere better; an
+        // empty answer goes on from any pick.
+        if !(plan.verify || (plan.verify_empty && answer.trim().is_empty())) {
             return None;
         }
         // Nothing pricier, or no escalations left: nothing to ask Verify.
         let next = plan.next(at, hops)?;
-        let answer = chat::answer(reply)?;
         let v = self
             .svc
             .verify(VerifyQuery {

@@ -68,6 +68,21 @@ def main():
         res0 = c.cascade(MCQ, call_model=call_model, verify="always", max_escalations=0)
         out["cascade_no_hops"] = {"called": list(called), "answer": res0.answer,
                                   "decisions": [a.decision for a in res0.attempts]}
+        # Borderline under relative_floor 1.0: Route picks the candidate it rates highest,
+        # with nothing rated above it to escalate to, so it does not ask for Verify; an empty
+        # answer is verified and goes on anyway.
+        top = Policy(relative_floor=1.0)
+        re_ = c.route(EASY, policy=top)
+        called.clear()
+
+        def call_empty(model):
+            called.append(model)
+            return "" if len(called) == 1 else GOOD
+
+        rb = c.cascade(EASY, call_model=call_empty, policy=top)
+        out["cascade_empty"] = {"routed": re_.model, "verify_recommended": re_.verify_recommended,
+                                "called": list(called), "escalations": rb.escalations,
+                                "answer": rb.answer}
 
         fb = c.feedback(easy.model, 1.0, request_id="easy-1")
         out["feedback_accepted"] = fb.accepted

@@ -211,8 +211,9 @@ class Client:
         """Route, call `call_model(model)` (the caller's code: it calls the provider and
         returns the answer text), Verify, and escalate to Verify's escalate_to, at most
         `max_escalations` times. `verify` as the HTTP front's policies: "never" (the routed
-        model's answer ships), "borderline" (verify when Route says verify_recommended), or
-        "always". The last answer ships when no escalation is left. An exception from
+        model's answer ships), "borderline" (verify when Route says verify_recommended, and
+        an empty answer from any pick), or "always". The last answer ships when no escalation
+        is left. An exception from
         call_model propagates; a Verify that fails ships the answer in hand unverified only
         when it is DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED (the server is busy), otherwise
         it raises."""
@@ -221,13 +222,15 @@ class Client:
         r = self.route(prompt, messages=messages, candidates=candidates, policy=policy,
                        timeout=timeout)
         costs = {c.model: c.expected_cost_usd for c in r.candidates}
-        check = verify == "always" or (verify == "borderline" and r.verify_recommended)
         model, attempts = r.model, []
         while True:
             answer = call_model(model)
             attempt = Attempt(model=model, answer=answer)
             attempts.append(attempt)
             hops_left = len(attempts) - 1 < max_escalations
+            # As the HTTP front: an empty answer is verified (and so escalated) from any pick.
+            check = verify == "always" or (
+                verify == "borderline" and (r.verify_recommended or not answer.strip()))
             if not check or not hops_left:
                 break
             try:
