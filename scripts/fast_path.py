@@ -28,8 +28,9 @@ DELTAS = [i / 100 for i in range(0, 41)]
 def margin(p, r, band=BAND):
     """The student's pick j and its stability, as `decide::RouteDecision::stability`: j over
     the bar (of the others' best when j is the best: its own fall lowers the bar), every
-    cheaper candidate under it, and the margin from the Verify band when a dearer one exists
-    (candidates are in price order)."""
+    cheaper candidate under it, and, when a dearer one exists, the margin from the Verify
+    band and, inside it, the dearer ones' p from j's (`decide::worth_verifying`: a dearer one
+    rated above j recommends Verify) (candidates are in price order)."""
     thr = r * max(p)
     j = rf.pick_rel(p, r)
     others = max((p[i] for i in range(len(p)) if i != j), default=None)
@@ -43,6 +44,9 @@ def margin(p, r, band=BAND):
         m = min(m, thr - p[i])
     if j < len(p) - 1:
         m = min(m, abs(abs(p[j] - thr) - band))
+        if abs(p[j] - thr) < band:
+            above = [x - p[j] for x in p[j + 1:]]
+            m = min(m, max(above) if max(above) > 0 else min(-d for d in above))
     return j, m
 
 
