@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Leave prompts out: new prompts of a known source, answered by known models, at scale.
+
+The sealed evaluation's first kind (multiple-choice with chain-of-thought answers, models seen
+in training) is new prompts of a source whose models the heads know, with a calibration fifth
+of a few hundred prompts. Dev alone is too small for that (dev MMLU-Pro: about 100 calibration
+prompts), and leave-one-task-out (scripts/loto.py) makes the task new too. Here a share of
+SOURCE's train prompts leaves training:
+
+1. $WORK/data-lopo-<slug>/train.jsonl.gz: train rows without SOURCE's prompts whose
+   md5("lopo:" + prompt_id) falls under SHARE; dev and catalog linked.
+2. `tiergate train` on it (TRAIN_FLAGS, default none: the shipped recipe) ->
+   $WORK/heads-lopo-<slug>.json (kept between runs; <slug> hashes DATA, SHARE and TRAIN_FLAGS).
+3. Those prompts' train rows and SOURCE's dev rows (neither fitted those heads) become one
+   traffic source named SOURCE:lopo -> $WORK/traffic-lopo-<slug>.jsonl.gz.
+4. scripts/protocol.py on it with those heads; extra arguments go to protocol.py
+   (e.g. --seed N).
+
+usage: python3 scripts/lopo.py SOURCE [protocol.py flags...]
+env:   WORK (default /tmp/lopo), BIN (default target/release/tiergate), DATA (../shared/data),
+       SHARE (default 0.5), TRAIN_FLAGS
+"""
+import gzip, hashlib, json, os, subprocess, sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def unit(s):
+    return int(hashlib.md5(s.encode()).hexdigest()[:8], 16) / 2**32
+
+
+def main():
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    source, rest = sys.argv[1], sys.argv[2:]
+    work = os.path.abspath(os.environ.get("WORK", "/tmp/lopo"))
+    data = os.path.abspath(os.environ.get("DATA", os.path.join(ROOT, "..", "shared", "data")))
+    bin_ = os.path.abspath(os.environ.get("BIN", os.path.join(ROOT, "target", "release", "tiergate")))
+    share = float(os.environ.get("SHARE", "0.5"))
+    flags = os.environ.get("TRAIN_FLAGS", "").split()
+    key = hashlib.md5(json.dumps([data, share, flags]).encode()).hexdigest()[:8]
+    slug = f"{source}-{key}".replace("/", "_")
+    ddir = os.path.join(work, f"data-lopo-{slug}")
+    os.makedirs(ddir, exist_ok=True)
+    traffic = os.path.join(work, f"traffic-lopo-{slug}.jsonl.gz")
+    train_out = os.path.join(ddir, "train.jsonl.gz")
+    if not (os.path.exists(train_out) and os.path.exists(traffic)):
+        kept = left = 0
+        with gzip.open(train_out + ".part", "wt") as tr, gzip.open(traffic + ".part", "wt") as tf:
+            for split in ("train", "dev"):
+                with gzip.open(os.path.join(data, f"{split}.jsonl.gz"), "rt") as f:
+                    for line in f:
+                        r = json.loads(line)
+                        mine = r["source"] == source
+                        if mine and (split == "dev" or unit("lopo:" + r["prompt_id"]) < share):
+                            r["source"] = f"{source}:lopo"
+                            tf.write(json.dumps(r) + "\n")
+                            left += 1
+                        elif split == "train":
+                            tr.write(line)
+                            kept += 1
+        if left == 0:
+            sys.exit(f"no rows of {source} in {data}")
+        os.replace(train_out + ".part", train_out)
+        os.replace(traffic + ".part", traffic)
+        log(f"train rows kept {kept}; {source} rows left out (train) and dev as new traffic {left}")
+    for name in ("dev.jsonl.gz", "catalog.json"):
+        link = os.path.join(ddir, name)
+        if not os.path.lexists(link):
+            os.symlink(os.path.join(data, name), link)
+    heads = os.path.join(work, f"heads-lopo-{slug}.json")
+    if not os.path.exists(heads):
+        cmd = [bin_, "train", "--data-dir", ddir, "--out", heads + ".part",
+               "--card", os.path.join(work, f"card-lopo-{slug}.md"), *flags]
+        log("training:", " ".join(cmd))
+        with open(os.path.join(work, f"train-lopo-{slug}.log"), "w") as lf:
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=lf, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            sys.exit(f"train failed (exit {rc}); see {lf.name}")
+        os.replace(heads + ".part", heads)
+    env = dict(os.environ, BIN=bin_, WORK=os.path.join(work, "protocol"))
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "protocol.py"), "--data", traffic,
+           "--sources", f"{source}:lopo", "--heads", heads, *rest]
+    sys.exit(subprocess.run(cmd, cwd=ROOT, env=env).returncode)
+
+
+if __name__ == "__main__":
+    main()
