@@ -64,6 +64,8 @@ def main():
                             tr.write(line)
                             kept += 1
         if left == 0:
+            for part in (train_out + ".part", traffic + ".part"):
+                os.remove(part)
             sys.exit(f"no rows of {source} in {data}")
         os.replace(train_out + ".part", train_out)
         os.replace(traffic + ".part", traffic)

@@ -111,8 +111,10 @@ for seed in range(DRAWS):
     by = {}
     for r, s in zip(new, sc):
         empty = r.get('response') is not None and not r['response'].strip()
+        # The server's Verify gives an empty answer p 0 (score runs the verifier on it).
         by.setdefault(r['prompt_id'], {})[r['model']] = (
-            s['p_route'], s['p_verify'], float(r['score']), float(r['cost_usd']), empty)
+            s['p_route'], 0.0 if empty else s['p_verify'], float(r['score']),
+            float(r['cost_usd']), empty)
     ps = [[m[c] for c in cands] for m in by.values() if all(c in m for c in cands)]
 
     def fig(pick, line, t, mode):
@@ -122,15 +124,19 @@ for seed in range(DRAWS):
             j = pick(pr) if pick else best
             cost, hops = p[j][3], 0
             # `borderline`: Route's verify_recommended (`decide::worth_verifying`: within the
-            # band of the line, and a pricier candidate rated above the pick), or an empty
-            # answer, which the gateway verifies from any pick.
-            verify = pick is not None and (mode == 'always' or (mode == 'borderline' and (
-                (abs(pr[j] - line(pr)) < VERIFY_BAND and any(x > pr[j] for x in pr[j + 1:]))
-                or p[j][4])))
-            # Verify every answer below the top; a rejected one (or one it cannot read: the
-            # gateway ships those) escalates while escalations are left.
+            # band of the line, and a pricier candidate rated above the pick), or, at any hop,
+            # an empty answer, which the gateway verifies from any pick.
+            recommended = pick is not None and (mode == 'always' or (
+                mode == 'borderline' and abs(pr[j] - line(pr)) < VERIFY_BAND
+                and any(x > pr[j] for x in pr[j + 1:])))
+
+            def verifies(j):
+                return recommended or (pick is not None and mode == 'borderline' and p[j][4])
+            # Verify the answer; a rejected one (or one it cannot read: the gateway ships
+            # those) escalates while escalations are left.
             # (Nothing pricier: the gateway asks Verify nothing.)
-            while verify and hops < MAX_ESCALATIONS and j + 1 < len(p) and p[j][1] is not None:
+            while verifies(j) and hops < MAX_ESCALATIONS and j + 1 < len(p) \
+                    and p[j][1] is not None:
                 calls += 1
                 if p[j][1] >= t:
                     break

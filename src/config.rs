@@ -242,7 +242,8 @@ impl Default for GatewayConfig {
 pub enum VerifyMode {
     /// Route only: the chosen model's answer ships.
     Never,
-    /// When Route says the pick was close (`verify_recommended`).
+    /// Where Route recommends it (`verify_recommended`: the pick close to its line and a
+    /// pricier candidate rated above it), and any empty answer.
     #[default]
     Borderline,
     /// Every answer below the top tier.

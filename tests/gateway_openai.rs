@@ -316,6 +316,12 @@ async fn the_openai_client_gets_the_cascade() {
             json!({"answer": {"stub-flash": refusal}}),
         ),
         case(
+            "fast_empty",
+            "auto:fast",
+            EASY,
+            json!({"answer": {"stub-flash": ""}}),
+        ),
+        case(
             "borderline_empty",
             "auto",
             EASY,
@@ -655,6 +661,11 @@ async fn the_openai_client_gets_the_cascade() {
     assert_ne!(be["model"], FLASH, "{be}");
     assert_eq!(be["headers"]["x-tiergate-escalations"], "1");
     assert_eq!(stub.models("borderline_empty")[0], "stub-flash");
+    // A policy with Verify `never` ships even an empty answer: nothing is verified.
+    let fe = &r["fast_empty"];
+    assert_eq!(fe["model"], FLASH, "{fe}");
+    assert_eq!(fe["headers"]["x-tiergate-escalations"], "0");
+    assert_eq!(stub.models("fast_empty"), ["stub-flash"]);
 
     assert_eq!(r["unknown_model"]["status"], 404, "{}", r["unknown_model"]);
     assert_eq!(r["unknown_policy"]["status"], 404);

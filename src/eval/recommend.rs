@@ -80,8 +80,9 @@ pub struct Prompt {
 }
 
 /// A Route floor, and when the gateway verifies an answer below the top and escalates a
-/// rejected one (`[gateway] verify`): `never` (Route's pick ships), `borderline` (when Route
-/// calls its pick close: within `policy.verify_band` of the floor's line), `always`.
+/// rejected one (`[gateway] verify`): `never` (Route's pick ships), `borderline` (Route's
+/// `verify_recommended`: its pick within `policy.verify_band` of the floor's line and a
+/// pricier candidate rated above it; and any empty answer), `always`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Flow {
     pub floor: Floor,
@@ -133,14 +134,14 @@ impl Cascade {
         )
     }
 
-    /// (cost, score) of `flow` on one prompt: Route's pick, then, when the flow verifies it
-    /// (`decide::decide_route`'s `verify_recommended` for `borderline`), the answer of each
-    /// model below the top verified and a rejected one escalated where Verify would send it
-    /// (`decide::escalation_pick`), as many times as the gateway allows (the last one called
-    /// ships unverified).
+    /// (cost, score) of `flow` on one prompt: Route's pick, then, where the gateway verifies
+    /// (`always`; `borderline`: `decide::decide_route`'s `verify_recommended`, or an empty
+    /// answer, judged at each hop as the gateway does), the answer verified and a rejected
+    /// one escalated where Verify would send it (`decide::escalation_pick`), as many times as
+    /// the gateway allows (the last one called ships unverified).
     fn play(&self, p: &Prompt, flow: Flow) -> (f64, f64) {
         let mut j = flow.floor.pick(&p.p);
-        let verify = match flow.verify {
+        let recommended = match flow.verify {
             VerifyMode::Never => false,
             VerifyMode::Always => true,
             VerifyMode::Borderline => {
@@ -149,19 +150,18 @@ impl Cascade {
                     Floor::RelativeFloor(r) => r * p.p.iter().copied().fold(0.0, f64::max),
                 };
                 let above: Vec<f64> = p.p[j + 1..].iter().map(|x| x - p.p[j]).collect();
-                decide::worth_verifying(p.p[j] - line, self.verify_band, &above) || p.empty[j]
+                decide::worth_verifying(p.p[j] - line, self.verify_band, &above)
             }
         };
-        if !verify {
-            return (p.cost[j], p.score[j]);
-        }
+        let verifies =
+            |j: usize| recommended || (flow.verify == VerifyMode::Borderline && p.empty[j]);
         let t = self.threshold(p.half, flow.floor);
         let (mut cost, mut hops) = (0.0, 0);
         loop {
             cost += p.cost[j];
             // An answer Verify cannot read ships unverified, as the gateway does.
             let v = match p.v[j] {
-                Some(v) if hops < self.max_escalations && !decide::ships(v, t) => v,
+                Some(v) if verifies(j) && hops < self.max_escalations && !decide::ships(v, t) => v,
                 _ => return (cost, p.score[j]),
             };
             match decide::escalation_pick(&p.p, j, v) {
@@ -180,6 +180,11 @@ pub struct Outcome {
     pub saved: f64,
     /// Mean score / the best candidate's mean score.
     pub quality: f64,
+    /// Its standard error over these prompts: how far a pick made here may land from it on
+    /// new prompts of the same traffic (the pick sits at the edge of the target, so it falls
+    /// under it there about as often as not: models/EVAL.md, "Verify only where it can send
+    /// an answer on").
+    pub quality_se: f64,
 }
 
 /// `floor` on `ps` (None: always the best candidate, index `best`), Route's pick shipping.
@@ -190,20 +195,33 @@ pub fn outcome(ps: &[&Prompt], floor: Option<Floor>, best: usize) -> Outcome {
 /// `flow` on `ps` (None: always the best candidate, index `best`).
 pub fn flow_outcome(ps: &[&Prompt], flow: Option<Flow>, best: usize, c: &Cascade) -> Outcome {
     let (mut cost, mut score, mut b_cost, mut b_score) = (0.0, 0.0, 0.0, 0.0);
+    let mut pairs = Vec::with_capacity(ps.len());
     for p in ps {
         let (ci, si) = flow.map_or((p.cost[best], p.score[best]), |f| c.play(p, f));
         cost += ci;
         score += si;
         b_cost += p.cost[best];
         b_score += p.score[best];
+        pairs.push((si, p.score[best]));
     }
+    let quality = if b_score > 0.0 { score / b_score } else { 1.0 };
+    // The ratio's standard error by the delta method: the spread of each prompt's score about
+    // quality × the best's score on it, over the best's total.
+    let n = pairs.len() as f64;
+    let quality_se = if b_score > 0.0 && n > 1.0 {
+        let ss: f64 = pairs.iter().map(|(s, b)| (s - quality * b).powi(2)).sum();
+        (ss * n / (n - 1.0)).sqrt() / b_score
+    } else {
+        0.0
+    };
     Outcome {
         saved: if b_cost > 0.0 {
             1.0 - cost / b_cost
         } else {
             0.0
         },
-        quality: if b_score > 0.0 { score / b_score } else { 1.0 },
+        quality,
+        quality_se,
     }
 }
 
@@ -607,7 +625,8 @@ pub fn describe(r: &SourceRecommendation, target: f64) -> String {
     match r.floor {
         Some(f) => {
             out += &format!(
-                "  recommended: [policy] {}{} (saved {} at {} of {}'s quality on these prompts){}\n",
+                "  recommended: [policy] {}{} (saved {} at {} ± {} of {}'s quality on these \
+                 prompts, ± one standard error){}\n",
                 f.toml(),
                 match r.verify {
                     VerifyMode::Always => format!(
@@ -615,15 +634,19 @@ pub fn describe(r: &SourceRecommendation, target: f64) -> String {
                         line(r.verify)
                     ),
                     VerifyMode::Borderline => format!(
-                        " and {}: Verify where Route's pick is close, escalating a rejected one",
+                        " and {}: Verify where Route's pick is close and a pricier model is rated above \
+                         it, escalating a rejected one",
                         line(r.verify)
                     ),
                     VerifyMode::Never => format!(" and {}: Route's pick ships", line(r.verify)),
                 },
                 pct(r.in_sample.saved),
                 pct(r.in_sample.quality),
+                pct(r.in_sample.quality_se),
                 r.best,
-                if r.default.is_some_and(|(d, _)| d.floor == f && d.verify == r.verify) {
+                if r.default
+                    .is_some_and(|(d, _)| d.floor == f && d.verify == r.verify)
+                {
                     "; the served default: nothing to change"
                 } else {
                     ""
@@ -705,6 +728,22 @@ mod tests {
             score: score.to_vec(),
             cost: vec![1.0, 10.0],
         }
+    }
+
+    /// The quality ratio's standard error: with the best passing every prompt it is the
+    /// plain standard error of the shipped scores' mean (1, 1, 1, 0: sd 0.5 over √4), and 0
+    /// where the flow ships the best's own answers.
+    #[test]
+    fn quality_comes_with_its_standard_error() {
+        let ps: Vec<Prompt> = [1.0, 1.0, 1.0, 0.0]
+            .iter()
+            .map(|&cheap| prompt(0, [0.9, 0.95], [cheap, 1.0]))
+            .collect();
+        let all: Vec<&Prompt> = ps.iter().collect();
+        let o = outcome(&all, Some(Floor::QualityFloor(0.5)), 1);
+        assert!((o.quality - 0.75).abs() < 1e-12, "{o:?}");
+        assert!((o.quality_se - 0.25).abs() < 1e-12, "{o:?}");
+        assert_eq!(outcome(&all, None, 1).quality_se, 0.0);
     }
 
     /// Cheap passes where its p is high: the floor that keeps quality sends those prompts to
@@ -858,12 +897,20 @@ mod tests {
             "{r:?}"
         );
         assert!((r.in_sample.saved - 0.4).abs() < 1e-12, "{r:?}");
-        assert!(describe(&r, 0.98).contains("the served default: nothing to change"));
+        let text = describe(&r, 0.98);
+        assert!(
+            text.contains("the served default: nothing to change"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("± {:.1}%", 100.0 * r.in_sample.quality_se)),
+            "{text}"
+        );
     }
 
     /// `borderline` verifies only where Route's pick is within `verify_band` of the floor's
-    /// line (and a model above it remains), as `decide::decide_route` sets
-    /// `verify_recommended`; the cascade then runs as with `always`.
+    /// line and a pricier model is rated above it, as `decide::decide_route` sets
+    /// `verify_recommended`, and an empty answer at any hop, as the gateway does.
     #[test]
     fn borderline_verifies_close_picks_only() {
         let c = same_rule(vec![], 0.5);
@@ -900,6 +947,19 @@ mod tests {
         lower.empty[0] = true;
         lower.v[0] = Some(0.0);
         assert_eq!(c.play(&lower, flow(VerifyMode::Borderline)), (11.0, 1.0));
+        // ...and the answer it goes to is verified only as the gateway would: not here, where
+        // Route did not ask for Verify and that answer is not empty (a low p_verify, 0.1,
+        // would otherwise escalate it once more, to the top).
+        let three = Prompt {
+            half: 0,
+            p: vec![0.75, 0.72, 0.70],
+            v: vec![Some(0.0), Some(0.1), Some(0.9)],
+            empty: vec![true, false, false],
+            score: vec![0.0, 0.0, 1.0],
+            cost: vec![1.0, 3.0, 10.0],
+        };
+        assert_eq!(c.play(&three, flow(VerifyMode::Borderline)), (4.0, 0.0));
+        assert_eq!(c.play(&three, flow(VerifyMode::Always)), (14.0, 1.0));
         // A relative floor's line is r times the prompt's highest p: 0.9 * 0.99 = 0.891.
         let rel = Flow {
             floor: Floor::RelativeFloor(0.9),

@@ -693,6 +693,21 @@ mod tests {
         assert_eq!(d.stability, 0.0);
     }
 
+    /// Verify is worth a call only with a better candidate the budget allows: past
+    /// `max_cost_usd`, the one rated above the pick does not count.
+    #[test]
+    fn verify_needs_a_better_candidate_within_the_budget() {
+        let cands = || vec![s("cheap", 0.80, 1.0), s("top", 0.95, 9.0)];
+        let d = decide_route(cands(), &pol(0.75), 0.1).unwrap();
+        assert_eq!(d.candidates[d.chosen].model, "cheap");
+        assert!(d.verify_recommended, "0.05 from the floor, top rated above");
+        let mut p = pol(0.75);
+        p.max_cost_usd = Some(5.0);
+        let d = decide_route(cands(), &p, 0.1).unwrap();
+        assert_eq!(d.candidates[d.chosen].model, "cheap");
+        assert!(!d.verify_recommended, "top is over the budget");
+    }
+
     #[test]
     fn max_cost_filters_and_errors_when_nothing_fits() {
         let mut p = pol(0.5);

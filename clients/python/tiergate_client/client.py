@@ -74,6 +74,17 @@ def _messages(messages: Sequence[Message]) -> pb.Messages:
     return out
 
 
+def _next_up(r: pb.RouteReply, model: str, policy: Policy | None) -> str | None:
+    """The candidate after `model` in Route's price order, within the policy's max_cost_usd
+    at Route's expected cost (the HTTP front's failover rule)."""
+    names = [c.model for c in r.candidates]
+    if model not in names or names.index(model) + 1 >= len(names):
+        return None
+    c = r.candidates[names.index(model) + 1]
+    cap = policy.max_cost_usd if policy is not None else None
+    return c.model if cap is None or c.expected_cost_usd <= cap else None
+
+
 class Client:
     """tiergate's Router service. `addr` is host:port (plaintext, as tiergate serves);
     `timeout` (seconds) applies to every call unless a call gives its own; `metadata` is sent
@@ -215,8 +226,8 @@ class Client:
         an empty answer from any pick), or "always". The last answer ships when no escalation
         is left. An exception from
         call_model propagates; a Verify that fails ships the answer in hand unverified only
-        when it is DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED (the server is busy), otherwise
-        it raises."""
+        when it is DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED (the server is busy; an empty answer
+        then goes up the prices instead), otherwise it raises."""
         if max_escalations < 0:
             raise _bad("max_escalations must be >= 0")
         r = self.route(prompt, messages=messages, candidates=candidates, policy=policy,
@@ -229,8 +240,9 @@ class Client:
             attempts.append(attempt)
             hops_left = len(attempts) - 1 < max_escalations
             # As the HTTP front: an empty answer is verified (and so escalated) from any pick.
+            empty = isinstance(answer, str) and not answer.strip()
             check = verify == "always" or (
-                verify == "borderline" and (r.verify_recommended or not answer.strip()))
+                verify == "borderline" and (r.verify_recommended or empty))
             if not check or not hops_left:
                 break
             try:
@@ -239,7 +251,13 @@ class Client:
             except TiergateError as e:
                 if e.code in (grpc.StatusCode.DEADLINE_EXCEEDED,
                               grpc.StatusCode.RESOURCE_EXHAUSTED):
-                    break
+                    # Busy: the answer in hand ships, but an empty one goes up the prices
+                    # (the next candidate within max_cost_usd), as the HTTP front does.
+                    nxt = _next_up(r, model, policy) if empty else None
+                    if nxt is None:
+                        break
+                    model = nxt
+                    continue
                 raise
             attempt.p_pass = v.p_pass
             attempt.decision = "escalate" if v.decision == pb.ESCALATE else "ship"
