@@ -20,9 +20,11 @@ usage: python3 scripts/lopo.py SOURCE [protocol.py flags...]
 env:   WORK (default /tmp/lopo), BIN (default target/release/tiergate), DATA (../shared/data),
        SHARE (default 0.5), TRAIN_FLAGS
 """
-import gzip, hashlib, json, os, subprocess, sys
+import gzip, hashlib, json, os, sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from loto import train_and_run  # noqa: E402  (training and the protocol run, shared)
 
 
 def log(*a):
@@ -70,24 +72,8 @@ def main():
         os.replace(train_out + ".part", train_out)
         os.replace(traffic + ".part", traffic)
         log(f"train rows kept {kept}; {source} rows left out (train) and dev as new traffic {left}")
-    for name in ("dev.jsonl.gz", "catalog.json"):
-        link = os.path.join(ddir, name)
-        if not os.path.lexists(link):
-            os.symlink(os.path.join(data, name), link)
-    heads = os.path.join(work, f"heads-lopo-{slug}.json")
-    if not os.path.exists(heads):
-        cmd = [bin_, "train", "--data-dir", ddir, "--out", heads + ".part",
-               "--card", os.path.join(work, f"card-lopo-{slug}.md"), *flags]
-        log("training:", " ".join(cmd))
-        with open(os.path.join(work, f"train-lopo-{slug}.log"), "w") as lf:
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=lf, stderr=subprocess.STDOUT).returncode
-        if rc != 0:
-            sys.exit(f"train failed (exit {rc}); see {lf.name}")
-        os.replace(heads + ".part", heads)
-    env = dict(os.environ, BIN=bin_, WORK=os.path.join(work, "protocol"))
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "protocol.py"), "--data", traffic,
-           "--sources", f"{source}:lopo", "--heads", heads, *rest]
-    sys.exit(subprocess.run(cmd, cwd=ROOT, env=env).returncode)
+    sys.exit(train_and_run(bin_, data, work, ddir, f"lopo-{slug}", flags, traffic,
+                           f"{source}:lopo", rest))
 
 
 if __name__ == "__main__":

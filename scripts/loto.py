@@ -64,28 +64,37 @@ def main():
                             tr.write(line)
                             kept += 1
         if left == 0:
+            for part in (train_out + ".part", traffic + ".part"):
+                os.remove(part)
             sys.exit(f"no rows of {source}/{task} in {data}")
         os.replace(train_out + ".part", train_out)
         os.replace(traffic + ".part", traffic)
         log(f"train rows kept {kept}; {source}/{task} rows (train + dev) as new traffic {left}")
+    sys.exit(train_and_run(bin_, data, work, ddir, f"wo-{slug}", flags, traffic,
+                           f"{source}:{task}", rest))
+
+
+def train_and_run(bin_, data, work, ddir, tag, flags, traffic, source, rest):
+    """Links dev and the catalog into ddir, trains $WORK/heads-<tag>.json on ddir (kept
+    between runs) and runs protocol.py on `traffic`'s `source` with them; its exit code."""
     for name in ("dev.jsonl.gz", "catalog.json"):
         link = os.path.join(ddir, name)
         if not os.path.lexists(link):
             os.symlink(os.path.join(data, name), link)
-    heads = os.path.join(work, f"heads-wo-{slug}.json")
+    heads = os.path.join(work, f"heads-{tag}.json")
     if not os.path.exists(heads):
         cmd = [bin_, "train", "--data-dir", ddir, "--out", heads + ".part",
-               "--card", os.path.join(work, f"card-wo-{slug}.md"), *flags]
+               "--card", os.path.join(work, f"card-{tag}.md"), *flags]
         log("training:", " ".join(cmd))
-        with open(os.path.join(work, f"train-wo-{slug}.log"), "w") as lf:
+        with open(os.path.join(work, f"train-{tag}.log"), "w") as lf:
             rc = subprocess.run(cmd, cwd=ROOT, stdout=lf, stderr=subprocess.STDOUT).returncode
         if rc != 0:
             sys.exit(f"train failed (exit {rc}); see {lf.name}")
         os.replace(heads + ".part", heads)
     env = dict(os.environ, BIN=bin_, WORK=os.path.join(work, "protocol"))
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "protocol.py"), "--data", traffic,
-           "--sources", f"{source}:{task}", "--heads", heads, *rest]
-    sys.exit(subprocess.run(cmd, cwd=ROOT, env=env).returncode)
+           "--sources", source, "--heads", heads, *rest]
+    return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 
 
 if __name__ == "__main__":
