@@ -20,11 +20,11 @@ usage: python3 scripts/lopo.py SOURCE [protocol.py flags...]
 env:   WORK (default /tmp/lopo), BIN (default target/release/tiergate), DATA (../shared/data),
        SHARE (default 0.5), TRAIN_FLAGS
 """
-import gzip, hashlib, json, os, sys
+import hashlib, json, os, sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from loto import train_and_run  # noqa: E402  (training and the protocol run, shared)
+from loto import split_out, train_and_run  # noqa: E402  (the split, training, the run)
 
 
 def log(*a):
@@ -51,26 +51,13 @@ def main():
     traffic = os.path.join(work, f"traffic-lopo-{slug}.jsonl.gz")
     train_out = os.path.join(ddir, "train.jsonl.gz")
     if not (os.path.exists(train_out) and os.path.exists(traffic)):
-        kept = left = 0
-        with gzip.open(train_out + ".part", "wt") as tr, gzip.open(traffic + ".part", "wt") as tf:
-            for split in ("train", "dev"):
-                with gzip.open(os.path.join(data, f"{split}.jsonl.gz"), "rt") as f:
-                    for line in f:
-                        r = json.loads(line)
-                        mine = r["source"] == source
-                        if mine and (split == "dev" or unit("lopo:" + r["prompt_id"]) < share):
-                            r["source"] = f"{source}:lopo"
-                            tf.write(json.dumps(r) + "\n")
-                            left += 1
-                        elif split == "train":
-                            tr.write(line)
-                            kept += 1
+        kept, left = split_out(
+            data, train_out, traffic,
+            lambda r, split: r["source"] == source and (
+                split == "dev" or unit("lopo:" + r["prompt_id"]) < share),
+            f"{source}:lopo")
         if left == 0:
-            for part in (train_out + ".part", traffic + ".part"):
-                os.remove(part)
             sys.exit(f"no rows of {source} in {data}")
-        os.replace(train_out + ".part", train_out)
-        os.replace(traffic + ".part", traffic)
         log(f"train rows kept {kept}; {source} rows left out (train) and dev as new traffic {left}")
     sys.exit(train_and_run(bin_, data, work, ddir, f"lopo-{slug}", flags, traffic,
                            f"{source}:lopo", rest))

@@ -50,28 +50,39 @@ def main():
     traffic = os.path.join(work, f"traffic-{slug}.jsonl.gz")
     train_out = os.path.join(ddir, "train.jsonl.gz")
     if not (os.path.exists(train_out) and os.path.exists(traffic)):
-        kept = left = 0
-        with gzip.open(train_out + ".part", "wt") as tr, gzip.open(traffic + ".part", "wt") as tf:
-            for split in ("train", "dev"):
-                with gzip.open(os.path.join(data, f"{split}.jsonl.gz"), "rt") as f:
-                    for line in f:
-                        r = json.loads(line)
-                        if r["source"] == source and r["task"] in tasks:
-                            r["source"] = f"{source}:{task}"
-                            tf.write(json.dumps(r) + "\n")
-                            left += 1
-                        elif split == "train":
-                            tr.write(line)
-                            kept += 1
+        kept, left = split_out(data, train_out, traffic,
+                               lambda r, split: r["source"] == source and r["task"] in tasks,
+                               f"{source}:{task}")
         if left == 0:
-            for part in (train_out + ".part", traffic + ".part"):
-                os.remove(part)
             sys.exit(f"no rows of {source}/{task} in {data}")
-        os.replace(train_out + ".part", train_out)
-        os.replace(traffic + ".part", traffic)
         log(f"train rows kept {kept}; {source}/{task} rows (train + dev) as new traffic {left}")
     sys.exit(train_and_run(bin_, data, work, ddir, f"wo-{slug}", flags, traffic,
                            f"{source}:{task}", rest))
+
+
+def split_out(data, train_out, traffic, leaves, name):
+    """Train rows that do not leave -> train_out; the rows that leave (`leaves(row, split)`,
+    train and dev) -> traffic, as source `name`. Both written whole or not at all (nothing
+    when no row leaves). Returns (rows kept, rows left out)."""
+    kept = left = 0
+    with gzip.open(train_out + ".part", "wt") as tr, gzip.open(traffic + ".part", "wt") as tf:
+        for split in ("train", "dev"):
+            with gzip.open(os.path.join(data, f"{split}.jsonl.gz"), "rt") as f:
+                for line in f:
+                    r = json.loads(line)
+                    if leaves(r, split):
+                        r["source"] = name
+                        tf.write(json.dumps(r) + "\n")
+                        left += 1
+                    elif split == "train":
+                        tr.write(line)
+                        kept += 1
+    for part, final in ((train_out + ".part", train_out), (traffic + ".part", traffic)):
+        if left:
+            os.replace(part, final)
+        else:
+            os.remove(part)
+    return kept, left
 
 
 def train_and_run(bin_, data, work, ddir, tag, flags, traffic, source, rest):
