@@ -308,7 +308,10 @@ fn calibrate_recommends_a_floor_and_says_how_it_held() {
     let verify = r["verify"].as_str().expect("verify is a mode");
     let line = match verify {
         "always" => "[gateway] verify = \"always\": Verify every answer",
-        "borderline" => "[gateway] verify = \"borderline\": Verify where Route's pick is close",
+        "borderline" => {
+            "[gateway] verify = \"borderline\": Verify where Route's pick is close and a pricier \
+             model is rated above it"
+        }
         "never" => "[gateway] verify = \"never\": Route's pick ships",
         other => panic!("verify = {other:?}"),
     };
