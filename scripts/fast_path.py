@@ -28,9 +28,9 @@ DELTAS = [i / 100 for i in range(0, 41)]
 def margin(p, r, band=BAND):
     """The student's pick j and its stability, as `decide::RouteDecision::stability`: j over
     the bar (of the others' best when j is the best: its own fall lowers the bar), every
-    cheaper candidate under it, and, when a dearer one exists, the margin from the Verify
-    band and, inside it, the dearer ones' p from j's (`decide::worth_verifying`: a dearer one
-    rated above j recommends Verify) (candidates are in price order)."""
+    cheaper candidate under it, and, when a dearer one exists, how far `verify_recommended`
+    is from flipping: it needs the margin inside the Verify band and a dearer one rated above
+    j (`decide::worth_verifying`) (candidates are in price order)."""
     thr = r * max(p)
     j = rf.pick_rel(p, r)
     others = max((p[i] for i in range(len(p)) if i != j), default=None)
@@ -43,10 +43,12 @@ def margin(p, r, band=BAND):
     for i in range(j):
         m = min(m, thr - p[i])
     if j < len(p) - 1:
-        m = min(m, abs(abs(p[j] - thr) - band))
-        if abs(p[j] - thr) < band:
-            above = [x - p[j] for x in p[j + 1:]]
-            m = min(m, max(above) if max(above) > 0 else min(-d for d in above))
+        # verify_recommended needs the margin inside the band and a dearer one above j.
+        b = abs(abs(p[j] - thr) - band)
+        above = [x - p[j] for x in p[j + 1:]]
+        near, better = abs(p[j] - thr) < band, max(above) > 0
+        c = max(above) if better else min(-d for d in above)
+        m = min(m, min(b, c) if near and better else c if near else b if better else max(b, c))
     return j, m
 
 

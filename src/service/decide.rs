@@ -349,8 +349,9 @@ pub fn decide_route(
     let better_above = above.iter().any(|&d| d > 0.0);
     let near = margin.abs() < verify_band;
     let verify_recommended = reason != "utility" && worth_verifying(margin, verify_band, &above);
-    // The fast path must not flip `verify_recommended` either: through the margin crossing
-    // the band, or, inside it, through the pricier candidates' p crossing the pick's.
+    // The fast path must not flip `verify_recommended` either. It needs both the margin
+    // inside the band and a pricier candidate above the pick: on, it flips when either goes;
+    // off, when the missing one comes (both, when both are missing).
     let stability = if reason != "utility" && !above.is_empty() {
         let band = (margin.abs() - verify_band).abs();
         let cross = if better_above {
@@ -358,7 +359,12 @@ pub fn decide_route(
         } else {
             above.iter().map(|d| -d).fold(f64::INFINITY, f64::min)
         };
-        stability.min(if near { band.min(cross) } else { band })
+        stability.min(match (near, better_above) {
+            (true, true) => band.min(cross),
+            (true, false) => cross,
+            (false, true) => band,
+            (false, false) => band.max(cross),
+        })
     } else {
         stability
     };
@@ -589,6 +595,49 @@ mod tests {
             floor_given: true,
             relative_floor: None,
         }
+    }
+
+    /// What the fast path relies on: moving every candidate's p by less than half the
+    /// decision's stability changes neither the pick nor `verify_recommended` (a fixed seed,
+    /// as the fuzz targets, so every run tries the same inputs).
+    #[test]
+    fn stability_bounds_what_can_flip() {
+        use proptest::collection::vec;
+        use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+        let config = Config {
+            cases: 2000,
+            failure_persistence: None,
+            ..Config::default()
+        };
+        let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &[7; 32]);
+        let inputs = (
+            vec(0.05f64..0.95, 2..7),
+            0.8f64..1.0,
+            vec(-0.49f64..0.49, 7),
+        );
+        let cands = |q: &[f64]| -> Vec<Scored> {
+            (q.iter().enumerate())
+                .map(|(i, &x)| s(&format!("m{i}"), x, 1.0 + i as f64))
+                .collect()
+        };
+        TestRunner::new_with_rng(config, rng)
+            .run(&inputs, |(ps, r, moves)| {
+                let mut p = pol(0.5);
+                p.floor_given = false;
+                p.relative_floor = Some(r);
+                let d = decide_route(cands(&ps), &p, 0.1).unwrap();
+                if !(d.stability.is_finite() && d.stability > 1e-9) {
+                    return Ok(());
+                }
+                let moved: Vec<f64> = (ps.iter().zip(&moves))
+                    .map(|(x, m)| x + m * d.stability)
+                    .collect();
+                let e = decide_route(cands(&moved), &p, 0.1).unwrap();
+                proptest::prop_assert_eq!(d.chosen, e.chosen);
+                proptest::prop_assert_eq!(d.verify_recommended, e.verify_recommended);
+                Ok(())
+            })
+            .unwrap();
     }
 
     #[test]
