@@ -30,7 +30,8 @@ def margin(p, r, band=BAND):
     the bar (of the others' best when j is the best: its own fall lowers the bar), every
     cheaper candidate under it, and, when a dearer one exists, how far `verify_recommended`
     is from flipping: it needs the margin inside the Verify band and a dearer one rated above
-    j (`decide::worth_verifying`) (candidates are in price order)."""
+    j (`decide::worth_verifying`) (candidates are in price order: a later one counts as
+    dearer, where Route needs a strictly higher cost; the dev sources have no ties)."""
     thr = r * max(p)
     j = rf.pick_rel(p, r)
     others = max((p[i] for i in range(len(p)) if i != j), default=None)

@@ -3,8 +3,8 @@
 
 The sealed evaluation's first kind (multiple-choice with chain-of-thought answers, models seen
 in training) is new prompts of a source whose models the heads know, with a calibration fifth
-of a few hundred prompts. Dev alone is too small for that (dev MMLU-Pro: about 100 calibration
-prompts), and leave-one-task-out (scripts/loto.py) makes the task new too. Here a share of
+of its prompts (how many is not known here). Dev alone gives about 100 calibration prompts for
+MMLU-Pro, and leave-one-task-out (scripts/loto.py) makes the task new too. Here a share of
 SOURCE's train prompts leaves training:
 
 1. $WORK/data-lopo-<slug>/train.jsonl.gz: train rows without SOURCE's prompts whose

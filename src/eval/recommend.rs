@@ -159,9 +159,11 @@ impl Cascade {
         let (mut cost, mut hops) = (0.0, 0);
         loop {
             cost += p.cost[j];
-            // An answer Verify cannot read ships unverified, as the gateway does.
+            // An answer Verify cannot read ships unverified, as the gateway does; an empty one
+            // never ships from Verify, even at a threshold of 0.
+            let turned_down = |v: f64| p.empty[j] || !decide::ships(v, t);
             let v = match p.v[j] {
-                Some(v) if verifies(j) && hops < self.max_escalations && !decide::ships(v, t) => v,
+                Some(v) if verifies(j) && hops < self.max_escalations && turned_down(v) => v,
                 _ => return (cost, p.score[j]),
             };
             match decide::escalation_pick(&p.p, j, v) {
@@ -947,6 +949,12 @@ mod tests {
         lower.empty[0] = true;
         lower.v[0] = Some(0.0);
         assert_eq!(c.play(&lower, flow(VerifyMode::Borderline)), (11.0, 1.0));
+        // Even under a configured Verify threshold of 0, as the server never ships it.
+        let zero = Cascade {
+            verify_threshold: Some(0.0),
+            ..c.clone()
+        };
+        assert_eq!(zero.play(&lower, flow(VerifyMode::Borderline)), (11.0, 1.0));
         // ...and the answer it goes to is verified only as the gateway would: not here, where
         // Route did not ask for Verify and that answer is not empty (a low p_verify, 0.1,
         // would otherwise escalate it once more, to the top).
