@@ -138,7 +138,7 @@ for seed in range(DRAWS):
             while verifies(j) and hops < MAX_ESCALATIONS and j + 1 < len(p) \
                     and p[j][1] is not None:
                 calls += 1
-                if p[j][1] >= t:
+                if p[j][1] >= t and not p[j][4]:  # an empty answer never ships from Verify
                     break
                 k = escalation_pick(pr, j, p[j][1])
                 if k is None:
