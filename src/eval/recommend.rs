@@ -431,12 +431,16 @@ pub fn recommend(
     // The served default is one fixed flow, not picked on these prompts, so how it did on
     // them is a fair estimate of how it does on new ones: it stays a choice (first, so a tie
     // goes to a picked flow without Verify).
-    if let Some(d) =
-        default.filter(|d| (verify || d.verify == VerifyMode::Never) && !flows.contains(d))
-    {
+    let added = default.filter(|d| (verify || d.verify == VerifyMode::Never) && !flows.contains(d));
+    if let Some(d) = added {
         flows.insert(0, d);
     }
-    let crossed = cross(&flows);
+    // Route alone's half picks were made above; the same choices need not be made again.
+    let crossed = if verify_earned || added.is_some() {
+        cross(&flows)
+    } else {
+        alone
+    };
     let flow = pick_flow(&all, &flows, best, target, cascade);
     let chosen_verify = flow.map_or(VerifyMode::Never, |f| f.verify);
     let verifies = |m: VerifyMode| m != VerifyMode::Never;

@@ -441,9 +441,10 @@ impl Front {
             return None;
         }
         let answer = chat::answer(reply)?;
+        let empty = answer.trim().is_empty();
         // Route asks for Verify only where it could send the answer somewhere better; an
         // empty answer goes on from any pick.
-        if !(plan.verify || (plan.verify_empty && answer.trim().is_empty())) {
+        if !(plan.verify || (plan.verify_empty && empty)) {
             return None;
         }
         // Nothing pricier, or no escalations left: nothing to ask Verify.
@@ -468,7 +469,7 @@ impl Front {
             Ok(v) if !v.ship => v.escalate_to,
             Ok(_) => None,
             // Verify could not run on an empty answer: up the prices rather than ship nothing.
-            Err(e) if answer.trim().is_empty() => {
+            Err(e) if empty => {
                 tracing::warn!(error = %e, next = %next, "verify failed on an empty answer; escalating up the prices");
                 Some(next)
             }
