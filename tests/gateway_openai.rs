@@ -2,7 +2,8 @@
 //! Python client (scripts/gateway-clients.sh installs it) against the real server and model,
 //! with stand-in upstreams on loopback (tests/common/upstream.rs): routing to the cheap and
 //! the strong model, an answer the verifier escalates, failing upstreams (retried at the next
-//! tier, or returned as the upstream wrote them), the deadline, streams, and /v1/models.
+//! tier, or returned as the upstream wrote them), Verify failing, the deadline, streams, and
+//! /v1/models.
 mod common;
 
 use std::io::Write;
@@ -902,4 +903,82 @@ async fn the_front_logs_and_counts_each_request() {
         assert_eq!(l["status"], status, "{l}");
         assert_eq!(l["reason"], reason, "{l}");
     }
+}
+
+/// Verify failing after Route answered (the encoder errors from the moment flash is called):
+/// a non-empty answer ships unverified, an empty one goes up the prices instead; the client
+/// sees an answer either way, never Verify's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_verify_ships_the_answer_in_hand_but_never_an_empty_one() {
+    let stub = Stub::start("stub").await;
+    let http = format!("127.0.0.1:{}", free_port());
+    let cfg = config(&stub, &http);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiergate.toml");
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let control = dir.path().join("fault");
+    // No embedding cache: Verify's prompt would otherwise be served from Route's encoding.
+    let srv = Server::spawn_env(
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--backend",
+            "fault",
+            "--embedding-cache",
+            "0",
+        ],
+        &[
+            ("TIERGATE_FAULT_INJECTION", control.to_str().unwrap()),
+            ("TIERGATE_TEST_FLASH_KEY", "sk-test-flash"),
+            ("RUST_BACKTRACE", "0"),
+        ],
+    );
+    srv.ready().await;
+    let base = format!("http://{http}/v1");
+
+    // One case per client run: the encoder works for Route, and fails from the moment the
+    // stand-in has flash's call (held 1.5 s) until the case is answered.
+    let mut seen = serde_json::Map::new();
+    for (name, model, flash) in [
+        // `auto` on EASY: Route does not ask for Verify; the empty answer is verified anyway.
+        ("down_empty", "auto", ""),
+        // `auto:verified` verifies every answer.
+        ("down_answer", "auto:verified", "flash says 4"),
+    ] {
+        std::fs::write(&control, "ok").unwrap();
+        let c = case(
+            name,
+            model,
+            EASY,
+            json!({"answer": {"stub-flash": flash, "stub-sonnet": "4"},
+                "delay_ms": {"stub-flash": 1500}}),
+        );
+        let b = base.clone();
+        let client =
+            tokio::task::spawn_blocking(move || run_client("openai_cases.py", &b, vec![c]));
+        let t0 = std::time::Instant::now();
+        while !stub.models(name).iter().any(|m| m == "stub-flash") {
+            assert!(t0.elapsed().as_secs() < 60, "{name}: flash never called");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        std::fs::write(&control, "error").unwrap();
+        let r = client.await.unwrap();
+        seen.insert(name.into(), r[name].clone());
+    }
+    std::fs::write(&control, "ok").unwrap();
+
+    let de = &seen["down_empty"];
+    assert_eq!(de["model"], SONNET, "{de}");
+    assert_eq!(de["text"], "4");
+    assert_eq!(de["headers"]["x-tiergate-escalations"], "1");
+    assert_eq!(stub.models("down_empty"), ["stub-flash", "stub-sonnet"]);
+    let da = &seen["down_answer"];
+    assert_eq!(da["model"], FLASH, "{da}");
+    assert_eq!(da["text"], "flash says 4");
+    assert_eq!(da["headers"]["x-tiergate-escalations"], "0");
+    assert_eq!(stub.models("down_answer"), ["stub-flash"]);
+    // Verify did fail on the encoder, in each case (so neither answer is Verify's own decision).
+    let m = srv.metrics_text();
+    let faults = common::metric_sum(&m, "tiergate_backend_faults_total", &[("kind", "error")]);
+    assert!(faults >= Some(2.0), "{m}");
 }

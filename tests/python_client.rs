@@ -1,7 +1,8 @@
 //! clients/python (tiergate_client) against the real server and model on loopback, run with
 //! the venv of scripts/gateway-clients.sh: Route of an easy and a hard prompt, Verify of a
-//! usable and an unusable answer, the cascade helper escalating, Feedback by request id
-//! (seen in the server's metrics), and errors as TiergateError with the gRPC code.
+//! usable and an unusable answer, the cascade helper escalating (and going on while Verify
+//! is busy), Feedback by request id (seen in the server's metrics), and errors as
+//! TiergateError with the gRPC code.
 mod common;
 
 use std::io::Write;
@@ -152,6 +153,46 @@ async fn the_python_client_routes_verifies_and_cascades() {
         .unwrap()
         .contains("no-such-model"));
     assert_eq!(e["down"]["code"], "UNAVAILABLE", "{e}");
+}
+
+/// The cascade helper while Verify cannot answer in time (the server's encoder hangs from the
+/// first provider call on): the empty answer goes up the prices, the next answer ships
+/// unverified, and no error reaches the caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_cascade_goes_up_the_prices_when_verify_is_busy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let control = dir.path().join("fault");
+    // No embedding cache: Verify's prompt would otherwise be served from Route's encoding.
+    let srv = Server::spawn_env(
+        &["--backend", "fault", "--embedding-cache", "0"],
+        &[
+            ("TIERGATE_FAULT_INJECTION", control.to_str().expect("utf-8")),
+            ("RUST_BACKTRACE", "0"),
+        ],
+    );
+    srv.ready().await;
+    let o = run_python(
+        "tiergate_client_cases.py",
+        json!({"addr": srv.addr, "fault": control}),
+    );
+    // The routed model, then the next one up in Route's price order; neither answer was
+    // verified (no decision), and the second ships.
+    let by_price: Vec<&str> = o["by_price"]
+        .as_array()
+        .expect("by_price")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let routed = o["routed"].as_str().expect("routed");
+    let at = by_price
+        .iter()
+        .position(|m| *m == routed)
+        .expect("routed among the candidates");
+    assert_eq!(o["called"], json!([routed, by_price[at + 1]]), "{o}");
+    assert_eq!(o["answer"], "The answer is B.");
+    assert_eq!(o["escalations"], 1);
+    // No decision: both Verify calls ran out of time (any other failure raises in the script).
+    assert_eq!(o["decisions"], json!([null, null]));
 }
 
 /// tiergate_client.litellm.TiergateRouting as a real litellm.Router's routing strategy

@@ -1,6 +1,7 @@
 """Drives clients/python's tiergate_client against a real server (tests/python_client.rs
 starts it, with feedback on) and prints what it observed, as JSON, on the last line. Input
-(stdin): {"addr": "host:port", "dead_addr": "host:port with nothing listening"}."""
+(stdin): {"addr": "host:port", "dead_addr": "host:port with nothing listening"}, or
+{"addr": ..., "fault": path} for the busy-Verify case against a server on the fault backend."""
 import json
 import sys
 
@@ -23,8 +24,35 @@ def error(f):
     return None
 
 
+def busy(spec):
+    """The cascade while Verify cannot answer: the encoder hangs from the first provider call
+    on (the fault backend's control file), so each Verify passes the client's 1 s timeout.
+    The empty answer goes up the prices; the next one ships unverified."""
+    called = []
+
+    def set_mode(mode):
+        with open(spec["fault"], "w") as f:
+            f.write(mode)
+
+    def call_model(model):
+        called.append(model)
+        set_mode("hang")
+        return "" if len(called) == 1 else GOOD
+
+    with Client(spec["addr"], timeout=1.0) as c:
+        res = c.cascade(EASY, call_model=call_model, verify="always")
+        set_mode("ok")
+        r = c.route(EASY)
+    return {"called": called, "routed": r.model, "by_price": [x.model for x in r.candidates],
+            "answer": res.answer, "escalations": res.escalations,
+            "decisions": [a.decision for a in res.attempts]}
+
+
 def main():
     spec = json.load(sys.stdin)
+    if "fault" in spec:
+        print(json.dumps(busy(spec)))
+        return
     out = {}
     with Client(spec["addr"], timeout=30, metadata=[("x-request-source", "python-client-test")]) as c:
         out["health"] = c.health()
