@@ -982,3 +982,67 @@ async fn a_failing_verify_ships_the_answer_in_hand_but_never_an_empty_one() {
     let faults = common::metric_sum(&m, "tiergate_backend_faults_total", &[("kind", "error")]);
     assert!(faults >= Some(2.0), "{m}");
 }
+
+/// SIGTERM while the front waits on an upstream, long after start: the request still gets its
+/// answer within drain.timeout_s, counted from when the listener closed (it was counted from
+/// start, which left a server up longer than the timeout 1 s for its HTTP requests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_long_after_start_still_answers_the_front_in_flight() {
+    let stub = Stub::start("stub").await;
+    let http = format!("127.0.0.1:{}", free_port());
+    let cfg = config(&stub, &http);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiergate.toml");
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let mut srv = Server::spawn_env(
+        &["--config", path.to_str().unwrap()],
+        &[
+            ("TIERGATE_TEST_FLASH_KEY", "sk-test-flash"),
+            ("TIERGATE_DRAIN_LAME_DUCK_S", "0"),
+            ("TIERGATE_DRAIN_TIMEOUT_S", "4"),
+        ],
+    );
+    srv.ready().await;
+    // Up longer than drain.timeout_s before the signal.
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let body = case(
+        "drain",
+        "auto:fast",
+        EASY,
+        json!({"answer": {"stub-flash": "4"}, "delay_ms": {"stub-flash": 2500}}),
+    );
+    let mut body = body;
+    body["stub"] = body["extra_body"]["stub"].take();
+    for k in ["name", "extra_body"] {
+        body.as_object_mut().unwrap().remove(k);
+    }
+    let url = format!("http://{http}/v1/chat/completions");
+    let sent = tokio::spawn(async move {
+        let r = reqwest::Client::new()
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await?;
+        let status = r.status();
+        let bytes = r.bytes().await?;
+        Ok::<_, reqwest::Error>((
+            status,
+            serde_json::from_slice::<Value>(&bytes).unwrap_or_default(),
+        ))
+    });
+    let t0 = std::time::Instant::now();
+    while stub.models("drain").is_empty() {
+        assert!(t0.elapsed().as_secs() < 60, "flash never called");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    srv.sigterm();
+    let (status, reply) = sent
+        .await
+        .unwrap()
+        .expect("the front answered through the drain");
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["choices"][0]["message"]["content"], "4", "{reply}");
+    let st = srv.wait_exit(std::time::Duration::from_secs(60));
+    assert!(st.success(), "{st:?}");
+}

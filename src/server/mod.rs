@@ -181,6 +181,10 @@ pub async fn serve_with(
     let (health_down, svc_down) = (health.clone(), svc.clone());
     let lame_duck = Duration::from_secs(cfg.drain.lame_duck_s);
     let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    // When the listener closed: attached listeners get what is left of drain.timeout_s from
+    // then, not from the start of serving.
+    let drain_began = Arc::new(std::sync::OnceLock::new());
+    let drain_began_set = drain_began.clone();
     let mut builder = tonic::transport::Server::builder();
     if cfg.max_connection_age_s > 0 {
         // At this age tonic sends GOAWAY; the connection closes once its open requests end and
@@ -217,6 +221,7 @@ pub async fn serve_with(
         tokio::time::sleep(lame_duck).await;
         tracing::info!("closing the listener: draining");
         router_drain.begin_drain();
+        let _ = drain_began_set.set(std::time::Instant::now());
         drain_tx.send_replace(true);
         let _ = closed_tx.send(());
     };
@@ -235,12 +240,10 @@ pub async fn serve_with(
         }
     };
     let limit = Duration::from_secs(cfg.drain.timeout_s);
-    let t0 = std::time::Instant::now();
     let complete = lifecycle::bounded_drain(server, closed_rx, limit, &svc).await?;
     for t in attached.tasks {
-        let left = limit
-            .saturating_sub(t0.elapsed())
-            .max(Duration::from_secs(1));
+        let since = drain_began.get().map_or(Duration::ZERO, |t0| t0.elapsed());
+        let left = limit.saturating_sub(since).max(Duration::from_secs(1));
         match tokio::time::timeout(left, t).await {
             Ok(Err(e)) => tracing::error!(error = %e, "an attached listener ended abnormally"),
             Err(_) => tracing::warn!("an attached listener did not finish draining in time"),
