@@ -84,11 +84,39 @@ async fn feedback_is_refitted_persisted_and_swapped_in() {
             ..outcome("", 1.0)
         },
         outcome("", 1.0),
+        // Request ids are at most 256 bytes (each remembered one is kept twice).
+        proto::FeedbackRequest {
+            request_id: "r".repeat(257),
+            ..outcome("x", 1.0)
+        },
     ];
     for b in bad {
         let e = c.feedback(b.clone()).await.expect_err("must be refused");
         assert_eq!(e.code(), Code::InvalidArgument, "{b:?}: {e}");
     }
+
+    // A Route refused for its policy is not remembered: feedback by its id is unknown.
+    let refused = c
+        .route(proto::RouteRequest {
+            request_id: "req-refused".into(),
+            input: Some(Input::Prompt("What is 6 * 9?".into())),
+            policy: Some(proto::Policy {
+                quality_floor: Some(2.0),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a floor of 2 is refused");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused}");
+    let e = c
+        .feedback(proto::FeedbackRequest {
+            request_id: "req-refused".into(),
+            ..outcome("", 1.0)
+        })
+        .await
+        .expect_err("never remembered");
+    assert!(e.message().contains("unknown request_id"), "{e}");
 
     // By request id: the server remembers the Route's prompt.
     c.route(proto::RouteRequest {
@@ -115,13 +143,28 @@ async fn feedback_is_refitted_persisted_and_swapped_in() {
         .map(|i| outcome(&format!("Question {i}: what is {i} squared, and why?"), 0.0))
         .collect();
     items.insert(7, outcome("bad item", -1.0));
+    // An over-long id comes back in the error cut to 256 bytes (at a character boundary).
+    let long_id = format!("a{}", "é".repeat(1000));
+    items.insert(
+        9,
+        proto::FeedbackRequest {
+            request_id: long_id.clone(),
+            ..outcome("bad id", 1.0)
+        },
+    );
     let r = c
         .feedback_stream(futures::stream::iter(items))
         .await
         .expect("stream")
         .into_inner();
-    assert_eq!((r.accepted, r.errors.len()), (40, 1));
+    assert_eq!((r.accepted, r.errors.len()), (40, 2));
     assert_eq!(r.errors[0].code, Code::InvalidArgument as i32);
+    let cut = &r.errors[1].request_id;
+    assert_eq!(r.errors[1].code, Code::InvalidArgument as i32);
+    assert!(
+        cut.len() <= 256 && long_id.starts_with(cut.as_str()),
+        "{cut}"
+    );
 
     // A re-fit pass (the periodic one is an hour away here; Admin/Refit runs one now) swaps
     // the model's new parameters in.

@@ -184,6 +184,32 @@ async fn client_text_is_clipped_and_model_lists_are_capped() {
         assert!(e.message().contains("over 256 bytes"), "{}", e.message());
     }
 
+    // Request ids: at most 256 bytes, on Route and Verify alike.
+    c.route(proto::RouteRequest {
+        request_id: "i".repeat(256),
+        ..route("hi there", vec![])
+    })
+    .await
+    .expect("a 256-byte request id");
+    for e in [
+        c.route(proto::RouteRequest {
+            request_id: "i".repeat(257),
+            ..route("hi there", vec![])
+        })
+        .await
+        .expect_err("257-byte request id"),
+        c.verify(proto::VerifyRequest {
+            request_id: "i".repeat(1 << 20),
+            ..verify(&known, vec![])
+        })
+        .await
+        .expect_err("1 MiB request id"),
+    ] {
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("request_id"), "{}", e.message());
+        assert!(e.message().len() < 300, "{}", e.message());
+    }
+
     // Candidates: 64 pass (duplicates of a known model), 65 do not.
     let n = |k| vec![known.clone(); k];
     c.route(route("hi there", n(64)))

@@ -203,7 +203,13 @@ fn trace_of<T>(req: &Request<T>) -> Option<TraceParent> {
     TraceParent::parse(req.metadata().get("traceparent")?.to_str().ok()?)
 }
 
-fn stream_error(request_id: String, e: &ServiceError) -> proto::StreamError {
+fn stream_error(mut request_id: String, e: &ServiceError) -> proto::StreamError {
+    // Up to MAX_ERRORS of these go back in one reply: an over-long id is cut (at a character).
+    let mut end = request_id.len().min(crate::service::MAX_REQUEST_ID_BYTES);
+    while !request_id.is_char_boundary(end) {
+        end -= 1;
+    }
+    request_id.truncate(end);
     proto::StreamError {
         request_id,
         code: classify(e).0 as i32,
@@ -293,7 +299,7 @@ impl Router for Arc<RouterService> {
                 .await;
             span.in_scope(|| observe("FeedbackStream", t0, &res));
             match res {
-                Ok(()) => accepted += 1,
+                Ok(()) => accepted = accepted.saturating_add(1),
                 Err(e) if errors.len() < MAX_ERRORS => errors.push(stream_error(id, &e)),
                 Err(_) => {}
             }

@@ -39,6 +39,9 @@ impl Service {
                 q.score
             )));
         }
+        if let Err(e) = Self::check_request_id(&q.request_id) {
+            return reject(e);
+        }
         if d.catalog.get(&q.model).is_none() {
             return reject(ServiceError::InvalidArgument(format!(
                 "unknown model {}: feedback is for catalog models (see Info)",

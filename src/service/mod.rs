@@ -43,6 +43,9 @@ pub const MAX_PEERS: usize = 8;
 pub const MAX_CANDIDATES: usize = 64;
 /// Bytes of one model name (the model, a candidate, a peer's model).
 pub const MAX_MODEL_BYTES: usize = 256;
+/// Bytes of a request id: ids are remembered for Feedback (two copies each, up to
+/// `feedback.remember_requests` of them) and echoed in replies.
+pub const MAX_REQUEST_ID_BYTES: usize = 256;
 
 /// One per process: the pipeline, and the decider (heads, overlays, catalog, policy) that
 /// turns embeddings into decisions, swapped whole on reload; and whether warm-up has run.
@@ -177,6 +180,17 @@ impl Service {
         Ok(())
     }
 
+    /// A request id within [`MAX_REQUEST_ID_BYTES`].
+    fn check_request_id(id: &str) -> Result<(), ServiceError> {
+        if id.len() > MAX_REQUEST_ID_BYTES {
+            return Err(ServiceError::InvalidArgument(format!(
+                "request_id {} is over {MAX_REQUEST_ID_BYTES} bytes",
+                clip(id)
+            )));
+        }
+        Ok(())
+    }
+
     /// Bounds on the model names of a request, checked before any lookup.
     fn check_models<'a>(
         models: impl IntoIterator<Item = &'a String>,
@@ -210,18 +224,20 @@ impl Service {
             .ok_or_else(|| ServiceError::InvalidArgument("prompt or messages is required".into()))?
             .into_text();
         self.check_text("prompt", &text, false)?;
+        Self::check_request_id(&q.request_id)?;
         Self::check_models([], &q.candidates)?;
         let d = self.decider();
-        if d.cfg.feedback.enabled() && !q.request_id.is_empty() {
-            self.store()
-                .remember(&q.request_id, &text, d.cfg.feedback.remember_requests);
-        }
         let pol = policy::effective(q.policy.as_ref(), &d.policy, d.default_floor())?;
         let cands = d.catalog.resolve(&q.candidates)?;
         if let Some(0) = q.expected_output_tokens {
             return Err(ServiceError::InvalidArgument(
                 "expected_output_tokens must be > 0".into(),
             ));
+        }
+        // Remembered for Feedback only once the request is known to be valid.
+        if d.cfg.feedback.enabled() && !q.request_id.is_empty() {
+            self.store()
+                .remember(&q.request_id, &text, d.cfg.feedback.remember_requests);
         }
         let prompt_tokens = policy::proxy_tokens(text.len());
         let decide = |emb: &[f32]| {
@@ -328,6 +344,7 @@ impl Service {
         self.check_ready()?;
         self.check_text("prompt", &q.prompt, false)?;
         self.check_text("answer", &q.answer, true)?;
+        Self::check_request_id(&q.request_id)?;
         if q.peers.len() > MAX_PEERS {
             return Err(ServiceError::InvalidArgument(format!(
                 "{} peer answers; at most {MAX_PEERS}",
