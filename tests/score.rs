@@ -1,5 +1,6 @@
 //! `tiergate score`, the evaluation interface: exact output shape and order, optional fields,
-//! rows without a response, malformed lines, and run-time calibration of a model never seen.
+//! rows without a response, malformed lines, heads of another width than the encoder, and
+//! run-time calibration of a model never seen.
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -265,5 +266,54 @@ fn calibration_frees_a_known_models_level_when_its_traffic_differs() {
                 "{name}: {chosen}"
             );
         }
+    }
+}
+
+/// Heads of another embedding width than the encoder's are a clear error in `score` and
+/// `calibrate` alike, before any row is embedded (calibrate used to read the heads' vectors
+/// out of bounds and panic).
+#[test]
+fn heads_of_another_width_are_refused_by_the_offline_tools() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut h: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("models/heads.json")).unwrap())
+            .unwrap();
+    // A consistent heads file of width 8: every vector resized, trees dropped.
+    let dim = 8;
+    let k = h["router"]["k"].as_u64().unwrap() as usize;
+    h["dim"] = dim.into();
+    h["router"]["proj"] = vec![0.0; k * dim].into();
+    h["router"]["easiness"]["w"] = vec![0.0; dim].into();
+    h["verifier"]["head"]["w"] = vec![0.0; tiergate::model::heads::verify_dim(dim)].into();
+    h["verifier"].as_object_mut().unwrap().remove("trees");
+    let heads = dir.path().join("heads8.json");
+    std::fs::write(&heads, h.to_string()).unwrap();
+    tiergate::model::Heads::load(&heads).expect("a valid heads file of width 8");
+
+    let data = dir.path().join("rows.jsonl");
+    write_jsonl(&data, &dev_rows(20));
+    let out = dir.path().join("out.jsonl");
+    let (h8, d, o) = (
+        heads.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    for args in [
+        vec!["score", "--heads", h8, "--data", d, "--out", o],
+        vec!["calibrate", "--heads", h8, "--data", d, "--out", o],
+    ] {
+        let r = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+            .current_dir(root)
+            .args(&args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "{args:?}");
+        assert!(
+            err.contains("heads have dim 8 but the encoder") && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
     }
 }

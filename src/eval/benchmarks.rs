@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 
 use super::data::{read_rows, Row};
-use super::score::{offline_encoder, Embedder, EncoderArgs, Kind};
+use super::score::{encoder_for, Embedder, EncoderArgs, Kind};
 use super::util::hash_str;
 use crate::model::benchmarks::{BenchmarkFeatures, Benchmarks, BENCHMARKS_FORMAT};
 use crate::model::Heads;
@@ -56,7 +56,7 @@ pub fn run(a: BenchmarksArgs) -> Result<()> {
                 .or_insert(r.prompt.as_str());
         }
     }
-    let enc = offline_encoder(&a.encoder, heads.max_answer_tokens)?;
+    let enc = encoder_for(&a.encoder, &heads, &a.heads)?;
     let emb = Embedder {
         enc: &enc,
         cache_dir: None,

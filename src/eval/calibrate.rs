@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 
 use super::data::{read_rows, Row};
 use super::recommend::{describe, recommend_floors, Floor};
-use super::score::{adapt, offline_encoder, Embedder, EncoderArgs, RowFeatures};
+use super::score::{adapt, encoder_for, Embedder, EncoderArgs, RowFeatures};
 use crate::model::overlay::{Overlay, OverlayModel, OVERLAY_FORMAT};
 use crate::model::Heads;
 
@@ -64,7 +64,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
             None => bail!("{} row {}: no score to learn from", a.data.display(), i + 1),
         }
     }
-    let enc = offline_encoder(&a.encoder, heads.max_answer_tokens)?;
+    let enc = encoder_for(&a.encoder, &heads, &a.heads)?;
     let emb = Embedder {
         enc: &enc,
         cache_dir: a.cache_dir.clone(),

@@ -16,7 +16,7 @@ use super::data::{read_rows, Row};
 use super::fit;
 use super::knn::KnnIndex;
 use super::plot;
-use super::score::{offline_encoder, score_with, Embedder, EncoderArgs, RowFeatures};
+use super::score::{encoder_for, score_with, Embedder, EncoderArgs, RowFeatures};
 use super::util::{hash_str, judge_gaming};
 use crate::model::heads::Heads;
 pub use crate::service::decide::{cascade_stop, route_pick, utility_pick};
@@ -505,7 +505,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .map(|s| plan_source(s, &rows, &train, a.max_prompts, a.seed))
         .collect::<Result<_>>()?;
 
-    let enc = offline_encoder(&a.encoder, heads.max_answer_tokens)?;
+    let enc = encoder_for(&a.encoder, &heads, &a.heads)?;
     if !enc.fits_revision(&heads.encoder_revision) {
         eprintln!(
             "warning: heads were fitted on encoder {} but {} is {}",

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -899,20 +899,27 @@ pub fn offline_encoder(e: &EncoderArgs, max_answer_tokens: usize) -> Result<Text
     TextPipeline::start(&cfg)
 }
 
+/// [`offline_encoder`] for `heads` (read from `heads_path`): refused when the two disagree on
+/// the embedding width (the heads' vectors would be read out of bounds).
+pub fn encoder_for(e: &EncoderArgs, heads: &Heads, heads_path: &Path) -> Result<TextPipeline> {
+    let enc = offline_encoder(e, heads.max_answer_tokens)?;
+    if enc.dim() != heads.dim {
+        anyhow::bail!(
+            "{}: heads have dim {} but the encoder in {} has {}",
+            heads_path.display(),
+            heads.dim,
+            e.model_dir.display(),
+            enc.dim()
+        );
+    }
+    Ok(enc)
+}
+
 pub fn run(a: ScoreArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut heads = Heads::load(&a.heads)?;
     let rows = read_rows(&a.data)?;
-    let enc = offline_encoder(&a.encoder, heads.max_answer_tokens)?;
-    if enc.dim() != heads.dim {
-        anyhow::bail!(
-            "{}: heads have dim {} but the encoder in {} has {}",
-            a.heads.display(),
-            heads.dim,
-            a.encoder.model_dir.display(),
-            enc.dim()
-        );
-    }
+    let enc = encoder_for(&a.encoder, &heads, &a.heads)?;
     let emb = Embedder {
         enc: &enc,
         cache_dir: a.cache_dir.clone(),

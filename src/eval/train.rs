@@ -279,13 +279,18 @@ fn model_infos(
             .get(m)
             .with_context(|| format!("model {m} is missing from catalog.json"))?;
         let rows: Vec<&Row> = train.iter().filter(|r| &r.model == m).collect();
-        let tok: u64 = rows.iter().map(|r| r.response_tokens.unwrap_or(1)).sum();
+        // Token counts come from the file: saturate rather than overflow.
+        let tok = rows
+            .iter()
+            .map(|r| r.response_tokens.unwrap_or(1))
+            .fold(0u64, u64::saturating_add);
         models.insert(
             m.clone(),
             ModelInfo {
                 in_usd_per_mtok: price.in_usd_per_mtok,
                 out_usd_per_mtok: price.out_usd_per_mtok,
-                mean_output_tokens: (tok / rows.len().max(1) as u64).max(1) as u32,
+                mean_output_tokens: (tok / rows.len().max(1) as u64).clamp(1, u32::MAX.into())
+                    as u32,
                 train_rows: rows.len(),
                 pass_fail: Some(
                     rows.iter()

@@ -427,6 +427,12 @@ impl MiniLm {
             cfg.hidden_size,
             cfg.num_attention_heads
         );
+        // Zero would pass the weight shape checks and panic splitting rows (chunks of 0).
+        ensure!(
+            cfg.intermediate_size > 0,
+            "{}: intermediate_size must be > 0",
+            cfg_path.display()
+        );
 
         let st_path = dir.join("model.safetensors");
         let file =
@@ -1161,6 +1167,32 @@ pub fn mean_pool_normalize(x: &[f32], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A config.json with a zero size is refused with the field named, before any weights are
+    /// read (a zero intermediate_size used to panic splitting rows).
+    #[test]
+    fn zero_sizes_in_config_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = serde_json::json!({
+            "hidden_act": "gelu", "hidden_size": 384, "intermediate_size": 1536,
+            "layer_norm_eps": 1e-12, "max_position_embeddings": 512,
+            "num_attention_heads": 12, "num_hidden_layers": 6,
+            "position_embedding_type": "absolute", "type_vocab_size": 2, "vocab_size": 30522
+        });
+        for (field, want) in [
+            ("intermediate_size", "intermediate_size must be > 0"),
+            ("hidden_size", "not divisible"),
+        ] {
+            let mut cfg = base.clone();
+            cfg[field] = 0.into();
+            std::fs::write(dir.path().join("config.json"), cfg.to_string()).expect("write");
+            let e = MiniLm::load(dir.path()).err().map(|e| format!("{e:#}"));
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains(want)),
+                "{field}: {e:?}"
+            );
+        }
+    }
 
     #[test]
     fn erf_matches_reference_values() {

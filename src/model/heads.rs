@@ -92,6 +92,21 @@ pub struct VerifierHead {
 }
 
 impl VerifierHead {
+    /// `width` finite weights, finite scalars and valid trees: what the heads file and an
+    /// overlay's re-fitted verifier must both hold (a non-finite one makes every p NaN).
+    pub fn validate(&self, width: usize) -> Result<()> {
+        if self.head.w.len() != width
+            || !self.head.w.iter().all(|x| x.is_finite())
+            || !self.head.b.is_finite()
+            || !self.platt_a.is_finite()
+            || !self.platt_b.is_finite()
+            || !self.router_coef.is_finite()
+        {
+            bail!("verifier: expected {width} finite weights and finite scalars");
+        }
+        self.trees.validate(width).context("verifier.trees")
+    }
+
     /// The logit before Platt scaling: linear head plus trees.
     pub fn raw_logit(&self, x: &[f32]) -> f32 {
         self.head.logit(x) + self.trees.margin(x)
@@ -183,6 +198,10 @@ impl Heads {
             );
         }
         let r = &self.router;
+        // Zero sizes would pass the length checks below and panic later (chunks of 0).
+        if self.dim == 0 || r.k == 0 {
+            bail!("dim = {} and router.k = {} must both be > 0", self.dim, r.k);
+        }
         let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
         // Checked: k and dim come from the file, and a wrapped product could match proj's length.
         let proj_len = r.k.checked_mul(self.dim);
@@ -205,18 +224,7 @@ impl Heads {
                 bail!("router ability {name}: expected {} finite values", r.k);
             }
         }
-        let nv = verify_dim(self.dim);
-        let v = &self.verifier;
-        if v.head.w.len() != nv
-            || !finite(&v.head.w)
-            || !v.head.b.is_finite()
-            || !v.platt_a.is_finite()
-            || !v.platt_b.is_finite()
-            || !v.router_coef.is_finite()
-        {
-            bail!("verifier: expected {nv} finite weights");
-        }
-        v.trees.validate(nv).context("verifier.trees")?;
+        self.verifier.validate(verify_dim(self.dim))?;
         check_thresholds(&self.verify_thresholds)?;
         if let Some(f) = self.default_quality_floor {
             if !(0.0..=1.0).contains(&f) {
@@ -525,6 +533,31 @@ mod tests {
         assert!(
             valid > out_of_range,
             "valid {valid} vs out of range {out_of_range}"
+        );
+        Ok(())
+    }
+
+    /// A heads file with router.k = 0 (its vectors emptied to match) is refused on load; it
+    /// used to pass and panic when priors were projected (chunks of 0).
+    #[test]
+    fn zero_sizes_are_refused() -> Result<()> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/models/heads.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+        let r = &mut v["router"];
+        r["k"] = 0.into();
+        r["proj"] = serde_json::json!([]);
+        r["prior"]["u"] = serde_json::json!([]);
+        if let Some(models) = r["models"].as_object_mut() {
+            for m in models.values_mut() {
+                m["u"] = serde_json::json!([]);
+            }
+        }
+        let e = Heads::from_json(&v.to_string())
+            .err()
+            .map(|e| format!("{e:#}"));
+        assert!(
+            e.as_deref().is_some_and(|e| e.contains("must both be > 0")),
+            "{e:?}"
         );
         Ok(())
     }

@@ -105,14 +105,7 @@ impl Overlay {
             }
         }
         if let Some(v) = &self.verifier {
-            let want = super::heads::verify_dim(heads.dim);
-            if v.head.w.len() != want {
-                bail!(
-                    "verifier: {} weights, the heads need {want}",
-                    v.head.w.len()
-                );
-            }
-            v.trees.validate(want).context("verifier.trees")?;
+            v.validate(super::heads::verify_dim(heads.dim))?;
         }
         if let Some(m) = &self.memory {
             m.validate(heads.dim)?;
@@ -148,6 +141,37 @@ impl Overlay {
         if let Some(t) = &self.verify_thresholds {
             heads.set_verify_thresholds(t.clone());
         }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A re-fitted verifier with a non-finite scalar (JSON's 1e39 reads as an f32 infinity)
+    /// is refused: it would make every Verify p NaN.
+    #[test]
+    fn a_non_finite_verifier_is_refused() -> Result<()> {
+        let heads = Heads::load(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/models/heads.json"
+        )))?;
+        let text = serde_json::json!({
+            "format": OVERLAY_FORMAT,
+            "heads_revision": heads.revision,
+            "prior": { "u": vec![0.0; heads.router.k], "b": 0.0 },
+            "models": {},
+            "verifier": heads.verifier,
+        })
+        .to_string();
+        Overlay::from_json(&text)?.validate(&heads)?;
+        let mut v: serde_json::Value = serde_json::from_str(&text)?;
+        v["verifier"]["platt_a"] = 1e39.into();
+        let o = Overlay::from_json(&v.to_string())?;
+        assert!(o.verifier.as_ref().is_some_and(|v| v.platt_a.is_infinite()));
+        let e = o.validate(&heads).err().map(|e| format!("{e:#}"));
+        assert!(e.as_deref().is_some_and(|e| e.contains("finite")), "{e:?}");
         Ok(())
     }
 }
