@@ -768,6 +768,25 @@ async fn the_openai_client_gets_the_cascade() {
     let err: Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
     assert_eq!(err["error"]["type"], "request_too_large", "{err}");
     assert!(stub.calls("big").is_empty());
+    // Turns: at most 4096 (a small body of empty turns is not multiplied into memory).
+    let empty_turns = vec![json!({}); 4097];
+    let many = json!({"model": FLASH, "stub": {"case": "many"}, "messages": empty_turns});
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/chat/completions"))
+        .header("content-type", "application/json")
+        .body(many.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let err: Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("at most 4096")),
+        "{err}"
+    );
+    assert!(stub.calls("many").is_empty());
 
     // Routes through the front count in the cost metrics as gRPC ones do: the hard prompt
     // was routed (to opus) only here.

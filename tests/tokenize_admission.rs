@@ -210,6 +210,41 @@ async fn client_text_is_clipped_and_model_lists_are_capped() {
         assert!(e.message().len() < 300, "{}", e.message());
     }
 
+    // Chat turns: at most 4096 per request, on Route and Verify alike.
+    let turns = |n: usize| proto::Messages {
+        messages: vec![
+            proto::ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            };
+            n
+        ],
+    };
+    c.route(proto::RouteRequest {
+        input: Some(Input::Messages(turns(4096))),
+        ..Default::default()
+    })
+    .await
+    .expect("4096 turns");
+    for e in [
+        c.route(proto::RouteRequest {
+            input: Some(Input::Messages(turns(4097))),
+            ..Default::default()
+        })
+        .await
+        .expect_err("4097 turns"),
+        c.verify(proto::VerifyRequest {
+            prompt: String::new(),
+            messages: Some(turns(100_000)),
+            ..verify(&known, vec![])
+        })
+        .await
+        .expect_err("100000 turns"),
+    ] {
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("at most 4096"), "{}", e.message());
+    }
+
     // Candidates: 64 pass (duplicates of a known model), 65 do not.
     let n = |k| vec![known.clone(); k];
     c.route(route("hi there", n(64)))

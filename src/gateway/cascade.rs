@@ -105,7 +105,7 @@ impl Front {
         let order = callable(&d);
         let turns = chat::turns(body)?;
         let input = RouteInput::Messages(turns);
-        let prompt = input.clone().into_text();
+        let prompt = input.text();
         match ask {
             Ask::Named(m) => {
                 if !order.contains(&m) {

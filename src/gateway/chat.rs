@@ -5,6 +5,7 @@
 use serde_json::Value;
 
 use super::status::GatewayError;
+use crate::service::MAX_MESSAGES;
 
 /// What a request's `model` asks for.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,6 +49,12 @@ pub fn turns(body: &Value) -> Result<Vec<(String, String)>, GatewayError> {
         .ok_or_else(|| bad("`messages` (an array) is required"))?;
     if msgs.is_empty() {
         return Err(bad("`messages` is empty"));
+    }
+    if msgs.len() > MAX_MESSAGES {
+        return Err(bad(&format!(
+            "{} messages; at most {MAX_MESSAGES}",
+            msgs.len()
+        )));
     }
     msgs.iter()
         .map(|m| {

@@ -192,7 +192,7 @@ impl Exchange {
         let (pol, _, _) = policy(g, name.as_deref())?;
         let turns = chat::turns(&json)?;
         let input = RouteInput::Messages(turns);
-        let prompt_bytes = input.clone().into_text().len();
+        let prompt_bytes = input.text().len();
         let deadline = Instant::now() + Duration::from_millis(g.ext_proc_route_ms);
         // With upstreams configured, only those; else the catalog.
         let o = svc

@@ -8,7 +8,7 @@ use crate::policy::PolicyRequest;
 use crate::proto;
 use crate::service::{
     FeedbackQuery, PeerAnswer, RouteInput, RouteOutcome, RouteQuery, Service, ServiceError,
-    Timings, VerifyOutcome, VerifyQuery,
+    Timings, VerifyOutcome, VerifyQuery, MAX_MESSAGES,
 };
 
 fn ms(d: Duration) -> f64 {
@@ -55,24 +55,31 @@ fn timings(t: Timings) -> proto::Timings {
     }
 }
 
-/// A conversation as Route and Verify both read it.
-fn messages(ms: proto::Messages) -> RouteInput {
-    RouteInput::Messages(
+/// A conversation as Route and Verify both read it, at most [`MAX_MESSAGES`] turns.
+fn messages(ms: proto::Messages) -> Result<RouteInput, ServiceError> {
+    if ms.messages.len() > MAX_MESSAGES {
+        return Err(ServiceError::InvalidArgument(format!(
+            "{} messages; at most {MAX_MESSAGES}",
+            ms.messages.len()
+        )));
+    }
+    Ok(RouteInput::Messages(
         ms.messages
             .into_iter()
             .map(|m| (m.role, m.content))
             .collect(),
-    )
+    ))
 }
 
 pub fn route_query(
     r: proto::RouteRequest,
     deadline: Option<Instant>,
 ) -> Result<RouteQuery, ServiceError> {
-    let input = r.input.map(|i| match i {
-        proto::route_request::Input::Prompt(p) => RouteInput::Prompt(p),
-        proto::route_request::Input::Messages(ms) => messages(ms),
-    });
+    let input = match r.input {
+        Some(proto::route_request::Input::Prompt(p)) => Some(RouteInput::Prompt(p)),
+        Some(proto::route_request::Input::Messages(ms)) => Some(messages(ms)?),
+        None => None,
+    };
     Ok(RouteQuery {
         truncation: truncation(r.truncation)?,
         priority: priority(r.priority)?,
@@ -121,7 +128,7 @@ pub fn verify_query(
                 "give prompt or messages, not both".into(),
             ))
         }
-        Some(ms) => messages(ms).into_text(),
+        Some(ms) => messages(ms)?.into_text(),
         None => r.prompt,
     };
     Ok(VerifyQuery {

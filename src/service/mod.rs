@@ -24,7 +24,7 @@ pub use decider::Decider;
 pub use error::ServiceError;
 pub use types::{
     FeedbackQuery, PeerAnswer, RouteInput, RouteOutcome, RouteQuery, Timings, VerifyOutcome,
-    VerifyQuery,
+    VerifyQuery, MAX_MESSAGES,
 };
 
 use crate::base::clip;

@@ -17,17 +17,37 @@ pub enum RouteInput {
     Messages(Vec<(String, String)>),
 }
 
+/// Chat turns one request may carry. The encoder reads a conversation's head and tail
+/// anyway; the bound keeps a body of empty turns (a few bytes each on the wire) from
+/// multiplying into memory as it is converted.
+pub const MAX_MESSAGES: usize = 4096;
+
 impl RouteInput {
     /// The text the encoder reads. Role-tagged turns: head+tail truncation then keeps the
     /// system prompt and the latest user turn, the parts that decide difficulty.
+    pub fn text(&self) -> String {
+        match self {
+            RouteInput::Prompt(p) => p.clone(),
+            RouteInput::Messages(ms) => {
+                let mut out = String::new();
+                for (i, (role, content)) in ms.iter().enumerate() {
+                    if i > 0 {
+                        out.push('\n');
+                    }
+                    out.push_str(role);
+                    out.push_str(": ");
+                    out.push_str(content);
+                }
+                out
+            }
+        }
+    }
+
+    /// [`Self::text`], taking the prompt without a copy.
     pub fn into_text(self) -> String {
         match self {
             RouteInput::Prompt(p) => p,
-            RouteInput::Messages(ms) => ms
-                .iter()
-                .map(|(role, content)| format!("{role}: {content}"))
-                .collect::<Vec<_>>()
-                .join("\n"),
+            m => m.text(),
         }
     }
 }
