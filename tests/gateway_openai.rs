@@ -221,6 +221,30 @@ async fn the_openai_client_gets_the_cascade() {
             EASY,
             json!({"answer": {"stub-flash": "", "stub-sonnet": "4", "stub-opus": "4"}}),
         ),
+        // `content: null` and no tool call: an empty answer, verified and sent on.
+        case(
+            "null_content",
+            "auto",
+            EASY,
+            json!({"answer": {"stub-sonnet": "4"}, "choices": {"stub-flash": [{"index": 0,
+                "finish_reason": "stop", "message": {"role": "assistant", "content": null}}]}}),
+        ),
+        // No choices at all: a malformed reply, retried at the next tier.
+        case(
+            "no_choices",
+            "auto:fast",
+            EASY,
+            json!({"answer": {"stub-sonnet": "4"}, "choices": {"stub-flash": []}}),
+        ),
+        // A tool call is not an answer to verify: it ships even under `verified`.
+        case(
+            "tool_call",
+            "auto:verified",
+            EASY,
+            json!({"choices": {"stub-flash": [{"index": 0, "finish_reason": "tool_calls",
+                "message": {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1",
+                    "type": "function", "function": {"name": "add", "arguments": "{}"}}]}}]}}),
+        ),
         case(
             "vote_agree",
             "auto:vote",
@@ -428,6 +452,18 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(ve["headers"]["x-tiergate-escalations"], "1");
     let called = stub.models("verified_empty");
     assert!(called.len() == 2 && called[0] == "stub-flash", "{called:?}");
+    for name in ["null_content", "no_choices"] {
+        let r = &r[name];
+        assert_eq!(r["model"], SONNET, "{name}: {r}");
+        assert_eq!(r["text"], "4", "{name}: {r}");
+        assert_eq!(r["headers"]["x-tiergate-escalations"], "1", "{name}: {r}");
+        assert_eq!(stub.models(name), ["stub-flash", "stub-sonnet"], "{name}");
+    }
+    let tc = &r["tool_call"];
+    assert_eq!(tc["model"], FLASH, "{tc}");
+    assert_eq!(tc["text"], Value::Null, "{tc}");
+    assert_eq!(tc["headers"]["x-tiergate-escalations"], "0", "{tc}");
+    assert_eq!(stub.models("tool_call"), ["stub-flash"]);
 
     // Consensus: both probes asked (together), they agree, the cheaper one's answer ships;
     // both are paid for and the top tier is not called.

@@ -407,16 +407,22 @@ impl Front {
                 }
             }
         }
-        // The cheapest probe answer, once every probe has had its say; else the last error.
+        // The cheapest probe answer with text in it (else the cheapest at all), once every
+        // probe has had its say; else the last error.
         while let Some((i, r)) = calls.next().await {
             v.record_or_fail(plan, &probes[i], i, r)?;
         }
-        match v
+        let has_text = |r: &Option<Value>| {
+            r.as_ref()
+                .and_then(chat::verifiable)
+                .is_none_or(|a| !a.trim().is_empty())
+        };
+        let pick = v
             .replies
-            .iter_mut()
-            .zip(probes)
-            .find_map(|(r, m)| r.take().map(|r| (m.clone(), r)))
-        {
+            .iter()
+            .position(|r| r.is_some() && has_text(r))
+            .or_else(|| v.replies.iter().position(Option::is_some));
+        match pick.and_then(|i| v.replies[i].take().map(|r| (probes[i].clone(), r))) {
             Some((m, reply)) => Ok((ship(plan, m, reply, v.spent, hops), "fallback")),
             // The request's own fault first (a probe that answered after the top was called
             // may have refused it), else the last error.
@@ -440,7 +446,7 @@ impl Front {
         if Instant::now() >= deadline {
             return None;
         }
-        let answer = chat::answer(reply)?;
+        let answer = chat::verifiable(reply)?;
         let empty = answer.trim().is_empty();
         // Route asks for Verify only where it could send the answer somewhere better; an
         // empty answer goes on from any pick.

@@ -146,6 +146,18 @@ pub fn answer(reply: &Value) -> Option<&str> {
     reply.pointer("/choices/0/message/content")?.as_str()
 }
 
+/// What Verify reads of a reply: the first choice's text; "" where it has none and calls no
+/// tool (`content: null`, an answer with nothing in it, which must not ship unread); None
+/// for a tool call without text, which is not an answer to verify.
+pub fn verifiable(reply: &Value) -> Option<&str> {
+    if let Some(text) = answer(reply) {
+        return Some(text);
+    }
+    let msg = reply.pointer("/choices/0/message");
+    let calls = |k: &str| msg.and_then(|m| m.get(k)).is_some_and(|c| !c.is_null());
+    (!calls("tool_calls") && !calls("function_call")).then_some("")
+}
+
 /// Token counts of one call: the reply's `usage`, else ceil(bytes / 4) of the prompt and
 /// the answer (the catalog's own rule).
 pub fn tokens(reply: &Value, prompt_bytes: usize) -> (u64, u64) {
@@ -232,6 +244,16 @@ mod tests {
         let reply = json!({"model": "p", "choices": [{"message": {"content": "4"}}],
                            "usage": {"prompt_tokens": 1000, "completion_tokens": 10}});
         assert_eq!(answer(&reply), Some("4"));
+        assert_eq!(verifiable(&reply), Some("4"));
+        let null = json!({"choices": [{"message": {"role": "assistant", "content": null}}]});
+        assert_eq!(
+            verifiable(&null),
+            Some(""),
+            "no text and no tool call: empty"
+        );
+        let tool = json!({"choices": [{"message": {"content": null,
+            "tool_calls": [{"id": "c", "type": "function"}]}}]});
+        assert_eq!(verifiable(&tool), None, "a tool call is not verified");
         assert_eq!(tokens(&reply, 0), (1000, 10));
         assert_eq!(tokens(&json!({}), 9), (3, 0));
         assert!((cost((1000, 10), 1.0, 10.0) - 0.0011).abs() < 1e-15);

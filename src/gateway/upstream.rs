@@ -124,7 +124,12 @@ impl Upstreams {
             msg,
         };
         let v: Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
-        if v.get("choices").and_then(Value::as_array).is_none() {
+        // A completion has at least one choice; an empty array is no answer at all (retried
+        // at the next tier like any malformed reply).
+        if v.get("choices")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty)
+        {
             return Err(bad("no `choices`".into()));
         }
         Ok(v)

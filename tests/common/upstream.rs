@@ -1,7 +1,8 @@
 //! A stand-in for an OpenAI-compatible provider on loopback: fixed answers per model id,
 //! SSE streams, and failures on request. A request's `stub` field (passed through by the
 //! gateway like any field it does not read) says what to do: `{"case": name, "answer":
-//! {model: text}, "fail": {model: status}, "delay_ms": {model: ms}}`. Every call is recorded.
+//! {model: text}, "choices": {model: the reply's whole choices array}, "fail": {model:
+//! status}, "delay_ms": {model: ms}}`. Every call is recorded.
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -148,10 +149,13 @@ async fn handle(
     let answer = stub["answer"][&model]
         .as_str()
         .map_or_else(|| default_answer(&name, &model), str::to_string);
-    let reply = json!({"id": "chatcmpl-stub", "object": "chat.completion", "created": 0,
+    let mut reply = json!({"id": "chatcmpl-stub", "object": "chat.completion", "created": 0,
         "model": model, "choices": [{"index": 0, "finish_reason": "stop",
             "message": {"role": "assistant", "content": answer}}],
         "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS,
             "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS}});
+    if let Some(choices) = stub["choices"].get(&model) {
+        reply["choices"] = choices.clone();
+    }
     ([("content-type", "application/json")], reply.to_string()).into_response()
 }
