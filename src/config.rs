@@ -211,6 +211,10 @@ pub struct GatewayConfig {
     /// Largest request body, and largest upstream reply read whole (streams pass through).
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// Chat completions handled at once; more are answered 429 at once (each holds its body
+    /// and upstream replies, up to `max_body_bytes` apiece, for as long as it runs).
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent: usize,
     /// ext_proc: how long Route may take on one request; keep it under Envoy's
     /// `message_timeout`.
     #[serde(default = "default_ext_proc_route_ms")]
@@ -230,6 +234,7 @@ impl Default for GatewayConfig {
             max_escalations: default_max_escalations(),
             timeout_s: default_gateway_timeout(),
             max_body_bytes: default_max_body(),
+            max_concurrent: default_max_concurrent(),
             ext_proc_route_ms: default_ext_proc_route_ms(),
             policies: Default::default(),
         }
@@ -320,6 +325,9 @@ fn default_gateway_timeout() -> u64 {
 }
 fn default_max_body() -> usize {
     4 << 20
+}
+fn default_max_concurrent() -> usize {
+    1024
 }
 fn default_ext_proc_route_ms() -> u64 {
     1000
@@ -880,6 +888,7 @@ impl Config {
         for (k, v) in [
             ("gateway.timeout_s", g.timeout_s),
             ("gateway.max_body_bytes", g.max_body_bytes as u64),
+            ("gateway.max_concurrent", g.max_concurrent as u64),
             ("gateway.ext_proc_route_ms", g.ext_proc_route_ms),
         ] {
             if v == 0 {

@@ -1101,3 +1101,83 @@ async fn a_drain_long_after_start_still_answers_the_front_in_flight() {
     let st = srv.wait_exit(std::time::Duration::from_secs(60));
     assert!(st.success(), "{st:?}");
 }
+
+/// With gateway.max_concurrent = 1, a second chat completion while one runs is a 429 at once
+/// (with retry-after), and the first still gets its answer; a body that trickles in is a 408
+/// at the client's deadline, not a connection held open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_front_bounds_concurrency_and_slow_bodies() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stub = Stub::start("stub").await;
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut cfg = config(&stub, &http);
+    cfg.gateway.max_concurrent = 1;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiergate.toml");
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let srv = Server::spawn_env(
+        &["--config", path.to_str().unwrap()],
+        &[("TIERGATE_TEST_FLASH_KEY", "sk-test-flash")],
+    );
+    srv.ready().await;
+    let url = format!("http://{http}/v1/chat/completions");
+    let post = |name: &'static str, delay: u64| {
+        let url = url.clone();
+        let body = json!({"model": FLASH, "messages": [{"role": "user", "content": EASY}],
+            "stub": {"case": name, "answer": {"stub-flash": "4"},
+                "delay_ms": {"stub-flash": delay}}});
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let retry = r.headers().get("retry-after").cloned();
+            let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+            (status, retry, v)
+        }
+    };
+    let first = tokio::spawn(post("first", 1500));
+    let t0 = std::time::Instant::now();
+    while stub.models("first").is_empty() {
+        assert!(t0.elapsed().as_secs() < 60, "first never called");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let (status, retry, v) = post("second", 0).await;
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(retry.as_ref().map(|h| h.as_bytes()), Some(&b"1"[..]));
+    assert_eq!(v["error"]["type"], "rate_limit_error", "{v}");
+    assert!(stub.calls("second").is_empty());
+    let (status, _, v) = first.await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    // Its place is free again.
+    assert_eq!(post("third", 0).await.0, 200);
+    assert_eq!(
+        common::metric_sum(
+            &srv.metrics_text(),
+            "tiergate_rejections_total",
+            &[("reason", "max_concurrent")]
+        ),
+        Some(1.0)
+    );
+
+    // 100 bytes announced, 10 sent, then nothing: answered 408 at the 500 ms deadline.
+    let mut conn = tokio::net::TcpStream::connect(&http).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {http}\r\ncontent-type: application/json\r\n\
+         content-length: 100\r\nx-tiergate-timeout-ms: 500\r\n\r\n{{\"model\":"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(30), conn.read(&mut buf))
+        .await
+        .expect("answered, not held")
+        .unwrap();
+    let reply = String::from_utf8_lossy(&buf[..n]);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(t0.elapsed().as_millis() >= 400, "{:?}", t0.elapsed());
+}

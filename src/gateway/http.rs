@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use super::cascade::Front;
@@ -38,16 +39,37 @@ struct Answered {
     consensus: Option<&'static str>,
 }
 
-pub fn router(front: Arc<Front>, max_body_bytes: usize) -> axum::Router {
+pub fn router(front: Arc<Front>, max_concurrent: usize) -> axum::Router {
+    let running = Arc::new(Semaphore::new(max_concurrent));
     axum::Router::new()
         .route("/v1/chat/completions", post(completions))
+        .route_layer(axum::middleware::from_fn_with_state(running, admit))
         .route("/v1/models", get(models))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
         .route_layer(axum::middleware::from_fn_with_state(
             front.clone(),
             authenticate,
         ))
         .with_state(front)
+}
+
+/// At most `gateway.max_concurrent` chat completions at once (after authentication): each
+/// holds its body and upstream replies while it runs. One more is a 429 at once, which
+/// clients retry, rather than memory that grows with the number of clients. A stream holds
+/// its place until its headers go out.
+async fn admit(
+    State(running): State<Arc<Semaphore>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Ok(_permit) = running.try_acquire() else {
+        metrics::counter!(m::REJECTIONS, "rpc" => "ChatCompletions", "reason" => "max_concurrent")
+            .increment(1);
+        return GatewayError::Busy(
+            "gateway.max_concurrent requests are running; retry shortly".into(),
+        )
+        .into_response();
+    };
+    next.run(req).await
 }
 
 /// With `[auth]` on, the same bearer tokens as gRPC; a miss is a 401 in OpenAI's shape (what
@@ -101,11 +123,7 @@ fn set(h: &mut HeaderMap, name: &'static str, value: String) {
     }
 }
 
-async fn completions(
-    State(front): State<Arc<Front>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn completions(State(front): State<Arc<Front>>, headers: HeaderMap, body: Body) -> Response {
     let t0 = Instant::now();
     let id = headers
         .get("x-request-id")
@@ -113,10 +131,12 @@ async fn completions(
         .map_or("", clip_id);
     let span = tracing::info_span!("request", rpc = "ChatCompletions", request_id = id);
     async move {
-        // The rejection (over the body limit, a broken upload) in the same error format.
-        let r = match body {
-            Ok(b) => answer(&front, &headers, &b).await,
-            Err(r) => Err(GatewayError::Unreadable(r.status(), r.body_text())),
+        let g = front.svc.decider().cfg.gateway.clone();
+        let deadline = deadline(&headers, Duration::from_secs(g.timeout_s));
+        // A body over the limit, broken off or too slow, in the same error format.
+        let r = match read_body(body, g.max_body_bytes, deadline).await {
+            Ok(b) => answer(&front, &g, deadline, &b).await,
+            Err(e) => Err(e),
         };
         observe(t0, &r);
         match r {
@@ -167,14 +187,37 @@ fn observe(t0: Instant, r: &Result<(Response, Answered), GatewayError>) {
     metrics::histogram!(m::HTTP_REQUEST_SECONDS, "route" => route).record(seconds);
 }
 
+/// The body, whole, within `limit` bytes and by `deadline` (the request's own): a client
+/// that trickles it is answered 408 instead of holding its connection as long as it likes.
+async fn read_body(body: Body, limit: usize, deadline: Instant) -> Result<Bytes, GatewayError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let read = Limited::new(body, limit).collect();
+    match tokio::time::timeout(left, read).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(GatewayError::Unreadable(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the request body is over gateway.max_body_bytes = {limit}"),
+            ))
+        }
+        Ok(Err(e)) => Err(GatewayError::Unreadable(
+            StatusCode::BAD_REQUEST,
+            format!("reading the request body: {e}"),
+        )),
+        Err(_) => Err(GatewayError::SlowBody(format!(
+            "the request body did not arrive within the request's deadline ({} ms)",
+            left.as_millis()
+        ))),
+    }
+}
+
 async fn answer(
     front: &Front,
-    headers: &HeaderMap,
+    g: &crate::config::GatewayConfig,
+    deadline: Instant,
     body: &[u8],
 ) -> Result<(Response, Answered), GatewayError> {
     front.svc.check_ready()?;
-    let g = front.svc.decider().cfg.gateway.clone();
-    let deadline = deadline(headers, Duration::from_secs(g.timeout_s));
     let (body, model) = chat::parse(body)?;
     let ask = chat::ask(&model, &g.auto_model);
     let streamed = chat::is_stream(&body);

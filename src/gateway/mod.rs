@@ -48,7 +48,7 @@ pub async fn start(
             svc: svc.clone(),
             upstreams: upstream::Upstreams::new()?,
         });
-        let app = http::router(front, cfg.gateway.max_body_bytes);
+        let app = http::router(front, cfg.gateway.max_concurrent);
         tasks.push(tokio::spawn(async move {
             let stop = async move {
                 let _ = drain.wait_for(|d| *d).await;

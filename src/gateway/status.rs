@@ -20,6 +20,12 @@ pub enum GatewayError {
     /// `model` names nothing this gateway can call.
     #[error("{0}")]
     UnknownModel(String),
+    /// `gateway.max_concurrent` requests are already running (429, retry shortly).
+    #[error("{0}")]
+    Busy(String),
+    /// The body did not arrive within the request's deadline (408).
+    #[error("{0}")]
+    SlowBody(String),
     #[error(transparent)]
     Service(#[from] ServiceError),
     #[error(transparent)]
@@ -58,6 +64,8 @@ impl GatewayError {
             }
             GatewayError::Unreadable(s, _) => (*s, "invalid_request_error"),
             GatewayError::UnknownModel(_) => (S::NOT_FOUND, "model_not_found"),
+            GatewayError::Busy(_) => (S::TOO_MANY_REQUESTS, "rate_limit_error"),
+            GatewayError::SlowBody(_) => (S::REQUEST_TIMEOUT, "timeout"),
             GatewayError::Service(e) => classify(e),
             GatewayError::Upstream(u) => match u {
                 UpstreamError::Status { status, .. } => (
@@ -100,6 +108,11 @@ impl IntoResponse for GatewayError {
         };
         resp.headers_mut()
             .insert("x-tiergate-error", header::HeaderValue::from_static(kind));
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            // What OpenAI's SDKs wait before their own retry.
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
         resp
     }
 }
