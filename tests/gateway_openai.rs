@@ -333,6 +333,21 @@ async fn the_openai_client_gets_the_cascade() {
             EASY,
             json!({"fail": {"stub-flash": 429, "stub-sonnet": 429, "stub-opus": 429}}),
         ),
+        // The gateway's key refused by one provider: the next tier answers.
+        case(
+            "key_refused",
+            "auto:fast",
+            EASY,
+            json!({"fail": {"stub-flash": 401}, "answer": {"stub-sonnet": "4"}}),
+        ),
+        // ... by every provider: 502 in our words, never the upstream's 401 (which the
+        // client's SDK would take for its own key refused).
+        case(
+            "keys_refused",
+            "auto:fast",
+            EASY,
+            json!({"fail": {"stub-flash": 401, "stub-sonnet": 403, "stub-opus": 401}}),
+        ),
         case("named", OPUS, EASY, json!({})),
         case(
             "borderline",
@@ -655,6 +670,20 @@ async fn the_openai_client_gets_the_cascade() {
         stub.models("all_limited"),
         ["stub-flash", "stub-sonnet", "stub-opus"]
     );
+
+    let kr = &r["key_refused"];
+    assert_eq!(kr["model"], SONNET, "{kr}");
+    assert_eq!(stub.models("key_refused"), ["stub-flash", "stub-sonnet"]);
+    let ks = &r["keys_refused"];
+    assert_eq!(ks["status"], 502, "{ks}");
+    assert_eq!(ks["error"]["type"], "upstream_error", "{ks}");
+    assert!(
+        ks["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("answered 401")),
+        "{ks}"
+    );
+    assert_eq!(stub.models("keys_refused").len(), 3);
 
     // A model named directly is called as asked: no routing, nothing saved.
     let n = &r["named"];

@@ -4,7 +4,7 @@
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::upstream::UpstreamError;
+use super::upstream::{gateway_fault, UpstreamError};
 use crate::batch::BatchError;
 use crate::pipeline::EncodeError;
 use crate::service::ServiceError;
@@ -68,6 +68,9 @@ impl GatewayError {
             GatewayError::SlowBody(_) => (S::REQUEST_TIMEOUT, "timeout"),
             GatewayError::Service(e) => classify(e),
             GatewayError::Upstream(u) => match u {
+                UpstreamError::Status { status, .. } if gateway_fault(*status) => {
+                    (S::BAD_GATEWAY, "upstream_error")
+                }
                 UpstreamError::Status { status, .. } => (
                     S::from_u16(*status).unwrap_or(S::BAD_GATEWAY),
                     "upstream_error",
@@ -92,10 +95,14 @@ impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let (status, kind) = self.status();
         let mut resp = match self {
-            // The upstream's own error reaches the client as the upstream wrote it.
+            // The upstream's own error reaches the client as the upstream wrote it, unless
+            // it is about the gateway's own key or configuration (502, in our words).
             GatewayError::Upstream(UpstreamError::Status {
-                body, content_type, ..
-            }) if !body.is_empty() => {
+                body,
+                content_type,
+                status: code,
+                ..
+            }) if !body.is_empty() && !gateway_fault(code) => {
                 let ct = content_type.unwrap_or_else(|| "application/json".into());
                 (status, [(header::CONTENT_TYPE, ct)], body).into_response()
             }
@@ -133,6 +140,16 @@ mod tests {
         };
         assert_eq!(up(429).status().0, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(up(503).status().0, StatusCode::SERVICE_UNAVAILABLE);
+        // The gateway's own key or configuration for that upstream: 502, and the next tier
+        // is tried; the request's own fault (400) goes back as is.
+        for s in [401, 403, 404, 302] {
+            assert_eq!(up(s).status().0, StatusCode::BAD_GATEWAY, "{s}");
+            let GatewayError::Upstream(u) = up(s) else {
+                unreachable!()
+            };
+            assert!(u.retryable(), "{s}");
+        }
+        assert_eq!(up(400).status().0, StatusCode::BAD_REQUEST);
         let batch = |b| GatewayError::Service(ServiceError::Encode(EncodeError::Batch(b)));
         assert_eq!(
             batch(BatchError::Overloaded("q".into())).status().0,

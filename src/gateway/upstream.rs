@@ -31,12 +31,23 @@ pub enum UpstreamError {
     MissingKey { model: String, var: String },
 }
 
+/// An upstream status that says nothing about the client's request: the gateway's own key or
+/// configuration for that upstream (401, 403, 404: a bad key, a model id or base_url the
+/// provider does not know), or no error status at all (an unfollowed redirect). The client
+/// gets 502, never the upstream's 401 (which its SDK would read as its own key refused).
+pub fn gateway_fault(status: u16) -> bool {
+    matches!(status, 401 | 403 | 404) || !(400..600).contains(&status)
+}
+
 impl UpstreamError {
-    /// Another tier may succeed where this one failed: rate limits, server errors, network
-    /// faults and broken replies. Other 4xx are the request's own fault and go back as is.
+    /// Another tier may succeed where this one failed: rate limits, server errors, the
+    /// gateway's own fault with that upstream, network faults and broken replies. Other 4xx
+    /// are the request's own fault and go back as is.
     pub fn retryable(&self) -> bool {
         match self {
-            UpstreamError::Status { status, .. } => *status == 429 || *status >= 500,
+            UpstreamError::Status { status, .. } => {
+                *status == 429 || *status >= 500 || gateway_fault(*status)
+            }
             UpstreamError::Transport { .. } | UpstreamError::BadReply { .. } => true,
             UpstreamError::Timeout { .. } | UpstreamError::MissingKey { .. } => false,
         }
