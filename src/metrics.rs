@@ -8,6 +8,7 @@ pub const REQUESTS: &str = "tiergate_requests_total";
 pub const REQUEST_SECONDS: &str = "tiergate_request_duration_seconds";
 pub const HTTP_REQUESTS: &str = "tiergate_http_requests_total";
 pub const HTTP_REQUEST_SECONDS: &str = "tiergate_http_request_duration_seconds";
+pub const HTTP_STREAM_ERRORS: &str = "tiergate_http_stream_errors_total";
 pub const GATEWAY_CONSENSUS: &str = "tiergate_gateway_consensus_total";
 pub const GATEWAY_CONSENSUS_PROBES: &str = "tiergate_gateway_consensus_probes_total";
 pub const QUEUE_DEPTH: &str = "tiergate_queue_depth";
@@ -80,6 +81,12 @@ fn describe() {
     describe_counter!(
         HTTP_REQUESTS,
         "HTTP front (OpenAI-compatible) requests answered, by route and HTTP status."
+    );
+    describe_counter!(
+        HTTP_STREAM_ERRORS,
+        "HTTP front streams broken off after their headers (the upstream failed or the deadline \
+         passed mid-stream), by model: counted 200 in the requests total, ended with an error \
+         event."
     );
     describe_counter!(
         GATEWAY_CONSENSUS,

@@ -818,6 +818,38 @@ async fn the_openai_client_gets_the_cascade() {
         String::from_utf8(bytes.to_vec()).unwrap(),
         upstream::sse_frames("stub", "stub-flash").concat()
     );
+    // A stream that breaks off after its first frame ends with an error event (what OpenAI's
+    // SDKs raise), logged and counted, not a stream that just stops.
+    let broken = json!({"model": FLASH, "stream": true, "messages": [{"role": "user",
+        "content": EASY}], "stub": {"case": "broken", "break_stream": {"stub-flash": true}}});
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/chat/completions"))
+        .header("content-type", "application/json")
+        .body(broken.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = String::from_utf8(resp.bytes().await.unwrap().to_vec()).unwrap();
+    let first = upstream::sse_frames("stub", "stub-flash").remove(0);
+    let rest = text
+        .strip_prefix(&first)
+        .unwrap_or_else(|| panic!("{text}"));
+    let event: Value = serde_json::from_str(
+        rest.strip_prefix("data: ")
+            .and_then(|r| r.strip_suffix("\n\n"))
+            .unwrap_or_else(|| panic!("{rest:?}")),
+    )
+    .unwrap();
+    assert_eq!(event["error"]["type"], "upstream_error", "{event}");
+    assert_eq!(
+        common::metric_sum(
+            &srv.metrics_text(),
+            "tiergate_http_stream_errors_total",
+            &[("model", FLASH)]
+        ),
+        Some(1.0)
+    );
 
     // A body over gateway.max_body_bytes: 413 in the same error format, nothing called.
     let big = json!({"model": "auto", "stub": {"case": "big"},

@@ -187,6 +187,35 @@ fn observe(t0: Instant, r: &Result<(Response, Answered), GatewayError>) {
     metrics::histogram!(m::HTTP_REQUEST_SECONDS, "route" => route).record(seconds);
 }
 
+/// An upstream stream passed through; where it breaks off (the upstream failed, the deadline
+/// passed) the client gets an `error` event, as OpenAI's own streams end on an error (its SDKs
+/// raise it), and the break is logged and counted, instead of a stream that just stops.
+fn with_error_event<S>(
+    upstream: S,
+    model: String,
+) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>>
+where
+    S: futures::Stream<Item = Result<Bytes, reqwest::Error>>,
+{
+    use futures::StreamExt;
+    upstream.scan(false, move |broken, item| {
+        let out = match item {
+            _ if *broken => None,
+            Ok(b) => Some(b),
+            Err(e) => {
+                *broken = true;
+                tracing::warn!(model = %model, error = %e, "upstream stream broke off");
+                metrics::counter!(m::HTTP_STREAM_ERRORS, "model" => model.clone()).increment(1);
+                let err = serde_json::json!({"error": {
+                        "message": format!("upstream {model}: the stream broke off: {e}"),
+                        "type": "upstream_error", "code": "upstream_error"}});
+                Some(Bytes::from(format!("data: {err}\n\n")))
+            }
+        };
+        futures::future::ready(out.map(Ok))
+    })
+}
+
 /// The body, whole, within `limit` bytes and by `deadline` (the request's own): a client
 /// that trickles it is answered 408 instead of holding its connection as long as it likes.
 async fn read_body(body: Body, limit: usize, deadline: Instant) -> Result<Bytes, GatewayError> {
@@ -245,7 +274,10 @@ async fn answer(
             "x-tiergate-escalations",
             s.escalations.to_string(),
         );
-        let stream = Body::from_stream(s.resp.bytes_stream());
+        let stream = Body::from_stream(with_error_event(
+            s.resp.bytes_stream(),
+            answered.model.clone(),
+        ));
         return Ok(((StatusCode::OK, out, stream).into_response(), answered));
     }
     // A consensus asked to stream reads whole answers, then streams the one that ships.

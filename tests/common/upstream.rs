@@ -2,7 +2,8 @@
 //! SSE streams, and failures on request. A request's `stub` field (passed through by the
 //! gateway like any field it does not read) says what to do: `{"case": name, "answer":
 //! {model: text}, "choices": {model: the reply's whole choices array}, "fail": {model:
-//! status}, "delay_ms": {model: ms}}`. Every call is recorded.
+//! status}, "delay_ms": {model: ms}, "break_stream": {model: true}}` (a stream that breaks
+//! off after its first frame). Every call is recorded.
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -134,12 +135,21 @@ async fn handle(
             .into_response();
     }
     if body["stream"].as_bool() == Some(true) {
-        let frames = sse_frames(&name, &model);
-        let stream = futures::stream::iter(
-            frames
-                .into_iter()
-                .map(|f| Ok::<_, std::convert::Infallible>(Bytes::from(f))),
-        );
+        let mut frames: Vec<Result<Bytes, std::io::Error>> = sse_frames(&name, &model)
+            .into_iter()
+            .map(|f| Ok(Bytes::from(f)))
+            .collect();
+        if stub["break_stream"][&model].as_bool() == Some(true) {
+            frames.truncate(1);
+            frames.push(Err(std::io::Error::other("stub breaks the stream")));
+        }
+        // The break comes after a pause, so the first frame (and the headers) are out first.
+        let stream = futures::StreamExt::then(futures::stream::iter(frames), |f| async move {
+            if f.is_err() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            f
+        });
         return (
             [("content-type", "text/event-stream")],
             Body::from_stream(stream),
