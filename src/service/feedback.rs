@@ -56,9 +56,11 @@ pub struct FeedbackStore {
     requests: HashMap<String, String>,
     order: VecDeque<String>,
     /// Every accepted outcome is appended here before it is acknowledged, and the file is
-    /// rewritten to what memory holds after each re-fit: nothing accepted is lost to a
-    /// restart, and the file stays bounded like memory.
+    /// rewritten to what memory holds after each re-fit and whenever it holds twice that:
+    /// nothing accepted is lost to a restart, and the file stays bounded like memory.
     journal: Option<(PathBuf, std::fs::File)>,
+    /// Lines in the journal file.
+    journal_lines: usize,
 }
 
 impl FeedbackStore {
@@ -106,8 +108,18 @@ impl FeedbackStore {
             line.push(b'\n');
             f.write_all(&line)?;
             f.flush()?;
+            self.journal_lines += 1;
         }
         self.keep(model, o, cap);
+        // Re-fits compact the journal, but a model whose re-fits are all rejected, or that
+        // never reaches min_rows, would let it grow without end: past twice what memory
+        // holds (plus one model's worth), it is rewritten to what memory holds.
+        let held: usize = self.models.values().map(|m| m.rows.len()).sum();
+        if self.journal.is_some() && self.journal_lines > 2 * held + cap {
+            if let Err(e) = self.compact() {
+                tracing::warn!(error = %e, "feedback journal not compacted; it keeps every outcome");
+            }
+        }
         Ok(())
     }
 
@@ -115,7 +127,9 @@ impl FeedbackStore {
     /// crash, or any unreadable line, is skipped with a warning). Returns the outcomes read.
     pub fn open_journal(&mut self, path: &Path, cap: usize) -> std::io::Result<usize> {
         let mut n = 0;
+        self.journal_lines = 0;
         if let Ok(text) = std::fs::read_to_string(path) {
+            self.journal_lines = text.lines().count();
             for (i, line) in text.lines().enumerate() {
                 match serde_json::from_str::<Entry>(line) {
                     Ok(e) => {
@@ -174,6 +188,7 @@ impl FeedbackStore {
             w.flush()?;
         }
         std::fs::rename(&tmp, &path)?;
+        self.journal_lines = self.models.values().map(|m| m.rows.len()).sum();
         self.reopen(&path)
     }
 }
@@ -309,5 +324,25 @@ mod tests {
         small.compact().unwrap();
         let mut again = FeedbackStore::default();
         assert_eq!(again.open_journal(&path, 100).unwrap(), 5);
+    }
+
+    /// With no re-fit ever compacting it, the journal stays within about twice what memory
+    /// holds, and what it holds still reads back as memory's rows.
+    #[test]
+    fn the_journal_stays_bounded_without_refits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fb.journal");
+        let mut st = FeedbackStore::default();
+        st.open_journal(&path, 7).unwrap();
+        for i in 0..1000 {
+            let model = if i % 2 == 0 { "a" } else { "b" };
+            st.push(model, outcomes(1, 1.0).remove(0), 7).unwrap();
+        }
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert!(lines <= 2 * 14 + 7 + 1, "{lines} lines");
+        let mut back = FeedbackStore::default();
+        back.open_journal(&path, 7).unwrap();
+        assert_eq!(back.models["a"].rows.len(), 7);
+        assert_eq!(back.models["b"].rows.len(), 7);
     }
 }
