@@ -830,6 +830,13 @@ async fn the_openai_client_gets_the_cascade() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    // A model named directly is priced from the catalog, as Route prices it.
+    let expected: f64 = resp.headers()["x-tiergate-expected-cost-usd"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(expected > 0.0, "{expected}");
     let text = String::from_utf8(resp.bytes().await.unwrap().to_vec()).unwrap();
     let first = upstream::sse_frames("stub", "stub-flash").remove(0);
     let rest = text

@@ -501,10 +501,17 @@ impl Front {
             let sent = chat::with_model(&body, up.model.as_deref().unwrap_or(&at));
             match self.upstreams.send(&at, up, sent, deadline).await {
                 Ok(resp) => {
+                    // Route's expected cost; a model named directly, priced from the catalog
+                    // the same way.
                     let expected = plan
                         .route
                         .as_ref()
-                        .and_then(|r| r.candidates.iter().find(|c| c.model == at).map(|c| c.cost));
+                        .and_then(|r| r.candidates.iter().find(|c| c.model == at).map(|c| c.cost))
+                        .or_else(|| {
+                            let tokens = crate::policy::proxy_tokens(plan.prompt.len());
+                            let d = self.svc.decider();
+                            d.catalog.get(&at).map(|m| m.expected_cost(tokens, None))
+                        });
                     return Ok(Streaming {
                         resp,
                         expected_cost_usd: expected.unwrap_or(0.0),

@@ -111,9 +111,27 @@ pub fn as_sse(reply: &Value) -> Vec<u8> {
         .cloned()
         .filter(|f| !f.is_null())
         .unwrap_or_else(|| Value::String("stop".into()));
+    let mut delta = serde_json::json!({"role": "assistant", "content": content});
+    let msg = reply.pointer("/choices/0/message");
+    // A tool call streams as deltas that carry their position (`index`), as providers send.
+    if let Some(calls) = msg
+        .and_then(|m| m.get("tool_calls"))
+        .and_then(Value::as_array)
+    {
+        let indexed = calls.iter().enumerate().map(|(i, c)| {
+            let mut c = c.clone();
+            if let Some(o) = c.as_object_mut() {
+                o.insert("index".into(), i.into());
+            }
+            c
+        });
+        delta["tool_calls"] = Value::Array(indexed.collect());
+    }
+    if let Some(r) = msg.and_then(|m| m.get("refusal")).filter(|r| !r.is_null()) {
+        delta["refusal"] = r.clone();
+    }
     let first = chunk(
-        serde_json::json!({"index": 0, "delta": {"role": "assistant", "content": content},
-            "finish_reason": null}),
+        serde_json::json!({"index": 0, "delta": delta, "finish_reason": null}),
         None,
     );
     let last = chunk(
@@ -254,6 +272,21 @@ mod tests {
         let tool = json!({"choices": [{"message": {"content": null,
             "tool_calls": [{"id": "c", "type": "function"}]}}]});
         assert_eq!(verifiable(&tool), None, "a tool call is not verified");
+        // Streamed whole (a consensus asked to stream), the tool call goes in the first delta
+        // with its index.
+        let sse = String::from_utf8(as_sse(&tool)).unwrap();
+        let first: Value = serde_json::from_str(
+            sse.lines()
+                .next()
+                .and_then(|l| l.strip_prefix("data: "))
+                .unwrap(),
+        )
+        .unwrap();
+        let call = &first["choices"][0]["delta"]["tool_calls"][0];
+        assert_eq!(
+            (call["index"].clone(), call["id"].clone()),
+            (json!(0), json!("c"))
+        );
         assert_eq!(tokens(&reply, 0), (1000, 10));
         assert_eq!(tokens(&json!({}), 9), (3, 0));
         assert!((cost((1000, 10), 1.0, 10.0) - 0.0011).abs() < 1e-15);
