@@ -895,6 +895,14 @@ impl Config {
                 bail!("{k} must be > 0");
             }
         }
+        // Far above any real load; a semaphore cannot count past usize::MAX >> 3.
+        if g.max_concurrent > 1 << 20 {
+            bail!(
+                "gateway.max_concurrent = {} must be at most {}",
+                g.max_concurrent,
+                1 << 20
+            );
+        }
         for (name, p) in &g.policies {
             let key = |f: &str| format!("gateway.policies.{name}.{f}");
             if name.trim().is_empty() || name.contains(char::is_whitespace) {

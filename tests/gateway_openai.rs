@@ -818,44 +818,47 @@ async fn the_openai_client_gets_the_cascade() {
         String::from_utf8(bytes.to_vec()).unwrap(),
         upstream::sse_frames("stub", "stub-flash").concat()
     );
-    // A stream that breaks off after its first frame ends with an error event (what OpenAI's
-    // SDKs raise), logged and counted, not a stream that just stops.
-    let broken = json!({"model": FLASH, "stream": true, "messages": [{"role": "user",
-        "content": EASY}], "stub": {"case": "broken", "break_stream": {"stub-flash": true}}});
-    let resp = reqwest::Client::new()
-        .post(format!("{base}/chat/completions"))
-        .header("content-type", "application/json")
-        .body(broken.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    // A model named directly is priced from the catalog, as Route prices it.
-    let expected: f64 = resp.headers()["x-tiergate-expected-cost-usd"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(expected > 0.0, "{expected}");
-    let text = String::from_utf8(resp.bytes().await.unwrap().to_vec()).unwrap();
+    // A stream that breaks off after its first frame, or inside it, ends with an error event
+    // of its own (what OpenAI's SDKs raise), logged and counted, not a stream that just stops.
     let first = upstream::sse_frames("stub", "stub-flash").remove(0);
-    let rest = text
-        .strip_prefix(&first)
-        .unwrap_or_else(|| panic!("{text}"));
-    let event: Value = serde_json::from_str(
-        rest.strip_prefix("data: ")
-            .and_then(|r| r.strip_suffix("\n\n"))
-            .unwrap_or_else(|| panic!("{rest:?}")),
-    )
-    .unwrap();
-    assert_eq!(event["error"]["type"], "upstream_error", "{event}");
+    for (cut, sent) in [
+        (json!(true), first.clone()),
+        (json!("mid"), format!("{}\n\n", &first[..first.len() / 2])),
+    ] {
+        let broken = json!({"model": FLASH, "stream": true, "messages": [{"role": "user",
+            "content": EASY}], "stub": {"case": "broken", "break_stream": {"stub-flash": cut}}});
+        let resp = reqwest::Client::new()
+            .post(format!("{base}/chat/completions"))
+            .header("content-type", "application/json")
+            .body(broken.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        // A model named directly is priced from the catalog, as Route prices it.
+        let expected: f64 = resp.headers()["x-tiergate-expected-cost-usd"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(expected > 0.0, "{expected}");
+        let text = String::from_utf8(resp.bytes().await.unwrap().to_vec()).unwrap();
+        let rest = text.strip_prefix(&sent).unwrap_or_else(|| panic!("{text}"));
+        let event: Value = serde_json::from_str(
+            rest.strip_prefix("data: ")
+                .and_then(|r| r.strip_suffix("\n\n"))
+                .unwrap_or_else(|| panic!("{rest:?}")),
+        )
+        .unwrap();
+        assert_eq!(event["error"]["type"], "upstream_error", "{event}");
+    }
     assert_eq!(
         common::metric_sum(
             &srv.metrics_text(),
             "tiergate_http_stream_errors_total",
             &[("model", FLASH)]
         ),
-        Some(1.0)
+        Some(2.0)
     );
 
     // A body over gateway.max_body_bytes: 413 in the same error format, nothing called.

@@ -126,6 +126,25 @@ async fn sighup_and_reload_swap_state_without_failing_requests() {
         "{}",
         e.message()
     );
+    // And the front's concurrency limit (its semaphore is sized at start).
+    write(
+        &cfg,
+        &format!(
+            "{grown}
+[gateway]
+max_concurrent = 8
+"
+        ),
+    );
+    let e = admin
+        .reload(proto::ReloadRequest {})
+        .await
+        .expect_err("restart-only");
+    assert!(
+        e.message().contains("gateway.max_concurrent"),
+        "{}",
+        e.message()
+    );
 
     // 4. Back to the original by the RPC; the revision names what decides.
     write(&cfg, &base);
@@ -155,7 +174,7 @@ async fn sighup_and_reload_swap_state_without_failing_requests() {
         "{m}"
     );
     assert!(
-        m.contains("tiergate_reloads_total{result=\"rejected\"} 3"),
+        m.contains("tiergate_reloads_total{result=\"rejected\"} 4"),
         "{m}"
     );
 }

@@ -164,16 +164,20 @@ pub fn answer(reply: &Value) -> Option<&str> {
     reply.pointer("/choices/0/message/content")?.as_str()
 }
 
-/// What Verify reads of a reply: the first choice's text; "" where it has none and calls no
-/// tool (`content: null`, an answer with nothing in it, which must not ship unread); None
-/// for a tool call without text, which is not an answer to verify.
+/// What Verify reads of a reply: the first choice's text; "" where there is nothing at all
+/// (`content` null or absent, and no tool call or refusal: an answer with nothing in it,
+/// which must not ship unread); None for anything else without a text (a tool call, a
+/// structured refusal, content in parts), which ships as it came, unverified.
 pub fn verifiable(reply: &Value) -> Option<&str> {
     if let Some(text) = answer(reply) {
         return Some(text);
     }
     let msg = reply.pointer("/choices/0/message");
-    let calls = |k: &str| msg.and_then(|m| m.get(k)).is_some_and(|c| !c.is_null());
-    (!calls("tool_calls") && !calls("function_call")).then_some("")
+    let has = |k: &str| msg.and_then(|m| m.get(k)).is_some_and(|c| !c.is_null());
+    let nothing = !["content", "tool_calls", "function_call", "refusal"]
+        .iter()
+        .any(|k| has(k));
+    nothing.then_some("")
 }
 
 /// Token counts of one call: the reply's `usage`, else ceil(bytes / 4) of the prompt and
@@ -272,6 +276,14 @@ mod tests {
         let tool = json!({"choices": [{"message": {"content": null,
             "tool_calls": [{"id": "c", "type": "function"}]}}]});
         assert_eq!(verifiable(&tool), None, "a tool call is not verified");
+        let refusal = json!({"choices": [{"message": {"content": null, "refusal": "no"}}]});
+        assert_eq!(
+            verifiable(&refusal),
+            None,
+            "a structured refusal ships as it came"
+        );
+        let parts = json!({"choices": [{"message": {"content": [{"type": "text", "text": "4"}]}}]});
+        assert_eq!(verifiable(&parts), None, "content in parts is not read");
         // Streamed whole (a consensus asked to stream), the tool call goes in the first delta
         // with its index.
         let sse = String::from_utf8(as_sse(&tool)).unwrap();

@@ -62,12 +62,15 @@ async fn admit(
     next: axum::middleware::Next,
 ) -> Response {
     let Ok(_permit) = running.try_acquire() else {
+        let t0 = Instant::now();
         metrics::counter!(m::REJECTIONS, "rpc" => "ChatCompletions", "reason" => "max_concurrent")
             .increment(1);
-        return GatewayError::Busy(
-            "gateway.max_concurrent requests are running; retry shortly".into(),
-        )
-        .into_response();
+        // Counted and logged as every other answer of the front.
+        let busy =
+            GatewayError::Busy("gateway.max_concurrent requests are running; retry shortly".into());
+        let r: Result<(Response, Answered), _> = Err(busy);
+        observe(t0, &r);
+        return r.map_or_else(IntoResponse::into_response, |(resp, _)| resp);
     };
     next.run(req).await
 }
@@ -198,10 +201,16 @@ where
     S: futures::Stream<Item = Result<Bytes, reqwest::Error>>,
 {
     use futures::StreamExt;
-    upstream.scan(false, move |broken, item| {
+    // (broken off already, the last chunk ended a frame)
+    upstream.scan((false, true), move |(broken, at_frame_end), item| {
         let out = match item {
             _ if *broken => None,
-            Ok(b) => Some(b),
+            Ok(b) => {
+                if !b.is_empty() {
+                    *at_frame_end = b.ends_with(b"\n\n");
+                }
+                Some(b)
+            }
             Err(e) => {
                 *broken = true;
                 tracing::warn!(model = %model, error = %e, "upstream stream broke off");
@@ -209,7 +218,9 @@ where
                 let err = serde_json::json!({"error": {
                         "message": format!("upstream {model}: the stream broke off: {e}"),
                         "type": "upstream_error", "code": "upstream_error"}});
-                Some(Bytes::from(format!("data: {err}\n\n")))
+                // A frame cut in half is closed first, so the event parses on its own.
+                let close = if *at_frame_end { "" } else { "\n\n" };
+                Some(Bytes::from(format!("{close}data: {err}\n\n")))
             }
         };
         futures::future::ready(out.map(Ok))

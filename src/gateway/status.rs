@@ -94,6 +94,9 @@ pub fn error_body(message: &str, kind: &str) -> Vec<u8> {
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let (status, kind) = self.status();
+        // tiergate's own overload passes in a moment; an upstream's 429 keeps its own say.
+        let retry_soon =
+            status == StatusCode::TOO_MANY_REQUESTS && !matches!(self, GatewayError::Upstream(_));
         let mut resp = match self {
             // The upstream's own error reaches the client as the upstream wrote it, unless
             // it is about the gateway's own key or configuration (502, in our words).
@@ -115,7 +118,7 @@ impl IntoResponse for GatewayError {
         };
         resp.headers_mut()
             .insert("x-tiergate-error", header::HeaderValue::from_static(kind));
-        if status == StatusCode::TOO_MANY_REQUESTS {
+        if retry_soon {
             // What OpenAI's SDKs wait before their own retry.
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));

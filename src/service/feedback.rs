@@ -56,7 +56,8 @@ pub struct FeedbackStore {
     requests: HashMap<String, String>,
     order: VecDeque<String>,
     /// Every accepted outcome is appended here before it is acknowledged, and the file is
-    /// rewritten to what memory holds after each re-fit and whenever it holds twice that:
+    /// rewritten to what memory holds after each applied re-fit and whenever it holds about
+    /// twice that:
     /// nothing accepted is lost to a restart, and the file stays bounded like memory.
     journal: Option<(PathBuf, std::fs::File)>,
     /// Lines in the journal file.
@@ -118,6 +119,8 @@ impl FeedbackStore {
         if self.journal.is_some() && self.journal_lines > 2 * held + cap {
             if let Err(e) = self.compact() {
                 tracing::warn!(error = %e, "feedback journal not compacted; it keeps every outcome");
+                // Tried again after as many outcomes more, not on every one.
+                self.journal_lines = held;
             }
         }
         Ok(())

@@ -142,7 +142,6 @@ impl Service {
                 })
                 .collect()
         };
-        let any_due = !due.is_empty();
         let mut updated = Vec::new();
         for (name, rows, mean_tokens) in due {
             let Some(model) = d.catalog.get(&name) else {
@@ -173,19 +172,15 @@ impl Service {
                 }
             }
         }
-        if !updated.is_empty() {
-            overlay.validate(&d.heads).map_err(fail)?;
-            overlay.save(&fc.overlay).map_err(fail)?;
-        }
-        // The journal shrinks back to what memory holds (bounded like it), after rejected
-        // re-fits too.
-        if any_due {
-            if let Err(e) = self.store().compact() {
-                tracing::warn!(error = %e, "feedback journal not compacted; it keeps every outcome");
-            }
-        }
         if updated.is_empty() {
             return Ok(0);
+        }
+        overlay.validate(&d.heads).map_err(fail)?;
+        overlay.save(&fc.overlay).map_err(fail)?;
+        // The journal shrinks back to what memory holds (bounded like it; between re-fits,
+        // and where they are rejected, `push` bounds it).
+        if let Err(e) = self.store().compact() {
+            tracing::warn!(error = %e, "feedback journal not compacted; it keeps every outcome");
         }
         let next = Decider::load(&d.cfg, self.pipeline.dim()).map_err(fail)?;
         *self.decider.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);

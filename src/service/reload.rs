@@ -59,8 +59,8 @@ fn restart_only(old: &Config, new: &Config) -> anyhow::Result<()> {
             "max_connection_age_s",
             old.max_connection_age_s == new.max_connection_age_s,
         ),
-        // The gateway's listeners and its request-body limit are set up at start; its
-        // policies, upstreams and timeouts are read per request and do reload.
+        // The gateway's listeners and its concurrency limit are set up at start; its
+        // policies, upstreams, timeouts and body limit are read per request and do reload.
         (
             "gateway.http_listen",
             old.gateway.http_listen == new.gateway.http_listen,
@@ -70,8 +70,8 @@ fn restart_only(old: &Config, new: &Config) -> anyhow::Result<()> {
             old.gateway.ext_proc == new.gateway.ext_proc,
         ),
         (
-            "gateway.max_body_bytes",
-            old.gateway.max_body_bytes == new.gateway.max_body_bytes,
+            "gateway.max_concurrent",
+            old.gateway.max_concurrent == new.gateway.max_concurrent,
         ),
     ] {
         if !ok {

@@ -2,8 +2,8 @@
 //! SSE streams, and failures on request. A request's `stub` field (passed through by the
 //! gateway like any field it does not read) says what to do: `{"case": name, "answer":
 //! {model: text}, "choices": {model: the reply's whole choices array}, "fail": {model:
-//! status}, "delay_ms": {model: ms}, "break_stream": {model: true}}` (a stream that breaks
-//! off after its first frame). Every call is recorded.
+//! status}, "delay_ms": {model: ms}, "break_stream": {model: true or "mid"}}` (a stream that
+//! breaks off after its first frame, or inside it). Every call is recorded.
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -139,8 +139,16 @@ async fn handle(
             .into_iter()
             .map(|f| Ok(Bytes::from(f)))
             .collect();
-        if stub["break_stream"][&model].as_bool() == Some(true) {
+        let cut = &stub["break_stream"][&model];
+        if cut.as_bool() == Some(true) || cut == "mid" {
             frames.truncate(1);
+            if cut == "mid" {
+                // Half of the first frame: the break comes inside it.
+                let half = sse_frames(&name, &model)[0].len() / 2;
+                frames[0] = Ok(Bytes::from(
+                    sse_frames(&name, &model)[0][..half].to_string(),
+                ));
+            }
             frames.push(Err(std::io::Error::other("stub breaks the stream")));
         }
         // The break comes after a pause, so the first frame (and the headers) are out first.

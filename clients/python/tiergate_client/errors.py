@@ -21,6 +21,11 @@ class TiergateError(Exception):
         # Raised RpcErrors of unary calls are also grpc.Call (code, details, metadata).
         code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
         details = (e.details() if isinstance(e, grpc.Call) else None) or str(e)
+        # The server's gRPC stack (tonic) ends a call whose grpc-timeout passed on its side
+        # with CANCELLED "Timeout expired"; whichever side notices first, the caller's timeout
+        # passed: DEADLINE_EXCEEDED, as documented.
+        if code == grpc.StatusCode.CANCELLED and details == "Timeout expired":
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
         retry = None
         if isinstance(e, grpc.Call):
             for k, v in e.trailing_metadata() or ():
