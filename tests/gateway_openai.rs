@@ -108,6 +108,42 @@ fn config(stub: &Stub, http: &str) -> Config {
     c
 }
 
+/// A front on the stand-in: `config` (changed by `tweak`) written to a temporary dir (held
+/// by the returned value), served with `args` and `env` (flash's key always); ready.
+struct Front {
+    srv: Server,
+    http: String,
+    cfg: Config,
+    /// Holds the config file for as long as the server runs.
+    _dir: tempfile::TempDir,
+}
+
+async fn front(
+    stub: &Stub,
+    tweak: impl FnOnce(&mut Config),
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Front {
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut cfg = config(stub, &http);
+    tweak(&mut cfg);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiergate.toml");
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let mut all = vec!["--config", path.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let mut all_env = vec![("TIERGATE_TEST_FLASH_KEY", "sk-test-flash")];
+    all_env.extend_from_slice(env);
+    let srv = Server::spawn_env(&all, &all_env);
+    srv.ready().await;
+    Front {
+        srv,
+        http,
+        cfg,
+        _dir: dir,
+    }
+}
+
 fn case(name: &str, model: &str, prompt: &str, stub: Value) -> Value {
     let mut stub = stub;
     stub["case"] = json!(name);
@@ -166,16 +202,12 @@ fn close(a: f64, b: f64) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_client_gets_the_cascade() {
     let stub = Stub::start("stub").await;
-    let http = format!("127.0.0.1:{}", free_port());
-    let cfg = config(&stub, &http);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiergate.toml");
-    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
-    let mut srv = Server::spawn_env(
-        &["--config", path.to_str().unwrap()],
-        &[("TIERGATE_TEST_FLASH_KEY", "sk-test-flash")],
-    );
-    srv.ready().await;
+    let Front {
+        mut srv,
+        http,
+        cfg,
+        _dir,
+    } = front(&stub, |_| {}, &[], &[]).await;
     let base = format!("http://{http}/v1");
 
     let refusal = "I'm sorry, but I can't help with that.";
@@ -1037,29 +1069,21 @@ async fn the_front_logs_and_counts_each_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_verify_ships_the_answer_in_hand_but_never_an_empty_one() {
     let stub = Stub::start("stub").await;
-    let http = format!("127.0.0.1:{}", free_port());
-    let cfg = config(&stub, &http);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiergate.toml");
-    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
-    let control = dir.path().join("fault");
+    let control_dir = tempfile::tempdir().unwrap();
+    let control = control_dir.path().join("fault");
     // No embedding cache: Verify's prompt would otherwise be served from Route's encoding.
-    let srv = Server::spawn_env(
-        &[
-            "--config",
-            path.to_str().unwrap(),
-            "--backend",
-            "fault",
-            "--embedding-cache",
-            "0",
-        ],
+    let Front {
+        srv, http, _dir, ..
+    } = front(
+        &stub,
+        |_| {},
+        &["--backend", "fault", "--embedding-cache", "0"],
         &[
             ("TIERGATE_FAULT_INJECTION", control.to_str().unwrap()),
-            ("TIERGATE_TEST_FLASH_KEY", "sk-test-flash"),
             ("RUST_BACKTRACE", "0"),
         ],
-    );
-    srv.ready().await;
+    )
+    .await;
     let base = format!("http://{http}/v1");
 
     // One case per client run: the encoder works for Route, and fails from the moment the
@@ -1115,20 +1139,21 @@ async fn a_failing_verify_ships_the_answer_in_hand_but_never_an_empty_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_long_after_start_still_answers_the_front_in_flight() {
     let stub = Stub::start("stub").await;
-    let http = format!("127.0.0.1:{}", free_port());
-    let cfg = config(&stub, &http);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiergate.toml");
-    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
-    let mut srv = Server::spawn_env(
-        &["--config", path.to_str().unwrap()],
+    let Front {
+        mut srv,
+        http,
+        _dir,
+        ..
+    } = front(
+        &stub,
+        |_| {},
+        &[],
         &[
-            ("TIERGATE_TEST_FLASH_KEY", "sk-test-flash"),
             ("TIERGATE_DRAIN_LAME_DUCK_S", "0"),
             ("TIERGATE_DRAIN_TIMEOUT_S", "4"),
         ],
-    );
-    srv.ready().await;
+    )
+    .await;
     // Up longer than drain.timeout_s before the signal.
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     let body = case(
@@ -1180,17 +1205,9 @@ async fn a_drain_long_after_start_still_answers_the_front_in_flight() {
 async fn the_front_bounds_concurrency_and_slow_bodies() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let stub = Stub::start("stub").await;
-    let http = format!("127.0.0.1:{}", free_port());
-    let mut cfg = config(&stub, &http);
-    cfg.gateway.max_concurrent = 1;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiergate.toml");
-    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
-    let srv = Server::spawn_env(
-        &["--config", path.to_str().unwrap()],
-        &[("TIERGATE_TEST_FLASH_KEY", "sk-test-flash")],
-    );
-    srv.ready().await;
+    let Front {
+        srv, http, _dir, ..
+    } = front(&stub, |c| c.gateway.max_concurrent = 1, &[], &[]).await;
     let url = format!("http://{http}/v1/chat/completions");
     let post = |name: &'static str, delay: u64| {
         let url = url.clone();
