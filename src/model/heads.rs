@@ -552,13 +552,17 @@ mod tests {
                 m["u"] = serde_json::json!([]);
             }
         }
-        let e = Heads::from_json(&v.to_string())
-            .err()
-            .map(|e| format!("{e:#}"));
-        assert!(
-            e.as_deref().is_some_and(|e| e.contains("must both be > 0")),
-            "{e:?}"
-        );
+        let refused = |v: &serde_json::Value| {
+            let e = Heads::from_json(&v.to_string()).err();
+            e.is_some_and(|e| format!("{e:#}").contains("must both be > 0"))
+        };
+        assert!(refused(&v), "router.k = 0");
+        // dim = 0 with its vectors emptied to match: refused the same way.
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+        v["dim"] = 0.into();
+        v["router"]["proj"] = serde_json::json!([]);
+        v["router"]["easiness"]["w"] = serde_json::json!([]);
+        assert!(refused(&v), "dim = 0");
         Ok(())
     }
 
