@@ -211,6 +211,10 @@ pub struct GatewayConfig {
     /// Largest request body, and largest upstream reply read whole (streams pass through).
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// How long a client may take to send a request's head (line and headers), on a new or a
+    /// kept-alive connection; past it the connection is closed.
+    #[serde(default = "default_head_timeout")]
+    pub head_timeout_s: u64,
     /// Chat completions handled at once; more are answered 429 at once (each holds its body
     /// and upstream replies, up to `max_body_bytes` apiece, for as long as it runs).
     #[serde(default = "default_max_concurrent")]
@@ -235,6 +239,7 @@ impl Default for GatewayConfig {
             timeout_s: default_gateway_timeout(),
             max_body_bytes: default_max_body(),
             max_concurrent: default_max_concurrent(),
+            head_timeout_s: default_head_timeout(),
             ext_proc_route_ms: default_ext_proc_route_ms(),
             policies: Default::default(),
         }
@@ -328,6 +333,9 @@ fn default_max_body() -> usize {
 }
 fn default_max_concurrent() -> usize {
     1024
+}
+fn default_head_timeout() -> u64 {
+    30
 }
 fn default_ext_proc_route_ms() -> u64 {
     1000
@@ -889,6 +897,7 @@ impl Config {
             ("gateway.timeout_s", g.timeout_s),
             ("gateway.max_body_bytes", g.max_body_bytes as u64),
             ("gateway.max_concurrent", g.max_concurrent as u64),
+            ("gateway.head_timeout_s", g.head_timeout_s),
             ("gateway.ext_proc_route_ms", g.ext_proc_route_ms),
         ] {
             if v == 0 {

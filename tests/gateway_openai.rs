@@ -1200,14 +1200,24 @@ async fn a_drain_long_after_start_still_answers_the_front_in_flight() {
 
 /// With gateway.max_concurrent = 1, a second chat completion while one runs is a 429 at once
 /// (with retry-after), and the first still gets its answer; a body that trickles in is a 408
-/// at the client's deadline, not a connection held open.
+/// at the client's deadline, and a head that never ends is closed at gateway.head_timeout_s:
+/// no connection is held open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_front_bounds_concurrency_and_slow_bodies() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let stub = Stub::start("stub").await;
     let Front {
         srv, http, _dir, ..
-    } = front(&stub, |c| c.gateway.max_concurrent = 1, &[], &[]).await;
+    } = front(
+        &stub,
+        |c| {
+            c.gateway.max_concurrent = 1;
+            c.gateway.head_timeout_s = 1;
+        },
+        &[],
+        &[],
+    )
+    .await;
     let url = format!("http://{http}/v1/chat/completions");
     let post = |name: &'static str, delay: u64| {
         let url = url.clone();
@@ -1268,4 +1278,21 @@ async fn the_front_bounds_concurrency_and_slow_bodies() {
     let reply = String::from_utf8_lossy(&buf[..n]);
     assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
     assert!(t0.elapsed().as_millis() >= 400, "{:?}", t0.elapsed());
+
+    // A request head that never ends: the connection is closed at gateway.head_timeout_s
+    // (1 s here), not held open.
+    let mut conn = tokio::net::TcpStream::connect(&http).await.unwrap();
+    conn.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        conn.read_to_end(&mut rest),
+    )
+    .await
+    .expect("closed, not held")
+    .ok();
+    assert!(t0.elapsed().as_millis() >= 900, "{:?}", t0.elapsed());
 }

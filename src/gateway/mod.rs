@@ -14,6 +14,7 @@ mod targets;
 mod upstream;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
@@ -29,12 +30,54 @@ pub struct Started {
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// Serves the front's connections (HTTP/1.1) until `drain` is set, then lets the requests in
+/// flight finish: no new connections, idle ones closed. A request's head must arrive within
+/// `head_timeout` (gateway.head_timeout_s); its body within its deadline (http.rs).
+async fn serve_front(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    head_timeout: Duration,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let tcp = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off rather than spin.
+                    tracing::warn!(error = %e, "the HTTP front could not accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            // (the watch's guard is dropped inside: the future stays Send)
+            _ = async { drop(drain.wait_for(|d| *d).await) } => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(head_timeout)
+            .serve_connection(TokioIo::new(tcp), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "HTTP front connection ended");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
 /// Binds the HTTP front (if `gateway.http_listen` is set) and builds the ext_proc service
 /// (if `gateway.ext_proc`). The front stops accepting once `drain` is set and its task
 /// ends when the requests it accepted are answered.
 pub async fn start(
     svc: Arc<Service>,
-    mut drain: tokio::sync::watch::Receiver<bool>,
+    drain: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Started> {
     let cfg = svc.config().clone();
     let mut tasks = Vec::new();
@@ -49,17 +92,13 @@ pub async fn start(
             upstreams: upstream::Upstreams::new()?,
         });
         let app = http::router(front, cfg.gateway.max_concurrent);
-        tasks.push(tokio::spawn(async move {
-            let stop = async move {
-                let _ = drain.wait_for(|d| *d).await;
-            };
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
-                .await
-            {
-                tracing::error!(error = %e, "the HTTP front stopped");
-            }
-        }));
+        let head_timeout = Duration::from_secs(cfg.gateway.head_timeout_s);
+        tasks.push(tokio::spawn(serve_front(
+            listener,
+            app,
+            head_timeout,
+            drain,
+        )));
     }
     let routes = cfg.gateway.ext_proc.then(|| {
         tonic::service::Routes::new(ExternalProcessorServer::new(extproc::ExtProc { svc }))

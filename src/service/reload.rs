@@ -59,7 +59,7 @@ fn restart_only(old: &Config, new: &Config) -> anyhow::Result<()> {
             "max_connection_age_s",
             old.max_connection_age_s == new.max_connection_age_s,
         ),
-        // The gateway's listeners and its concurrency limit are set up at start; its
+        // The gateway's listeners, concurrency limit and head timeout are set up at start; its
         // policies, upstreams, timeouts and body limit are read per request and do reload.
         (
             "gateway.http_listen",
@@ -72,6 +72,10 @@ fn restart_only(old: &Config, new: &Config) -> anyhow::Result<()> {
         (
             "gateway.max_concurrent",
             old.gateway.max_concurrent == new.gateway.max_concurrent,
+        ),
+        (
+            "gateway.head_timeout_s",
+            old.gateway.head_timeout_s == new.gateway.head_timeout_s,
         ),
     ] {
         if !ok {
