@@ -26,9 +26,26 @@ pub fn clip(s: &str) -> String {
     }
 }
 
+/// The longest prefix of `s` of at most `max_bytes`, cut at a character boundary
+/// (`str::floor_char_boundary` is newer than this crate's rust-version).
+pub fn prefix(s: &str, max_bytes: usize) -> &str {
+    let mut end = s.len().min(max_bytes);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 #[cfg(test)]
 mod clip_tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_ends_on_a_character() {
+        assert_eq!(prefix("aé", 2), "a");
+        assert_eq!(prefix("aé", 3), "aé");
+        assert_eq!(prefix("abc", 0), "");
+    }
 
     #[test]
     fn short_text_is_quoted_whole_and_long_text_is_cut() {

@@ -412,15 +412,12 @@ impl Front {
         while let Some((i, r)) = calls.next().await {
             v.record_or_fail(plan, &probes[i], i, r)?;
         }
-        let has_text = |r: &Option<Value>| {
-            r.as_ref()
-                .and_then(chat::verifiable)
-                .is_none_or(|a| !a.trim().is_empty())
-        };
+        // A tool call (nothing to verify) counts as text.
+        let has_text = |r: &Value| chat::verifiable(r).is_none_or(|a| !a.trim().is_empty());
         let pick = v
             .replies
             .iter()
-            .position(|r| r.is_some() && has_text(r))
+            .position(|r| r.as_ref().is_some_and(has_text))
             .or_else(|| v.replies.iter().position(Option::is_some));
         match pick.and_then(|i| v.replies[i].take().map(|r| (probes[i].clone(), r))) {
             Some((m, reply)) => Ok((ship(plan, m, reply, v.spent, hops), "fallback")),

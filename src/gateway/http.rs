@@ -152,11 +152,7 @@ async fn completions(State(front): State<Arc<Front>>, headers: HeaderMap, body: 
 }
 
 fn clip_id(s: &str) -> &str {
-    let mut end = s.len().min(MAX_LOGGED_ID);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
+    crate::base::prefix(s, MAX_LOGGED_ID)
 }
 
 /// Counts, times and logs one chat completion (the model that answered, escalations and

@@ -205,10 +205,7 @@ fn trace_of<T>(req: &Request<T>) -> Option<TraceParent> {
 
 fn stream_error(mut request_id: String, e: &ServiceError) -> proto::StreamError {
     // Up to MAX_ERRORS of these go back in one reply: an over-long id is cut (at a character).
-    let mut end = request_id.len().min(crate::service::MAX_REQUEST_ID_BYTES);
-    while !request_id.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = crate::base::prefix(&request_id, crate::service::MAX_REQUEST_ID_BYTES).len();
     request_id.truncate(end);
     proto::StreamError {
         request_id,

@@ -66,11 +66,7 @@ pub fn span(rpc: &'static str, request_id: &str, trace: Option<&TraceParent>) ->
 }
 
 fn clip(s: &str) -> &str {
-    let mut end = s.len().min(MAX_LOGGED_ID);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
+    crate::base::prefix(s, MAX_LOGGED_ID)
 }
 
 /// Counts, times and logs one RPC outcome (inside the request's [`span`]).

@@ -41,10 +41,7 @@ const MAX_MESSAGE_BYTES: usize = 512;
 pub fn message(e: &ServiceError) -> String {
     let mut m = e.to_string();
     if m.len() > MAX_MESSAGE_BYTES {
-        let mut end = MAX_MESSAGE_BYTES - '…'.len_utf8();
-        while !m.is_char_boundary(end) {
-            end -= 1;
-        }
+        let end = crate::base::prefix(&m, MAX_MESSAGE_BYTES - '…'.len_utf8()).len();
         m.truncate(end);
         m.push('…');
     }

@@ -57,8 +57,8 @@ pub struct FeedbackStore {
     order: VecDeque<String>,
     /// Every accepted outcome is appended here before it is acknowledged, and the file is
     /// rewritten to what memory holds after each applied re-fit and whenever it holds about
-    /// twice that:
-    /// nothing accepted is lost to a restart, and the file stays bounded like memory.
+    /// twice that: nothing accepted is lost to a restart, and the file stays bounded like
+    /// memory.
     journal: Option<(PathBuf, std::fs::File)>,
     /// Lines in the journal file.
     journal_lines: usize,
@@ -88,6 +88,11 @@ impl FeedbackStore {
         self.requests.get(request_id).cloned()
     }
 
+    /// Outcomes held in memory, all models together (what a compacted journal holds).
+    fn held(&self) -> usize {
+        self.models.values().map(|m| m.rows.len()).sum()
+    }
+
     /// Keeps an outcome in memory (the oldest of its model dropped past `cap`).
     fn keep(&mut self, model: &str, o: Outcome, cap: usize) {
         let m = self.models.entry(model.to_string()).or_default();
@@ -115,7 +120,7 @@ impl FeedbackStore {
         // Re-fits compact the journal, but a model whose re-fits are all rejected, or that
         // never reaches min_rows, would let it grow without end: past twice what memory
         // holds (plus one model's worth), it is rewritten to what memory holds.
-        let held: usize = self.models.values().map(|m| m.rows.len()).sum();
+        let held = self.held();
         if self.journal.is_some() && self.journal_lines > 2 * held + cap {
             if let Err(e) = self.compact() {
                 tracing::warn!(error = %e, "feedback journal not compacted; it keeps every outcome");
@@ -191,7 +196,7 @@ impl FeedbackStore {
             w.flush()?;
         }
         std::fs::rename(&tmp, &path)?;
-        self.journal_lines = self.models.values().map(|m| m.rows.len()).sum();
+        self.journal_lines = self.held();
         self.reopen(&path)
     }
 }
