@@ -1,5 +1,5 @@
-//! Learning from outcomes while serving: the Feedback RPC's store (bounded per model), the
-//! request ids Route remembers (bounded), and the re-fit pass that runs off the hot path. A
+//! Learning from outcomes while serving: the Feedback RPC's store (bounded per model) and its
+//! journal, the request ids Route remembers (bounded), and the re-fit pass that runs off the hot path. A
 //! re-fit that does worse than the current parameters on held-out outcomes is not applied.
 #![forbid(unsafe_code)]
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -49,12 +49,19 @@ impl ModelOutcomes {
     }
 }
 
-/// Everything feedback keeps in memory; every part bounded by the config.
+/// The prompts of recent Routes by request id, for Feedback that names one (bounded by
+/// `feedback.remember_requests`). Apart from [`FeedbackStore`] so Route never waits on the
+/// journal's writes.
+#[derive(Default)]
+pub struct RequestMemory {
+    requests: HashMap<String, String>,
+    order: VecDeque<String>,
+}
+
+/// The outcomes feedback keeps in memory (bounded per model by the config) and their journal.
 #[derive(Default)]
 pub struct FeedbackStore {
     pub models: BTreeMap<String, ModelOutcomes>,
-    requests: HashMap<String, String>,
-    order: VecDeque<String>,
     /// Every accepted outcome is appended here before it is acknowledged, and the file is
     /// rewritten to what memory holds after each applied re-fit and whenever it holds about
     /// twice that: nothing accepted is lost to a restart, and the file stays bounded like
@@ -64,7 +71,7 @@ pub struct FeedbackStore {
     journal_lines: usize,
 }
 
-impl FeedbackStore {
+impl RequestMemory {
     /// Remembers a Route's prompt under its request id (the oldest forgotten past `cap`).
     pub fn remember(&mut self, request_id: &str, prompt: &str, cap: usize) {
         if cap == 0 || request_id.is_empty() {
@@ -87,7 +94,9 @@ impl FeedbackStore {
     pub fn prompt_of(&self, request_id: &str) -> Option<String> {
         self.requests.get(request_id).cloned()
     }
+}
 
+impl FeedbackStore {
     /// Outcomes held in memory, all models together (what a compacted journal holds).
     fn held(&self) -> usize {
         self.models.values().map(|m| m.rows.len()).sum()
@@ -136,8 +145,10 @@ impl FeedbackStore {
     pub fn open_journal(&mut self, path: &Path, cap: usize) -> std::io::Result<usize> {
         let mut n = 0;
         self.journal_lines = 0;
+        let mut torn = false;
         if let Ok(text) = std::fs::read_to_string(path) {
             self.journal_lines = text.lines().count();
+            torn = !text.is_empty() && !text.ends_with('\n');
             for (i, line) in text.lines().enumerate() {
                 match serde_json::from_str::<Entry>(line) {
                     Ok(e) => {
@@ -151,17 +162,17 @@ impl FeedbackStore {
                 }
             }
         }
-        self.reopen(path)?;
-        Ok(n)
-    }
-
-    fn reopen(&mut self, path: &Path) -> std::io::Result<()> {
-        let f = std::fs::OpenOptions::new()
+        let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)?;
+        // A crash mid-write leaves a last line without its end: end it, or the next outcome
+        // would be appended to it and be unreadable too.
+        if torn {
+            f.write_all(b"\n")?;
+        }
         self.journal = Some((path.to_path_buf(), f));
-        Ok(())
+        Ok(n)
     }
 
     /// Outcomes of `model` that the persisted parameters were already fitted on are not new.
@@ -172,15 +183,24 @@ impl FeedbackStore {
     }
 
     /// Rewrites the journal to exactly what memory holds (atomically: a temporary file
-    /// renamed over it).
+    /// renamed over it). The handle written through becomes the journal's, so there is no
+    /// re-open that could fail after the rename and leave appends going to the replaced file.
     pub fn compact(&mut self) -> std::io::Result<()> {
         let Some((path, _)) = &self.journal else {
             return Ok(());
         };
         let path = path.clone();
         let tmp = path.with_extension("part");
-        {
-            let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let file = {
+            let f = std::fs::OpenOptions::new()
+                .append(true)
+                .create_new(true)
+                .open(&tmp)?;
+            let mut w = std::io::BufWriter::new(f);
             for (model, mo) in &self.models {
                 for o in &mo.rows {
                     serde_json::to_writer(
@@ -193,11 +213,18 @@ impl FeedbackStore {
                     w.write_all(b"\n")?;
                 }
             }
-            w.flush()?;
+            let f = w.into_inner().map_err(|e| e.into_error())?;
+            // On disk before it replaces the journal: a power loss must not leave it empty.
+            f.sync_data()?;
+            f
+        };
+        if let Err(e) = std::fs::rename(&tmp, &path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
         }
-        std::fs::rename(&tmp, &path)?;
+        self.journal = Some((path, file));
         self.journal_lines = self.held();
-        self.reopen(&path)
+        Ok(())
     }
 }
 
@@ -297,13 +324,13 @@ mod tests {
 
     #[test]
     fn memory_is_bounded() {
-        let mut st = FeedbackStore::default();
+        let (mut st, mut ids) = (FeedbackStore::default(), RequestMemory::default());
         for i in 0..100 {
-            st.remember(&format!("r{i}"), "p", 10);
+            ids.remember(&format!("r{i}"), "p", 10);
             st.push("m", outcomes(1, 1.0).remove(0), 7).unwrap();
         }
-        assert!(st.prompt_of("r99").is_some() && st.prompt_of("r0").is_none());
-        assert_eq!(st.requests.len(), 10);
+        assert!(ids.prompt_of("r99").is_some() && ids.prompt_of("r0").is_none());
+        assert_eq!((ids.requests.len(), ids.order.len()), (10, 10));
         assert_eq!(st.models["m"].rows.len(), 7);
     }
 
@@ -326,6 +353,12 @@ mod tests {
         let mut back = FeedbackStore::default();
         assert_eq!(back.open_journal(&path, 100).unwrap(), 12);
         assert_eq!(back.models["m"].fresh, 12);
+        // An outcome accepted after that restart starts a line of its own, not the torn one's.
+        back.push("m", outcomes(1, 0.0).remove(0), 100).unwrap();
+        assert_eq!(
+            FeedbackStore::default().open_journal(&path, 100).unwrap(),
+            13
+        );
         // Compaction keeps what memory holds (bounded), nothing more.
         let mut small = FeedbackStore::default();
         small.open_journal(&path, 5).unwrap();
@@ -348,6 +381,7 @@ mod tests {
         }
         let lines = std::fs::read_to_string(&path).unwrap().lines().count();
         assert!(lines <= 2 * 14 + 7 + 1, "{lines} lines");
+        assert!(!path.with_extension("part").exists());
         let mut back = FeedbackStore::default();
         back.open_journal(&path, 7).unwrap();
         assert_eq!(back.models["a"].rows.len(), 7);

@@ -18,6 +18,10 @@ impl Service {
         self.feedback.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    pub(super) fn requests(&self) -> std::sync::MutexGuard<'_, feedback::RequestMemory> {
+        self.requests.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Keeps one observed outcome for the next re-fit. The prompt comes from the request or
     /// from the Route it names; the model must be a catalog model.
     pub async fn feedback(&self, q: FeedbackQuery) -> Result<(), ServiceError> {
@@ -50,7 +54,7 @@ impl Service {
         }
         let prompt = match (q.prompt, q.request_id.is_empty()) {
             (Some(p), _) if !p.trim().is_empty() => p,
-            (_, false) => match self.store().prompt_of(&q.request_id) {
+            (_, false) => match self.requests().prompt_of(&q.request_id) {
                 Some(p) => p,
                 None => {
                     return reject(ServiceError::InvalidArgument(format!(
@@ -125,8 +129,8 @@ impl Service {
                 verify_thresholds: None,
             },
         };
-        // Copy what is due under the lock and fit outside it: Route and Feedback take the same
-        // lock, and a fit over thousands of outcomes must not stall them.
+        // Copy what is due under the lock and fit outside it: Feedback takes the same lock,
+        // and a fit over thousands of outcomes must not stall it.
         let due: Vec<(String, Vec<feedback::Outcome>, Option<u32>)> = {
             let mut st = self.store();
             st.models

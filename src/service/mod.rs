@@ -59,8 +59,11 @@ pub struct Service {
     reload_from: Mutex<Option<Overrides>>,
     /// Serialises reloads (a SIGHUP and an RPC at once) and feedback re-fits.
     reloading: Mutex<()>,
-    /// Outcomes and remembered request ids (bounded; see `feedback` in the config).
+    /// Outcomes and their journal (bounded; see `feedback` in the config).
     feedback: Mutex<feedback::FeedbackStore>,
+    /// Recent Routes' prompts by request id (bounded), under a lock of their own: Route takes
+    /// it, and must not wait on the journal's writes.
+    requests: Mutex<feedback::RequestMemory>,
     /// API tokens every edge asks for (`[auth]`); `None` = open.
     pub tokens: Option<Arc<auth::Tokens>>,
 }
@@ -113,6 +116,7 @@ impl Service {
             reload_from: Mutex::new(None),
             reloading: Mutex::new(()),
             feedback: Mutex::new(store),
+            requests: Mutex::new(feedback::RequestMemory::default()),
             tokens,
         })
     }
@@ -236,7 +240,7 @@ impl Service {
         }
         // Remembered for Feedback only once the request is known to be valid.
         if d.cfg.feedback.enabled() && !q.request_id.is_empty() {
-            self.store()
+            self.requests()
                 .remember(&q.request_id, &text, d.cfg.feedback.remember_requests);
         }
         let prompt_tokens = policy::proxy_tokens(text.len());
