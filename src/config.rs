@@ -219,6 +219,11 @@ pub struct GatewayConfig {
     /// and upstream replies, up to `max_body_bytes` apiece, for as long as it runs).
     #[serde(default = "default_max_concurrent")]
     pub max_concurrent: usize,
+    /// Connections the front holds open at once. At the cap it accepts no more until one
+    /// closes (clients wait in the listen backlog): the process's file descriptors are shared
+    /// with the gRPC listener and the upstream calls.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
     /// ext_proc: how long Route may take on one request; keep it under Envoy's
     /// `message_timeout`.
     #[serde(default = "default_ext_proc_route_ms")]
@@ -239,6 +244,7 @@ impl Default for GatewayConfig {
             timeout_s: default_gateway_timeout(),
             max_body_bytes: default_max_body(),
             max_concurrent: default_max_concurrent(),
+            max_connections: default_max_connections(),
             head_timeout_s: default_head_timeout(),
             ext_proc_route_ms: default_ext_proc_route_ms(),
             policies: Default::default(),
@@ -333,6 +339,9 @@ fn default_max_body() -> usize {
 }
 fn default_max_concurrent() -> usize {
     1024
+}
+fn default_max_connections() -> usize {
+    4096
 }
 fn default_head_timeout() -> u64 {
     30
@@ -897,6 +906,7 @@ impl Config {
             ("gateway.timeout_s", g.timeout_s),
             ("gateway.max_body_bytes", g.max_body_bytes as u64),
             ("gateway.max_concurrent", g.max_concurrent as u64),
+            ("gateway.max_connections", g.max_connections as u64),
             ("gateway.head_timeout_s", g.head_timeout_s),
             ("gateway.ext_proc_route_ms", g.ext_proc_route_ms),
         ] {
@@ -905,12 +915,13 @@ impl Config {
             }
         }
         // Far above any real load; a semaphore cannot count past usize::MAX >> 3.
-        if g.max_concurrent > 1 << 20 {
-            bail!(
-                "gateway.max_concurrent = {} must be at most {}",
-                g.max_concurrent,
-                1 << 20
-            );
+        for (k, v) in [
+            ("gateway.max_concurrent", g.max_concurrent),
+            ("gateway.max_connections", g.max_connections),
+        ] {
+            if v > 1 << 20 {
+                bail!("{k} = {v} must be at most {}", 1 << 20);
+            }
         }
         for (name, p) in &g.policies {
             let key = |f: &str| format!("gateway.policies.{name}.{f}");
@@ -1107,6 +1118,10 @@ mod tests {
         })
         .contains("api_key_env"));
         assert!(with(|c| c.gateway.auto_model = "a:b".into()).contains("gateway.auto_model"));
+        for bad in [0, (1 << 20) + 1] {
+            assert!(with(|c| c.gateway.max_connections = bad).contains("gateway.max_connections"));
+            assert!(with(|c| c.gateway.max_concurrent = bad).contains("gateway.max_concurrent"));
+        }
         assert!(with(|c| {
             let p = GatewayPolicy {
                 relative_floor: Some(1.5),

@@ -9,6 +9,7 @@ pub const REQUEST_SECONDS: &str = "tiergate_request_duration_seconds";
 pub const HTTP_REQUESTS: &str = "tiergate_http_requests_total";
 pub const HTTP_REQUEST_SECONDS: &str = "tiergate_http_request_duration_seconds";
 pub const HTTP_STREAM_ERRORS: &str = "tiergate_http_stream_errors_total";
+pub const HTTP_CONNECTIONS: &str = "tiergate_http_connections";
 pub const GATEWAY_CONSENSUS: &str = "tiergate_gateway_consensus_total";
 pub const GATEWAY_CONSENSUS_PROBES: &str = "tiergate_gateway_consensus_probes_total";
 pub const QUEUE_DEPTH: &str = "tiergate_queue_depth";
@@ -93,6 +94,11 @@ fn describe() {
         "HTTP front requests under a consensus policy, by outcome: agreed (the probes agreed), \
          escalated (the top candidate's answer shipped), fallback (no consensus and no answer \
          from the top, failed or not called: a probe's answer shipped), failed (no answer)."
+    );
+    describe_gauge!(
+        HTTP_CONNECTIONS,
+        "HTTP front connections open (at gateway.max_connections the front accepts no more \
+         until one closes)."
     );
     describe_counter!(
         GATEWAY_CONSENSUS_PROBES,

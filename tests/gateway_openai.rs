@@ -1198,6 +1198,43 @@ async fn a_drain_long_after_start_still_answers_the_front_in_flight() {
     assert!(st.success(), "{st:?}");
 }
 
+/// With gateway.max_connections = 1, a second client is not answered while the first holds
+/// its connection open, and is answered once that connection closes: it waited to be
+/// accepted, it was not turned away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_front_bounds_its_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stub = Stub::start("stub").await;
+    let Front {
+        srv, http, _dir, ..
+    } = front(&stub, |c| c.gateway.max_connections = 1, &[], &[]).await;
+    let get = format!("GET /v1/models HTTP/1.1\r\nhost: {http}\r\n\r\n");
+    let mut first = tokio::net::TcpStream::connect(&http).await.unwrap();
+    first.write_all(get.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    let n = first.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    // The first connection stays open (kept alive); the second waits in the backlog.
+    let mut second = tokio::net::TcpStream::connect(&http).await.unwrap();
+    second.write_all(get.as_bytes()).await.unwrap();
+    let waited =
+        tokio::time::timeout(std::time::Duration::from_millis(700), second.read(&mut buf)).await;
+    assert!(
+        waited.is_err(),
+        "answered while the first held the only slot"
+    );
+    assert_eq!(
+        common::metric_sum(&srv.metrics_text(), "tiergate_http_connections", &[]),
+        Some(1.0)
+    );
+    drop(first);
+    let n = tokio::time::timeout(std::time::Duration::from_secs(30), second.read(&mut buf))
+        .await
+        .expect("answered once the first closed")
+        .unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+}
+
 /// With gateway.max_concurrent = 1, a second chat completion while one runs is a 429 at once
 /// (with retry-after), and the first still gets its answer; a body that trickles in is a 408
 /// at the client's deadline, and a head that never ends is closed at gateway.head_timeout_s:

@@ -32,16 +32,37 @@ pub struct Started {
 
 /// Serves the front's connections (HTTP/1.1) until `drain` is set, then lets the requests in
 /// flight finish: no new connections, idle ones closed. A request's head must arrive within
-/// `head_timeout` (gateway.head_timeout_s); its body within its deadline (http.rs).
+/// `head_timeout` (gateway.head_timeout_s); its body within its deadline (http.rs). At most
+/// `max_connections` (gateway.max_connections) are open at once.
 async fn serve_front(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     head_timeout: Duration,
+    max_connections: usize,
     mut drain: tokio::sync::watch::Receiver<bool>,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let mut warned: Option<std::time::Instant> = None;
     loop {
+        // A slot is taken before a connection is accepted: at the cap, clients wait in the
+        // listen backlog until one closes, rather than taking descriptors the gRPC listener
+        // and the upstream calls need.
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+            _ = async { drop(drain.wait_for(|d| *d).await) } => break,
+        };
+        if slots.available_permits() == 0 && warned.is_none_or(|t| t.elapsed().as_secs() >= 10) {
+            tracing::warn!(
+                max_connections,
+                "the HTTP front holds gateway.max_connections connections; more wait to be accepted"
+            );
+            warned = Some(std::time::Instant::now());
+        }
         let tcp = tokio::select! {
             r = listener.accept() => match r {
                 Ok((tcp, _)) => tcp,
@@ -62,10 +83,13 @@ async fn serve_front(
             .header_read_timeout(head_timeout)
             .serve_connection(TokioIo::new(tcp), svc);
         let conn = graceful.watch(conn);
+        metrics::gauge!(crate::metrics::HTTP_CONNECTIONS).increment(1.0);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "HTTP front connection ended");
             }
+            metrics::gauge!(crate::metrics::HTTP_CONNECTIONS).decrement(1.0);
+            drop(slot);
         });
     }
     drop(listener);
@@ -97,6 +121,7 @@ pub async fn start(
             listener,
             app,
             head_timeout,
+            cfg.gateway.max_connections,
             drain,
         )));
     }

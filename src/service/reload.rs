@@ -59,8 +59,9 @@ fn restart_only(old: &Config, new: &Config) -> anyhow::Result<()> {
             "max_connection_age_s",
             old.max_connection_age_s == new.max_connection_age_s,
         ),
-        // The gateway's listeners, concurrency limit and head timeout are set up at start; its
-        // policies, upstreams, timeouts and body limit are read per request and do reload.
+        // The gateway's listeners, concurrency and connection limits and head timeout are set
+        // up at start; its policies, upstreams, timeouts and body limit are read per request
+        // and do reload.
         (
             "gateway.http_listen",
             old.gateway.http_listen == new.gateway.http_listen,
@@ -72,6 +73,10 @@ fn restart_only(old: &Config, new: &Config) -> anyhow::Result<()> {
         (
             "gateway.max_concurrent",
             old.gateway.max_concurrent == new.gateway.max_concurrent,
+        ),
+        (
+            "gateway.max_connections",
+            old.gateway.max_connections == new.gateway.max_connections,
         ),
         (
             "gateway.head_timeout_s",
