@@ -343,7 +343,8 @@ fn calibrate_recommends_a_floor_and_says_how_it_held() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("no Route floor recommended: row 1 has no finite, non-negative cost_usd"),
+        stderr.contains("no Route floor recommended: line 1 (")
+            && stderr.contains("has no finite, non-negative cost_usd"),
         "{stderr}"
     );
     assert!(!rec2.exists());

@@ -351,7 +351,8 @@ fn replays_refuse_a_row_without_a_score_or_cost() {
             row("p1", "m1", r#","score":1.0,"cost_usd":0.001"#),
             row("p1", "m2", r#","score":1.0,"cost_usd":0.01"#),
         ];
-        std::fs::write(&data, format!("{}\n{}\n{bad}\n", good[0], good[1])).unwrap();
+        // A blank line between: errors name the file's line (4), not the row (3).
+        std::fs::write(&data, format!("{}\n\n{}\n{bad}\n", good[0], good[1])).unwrap();
         for cmd in [
             vec!["consensus", "--data"],
             vec!["eval", "--out-dir", dir.path().to_str().unwrap(), "--data"],
@@ -365,7 +366,7 @@ fn replays_refuse_a_row_without_a_score_or_cost() {
             let err = String::from_utf8_lossy(&o.stderr);
             assert!(!o.status.success(), "{cmd:?} accepted a row with {what}");
             assert!(
-                err.contains("row 3") && err.contains("needs a score"),
+                err.contains("line 4 (s/p2 m1)") && err.contains("needs a score"),
                 "{cmd:?}, {what}: {err}"
             );
         }

@@ -325,6 +325,7 @@ mod tests {
             cost_usd: Some(cost),
             prompt_tokens: None,
             response_tokens: None,
+            line: 0,
         }
     }
 

@@ -26,6 +26,9 @@ pub struct Row {
     pub prompt_tokens: Option<u64>,
     #[serde(default)]
     pub response_tokens: Option<u64>,
+    /// Its line in the file it was read from (errors name it); 0 when not read from a file.
+    #[serde(skip)]
+    pub line: usize,
 }
 
 impl Row {
@@ -52,7 +55,7 @@ pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
         if line.trim().is_empty() {
             continue;
         }
-        let row: Row = serde_json::from_str(&line)
+        let mut row: Row = serde_json::from_str(&line)
             .with_context(|| format!("{}: line {} is not a valid row", path.display(), i + 1))?;
         if let Some(s) = row.score {
             if !(0.0..=1.0).contains(&s) {
@@ -63,6 +66,7 @@ pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
                 );
             }
         }
+        row.line = i + 1;
         rows.push(row);
     }
     Ok(rows)
@@ -86,13 +90,13 @@ pub fn read_catalog(path: &Path) -> Result<BTreeMap<String, Price>> {
 /// Rows with the fields a replay needs (a score and a cost: `eval` and `consensus` price and
 /// grade every row); anything else is an error naming the row.
 pub fn check_labelled(rows: &[Row], path: &Path) -> Result<()> {
-    for (i, r) in rows.iter().enumerate() {
+    for r in rows {
         match (r.score, r.cost_usd) {
             (Some(_), Some(c)) if c.is_finite() && c >= 0.0 => {}
             _ => bail!(
-                "{}: row {} ({}/{} {}) needs a score and a non-negative cost_usd",
+                "{}: line {} ({}/{} {}) needs a score and a non-negative cost_usd",
                 path.display(),
-                i + 1,
+                r.line,
                 r.source,
                 r.prompt_id,
                 r.model

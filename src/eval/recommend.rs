@@ -519,13 +519,17 @@ pub fn recommend_floors(
     default: Option<Floor>,
     cfg: &crate::config::Config,
 ) -> Result<Vec<SourceRecommendation>> {
-    if let Some(i) = rows
+    if let Some(r) = rows
         .iter()
-        .position(|r| !r.cost_usd.is_some_and(|c| c.is_finite() && c >= 0.0))
+        .find(|r| !r.cost_usd.is_some_and(|c| c.is_finite() && c >= 0.0))
     {
         bail!(
-            "row {} has no finite, non-negative cost_usd: a floor's saving needs every row's cost",
-            i + 1
+            "line {} ({}/{} {}) has no finite, non-negative cost_usd: a floor's saving needs \
+             every row's cost",
+            r.line,
+            r.source,
+            r.prompt_id,
+            r.model
         );
     }
     let x = cross_fitted(heads, rows, f)?;
@@ -1124,6 +1128,7 @@ mod tests {
                     cost_usd: Some(1.0 + j as f64),
                     prompt_tokens: None,
                     response_tokens: None,
+                    line: 0,
                 });
             }
         }
@@ -1169,6 +1174,7 @@ mod tests {
             cost_usd: Some(cost),
             prompt_tokens: None,
             response_tokens: None,
+            line: 0,
         };
         let mut rows = Vec::new();
         for i in 0..80 {

@@ -1002,6 +1002,7 @@ pub(crate) mod tests {
                 cost_usd: None,
                 prompt_tokens: None,
                 response_tokens: None,
+                line: 0,
             });
         }
         let e: Vec<f32> = (0..dim).map(|i| ((i % 5) as f32 - 2.0) / 30.0).collect();
