@@ -103,7 +103,7 @@ for seed in range(DRAWS):
                         '--calibration', f"{d}/lab.jsonl", '--cache-dir', CACHE, '--out',
                         f"{d}/new-scores.jsonl"], cwd=ROOT, stdout=subprocess.DEVNULL,
                        stderr=open(f"{d}/score.log", 'w'), check=True)
-    rec = json.load(open(f"{d}/rec.json"))[0]
+    rec = json.load(open(f"{d}/rec.json"))["sources"][0]
     relearned = json.load(open(f"{d}/ov.json")).get('verify_thresholds')
     cands = rec['candidates']
     best = cands.index(rec['best'])

@@ -263,7 +263,9 @@ fn calibrate_recommends_a_floor_and_says_how_it_held() {
     let out = calibrate(&rec);
     let stdout = String::from_utf8_lossy(&out.stdout);
     succeeded(&out);
-    let v = json_file(&rec);
+    let file = json_file(&rec);
+    assert_eq!(file["format"], 1, "{file}");
+    let v = &file["sources"];
     let r = &v[0];
     assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
     // Candidates cheapest first by mean cost on the rows; the best by mean score.

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 
 use super::data::{read_rows, Row};
-use super::recommend::{describe, recommend_floors, Floor};
+use super::recommend::{
+    describe, recommend_floors, Floor, RecommendationFile, RECOMMENDATION_FORMAT,
+};
 use super::score::{adapt, encoder_for, Embedder, EncoderArgs, RowFeatures};
 use crate::model::overlay::{Overlay, OverlayModel, OVERLAY_FORMAT};
 use crate::model::Heads;
@@ -175,7 +177,10 @@ fn recommend(a: &CalibrateArgs, heads: &Heads, rows: &[Row], f: &RowFeatures) ->
         print!("{}", describe(r, a.target));
     }
     if let Some(out) = &a.recommend_out {
-        let text = serde_json::to_string_pretty(&recs)?;
+        let text = serde_json::to_string_pretty(&RecommendationFile {
+            format: RECOMMENDATION_FORMAT,
+            sources: &recs,
+        })?;
         std::fs::write(out, text + "\n")
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
     }

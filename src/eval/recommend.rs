@@ -286,6 +286,16 @@ pub struct Crossed {
     pub held: Outcome,
 }
 
+/// `calibrate --recommend-out`'s file: its format (raised when a field changes meaning or
+/// goes away; new fields do not raise it) and one recommendation per source.
+pub const RECOMMENDATION_FORMAT: u32 = 1;
+
+#[derive(Debug, Serialize)]
+pub struct RecommendationFile<'a> {
+    pub format: u32,
+    pub sources: &'a [SourceRecommendation],
+}
+
 /// The recommendation for one source.
 #[derive(Debug, Clone, Serialize)]
 pub struct SourceRecommendation {
