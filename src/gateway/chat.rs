@@ -85,8 +85,9 @@ pub fn is_stream(body: &Value) -> bool {
 pub fn without_stream(body: &Value) -> Value {
     let mut b = body.clone();
     if let Some(o) = b.as_object_mut() {
-        o.remove("stream");
-        o.remove("stream_options");
+        // (shift, not swap: the other keys keep their order)
+        o.shift_remove("stream");
+        o.shift_remove("stream_options");
     }
     b
 }
@@ -219,6 +220,29 @@ pub fn finish(mut reply: Value, model: &str, total_cost: f64) -> Value {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Key order is meaning to a provider: Structured Outputs answer in the schema's order (a
+    /// `reasoning` field before `answer`), and tools' parameters read in theirs. A body passed
+    /// on keeps its keys where the client put them.
+    #[test]
+    fn a_body_passed_on_keeps_its_key_order() {
+        let raw = r#"{"stream":true,"model":"auto","response_format":{"type":"json_schema",
+            "json_schema":{"name":"r","schema":{"type":"object","properties":{
+            "reasoning":{"type":"string"},"answer":{"type":"string"}}}}},
+            "stream_options":{"include_usage":true},"messages":[{"role":"user","content":"q"}]}"#;
+        let body: Value = serde_json::from_str(raw).unwrap();
+        let keys = |v: &Value| -> Vec<String> { v.as_object().unwrap().keys().cloned().collect() };
+        let sent: Value = serde_json::from_slice(&with_model(&body, "m")).unwrap();
+        let props = "/response_format/json_schema/schema/properties";
+        assert_eq!(keys(sent.pointer(props).unwrap()), ["reasoning", "answer"]);
+        assert_eq!(
+            keys(&sent),
+            ["stream", "model", "response_format", "stream_options", "messages"]
+        );
+        assert_eq!(sent["model"], "m");
+        let whole = without_stream(&body);
+        assert_eq!(keys(&whole), ["model", "response_format", "messages"]);
+    }
 
     #[test]
     fn a_whole_reply_streams_as_two_chunks_and_done() {
