@@ -95,16 +95,20 @@ fn chat(model: &str, prompt: &str, case: &str) -> Value {
 }
 
 async fn post(envoy: &Envoy, body: Vec<u8>) -> reqwest::Response {
-    reqwest::Client::new()
+    post_with(envoy, body, &[]).await
+}
+
+async fn post_with(envoy: &Envoy, body: Vec<u8>, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut r = reqwest::Client::new()
         .post(format!(
             "http://127.0.0.1:{}/v1/chat/completions",
             envoy.port
         ))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .expect("request through envoy")
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r.body(body).send().await.expect("request through envoy")
 }
 
 fn header<'a>(h: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a str> {
@@ -153,9 +157,15 @@ async fn envoy_routes_on_the_processors_choice() {
         dir.path(),
     );
 
-    // Easy: the cheap cluster, the body's model rewritten to the provider id, length fixed.
+    // Easy: the cheap cluster, the body's model rewritten to the provider id, length fixed;
+    // the reply asked for uncompressed (its `usage` is priced).
     let sent = chat("auto", EASY, "easy");
-    let r = post(&envoy, serde_json::to_vec(&sent).unwrap()).await;
+    let r = post_with(
+        &envoy,
+        serde_json::to_vec(&sent).unwrap(),
+        &[("accept-encoding", "gzip, deflate")],
+    )
+    .await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(r.headers(), "x-tiergate-model"), Some(FLASH));
     let (i, o) = (0.30, 2.50); // gemini-2.5-flash's catalog prices
@@ -180,6 +190,7 @@ async fn envoy_routes_on_the_processors_choice() {
         Some(c.raw.len().to_string())
     );
     assert_eq!(header(&c.headers, "x-tiergate-model"), Some(FLASH));
+    assert_eq!(header(&c.headers, "accept-encoding"), None);
     let p: f64 = header(&c.headers, "x-tiergate-p-pass")
         .unwrap()
         .parse()
@@ -244,10 +255,43 @@ async fn envoy_routes_on_the_processors_choice() {
     assert_eq!(header(&calls[0].headers, "x-tiergate-model"), None);
     assert!(flash.calls("named").is_empty());
 
+    // Bodies past Envoy's default 1 MiB buffer: a 2 MiB request to a named model passes; a
+    // routed 2 MiB reply is priced; a 5 MiB one (over the 4 MiB limit) passes unpriced, whole,
+    // not as a 500.
+    let mut big = chat(FLASH, &"word ".repeat(400_000), "big-request");
+    big["model"] = json!("stub-flash");
+    let r = post(&envoy, serde_json::to_vec(&big).unwrap()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(default.calls("big-request").len(), 1);
+    for (case, n, priced) in [("reply-2m", 2 << 20, true), ("reply-5m", 5 << 20, false)] {
+        let mut q = chat("auto", EASY, case);
+        q["stub"]["answer_bytes"] = json!({"stub-flash": n});
+        let r = post(&envoy, serde_json::to_vec(&q).unwrap()).await;
+        assert_eq!(r.status(), 200, "{case}");
+        assert_eq!(header(r.headers(), "x-tiergate-model"), Some(FLASH));
+        assert_eq!(
+            header(r.headers(), "x-tiergate-cost-usd").is_some(),
+            priced,
+            "{case}"
+        );
+        let reply = json_of(r).await;
+        assert_eq!(
+            reply["choices"][0]["message"]["content"]
+                .as_str()
+                .map(str::len),
+            Some(n),
+            "{case}"
+        );
+    }
+
     // A request tiergate refuses is answered by Envoy with tiergate's error; no upstream call.
     let bad = json!({"model": "auto", "messages": [], "stub": {"case": "refused"}});
     let r = post(&envoy, serde_json::to_vec(&bad).unwrap()).await;
     assert_eq!(r.status(), 400);
+    assert_eq!(
+        header(r.headers(), "x-tiergate-error"),
+        Some("invalid_request_error")
+    );
     let err = json_of(r).await;
     assert_eq!(err["error"]["message"], "`messages` is empty");
     assert!(stubs.iter().all(|s| s.calls("refused").is_empty()));
@@ -267,11 +311,12 @@ async fn envoy_routes_on_the_processors_choice() {
     );
     assert!(stubs.iter().all(|s| s.calls("policy").is_empty()));
 
-    // tiergate down: fail-open, the request goes on untouched to the default route.
+    // tiergate down: fail-open, the request goes on untouched to the default route; a
+    // client's x-tiergate-model still picks nothing.
     srv.sigterm();
     srv.wait_exit(Duration::from_secs(60));
     let sent = serde_json::to_vec(&chat("auto", HARD, "down")).unwrap();
-    let r = post(&envoy, sent.clone()).await;
+    let r = post_with(&envoy, sent.clone(), &[("x-tiergate-model", OPUS)]).await;
     assert_eq!(r.status(), 200);
     let calls = default.calls("down");
     assert_eq!(calls.len(), 1, "the default route got it");

@@ -237,7 +237,13 @@ mod tests {
         assert_eq!(keys(sent.pointer(props).unwrap()), ["reasoning", "answer"]);
         assert_eq!(
             keys(&sent),
-            ["stream", "model", "response_format", "stream_options", "messages"]
+            [
+                "stream",
+                "model",
+                "response_format",
+                "stream_options",
+                "messages"
+            ]
         );
         assert_eq!(sent["model"], "m");
         let whole = without_stream(&body);

@@ -2,9 +2,9 @@
 //! `POST …/chat/completions` whose `model` is `auto` (or `auto:<name>`), Route picks the model;
 //! the body's `model` is rewritten to its provider id (content-length fixed), the decision is
 //! set in `x-tiergate-*` request headers and the route cache cleared, so Envoy routes on
-//! `x-tiergate-model`. A JSON reply to such a request is buffered and gets
-//! `x-tiergate-cost-usd` from its `usage` at catalog prices; anything else passes untouched
-//! (SSE streams included). deploy/envoy.yaml configures the filter.
+//! `x-tiergate-model`. A JSON reply to such a request is buffered (asked for uncompressed) and
+//! gets `x-tiergate-cost-usd` from its `usage` at catalog prices, unless it is over Envoy's
+//! buffer limit; anything else passes untouched (SSE streams included). deploy/envoy.yaml configures the filter.
 #![forbid(unsafe_code)]
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::chat::{self, Ask};
-use super::status::{error_body, GatewayError};
+use super::status::{error_body, refusal_headers, GatewayError};
 use super::targets::{callable, entry, policy, prices, route_query};
 use crate::service::{RouteInput, Service};
 
@@ -144,8 +144,10 @@ impl Exchange {
                         .is_some_and(|t| t.starts_with("application/json"));
                     if ok && json && !h.end_of_stream {
                         // Only a whole JSON reply has `usage` to price; streams stay streams.
+                        // Partial: a reply over Envoy's buffer limit passes on unpriced (with
+                        // BUFFERED it would become a 500 after the provider billed it).
                         out.mode_override = Some(ProcessingMode {
-                            response_body_mode: BodySendMode::Buffered as i32,
+                            response_body_mode: BodySendMode::BufferedPartial as i32,
                             ..Default::default()
                         });
                     }
@@ -154,7 +156,10 @@ impl Exchange {
             }
             req::Request::ResponseBody(b) => {
                 let mut c = CommonResponse::default();
-                if let (Some(r), Ok(reply)) = (&self.routed, serde_json::from_slice(&b.body)) {
+                let whole = b.end_of_stream;
+                if let (Some(r), true, Ok(reply)) =
+                    (&self.routed, whole, serde_json::from_slice(&b.body))
+                {
                     let reply: serde_json::Value = reply;
                     let d = svc.decider();
                     let (i, o) = prices(&d, &r.model);
@@ -207,7 +212,7 @@ impl Exchange {
             .iter()
             .find(|c| c.model == o.model)
             .map_or(0.0, |c| c.p_pass);
-        let headers = set(&[
+        let mut headers = set(&[
             ("x-tiergate-model", o.model.clone()),
             ("x-tiergate-p-pass", format!("{p_pass:.4}")),
             (
@@ -220,6 +225,8 @@ impl Exchange {
             ),
             ("content-length", new_body.len().to_string()),
         ]);
+        // The reply's `usage` is read to price it: ask for it uncompressed.
+        headers.remove_headers.push("accept-encoding".into());
         self.routed = Some(Routed {
             model: o.model,
             prompt_bytes,
@@ -256,14 +263,21 @@ fn strip_ours(h: &HttpHeaders) -> Option<CommonResponse> {
     })
 }
 
-/// A refused request is answered by Envoy at once, in the HTTP front's error format.
+/// A refused request is answered by Envoy at once, in the HTTP front's error format (body,
+/// `x-tiergate-error`, and `retry-after` on our own 429).
 fn immediate(e: GatewayError) -> resp::Response {
     let (status, kind) = e.status();
+    let mut headers = vec![("content-type", "application/json".to_string())];
+    headers.extend(
+        refusal_headers(&e)
+            .into_iter()
+            .map(|(k, v)| (k, v.to_string())),
+    );
     resp::Response::ImmediateResponse(ImmediateResponse {
         status: Some(HttpStatus {
             code: status.as_u16() as i32,
         }),
-        headers: Some(set(&[("content-type", "application/json".into())])),
+        headers: Some(set(&headers)),
         body: error_body(&e.to_string(), kind),
         details: format!("tiergate_{kind}"),
         ..Default::default()

@@ -91,12 +91,22 @@ pub fn error_body(message: &str, kind: &str) -> Vec<u8> {
     serde_json::to_vec(&v).unwrap_or_default()
 }
 
+/// The headers every refusal carries: `x-tiergate-error` (the error's type), and on tiergate's
+/// own 429 `retry-after: 1` (its overload passes in a moment; what OpenAI's SDKs wait before
+/// their own retry). An upstream's 429 keeps its own say.
+pub fn refusal_headers(e: &GatewayError) -> Vec<(&'static str, &'static str)> {
+    let (status, kind) = e.status();
+    let mut h = vec![("x-tiergate-error", kind)];
+    if status == StatusCode::TOO_MANY_REQUESTS && !matches!(e, GatewayError::Upstream(_)) {
+        h.push(("retry-after", "1"));
+    }
+    h
+}
+
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let (status, kind) = self.status();
-        // tiergate's own overload passes in a moment; an upstream's 429 keeps its own say.
-        let retry_soon =
-            status == StatusCode::TOO_MANY_REQUESTS && !matches!(self, GatewayError::Upstream(_));
+        let extra = refusal_headers(&self);
         let mut resp = match self {
             // The upstream's own error reaches the client as the upstream wrote it, unless
             // it is about the gateway's own key or configuration (502, in our words).
@@ -116,12 +126,9 @@ impl IntoResponse for GatewayError {
             )
                 .into_response(),
         };
-        resp.headers_mut()
-            .insert("x-tiergate-error", header::HeaderValue::from_static(kind));
-        if retry_soon {
-            // What OpenAI's SDKs wait before their own retry.
+        for (k, v) in extra {
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                .insert(k, header::HeaderValue::from_static(v));
         }
         resp
     }
