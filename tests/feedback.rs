@@ -95,28 +95,46 @@ async fn feedback_is_refitted_persisted_and_swapped_in() {
         assert_eq!(e.code(), Code::InvalidArgument, "{b:?}: {e}");
     }
 
-    // A Route refused for its policy is not remembered: feedback by its id is unknown.
-    let refused = c
-        .route(proto::RouteRequest {
-            request_id: "req-refused".into(),
-            input: Some(Input::Prompt("What is 6 * 9?".into())),
-            policy: Some(proto::Policy {
-                quality_floor: Some(2.0),
-                ..Default::default()
-            }),
+    // A Route refused for its policy is not remembered: feedback by its id is unknown. Both
+    // ways a policy is refused: a bad floor (before encoding) and a budget nothing fits
+    // (decided on the embedding).
+    let refusals = [
+        proto::Policy {
+            quality_floor: Some(2.0),
             ..Default::default()
-        })
-        .await
-        .expect_err("a floor of 2 is refused");
-    assert_eq!(refused.code(), Code::InvalidArgument, "{refused}");
-    let e = c
-        .feedback(proto::FeedbackRequest {
-            request_id: "req-refused".into(),
-            ..outcome("", 1.0)
-        })
-        .await
-        .expect_err("never remembered");
-    assert!(e.message().contains("unknown request_id"), "{e}");
+        },
+        proto::Policy {
+            max_cost_usd: Some(0.0),
+            ..Default::default()
+        },
+    ];
+    for policy in refusals {
+        let refused = c
+            .route(proto::RouteRequest {
+                request_id: "req-refused".into(),
+                input: Some(Input::Prompt("What is 6 * 9?".into())),
+                policy: Some(policy.clone()),
+                ..Default::default()
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            refused.code(),
+            Code::InvalidArgument,
+            "{policy:?}: {refused}"
+        );
+        let e = c
+            .feedback(proto::FeedbackRequest {
+                request_id: "req-refused".into(),
+                ..outcome("", 1.0)
+            })
+            .await
+            .expect_err("never remembered");
+        assert!(
+            e.message().contains("unknown request_id"),
+            "{policy:?}: {e}"
+        );
+    }
 
     // By request id: the server remembers the Route's prompt.
     c.route(proto::RouteRequest {

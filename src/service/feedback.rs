@@ -73,13 +73,13 @@ pub struct FeedbackStore {
 
 impl RequestMemory {
     /// Remembers a Route's prompt under its request id (the oldest forgotten past `cap`).
-    pub fn remember(&mut self, request_id: &str, prompt: &str, cap: usize) {
+    pub fn remember(&mut self, request_id: &str, prompt: String, cap: usize) {
         if cap == 0 || request_id.is_empty() {
             return;
         }
         if self
             .requests
-            .insert(request_id.to_string(), prompt.to_string())
+            .insert(request_id.to_string(), prompt)
             .is_none()
         {
             self.order.push_back(request_id.to_string());
@@ -326,7 +326,7 @@ mod tests {
     fn memory_is_bounded() {
         let (mut st, mut ids) = (FeedbackStore::default(), RequestMemory::default());
         for i in 0..100 {
-            ids.remember(&format!("r{i}"), "p", 10);
+            ids.remember(&format!("r{i}"), "p".into(), 10);
             st.push("m", outcomes(1, 1.0).remove(0), 7).unwrap();
         }
         assert!(ids.prompt_of("r99").is_some() && ids.prompt_of("r0").is_none());

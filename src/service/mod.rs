@@ -238,11 +238,9 @@ impl Service {
                 "expected_output_tokens must be > 0".into(),
             ));
         }
-        // Remembered for Feedback only once the request is known to be valid.
-        if d.cfg.feedback.enabled() && !q.request_id.is_empty() {
-            self.requests()
-                .remember(&q.request_id, &text, d.cfg.feedback.remember_requests);
-        }
+        // Remembered for Feedback only once the request has been decided (a refused one
+        // would be stored, or replace the prompt of an earlier Route with the same id).
+        let remember = (d.cfg.feedback.enabled() && !q.request_id.is_empty()).then(|| text.clone());
         let prompt_tokens = policy::proxy_tokens(text.len());
         let decide = |emb: &[f32]| {
             let scored = decide::score_candidates(
@@ -303,6 +301,10 @@ impl Service {
             Some(dec) => dec,
             None => decide(&e.embedding)?,
         };
+        if let Some(prompt) = remember {
+            self.requests()
+                .remember(&q.request_id, prompt, d.cfg.feedback.remember_requests);
+        }
         let revision = self.revision_of(&d);
         let d = dec;
         let chosen = &d.candidates[d.chosen];
