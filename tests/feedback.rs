@@ -113,7 +113,7 @@ async fn feedback_is_refitted_persisted_and_swapped_in() {
             .route(proto::RouteRequest {
                 request_id: "req-refused".into(),
                 input: Some(Input::Prompt("What is 6 * 9?".into())),
-                policy: Some(policy.clone()),
+                policy: Some(policy),
                 ..Default::default()
             })
             .await
