@@ -505,6 +505,12 @@ async fn the_openai_client_gets_the_cascade() {
         assert_eq!(r["text"], "4", "{name}: {r}");
         assert_eq!(r["headers"]["x-tiergate-escalations"], "1", "{name}: {r}");
         assert_eq!(stub.models(name), ["stub-flash", "stub-sonnet"], "{name}");
+        // Both calls were billed, the malformed one too (its `usage` came with it).
+        let both = cost(FLASH, &cfg) + cost(SONNET, &cfg);
+        assert!(
+            close(header_f64(r, "x-tiergate-cost-usd"), both),
+            "{name}: {r}"
+        );
     }
     let tc = &r["tool_call"];
     assert_eq!(tc["model"], FLASH, "{tc}");

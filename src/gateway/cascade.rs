@@ -211,6 +211,9 @@ impl Front {
                     return Ok(ship(&plan, at, reply, spent, hops));
                 }
                 Err(e) => {
+                    if let Some(billed) = e.billed() {
+                        spent += plan.cost(&at, billed);
+                    }
                     if let Some(next) = plan.next(&at, hops).filter(|_| retry(&e, deadline)) {
                         tracing::warn!(error = %e, next = %next, "upstream failed; trying the next tier");
                         at = next;
@@ -599,6 +602,9 @@ impl Votes {
                 self.replies_came += 1;
             }
             Err(e) => {
+                if let Some(billed) = e.billed() {
+                    self.spent += plan.cost(model, billed);
+                }
                 tracing::warn!(error = %e, model = %model, "consensus probe failed");
                 self.keys[i] = Some(None);
                 self.errors.push(e);

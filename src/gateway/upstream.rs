@@ -23,9 +23,15 @@ pub enum UpstreamError {
     Timeout { model: String },
     #[error("upstream {model}: {msg}")]
     Transport { model: String, msg: String },
-    /// A 2xx reply that is not a chat completion (not JSON, too large).
+    /// A 2xx reply that is not a chat completion (not JSON, too large, no choices). The
+    /// provider billed it: `billed` is the reply where it was JSON (its `usage` is priced),
+    /// else `None` (priced as the prompt alone).
     #[error("upstream {model}: bad reply: {msg}")]
-    BadReply { model: String, msg: String },
+    BadReply {
+        model: String,
+        msg: String,
+        billed: Option<Box<Value>>,
+    },
     /// The API key's variable is not set: the operator's to fix, no other tier is tried.
     #[error("upstream {model}: environment variable {var} (api_key_env) is not set")]
     MissingKey { model: String, var: String },
@@ -40,6 +46,16 @@ pub fn gateway_fault(status: u16) -> bool {
 }
 
 impl UpstreamError {
+    /// What a failed call cost, as a reply whose `usage` (or, without one, the prompt) prices
+    /// it: a malformed 2xx was billed; an error status, a timeout or no connection was not.
+    pub fn billed(&self) -> Option<&Value> {
+        static UNREAD: Value = Value::Null;
+        match self {
+            UpstreamError::BadReply { billed, .. } => Some(billed.as_deref().unwrap_or(&UNREAD)),
+            _ => None,
+        }
+    }
+
     /// Another tier may succeed where this one failed: rate limits, server errors, the
     /// gateway's own fault with that upstream, network faults and broken replies. Other 4xx
     /// are the request's own fault and go back as is.
@@ -130,18 +146,20 @@ impl Upstreams {
     ) -> Result<Value, UpstreamError> {
         let resp = self.send(model, up, body, deadline).await?;
         let bytes = read_bounded(model, resp, max_bytes).await?;
-        let bad = |msg: String| UpstreamError::BadReply {
+        let bad = |msg: String, billed: Option<Value>| UpstreamError::BadReply {
             model: model.to_string(),
             msg,
+            billed: billed.map(Box::new),
         };
-        let v: Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let v: Value =
+            serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}"), None))?;
         // A completion has at least one choice; an empty array is no answer at all (retried
         // at the next tier like any malformed reply).
         if v.get("choices")
             .and_then(Value::as_array)
             .is_none_or(Vec::is_empty)
         {
-            return Err(bad("no `choices`".into()));
+            return Err(bad("no `choices`".into(), Some(v)));
         }
         Ok(v)
     }
@@ -178,6 +196,7 @@ async fn read_bounded(
             return Err(UpstreamError::BadReply {
                 model: model.to_string(),
                 msg: format!("reply over {max_bytes} bytes (gateway.max_body_bytes)"),
+                billed: None,
             });
         }
         out.extend_from_slice(&chunk);
