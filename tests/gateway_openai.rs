@@ -427,6 +427,9 @@ async fn the_openai_client_gets_the_cascade() {
             c
         },
         json!({"name": "models", "kind": "models"}),
+        json!({"name": "model_policy", "kind": "model", "model": "auto:fast"}),
+        json!({"name": "model_unknown", "kind": "model", "model": "gpt-nope"}),
+        json!({"name": "legacy_completions", "kind": "completions", "model": "auto"}),
     ];
     let r = run_client("openai_cases.py", &base, cases);
 
@@ -790,6 +793,28 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(sf["headers"]["x-tiergate-escalations"], "1");
     assert_eq!(sf["text"], "Hello from stub-sonnet via stub");
 
+    assert_eq!(
+        r["model_policy"],
+        json!({"id": "auto:fast", "object": "model"})
+    );
+    // A known path with a method it does not take: a 405 in the same shape.
+    let r405 = reqwest::get(format!("{base}/chat/completions")).await.unwrap();
+    assert_eq!(r405.status(), 405);
+    let v: Value = serde_json::from_slice(&r405.bytes().await.unwrap()).unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    // Refusals the SDK raises with OpenAI's error shape: an unknown model, an unknown path.
+    let unknown = &r["model_unknown"];
+    assert_eq!(unknown["status"], 404, "{unknown}");
+    assert_eq!(unknown["error"]["type"], "model_not_found", "{unknown}");
+    let legacy = &r["legacy_completions"];
+    assert_eq!(legacy["status"], 404, "{legacy}");
+    assert_eq!(legacy["headers"]["x-tiergate-error"], "invalid_request_error");
+    assert!(
+        legacy["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Invalid URL (POST /v1/completions)")),
+        "{legacy}"
+    );
     assert_eq!(
         r["models"]["ids"],
         json!([

@@ -1,5 +1,6 @@
 //! The OpenAI-compatible HTTP front: `POST /v1/chat/completions` (the cascade, or a stream
-//! passed through) and `GET /v1/models`. Replies carry what was decided and spent in
+//! passed through), `GET /v1/models` and `GET /v1/models/{model}`; any other path or method
+//! is an OpenAI-style 404 or 405. Replies carry what was decided and spent in
 //! `x-tiergate-*` headers and `usage.cost`.
 #![forbid(unsafe_code)]
 use std::sync::Arc;
@@ -45,11 +46,29 @@ pub fn router(front: Arc<Front>, max_concurrent: usize) -> axum::Router {
         .route("/v1/chat/completions", post(completions))
         .route_layer(axum::middleware::from_fn_with_state(running, admit))
         .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model))
         .route_layer(axum::middleware::from_fn_with_state(
             front.clone(),
             authenticate,
         ))
+        // Anything else is answered as OpenAI answers an unknown URL (the SDKs raise it with
+        // its message), not with an empty body.
+        .fallback(|m, u| no_route(StatusCode::NOT_FOUND, m, u))
+        .method_not_allowed_fallback(|m, u| no_route(StatusCode::METHOD_NOT_ALLOWED, m, u))
         .with_state(front)
+}
+
+async fn no_route(
+    status: StatusCode,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> Response {
+    let msg = format!(
+        "Invalid URL ({method} {}): this gateway serves POST /v1/chat/completions, \
+         GET /v1/models and GET /v1/models/{{model}}",
+        crate::base::prefix(uri.path(), 256)
+    );
+    GatewayError::NoRoute(status, msg).into_response()
 }
 
 /// At most `gateway.max_concurrent` chat completions at once (after authentication): each
@@ -330,19 +349,45 @@ async fn answer(
 }
 
 /// `auto`, each named policy, and every catalog model with an upstream.
-async fn models(State(front): State<Arc<Front>>) -> Response {
+/// The `model` values the front answers: the routing one, each named policy, and every
+/// catalog model with an upstream.
+fn model_ids(front: &Front) -> Vec<String> {
     let d = front.svc.decider();
     let g = &d.cfg.gateway;
-    let ids = std::iter::once(g.auto_model.clone())
+    std::iter::once(g.auto_model.clone())
         .chain(g.policies.keys().map(|p| format!("{}:{p}", g.auto_model)))
-        .chain(callable(&d));
-    let data: Vec<_> = ids
-        .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "tiergate"}))
-        .collect();
-    let body = serde_json::json!({"object": "list", "data": data});
+        .chain(callable(&d))
+        .collect()
+}
+
+fn model_object(id: String) -> serde_json::Value {
+    serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "tiergate"})
+}
+
+fn json_reply(body: &serde_json::Value) -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
-        serde_json::to_vec(&body).unwrap_or_default(),
+        serde_json::to_vec(body).unwrap_or_default(),
     )
         .into_response()
+}
+
+async fn models(State(front): State<Arc<Front>>) -> Response {
+    let data: Vec<_> = model_ids(&front).into_iter().map(model_object).collect();
+    json_reply(&serde_json::json!({"object": "list", "data": data}))
+}
+
+/// One model, as OpenAI's retrieve-model answers (clients and health checks call it).
+async fn model(
+    State(front): State<Arc<Front>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    match model_ids(&front).into_iter().find(|m| *m == id) {
+        Some(id) => json_reply(&model_object(id)),
+        None => GatewayError::UnknownModel(format!(
+            "The model `{}` does not exist here (see GET /v1/models)",
+            crate::base::prefix(&id, 256)
+        ))
+        .into_response(),
+    }
 }

@@ -20,6 +20,9 @@ pub enum GatewayError {
     /// `model` names nothing this gateway can call.
     #[error("{0}")]
     UnknownModel(String),
+    /// A path (404) or method (405) the front does not serve.
+    #[error("{1}")]
+    NoRoute(StatusCode, String),
     /// `gateway.max_concurrent` requests are already running (429, retry shortly).
     #[error("{0}")]
     Busy(String),
@@ -64,6 +67,7 @@ impl GatewayError {
             }
             GatewayError::Unreadable(s, _) => (*s, "invalid_request_error"),
             GatewayError::UnknownModel(_) => (S::NOT_FOUND, "model_not_found"),
+            GatewayError::NoRoute(s, _) => (*s, "invalid_request_error"),
             GatewayError::Busy(_) => (S::TOO_MANY_REQUESTS, "rate_limit_error"),
             GatewayError::SlowBody(_) => (S::REQUEST_TIMEOUT, "timeout"),
             GatewayError::Service(e) => classify(e),

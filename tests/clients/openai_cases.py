@@ -1,7 +1,7 @@
 """Runs chat-completion cases through the official `openai` client against tiergate's
 OpenAI-compatible front and prints what the client saw, as JSON, for tests/gateway_openai.rs
 to check. Input (stdin): {"base_url": ..., "cases": [{"name", "model", "messages",
-"extra_body"?, "headers"?, "stream"?, "kind"?: "models"}]}."""
+"extra_body"?, "headers"?, "stream"?, "kind"?: "models" | "model" | "completions"}]}."""
 import json
 import sys
 
@@ -15,6 +15,16 @@ def tiergate_headers(headers):
 def run(client, case):
     if case.get("kind") == "models":
         return {"ids": [m.id for m in client.models.list()]}
+    try:
+        if case.get("kind") == "model":
+            m = client.models.retrieve(case["model"])
+            return {"id": m.id, "object": m.object}
+        if case.get("kind") == "completions":
+            # A path the front does not serve (the legacy completions API).
+            client.completions.create(model=case["model"], prompt="hi")
+            return {"status": 200}
+    except APIStatusError as e:
+        return {"status": e.status_code, "error": e.body, "headers": tiergate_headers(e.response.headers)}
     kw = dict(
         model=case["model"],
         messages=case["messages"],
