@@ -708,6 +708,10 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(l["status"], 429, "{l}");
     assert_eq!(l["error"]["message"], "stub-opus via stub failing with 429");
     assert_eq!(
+        l["headers"]["retry-after"], "7",
+        "the upstream's own say: {l}"
+    );
+    assert_eq!(
         stub.models("all_limited"),
         ["stub-flash", "stub-sonnet", "stub-opus"]
     );
@@ -798,7 +802,9 @@ async fn the_openai_client_gets_the_cascade() {
         json!({"id": "auto:fast", "object": "model"})
     );
     // A known path with a method it does not take: a 405 in the same shape.
-    let r405 = reqwest::get(format!("{base}/chat/completions")).await.unwrap();
+    let r405 = reqwest::get(format!("{base}/chat/completions"))
+        .await
+        .unwrap();
     assert_eq!(r405.status(), 405);
     let v: Value = serde_json::from_slice(&r405.bytes().await.unwrap()).unwrap();
     assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
@@ -808,7 +814,10 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(unknown["error"]["type"], "model_not_found", "{unknown}");
     let legacy = &r["legacy_completions"];
     assert_eq!(legacy["status"], 404, "{legacy}");
-    assert_eq!(legacy["headers"]["x-tiergate-error"], "invalid_request_error");
+    assert_eq!(
+        legacy["headers"]["x-tiergate-error"],
+        "invalid_request_error"
+    );
     assert!(
         legacy["error"]["message"]
             .as_str()

@@ -18,6 +18,9 @@ pub enum UpstreamError {
         status: u16,
         body: Bytes,
         content_type: Option<String>,
+        /// The upstream's `retry-after` / `retry-after-ms`, passed on with its error: the
+        /// SDKs wait that long before they retry a 429 or 503.
+        retry_after: Vec<(&'static str, String)>,
     },
     #[error("upstream {model}: no reply before the request's deadline")]
     Timeout { model: String },
@@ -69,6 +72,9 @@ impl UpstreamError {
         }
     }
 }
+
+/// The headers an upstream's error passes on to the client (OpenAI's SDKs read both).
+const RETRY_AFTER: [&str; 2] = ["retry-after", "retry-after-ms"];
 
 #[derive(Clone)]
 pub struct Upstreams {
@@ -123,6 +129,14 @@ impl Upstreams {
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let retry_after = RETRY_AFTER
+            .iter()
+            .filter_map(|&k| {
+                let v = resp.headers().get(k)?.to_str().ok()?;
+                // A number of seconds, milliseconds or an HTTP date: short, printable.
+                (v.len() <= 64).then(|| (k, v.to_string()))
+            })
+            .collect();
         // The error body is for the client; a bounded prefix of it is enough.
         let body = read_bounded(model, resp, 64 << 10)
             .await
@@ -132,6 +146,7 @@ impl Upstreams {
             status: status.as_u16(),
             body,
             content_type,
+            retry_after,
         })
     }
 

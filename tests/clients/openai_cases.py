@@ -9,7 +9,11 @@ from openai import APIStatusError, OpenAI
 
 
 def tiergate_headers(headers):
-    return {k.lower(): v for k, v in headers.items() if k.lower().startswith("x-tiergate-")}
+    return {
+        k.lower(): v
+        for k, v in headers.items()
+        if k.lower().startswith("x-tiergate-") or k.lower() == "retry-after"
+    }
 
 
 def run(client, case):

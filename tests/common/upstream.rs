@@ -127,9 +127,10 @@ async fn handle(
         let status = StatusCode::from_u16(code as u16).expect("status");
         let err = json!({"error": {"message": format!("{model} via {name} failing with {code}"),
             "type": "stub_error"}});
+        // As providers do, a rate limit says when to come back.
         return (
             status,
-            [("content-type", "application/json")],
+            [("content-type", "application/json"), ("retry-after", "7")],
             err.to_string(),
         )
             .into_response();
