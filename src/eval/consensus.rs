@@ -5,7 +5,8 @@
 //! are `scripts/protocol.py`'s: models covering >= 95% of the prompts whose mean cost is under
 //! half the best model's, the six best-scoring, every pair (both agree) and triple (all three,
 //! or two of three); the pick is the largest saving that keeps `target` of the best model's
-//! quality. Alongside the pick on all rows it reports a cross-fitted figure (picked on one half
+//! quality. A disagreement is settled, as in the gateway, by the dearest model (where that is
+//! not the best-scoring one, the report says so). Alongside the pick on all rows it reports a cross-fitted figure (picked on one half
 //! of the prompts, measured on the other, both ways), the one to trust: picks on a few hundred
 //! prompts flatter themselves. No encoder, no heads: it reads costs, scores and answers.
 #![forbid(unsafe_code)]
@@ -64,6 +65,9 @@ pub struct SourceReport {
     pub source: String,
     pub prompts: usize,
     pub best_model: String,
+    /// The dearest model, which settles a disagreement (the gateway's most expensive
+    /// candidate); the best model when that is the dearest.
+    pub top_model: String,
     pub candidates: Vec<String>,
     /// Picked and measured on all prompts (in-sample).
     pub in_sample: Outcome,
@@ -80,10 +84,19 @@ struct Prompt {
     rows: HashMap<String, (f64, f64, Option<String>)>,
 }
 
+/// The models a replay calls beside the probes: `best` (the highest mean score), the one
+/// always calling it is measured against; `top` (the highest mean cost), the one the gateway
+/// calls on a disagreement (its most expensive candidate).
+#[derive(Clone, Copy)]
+struct Ends<'a> {
+    best: &'a str,
+    top: &'a str,
+}
+
 impl Prompt {
-    /// (cost, score) of consensus `s` on this prompt, the best model's call on disagreement.
-    fn play(&self, s: &ProbeSet, best: &str) -> Option<(f64, f64)> {
-        let (b_score, b_cost, _) = self.rows.get(best)?;
+    /// (cost, score) of consensus `s` on this prompt, the top model's call on disagreement.
+    fn play(&self, s: &ProbeSet, top: &str) -> Option<(f64, f64)> {
+        let (b_score, b_cost, _) = self.rows.get(top)?;
         let got: Vec<Option<&(f64, f64, Option<String>)>> =
             s.models.iter().map(|m| self.rows.get(m)).collect();
         let cost: f64 = got.iter().flatten().map(|r| r.1).sum();
@@ -96,12 +109,12 @@ impl Prompt {
 }
 
 /// Mean (cost, score) over `ps` of consensus `s`, or of the best model alone (`None`).
-fn point(ps: &[&Prompt], s: Option<&ProbeSet>, best: &str) -> (f64, f64) {
+fn point(ps: &[&Prompt], s: Option<&ProbeSet>, ends: Ends<'_>) -> (f64, f64) {
     let (mut c, mut q, mut n) = (0.0, 0.0, 0usize);
     for p in ps {
         let r = match s {
-            Some(s) => p.play(s, best),
-            None => p.rows.get(best).map(|r| (r.1, r.0)),
+            Some(s) => p.play(s, ends.top),
+            None => p.rows.get(ends.best).map(|r| (r.1, r.0)),
         };
         if let Some((pc, pq)) = r {
             c += pc;
@@ -113,9 +126,9 @@ fn point(ps: &[&Prompt], s: Option<&ProbeSet>, best: &str) -> (f64, f64) {
     (c / n, q / n)
 }
 
-fn outcome(ps: &[&Prompt], s: Option<&ProbeSet>, best: &str) -> Outcome {
-    let (bc, bq) = point(ps, None, best);
-    let (c, q) = point(ps, s, best);
+fn outcome(ps: &[&Prompt], s: Option<&ProbeSet>, ends: Ends<'_>) -> Outcome {
+    let (bc, bq) = point(ps, None, ends);
+    let (c, q) = point(ps, s, ends);
     Outcome {
         pick: s.cloned(),
         saving: if bc > 0.0 { 1.0 - c / bc } else { 0.0 },
@@ -127,15 +140,20 @@ fn outcome(ps: &[&Prompt], s: Option<&ProbeSet>, best: &str) -> Outcome {
 /// The probe set with the largest saving keeping `target` of the best model's quality on `ps`
 /// (ties: the higher quality, then the later set, as protocol.py's pick); `None` when none
 /// beats the best model alone, or there is nothing to judge on.
-fn pick<'a>(ps: &[&Prompt], sets: &'a [ProbeSet], best: &str, target: f64) -> Option<&'a ProbeSet> {
-    let (bc, bq) = point(ps, None, best);
+fn pick<'a>(
+    ps: &[&Prompt],
+    sets: &'a [ProbeSet],
+    ends: Ends<'_>,
+    target: f64,
+) -> Option<&'a ProbeSet> {
+    let (bc, bq) = point(ps, None, ends);
     if ps.is_empty() || bc <= 0.0 || bq <= 0.0 {
         return None;
     }
     // Always calling the best model: saving 0, quality 1, the candidate to beat.
     let (mut sv, mut rv, mut chosen) = (0.0, 1.0, None);
     for s in sets {
-        let (c, q) = point(ps, Some(s), best);
+        let (c, q) = point(ps, Some(s), ends);
         let (saving, ratio) = (1.0 - c / bc, q / bq);
         let beats =
             saving > sv || (saving == sv && (ratio > rv || (ratio == rv && chosen.is_some())));
@@ -201,6 +219,14 @@ pub fn judge(source: &str, rows: &[&Row], target: f64, hold: f64) -> Option<Sour
     let best = covered
         .iter()
         .max_by(|a, b| a.2.total_cmp(&b.2).then(b.1.total_cmp(&a.1)))?;
+    // The dearest: the higher score on ties.
+    let top = covered
+        .iter()
+        .max_by(|a, b| a.1.total_cmp(&b.1).then(a.2.total_cmp(&b.2)))?;
+    let ends = Ends {
+        best: best.0,
+        top: top.0,
+    };
     let mut cands: Vec<&(&str, f64, f64)> = covered
         .iter()
         .filter(|m| m.0 != best.0 && m.1 < 0.5 * best.1)
@@ -215,8 +241,7 @@ pub fn judge(source: &str, rows: &[&Row], target: f64, hold: f64) -> Option<Sour
     let all: Vec<&Prompt> = prompts.values().collect();
     let half = |h: usize| -> Vec<&Prompt> { all.iter().copied().filter(|p| p.half == h).collect() };
     let (a, b) = (half(0), half(1));
-    let across =
-        |on: &[&Prompt], to: &[&Prompt]| outcome(to, pick(on, &sets, best.0, target), best.0);
+    let across = |on: &[&Prompt], to: &[&Prompt]| outcome(to, pick(on, &sets, ends, target), ends);
     let halves = [across(&a, &b), across(&b, &a)];
     let counted = |o: &Outcome| {
         if o.quality_ratio >= hold {
@@ -229,8 +254,9 @@ pub fn judge(source: &str, rows: &[&Row], target: f64, hold: f64) -> Option<Sour
         source: source.to_string(),
         prompts: prompts.len(),
         best_model: best.0.to_string(),
+        top_model: top.0.to_string(),
         candidates: cands,
-        in_sample: outcome(&all, pick(&all, &sets, best.0, target), best.0),
+        in_sample: outcome(&all, pick(&all, &sets, ends, target), ends),
         cross_fitted_saving: (counted(&halves[0]) + counted(&halves[1])) / 2.0,
         halves,
     })
@@ -287,6 +313,13 @@ fn print_report(r: &SourceReport, target: f64) {
         r.best_model,
         r.candidates.join(", ")
     );
+    if r.top_model != r.best_model {
+        println!(
+            "  a disagreement goes to the dearest model, {} (as the gateway's most expensive \
+             candidate), not to {}: leave {} out of the catalog to have {} settle them",
+            r.top_model, r.best_model, r.top_model, r.best_model
+        );
+    }
     println!("  picked on all prompts: {}", fmt(&r.in_sample));
     for (name, o) in ["A -> B", "B -> A"].iter().zip(&r.halves) {
         println!("  picked on half {name}: {}", fmt(o));
@@ -398,6 +431,25 @@ mod tests {
             r.candidates
         );
         assert_eq!(r.candidates, ["weak", "cheap-a", "cheap-b"]);
+    }
+
+    /// On disagreement the gateway calls its most expensive candidate, not the best-scoring
+    /// one: where they differ the replay pays and scores that call.
+    #[test]
+    fn a_disagreement_calls_the_dearest_model_as_the_gateway_does() {
+        let mut rows = traffic(false);
+        for i in 0..400 {
+            // Dearer than `best` and wrong on every prompt.
+            rows.push(row(i, "dear", 0.0, 40.0, "(A)"));
+        }
+        let refs: Vec<&Row> = rows.iter().collect();
+        let r = judge("mcq", &refs, 0.98, 0.97).unwrap();
+        assert_eq!(r.best_model, "best");
+        assert_eq!(r.top_model, "dear");
+        // The pair that saves 70% at full quality when `best` settles its disagreements keeps
+        // only 80% when `dear` does: no probe set holds 98%.
+        assert!(r.in_sample.pick.is_none(), "{:?}", r.in_sample);
+        assert_eq!(r.cross_fitted_saving, 0.0);
     }
 
     #[test]
