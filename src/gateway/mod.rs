@@ -125,8 +125,15 @@ pub async fn start(
             drain,
         )));
     }
+    // A message carries a whole buffered body (up to Envoy's buffer limit, which
+    // deploy/envoy.yaml sets to gateway.max_body_bytes) and its headers: tonic's default 4 MiB
+    // would refuse one at the limit, and Envoy would then fail open on it.
+    let max_message = cfg.gateway.max_body_bytes.saturating_add(64 << 10);
     let routes = cfg.gateway.ext_proc.then(|| {
-        tonic::service::Routes::new(ExternalProcessorServer::new(extproc::ExtProc { svc }))
+        tonic::service::Routes::new(
+            ExternalProcessorServer::new(extproc::ExtProc { svc })
+                .max_decoding_message_size(max_message),
+        )
     });
     Ok(Started { routes, tasks })
 }
