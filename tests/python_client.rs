@@ -95,6 +95,11 @@ async fn the_python_client_routes_verifies_and_cascades() {
     assert_eq!(o["strict_reason"], "best_effort");
 
     // Verify: the usable answer ships (1 = SHIP), the unusable one escalates up the prices.
+    assert_eq!(
+        o["budget_escalation"],
+        serde_json::json!(["claude-opus-4.8", ""]),
+        "expected_output_tokens reaches Verify"
+    );
     let mcq = &o["mcq"];
     assert_eq!(mcq["good"]["decision"], 1, "{mcq}");
     let bad = &mcq["unusable"];

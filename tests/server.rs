@@ -249,6 +249,20 @@ async fn every_rpc_health_reflection_and_metrics() {
     // With the landed heads Route rates deepseek-v4 and haiku below flash here, and gpt-5.5
     // the same as opus (the catalog gives both gpt-4-1106-preview's parameters).
     assert_eq!(to, ["claude-sonnet-4.6", "gpt-5.5"], "{haiku:?}");
+    // The escalation's budget is judged at the output length Route assumed: opus fits 0.05
+    // USD at its default 250 output tokens (0.006) but not at 4000 (0.1), as Route would
+    // judge it with the same expected_output_tokens.
+    let mut budget = verify("Write a haiku.", "", "gemini-2.5-flash");
+    budget.candidates = vec!["gemini-2.5-flash".into(), "claude-opus-4.8".into()];
+    budget.policy = Some(proto::Policy {
+        max_cost_usd: Some(0.05),
+        ..Default::default()
+    });
+    let v = c.verify(budget.clone()).await.unwrap().into_inner();
+    assert_eq!(v.escalate_to, "claude-opus-4.8");
+    budget.expected_output_tokens = Some(4000);
+    let v = c.verify(budget).await.unwrap().into_inner();
+    assert_eq!(v.escalate_to, "", "over the budget at 4000 output tokens");
     // Not even at a threshold of 0 (a floor of 0 below the learned table).
     let mut zero = verify("Write a haiku.", "", "gemini-2.5-flash");
     zero.policy = Some(proto::Policy {

@@ -468,6 +468,7 @@ impl Front {
                 deadline: Some(deadline),
                 peers: Vec::new(),
                 peer_threshold: None,
+                expected_output_tokens: None,
             })
             .await;
         match v {

@@ -141,6 +141,7 @@ pub fn verify_query(
         policy: policy(r.policy),
         deadline,
         peer_threshold: r.peer_threshold,
+        expected_output_tokens: r.expected_output_tokens,
         peers: r
             .peers
             .into_iter()

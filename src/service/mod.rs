@@ -357,6 +357,11 @@ impl Service {
                 q.peers.len()
             )));
         }
+        if let Some(0) = q.expected_output_tokens {
+            return Err(ServiceError::InvalidArgument(
+                "expected_output_tokens must be > 0".into(),
+            ));
+        }
         if let Some(t) = q.peer_threshold.filter(|t| !(0.0..=1.0).contains(t)) {
             return Err(ServiceError::InvalidArgument(format!(
                 "peer_threshold {t} outside [0, 1]"
@@ -434,8 +439,13 @@ impl Service {
             if !ladder.iter().any(|c| c.name == model.name) {
                 ladder.push(model);
             }
-            let scored =
-                decide::score_candidates(&d.heads, &pe.embedding, &ladder, prompt_tokens, None);
+            let scored = decide::score_candidates(
+                &d.heads,
+                &pe.embedding,
+                &ladder,
+                prompt_tokens,
+                q.expected_output_tokens,
+            );
             decide::escalation_target(scored, &model.name, p, pol.max_cost_usd)
         };
         // `kept`: turned down with nowhere Route rates better; a cascade ships it.

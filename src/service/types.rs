@@ -110,6 +110,8 @@ pub struct VerifyQuery {
     pub peers: Vec<PeerAnswer>,
     /// The bar an answer a peer agrees with must reach (None: peers change nothing).
     pub peer_threshold: Option<f64>,
+    /// Output tokens the escalation's cost estimates assume (as Route's; None: per model).
+    pub expected_output_tokens: Option<u32>,
 }
 
 #[derive(Debug, Clone)]

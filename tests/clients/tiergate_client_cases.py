@@ -79,6 +79,16 @@ def main():
                          "escalate_to": v_bad.escalate_to, "threshold": v_bad.threshold},
         }
 
+        # The output length reaches Verify: opus fits 0.05 USD at its default 250 tokens,
+        # not at 4000, so an empty answer from flash has nowhere to go then.
+        budget = Policy(max_cost_usd=0.05)
+        pair = ["gemini-2.5-flash", "claude-opus-4.8"]
+        out["budget_escalation"] = [
+            c.verify("", "gemini-2.5-flash", "Write a haiku.", candidates=pair, policy=budget,
+                     expected_output_tokens=n).escalate_to
+            for n in (None, 4000)
+        ]
+
         # The cascade: the routed model answers unusably, the one Verify names well.
         called = []
 

@@ -184,9 +184,10 @@ fn verify() -> impl Strategy<Value = Req> {
             1 => prop::collection::vec((name(), text()), 4..10),
         ],
         prop::option::weighted(0.3, float()),
+        prop::option::of(prop::sample::select(vec![0u32, 1, 250, u32::MAX])),
     )
         .prop_map(
-            |((prompt, messages, answer, model), candidates, policy, priority, peers, pt)| {
+            |((prompt, messages, answer, model), candidates, policy, priority, peers, pt, out)| {
                 Req::Verify(proto::VerifyRequest {
                     request_id: "v".into(),
                     prompt,
@@ -201,6 +202,7 @@ fn verify() -> impl Strategy<Value = Req> {
                         .map(|(model, answer)| proto::PeerAnswer { model, answer })
                         .collect(),
                     peer_threshold: pt,
+                    expected_output_tokens: out,
                 })
             },
         )

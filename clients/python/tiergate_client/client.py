@@ -165,10 +165,12 @@ class Client:
         peers: Sequence[tuple[str, str]] = (),
         peer_threshold: float | None = None,
         request_id: str = "",
+        expected_output_tokens: int | None = None,
         timeout: float | None = None,
     ) -> pb.VerifyReply:
         """Ship `model`'s answer, or escalate (reply.escalate_to)? `peers` are (model, answer)
-        pairs of other models' answers to the same prompt."""
+        pairs of other models' answers to the same prompt. `expected_output_tokens`: as the
+        Route's, so `policy.max_cost_usd` rules out the same models for the escalation."""
         req = pb.VerifyRequest(
             request_id=request_id, answer=answer, model=model, candidates=list(candidates),
             peers=[pb.PeerAnswer(model=m, answer=a) for m, a in peers],
@@ -178,6 +180,8 @@ class Client:
             req.policy.CopyFrom(policy.to_pb())
         if peer_threshold is not None:
             req.peer_threshold = peer_threshold
+        if expected_output_tokens is not None:
+            req.expected_output_tokens = expected_output_tokens
         return self._call(self._stub.Verify, req, timeout)
 
     def feedback(
@@ -217,6 +221,7 @@ class Client:
         max_escalations: int = 2,
         candidates: Sequence[str] = (),
         policy: Policy | None = None,
+        expected_output_tokens: int | None = None,
         timeout: float | None = None,
     ) -> CascadeResult:
         """Route, call `call_model(model)` (the caller's code: it calls the provider and
@@ -231,7 +236,7 @@ class Client:
         if max_escalations < 0:
             raise _bad("max_escalations must be >= 0")
         r = self.route(prompt, messages=messages, candidates=candidates, policy=policy,
-                       timeout=timeout)
+                       expected_output_tokens=expected_output_tokens, timeout=timeout)
         costs = {c.model: c.expected_cost_usd for c in r.candidates}
         model, attempts = r.model, []
         while True:
@@ -247,7 +252,8 @@ class Client:
                 break
             try:
                 v = self.verify(answer, model, prompt, messages=messages, candidates=candidates,
-                                policy=policy, timeout=timeout)
+                                policy=policy, expected_output_tokens=expected_output_tokens,
+                                timeout=timeout)
             except TiergateError as e:
                 if e.code in (grpc.StatusCode.DEADLINE_EXCEEDED,
                               grpc.StatusCode.RESOURCE_EXHAUSTED):

@@ -181,7 +181,7 @@ class RouteReply(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[CandidateScore, _Mapping]]] = ..., expected_cost_usd: _Optional[float] = ..., expected_saving_usd: _Optional[float] = ..., margin: _Optional[float] = ..., verify_recommended: _Optional[bool] = ..., truncated: _Optional[bool] = ..., input_tokens: _Optional[int] = ..., revision: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "answer", "model", "policy", "priority", "candidates", "peers", "peer_threshold", "messages")
+    __slots__ = ("request_id", "prompt", "answer", "model", "policy", "priority", "candidates", "peers", "peer_threshold", "messages", "expected_output_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +192,7 @@ class VerifyRequest(_message.Message):
     PEERS_FIELD_NUMBER: _ClassVar[int]
     PEER_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     answer: str
@@ -202,7 +203,8 @@ class VerifyRequest(_message.Message):
     peers: _containers.RepeatedCompositeFieldContainer[PeerAnswer]
     peer_threshold: float
     messages: Messages
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., answer: _Optional[str] = ..., model: _Optional[str] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ..., candidates: _Optional[_Iterable[str]] = ..., peers: _Optional[_Iterable[_Union[PeerAnswer, _Mapping]]] = ..., peer_threshold: _Optional[float] = ..., messages: _Optional[_Union[Messages, _Mapping]] = ...) -> None: ...
+    expected_output_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., answer: _Optional[str] = ..., model: _Optional[str] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ..., candidates: _Optional[_Iterable[str]] = ..., peers: _Optional[_Iterable[_Union[PeerAnswer, _Mapping]]] = ..., peer_threshold: _Optional[float] = ..., messages: _Optional[_Union[Messages, _Mapping]] = ..., expected_output_tokens: _Optional[int] = ...) -> None: ...
 
 class PeerAnswer(_message.Message):
     __slots__ = ("model", "answer")
