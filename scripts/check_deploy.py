@@ -238,6 +238,10 @@ def check_deployment(name, docs, dep, uids, router):
                 fail(f"{cw}: a GPU pod needs runtimeClassName nvidia and the nvidia.com/gpu toleration")
             if env.get("TIERGATE_BACKEND") != "cuda" or "TIERGATE_TOKENIZE_THREADS" not in env:
                 fail(f"{cw}: a GPU pod needs TIERGATE_BACKEND=cuda and TIERGATE_TOKENIZE_THREADS")
+            # A surge pod needs a whole free GPU: in a full pool the rollout would stall.
+            surge = dep["spec"].get("strategy", {}).get("rollingUpdate", {}).get("maxSurge", "25%")
+            if str(surge) not in ("0", "0%"):
+                fail(f"{cw}: a GPU Deployment rolls out with maxSurge 0 (found {surge!r})")
         for pm in find(docs, "PodMonitor"):
             if selects(pm["spec"]["selector"], labels):
                 for ep in pm["spec"]["podMetricsEndpoints"]:

@@ -148,7 +148,10 @@ async fn envoy_routes_on_the_processors_choice() {
     let envoy = start_envoy(
         &envoy_config(&[
             ("0.0.0.0:10000", format!("127.0.0.1:{}", free_port())),
-            ("tiergate:50051", srv.addr.clone()),
+            (
+                "tiergate-headless.tiergate.svc.cluster.local:50051",
+                srv.addr.clone(),
+            ),
             ("flash-upstream:8000", at(flash)),
             ("sonnet-upstream:8000", at(sonnet)),
             ("opus-upstream:8000", at(opus)),
