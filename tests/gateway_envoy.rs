@@ -314,10 +314,44 @@ async fn envoy_routes_on_the_processors_choice() {
     );
     assert!(stubs.iter().all(|s| s.calls("policy").is_empty()));
 
-    // tiergate down: fail-open, the request goes on untouched to the default route; a
-    // client's x-tiergate-model still picks nothing.
+    // Draining: a routed request whose upstream takes its time does not hold tiergate's
+    // exit (its stream ends once the request is decided); the reply still reaches the client
+    // through Envoy, unpriced.
+    let mut slow = chat("auto", EASY, "slow");
+    slow["stub"]["delay_ms"] = json!({"stub-flash": 4000});
+    let port = envoy.port;
+    let pending = tokio::spawn(async move {
+        let r = reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&slow).unwrap())
+            .send()
+            .await
+            .expect("request through envoy");
+        let priced = header(r.headers(), "x-tiergate-cost-usd").is_some();
+        (r.status(), priced, json_of(r).await)
+    });
+    let t0 = Instant::now();
+    while flash.calls("slow").is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "never routed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     srv.sigterm();
     srv.wait_exit(Duration::from_secs(60));
+    assert!(
+        !pending.is_finished(),
+        "tiergate's exit waited for the upstream's reply"
+    );
+    let (status, priced, reply) = pending.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(!priced);
+    assert_eq!(
+        reply["choices"][0]["message"]["content"],
+        upstream::default_answer("flash", "stub-flash")
+    );
+
+    // tiergate down: fail-open, the request goes on untouched to the default route; a
+    // client's x-tiergate-model still picks nothing.
     let sent = serde_json::to_vec(&chat("auto", HARD, "down")).unwrap();
     let r = post_with(&envoy, sent.clone(), &[("x-tiergate-model", OPUS)]).await;
     assert_eq!(r.status(), 200);

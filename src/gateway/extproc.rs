@@ -32,6 +32,8 @@ use crate::service::{RouteInput, Service};
 
 pub struct ExtProc {
     pub svc: Arc<Service>,
+    /// Set when the server drains: a stream whose request is decided ends (see `process`).
+    pub drain: tokio::sync::watch::Receiver<bool>,
 }
 
 /// One HTTP exchange as the processor sees it.
@@ -39,6 +41,8 @@ pub struct ExtProc {
 struct Exchange {
     /// A chat completion whose body is worth reading.
     chat: bool,
+    /// The request phases are answered: what is left is the reply's (its cost).
+    request_done: bool,
     /// The model Route chose, with what its reply's cost needs.
     routed: Option<Routed>,
 }
@@ -60,9 +64,23 @@ impl ExternalProcessor for ExtProc {
         // One reply per message, in order: a small buffer is enough.
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let svc = self.svc.clone();
+        let mut drain = self.drain.clone();
         tokio::spawn(async move {
             let mut ex = Exchange::default();
-            while let Ok(Some(msg)) = inbound.message().await {
+            loop {
+                // Draining: once the request is routed, the stream ends (Envoy goes on without
+                // the processor). Its reply, which may take minutes, goes unpriced rather than
+                // holding the drain until drain.timeout_s.
+                let draining = async {
+                    if drain.wait_for(|d| *d).await.is_err() {
+                        std::future::pending::<()>().await
+                    }
+                };
+                let msg = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = draining, if ex.request_done => break,
+                };
+                let Ok(Some(msg)) = msg else { break };
                 let Some(r) = msg.request else { continue };
                 let out = ex.handle(&svc, r).await;
                 if tx.send(Ok(out)).await.is_err() {
@@ -115,6 +133,7 @@ impl Exchange {
                 self.chat = header(&h, ":method") == Some("POST")
                     && path.ends_with("/chat/completions")
                     && !h.end_of_stream;
+                self.request_done = !self.chat;
                 if !self.chat {
                     // Nothing to decide: no body, and no reply, is sent to us.
                     out.mode_override = Some(ProcessingMode {
@@ -129,6 +148,7 @@ impl Exchange {
                 })
             }
             req::Request::RequestBody(b) if self.chat && b.end_of_stream => {
+                self.request_done = true;
                 match self.route(svc, &b.body).await {
                     Ok(c) => resp::Response::RequestBody(BodyResponse { response: c }),
                     Err(e) => immediate(e),

@@ -105,6 +105,7 @@ pub async fn start(
 ) -> anyhow::Result<Started> {
     let cfg = svc.config().clone();
     let mut tasks = Vec::new();
+    let ext_proc_drain = drain.clone();
     if let Some(addr) = cfg.http_addr()? {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -131,8 +132,11 @@ pub async fn start(
     let max_message = cfg.gateway.max_body_bytes.saturating_add(64 << 10);
     let routes = cfg.gateway.ext_proc.then(|| {
         tonic::service::Routes::new(
-            ExternalProcessorServer::new(extproc::ExtProc { svc })
-                .max_decoding_message_size(max_message),
+            ExternalProcessorServer::new(extproc::ExtProc {
+                svc,
+                drain: ext_proc_drain,
+            })
+            .max_decoding_message_size(max_message),
         )
     });
     Ok(Started { routes, tasks })
