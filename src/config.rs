@@ -228,6 +228,11 @@ pub struct GatewayConfig {
     /// `message_timeout`.
     #[serde(default = "default_ext_proc_route_ms")]
     pub ext_proc_route_ms: u64,
+    /// ext_proc, when tiergate cannot decide in time (overloaded, past `ext_proc_route_ms`,
+    /// warming up): pass the request on unrouted, as Envoy's fail-open does when tiergate is
+    /// down, or refuse it (429 / 504 / 503).
+    #[serde(default)]
+    pub ext_proc_when_busy: WhenBusy,
     /// Named policies, asked for as `model = "auto:<name>"`.
     #[serde(default)]
     pub policies: std::collections::BTreeMap<String, GatewayPolicy>,
@@ -247,9 +252,21 @@ impl Default for GatewayConfig {
             max_connections: default_max_connections(),
             head_timeout_s: default_head_timeout(),
             ext_proc_route_ms: default_ext_proc_route_ms(),
+            ext_proc_when_busy: WhenBusy::default(),
             policies: Default::default(),
         }
     }
+}
+
+/// What ext_proc does with a request tiergate has no capacity to decide.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenBusy {
+    /// On unrouted, to Envoy's default route (a model still answers).
+    #[default]
+    Pass,
+    /// Answered by Envoy with tiergate's error.
+    Refuse,
 }
 
 /// When the HTTP front runs Verify on an answer.

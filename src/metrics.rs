@@ -10,6 +10,7 @@ pub const HTTP_REQUESTS: &str = "tiergate_http_requests_total";
 pub const HTTP_REQUEST_SECONDS: &str = "tiergate_http_request_duration_seconds";
 pub const HTTP_STREAM_ERRORS: &str = "tiergate_http_stream_errors_total";
 pub const HTTP_CONNECTIONS: &str = "tiergate_http_connections";
+pub const EXT_PROC_PASSED: &str = "tiergate_ext_proc_passed_total";
 pub const GATEWAY_CONSENSUS: &str = "tiergate_gateway_consensus_total";
 pub const GATEWAY_CONSENSUS_PROBES: &str = "tiergate_gateway_consensus_probes_total";
 pub const QUEUE_DEPTH: &str = "tiergate_queue_depth";
@@ -99,6 +100,12 @@ fn describe() {
         HTTP_CONNECTIONS,
         "HTTP front connections open (at gateway.max_connections the front accepts no more \
          until one closes)."
+    );
+    describe_counter!(
+        EXT_PROC_PASSED,
+        "Envoy ext_proc requests passed on unrouted because tiergate had no capacity to decide \
+         (gateway.ext_proc_when_busy = \"pass\"), by reason: rate_limit_error, timeout, \
+         unavailable."
     );
     describe_counter!(
         GATEWAY_CONSENSUS_PROBES,

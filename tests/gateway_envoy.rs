@@ -364,3 +364,62 @@ async fn envoy_routes_on_the_processors_choice() {
 async fn json_of(r: reqwest::Response) -> Value {
     serde_json::from_slice(&r.bytes().await.expect("body")).expect("JSON body")
 }
+
+/// tiergate without capacity to decide (its encoder hangs past ext_proc_route_ms): by default
+/// the request goes on unrouted to the default route, as with tiergate down, and the upstream
+/// sees why; with `ext_proc_when_busy = "refuse"` Envoy answers tiergate's 504.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_processor_passes_requests_on() {
+    let stubs = [
+        Stub::start("flash").await,
+        Stub::start("sonnet").await,
+        Stub::start("opus").await,
+        Stub::start("default").await,
+    ];
+    let at = |s: &Stub| s.addr.to_string();
+    for (mode, want) in [("pass", 200), ("refuse", 504)] {
+        let gateway =
+            format!("[gateway]\next_proc_route_ms = 300\next_proc_when_busy = \"{mode}\"\n# ");
+        let f = common::fault::Faulty::start(&[("# [gateway] ", &gateway)], &[], &[]).await;
+        f.set("hang");
+        let dir = tempfile::tempdir().unwrap();
+        let envoy = start_envoy(
+            &envoy_config(&[
+                ("0.0.0.0:10000", format!("127.0.0.1:{}", free_port())),
+                (
+                    "tiergate-headless.tiergate.svc.cluster.local:50051",
+                    f.srv.addr.clone(),
+                ),
+                ("flash-upstream:8000", at(&stubs[0])),
+                ("sonnet-upstream:8000", at(&stubs[1])),
+                ("opus-upstream:8000", at(&stubs[2])),
+                ("default-upstream:8000", at(&stubs[3])),
+            ]),
+            dir.path(),
+        );
+        let sent = serde_json::to_vec(&chat("auto", EASY, mode)).unwrap();
+        let r = post(&envoy, sent.clone()).await;
+        assert_eq!(r.status().as_u16(), want, "{mode}");
+        let calls = stubs[3].calls(mode);
+        if mode == "pass" {
+            assert_eq!(calls.len(), 1, "the default route got it");
+            assert_eq!(&calls[0].raw[..], &sent[..]);
+            assert_eq!(
+                header(&calls[0].headers, "x-tiergate-skipped"),
+                Some("timeout")
+            );
+            assert_eq!(
+                common::metric_sum(
+                    &f.srv.metrics_text(),
+                    "tiergate_ext_proc_passed_total",
+                    &[("reason", "timeout")]
+                ),
+                Some(1.0)
+            );
+        } else {
+            assert!(calls.is_empty());
+            assert_eq!(header(r.headers(), "x-tiergate-error"), Some("timeout"));
+        }
+        assert!(stubs[..3].iter().all(|s| s.calls(mode).is_empty()));
+    }
+}

@@ -28,7 +28,9 @@ use tonic::{Request, Response, Status, Streaming};
 use super::chat::{self, Ask};
 use super::status::{error_body, refusal_headers, GatewayError};
 use super::targets::{callable, entry, policy, prices, route_query};
-use crate::service::{RouteInput, Service};
+use crate::batch::BatchError;
+use crate::pipeline::EncodeError;
+use crate::service::{RouteInput, Service, ServiceError};
 
 pub struct ExtProc {
     pub svc: Arc<Service>,
@@ -151,6 +153,7 @@ impl Exchange {
                 self.request_done = true;
                 match self.route(svc, &b.body).await {
                     Ok(c) => resp::Response::RequestBody(BodyResponse { response: c }),
+                    Err(e) if e.is_busy() && passes_when_busy(svc) => pass_unrouted(&e),
                     Err(e) => immediate(e),
                 }
             }
@@ -220,9 +223,17 @@ impl Exchange {
         let prompt_bytes = input.text().len();
         let deadline = Instant::now() + Duration::from_millis(g.ext_proc_route_ms);
         // With upstreams configured, only those; else the catalog.
-        let o = svc
-            .route(route_query(input, callable(&d), pol, deadline))
-            .await?;
+        // The deadline also bounds a batch already computing (the batcher drops only what
+        // still waits): Envoy's message_timeout must not be what ends a slow Route.
+        let routed = svc.route(route_query(input, callable(&d), pol, deadline));
+        let o = match tokio::time::timeout_at(deadline.into(), routed).await {
+            Ok(o) => o?,
+            Err(_) => {
+                return Err(
+                    ServiceError::from(EncodeError::Batch(BatchError::DeadlineExceeded)).into(),
+                )
+            }
+        };
         let provider = entry(&d, &o.model)
             .and_then(|e| e.upstream.as_ref()?.model.clone())
             .unwrap_or_else(|| o.model.clone());
@@ -280,6 +291,25 @@ fn strip_ours(h: &HttpHeaders) -> Option<CommonResponse> {
         }),
         clear_route_cache: true,
         ..Default::default()
+    })
+}
+
+fn passes_when_busy(svc: &Service) -> bool {
+    svc.decider().cfg.gateway.ext_proc_when_busy == crate::config::WhenBusy::Pass
+}
+
+/// tiergate could not decide in time: the request goes on as it came, to Envoy's default
+/// route, as it would with tiergate down (`gateway.ext_proc_when_busy = "pass"`); the
+/// upstream sees why in `x-tiergate-skipped`.
+fn pass_unrouted(e: &GatewayError) -> resp::Response {
+    let (_, kind) = e.status();
+    tracing::debug!(error = %e, "ext_proc: no capacity to route; passed on unrouted");
+    metrics::counter!(crate::metrics::EXT_PROC_PASSED, "reason" => kind).increment(1);
+    resp::Response::RequestBody(BodyResponse {
+        response: Some(CommonResponse {
+            header_mutation: Some(set(&[("x-tiergate-skipped", kind.to_string())])),
+            ..Default::default()
+        }),
     })
 }
 

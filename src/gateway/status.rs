@@ -58,6 +58,19 @@ pub fn classify(e: &ServiceError) -> (StatusCode, &'static str) {
 }
 
 impl GatewayError {
+    /// tiergate had no capacity to decide (overloaded, out of time, warming up or its backend
+    /// down): nothing is wrong with the request.
+    pub fn is_busy(&self) -> bool {
+        use crate::batch::BatchError as B;
+        matches!(
+            self,
+            GatewayError::Service(ServiceError::NotReady(_))
+                | GatewayError::Service(ServiceError::Encode(EncodeError::Batch(
+                    B::Overloaded(_) | B::DeadlineExceeded | B::Unavailable(_)
+                )))
+        )
+    }
+
     pub fn status(&self) -> (StatusCode, &'static str) {
         use StatusCode as S;
         match self {
