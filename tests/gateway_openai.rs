@@ -341,6 +341,17 @@ async fn the_openai_client_gets_the_cascade() {
             c["stream"] = json!(true);
             c
         },
+        {
+            let mut c = case(
+                "vote_stream_usage",
+                "auto:vote",
+                MCQ,
+                json!({"answer": {"stub-flash": "The answer is (B).", "stub-sonnet": "B"}}),
+            );
+            c["stream"] = json!(true);
+            c["extra_body"]["stream_options"] = json!({"include_usage": true});
+            c
+        },
         case(
             "vote_refused",
             "auto:vote",
@@ -602,6 +613,15 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(vs["headers"]["x-tiergate-model"], FLASH, "{vs}");
     assert_eq!(vs["text"], "The answer is (B).");
     assert_eq!(vs["chunks"], 2);
+    assert_eq!(vs["usage"], Value::Null, "not asked for");
+    // Asked for usage: one chunk more, without choices, with the whole request's cost.
+    let vu = &r["vote_stream_usage"];
+    assert_eq!(vu["chunks"], 3, "{vu}");
+    assert_eq!(vu["text"], "The answer is (B).");
+    assert!(close(
+        vu["usage"]["cost"].as_f64().unwrap(),
+        header_f64(vu, "x-tiergate-cost-usd")
+    ));
     let calls = stub.calls("vote_stream");
     assert_eq!(calls.len(), 2);
     assert!(
@@ -619,7 +639,7 @@ async fn the_openai_client_gets_the_cascade() {
     let kept = common::metric_sum(&m, "tiergate_verify_decisions_total", &kept);
     assert!(kept.is_some_and(|n| n >= 1.0), "{m}");
     for (outcome, n) in [
-        ("agreed", 3.0),
+        ("agreed", 4.0),
         ("escalated", 3.0),
         ("fallback", 2.0),
         ("failed", 2.0),
@@ -656,7 +676,7 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(routed(&srv.metrics_text()), before);
 
     // Probes by result: the slow ones of vote_probe_fails and vote_early were cancelled.
-    for (result, n) in [("answered", 12.0), ("failed", 8.0), ("cancelled", 2.0)] {
+    for (result, n) in [("answered", 14.0), ("failed", 8.0), ("cancelled", 2.0)] {
         assert_eq!(
             common::metric_sum(
                 &m,

@@ -92,55 +92,74 @@ pub fn without_stream(body: &Value) -> Value {
     b
 }
 
-/// A whole chat completion as the server-sent events a streaming client expects: one chunk
-/// with the answer, one with the finish reason and `usage`, then `[DONE]`.
-pub fn as_sse(reply: &Value) -> Vec<u8> {
+/// Whether a streaming request asked for `usage` (`stream_options.include_usage`).
+pub fn wants_usage(body: &Value) -> bool {
+    body.pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+}
+
+/// A whole chat completion as the server-sent events a streaming client expects, as OpenAI
+/// sends them: per choice, one chunk with its answer and one with its finish reason; then,
+/// if the request asked for it (`include_usage`), a chunk with no choices and `usage`; then
+/// `[DONE]`.
+pub fn as_sse(reply: &Value, include_usage: bool) -> Vec<u8> {
     let get = |k: &str| reply.get(k).cloned().unwrap_or(Value::Null);
-    let chunk = |choice: Value, usage: Option<Value>| {
-        let mut c = serde_json::json!({
+    let chunk = |choices: Value| {
+        serde_json::json!({
             "id": get("id"), "object": "chat.completion.chunk", "created": get("created"),
-            "model": get("model"), "choices": [choice],
-        });
-        if let (Some(u), Some(o)) = (usage, c.as_object_mut()) {
-            o.insert("usage".into(), u);
-        }
-        c
+            "model": get("model"), "choices": choices,
+        })
     };
-    let content = answer(reply).map_or(Value::Null, |a| Value::String(a.into()));
-    let finish = reply
-        .pointer("/choices/0/finish_reason")
-        .cloned()
-        .filter(|f| !f.is_null())
-        .unwrap_or_else(|| Value::String("stop".into()));
-    let mut delta = serde_json::json!({"role": "assistant", "content": content});
-    let msg = reply.pointer("/choices/0/message");
-    // A tool call streams as deltas that carry their position (`index`), as providers send.
-    if let Some(calls) = msg
-        .and_then(|m| m.get("tool_calls"))
+    let choices: &[Value] = reply
+        .get("choices")
         .and_then(Value::as_array)
-    {
-        let indexed = calls.iter().enumerate().map(|(i, c)| {
-            let mut c = c.clone();
-            if let Some(o) = c.as_object_mut() {
-                o.insert("index".into(), i.into());
-            }
-            c
-        });
-        delta["tool_calls"] = Value::Array(indexed.collect());
+        .map_or(&[], Vec::as_slice);
+    let mut events = Vec::new();
+    for (i, c) in choices.iter().enumerate() {
+        let index = c.get("index").cloned().unwrap_or_else(|| i.into());
+        let msg = c.get("message");
+        let content = msg
+            .and_then(|m| m.get("content"))
+            .cloned()
+            .unwrap_or(Value::Null);
+        let mut delta = serde_json::json!({"role": "assistant", "content": content});
+        // A tool call streams as deltas that carry their position (`index`), as providers send.
+        if let Some(calls) = msg
+            .and_then(|m| m.get("tool_calls"))
+            .and_then(Value::as_array)
+        {
+            let indexed = calls.iter().enumerate().map(|(i, c)| {
+                let mut c = c.clone();
+                if let Some(o) = c.as_object_mut() {
+                    o.insert("index".into(), i.into());
+                }
+                c
+            });
+            delta["tool_calls"] = Value::Array(indexed.collect());
+        }
+        if let Some(r) = msg.and_then(|m| m.get("refusal")).filter(|r| !r.is_null()) {
+            delta["refusal"] = r.clone();
+        }
+        let finish = c
+            .get("finish_reason")
+            .cloned()
+            .filter(|f| !f.is_null())
+            .unwrap_or_else(|| Value::String("stop".into()));
+        events.push(chunk(serde_json::json!([
+            {"index": index, "delta": delta, "finish_reason": null}
+        ])));
+        events.push(chunk(serde_json::json!([
+            {"index": index, "delta": {}, "finish_reason": finish}
+        ])));
     }
-    if let Some(r) = msg.and_then(|m| m.get("refusal")).filter(|r| !r.is_null()) {
-        delta["refusal"] = r.clone();
+    if include_usage {
+        let mut last = chunk(serde_json::json!([]));
+        last["usage"] = get("usage");
+        events.push(last);
     }
-    let first = chunk(
-        serde_json::json!({"index": 0, "delta": delta, "finish_reason": null}),
-        None,
-    );
-    let last = chunk(
-        serde_json::json!({"index": 0, "delta": {}, "finish_reason": finish}),
-        reply.get("usage").cloned(),
-    );
     let mut out = Vec::new();
-    for c in [first, last] {
+    for c in events {
         out.extend_from_slice(b"data: ");
         // Serialising a Value cannot fail (its keys are strings).
         out.extend(serde_json::to_vec(&c).unwrap_or_default());
@@ -250,28 +269,48 @@ mod tests {
         assert_eq!(keys(&whole), ["model", "response_format", "messages"]);
     }
 
-    #[test]
-    fn a_whole_reply_streams_as_two_chunks_and_done() {
-        let reply = json!({"id": "c1", "created": 7, "model": "m",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "B"},
-                "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "cost": 0.5}});
-        let sse = String::from_utf8(as_sse(&reply)).unwrap();
+    fn events(sse: &[u8]) -> Vec<Value> {
+        let sse = std::str::from_utf8(sse).unwrap();
         let events: Vec<&str> = sse
             .split("\n\n")
             .filter(|e| !e.is_empty())
             .map(|e| e.strip_prefix("data: ").unwrap())
             .collect();
-        assert_eq!(events.len(), 3, "{sse}");
-        assert_eq!(events[2], "[DONE]");
-        let a: Value = serde_json::from_str(events[0]).unwrap();
-        let b: Value = serde_json::from_str(events[1]).unwrap();
-        assert_eq!(a["object"], "chat.completion.chunk");
-        assert_eq!(a["id"], "c1");
-        assert_eq!(a["choices"][0]["delta"]["content"], "B");
-        assert!(a["choices"][0]["finish_reason"].is_null());
-        assert_eq!(b["choices"][0]["finish_reason"], "stop");
-        assert_eq!(b["usage"]["cost"], 0.5);
+        assert_eq!(events.last(), Some(&"[DONE]"), "{sse}");
+        events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_whole_reply_streams_as_openai_streams_it() {
+        let reply = json!({"id": "c1", "created": 7, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "B"},
+                "finish_reason": "stop"},
+                {"index": 1, "message": {"role": "assistant", "content": "C"},
+                "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "cost": 0.5}});
+        // Every choice (n = 2), each its answer then its finish; usage only when asked for,
+        // in a last chunk without choices.
+        let e = events(&as_sse(&reply, true));
+        assert_eq!(e.len(), 5);
+        assert_eq!(e[0]["object"], "chat.completion.chunk");
+        assert_eq!(e[0]["id"], "c1");
+        assert_eq!(e[0]["choices"][0]["delta"]["content"], "B");
+        assert!(e[0]["choices"][0]["finish_reason"].is_null());
+        assert_eq!(e[1]["choices"][0]["finish_reason"], "stop");
+        assert_eq!(e[2]["choices"][0]["index"], 1);
+        assert_eq!(e[2]["choices"][0]["delta"]["content"], "C");
+        assert_eq!(e[3]["choices"][0]["finish_reason"], "length");
+        assert_eq!(e[4]["choices"], json!([]));
+        assert_eq!(e[4]["usage"]["cost"], 0.5);
+        assert!(e[..4].iter().all(|c| c.get("usage").is_none()));
+        assert_eq!(events(&as_sse(&reply, false)).len(), 4, "no usage chunk");
+        assert!(wants_usage(
+            &json!({"stream_options": {"include_usage": true}})
+        ));
+        assert!(!wants_usage(&json!({"stream": true})));
         let body = json!({"model": "x", "stream": true, "stream_options": {"include_usage": true}});
         assert_eq!(without_stream(&body), json!({"model": "x"}));
     }
@@ -316,7 +355,7 @@ mod tests {
         assert_eq!(verifiable(&parts), None, "content in parts is not read");
         // Streamed whole (a consensus asked to stream), the tool call goes in the first delta
         // with its index.
-        let sse = String::from_utf8(as_sse(&tool)).unwrap();
+        let sse = String::from_utf8(as_sse(&tool, false)).unwrap();
         let first: Value = serde_json::from_str(
             sse.lines()
                 .next()

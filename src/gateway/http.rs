@@ -307,6 +307,7 @@ async fn answer(
         return Ok(((StatusCode::OK, out, stream).into_response(), answered));
     }
     // A consensus asked to stream reads whole answers, then streams the one that ships.
+    let usage = chat::wants_usage(&body);
     let body = if streamed {
         chat::without_stream(&body)
     } else {
@@ -341,7 +342,7 @@ async fn answer(
         set(&mut out, "x-tiergate-consensus", outcome.to_string());
     }
     let bytes = if streamed {
-        chat::as_sse(&s.reply)
+        chat::as_sse(&s.reply, usage)
     } else {
         serde_json::to_vec(&s.reply).unwrap_or_default()
     };

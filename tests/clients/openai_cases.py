@@ -40,7 +40,9 @@ def run(client, case):
             with client.chat.completions.with_streaming_response.create(stream=True, **kw) as r:
                 chunks = [c for c in r.parse()]
                 text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-                return {"headers": tiergate_headers(r.headers), "text": text, "chunks": len(chunks)}
+                usage = next((c.usage.model_dump() for c in chunks if c.usage), None)
+                return {"headers": tiergate_headers(r.headers), "text": text, "chunks": len(chunks),
+                        "usage": usage}
         raw = client.chat.completions.with_raw_response.create(**kw)
         c = raw.parse()
         return {
