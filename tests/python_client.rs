@@ -100,6 +100,12 @@ async fn the_python_client_routes_verifies_and_cascades() {
         serde_json::json!(["claude-opus-4.8", ""]),
         "expected_output_tokens reaches Verify"
     );
+    let cu = &o["cascade_unreadable"];
+    assert_eq!(cu["shipped"], true, "{cu}");
+    assert_eq!(cu["called"].as_array().map(Vec::len), Some(1), "{cu}");
+    assert_eq!(cu["verify_errors"], json!(["INVALID_ARGUMENT"]), "{cu}");
+    assert_eq!(o["pickled"], json!(["UNAVAILABLE", "x", 0.25]));
+    assert_eq!(o["portkey_request_id"], "pk-1");
     let mcq = &o["mcq"];
     assert_eq!(mcq["good"]["decision"], 1, "{mcq}");
     let bad = &mcq["unusable"];
@@ -220,6 +226,15 @@ async fn litellm_routes_through_tiergate_and_falls_back() {
     assert_eq!(answer("up", "easy_parts"), "answered by flash", "{o}");
     assert_eq!(answer("up", "hard"), "answered by opus", "{o}");
     assert_eq!(answer("up", "hard_async"), "answered by opus", "{o}");
+    // An earlier reply in the conversation (a LiteLLM Message object) is read as a turn; a
+    // request naming one deployment is served by it, tiergate up or down.
+    assert_eq!(
+        o["up"]["with_reply"]["roles"],
+        json!(["user", "assistant", "user"]),
+        "{o}"
+    );
+    assert_eq!(answer("up", "named"), "answered by opus", "{o}");
+    assert_eq!(answer("down", "named"), "answered by opus", "{o}");
     assert_eq!(decision("up", "easy")["model"], "gemini-2.5-flash");
     assert!(
         decision("up", "easy")["expected_cost_usd"]
@@ -243,11 +258,12 @@ async fn litellm_routes_through_tiergate_and_falls_back() {
             "{case}: {o}"
         );
     }
-    // The server decided the four routable requests of the up side, and no more.
+    // The server decided the four routable requests of the up side and with_reply's two, and
+    // no more (the named deployment is not routed).
     let m = srv.metrics_text();
     assert_eq!(
         metric_sum(&m, "tiergate_route_decisions_total", &[]),
-        Some(4.0),
+        Some(6.0),
         "{m}"
     );
 }

@@ -54,11 +54,45 @@ def ask(router, prompt, use_async=False):
     return {"answer": r.choices[0].message.content, "tiergate": meta.get("tiergate")}
 
 
+class Recording:
+    """The client, noting the turns each Route was sent."""
+
+    def __init__(self, client):
+        self.client, self.sent = client, []
+
+    def route(self, *args, **kw):
+        self.sent.append(kw.get("messages"))
+        return self.client.route(*args, **kw)
+
+
+def with_reply(addr, prompt):
+    """A conversation holding an earlier reply as LiteLLM returns it (a Message object), then
+    the hard question: Route is sent all three turns."""
+    router = litellm.Router(model_list=MODEL_LIST, num_retries=0)
+    rec = Recording(Client(addr, timeout=5))
+    TiergateRouting(router, rec, default_model="claude-sonnet-4.6").install()
+    first = router.completion(model="auto", messages=[{"role": "user", "content": "hi"}])
+    msgs = [{"role": "user", "content": "hi"}, first.choices[0].message,
+            {"role": "user", "content": prompt}]
+    r = router.completion(model="auto", messages=msgs)
+    return {"answer": r.choices[0].message.content,
+            "roles": [t["role"] for t in rec.sent[-1] or []]}
+
+
+def named(router):
+    """A request for one deployment by its LiteLLM model: served by it, not routed."""
+    r = router.completion(model="openai/opus", specific_deployment=True,
+                          messages=[{"role": "user", "content": EASY}])
+    return {"answer": r.choices[0].message.content}
+
+
 def run(addr):
     router = litellm.Router(model_list=MODEL_LIST, num_retries=0)
     client = Client(addr, timeout=5)
     TiergateRouting(router, client, default_model="claude-sonnet-4.6").install()
     return {
+        "with_reply": with_reply(addr, HARD),
+        "named": named(router),
         "easy": ask(router, EASY),
         "hard": ask(router, HARD),
         "hard_async": ask(router, HARD, use_async=True),

@@ -5,6 +5,8 @@ starts it, with feedback on) and prints what it observed, as JSON, on the last l
 import json
 import sys
 
+import grpc
+
 from tiergate_client import Client, Policy, TiergateError
 
 EASY = "What is 2 + 2?"
@@ -123,6 +125,29 @@ def main():
         out["cascade_empty"] = {"routed": re_.model, "verify_recommended": re_.verify_recommended,
                                 "called": list(called), "escalations": rb.escalations,
                                 "answer": rb.answer}
+
+        # An answer Verify refuses to read (over max_input_bytes, 256 KiB): paid for, so it
+        # ships unverified rather than being lost to an exception.
+        called.clear()
+        huge = "The answer is B. " * 20000
+
+        def call_huge(model):
+            called.append(model)
+            return huge
+
+        rh = c.cascade(MCQ, call_model=call_huge, verify="always")
+        out["cascade_unreadable"] = {
+            "called": list(called), "shipped": rh.answer == huge,
+            "verify_errors": [a.verify_error for a in rh.attempts]}
+
+        # The error pickles whole (a process pool sends it back to its parent).
+        import pickle
+        e = pickle.loads(pickle.dumps(TiergateError(grpc.StatusCode.UNAVAILABLE, "x", 0.25)))
+        out["pickled"] = [e.code.name, e.details, e.retry_after_s]
+        # Portkey metadata carries the request id Route echoes (for Feedback by id).
+        from tiergate_client.portkey import route_metadata
+        out["portkey_request_id"] = route_metadata(c, EASY, request_id="pk-1").get(
+            "tiergate_request_id")
 
         fb = c.feedback(easy.model, 1.0, request_id="easy-1")
         out["feedback_accepted"] = fb.accepted

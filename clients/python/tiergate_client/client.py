@@ -44,6 +44,8 @@ class Attempt:
     answer: str
     p_pass: float | None = None
     decision: Literal["ship", "escalate"] | None = None
+    # The gRPC code's name when Verify failed on this answer (it then went on unverified).
+    verify_error: str | None = None
 
 
 @dataclass
@@ -230,9 +232,9 @@ class Client:
         model's answer ships), "borderline" (verify when Route says verify_recommended, and
         an empty answer from any pick), or "always". The last answer ships when no escalation
         is left. An exception from
-        call_model propagates; a Verify that fails ships the answer in hand unverified only
-        when it is DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED (the server is busy; an empty answer
-        then goes up the prices instead), otherwise it raises."""
+        call_model propagates. A Verify that fails (busy, past the timeout, unreachable, an
+        answer over its limits) never loses the answer in hand: it ships unverified, or, if
+        empty, goes up the prices; the attempt's `verify_error` says why."""
         if max_escalations < 0:
             raise _bad("max_escalations must be >= 0")
         r = self.route(prompt, messages=messages, candidates=candidates, policy=policy,
@@ -255,16 +257,16 @@ class Client:
                                 policy=policy, expected_output_tokens=expected_output_tokens,
                                 timeout=timeout)
             except TiergateError as e:
-                if e.code in (grpc.StatusCode.DEADLINE_EXCEEDED,
-                              grpc.StatusCode.RESOURCE_EXHAUSTED):
-                    # Busy: the answer in hand ships, but an empty one goes up the prices
-                    # (the next candidate within max_cost_usd), as the HTTP front does.
-                    nxt = _next_up(r, model, policy) if empty else None
-                    if nxt is None:
-                        break
-                    model = nxt
-                    continue
-                raise
+                # The answer is paid for: whatever kept Verify from judging it (busy, past
+                # the timeout, unreachable, an answer over its limits), it ships unverified,
+                # but an empty one goes up the prices (the next candidate within
+                # max_cost_usd), as the HTTP front does.
+                attempt.verify_error = e.code.name
+                nxt = _next_up(r, model, policy) if empty else None
+                if nxt is None:
+                    break
+                model = nxt
+                continue
             attempt.p_pass = v.p_pass
             attempt.decision = "escalate" if v.decision == pb.ESCALATE else "ship"
             if v.decision != pb.ESCALATE or not v.escalate_to:

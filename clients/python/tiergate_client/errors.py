@@ -16,6 +16,10 @@ class TiergateError(Exception):
         self.details = details
         self.retry_after_s = retry_after_s
 
+    def __reduce__(self):
+        # Pickled (a process pool, a task queue) with what __init__ takes, not the message.
+        return (type(self), (self.code, self.details, self.retry_after_s))
+
     @classmethod
     def from_rpc(cls, e: grpc.RpcError) -> "TiergateError":
         # Raised RpcErrors of unary calls are also grpc.Call (code, details, metadata).

@@ -24,6 +24,7 @@ import asyncio
 import logging
 from typing import Any, Mapping, Sequence
 
+import litellm
 from litellm.types.router import CustomRoutingStrategyBase
 
 from .client import Client, Policy
@@ -32,6 +33,18 @@ from .errors import TiergateError
 log = logging.getLogger("tiergate_client.litellm")
 
 MODEL_INFO_KEY = "tiergate_model"
+
+
+def _turn(m: object) -> dict[str, str] | None:
+    """A chat message as (role, text): a mapping, or a message object (LiteLLM's Message, a
+    pydantic model: a reply appended to the conversation) read by attribute."""
+    if isinstance(m, Mapping):
+        role, content = m.get("role"), m.get("content")
+    elif hasattr(m, "role") or hasattr(m, "content"):
+        role, content = getattr(m, "role", None), getattr(m, "content", None)
+    else:
+        return None
+    return {"role": str(role or "user"), "content": _text(content)}
 
 
 def _text(content: object) -> str:
@@ -98,8 +111,7 @@ class TiergateRouting(CustomRoutingStrategyBase):
                 raise LookupError(f"no deployment of {group!r} has model_info.{MODEL_INFO_KEY}")
             if not messages:
                 raise LookupError("the request has no chat messages")
-            turns = [{"role": str(m.get("role") or "user"), "content": _text(m.get("content"))}
-                     for m in messages if isinstance(m, Mapping)]
+            turns = [t for m in messages if (t := _turn(m)) is not None]
             candidates = sorted({n for d in mapped if (n := self._catalog_name(d))})
             r = self.client.route(messages=turns, candidates=candidates, policy=self.policy)
             chosen = next((d for d in mapped if self._catalog_name(d) == r.model), None)
@@ -120,11 +132,36 @@ class TiergateRouting(CustomRoutingStrategyBase):
                 meta["tiergate"] = decision
         return chosen
 
+    def _named(self, model: str, specific_deployment: bool | None) -> dict[str, Any] | None:
+        """A request that names one deployment (`specific_deployment`) is not tiergate's to
+        route: that deployment, found as LiteLLM finds it."""
+        if not specific_deployment:
+            return None
+        for d in self.router.get_model_list() or []:
+            if model in (d.get("litellm_params", {}).get("model"), d.get("model_name"),
+                         (d.get("model_info") or {}).get("id")):
+                return dict(d)
+        return None
+
+    def _deployment(self, model: str, messages: Any, specific_deployment: bool | None,
+                    request_kwargs: Any) -> Any:
+        named = self._named(model, specific_deployment)
+        if named is not None:
+            return named
+        chosen = self._pick(model, messages, request_kwargs)
+        if chosen is None:
+            # No deployment in the group: the error LiteLLM raises for it, not a TypeError on
+            # None.
+            raise litellm.BadRequestError(
+                message=f"no deployment of model group {model!r} in the router's model_list",
+                model=model, llm_provider="")
+        return chosen
+
     def get_available_deployment(self, model: str, messages: list[dict[str, str]] | None = None,
                                  input: str | list[object] | None = None,
                                  specific_deployment: bool | None = False,
                                  request_kwargs: dict[str, object] | None = None) -> Any:
-        return self._pick(model, messages, request_kwargs)  # type: ignore[arg-type]
+        return self._deployment(model, messages, specific_deployment, request_kwargs)
 
     async def async_get_available_deployment(self, model: str,
                                              messages: list[dict[str, str]] | None = None,
@@ -132,4 +169,5 @@ class TiergateRouting(CustomRoutingStrategyBase):
                                              specific_deployment: bool | None = False,
                                              request_kwargs: dict[str, object] | None = None) -> Any:
         # The gRPC call blocks: off the event loop.
-        return await asyncio.to_thread(self._pick, model, messages, request_kwargs)  # type: ignore[arg-type]
+        return await asyncio.to_thread(self._deployment, model, messages, specific_deployment,
+                                       request_kwargs)

@@ -26,11 +26,14 @@ def route_metadata(
     messages: Sequence[Message] | None = None,
     candidates: Sequence[str] = (),
     policy: Policy | None = None,
+    request_id: str = "",
 ) -> dict[str, str]:
     """Portkey metadata (string values, as Portkey takes them) for this request: the chosen
-    catalog model under `tiergate_model`, with its expected cost and the request id."""
+    catalog model under `tiergate_model`, with its expected cost and `request_id` (echoed by
+    Route; give one to send `feedback(request_id=...)` for this request later)."""
     try:
-        r = client.route(prompt, messages=messages, candidates=candidates, policy=policy)
+        r = client.route(prompt, messages=messages, candidates=candidates, policy=policy,
+                         request_id=request_id)
     except TiergateError as e:
         return {"tiergate_error": e.code.name}
     return {
@@ -49,12 +52,13 @@ def portkey_headers(
     metadata: Mapping[str, str] | None = None,
     candidates: Sequence[str] = (),
     policy: Policy | None = None,
+    request_id: str = "",
 ) -> dict[str, str]:
     """`x-portkey-metadata` (the caller's `metadata` plus tiergate's) and, when given,
     `x-portkey-config` (a config object or the id of a saved config)."""
     meta = dict(metadata or {})
     meta.update(route_metadata(client, prompt, messages=messages, candidates=candidates,
-                               policy=policy))
+                               policy=policy, request_id=request_id))
     headers = {"x-portkey-metadata": json.dumps(meta)}
     if config is not None:
         headers["x-portkey-config"] = config if isinstance(config, str) else json.dumps(config)
