@@ -103,9 +103,41 @@ def run(addr):
     }
 
 
+def hung():
+    """tiergate accepts connections and never answers; 20 requests at once on an event loop
+    whose default executor has 2 threads (LiteLLM runs its own work there): each async pick
+    gives up at the client's 0.5 s timeout and the default deployment serves. Waiting on
+    executor threads, the picks would queue: 20 x 0.5 s / 2 threads = 5 s for the last."""
+    import socket
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    addr = "127.0.0.1:%d" % silent.getsockname()[1]
+    router = litellm.Router(model_list=MODEL_LIST, num_retries=0)
+    TiergateRouting(router, Client(addr, timeout=0.5), default_model="claude-sonnet-4.6").install()
+
+    async def one():
+        r = await router.acompletion(model="auto", messages=[{"role": "user", "content": EASY}])
+        return r.choices[0].message.content
+
+    async def go():
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=2))
+        t0 = time.monotonic()
+        answers = await asyncio.gather(*(one() for _ in range(20)))
+        return {"answers": sorted(set(answers)), "seconds": time.monotonic() - t0}
+
+    try:
+        return asyncio.run(go())
+    finally:
+        silent.close()
+
+
 def main():
     spec = json.load(sys.stdin)
-    print(json.dumps({"up": run(spec["addr"]), "down": run(spec["dead_addr"])}))
+    print(json.dumps({"up": run(spec["addr"]), "down": run(spec["dead_addr"]), "hung": hung()}))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 a gateway runs with it: Route, call the chosen model, Verify its answer, escalate."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Mapping, Sequence
 
@@ -147,13 +148,58 @@ class Client:
         timeout: float | None = None,
     ) -> pb.RouteReply:
         """Which candidate (default: the whole catalog) is the cheapest likely to pass."""
+        req = self._route_request(prompt, messages, candidates, policy, request_id,
+                                  expected_output_tokens)
+        return self._call(self._stub.Route, req, timeout)
+
+    async def aroute(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        candidates: Sequence[str] = (),
+        policy: Policy | None = None,
+        request_id: str = "",
+        expected_output_tokens: int | None = None,
+        timeout: float | None = None,
+    ) -> pb.RouteReply:
+        """route() for asyncio. The call runs on gRPC's own threads, not the event loop's
+        executor, so its timeout holds however many calls are waiting there."""
+        req = self._route_request(prompt, messages, candidates, policy, request_id,
+                                  expected_output_tokens)
+        call = self._stub.Route.future(
+            req, timeout=self.timeout if timeout is None else timeout,
+            metadata=self.metadata or None)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def settle(_: object) -> None:
+            try:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+            except RuntimeError:  # the loop closed meanwhile: nobody is waiting
+                pass
+
+        call.add_done_callback(settle)
+        try:
+            await done
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        try:
+            return call.result()
+        except grpc.RpcError as e:
+            raise TiergateError.from_rpc(e) from None
+
+    def _route_request(self, prompt: str | None, messages: Sequence[Message] | None,
+                       candidates: Sequence[str], policy: Policy | None, request_id: str,
+                       expected_output_tokens: int | None) -> pb.RouteRequest:
         req = pb.RouteRequest(request_id=request_id, candidates=list(candidates))
         self._input(req, prompt, messages)
         if policy is not None:
             req.policy.CopyFrom(policy.to_pb())
         if expected_output_tokens is not None:
             req.expected_output_tokens = expected_output_tokens
-        return self._call(self._stub.Route, req, timeout)
+        return req
 
     def verify(
         self,

@@ -20,7 +20,6 @@ LiteLLM passes to its callbacks and logs.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any, Mapping, Sequence
 
@@ -101,36 +100,72 @@ class TiergateRouting(CustomRoutingStrategyBase):
                 return d
         return deployments[0] if deployments else None
 
-    def _pick(self, group: str, messages: Sequence[Mapping[str, Any]] | None,
-              request_kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+    def _plan(self, group: str, messages: Sequence[Any] | None):
+        """The group's deployments, those mapped to the catalog, and Route's turns and
+        candidates; LookupError when there is nothing to ask tiergate."""
         deployments = self._deployments(group)
         mapped = [d for d in deployments if self._catalog_name(d)]
+        if not mapped:
+            raise LookupError(f"no deployment of {group!r} has model_info.{MODEL_INFO_KEY}")
+        if not messages:
+            raise LookupError("the request has no chat messages")
+        turns = [t for m in messages if (t := _turn(m)) is not None]
+        candidates = sorted({n for d in mapped if (n := self._catalog_name(d))})
+        return deployments, mapped, turns, candidates
+
+    def _settle(self, group: str, deployments: Sequence[dict[str, Any]],
+                mapped: Sequence[dict[str, Any]], outcome: Any,
+                request_kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The deployment for Route's reply, or the default one for an error (fail-open); the
+        decision goes to the request's metadata."""
         decision: dict[str, Any]
-        try:
-            if not mapped:
-                raise LookupError(f"no deployment of {group!r} has model_info.{MODEL_INFO_KEY}")
-            if not messages:
-                raise LookupError("the request has no chat messages")
-            turns = [t for m in messages if (t := _turn(m)) is not None]
-            candidates = sorted({n for d in mapped if (n := self._catalog_name(d))})
-            r = self.client.route(messages=turns, candidates=candidates, policy=self.policy)
-            chosen = next((d for d in mapped if self._catalog_name(d) == r.model), None)
+        chosen = None
+        if not isinstance(outcome, Exception):
+            chosen = next((d for d in mapped if self._catalog_name(d) == outcome.model), None)
             if chosen is None:  # not a candidate: only a server that ignores candidates
-                raise LookupError(f"tiergate picked {r.model!r}, not a deployment of {group!r}")
+                outcome = LookupError(
+                    f"tiergate picked {outcome.model!r}, not a deployment of {group!r}")
+        if isinstance(outcome, Exception):
+            chosen = self._default(mapped or deployments)
+            code = outcome.code.name if isinstance(outcome, TiergateError) else "NO_ROUTE"
+            log.warning("tiergate could not route %r (%s); using its default deployment",
+                        group, outcome)
+            decision = {"error": code, "fallback": chosen and self._catalog_name(chosen)}
+        else:
+            r = outcome
             p = next((c.p_pass for c in r.candidates if c.model == r.model), None)
             decision = {"model": r.model, "p_pass": p, "expected_cost_usd": r.expected_cost_usd,
                         "expected_saving_usd": r.expected_saving_usd,
                         "verify_recommended": r.verify_recommended}
-        except (TiergateError, LookupError) as e:
-            chosen = self._default(mapped or deployments)
-            code = e.code.name if isinstance(e, TiergateError) else "NO_ROUTE"
-            log.warning("tiergate could not route %r (%s); using its default deployment", group, e)
-            decision = {"error": code, "fallback": chosen and self._catalog_name(chosen)}
         if request_kwargs is not None:
             meta = request_kwargs.get("metadata")
             if isinstance(meta, dict):
                 meta["tiergate"] = decision
         return chosen
+
+    def _pick(self, group: str, messages: Sequence[Any] | None,
+              request_kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+        deployments = self._deployments(group)
+        try:
+            deployments, mapped, turns, candidates = self._plan(group, messages)
+            outcome: Any = self.client.route(messages=turns, candidates=candidates,
+                                             policy=self.policy)
+        except (TiergateError, LookupError) as e:
+            mapped, outcome = [d for d in deployments if self._catalog_name(d)], e
+        return self._settle(group, deployments, mapped, outcome, request_kwargs)
+
+    async def _apick(self, group: str, messages: Sequence[Any] | None,
+                     request_kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+        # The Route call waits on gRPC's threads, not the event loop's executor (which
+        # LiteLLM also uses): its timeout holds under load.
+        deployments = self._deployments(group)
+        try:
+            deployments, mapped, turns, candidates = self._plan(group, messages)
+            outcome: Any = await self.client.aroute(messages=turns, candidates=candidates,
+                                                    policy=self.policy)
+        except (TiergateError, LookupError) as e:
+            mapped, outcome = [d for d in deployments if self._catalog_name(d)], e
+        return self._settle(group, deployments, mapped, outcome, request_kwargs)
 
     def _named(self, model: str, specific_deployment: bool | None) -> dict[str, Any] | None:
         """A request that names one deployment (`specific_deployment`) is not tiergate's to
@@ -148,7 +183,17 @@ class TiergateRouting(CustomRoutingStrategyBase):
         named = self._named(model, specific_deployment)
         if named is not None:
             return named
-        chosen = self._pick(model, messages, request_kwargs)
+        return self._check(model, self._pick(model, messages, request_kwargs))
+
+    async def _adeployment(self, model: str, messages: Any, specific_deployment: bool | None,
+                           request_kwargs: Any) -> Any:
+        named = self._named(model, specific_deployment)
+        if named is not None:
+            return named
+        return self._check(model, await self._apick(model, messages, request_kwargs))
+
+    @staticmethod
+    def _check(model: str, chosen: dict[str, Any] | None) -> dict[str, Any]:
         if chosen is None:
             # No deployment in the group: the error LiteLLM raises for it, not a TypeError on
             # None.
@@ -168,6 +213,4 @@ class TiergateRouting(CustomRoutingStrategyBase):
                                              input: str | list[object] | None = None,
                                              specific_deployment: bool | None = False,
                                              request_kwargs: dict[str, object] | None = None) -> Any:
-        # The gRPC call blocks: off the event loop.
-        return await asyncio.to_thread(self._deployment, model, messages, specific_deployment,
-                                       request_kwargs)
+        return await self._adeployment(model, messages, specific_deployment, request_kwargs)
