@@ -234,6 +234,9 @@ async fn litellm_routes_through_tiergate_and_falls_back() {
         "{o}"
     );
     assert_eq!(answer("up", "named"), "answered by opus", "{o}");
+    // A rate-limited pick is cooled down by LiteLLM; its retry goes elsewhere.
+    let cooled = answer("up", "cooled");
+    assert!(cooled.starts_with("answered by") && cooled != "answered by flash", "{o}");
     assert_eq!(answer("down", "named"), "answered by opus", "{o}");
     assert_eq!(decision("up", "easy")["model"], "gemini-2.5-flash");
     assert!(
@@ -264,12 +267,12 @@ async fn litellm_routes_through_tiergate_and_falls_back() {
     let hung = &o["hung"];
     assert_eq!(hung["answers"], json!(["answered by sonnet"]), "{hung}");
     assert!(hung["seconds"].as_f64().unwrap() < 3.0, "{hung}");
-    // The server decided the four routable requests of the up side and with_reply's two, and
-    // no more (the named deployment is not routed).
+    // The server decided the four routable requests of the up side, with_reply's two and
+    // cooled's two (the pick and its retry), and no more (the named deployment is not routed).
     let m = srv.metrics_text();
     assert_eq!(
         metric_sum(&m, "tiergate_route_decisions_total", &[]),
-        Some(6.0),
+        Some(8.0),
         "{m}"
     );
 }

@@ -79,6 +79,22 @@ def with_reply(addr, prompt):
             "roles": [t["role"] for t in rec.sent[-1] or []]}
 
 
+def cooled(addr):
+    """flash is rate-limited: LiteLLM cools it down after its first failure, and its retry
+    goes to a deployment that is not cooling (as LiteLLM's own strategies do), not to flash
+    again."""
+    failing = [dict(d) for d in MODEL_LIST]
+    for i, d in enumerate(failing):
+        if (d.get("model_info") or {}).get("tiergate_model") == "gemini-2.5-flash":
+            failing[i] = {**d, "litellm_params": {**d["litellm_params"],
+                                                   "mock_response": "litellm.RateLimitError"}}
+    router = litellm.Router(model_list=failing, num_retries=2, retry_after=0, allowed_fails=0,
+                            cooldown_time=60)
+    TiergateRouting(router, Client(addr, timeout=5), default_model="claude-sonnet-4.6").install()
+    r = router.completion(model="auto", messages=[{"role": "user", "content": EASY}])
+    return {"answer": r.choices[0].message.content}
+
+
 def named(router):
     """A request for one deployment by its LiteLLM model: served by it, not routed."""
     r = router.completion(model="openai/opus", specific_deployment=True,
@@ -93,6 +109,7 @@ def run(addr):
     return {
         "with_reply": with_reply(addr, HARD),
         "named": named(router),
+        "cooled": cooled(addr),
         "easy": ask(router, EASY),
         "hard": ask(router, HARD),
         "hard_async": ask(router, HARD, use_async=True),

@@ -100,10 +100,26 @@ class TiergateRouting(CustomRoutingStrategyBase):
                 return d
         return deployments[0] if deployments else None
 
+    def _cooling(self) -> set[str]:
+        """Ids of the deployments LiteLLM has put in cooldown (failing: rate-limited, down).
+        LiteLLM's own strategies skip them; so does this one, or its retries would pick the
+        failing deployment again. Empty where this LiteLLM has no such helper."""
+        try:
+            from litellm.router_utils.cooldown_handlers import _get_cooldown_deployments
+            return set(_get_cooldown_deployments(self.router, None) or ())
+        except Exception as e:  # an older or newer LiteLLM: route without cooldowns
+            log.debug("no LiteLLM cooldowns (%s)", e)
+            return set()
+
     def _plan(self, group: str, messages: Sequence[Any] | None):
         """The group's deployments, those mapped to the catalog, and Route's turns and
-        candidates; LookupError when there is nothing to ask tiergate."""
+        candidates; LookupError when there is nothing to ask tiergate. Deployments in
+        cooldown are left out while any other is there."""
         deployments = self._deployments(group)
+        cooling = self._cooling()
+        if cooling:
+            warm = [d for d in deployments if (d.get("model_info") or {}).get("id") not in cooling]
+            deployments = warm or deployments
         mapped = [d for d in deployments if self._catalog_name(d)]
         if not mapped:
             raise LookupError(f"no deployment of {group!r} has model_info.{MODEL_INFO_KEY}")
