@@ -236,7 +236,10 @@ async fn litellm_routes_through_tiergate_and_falls_back() {
     assert_eq!(answer("up", "named"), "answered by opus", "{o}");
     // A rate-limited pick is cooled down by LiteLLM; its retry goes elsewhere.
     let cooled = answer("up", "cooled");
-    assert!(cooled.starts_with("answered by") && cooled != "answered by flash", "{o}");
+    assert!(
+        cooled.starts_with("answered by") && cooled != "answered by flash",
+        "{o}"
+    );
     assert_eq!(answer("down", "named"), "answered by opus", "{o}");
     assert_eq!(decision("up", "easy")["model"], "gemini-2.5-flash");
     assert!(
