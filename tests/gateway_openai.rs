@@ -731,6 +731,7 @@ async fn the_openai_client_gets_the_cascade() {
         l["headers"]["retry-after"], "7",
         "the upstream's own say: {l}"
     );
+    assert_eq!(l["headers"]["x-ratelimit-remaining-requests"], "0", "{l}");
     assert_eq!(
         stub.models("all_limited"),
         ["stub-flash", "stub-sonnet", "stub-opus"]

@@ -18,9 +18,9 @@ pub enum UpstreamError {
         status: u16,
         body: Bytes,
         content_type: Option<String>,
-        /// The upstream's `retry-after` / `retry-after-ms`, passed on with its error: the
-        /// SDKs wait that long before they retry a 429 or 503.
-        retry_after: Vec<(&'static str, String)>,
+        /// The upstream's `retry-after` / `retry-after-ms` and `x-ratelimit-*`, passed on
+        /// with its error: the SDKs wait that long before they retry a 429 or 503.
+        retry_after: Vec<(reqwest::header::HeaderName, String)>,
     },
     #[error("upstream {model}: no reply before the request's deadline")]
     Timeout { model: String },
@@ -73,8 +73,11 @@ impl UpstreamError {
     }
 }
 
-/// The headers an upstream's error passes on to the client (OpenAI's SDKs read both).
-const RETRY_AFTER: [&str; 2] = ["retry-after", "retry-after-ms"];
+/// The headers an upstream's error passes on to the client: when to retry (OpenAI's SDKs
+/// read both) and the provider's rate-limit state (`x-ratelimit-*`), which clients pace by.
+fn passed_on(name: &str) -> bool {
+    matches!(name, "retry-after" | "retry-after-ms") || name.starts_with("x-ratelimit-")
+}
 
 #[derive(Clone)]
 pub struct Upstreams {
@@ -129,13 +132,14 @@ impl Upstreams {
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let retry_after = RETRY_AFTER
+        let retry_after = resp
+            .headers()
             .iter()
-            .filter_map(|&k| {
-                let v = resp.headers().get(k)?.to_str().ok()?;
-                // A number of seconds, milliseconds or an HTTP date: short, printable.
-                (v.len() <= 64).then(|| (k, v.to_string()))
-            })
+            .filter(|(k, _)| passed_on(k.as_str()))
+            // Numbers, durations, HTTP dates: short and printable; a handful at most.
+            .filter_map(|(k, v)| Some((k.clone(), v.to_str().ok().filter(|v| v.len() <= 64)?)))
+            .take(16)
+            .map(|(k, v)| (k, v.to_string()))
             .collect();
         // The error body is for the client; a bounded prefix of it is enough.
         let body = read_bounded(model, resp, 64 << 10)

@@ -12,7 +12,7 @@ def tiergate_headers(headers):
     return {
         k.lower(): v
         for k, v in headers.items()
-        if k.lower().startswith("x-tiergate-") or k.lower() == "retry-after"
+        if k.lower().startswith(("x-tiergate-", "x-ratelimit-")) or k.lower() == "retry-after"
     }
 
 

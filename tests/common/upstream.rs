@@ -130,7 +130,11 @@ async fn handle(
         // As providers do, a rate limit says when to come back.
         return (
             status,
-            [("content-type", "application/json"), ("retry-after", "7")],
+            [
+                ("content-type", "application/json"),
+                ("retry-after", "7"),
+                ("x-ratelimit-remaining-requests", "0"),
+            ],
             err.to_string(),
         )
             .into_response();
