@@ -149,7 +149,7 @@ async fn envoy_routes_on_the_processors_choice() {
         &envoy_config(&[
             ("0.0.0.0:10000", format!("127.0.0.1:{}", free_port())),
             (
-                "tiergate-headless.tiergate.svc.cluster.local:50051",
+                "tiergate-headless:50051",
                 srv.addr.clone(),
             ),
             ("flash-upstream:8000", at(flash)),
@@ -387,7 +387,7 @@ async fn a_busy_processor_passes_requests_on() {
             &envoy_config(&[
                 ("0.0.0.0:10000", format!("127.0.0.1:{}", free_port())),
                 (
-                    "tiergate-headless.tiergate.svc.cluster.local:50051",
+                    "tiergate-headless:50051",
                     f.srv.addr.clone(),
                 ),
                 ("flash-upstream:8000", at(&stubs[0])),

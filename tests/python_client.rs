@@ -235,6 +235,7 @@ async fn litellm_routes_through_tiergate_and_falls_back() {
     );
     assert_eq!(answer("up", "named"), "answered by opus", "{o}");
     // A rate-limited pick is cooled down by LiteLLM; its retry goes elsewhere.
+    assert_ne!(o["up"]["cooled"]["fallback"], "gemini-2.5-flash", "{o}");
     let cooled = answer("up", "cooled");
     assert!(
         cooled.starts_with("answered by") && cooled != "answered by flash",

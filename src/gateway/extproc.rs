@@ -82,7 +82,16 @@ impl ExternalProcessor for ExtProc {
                     m = inbound.message() => m,
                     _ = draining, if ex.request_done => break,
                 };
-                let Ok(Some(msg)) = msg else { break };
+                let msg = match msg {
+                    Ok(Some(msg)) => msg,
+                    Ok(None) => break,
+                    Err(e) => {
+                        // A message over the decode limit, a reset stream: Envoy goes on
+                        // without tiergate (fail-open), so say why here.
+                        tracing::warn!(error = %e, "ext_proc stream ended");
+                        break;
+                    }
+                };
                 let Some(r) = msg.request else { continue };
                 let out = ex.handle(&svc, r).await;
                 if tx.send(Ok(out)).await.is_err() {

@@ -128,8 +128,13 @@ pub async fn start(
     }
     // A message carries a whole buffered body (up to Envoy's buffer limit, which
     // deploy/envoy.yaml sets to gateway.max_body_bytes) and its headers: tonic's default 4 MiB
-    // would refuse one at the limit, and Envoy would then fail open on it.
-    let max_message = cfg.gateway.max_body_bytes.saturating_add(64 << 10);
+    // would refuse one at the limit, and Envoy would then fail open on it. Set at start, so
+    // room for a reloaded max_body_bytes up to 16 MiB.
+    let max_message = cfg
+        .gateway
+        .max_body_bytes
+        .max(16 << 20)
+        .saturating_add(64 << 10);
     let routes = cfg.gateway.ext_proc.then(|| {
         tonic::service::Routes::new(
             ExternalProcessorServer::new(extproc::ExtProc {

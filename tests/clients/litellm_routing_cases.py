@@ -92,7 +92,12 @@ def cooled(addr):
                             cooldown_time=60)
     TiergateRouting(router, Client(addr, timeout=5), default_model="claude-sonnet-4.6").install()
     r = router.completion(model="auto", messages=[{"role": "user", "content": EASY}])
-    return {"answer": r.choices[0].message.content}
+    # With nothing to route on, the fallback skips the cooling deployment too, even when it is
+    # the default one.
+    fallback = TiergateRouting(router, Client(addr, timeout=5), default_model="gemini-2.5-flash")
+    d = fallback.get_available_deployment("auto", messages=None)
+    return {"answer": r.choices[0].message.content,
+            "fallback": d["model_info"]["tiergate_model"]}
 
 
 def named(router):

@@ -111,15 +111,26 @@ class TiergateRouting(CustomRoutingStrategyBase):
             log.debug("no LiteLLM cooldowns (%s)", e)
             return set()
 
-    def _plan(self, group: str, messages: Sequence[Any] | None):
-        """The group's deployments, those mapped to the catalog, and Route's turns and
-        candidates; LookupError when there is nothing to ask tiergate. Deployments in
-        cooldown are left out while any other is there."""
+    async def _acooling(self) -> set[str]:
+        """_cooling() for the async path (a Redis-backed cooldown store is awaited, not
+        blocked on)."""
+        try:
+            from litellm.router_utils.cooldown_handlers import _async_get_cooldown_deployments
+            return set(await _async_get_cooldown_deployments(self.router, None) or ())
+        except Exception as e:
+            log.debug("no LiteLLM cooldowns (%s)", e)
+            return set()
+
+    def _warm(self, group: str, cooling: set[str]) -> list[dict[str, Any]]:
+        """The group's deployments, those in cooldown left out while any other is there."""
         deployments = self._deployments(group)
-        cooling = self._cooling()
-        if cooling:
-            warm = [d for d in deployments if (d.get("model_info") or {}).get("id") not in cooling]
-            deployments = warm or deployments
+        warm = [d for d in deployments if (d.get("model_info") or {}).get("id") not in cooling]
+        return warm or deployments
+
+    def _plan(self, group: str, deployments: list[dict[str, Any]],
+              messages: Sequence[Any] | None):
+        """The deployments mapped to the catalog, and Route's turns and candidates;
+        LookupError when there is nothing to ask tiergate."""
         mapped = [d for d in deployments if self._catalog_name(d)]
         if not mapped:
             raise LookupError(f"no deployment of {group!r} has model_info.{MODEL_INFO_KEY}")
@@ -127,7 +138,7 @@ class TiergateRouting(CustomRoutingStrategyBase):
             raise LookupError("the request has no chat messages")
         turns = [t for m in messages if (t := _turn(m)) is not None]
         candidates = sorted({n for d in mapped if (n := self._catalog_name(d))})
-        return deployments, mapped, turns, candidates
+        return mapped, turns, candidates
 
     def _settle(self, group: str, deployments: Sequence[dict[str, Any]],
                 mapped: Sequence[dict[str, Any]], outcome: Any,
@@ -161,26 +172,28 @@ class TiergateRouting(CustomRoutingStrategyBase):
 
     def _pick(self, group: str, messages: Sequence[Any] | None,
               request_kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
-        deployments = self._deployments(group)
+        deployments = self._warm(group, self._cooling())
+        mapped = [d for d in deployments if self._catalog_name(d)]
         try:
-            deployments, mapped, turns, candidates = self._plan(group, messages)
+            mapped, turns, candidates = self._plan(group, deployments, messages)
             outcome: Any = self.client.route(messages=turns, candidates=candidates,
                                              policy=self.policy)
         except (TiergateError, LookupError) as e:
-            mapped, outcome = [d for d in deployments if self._catalog_name(d)], e
+            outcome = e
         return self._settle(group, deployments, mapped, outcome, request_kwargs)
 
     async def _apick(self, group: str, messages: Sequence[Any] | None,
                      request_kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
         # The Route call waits on gRPC's threads, not the event loop's executor (which
         # LiteLLM also uses): its timeout holds under load.
-        deployments = self._deployments(group)
+        deployments = self._warm(group, await self._acooling())
+        mapped = [d for d in deployments if self._catalog_name(d)]
         try:
-            deployments, mapped, turns, candidates = self._plan(group, messages)
+            mapped, turns, candidates = self._plan(group, deployments, messages)
             outcome: Any = await self.client.aroute(messages=turns, candidates=candidates,
                                                     policy=self.policy)
         except (TiergateError, LookupError) as e:
-            mapped, outcome = [d for d in deployments if self._catalog_name(d)], e
+            outcome = e
         return self._settle(group, deployments, mapped, outcome, request_kwargs)
 
     def _named(self, model: str, specific_deployment: bool | None) -> dict[str, Any] | None:
