@@ -148,10 +148,7 @@ async fn envoy_routes_on_the_processors_choice() {
     let envoy = start_envoy(
         &envoy_config(&[
             ("0.0.0.0:10000", format!("127.0.0.1:{}", free_port())),
-            (
-                "tiergate-headless:50051",
-                srv.addr.clone(),
-            ),
+            ("tiergate-headless:50051", srv.addr.clone()),
             ("flash-upstream:8000", at(flash)),
             ("sonnet-upstream:8000", at(sonnet)),
             ("opus-upstream:8000", at(opus)),
@@ -386,10 +383,7 @@ async fn a_busy_processor_passes_requests_on() {
         let envoy = start_envoy(
             &envoy_config(&[
                 ("0.0.0.0:10000", format!("127.0.0.1:{}", free_port())),
-                (
-                    "tiergate-headless:50051",
-                    f.srv.addr.clone(),
-                ),
+                ("tiergate-headless:50051", f.srv.addr.clone()),
                 ("flash-upstream:8000", at(&stubs[0])),
                 ("sonnet-upstream:8000", at(&stubs[1])),
                 ("opus-upstream:8000", at(&stubs[2])),
