@@ -7,8 +7,8 @@ new prompts by md5 of prompt_id, read on the other, both ways), reported as with
 
 - `bow`: a hashed bag of words over the whole answer (word 1–2-grams and punctuation of the
   last 2,000 characters), a logistic fitted on the source's training rows, stacked on p_verify.
-  The encoder sees the answer's first 256 tokens; the bag sees its end, where a chain of
-  thought concludes.
+  The verifier embeds at most 128 of the answer's tokens (mostly its tail); the bag counts
+  every word of its last 2,000 characters, where a chain of thought concludes.
 - `knn`: the protocol's TF-IDF kNN p over the calibration prompts, stacked on p_route with a
   weight per model. It asks whether remembering labelled prompts by their words holds
   anything the router (with its own memory) lacks.
