@@ -89,6 +89,33 @@ fn start_envoy(config: &str, dir: &std::path::Path) -> Envoy {
     envoy
 }
 
+/// The four stand-in upstreams deploy/envoy.yaml has clusters for.
+async fn upstream_stubs() -> [Stub; 4] {
+    [
+        Stub::start("flash").await,
+        Stub::start("sonnet").await,
+        Stub::start("opus").await,
+        Stub::start("default").await,
+    ]
+}
+
+/// deploy/envoy.yaml on loopback in front of tiergate at `tiergate` and `stubs` (flash,
+/// sonnet, opus, default).
+fn envoy_in_front(tiergate: &str, stubs: &[Stub; 4], dir: &std::path::Path) -> Envoy {
+    let at = |s: &Stub| s.addr.to_string();
+    start_envoy(
+        &envoy_config(&[
+            ("0.0.0.0:10000", format!("127.0.0.1:{}", free_port())),
+            ("tiergate-headless:50051", tiergate.to_string()),
+            ("flash-upstream:8000", at(&stubs[0])),
+            ("sonnet-upstream:8000", at(&stubs[1])),
+            ("opus-upstream:8000", at(&stubs[2])),
+            ("default-upstream:8000", at(&stubs[3])),
+        ]),
+        dir,
+    )
+}
+
 fn chat(model: &str, prompt: &str, case: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": prompt}],
         "stub": {"case": case}})
@@ -117,12 +144,7 @@ fn header<'a>(h: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a str> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_routes_on_the_processors_choice() {
-    let stubs = [
-        Stub::start("flash").await,
-        Stub::start("sonnet").await,
-        Stub::start("opus").await,
-        Stub::start("default").await,
-    ];
+    let stubs = upstream_stubs().await;
     let [flash, sonnet, opus, default] = &stubs;
     let mut cfg = Config::embedded().unwrap();
     for e in &mut cfg.catalog {
@@ -144,18 +166,7 @@ async fn envoy_routes_on_the_processors_choice() {
     let mut srv = Server::spawn(&["--config", cfg_path.to_str().unwrap()]);
     srv.ready().await;
 
-    let at = |s: &Stub| s.addr.to_string();
-    let envoy = start_envoy(
-        &envoy_config(&[
-            ("0.0.0.0:10000", format!("127.0.0.1:{}", free_port())),
-            ("tiergate-headless:50051", srv.addr.clone()),
-            ("flash-upstream:8000", at(flash)),
-            ("sonnet-upstream:8000", at(sonnet)),
-            ("opus-upstream:8000", at(opus)),
-            ("default-upstream:8000", at(default)),
-        ]),
-        dir.path(),
-    );
+    let envoy = envoy_in_front(&srv.addr, &stubs, dir.path());
 
     // Easy: the cheap cluster, the body's model rewritten to the provider id, length fixed;
     // the reply asked for uncompressed (its `usage` is priced).
@@ -367,30 +378,14 @@ async fn json_of(r: reqwest::Response) -> Value {
 /// sees why; with `ext_proc_when_busy = "refuse"` Envoy answers tiergate's 504.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_processor_passes_requests_on() {
-    let stubs = [
-        Stub::start("flash").await,
-        Stub::start("sonnet").await,
-        Stub::start("opus").await,
-        Stub::start("default").await,
-    ];
-    let at = |s: &Stub| s.addr.to_string();
+    let stubs = upstream_stubs().await;
     for (mode, want) in [("pass", 200), ("refuse", 504)] {
         let gateway =
             format!("[gateway]\next_proc_route_ms = 300\next_proc_when_busy = \"{mode}\"\n# ");
         let f = common::fault::Faulty::start(&[("# [gateway] ", &gateway)], &[], &[]).await;
         f.set("hang");
         let dir = tempfile::tempdir().unwrap();
-        let envoy = start_envoy(
-            &envoy_config(&[
-                ("0.0.0.0:10000", format!("127.0.0.1:{}", free_port())),
-                ("tiergate-headless:50051", f.srv.addr.clone()),
-                ("flash-upstream:8000", at(&stubs[0])),
-                ("sonnet-upstream:8000", at(&stubs[1])),
-                ("opus-upstream:8000", at(&stubs[2])),
-                ("default-upstream:8000", at(&stubs[3])),
-            ]),
-            dir.path(),
-        );
+        let envoy = envoy_in_front(&f.srv.addr, &stubs, dir.path());
         let sent = serde_json::to_vec(&chat("auto", EASY, mode)).unwrap();
         let r = post(&envoy, sent.clone()).await;
         assert_eq!(r.status().as_u16(), want, "{mode}");

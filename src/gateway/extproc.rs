@@ -4,7 +4,8 @@
 //! set in `x-tiergate-*` request headers and the route cache cleared, so Envoy routes on
 //! `x-tiergate-model`. A JSON reply to such a request is buffered (asked for uncompressed) and
 //! gets `x-tiergate-cost-usd` from its `usage` at catalog prices, unless it is over Envoy's
-//! buffer limit; anything else passes untouched (SSE streams included). deploy/envoy.yaml configures the filter.
+//! buffer limit; anything else passes untouched (SSE streams included). deploy/envoy.yaml
+//! configures the filter.
 #![forbid(unsafe_code)]
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -188,11 +189,12 @@ impl Exchange {
             }
             req::Request::ResponseBody(b) => {
                 let mut c = CommonResponse::default();
-                let whole = b.end_of_stream;
-                if let (Some(r), true, Ok(reply)) =
-                    (&self.routed, whole, serde_json::from_slice(&b.body))
-                {
-                    let reply: serde_json::Value = reply;
+                // Only a whole reply is parsed: a partial one (over Envoy's buffer limit) is
+                // not JSON, and reading up to 4 MiB of it would be wasted.
+                let whole = self.routed.as_ref().filter(|_| b.end_of_stream);
+                let reply =
+                    whole.map(|r| (r, serde_json::from_slice::<serde_json::Value>(&b.body)));
+                if let Some((r, Ok(reply))) = reply {
                     let d = svc.decider();
                     let (i, o) = prices(&d, &r.model);
                     let cost = chat::cost(chat::tokens(&reply, r.prompt_bytes), i, o);

@@ -349,7 +349,6 @@ async fn answer(
     Ok(((StatusCode::OK, out, bytes).into_response(), answered))
 }
 
-/// `auto`, each named policy, and every catalog model with an upstream.
 /// The `model` values the front answers: the routing one, each named policy, and every
 /// catalog model with an upstream.
 fn model_ids(front: &Front) -> Vec<String> {

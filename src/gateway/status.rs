@@ -131,15 +131,13 @@ impl IntoResponse for GatewayError {
                 body,
                 content_type,
                 status: code,
-                retry_after,
+                passed_on,
                 ..
             }) if !body.is_empty() && !gateway_fault(code) => {
                 let ct = content_type.unwrap_or_else(|| "application/json".into());
                 let mut r = (status, [(header::CONTENT_TYPE, ct)], body).into_response();
-                for (k, v) in retry_after {
-                    if let Ok(v) = header::HeaderValue::from_str(&v) {
-                        r.headers_mut().insert(k, v);
-                    }
+                for (k, v) in passed_on {
+                    r.headers_mut().insert(k, v);
                 }
                 r
             }
@@ -170,7 +168,7 @@ mod tests {
                 status,
                 body: Default::default(),
                 content_type: None,
-                retry_after: vec![],
+                passed_on: vec![],
             })
         };
         assert_eq!(up(429).status().0, StatusCode::TOO_MANY_REQUESTS);

@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use axum::body::Bytes;
+use reqwest::header::{HeaderName, HeaderValue};
 use serde_json::Value;
 
 use crate::config::UpstreamConfig;
@@ -20,7 +21,7 @@ pub enum UpstreamError {
         content_type: Option<String>,
         /// The upstream's `retry-after` / `retry-after-ms` and `x-ratelimit-*`, passed on
         /// with its error: the SDKs wait that long before they retry a 429 or 503.
-        retry_after: Vec<(reqwest::header::HeaderName, String)>,
+        passed_on: Vec<(HeaderName, HeaderValue)>,
     },
     #[error("upstream {model}: no reply before the request's deadline")]
     Timeout { model: String },
@@ -75,7 +76,7 @@ impl UpstreamError {
 
 /// The headers an upstream's error passes on to the client: when to retry (OpenAI's SDKs
 /// read both) and the provider's rate-limit state (`x-ratelimit-*`), which clients pace by.
-fn passed_on(name: &str) -> bool {
+fn passes_on(name: &str) -> bool {
     matches!(name, "retry-after" | "retry-after-ms") || name.starts_with("x-ratelimit-")
 }
 
@@ -132,14 +133,13 @@ impl Upstreams {
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let retry_after = resp
+        let passed_on = resp
             .headers()
             .iter()
-            .filter(|(k, _)| passed_on(k.as_str()))
             // Numbers, durations, HTTP dates: short and printable; a handful at most.
-            .filter_map(|(k, v)| Some((k.clone(), v.to_str().ok().filter(|v| v.len() <= 64)?)))
+            .filter(|(k, v)| passes_on(k.as_str()) && v.len() <= 64 && v.to_str().is_ok())
             .take(16)
-            .map(|(k, v)| (k, v.to_string()))
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         // The error body is for the client; a bounded prefix of it is enough.
         let body = read_bounded(model, resp, 64 << 10)
@@ -150,7 +150,7 @@ impl Upstreams {
             status: status.as_u16(),
             body,
             content_type,
-            retry_after,
+            passed_on,
         })
     }
 

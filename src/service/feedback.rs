@@ -1,6 +1,7 @@
 //! Learning from outcomes while serving: the Feedback RPC's store (bounded per model) and its
-//! journal, the request ids Route remembers (bounded), and the re-fit pass that runs off the hot path. A
-//! re-fit that does worse than the current parameters on held-out outcomes is not applied.
+//! journal, the request ids Route remembers (bounded), and the re-fit pass that runs off the
+//! hot path. A re-fit that does worse than the current parameters on held-out outcomes is not
+//! applied.
 #![forbid(unsafe_code)]
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::Write;

@@ -195,6 +195,16 @@ impl Service {
         Ok(())
     }
 
+    /// Output tokens a request assumes for its cost estimates: none given, or > 0.
+    fn check_output_tokens(tokens: Option<u32>) -> Result<(), ServiceError> {
+        if tokens == Some(0) {
+            return Err(ServiceError::InvalidArgument(
+                "expected_output_tokens must be > 0".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Bounds on the model names of a request, checked before any lookup.
     fn check_models<'a>(
         models: impl IntoIterator<Item = &'a String>,
@@ -233,11 +243,7 @@ impl Service {
         let d = self.decider();
         let pol = policy::effective(q.policy.as_ref(), &d.policy, d.default_floor())?;
         let cands = d.catalog.resolve(&q.candidates)?;
-        if let Some(0) = q.expected_output_tokens {
-            return Err(ServiceError::InvalidArgument(
-                "expected_output_tokens must be > 0".into(),
-            ));
-        }
+        Self::check_output_tokens(q.expected_output_tokens)?;
         // Remembered for Feedback only once the request has been decided (a refused one
         // would be stored, or replace the prompt of an earlier Route with the same id).
         let remember = (d.cfg.feedback.enabled() && !q.request_id.is_empty()).then(|| text.clone());
@@ -357,11 +363,7 @@ impl Service {
                 q.peers.len()
             )));
         }
-        if let Some(0) = q.expected_output_tokens {
-            return Err(ServiceError::InvalidArgument(
-                "expected_output_tokens must be > 0".into(),
-            ));
-        }
+        Self::check_output_tokens(q.expected_output_tokens)?;
         if let Some(t) = q.peer_threshold.filter(|t| !(0.0..=1.0).contains(t)) {
             return Err(ServiceError::InvalidArgument(format!(
                 "peer_threshold {t} outside [0, 1]"

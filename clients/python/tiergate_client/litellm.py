@@ -127,18 +127,17 @@ class TiergateRouting(CustomRoutingStrategyBase):
         warm = [d for d in deployments if (d.get("model_info") or {}).get("id") not in cooling]
         return warm or deployments
 
-    def _plan(self, group: str, deployments: list[dict[str, Any]],
+    def _plan(self, group: str, mapped: Sequence[dict[str, Any]],
               messages: Sequence[Any] | None):
-        """The deployments mapped to the catalog, and Route's turns and candidates;
+        """Route's turns and candidates among the deployments mapped to the catalog;
         LookupError when there is nothing to ask tiergate."""
-        mapped = [d for d in deployments if self._catalog_name(d)]
         if not mapped:
             raise LookupError(f"no deployment of {group!r} has model_info.{MODEL_INFO_KEY}")
         if not messages:
             raise LookupError("the request has no chat messages")
         turns = [t for m in messages if (t := _turn(m)) is not None]
         candidates = sorted({n for d in mapped if (n := self._catalog_name(d))})
-        return mapped, turns, candidates
+        return turns, candidates
 
     def _settle(self, group: str, deployments: Sequence[dict[str, Any]],
                 mapped: Sequence[dict[str, Any]], outcome: Any,
@@ -175,7 +174,7 @@ class TiergateRouting(CustomRoutingStrategyBase):
         deployments = self._warm(group, self._cooling())
         mapped = [d for d in deployments if self._catalog_name(d)]
         try:
-            mapped, turns, candidates = self._plan(group, deployments, messages)
+            turns, candidates = self._plan(group, mapped, messages)
             outcome: Any = self.client.route(messages=turns, candidates=candidates,
                                              policy=self.policy)
         except (TiergateError, LookupError) as e:
@@ -189,7 +188,7 @@ class TiergateRouting(CustomRoutingStrategyBase):
         deployments = self._warm(group, await self._acooling())
         mapped = [d for d in deployments if self._catalog_name(d)]
         try:
-            mapped, turns, candidates = self._plan(group, deployments, messages)
+            turns, candidates = self._plan(group, mapped, messages)
             outcome: Any = await self.client.aroute(messages=turns, candidates=candidates,
                                                     policy=self.policy)
         except (TiergateError, LookupError) as e:
