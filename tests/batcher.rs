@@ -3,8 +3,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tiergate::base::{Backend, BackendError, Device, PackedBatch};
 use tiergate::batch::BatchError;
-use tiergate::batch::{Batcher, Limits, Priority};
+use tiergate::batch::{Batcher, Limits, Options, Priority};
 use tiergate::config::Config;
 use tiergate::engine::cpu::CpuBackend;
 use tiergate::model::encoder::{MiniLm, Precision};
@@ -137,4 +140,170 @@ async fn not_ready_answers_unavailable() {
     assert_eq!(e.code(), tonic::Code::Unavailable);
     service.set_ready();
     assert!(svc.route_one(req, None, None).await.is_ok());
+}
+
+/// A backend that holds every batch while `held` is set (a hung device), then answers zeros;
+/// `first` delays its first batch (lazy initialisation).
+struct Gate {
+    held: Arc<AtomicBool>,
+    first: Option<Duration>,
+}
+
+/// Lets a held Gate go when dropped, so a failing test ends instead of hanging the batcher's
+/// shutdown on a batch that never returns. Declare it after the batcher (dropped first).
+struct Release(Arc<AtomicBool>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Gate {
+    fn new(held: &Arc<AtomicBool>) -> Box<Gate> {
+        Box::new(Gate {
+            held: held.clone(),
+            first: None,
+        })
+    }
+}
+
+impl Backend for Gate {
+    fn name(&self) -> &'static str {
+        "gate"
+    }
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+    fn dim(&self) -> usize {
+        4
+    }
+    fn max_seq_len(&self) -> usize {
+        512
+    }
+    fn numerics(&self) -> &'static str {
+        "f32"
+    }
+    fn embed(&mut self, batch: &PackedBatch) -> Result<Vec<f32>, BackendError> {
+        if let Some(d) = self.first.take() {
+            std::thread::sleep(d);
+        }
+        while self.held.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(vec![0.0; batch.len() * 4])
+    }
+}
+
+/// The watchdog answers the batches formed behind a hung one too (one handed over to the
+/// backend thread, one held by the forming thread): they would wait on it as long.
+#[tokio::test]
+async fn a_hung_batch_does_not_strand_the_batches_behind_it() {
+    let held = Arc::new(AtomicBool::new(true));
+    let b = Batcher::start_with(
+        Gate::new(&held),
+        Limits {
+            max_batch_tokens: 512,
+            max_batch_requests: 1,
+            max_queue: 8,
+        },
+        Options {
+            watchdog: Some(Duration::from_millis(300)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let _release = Release(held.clone());
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        let (ids, tt) = seq(8);
+        waiting.push(b.submit(ids, tt, Priority::Normal, None).unwrap());
+        // One batch each: running, handed over, formed.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (i, rx) in waiting.into_iter().enumerate() {
+        match tokio::time::timeout(Duration::from_secs(5), rx).await {
+            Ok(Ok(Err(BatchError::Unavailable(why)))) => assert!(why.contains("hung"), "{why}"),
+            Ok(other) => panic!("request {i}: {other:?}"),
+            Err(_) => panic!("request {i} was never answered"),
+        }
+    }
+    held.store(false, Ordering::SeqCst);
+}
+
+/// Work of clients that left holds no place in a full queue: a new request is admitted
+/// instead of refused "queue full".
+#[tokio::test]
+async fn departed_clients_do_not_fill_the_queue() {
+    let held = Arc::new(AtomicBool::new(true));
+    let b = Batcher::start(
+        Gate::new(&held),
+        Limits {
+            max_batch_tokens: 512,
+            max_batch_requests: 1,
+            max_queue: 4,
+        },
+    )
+    .unwrap();
+    let _release = Release(held.clone());
+    let mut busy = Vec::new();
+    for _ in 0..3 {
+        let (ids, tt) = seq(8);
+        busy.push(b.submit(ids, tt, Priority::Normal, None).unwrap());
+        // One batch each: running, handed over, formed.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..4 {
+        let (ids, tt) = seq(8);
+        drop(b.submit(ids, tt, Priority::Normal, None).unwrap());
+    }
+    let (ids, tt) = seq(8);
+    let live = b
+        .submit(ids, tt, Priority::Normal, None)
+        .expect("admitted: the queue holds only abandoned work");
+    held.store(false, Ordering::SeqCst);
+    for rx in busy {
+        rx.await.unwrap().unwrap();
+    }
+    let out = tokio::time::timeout(Duration::from_secs(5), live)
+        .await
+        .expect("answered")
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.embedding.len(), 4);
+}
+
+/// A slow first batch of a few tokens (warm-up with lazy initialisation) does not set the
+/// time per token that admission multiplies queued tokens by.
+#[tokio::test]
+async fn a_slow_tiny_warm_up_batch_does_not_inflate_the_expected_wait() {
+    let held = Arc::new(AtomicBool::new(false));
+    let b = Batcher::start(
+        Box::new(Gate {
+            held: held.clone(),
+            first: Some(Duration::from_millis(400)),
+        }),
+        Limits {
+            max_batch_tokens: 512,
+            max_batch_requests: 1,
+            max_queue: 8,
+        },
+    )
+    .unwrap();
+    let _release = Release(held.clone());
+    let (ids, tt) = seq(8);
+    b.submit(ids, tt, Priority::High, None)
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
+    // 400 ms for 8 tokens would be 50 ms a token: 25 s for the 500 tokens in flight now.
+    held.store(true, Ordering::SeqCst);
+    let (ids, tt) = seq(500);
+    let busy = b.submit(ids, tt, Priority::Normal, None).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let wait = b.expected_wait(Priority::High);
+    assert!(wait < Duration::from_secs(1), "expected wait {wait:?}");
+    held.store(false, Ordering::SeqCst);
+    busy.await.unwrap().unwrap();
 }

@@ -61,7 +61,8 @@ pub enum Priority {
     Low = 2,
 }
 
-/// A lower-priority job that has waited this long is served before higher ones (no starvation).
+/// Each level below High counts as this much later in the queue: a lower-priority job waits
+/// at most this much longer per level than higher ones (no starvation, no inversion).
 const AGING: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone, Copy)]
@@ -95,6 +96,9 @@ pub struct Fallback {
 
 /// Time per token before any batch was measured: none, so nothing is refused for its wait.
 const EWMA_WEIGHT: f64 = 0.3;
+
+/// Batches smaller than this do not update the time per token.
+const MIN_TIMED_TOKENS: usize = 64;
 
 /// How often the watchdog looks at the running batch, and re-probes a faulty backend.
 const WATCH_EVERY: Duration = Duration::from_millis(100);
@@ -190,6 +194,29 @@ impl State {
         self.len -= 1;
         self.tokens[q] -= j.ids.len();
         Some(j)
+    }
+
+    /// Drops queued jobs nobody waits for or whose deadline has passed (answering those), so
+    /// they hold no place in a full queue and no share of the expected wait.
+    fn purge_departed(&mut self, now: Instant) {
+        for q in 0..3 {
+            let before = self.queues[q].len();
+            let mut dropped = 0usize;
+            let kept: VecDeque<Job> = std::mem::take(&mut self.queues[q])
+                .into_iter()
+                .filter_map(|j| {
+                    let n = j.ids.len();
+                    let kept = j.still_wanted(now);
+                    if kept.is_none() {
+                        dropped += n;
+                    }
+                    kept
+                })
+                .collect();
+            self.len -= before - kept.len();
+            self.tokens[q] -= dropped;
+            self.queues[q] = kept;
+        }
     }
 
     /// Empties the queues (the caller answers the jobs, outside the lock).
@@ -386,7 +413,7 @@ impl Batcher {
 
     /// The expected wait of a new job of this priority before its batch starts.
     pub fn expected_wait(&self, priority: Priority) -> Duration {
-        expected_wait(&self.shared.lock(), priority)
+        expected_wait(&self.shared.lock(), priority, Instant::now())
     }
 
     /// Answers everything queued or running UNAVAILABLE and refuses new work: the end of a
@@ -461,7 +488,17 @@ impl Batcher {
             )));
         }
         let now = Instant::now();
-        let wait = expected_wait(&st, priority);
+        let mut wait = expected_wait(&st, priority, now);
+        // Before refusing for a full queue or a long wait, drop the work of clients that left
+        // or whose deadline passed: it would never be computed, so it holds no place.
+        let refusing = st.len >= st.limits.max_queue
+            || deadline.is_some_and(|d| now.checked_add(wait).is_none_or(|t| t >= d))
+            || self.shared.max_queue_delay.is_some_and(|max| wait > max);
+        if refusing {
+            st.purge_departed(now);
+            wait = expected_wait(&st, priority, now);
+            metrics::gauge!(m::QUEUE_DEPTH).set(st.len as f64);
+        }
         // The deadline first: the more specific reason. A wait too long to add to `now` (an
         // estimate gone infinite) misses every deadline rather than panicking.
         if deadline.is_some_and(|d| now.checked_add(wait).is_none_or(|t| t >= d)) {
@@ -621,23 +658,40 @@ impl Drop for Batcher {
     }
 }
 
-/// Picks the queue to serve next: highest priority, unless a lower one has aged past AGING.
-fn next_queue(st: &State, now: Instant) -> Option<usize> {
-    let aged = (1..3).rev().find(|&q| {
-        st.queues[q]
-            .front()
-            .is_some_and(|j| now.duration_since(j.enqueued) > AGING)
-    });
-    aged.or_else(|| (0..3).find(|&q| !st.queues[q].is_empty()))
+/// Picks the queue to serve next: the front job with the earliest enqueue time plus AGING per
+/// level below High (ties to the higher priority). A lower-priority job is served first only
+/// once it has waited that much longer than the higher one; under overload, when every front
+/// has waited long, the order stays High, Normal, Low rather than turning over.
+fn next_queue(st: &State) -> Option<usize> {
+    (0..3)
+        .filter_map(|q| {
+            st.queues[q]
+                .front()
+                .map(|j| (j.enqueued + AGING * q as u32, q))
+        })
+        .min()
+        .map(|(_, q)| q)
 }
 
-/// Queued tokens of this priority or higher, and those formed and not finished, at the
-/// measured time per token. Zero until a batch has been measured.
-fn expected_wait(st: &State, priority: Priority) -> Duration {
+/// The tokens that `next_queue` serves before a job of `priority` enqueued at `now` (all of
+/// its own and higher priorities; lower ones that waited long enough to go first), and those
+/// formed and not finished, at the measured time per token. Zero until a batch has been
+/// measured.
+fn expected_wait(st: &State, priority: Priority, now: Instant) -> Duration {
     let Some(spt) = st.secs_per_token else {
         return Duration::ZERO;
     };
-    let ahead: usize = st.tokens[..=priority as usize].iter().sum::<usize>() + st.in_flight_tokens;
+    let p = priority as usize;
+    let mut ahead: usize = st.tokens[..=p].iter().sum::<usize>() + st.in_flight_tokens;
+    for q in p + 1..3 {
+        // Queues are in enqueue order: the jobs ahead are a prefix.
+        let before = now.checked_sub(AGING * (q - p) as u32);
+        ahead += st.queues[q]
+            .iter()
+            .take_while(|j| before.is_some_and(|b| j.enqueued <= b))
+            .map(|j| j.ids.len())
+            .sum::<usize>();
+    }
     Duration::try_from_secs_f64(ahead as f64 * spt).unwrap_or(Duration::MAX)
 }
 
@@ -656,7 +710,7 @@ fn form_batches(shared: &Shared, tx: SyncSender<Formed>) {
             let now = Instant::now();
             let lim = st.limits;
             while jobs.len() < lim.max_batch_requests {
-                let Some(q) = next_queue(&st, now) else { break };
+                let Some(q) = next_queue(&st) else { break };
                 let fits = st.queues[q]
                     .front()
                     .is_some_and(|j| tokens + j.ids.len() <= lim.max_batch_tokens);
@@ -830,11 +884,16 @@ fn run_batches(
         let mut to_refuse = Vec::new();
         match failure(&result) {
             None if result.is_ok() => {
-                let spt = inference.as_secs_f64() / batch.tokens().max(1) as f64;
-                st.secs_per_token = Some(match st.secs_per_token {
-                    Some(old) => old + EWMA_WEIGHT * (spt - old),
-                    None => spt,
-                });
+                // Tiny batches (warm-up, probes, a lone short request) are mostly fixed cost
+                // and, the first one, lazy initialisation: their time per token would make
+                // admission think a queue of real batches is many times longer than it is.
+                if batch.tokens() >= MIN_TIMED_TOKENS {
+                    let spt = inference.as_secs_f64() / batch.tokens() as f64;
+                    st.secs_per_token = Some(match st.secs_per_token {
+                        Some(old) => old + EWMA_WEIGHT * (spt - old),
+                        None => spt,
+                    });
+                }
                 st.consecutive_faults = 0;
                 if let Some(why) = st.fault.take() {
                     tracing::warn!(%why, "backend recovered: a batch succeeded");
@@ -935,9 +994,11 @@ fn watch(shared: &Shared) {
         let mut refuse = Vec::new();
         let mut replies = Vec::new();
         if let (Some(limit), Some((since, id))) = (shared.watchdog, st.running) {
-            let owed = st.owed.get_mut(&id).filter(|r| !r.is_empty());
-            if let Some(r) = owed.filter(|_| since.elapsed() > limit) {
-                replies = std::mem::take(r);
+            let owed = st.owed.get(&id).is_some_and(|r| !r.is_empty());
+            if owed && since.elapsed() > limit {
+                // The batches formed behind the hung one (handed over, or held by the forming
+                // thread) would wait on it as long: they are answered too.
+                replies = st.take_owed();
                 metrics::counter!(m::BACKEND_FAULTS, "kind" => "hang").increment(1);
                 refuse = st.declare_faulty(format!(
                     "a batch ran past the watchdog ({} ms)",
@@ -1033,6 +1094,52 @@ mod tests {
         let st = shared.lock();
         assert!(st.closed && st.len == 0 && st.queues.iter().all(VecDeque::is_empty));
         assert_eq!(st.stopped.as_deref(), Some("the backend thread stopped"));
+    }
+
+    /// Queues fronted by jobs enqueued `ago` before now, one per priority (None: empty).
+    fn fronts(ago: [Option<u64>; 3]) -> (Arc<Shared>, Instant) {
+        let shared = shared();
+        let now = Instant::now();
+        for (q, ms) in ago.iter().enumerate() {
+            if let Some(ms) = ms {
+                let (mut j, _) = job(q as u32);
+                j.enqueued = now - Duration::from_millis(*ms);
+                let mut st = shared.lock();
+                st.tokens[q] += j.ids.len();
+                st.queues[q].push_back(j);
+                st.len += 1;
+            }
+        }
+        (shared, now)
+    }
+
+    #[test]
+    fn priorities_age_without_turning_over() {
+        let pick = |ago| next_queue(&fronts(ago).0.lock());
+        // Under overload every front has waited long: the oldest level-adjusted one goes,
+        // never Low merely for having aged (it used to be served first).
+        assert_eq!(pick([None, Some(2000), Some(300)]), Some(1));
+        assert_eq!(pick([Some(0), Some(2000), Some(2100)]), Some(1));
+        assert_eq!(pick([Some(0), None, Some(400)]), Some(0));
+        // A Low job that waited more than two AGING longer than High goes first.
+        assert_eq!(pick([Some(0), None, Some(600)]), Some(2));
+        assert_eq!(pick([Some(100), Some(300), None]), Some(0));
+        assert_eq!(pick([Some(100), Some(400), None]), Some(1));
+        assert_eq!(pick([None, None, None]), None);
+    }
+
+    #[test]
+    fn the_expected_wait_counts_lower_jobs_that_go_first() {
+        let (shared, now) = fronts([Some(0), Some(0), Some(600)]);
+        let mut st = shared.lock();
+        st.secs_per_token = Some(1.0);
+        let tokens = |d: Duration| d.as_secs_f64().round() as usize;
+        // High waits for High and for the Low job older than two AGING, not for Normal.
+        assert_eq!(tokens(expected_wait(&st, Priority::High, now)), 6);
+        assert_eq!(tokens(expected_wait(&st, Priority::Normal, now)), 9);
+        assert_eq!(tokens(expected_wait(&st, Priority::Low, now)), 9);
+        st.in_flight_tokens = 4;
+        assert_eq!(tokens(expected_wait(&st, Priority::High, now)), 10);
     }
 
     #[test]
