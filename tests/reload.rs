@@ -146,6 +146,35 @@ max_concurrent = 8
         e.message()
     );
 
+    // And what is set up once at start: feedback's journal and re-fit task (turned on by a
+    // reload it would accept outcomes with no journal behind them), the tokens, the drain.
+    write(&dir.path().join("tokens"), "reload-test-token-0123456789\n");
+    for (changed, key) in [
+        (
+            format!(
+                "{grown}\n[feedback]\noverlay = \"{}\"\n",
+                dir.path().join("fb.json").display()
+            ),
+            "feedback.overlay",
+        ),
+        (
+            format!(
+                "{grown}\n[auth]\ntokens_file = \"{}\"\n",
+                dir.path().join("tokens").display()
+            ),
+            "auth",
+        ),
+        (grown.replace("timeout_s = 25 ", "timeout_s = 3 "), "drain"),
+    ] {
+        assert_ne!(changed, grown, "{key}: the test's edit did not apply");
+        write(&cfg, &changed);
+        let e = admin
+            .reload(proto::ReloadRequest {})
+            .await
+            .expect_err("restart-only");
+        assert!(e.message().contains(key), "{key}: {}", e.message());
+    }
+
     // 4. Back to the original by the RPC; the revision names what decides.
     write(&cfg, &base);
     let rev = admin
@@ -174,7 +203,7 @@ max_concurrent = 8
         "{m}"
     );
     assert!(
-        m.contains("tiergate_reloads_total{result=\"rejected\"} 4"),
+        m.contains("tiergate_reloads_total{result=\"rejected\"} 7"),
         "{m}"
     );
 }

@@ -42,7 +42,7 @@ impl Service {
 }
 
 /// Settings only a restart can change: the encoder, its backend, the batcher's limits, the
-/// listeners.
+/// listeners, and what is set up once at start (TLS, tokens, health, drain, feedback's store).
 fn restart_only(old: &Config, new: &Config) -> anyhow::Result<()> {
     let same =
         |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
@@ -81,6 +81,25 @@ fn restart_only(old: &Config, new: &Config) -> anyhow::Result<()> {
         (
             "gateway.head_timeout_s",
             old.gateway.head_timeout_s == new.gateway.head_timeout_s,
+        ),
+        // Read once at start: the certificate paths (their files do rotate), the tokens, the
+        // watchdog and probes, the drain's timing, and feedback's journal and re-fit task
+        // (a reload that turned feedback on would accept outcomes with no journal behind them).
+        ("tls", same(&old.tls, &new.tls)),
+        ("auth", same(&old.auth, &new.auth)),
+        ("health", same(&old.health, &new.health)),
+        ("drain", same(&old.drain, &new.drain)),
+        (
+            "feedback.overlay",
+            old.feedback.overlay == new.feedback.overlay,
+        ),
+        (
+            "feedback.refit_interval_s",
+            old.feedback.refit_interval_s == new.feedback.refit_interval_s,
+        ),
+        (
+            "feedback.max_rows_per_model",
+            old.feedback.max_rows_per_model == new.feedback.max_rows_per_model,
         ),
     ] {
         if !ok {
