@@ -148,3 +148,45 @@ fn the_fault_backend_needs_its_environment_variable() {
     let err = common::serve_refused(&cfg);
     assert!(err.contains("TIERGATE_FAULT_INJECTION"), "{err}");
 }
+
+/// Requests whose future is dropped unfinished (the client gave up; tonic's grpc-timeout
+/// fired) are still counted, with their time: the slowest requests must not vanish from
+/// tiergate_requests_total and the latency histogram.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_requests_are_counted() {
+    let f = Faulty::start(&TRIP[..1], &[], &[]).await;
+    f.set("slow:1500");
+    let mut c = f.srv.client().await;
+    // A 200 ms grpc-timeout: the server's timer (or the client's, which then resets the
+    // stream) drops our future at the deadline.
+    let mut req = tonic::Request::new(common::fault::route_req(1, 30));
+    req.set_timeout(std::time::Duration::from_millis(200));
+    let r = c.route(req).await;
+    let code = r.map(|_| ()).unwrap_err().code();
+    assert!(
+        matches!(code, Code::DeadlineExceeded | Code::Cancelled),
+        "{code:?}"
+    );
+    // The client leaves after 200 ms (its RPC future dropped: RST_STREAM).
+    let gone = tokio::time::timeout(
+        std::time::Duration::from_millis(200),
+        c.route(common::fault::route_req(0, 30)),
+    )
+    .await;
+    assert!(gone.is_err(), "answered within 200 ms on a 1.5 s backend");
+    let counted = |code: &str| {
+        f.metric(
+            "tiergate_requests_total",
+            &[("rpc", "Route"), ("code", code)],
+        )
+    };
+    for _ in 0..100 {
+        if counted("CANCELLED") >= 1.0 && counted("DEADLINE_EXCEEDED") >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(counted("CANCELLED"), 1.0);
+    assert_eq!(counted("DEADLINE_EXCEEDED"), 1.0);
+    f.set("ok");
+}

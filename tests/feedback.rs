@@ -89,11 +89,25 @@ async fn feedback_is_refitted_persisted_and_swapped_in() {
             request_id: "r".repeat(257),
             ..outcome("x", 1.0)
         },
+        // An answer over batch.max_input_bytes.
+        proto::FeedbackRequest {
+            answer: "a".repeat(262_145),
+            ..outcome("x", 1.0)
+        },
     ];
+    let n_bad = bad.len();
     for b in bad {
         let e = c.feedback(b.clone()).await.expect_err("must be refused");
-        assert_eq!(e.code(), Code::InvalidArgument, "{b:?}: {e}");
+        assert_eq!(e.code(), Code::InvalidArgument, "{}: {e}", b.model);
     }
+    // Each refusal is counted, whichever check refused it.
+    let m = server.metrics_text();
+    assert!(
+        m.contains(&format!(
+            "tiergate_feedback_total{{result=\"rejected\"}} {n_bad}"
+        )),
+        "{m}"
+    );
 
     // A Route refused for its policy is not remembered: feedback by its id is unknown. Both
     // ways a policy is refused: a bad floor (before encoding) and a budget nothing fits
@@ -252,4 +266,94 @@ async fn feedback_off_says_so() {
         .await
         .expect_err("no re-fit without feedback");
     assert_eq!(e.code(), Code::FailedPrecondition);
+}
+
+/// SIGTERM ends an idle open FeedbackStream with what it processed (after the lame duck,
+/// not at the drain's timeout): the client learns its outcomes were kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_ends_an_open_feedback_stream_with_its_counts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("tiergate.toml");
+    let base = tiergate::config::EMBEDDED_DEFAULT.replace("lame_duck_s = 5 ", "lame_duck_s = 1 ");
+    assert_ne!(base, tiergate::config::EMBEDDED_DEFAULT);
+    std::fs::write(
+        &cfg,
+        format!(
+            "{base}\n[feedback]\noverlay = {:?}\n",
+            dir.path().join("feedback.json").display().to_string()
+        ),
+    )
+    .expect("config");
+    let mut server = common::Server::spawn(&["--config", cfg.to_str().expect("utf-8")]);
+    server.ready().await;
+    let mut c = server.client().await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<proto::FeedbackRequest>(4);
+    for i in 0..3 {
+        tx.send(outcome(&format!("Kept before the drain {i}?"), 1.0))
+            .await
+            .expect("send");
+    }
+    let reply = tokio::spawn(async move {
+        c.feedback_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    // All three are processed before the drain begins.
+    for _ in 0..100 {
+        if server
+            .metrics_text()
+            .contains("tiergate_feedback_total{result=\"accepted\"} 3")
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // `tx` stays alive: the stream is open and idle when the drain begins.
+    server.sigterm();
+    let got = tokio::time::timeout(std::time::Duration::from_secs(12), reply)
+        .await
+        .expect("the drain did not end the stream (it waits for drain.timeout_s, 25 s)")
+        .expect("task")
+        .expect("reply")
+        .into_inner();
+    assert_eq!((got.accepted, got.errors.len()), (3, 0));
+    assert!(server
+        .wait_exit(std::time::Duration::from_secs(30))
+        .success());
+    drop(tx);
+}
+
+/// A re-fit whose overlay cannot be written is the server's storage failing (INTERNAL), not a
+/// precondition of the request; what it learned is not swapped in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overlay_that_cannot_be_written_is_internal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let overlay = dir.path().join("feedback.json");
+    let cfg = dir.path().join("tiergate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}\n[feedback]\noverlay = {:?}\nrefit_interval_s = 3600\nmin_rows = 20\n",
+            tiergate::config::EMBEDDED_DEFAULT,
+            overlay.display().to_string()
+        ),
+    )
+    .expect("config");
+    let server = common::Server::spawn(&["--config", cfg.to_str().expect("utf-8")]);
+    server.ready().await;
+    let mut c = server.client().await;
+    for i in 0..20 {
+        c.feedback(outcome(&format!("Question {i}?"), 0.0))
+            .await
+            .expect("feedback");
+    }
+    // A directory where the overlay file goes: its atomic write cannot replace it.
+    std::fs::create_dir(&overlay).expect("mkdir");
+    let e = AdminClient::new(server.channel().await)
+        .refit(proto::RefitRequest {})
+        .await
+        .expect_err("the overlay cannot be written");
+    assert_eq!(e.code(), Code::Internal, "{e}");
+    assert!(e.message().contains("feedback overlay"), "{}", e.message());
+    let (_, params) = p_of(&mut c, "Name three prime numbers.").await;
+    assert!(params.starts_with("like:"), "{params}");
 }

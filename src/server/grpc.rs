@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::convert::{self, deadline_of};
-use super::observe::{self, request as observe, TraceParent};
+use super::observe::{self, TraceParent};
 use super::status::{classify, message, to_status};
 use super::stream::{serve_stream, BoxStream};
 use crate::proto::{self, router_server::Router};
@@ -84,9 +84,9 @@ impl RouterService {
     ) -> Result<proto::RouteReply, Status> {
         let span = observe::span("Route", &r.request_id, trace.as_ref());
         async move {
-            let t0 = Instant::now();
+            let guard = observe::Unfinished::new("Route", Instant::now(), deadline);
             let res = self.route_inner(r, deadline).await;
-            observe("Route", t0, &res);
+            guard.finish(&res);
             res.map_err(|e| to_status(&e))
         }
         .instrument(span)
@@ -102,9 +102,9 @@ impl RouterService {
     ) -> Result<proto::VerifyReply, Status> {
         let span = observe::span("Verify", &r.request_id, trace.as_ref());
         async move {
-            let t0 = Instant::now();
+            let guard = observe::Unfinished::new("Verify", Instant::now(), deadline);
             let res = self.verify_inner(r, deadline).await;
-            observe("Verify", t0, &res);
+            guard.finish(&res);
             res.map_err(|e| to_status(&e))
         }
         .instrument(span)
@@ -187,9 +187,9 @@ impl RouterService {
                 let id = r.request_id();
                 let span = observe::span(R::RPC, &id, trace.as_ref());
                 async move {
-                    let t0 = Instant::now();
+                    let guard = observe::Unfinished::new(R::RPC, Instant::now(), dl);
                     let res = R::answer(svc, r, dl).await;
-                    observe(R::RPC, t0, &res);
+                    guard.finish(&res);
                     R::item(res.map_err(|e| stream_error(id, &e)))
                 }
                 .instrument(span)
@@ -260,15 +260,16 @@ impl Router for Arc<RouterService> {
         req: Request<proto::FeedbackRequest>,
     ) -> Result<Response<proto::FeedbackReply>, Status> {
         let trace = trace_of(&req);
+        let dl = deadline_of(&req);
         let r = req.into_inner();
         let span = observe::span("Feedback", &r.request_id, trace.as_ref());
-        let t0 = Instant::now();
+        let guard = observe::Unfinished::new("Feedback", Instant::now(), dl);
         let res = self
             .svc
             .feedback(convert::feedback_query(r))
             .instrument(span.clone())
             .await;
-        span.in_scope(|| observe("Feedback", t0, &res));
+        span.in_scope(|| guard.finish(&res));
         res.map_err(|e| to_status(&e))?;
         Ok(Response::new(proto::FeedbackReply {
             accepted: 1,
@@ -281,12 +282,24 @@ impl Router for Arc<RouterService> {
         req: Request<Streaming<proto::FeedbackRequest>>,
     ) -> Result<Response<proto::FeedbackReply>, Status> {
         let trace = trace_of(&req);
+        let dl = deadline_of(&req);
         let mut inbound = req.into_inner();
         let (mut accepted, mut errors) = (0u32, Vec::new());
         // Bounded like everything else: past this many bad items only the count grows.
         const MAX_ERRORS: usize = 100;
-        while let Some(item) = inbound.message().await? {
-            let t0 = Instant::now();
+        // A drain ends the stream between items with what was processed so far (in order:
+        // the first `accepted + errors` items), so an idle open stream cannot hold the
+        // shutdown and the client learns what was kept instead of resending all of it.
+        let drained = self.drained();
+        tokio::pin!(drained);
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = &mut drained => break,
+                m = inbound.message() => m?,
+            };
+            let Some(item) = next else { break };
+            let guard = observe::Unfinished::new("FeedbackStream", Instant::now(), dl);
             let id = item.request_id.clone();
             let span = observe::span("FeedbackStream", &id, trace.as_ref());
             let res = self
@@ -294,7 +307,7 @@ impl Router for Arc<RouterService> {
                 .feedback(convert::feedback_query(item))
                 .instrument(span.clone())
                 .await;
-            span.in_scope(|| observe("FeedbackStream", t0, &res));
+            span.in_scope(|| guard.finish(&res));
             match res {
                 Ok(()) => accepted = accepted.saturating_add(1),
                 Err(e) if errors.len() < MAX_ERRORS => errors.push(stream_error(id, &e)),

@@ -94,6 +94,53 @@ pub fn request<T>(rpc: &'static str, t0: Instant, r: &Result<T, ServiceError>) {
     metrics::histogram!(m::REQUEST_SECONDS, "rpc" => rpc).record(seconds);
 }
 
+/// Counts an RPC whose future is dropped before it finishes (the client cancelled, or tonic's
+/// grpc-timeout fired): CANCELLED, or DEADLINE_EXCEEDED once the deadline has passed. Without
+/// it the slowest requests would vanish from the counts and the latency histogram.
+pub struct Unfinished {
+    rpc: &'static str,
+    t0: Instant,
+    deadline: Option<Instant>,
+    done: bool,
+}
+
+impl Unfinished {
+    pub fn new(rpc: &'static str, t0: Instant, deadline: Option<Instant>) -> Unfinished {
+        Unfinished {
+            rpc,
+            t0,
+            deadline,
+            done: false,
+        }
+    }
+
+    /// Counts the outcome as [`request`] does; the guard then has nothing left to count.
+    pub fn finish<T>(mut self, r: &Result<T, ServiceError>) {
+        self.done = true;
+        request(self.rpc, self.t0, r);
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let seconds = self.t0.elapsed().as_secs_f64();
+        // tonic's grpc-timeout timer starts a moment before the deadline we parsed from the
+        // same header, so a drop by that timer comes just short of ours.
+        let near = Instant::now() + std::time::Duration::from_millis(50);
+        let code = if self.deadline.is_some_and(|d| near >= d) {
+            "DEADLINE_EXCEEDED"
+        } else {
+            "CANCELLED"
+        };
+        tracing::debug!(target: ACCESS, code, latency_ms = seconds * 1e3, "abandoned");
+        metrics::counter!(m::REQUESTS, "rpc" => self.rpc, "code" => code).increment(1);
+        metrics::histogram!(m::REQUEST_SECONDS, "rpc" => self.rpc).record(seconds);
+    }
+}
+
 /// `tiergate_build_info`: 1 for what serves now. A reload or re-fit changes the heads
 /// revision; the series it replaces is set to 0, since the exporter cannot remove one.
 #[derive(Default)]

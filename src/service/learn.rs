@@ -25,29 +25,31 @@ impl Service {
     /// Keeps one observed outcome for the next re-fit. The prompt comes from the request or
     /// from the Route it names; the model must be a catalog model.
     pub async fn feedback(&self, q: FeedbackQuery) -> Result<(), ServiceError> {
+        // Every refusal is counted, whichever check (or the encoder) refused it.
+        let r = self.feedback_inner(q).await;
+        let result = if r.is_ok() { "accepted" } else { "rejected" };
+        metrics::counter!(m::FEEDBACK, "result" => result).increment(1);
+        r
+    }
+
+    async fn feedback_inner(&self, q: FeedbackQuery) -> Result<(), ServiceError> {
         self.check_ready()?;
         let d = self.decider();
         let fc = &d.cfg.feedback;
-        let reject = |e: ServiceError| {
-            metrics::counter!(m::FEEDBACK, "result" => "rejected").increment(1);
-            Err(e)
-        };
         if !fc.enabled() {
-            return reject(ServiceError::Disabled(
+            return Err(ServiceError::Disabled(
                 "feedback is disabled: set feedback.overlay in the configuration".into(),
             ));
         }
         if !(q.score.is_finite() && (0.0..=1.0).contains(&q.score)) {
-            return reject(ServiceError::InvalidArgument(format!(
+            return Err(ServiceError::InvalidArgument(format!(
                 "score = {} must be in [0, 1]",
                 q.score
             )));
         }
-        if let Err(e) = Self::check_request_id(&q.request_id) {
-            return reject(e);
-        }
+        Self::check_request_id(&q.request_id)?;
         if d.catalog.get(&q.model).is_none() {
-            return reject(ServiceError::InvalidArgument(format!(
+            return Err(ServiceError::InvalidArgument(format!(
                 "unknown model {}: feedback is for catalog models (see Info)",
                 clip(&q.model)
             )));
@@ -57,14 +59,14 @@ impl Service {
             (_, false) => match self.requests().prompt_of(&q.request_id) {
                 Some(p) => p,
                 None => {
-                    return reject(ServiceError::InvalidArgument(format!(
+                    return Err(ServiceError::InvalidArgument(format!(
                     "unknown request_id {} (not a recent Route of this server); send the prompt",
                     clip(&q.request_id)
                 )))
                 }
             },
             _ => {
-                return reject(ServiceError::InvalidArgument(
+                return Err(ServiceError::InvalidArgument(
                     "prompt or request_id is required".into(),
                 ))
             }
@@ -95,12 +97,11 @@ impl Service {
             fc.max_rows_per_model,
         );
         if let Err(e) = kept {
-            return reject(ServiceError::Storage(format!(
+            return Err(ServiceError::Storage(format!(
                 "feedback journal of {}: {e}",
                 fc.overlay.display()
             )));
         }
-        metrics::counter!(m::FEEDBACK, "result" => "accepted").increment(1);
         Ok(())
     }
 
@@ -180,7 +181,10 @@ impl Service {
             return Ok(0);
         }
         overlay.validate(&d.heads).map_err(fail)?;
-        overlay.save(&fc.overlay).map_err(fail)?;
+        // A write that fails is the server's storage, not the request's precondition.
+        overlay.save(&fc.overlay).map_err(|e| {
+            ServiceError::Storage(format!("feedback overlay {}: {e:#}", fc.overlay.display()))
+        })?;
         // The journal shrinks back to what memory holds (bounded like it; between re-fits,
         // and where they are rejected, `push` bounds it).
         if let Err(e) = self.store().compact() {
