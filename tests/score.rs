@@ -317,3 +317,48 @@ fn heads_of_another_width_are_refused_by_the_offline_tools() {
         );
     }
 }
+
+/// The interface's promise: a row's p_route depends on its prompt and model only, its
+/// p_verify on its own prompt, model and response only (plus what `--calibration` taught),
+/// never on the other rows of `--data` (which may hold stronger models' answers to the same
+/// prompt). Rows scored alone get exactly the p they get among the others, with and without
+/// calibration.
+#[test]
+fn a_rows_p_does_not_depend_on_the_other_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = dev_rows(240);
+    let (rows, calib) = all.split_at(60);
+    let calib_path = dir.path().join("calib.jsonl");
+    write_jsonl(&calib_path, calib);
+    let run = |name: &str, rows: &[Value], calibrated: bool| -> Vec<Value> {
+        let input = dir.path().join(format!("{name}.jsonl"));
+        let out = dir.path().join(format!("{name}.out.jsonl"));
+        write_jsonl(&input, rows);
+        let mut args = vec![
+            "--data".to_string(),
+            input.to_str().unwrap().to_string(),
+            "--out".to_string(),
+            out.to_str().unwrap().to_string(),
+        ];
+        if calibrated {
+            args.extend(["--calibration".into(), calib_path.to_str().unwrap().into()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = score(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        read_out(&out)
+    };
+    for calibrated in [false, true] {
+        let together = run("together", rows, calibrated);
+        // The last rows, then a row of the first prompt (its other models absent).
+        for i in [59usize, 58, 3] {
+            let alone = run(&format!("alone{i}"), &rows[i..=i], calibrated);
+            for k in ["p_route", "p_verify"] {
+                assert_eq!(
+                    alone[0][k], together[i][k],
+                    "row {i} {k} (calibrated: {calibrated}) changed with the other rows"
+                );
+            }
+        }
+    }
+}
