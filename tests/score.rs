@@ -60,6 +60,7 @@ fn score_writes_one_row_per_input_in_order_without_needing_labels() {
     }
     rows[3]["response"] = Value::Null;
     rows[7].as_object_mut().unwrap().remove("response");
+    rows[9]["response"] = Value::from("  \n");
     let input = dir.path().join("in.jsonl");
     write_jsonl(&input, &rows);
     let out = dir.path().join("out.jsonl");
@@ -83,6 +84,9 @@ fn score_writes_one_row_per_input_in_order_without_needing_labels() {
         assert!((0.0..=1.0).contains(&pr));
         if r.get("response").is_none_or(|v| v.is_null()) {
             assert!(g["p_verify"].is_null(), "no response → null: {g}");
+        } else if r["response"].as_str().is_some_and(|a| a.trim().is_empty()) {
+            // As the server's Verify: a blank answer never ships.
+            assert_eq!(g["p_verify"].as_f64(), Some(0.0), "blank → 0: {g}");
         } else {
             assert!((0.0..=1.0).contains(&g["p_verify"].as_f64().unwrap()));
         }
@@ -119,6 +123,26 @@ fn a_malformed_line_is_an_error_naming_it() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("line 3"), "{err}");
     assert!(!out.exists(), "no partial output");
+    // A row without a model is refused at reading, naming its line (not after the encoder).
+    let mut rows = dev_rows(3);
+    rows[1]["model"] = Value::from("");
+    write_jsonl(&input, &rows);
+    let o = score(&[
+        "--data",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("line 2: model is empty"),
+        "{err}"
+    );
+    // A path that cannot be read as data is named.
+    let d = dir.path().to_str().unwrap();
+    let o = score(&["--data", d, "--out", out.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains(d), "{err}");
 }
 
 #[test]
@@ -316,6 +340,18 @@ fn heads_of_another_width_are_refused_by_the_offline_tools() {
             "{args:?}: {err}"
         );
     }
+
+    // The same width, another encoder revision: every offline tool says so.
+    let mut h: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("models/heads.json")).unwrap())
+            .unwrap();
+    h["encoder_revision"] = "0000000000000000000000000000000000000000".into();
+    let other = dir.path().join("heads-other-encoder.json");
+    std::fs::write(&other, h.to_string()).unwrap();
+    let o = score(&["--heads", other.to_str().unwrap(), "--data", d, "--out", o]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("was fitted on encoder 0000"), "{err}");
 }
 
 /// The interface's promise: a row's p_route depends on its prompt and model only, its

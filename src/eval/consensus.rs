@@ -94,46 +94,54 @@ struct Ends<'a> {
 }
 
 impl Prompt {
-    /// (cost, score) of consensus `s` on this prompt, the top model's call on disagreement.
+    /// (cost, score) of consensus `s` on this prompt, the top model's call on disagreement;
+    /// None unless every call it may make has a row (a call without one cannot be paid for).
     fn play(&self, s: &ProbeSet, top: &str) -> Option<(f64, f64)> {
         let (b_score, b_cost, _) = self.rows.get(top)?;
-        let got: Vec<Option<&(f64, f64, Option<String>)>> =
-            s.models.iter().map(|m| self.rows.get(m)).collect();
-        let cost: f64 = got.iter().flatten().map(|r| r.1).sum();
-        let keys: Vec<Option<&str>> = got.iter().map(|r| r.and_then(|r| r.2.as_deref())).collect();
+        let got: Vec<&(f64, f64, Option<String>)> = s
+            .models
+            .iter()
+            .map(|m| self.rows.get(m))
+            .collect::<Option<_>>()?;
+        let cost: f64 = got.iter().map(|r| r.1).sum();
+        let keys: Vec<Option<&str>> = got.iter().map(|r| r.2.as_deref()).collect();
         Some(match decide::consensus_of(&keys, s.agree) {
-            Some(i) => (cost, got[i].map_or(0.0, |r| r.0)),
+            Some(i) => (cost, got[i].0),
             None => (cost + b_cost, *b_score),
         })
     }
 }
 
-/// Mean (cost, score) over `ps` of consensus `s`, or of the best model alone (`None`).
-fn point(ps: &[&Prompt], s: Option<&ProbeSet>, ends: Ends<'_>) -> (f64, f64) {
-    let (mut c, mut q, mut n) = (0.0, 0.0, 0usize);
+/// Mean (cost, score) of the best model alone and of consensus `s` (the best alone again for
+/// `None`), over the prompts of `ps` where both can be replayed: the two are averaged over the
+/// same prompts. Also that number of prompts.
+fn paired(ps: &[&Prompt], s: Option<&ProbeSet>, ends: Ends<'_>) -> ((f64, f64), (f64, f64), usize) {
+    let (mut base, mut pol, mut n) = ((0.0, 0.0), (0.0, 0.0), 0usize);
     for p in ps {
+        let Some(&(bq, bc, _)) = p.rows.get(ends.best) else {
+            continue;
+        };
         let r = match s {
             Some(s) => p.play(s, ends.top),
-            None => p.rows.get(ends.best).map(|r| (r.1, r.0)),
+            None => Some((bc, bq)),
         };
         if let Some((pc, pq)) = r {
-            c += pc;
-            q += pq;
+            base = (base.0 + bc, base.1 + bq);
+            pol = (pol.0 + pc, pol.1 + pq);
             n += 1;
         }
     }
-    let n = n.max(1) as f64;
-    (c / n, q / n)
+    let d = n.max(1) as f64;
+    ((base.0 / d, base.1 / d), (pol.0 / d, pol.1 / d), n)
 }
 
 fn outcome(ps: &[&Prompt], s: Option<&ProbeSet>, ends: Ends<'_>) -> Outcome {
-    let (bc, bq) = point(ps, None, ends);
-    let (c, q) = point(ps, s, ends);
+    let ((bc, bq), (c, q), n) = paired(ps, s, ends);
     Outcome {
         pick: s.cloned(),
         saving: if bc > 0.0 { 1.0 - c / bc } else { 0.0 },
         quality_ratio: if bq > 0.0 { q / bq } else { 1.0 },
-        prompts: ps.len(),
+        prompts: n,
     }
 }
 
@@ -146,14 +154,16 @@ fn pick<'a>(
     ends: Ends<'_>,
     target: f64,
 ) -> Option<&'a ProbeSet> {
-    let (bc, bq) = point(ps, None, ends);
-    if ps.is_empty() || bc <= 0.0 || bq <= 0.0 {
+    if ps.is_empty() {
         return None;
     }
     // Always calling the best model: saving 0, quality 1, the candidate to beat.
     let (mut sv, mut rv, mut chosen) = (0.0, 1.0, None);
     for s in sets {
-        let (c, q) = point(ps, Some(s), ends);
+        let ((bc, bq), (c, q), n) = paired(ps, Some(s), ends);
+        if n == 0 || bc <= 0.0 || bq <= 0.0 {
+            continue;
+        }
         let (saving, ratio) = (1.0 - c / bc, q / bq);
         let beats =
             saving > sv || (saving == sv && (ratio > rv || (ratio == rv && chosen.is_some())));
@@ -450,6 +460,43 @@ mod tests {
         // only 80% when `dear` does: no probe set holds 98%.
         assert!(r.in_sample.pick.is_none(), "{:?}", r.in_sample);
         assert_eq!(r.cross_fitted_saving, 0.0);
+    }
+
+    /// Where the best model has no row, the replay cannot say what always calling it would
+    /// score: those prompts leave both sides, not the baseline alone (the policy's losses on
+    /// them were set against a baseline that never saw them).
+    #[test]
+    fn policy_and_baseline_are_averaged_over_the_same_prompts() {
+        let mut rows = traffic(false);
+        let gone: Vec<usize> = (1..400).filter(|i| i % 5 != 0).take(10).collect();
+        rows.retain(|r| {
+            let pid: usize = r.prompt_id[1..].parse().unwrap();
+            !(r.model == "best" && gone.contains(&pid))
+        });
+        for r in rows.iter_mut() {
+            let pid: usize = r.prompt_id[1..].parse().unwrap();
+            if r.model.starts_with("cheap") && gone.contains(&pid) {
+                r.score = Some(0.0);
+            }
+        }
+        for i in 0..400 {
+            // Dearest, on every prompt: it settles disagreements; wrong once.
+            rows.push(row(i, "dear", if i == 0 { 0.0 } else { 1.0 }, 40.0, "B"));
+        }
+        let refs: Vec<&Row> = rows.iter().collect();
+        let r = judge("mcq", &refs, 0.98, 0.97).unwrap();
+        assert_eq!(
+            (r.best_model.as_str(), r.top_model.as_str()),
+            ("best", "dear")
+        );
+        let pick = r
+            .in_sample
+            .pick
+            .as_ref()
+            .expect("the pair holds on the shared prompts");
+        assert_eq!(pick.models, ["cheap-a", "cheap-b"]);
+        assert_eq!(r.in_sample.prompts, 390);
+        assert!(r.in_sample.quality_ratio > 0.99, "{:?}", r.in_sample);
     }
 
     #[test]

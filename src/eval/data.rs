@@ -43,7 +43,10 @@ impl Row {
 pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut r = BufReader::new(f);
-    let gz = r.fill_buf()?.starts_with(&[0x1f, 0x8b]);
+    let gz = r
+        .fill_buf()
+        .with_context(|| format!("reading {}", path.display()))?
+        .starts_with(&[0x1f, 0x8b]);
     let reader: Box<dyn Read> = if gz {
         Box::new(flate2::read::MultiGzDecoder::new(r))
     } else {
@@ -65,6 +68,9 @@ pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
                     i + 1
                 );
             }
+        }
+        if row.model.trim().is_empty() {
+            bail!("{}: line {}: model is empty", path.display(), i + 1);
         }
         row.line = i + 1;
         rows.push(row);

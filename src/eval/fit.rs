@@ -120,12 +120,13 @@ pub fn log_loss(p: &[f64], y: &[f32]) -> f64 {
         / p.len().max(1) as f64
 }
 
-/// The shift c minimising mean CE(y, sigmoid(z + c)) (Newton; soft labels). Bounded to
-/// ±20 so a one-class sample cannot run it off to infinity.
-pub fn shift(z: &[f64], y: &[f32]) -> f64 {
+/// The shift c minimising summed CE(y, sigmoid(z + c)) + l2·c²/2 (Newton; soft labels). The
+/// penalty keeps a one-class sample (every row passing) from running c to the ±20 bound,
+/// which moved every model that reads the shifted start to p ≈ 1 (or 0).
+pub fn shift(z: &[f64], y: &[f32], l2: f64) -> f64 {
     let mut c = 0.0f64;
     for _ in 0..50 {
-        let (mut g, mut h) = (0.0f64, 1e-9f64);
+        let (mut g, mut h) = (l2 * c, 1e-9f64 + l2);
         for (&zi, &yi) in z.iter().zip(y) {
             let mu = sigmoid(zi + c);
             g += mu - yi as f64;
@@ -325,8 +326,19 @@ mod tests {
     fn shift_recovers_an_offset() {
         let z: Vec<f64> = (0..400).map(|i| (i as f64 / 100.0) - 2.0).collect();
         let y: Vec<f32> = z.iter().map(|&z| sigmoid(z - 1.5) as f32).collect();
-        assert!((shift(&z, &y) + 1.5).abs() < 1e-6);
-        assert_eq!(shift(&z, &vec![1.0; z.len()]), 20.0, "one class: bounded");
+        assert!((shift(&z, &y, 0.0) + 1.5).abs() < 1e-6);
+        assert!(
+            (shift(&z, &y, 1.0) + 1.5).abs() < 0.05,
+            "the penalty is slight on 400 rows"
+        );
+        assert_eq!(
+            shift(&z, &vec![1.0; z.len()], 0.0),
+            20.0,
+            "one class: bounded"
+        );
+        // 25 rows, all passing: a finite shift, not the bound.
+        let c = shift(&z[..25], &[1.0; 25], 1.0);
+        assert!(c > 1.0 && c < 8.0, "{c}");
     }
 
     #[test]

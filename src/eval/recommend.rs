@@ -501,14 +501,10 @@ pub fn cross_fitted(heads: &Heads, rows: &[Row], f: &RowFeatures) -> Result<Cros
         let mut hh = heads.clone();
         adapt(&mut hh, &pick(&fitted), &f.subset(&fitted, true), true)?;
         let s = score_with(&hh, &pick(&scored), &f.subset(&scored, true));
+        // score_with gives a blank answer p 0, as the server's Verify does.
         for (&i, (pr, pv)) in scored.iter().zip(s) {
             p[i] = pr;
-            // The server never ships an empty answer (its p is 0 there).
-            let empty = rows[i]
-                .response
-                .as_deref()
-                .is_some_and(|a| a.trim().is_empty());
-            v[i] = if empty { Some(0.0) } else { pv };
+            v[i] = pv;
         }
         *rule = VerifyRule {
             table: hh.verify_thresholds.clone(),

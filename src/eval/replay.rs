@@ -165,7 +165,8 @@ pub fn pgr(rank: &[f64], weak: &[f64], strong: &[f64]) -> Option<Pgr> {
     let mut i = 0;
     while i < n {
         let mut j = i;
-        while j < n && rank[idx[j]] == rank[idx[i]] {
+        // Ties by total order: `==` never holds for NaN, and the loop would not advance.
+        while j < n && rank[idx[j]].total_cmp(&rank[idx[i]]).is_eq() {
             gain += strong[idx[j]] - weak[idx[j]];
             j += 1;
         }
@@ -506,14 +507,6 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .collect::<Result<_>>()?;
 
     let enc = encoder_for(&a.encoder, &heads, &a.heads)?;
-    if !enc.fits_revision(&heads.encoder_revision) {
-        eprintln!(
-            "warning: heads were fitted on encoder {} but {} is {}",
-            heads.encoder_revision,
-            a.encoder.model_dir.display(),
-            enc.model_revision
-        );
-    }
     let emb = Embedder {
         enc: &enc,
         cache_dir: Some(a.cache_dir.clone()),
@@ -1017,6 +1010,18 @@ fn table(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A NaN rank (heads whose logit overflowed) ends the curve; it looped forever.
+    #[test]
+    fn pgr_ends_on_nan_ranks() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(pgr(&[f64::NAN, 0.5, f64::NAN], &[0.0; 3], &[1.0; 3]).is_some());
+        });
+        // Short: a loop that never advances grows the curve by gigabytes a second.
+        let done = rx.recv_timeout(std::time::Duration::from_secs(1));
+        assert_eq!(done, Ok(true));
+    }
 
     #[test]
     fn tier_rule_picks_cheap_mids_strong() {

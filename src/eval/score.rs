@@ -305,7 +305,13 @@ pub fn score_with(heads: &Heads, rows: &[Row], f: &RowFeatures) -> Vec<(f64, Opt
         .map(|(i, r)| {
             let (pf, near) = &parts[f.prompt_of_row[i]];
             let p_route = crate::service::decide::route_p(heads, pf, near.as_ref(), &r.model);
-            let p_verify = f.verify_x(heads, i, r).map(|x| heads.verifier.p(&x));
+            // As Verify: a blank answer has nothing to ship, p 0 without reading it.
+            let blank = r.response.as_deref().is_some_and(|a| a.trim().is_empty());
+            let p_verify = if blank {
+                Some(0.0)
+            } else {
+                f.verify_x(heads, i, r).map(|x| heads.verifier.p(&x))
+            };
             (p_route, p_verify)
         })
         .collect()
@@ -482,7 +488,9 @@ fn adapt_router(heads: &mut Heads, rows: &[Row], f: &RowFeatures) -> Result<Rout
             .map(|j| (uz[j], uy[j]))
             .unzip();
         if y.len() >= 20 {
-            fit::shift(&z, &y)
+            // A unit Gaussian prior on the shift (worth a few rows): one class of outcomes
+            // (all passing) moves the start far, not to the bound.
+            fit::shift(&z, &y, 1.0)
         } else {
             0.0
         }
@@ -900,7 +908,8 @@ pub fn offline_encoder(e: &EncoderArgs, max_answer_tokens: usize) -> Result<Text
 }
 
 /// [`offline_encoder`] for `heads` (read from `heads_path`): refused when the two disagree on
-/// the embedding width (the heads' vectors would be read out of bounds).
+/// the embedding width (the heads' vectors would be read out of bounds), a warning when they
+/// agree on it but not on the encoder's revision.
 pub fn encoder_for(e: &EncoderArgs, heads: &Heads, heads_path: &Path) -> Result<TextPipeline> {
     let enc = offline_encoder(e, heads.max_answer_tokens)?;
     if enc.dim() != heads.dim {
@@ -910,6 +919,17 @@ pub fn encoder_for(e: &EncoderArgs, heads: &Heads, heads_path: &Path) -> Result<
             heads.dim,
             e.model_dir.display(),
             enc.dim()
+        );
+    }
+    // Same width, other weights: the heads (and any overlay fitted now) read another
+    // embedding space. Said by every offline tool, as the server does at start.
+    if !enc.fits_revision(&heads.encoder_revision) {
+        eprintln!(
+            "warning: {} was fitted on encoder {} but {} is {}",
+            heads_path.display(),
+            heads.encoder_revision,
+            e.model_dir.display(),
+            enc.model_revision
         );
     }
     Ok(enc)
@@ -1102,6 +1122,24 @@ pub(crate) mod tests {
             .collect();
         let (lh, li) = (fit::log_loss(&held, &y), fit::log_loss(&in_sample, &y));
         assert!(lh > li, "held-out {lh} vs in-sample {li}");
+        Ok(())
+    }
+
+    /// Every calibration row of an unseen model passing: the start every other unseen model
+    /// reads moves up, but not to the ±20 bound (which put them all at p ≈ 1).
+    #[test]
+    fn one_class_calibration_moves_the_start_a_bounded_way() -> Result<()> {
+        let mut h = trained_heads()?;
+        let before = h.router.prior.b;
+        let (mut calib, cf) = traffic(25, 0, h.dim);
+        for r in calib.iter_mut() {
+            r.score = Some(1.0);
+        }
+        adapt_router(&mut h, &calib, &cf)?;
+        let moved = h.router.prior.b - before;
+        assert!(moved > 0.5 && moved < 8.0, "prior moved by {moved}");
+        let p = h.route_p("another-new-model", &cf.prompt_emb[..h.dim]);
+        assert!(p < 0.999, "{p}");
         Ok(())
     }
 

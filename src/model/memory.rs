@@ -125,6 +125,9 @@ fn nearest(sims: &[f32], list: &[(u32, f32)], k: usize, skip: Option<u32>) -> Ve
 fn blend(top: &[(f32, f32)], p: f64, alpha: f32, tau: f32) -> f64 {
     let (mut num, mut den) = (alpha as f64 * p, alpha as f64);
     for &(c, s) in top {
+        // Rows are unit only to 1e-3 (validate), so a cosine may pass 1 by a hair; with a
+        // tiny tau that hair made the weight infinite and p NaN. Cut at 1: weights ≤ 1.
+        let c = c.min(1.0);
         let w = if tau > 0.0 {
             (((c - 1.0) / tau) as f64).exp()
         } else {
@@ -416,6 +419,23 @@ mod tests {
         let mut m = ok;
         m.prompts.push(0.5);
         assert!(m.validate(2).is_err());
+    }
+
+    /// A remembered row long by the 1e-3 validate allows, a tiny tau, and a query along it:
+    /// the cosine passes 1 and the weight exp((c - 1) / tau) was infinite, p NaN.
+    #[test]
+    fn a_near_unit_row_and_a_tiny_tau_keep_p_finite() {
+        let m = Memory {
+            dim: 2,
+            prompts: vec![1.0009, 0.0],
+            outcomes: BTreeMap::from([("a".to_string(), vec![(0, 0.0)])]),
+            k: 1,
+            alpha: 1.0,
+            tau: 1e-6,
+        };
+        m.validate(2).unwrap();
+        let p = m.adjust(&m.near(&[1.0, 0.0]), "a", 0.5);
+        assert!(p.is_finite() && p < 0.5, "{p}");
     }
 }
 
