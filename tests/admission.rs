@@ -85,7 +85,9 @@ async fn high_priority_displaces_queued_low_work_from_a_full_queue() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     f.set("ok");
-    let high = high.await.expect("task");
+    let high = common::within("the HIGH request", high)
+        .await
+        .expect("task");
     assert!(
         high.is_ok(),
         "HIGH refused from a queue full of LOW: {high:?}"
@@ -161,7 +163,7 @@ async fn a_request_that_cannot_start_before_its_deadline_is_refused_at_once() {
     }
     let mut refused_for_delay = 0;
     for t in fillers.into_iter().chain(more) {
-        match t.await.expect("task") {
+        match common::within("a queued Route", t).await.expect("task") {
             Ok(_) => {}
             Err(s) if s.code() == Code::ResourceExhausted => {
                 refused_for_delay += s.message().contains("max_queue_delay_ms") as usize

@@ -96,18 +96,33 @@ async fn departed_clients_are_dropped_before_compute() {
 
 #[tokio::test]
 async fn high_priority_overtakes_queued_low_priority() {
-    let b = batcher(Limits {
-        max_batch_tokens: 4096,
-        max_batch_requests: 1,
-        max_queue: 64,
-    });
-    let (ids, tt) = seq(512);
-    let blocker = b.submit(ids, tt, Priority::Normal, None).unwrap();
+    // A held backend, so both wait in the queue whatever the threads' timing.
+    let held = Arc::new(AtomicBool::new(true));
+    let b = Batcher::start(
+        Gate::new(&held),
+        Limits {
+            max_batch_tokens: 4096,
+            max_batch_requests: 1,
+            max_queue: 64,
+        },
+    )
+    .unwrap();
+    let _release = Release(held.clone());
+    let mut busy = Vec::new();
+    for _ in 0..3 {
+        let (ids, tt) = seq(8);
+        busy.push(b.submit(ids, tt, Priority::Normal, None).unwrap());
+        // One batch each: running, handed over, formed.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (ids, tt) = seq(200);
     let low = b.submit(ids, tt, Priority::Low, None).unwrap();
     let (ids, tt) = seq(200);
     let high = b.submit(ids, tt, Priority::High, None).unwrap();
-    blocker.await.unwrap().unwrap();
+    held.store(false, Ordering::SeqCst);
+    for rx in busy {
+        rx.await.unwrap().unwrap();
+    }
     let high = high.await.unwrap().unwrap();
     let low = low.await.unwrap().unwrap();
     assert!(

@@ -1249,7 +1249,7 @@ async fn a_drain_long_after_start_still_answers_the_front_in_flight() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     srv.sigterm();
-    let (status, reply) = sent
+    let (status, reply) = common::within("the Chat Completion sent before SIGTERM", sent)
         .await
         .unwrap()
         .expect("the front answered through the drain");
@@ -1273,7 +1273,9 @@ async fn the_front_bounds_its_connections() {
     let mut first = tokio::net::TcpStream::connect(&http).await.unwrap();
     first.write_all(get.as_bytes()).await.unwrap();
     let mut buf = vec![0u8; 1 << 16];
-    let n = first.read(&mut buf).await.unwrap();
+    let n = common::within("the first connection's reply", first.read(&mut buf))
+        .await
+        .unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
     // The first connection stays open (kept alive); the second waits in the backlog.
     let mut second = tokio::net::TcpStream::connect(&http).await.unwrap();
@@ -1347,7 +1349,7 @@ async fn the_front_bounds_concurrency_and_slow_bodies() {
     assert_eq!(retry.as_ref().map(|h| h.as_bytes()), Some(&b"1"[..]));
     assert_eq!(v["error"]["type"], "rate_limit_error", "{v}");
     assert!(stub.calls("second").is_empty());
-    let (status, _, v) = first.await.unwrap();
+    let (status, _, v) = common::within("the first request", first).await.unwrap();
     assert_eq!(status, 200, "{v}");
     // Its place is free again.
     assert_eq!(post("third", 0).await.0, 200);

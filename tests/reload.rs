@@ -195,7 +195,9 @@ max_concurrent = 8
     assert_eq!(r.revision, rev);
     flowing(done.load(Ordering::Acquire) + 3).await;
     stop.store(true, Ordering::Release);
-    let served = load.await.expect("no request failed during the reloads");
+    let served = common::within("the request loop", load)
+        .await
+        .expect("no request failed during the reloads");
     assert!(served >= 6, "{served}");
     let m = server.metrics_text();
     assert!(

@@ -608,7 +608,7 @@ async fn overload_rejects_at_once_and_loses_nothing_accepted() {
     }
     let (mut ok, mut exhausted) = (0, 0);
     for (i, t) in tasks.into_iter().enumerate() {
-        match t.await.unwrap() {
+        match common::within("an accepted Route", t).await.unwrap() {
             Ok(id) => {
                 assert_eq!(id, format!("o{i}"));
                 ok += 1;
@@ -651,11 +651,27 @@ async fn sigterm_drains_accepted_requests() {
             c.route(route(&prompt_of(250, i))).await
         }));
     }
-    // Let all of them be accepted (one at a time through the backend, so most are queued).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait until all of them are accepted: one batch a request, so at most three are formed
+    // (running, handed over, held by the forming thread); the rest are answered or queued.
+    let accepted = || {
+        let m = srv.metrics_text();
+        let queued = common::metric_sum(&m, "tiergate_queue_depth", &[]).unwrap_or(0.0);
+        let done = common::metric_sum(&m, "tiergate_requests_total", &[("rpc", "Route")]);
+        queued + done.unwrap_or(0.0)
+    };
+    let t0 = std::time::Instant::now();
+    while accepted() < (n - 3) as f64 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "requests never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     srv.sigterm();
     for (i, t) in tasks.into_iter().enumerate() {
-        let r = t.await.unwrap();
+        let r = common::within("a Route accepted before SIGTERM", t)
+            .await
+            .unwrap();
         assert!(
             r.is_ok(),
             "request {i} was accepted before SIGTERM but got {:?}",

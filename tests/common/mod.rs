@@ -13,6 +13,14 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
+/// Awaits `f` for at most 90 s: a request the server lost fails the test instead of hanging
+/// the suite.
+pub async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(90), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not answered within 90 s"))
+}
+
 pub struct Server {
     child: Child,
     pub addr: String,
@@ -89,16 +97,25 @@ impl Server {
             .stderr(stderr)
             .spawn()
             .expect("spawning tiergate");
+        // The address line comes once the model is loaded; bounded, and the child killed if
+        // it never comes, so a stalled start fails the test instead of hanging the suite.
         let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("reading stdout");
-        let addr = line
-            .trim()
-            .strip_prefix("tiergate listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let read = BufReader::new(stdout).read_line(&mut line).map(|_| line);
+            let _ = tx.send(read);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(180));
+        let addr = match &line {
+            Ok(Ok(l)) => l.trim().strip_prefix("tiergate listening on "),
+            _ => None,
+        };
+        let Some(addr) = addr.map(str::to_string) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("tiergate did not print its address: {line:?}");
+        };
         Server {
             child,
             addr,
@@ -159,6 +176,7 @@ impl Server {
 
     pub fn metrics_text(&self) -> String {
         let mut s = std::net::TcpStream::connect(&self.metrics).expect("metrics port");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
             .unwrap();
         let mut out = String::new();
