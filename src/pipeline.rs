@@ -183,8 +183,9 @@ impl TextPipeline {
         let tokenizer = TextTokenizer::from_file(
             &cfg.model_dir.join("tokenizer.json"),
             cfg.batch.max_input_tokens,
-            // Pairs are not encoded jointly by the service; the limit only bounds encode_pair.
-            cfg.batch.max_input_tokens,
+            // Pairs are not encoded jointly by the service; this bounds encode_pair and the
+            // answers, which may be longer than prompts (they were cut to max_input_tokens).
+            cfg.batch.max_input_tokens.max(cfg.batch.max_answer_tokens),
         )
         .map_err(|e| anyhow::anyhow!("{e} (run scripts/setup-model.sh)"))?;
         let model = Arc::new(load_model(&cfg.model_dir)?);
@@ -508,6 +509,27 @@ mod tests {
         let mut cfg = Config::embedded().expect("embedded config");
         cfg.batch.max_tokenize_bytes = max_tokenize_bytes;
         TextPipeline::start(&cfg).expect("pipeline (run scripts/setup-model.sh)")
+    }
+
+    /// Prompts cut to 64 tokens leave answers their own limit (they were cut to 64 too, while
+    /// the heads read 128).
+    #[tokio::test]
+    async fn answers_keep_their_limit_when_prompts_are_shorter() {
+        let mut cfg = Config::embedded().expect("embedded config");
+        cfg.batch.max_input_tokens = 64;
+        cfg.validate().expect("a valid config");
+        let p = TextPipeline::start(&cfg).expect("pipeline (run scripts/setup-model.sh)");
+        let long = "the answer is forty two ".repeat(100);
+        let a = p
+            .tokenize_answer(long.clone(), 128, None)
+            .await
+            .expect("answer");
+        assert_eq!(a.ids.len(), 128);
+        let s = p
+            .tokenize_single(long, TruncSide::HeadTail, None)
+            .await
+            .expect("prompt");
+        assert_eq!(s.ids.len(), 64);
     }
 
     #[tokio::test]

@@ -156,6 +156,21 @@ async fn every_rpc_health_reflection_and_metrics() {
     let r = c.route(req).await.unwrap().into_inner();
     assert_eq!(r.candidates.len(), 2);
     assert!(r.model.starts_with("gemini-1.5-"));
+    // Turns without content are no prompt (they would be routed on their role tags).
+    let mut req = route("");
+    req.input = Some(Input::Messages(proto::Messages {
+        messages: vec![proto::ChatMessage {
+            role: "user".into(),
+            content: " ".into(),
+        }],
+    }));
+    let e = c.route(req).await.expect_err("empty turns");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(
+        e.message().contains("messages are empty"),
+        "{}",
+        e.message()
+    );
 
     // A floor of 0 always takes the cheapest; a floor of 1 never meets it.
     let mut req = route("Translate 'good morning' into French.");
@@ -246,6 +261,21 @@ async fn every_rpc_health_reflection_and_metrics() {
         assert_eq!(v.escalate_to, escalation(&haiku, model, 0.0), "{haiku:?}");
         to.push(v.escalate_to);
     }
+    // Characters the tokenizer drops (zero-width, control) are no answer either.
+    let v = c
+        .verify(verify(
+            "Write a haiku.",
+            "\u{200B}\u{1}",
+            "gemini-2.5-flash",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (v.decision, v.p_pass),
+        (Decision::Escalate as i32, 0.0),
+        "{v:?}"
+    );
     // With the landed heads Route rates deepseek-v4 and haiku below flash here, and gpt-5.5
     // the same as opus (the catalog gives both gpt-4-1106-preview's parameters).
     assert_eq!(to, ["claude-sonnet-4.6", "gpt-5.5"], "{haiku:?}");

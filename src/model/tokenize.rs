@@ -151,9 +151,10 @@ impl TextTokenizer {
     }
 
     /// An answer on its own, at most `limit` tokens, keeping 1/4 head and 3/4 tail: verdicts
-    /// and final answers sit at the end.
+    /// and final answers sit at the end. `limit` is bounded by the larger of the two limits
+    /// this tokenizer was built with (an answer may be longer than a prompt).
     pub fn encode_answer(&self, text: &str, limit: usize) -> Result<Encoded, TokenizeError> {
-        let limit = limit.clamp(3, self.max_tokens.max(3));
+        let limit = limit.clamp(3, self.max_tokens.max(self.max_pair_tokens));
         self.encode_limited(text, limit, (limit - 2) / 4)
     }
 

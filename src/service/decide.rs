@@ -295,10 +295,15 @@ pub fn decide_route(
     verify_band: f64,
 ) -> Result<RouteDecision, PolicyError> {
     scored.sort_by(|a, b| price_cmp((a.cost, &a.model), (b.cost, &b.model)));
-    let max_all = scored.iter().map(|s| s.cost).fold(0.0, f64::max);
     let affordable: Vec<usize> = (0..scored.len())
         .filter(|&i| pol.max_cost_usd.is_none_or(|m| scored[i].cost <= m))
         .collect();
+    // The saving is against the dearest candidate the request could have called: one its
+    // budget excludes was never the alternative.
+    let max_all = affordable
+        .iter()
+        .map(|&i| scored[i].cost)
+        .fold(0.0, f64::max);
     if affordable.is_empty() {
         return Err(PolicyError(format!(
             "no candidate fits policy.max_cost_usd = {:?}: the cheapest costs {:.3e} USD",
@@ -766,8 +771,15 @@ mod tests {
     fn max_cost_filters_and_errors_when_nothing_fits() {
         let mut p = pol(0.5);
         p.max_cost_usd = Some(2.0);
-        let d = decide_route(vec![s("a", 0.4, 1.0), s("b", 0.9, 3.0)], &p, 0.1).unwrap();
+        let cands = vec![s("a", 0.4, 1.0), s("m", 0.3, 1.5), s("b", 0.9, 3.0)];
+        let d = decide_route(cands, &p, 0.1).unwrap();
         assert_eq!(d.candidates[d.chosen].model, "a");
+        // Saved against m, the dearest the budget allows, not b, which it never was.
+        assert!(
+            (d.expected_saving - 0.5).abs() < 1e-12,
+            "{}",
+            d.expected_saving
+        );
         p.max_cost_usd = Some(0.5);
         assert!(matches!(
             decide_route(vec![s("a", 0.4, 1.0)], &p, 0.1),
