@@ -97,29 +97,14 @@ async fn departed_clients_are_dropped_before_compute() {
 #[tokio::test]
 async fn high_priority_overtakes_queued_low_priority() {
     // A held backend, so both wait in the queue whatever the threads' timing.
-    let held = Arc::new(AtomicBool::new(true));
-    let b = Batcher::start(
-        Gate::new(&held),
-        Limits {
-            max_batch_tokens: 4096,
-            max_batch_requests: 1,
-            max_queue: 64,
-        },
-    )
-    .unwrap();
-    let _release = Release(held.clone());
-    let mut busy = Vec::new();
-    for _ in 0..3 {
-        let (ids, tt) = seq(8);
-        busy.push(b.submit(ids, tt, Priority::Normal, None).unwrap());
-        // One batch each: running, handed over, formed.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let h = Held::start(4096, 64, Gate::new(true), Options::default());
+    let b = &h.b;
+    let busy = h.fill().await;
     let (ids, tt) = seq(200);
     let low = b.submit(ids, tt, Priority::Low, None).unwrap();
     let (ids, tt) = seq(200);
     let high = b.submit(ids, tt, Priority::High, None).unwrap();
-    held.store(false, Ordering::SeqCst);
+    h.hold(false);
     for rx in busy {
         rx.await.unwrap().unwrap();
     }
@@ -165,7 +150,7 @@ struct Gate {
 }
 
 /// Lets a held Gate go when dropped, so a failing test ends instead of hanging the batcher's
-/// shutdown on a batch that never returns. Declare it after the batcher (dropped first).
+/// shutdown on a batch that never returns.
 struct Release(Arc<AtomicBool>);
 
 impl Drop for Release {
@@ -175,11 +160,11 @@ impl Drop for Release {
 }
 
 impl Gate {
-    fn new(held: &Arc<AtomicBool>) -> Box<Gate> {
-        Box::new(Gate {
-            held: held.clone(),
+    fn new(held: bool) -> Gate {
+        Gate {
+            held: Arc::new(AtomicBool::new(held)),
             first: None,
-        })
+        }
     }
 }
 
@@ -210,32 +195,55 @@ impl Backend for Gate {
     }
 }
 
+/// A batcher of one-job batches on a Gate backend. Dropping it lets the gate go before the
+/// batcher shuts down (fields drop in order), so a failing test ends instead of hanging.
+struct Held {
+    release: Release,
+    b: Batcher,
+}
+
+type Pending = tokio::sync::oneshot::Receiver<Result<tiergate::batch::JobOutput, BatchError>>;
+
+impl Held {
+    fn start(max_batch_tokens: usize, max_queue: usize, gate: Gate, opts: Options) -> Held {
+        let limits = Limits {
+            max_batch_tokens,
+            max_batch_requests: 1,
+            max_queue,
+        };
+        Held {
+            release: Release(gate.held.clone()),
+            b: Batcher::start_with(Box::new(gate), limits, opts).unwrap(),
+        }
+    }
+
+    fn hold(&self, on: bool) {
+        self.release.0.store(on, Ordering::SeqCst);
+    }
+
+    /// Three one-job batches, the pipeline's depth: running, handed over, formed (the forming
+    /// thread then waits to hand it over). Whatever comes next waits in the queue.
+    async fn fill(&self) -> Vec<Pending> {
+        let mut busy = Vec::new();
+        for _ in 0..3 {
+            let (ids, tt) = seq(8);
+            busy.push(self.b.submit(ids, tt, Priority::Normal, None).unwrap());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        busy
+    }
+}
+
 /// The watchdog answers the batches formed behind a hung one too (one handed over to the
 /// backend thread, one held by the forming thread): they would wait on it as long.
 #[tokio::test]
 async fn a_hung_batch_does_not_strand_the_batches_behind_it() {
-    let held = Arc::new(AtomicBool::new(true));
-    let b = Batcher::start_with(
-        Gate::new(&held),
-        Limits {
-            max_batch_tokens: 512,
-            max_batch_requests: 1,
-            max_queue: 8,
-        },
-        Options {
-            watchdog: Some(Duration::from_millis(300)),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let _release = Release(held.clone());
-    let mut waiting = Vec::new();
-    for _ in 0..3 {
-        let (ids, tt) = seq(8);
-        waiting.push(b.submit(ids, tt, Priority::Normal, None).unwrap());
-        // One batch each: running, handed over, formed.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let opts = Options {
+        watchdog: Some(Duration::from_millis(300)),
+        ..Default::default()
+    };
+    let h = Held::start(512, 8, Gate::new(true), opts);
+    let waiting = h.fill().await;
     for (i, rx) in waiting.into_iter().enumerate() {
         match tokio::time::timeout(Duration::from_secs(5), rx).await {
             Ok(Ok(Err(BatchError::Unavailable(why)))) => assert!(why.contains("hung"), "{why}"),
@@ -243,31 +251,15 @@ async fn a_hung_batch_does_not_strand_the_batches_behind_it() {
             Err(_) => panic!("request {i} was never answered"),
         }
     }
-    held.store(false, Ordering::SeqCst);
 }
 
 /// Work of clients that left holds no place in a full queue: a new request is admitted
 /// instead of refused "queue full".
 #[tokio::test]
 async fn departed_clients_do_not_fill_the_queue() {
-    let held = Arc::new(AtomicBool::new(true));
-    let b = Batcher::start(
-        Gate::new(&held),
-        Limits {
-            max_batch_tokens: 512,
-            max_batch_requests: 1,
-            max_queue: 4,
-        },
-    )
-    .unwrap();
-    let _release = Release(held.clone());
-    let mut busy = Vec::new();
-    for _ in 0..3 {
-        let (ids, tt) = seq(8);
-        busy.push(b.submit(ids, tt, Priority::Normal, None).unwrap());
-        // One batch each: running, handed over, formed.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let h = Held::start(512, 4, Gate::new(true), Options::default());
+    let b = &h.b;
+    let busy = h.fill().await;
     for _ in 0..4 {
         let (ids, tt) = seq(8);
         drop(b.submit(ids, tt, Priority::Normal, None).unwrap());
@@ -276,7 +268,7 @@ async fn departed_clients_do_not_fill_the_queue() {
     let live = b
         .submit(ids, tt, Priority::Normal, None)
         .expect("admitted: the queue holds only abandoned work");
-    held.store(false, Ordering::SeqCst);
+    h.hold(false);
     for rx in busy {
         rx.await.unwrap().unwrap();
     }
@@ -292,20 +284,12 @@ async fn departed_clients_do_not_fill_the_queue() {
 /// time per token that admission multiplies queued tokens by.
 #[tokio::test]
 async fn a_slow_tiny_warm_up_batch_does_not_inflate_the_expected_wait() {
-    let held = Arc::new(AtomicBool::new(false));
-    let b = Batcher::start(
-        Box::new(Gate {
-            held: held.clone(),
-            first: Some(Duration::from_millis(400)),
-        }),
-        Limits {
-            max_batch_tokens: 512,
-            max_batch_requests: 1,
-            max_queue: 8,
-        },
-    )
-    .unwrap();
-    let _release = Release(held.clone());
+    let gate = Gate {
+        held: Arc::new(AtomicBool::new(false)),
+        first: Some(Duration::from_millis(400)),
+    };
+    let h = Held::start(512, 8, gate, Options::default());
+    let b = &h.b;
     let (ids, tt) = seq(8);
     b.submit(ids, tt, Priority::High, None)
         .unwrap()
@@ -313,12 +297,12 @@ async fn a_slow_tiny_warm_up_batch_does_not_inflate_the_expected_wait() {
         .unwrap()
         .unwrap();
     // 400 ms for 8 tokens would be 50 ms a token: 25 s for the 500 tokens in flight now.
-    held.store(true, Ordering::SeqCst);
+    h.hold(true);
     let (ids, tt) = seq(500);
     let busy = b.submit(ids, tt, Priority::Normal, None).unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let wait = b.expected_wait(Priority::High);
     assert!(wait < Duration::from_secs(1), "expected wait {wait:?}");
-    held.store(false, Ordering::SeqCst);
+    h.hold(false);
     busy.await.unwrap().unwrap();
 }

@@ -39,6 +39,19 @@ async fn p_of(
     (s.p_pass, s.params.clone())
 }
 
+/// Writes `base` plus a feedback section (overlay in `dir`, re-fits on request only, 20 rows
+/// a model) to `dir`/tiergate.toml; the config's path and the overlay's.
+fn with_feedback(dir: &std::path::Path, base: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let overlay = dir.join("feedback.json");
+    let cfg = dir.join("tiergate.toml");
+    let text = format!(
+        "{base}\n[feedback]\noverlay = {:?}\nrefit_interval_s = 3600\nmin_rows = 20\n",
+        overlay.display().to_string()
+    );
+    std::fs::write(&cfg, text).expect("config");
+    (cfg, overlay)
+}
+
 /// Runs a re-fit pass now (Admin/Refit); the models it updated.
 async fn refit(server: &common::Server) -> u32 {
     AdminClient::new(server.channel().await)
@@ -52,17 +65,7 @@ async fn refit(server: &common::Server) -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn feedback_is_refitted_persisted_and_swapped_in() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let overlay = dir.path().join("feedback.json");
-    let cfg = dir.path().join("tiergate.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "{}\n[feedback]\noverlay = {:?}\nrefit_interval_s = 3600\nmin_rows = 20\n",
-            tiergate::config::EMBEDDED_DEFAULT,
-            overlay.display().to_string()
-        ),
-    )
-    .expect("config");
+    let (cfg, overlay) = with_feedback(dir.path(), tiergate::config::EMBEDDED_DEFAULT);
     let args = ["--config", cfg.to_str().expect("utf-8")];
     let server = common::Server::spawn(&args);
     server.ready().await;
@@ -273,17 +276,9 @@ async fn feedback_off_says_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_ends_an_open_feedback_stream_with_its_counts() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = dir.path().join("tiergate.toml");
     let base = tiergate::config::EMBEDDED_DEFAULT.replace("lame_duck_s = 5 ", "lame_duck_s = 1 ");
     assert_ne!(base, tiergate::config::EMBEDDED_DEFAULT);
-    std::fs::write(
-        &cfg,
-        format!(
-            "{base}\n[feedback]\noverlay = {:?}\n",
-            dir.path().join("feedback.json").display().to_string()
-        ),
-    )
-    .expect("config");
+    let (cfg, _) = with_feedback(dir.path(), &base);
     let mut server = common::Server::spawn(&["--config", cfg.to_str().expect("utf-8")]);
     server.ready().await;
     let mut c = server.client().await;
@@ -327,17 +322,7 @@ async fn a_drain_ends_an_open_feedback_stream_with_its_counts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overlay_that_cannot_be_written_is_internal() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let overlay = dir.path().join("feedback.json");
-    let cfg = dir.path().join("tiergate.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "{}\n[feedback]\noverlay = {:?}\nrefit_interval_s = 3600\nmin_rows = 20\n",
-            tiergate::config::EMBEDDED_DEFAULT,
-            overlay.display().to_string()
-        ),
-    )
-    .expect("config");
+    let (cfg, overlay) = with_feedback(dir.path(), tiergate::config::EMBEDDED_DEFAULT);
     let server = common::Server::spawn(&["--config", cfg.to_str().expect("utf-8")]);
     server.ready().await;
     let mut c = server.client().await;
