@@ -212,8 +212,12 @@ impl Heads {
                 self.dim
             );
         }
-        if r.easiness.w.len() != self.dim || !finite(&r.easiness.w) {
-            bail!("router.easiness: expected {} finite weights", self.dim);
+        // The bias too: 1e39 in the file reads as f32 infinity, every p 1 and Verify's NaN.
+        if r.easiness.w.len() != self.dim || !finite(&r.easiness.w) || !r.easiness.b.is_finite() {
+            bail!(
+                "router.easiness: expected {} finite weights and a finite bias",
+                self.dim
+            );
         }
         for (name, a) in r
             .models
@@ -563,6 +567,14 @@ mod tests {
         v["router"]["proj"] = serde_json::json!([]);
         v["router"]["easiness"]["w"] = serde_json::json!([]);
         assert!(refused(&v), "dim = 0");
+        // A bias beyond f32 reads as infinity: refused, not p 1 everywhere.
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+        v["router"]["easiness"]["b"] = serde_json::json!(1e39);
+        let e = Heads::from_json(&v.to_string()).err();
+        assert!(
+            e.is_some_and(|e| format!("{e:#}").contains("finite bias")),
+            "easiness.b = 1e39"
+        );
         Ok(())
     }
 
