@@ -10,8 +10,9 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
+use tiergate::policy::Effective;
 use tiergate::proto::{self, route_request::Input, Decision};
-use tiergate::service::decide::{relative_pick, route_pick, ships};
+use tiergate::service::decide::{decide_route, relative_pick, route_pick, ships, Scored};
 
 /// Probabilities agree to this (the same encoder and heads; only batch neighbours differ).
 const TOL: f64 = 1e-4;
@@ -237,26 +238,29 @@ async fn the_fast_path_answers_alone_only_when_the_students_pick_is_stable() {
             .await
             .expect("route")
             .into_inner();
-        // The student's p in the server's price order, and its pick's stability: k over the
-        // bar (of the others' best, if k is the best), cheaper ones under it, and the margin
-        // from the Verify band (0.1) when a dearer candidate exists.
-        let ps: Vec<f64> = rep.candidates.iter().map(|cs| sp[&cs.model]).collect();
-        let k = relative_pick(&ps, R);
-        let max = ps.iter().copied().fold(0.0, f64::max);
-        let others = (0..ps.len())
-            .filter(|&j| j != k)
-            .map(|j| ps[j])
-            .fold(f64::NEG_INFINITY, f64::max);
-        let reach = if ps[k] >= others {
-            ps[k] - R * others
-        } else {
-            ps[k] - R * max
+        // The stability of the student's pick, by the server's own rule (Verify band 0.1):
+        // a copy of the formula here went stale when the rule gained the pricier candidates'
+        // term.
+        let scored: Vec<Scored> = rep
+            .candidates
+            .iter()
+            .map(|cs| Scored {
+                model: cs.model.clone(),
+                p_pass: sp[&cs.model],
+                cost: cs.expected_cost_usd,
+                params: cs.params.clone(),
+            })
+            .collect();
+        let relative = Effective {
+            quality_floor: 0.0,
+            max_cost_usd: None,
+            cost_weight: 0.0,
+            floor_given: false,
+            relative_floor: Some(R),
         };
-        let mut stability = ps[..k].iter().map(|&x| R * max - x).fold(reach, f64::min);
-        let cost = |i: usize| rep.candidates[i].expected_cost_usd;
-        if (0..ps.len()).any(|i| cost(i) > cost(k)) {
-            stability = stability.min(((ps[k] - R * max).abs() - 0.1).abs());
-        }
+        let stability = decide_route(scored, &relative, 0.1)
+            .expect("a decision")
+            .stability;
         if (stability - BAR).abs() < TOL {
             edge += 1.0; // float noise may tip it either way
             continue;
@@ -269,6 +273,8 @@ async fn the_fast_path_answers_alone_only_when_the_students_pick_is_stable() {
             (&full[prompt], "encoder")
         };
         let what = format!("{name} (stability {stability:.4})");
+        // The reply says which decided: its p_pass are the student's when it went alone.
+        assert_eq!(rep.fast_path, name == "student", "{what}");
         let p = offline_in_price_order(&rep, by, &what);
         assert_eq!(rep.model, rep.candidates[relative_pick(&p, R)].model);
     }
@@ -283,4 +289,81 @@ async fn the_fast_path_answers_alone_only_when_the_students_pick_is_stable() {
     };
     assert_eq!(count("alone") + count("deferred"), alone + deferred + edge);
     assert!((alone..=alone + edge).contains(&count("alone")));
+}
+
+/// The fast path stands aside where its bound does not hold: a Route with a floor (absolute
+/// mode), and heads carrying a memory of labelled prompts (encoder neighbours, which the
+/// student's embedding does not find). Neither is answered alone nor counted as deferred.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fast_path_stands_aside_for_floors_and_memories() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let heads = tiergate::model::Heads::load(&root.join("models/heads.json")).expect("heads");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut unit = vec![0.0f32; heads.dim];
+    unit[0] = 1.0;
+    let overlay = dir.path().join("memory.json");
+    let o = serde_json::json!({
+        "format": 1,
+        "heads_revision": heads.revision,
+        "prior": heads.router.prior,
+        "models": {},
+        "memory": {
+            "dim": heads.dim,
+            "prompts": unit,
+            "outcomes": { "gemini-1.5-flash-002": [[0, 0.0]] },
+            "k": 1, "alpha": 1.0, "tau": 0.05,
+        },
+    });
+    std::fs::write(&overlay, o.to_string()).expect("overlay");
+    let fast = tiergate::config::EMBEDDED_DEFAULT.replace(
+        "relative_floor = 0.94\n",
+        "relative_floor = 0.94\nfast_path_stability = 0.001\n",
+    );
+    assert_ne!(fast, tiergate::config::EMBEDDED_DEFAULT);
+    let with_memory = format!("overlays = [{:?}]\n{fast}", overlay.display().to_string());
+    let counted = |server: &common::Server| {
+        common::metric_sum(
+            &server.metrics_text(),
+            "tiergate_route_fast_path_total",
+            &[],
+        )
+        .unwrap_or(0.0)
+    };
+    for (name, text, floor) in [("floor", &fast, Some(0.5)), ("memory", &with_memory, None)] {
+        let cfg = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&cfg, text).expect("config");
+        let server = common::Server::spawn(&["--config", cfg.to_str().expect("utf-8")]);
+        server.ready().await;
+        let mut c = server.client().await;
+        for prompt in [
+            "What is 2 + 2?",
+            "Name three prime numbers.",
+            "Write a haiku.",
+        ] {
+            c.route(proto::RouteRequest {
+                input: Some(Input::Prompt(prompt.into())),
+                policy: floor.map(|f| proto::Policy {
+                    quality_floor: Some(f),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("route");
+        }
+        assert_eq!(counted(&server), 0.0, "{name}: the fast path was tried");
+    }
+    // The control: the same config without either, on the same prompts, does try it.
+    let cfg = dir.path().join("plain.toml");
+    std::fs::write(&cfg, &fast).expect("config");
+    let server = common::Server::spawn(&["--config", cfg.to_str().expect("utf-8")]);
+    server.ready().await;
+    let mut c = server.client().await;
+    c.route(proto::RouteRequest {
+        input: Some(Input::Prompt("What is 2 + 2?".into())),
+        ..Default::default()
+    })
+    .await
+    .expect("route");
+    assert_eq!(counted(&server), 1.0);
 }

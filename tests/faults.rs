@@ -190,3 +190,38 @@ async fn abandoned_requests_are_counted() {
     assert_eq!(counted("DEADLINE_EXCEEDED"), 1.0);
     f.set("ok");
 }
+
+/// With Route's fast path on, a backend declared faulty still makes Route UNAVAILABLE, as
+/// health says: the student, which needs no backend, does not answer a subset meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_faulty_backend_is_unavailable_on_the_fast_path_too() {
+    let mut edits = TRIP.to_vec();
+    edits.push((
+        "relative_floor = 0.94\n",
+        "relative_floor = 0.94\nfast_path_stability = 0.001\n",
+    ));
+    let f = Faulty::start(&edits, &[], &[]).await;
+    let mut c = f.srv.client().await;
+    let verify = |i: usize| proto::VerifyRequest {
+        prompt: format!("What is {i} + {i}?"),
+        answer: format!("{}", 2 * i),
+        model: "gemini-2.5-flash".into(),
+        ..Default::default()
+    };
+    // Verify always runs the encoder: two failed batches declare the backend faulty.
+    f.set("error");
+    for i in 0..2 {
+        let e = c.verify(verify(i)).await.expect_err("a failed batch");
+        assert_eq!(e.code(), Code::Internal, "{e}");
+    }
+    f.health_becomes(ServingStatus::NotServing).await;
+    for i in 0..5 {
+        let r = f.route(100 + i).await;
+        assert_eq!(code(&r), Code::Unavailable, "{r:?}");
+    }
+    assert_eq!(
+        f.metric("tiergate_route_fast_path_total", &[("result", "alone")]),
+        0.0
+    );
+    f.set("ok");
+}

@@ -115,6 +115,7 @@ pub fn route_reply(o: RouteOutcome) -> proto::RouteReply {
             })
             .collect(),
         timings: Some(timings(o.timings)),
+        fast_path: o.fast_path,
     }
 }
 

@@ -267,10 +267,16 @@ impl Service {
             );
             decide::decide_route(scored, &pol, d.policy.verify_band)
         };
-        let fast = d
-            .policy
-            .fast_path_stability
-            .filter(|_| self.pipeline.has_student());
+        // Only where its bound holds: relative mode (floor and utility Routes always use the
+        // encoder), no memory of labelled prompts (its neighbours are encoder embeddings,
+        // which the student's are not), and a sound backend (a faulty one answers
+        // UNAVAILABLE, as health says, not a student-only subset of Routes).
+        let fast = d.policy.fast_path_stability.filter(|_| {
+            self.pipeline.has_student()
+                && pol.relative_floor.is_some()
+                && d.heads.memory.is_none()
+                && self.pipeline.batcher.health().is_ok()
+        });
         // The embedding, and the student's decision when it decides alone.
         let (e, alone) = match fast {
             None => {

@@ -153,7 +153,7 @@ class Timings(_message.Message):
     def __init__(self, tokenize_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class RouteReply(_message.Message):
-    __slots__ = ("request_id", "model", "candidates", "expected_cost_usd", "expected_saving_usd", "margin", "verify_recommended", "truncated", "input_tokens", "revision", "timings", "reason")
+    __slots__ = ("request_id", "model", "candidates", "expected_cost_usd", "expected_saving_usd", "margin", "verify_recommended", "truncated", "input_tokens", "revision", "timings", "reason", "fast_path")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +166,7 @@ class RouteReply(_message.Message):
     REVISION_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    FAST_PATH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     candidates: _containers.RepeatedCompositeFieldContainer[CandidateScore]
@@ -178,7 +179,8 @@ class RouteReply(_message.Message):
     revision: str
     timings: Timings
     reason: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[CandidateScore, _Mapping]]] = ..., expected_cost_usd: _Optional[float] = ..., expected_saving_usd: _Optional[float] = ..., margin: _Optional[float] = ..., verify_recommended: _Optional[bool] = ..., truncated: _Optional[bool] = ..., input_tokens: _Optional[int] = ..., revision: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+    fast_path: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[CandidateScore, _Mapping]]] = ..., expected_cost_usd: _Optional[float] = ..., expected_saving_usd: _Optional[float] = ..., margin: _Optional[float] = ..., verify_recommended: _Optional[bool] = ..., truncated: _Optional[bool] = ..., input_tokens: _Optional[int] = ..., revision: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., reason: _Optional[str] = ..., fast_path: _Optional[bool] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("request_id", "prompt", "answer", "model", "policy", "priority", "candidates", "peers", "peer_threshold", "messages", "expected_output_tokens")
