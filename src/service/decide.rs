@@ -271,7 +271,8 @@ fn relative_stability(p: &[f64], k: usize, r: f64) -> f64 {
     p[..k].iter().map(|&x| r * max - x).fold(reach, f64::min)
 }
 
-/// Price order: by expected cost, ties by name, as Route lists its candidates.
+/// Price order of unscored lists (consensus, escalation ladders): by expected cost, ties by
+/// name. Route's own list puts the likelier candidate first at an equal cost.
 fn price_cmp(a: (f64, &str), b: (f64, &str)) -> std::cmp::Ordering {
     a.0.total_cmp(&b.0).then_with(|| a.1.cmp(b.1))
 }
@@ -294,7 +295,14 @@ pub fn decide_route(
     pol: &Effective,
     verify_band: f64,
 ) -> Result<RouteDecision, PolicyError> {
-    scored.sort_by(|a, b| price_cmp((a.cost, &a.model), (b.cost, &b.model)));
+    // Price order; at an equal expected cost the one more likely to pass first, so no pick
+    // passes over a candidate as cheap and rated higher (names only break exact ties).
+    scored.sort_by(|a, b| {
+        a.cost
+            .total_cmp(&b.cost)
+            .then(b.p_pass.total_cmp(&a.p_pass))
+            .then_with(|| a.model.cmp(&b.model))
+    });
     let affordable: Vec<usize> = (0..scored.len())
         .filter(|&i| pol.max_cost_usd.is_none_or(|m| scored[i].cost <= m))
         .collect();
@@ -317,10 +325,17 @@ pub fn decide_route(
     let (chosen, margin, stability, reason) = if let Some(r) = pol.relative_floor {
         let k = relative_pick(&p, r);
         let bar = r * p.iter().copied().fold(0.0, f64::max);
+        // Candidates as cheap as the pick are ordered by p: a move of less than half their
+        // gap to it cannot put one of them first.
+        let cost_k = scored[affordable[k]].cost;
+        let peers = (k + 1..p.len())
+            .filter(|&j| scored[affordable[j]].cost == cost_k)
+            .map(|j| p[k] - p[j])
+            .fold(f64::INFINITY, f64::min);
         (
             affordable[k],
             p[k] - bar,
-            relative_stability(&p, k, r),
+            relative_stability(&p, k, r).min(peers),
             "relative",
         )
     } else if pol.cost_weight > 0.0 && !pol.floor_given {
@@ -625,9 +640,10 @@ mod tests {
             proptest::prop_oneof![Just(1.0f64), 0.5f64..1.0],
             vec(step(), 7),
         );
+        // Costs in pairs: equal-cost candidates are ordered by p, which a move can swap.
         let cands = |q: &[f64]| -> Vec<Scored> {
             (q.iter().enumerate())
-                .map(|(i, &x)| s(&format!("m{i}"), x, 1.0 + i as f64))
+                .map(|(i, &x)| s(&format!("m{i}"), x, 1.0 + (i / 2) as f64))
                 .collect()
         };
         TestRunner::new_with_rng(config, rng)
@@ -643,11 +659,32 @@ mod tests {
                     .map(|(x, m)| x + m * d.stability)
                     .collect();
                 let e = decide_route(cands(&moved), &p, 0.1).unwrap();
-                proptest::prop_assert_eq!(d.chosen, e.chosen);
+                proptest::prop_assert_eq!(
+                    &d.candidates[d.chosen].model,
+                    &e.candidates[e.chosen].model
+                );
                 proptest::prop_assert_eq!(d.verify_recommended, e.verify_recommended);
                 Ok(())
             })
             .unwrap();
+    }
+
+    /// At an equal expected cost the candidate more likely to pass goes first: a floor pick
+    /// does not pass over it for its name.
+    #[test]
+    fn equal_costs_go_to_the_likelier_candidate() {
+        let d = decide_route(vec![s("a", 0.76, 1.0), s("b", 0.95, 1.0)], &pol(0.75), 0.1);
+        let d = d.unwrap();
+        assert_eq!(d.candidates[d.chosen].model, "b");
+        assert_eq!(d.candidates[0].model, "b", "listed first at the same cost");
+        // Relative mode: the pick's stability is at most its gap to an equal-cost peer.
+        let mut p = pol(0.5);
+        p.floor_given = false;
+        p.relative_floor = Some(0.9);
+        let cands = vec![s("a", 0.88, 1.0), s("b", 0.90, 1.0), s("c", 0.95, 5.0)];
+        let d = decide_route(cands, &p, 0.1).unwrap();
+        assert_eq!(d.candidates[d.chosen].model, "b");
+        assert!(d.stability <= 0.02 + 1e-12, "{}", d.stability);
     }
 
     #[test]
