@@ -16,11 +16,13 @@ use tonic_health::pb::health_check_response::ServingStatus;
 /// duck new requests are refused and the process exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_goes_not_serving_first_and_serves_through_the_lame_duck() {
-    let mut f = Faulty::start(&[], &[], &[("TIERGATE_DRAIN_LAME_DUCK_S", "2")]).await;
+    // A 4 s lame duck: the windows below keep 2.5 s and 1 s of slack from its edge for a
+    // loaded 2-core box (the client's scheduling, the server's reaction to the signal).
+    let mut f = Faulty::start(&[], &[], &[("TIERGATE_DRAIN_LAME_DUCK_S", "4")]).await;
     let c = f.srv.client().await;
     let t0 = Instant::now();
     let signal_at = Duration::from_millis(1000);
-    let stop_at = Duration::from_millis(4500);
+    let stop_at = Duration::from_millis(6500);
     let sender = tokio::spawn(async move {
         let mut tasks = Vec::new();
         let mut tick = tokio::time::interval(Duration::from_millis(20));
@@ -69,10 +71,10 @@ async fn sigterm_goes_not_serving_first_and_serves_through_the_lame_duck() {
             assert!(r.is_ok(), "started {started:?} before the signal: {r:?}");
             before += 1;
         } else if started < signalled + Duration::from_millis(1500) {
-            // Well inside the 2 s lame duck: the listener still serves.
+            // Well inside the 4 s lame duck: the listener still serves.
             assert!(r.is_ok(), "started {started:?} in the lame duck: {r:?}");
             during += 1;
-        } else if started > signalled + Duration::from_millis(2500) {
+        } else if started > signalled + Duration::from_millis(5000) {
             match r {
                 Err(s) => {
                     assert_eq!(s.code(), Code::Unavailable, "{s:?}");

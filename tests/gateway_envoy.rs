@@ -326,7 +326,9 @@ async fn envoy_routes_on_the_processors_choice() {
     // exit (its stream ends once the request is decided); the reply still reaches the client
     // through Envoy, unpriced.
     let mut slow = chat("auto", EASY, "slow");
-    slow["stub"]["delay_ms"] = json!({"stub-flash": 4000});
+    // Long enough that a slow exit on a loaded box still comes first (the route timeout is
+    // 120 s).
+    slow["stub"]["delay_ms"] = json!({"stub-flash": 10000});
     let port = envoy.port;
     let pending = tokio::spawn(async move {
         let r = reqwest::Client::new()

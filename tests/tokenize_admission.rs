@@ -30,9 +30,14 @@ async fn huge_prompts_beyond_the_tokenizer_backlog_are_shed() {
     // ~200 KB of non-ASCII words: one fills most of the 256 KiB backlog while it is tokenized.
     let huge = "grüße straße ĉefo ŝipo ".repeat(7500);
     assert!(huge.len() > 200_000 && huge.len() < 262_144);
-    let mut calls = Vec::new();
+    // Connect all six first, then send together: connecting one by one between the sends
+    // could space them out enough for each to finish before the next arrives.
+    let mut clients = Vec::new();
     for _ in 0..6 {
-        let mut c = server.client().await;
+        clients.push(server.client().await);
+    }
+    let mut calls = Vec::new();
+    for mut c in clients {
         let p = huge.clone();
         calls.push(tokio::spawn(async move {
             c.route(proto::RouteRequest {
