@@ -1088,6 +1088,17 @@ async fn the_front_logs_and_counts_each_request() {
         m.contains("tiergate_http_request_duration_seconds_bucket{"),
         "{m}"
     );
+    // A chat with no text part (an image alone) is still routed: the gateway does not refuse
+    // what its upstream can answer (gRPC callers with empty turns get INVALID_ARGUMENT).
+    let image = post(
+        "http-d",
+        json!({"model": "auto:fast", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]})
+        .to_string(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(image.status(), 200);
     srv.sigterm();
     assert!(srv.wait_exit(std::time::Duration::from_secs(60)).success());
 

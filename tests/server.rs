@@ -171,6 +171,21 @@ async fn every_rpc_health_reflection_and_metrics() {
         "{}",
         e.message()
     );
+    // Verify reads messages as Route does.
+    let mut v = verify("", "4", "gemini-2.5-flash");
+    v.messages = Some(proto::Messages {
+        messages: vec![proto::ChatMessage {
+            role: "user".into(),
+            content: "".into(),
+        }],
+    });
+    let e = c.verify(v).await.expect_err("empty turns");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(
+        e.message().contains("messages are empty"),
+        "{}",
+        e.message()
+    );
 
     // A floor of 0 always takes the cheapest; a floor of 1 never meets it.
     let mut req = route("Translate 'good morning' into French.");

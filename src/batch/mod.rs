@@ -887,7 +887,8 @@ fn run_batches(
                 // Tiny batches (warm-up, probes, a lone short request) are mostly fixed cost
                 // and, the first one, lazy initialisation: their time per token would make
                 // admission think a queue of real batches is many times longer than it is.
-                if batch.tokens() >= MIN_TIMED_TOKENS {
+                // (At most the budget: a smaller one would never time a batch.)
+                if batch.tokens() >= MIN_TIMED_TOKENS.min(st.limits.max_batch_tokens) {
                     let spt = inference.as_secs_f64() / batch.tokens() as f64;
                     st.secs_per_token = Some(match st.secs_per_token {
                         Some(old) => old + EWMA_WEIGHT * (spt - old),

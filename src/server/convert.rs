@@ -55,13 +55,22 @@ fn timings(t: Timings) -> proto::Timings {
     }
 }
 
-/// A conversation as Route and Verify both read it, at most [`MAX_MESSAGES`] turns.
+/// A conversation as Route and Verify both read it, at most [`MAX_MESSAGES`] turns, at least
+/// one with content: turns without any would render as role tags alone ("user: "), text
+/// enough to pass the emptiness check and be decided on nothing. (The HTTP front and ext_proc
+/// keep routing chats whose parts hold no text, such as images alone, on the role tags: a
+/// gateway must not refuse what its upstream can answer.)
 fn messages(ms: proto::Messages) -> Result<RouteInput, ServiceError> {
     if ms.messages.len() > MAX_MESSAGES {
         return Err(ServiceError::InvalidArgument(format!(
             "{} messages; at most {MAX_MESSAGES}",
             ms.messages.len()
         )));
+    }
+    if ms.messages.iter().all(|m| m.content.trim().is_empty()) {
+        return Err(ServiceError::InvalidArgument(
+            "messages are empty: no turn has content".into(),
+        ));
     }
     Ok(RouteInput::Messages(
         ms.messages

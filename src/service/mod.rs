@@ -233,19 +233,10 @@ impl Service {
     pub async fn route(&self, q: RouteQuery) -> Result<RouteOutcome, ServiceError> {
         let t0 = Instant::now();
         self.check_ready()?;
-        let input = q.input.ok_or_else(|| {
-            ServiceError::InvalidArgument("prompt or messages is required".into())
-        })?;
-        // Turns with no content would render as role tags alone ("user: "), text enough to
-        // pass the emptiness check and be routed on nothing.
-        if let RouteInput::Messages(ms) = &input {
-            if ms.iter().all(|(_, c)| c.trim().is_empty()) {
-                return Err(ServiceError::InvalidArgument(
-                    "messages are empty: no turn has content".into(),
-                ));
-            }
-        }
-        let text = input.into_text();
+        let text = q
+            .input
+            .ok_or_else(|| ServiceError::InvalidArgument("prompt or messages is required".into()))?
+            .into_text();
         self.check_text("prompt", &text, false)?;
         Self::check_request_id(&q.request_id)?;
         Self::check_models([], &q.candidates)?;
