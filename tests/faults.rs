@@ -208,11 +208,15 @@ async fn a_faulty_backend_is_unavailable_on_the_fast_path_too() {
         model: "gemini-2.5-flash".into(),
         ..Default::default()
     };
-    // Verify always runs the encoder: two failed batches declare the backend faulty.
+    // Verify always runs the encoder: two failed batches declare the backend faulty (one
+    // Verify may make both, its prompt and answer batched apart; later ones are refused).
     f.set("error");
     for i in 0..2 {
         let e = c.verify(verify(i)).await.expect_err("a failed batch");
-        assert_eq!(e.code(), Code::Internal, "{e}");
+        assert!(
+            matches!(e.code(), Code::Internal | Code::Unavailable),
+            "{e}"
+        );
     }
     f.health_becomes(ServingStatus::NotServing).await;
     for i in 0..5 {
