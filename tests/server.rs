@@ -156,36 +156,29 @@ async fn every_rpc_health_reflection_and_metrics() {
     let r = c.route(req).await.unwrap().into_inner();
     assert_eq!(r.candidates.len(), 2);
     assert!(r.model.starts_with("gemini-1.5-"));
-    // Turns without content are no prompt (they would be routed on their role tags).
-    let mut req = route("");
-    req.input = Some(Input::Messages(proto::Messages {
-        messages: vec![proto::ChatMessage {
-            role: "user".into(),
-            content: " ".into(),
-        }],
-    }));
-    let e = c.route(req).await.expect_err("empty turns");
-    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
-    assert!(
-        e.message().contains("messages are empty"),
-        "{}",
-        e.message()
-    );
+    // Turns without content are no prompt (they would be routed on their role tags), and
     // Verify reads messages as Route does.
-    let mut v = verify("", "4", "gemini-2.5-flash");
-    v.messages = Some(proto::Messages {
+    let empty = |content: &str| proto::Messages {
         messages: vec![proto::ChatMessage {
             role: "user".into(),
-            content: "".into(),
+            content: content.into(),
         }],
-    });
-    let e = c.verify(v).await.expect_err("empty turns");
-    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
-    assert!(
-        e.message().contains("messages are empty"),
-        "{}",
-        e.message()
-    );
+    };
+    let mut req = route("");
+    req.input = Some(Input::Messages(empty(" ")));
+    let mut v = verify("", "4", "gemini-2.5-flash");
+    v.messages = Some(empty(""));
+    for e in [
+        c.route(req).await.expect_err("empty turns"),
+        c.verify(v).await.expect_err("empty turns"),
+    ] {
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(
+            e.message().contains("messages are empty"),
+            "{}",
+            e.message()
+        );
+    }
 
     // A floor of 0 always takes the cheapest; a floor of 1 never meets it.
     let mut req = route("Translate 'good morning' into French.");
