@@ -201,20 +201,12 @@ impl State {
     fn purge_departed(&mut self, now: Instant) {
         for q in 0..3 {
             let before = self.queues[q].len();
-            let mut dropped = 0usize;
             let kept: VecDeque<Job> = std::mem::take(&mut self.queues[q])
                 .into_iter()
-                .filter_map(|j| {
-                    let n = j.ids.len();
-                    let kept = j.still_wanted(now);
-                    if kept.is_none() {
-                        dropped += n;
-                    }
-                    kept
-                })
+                .filter_map(|j| j.still_wanted(now))
                 .collect();
             self.len -= before - kept.len();
-            self.tokens[q] -= dropped;
+            self.tokens[q] = kept.iter().map(|j| j.ids.len()).sum();
             self.queues[q] = kept;
         }
     }
@@ -488,20 +480,21 @@ impl Batcher {
             )));
         }
         let now = Instant::now();
+        // A wait too long to add to `now` (an estimate gone infinite) misses every deadline
+        // rather than panicking.
+        let misses_deadline =
+            |w: Duration| deadline.is_some_and(|d| now.checked_add(w).is_none_or(|t| t >= d));
+        let too_long = |w: Duration| self.shared.max_queue_delay.filter(|&max| w > max);
         let mut wait = expected_wait(&st, priority, now);
         // Before refusing for a full queue or a long wait, drop the work of clients that left
         // or whose deadline passed: it would never be computed, so it holds no place.
-        let refusing = st.len >= st.limits.max_queue
-            || deadline.is_some_and(|d| now.checked_add(wait).is_none_or(|t| t >= d))
-            || self.shared.max_queue_delay.is_some_and(|max| wait > max);
-        if refusing {
+        if st.len >= st.limits.max_queue || misses_deadline(wait) || too_long(wait).is_some() {
             st.purge_departed(now);
             wait = expected_wait(&st, priority, now);
             metrics::gauge!(m::QUEUE_DEPTH).set(st.len as f64);
         }
-        // The deadline first: the more specific reason. A wait too long to add to `now` (an
-        // estimate gone infinite) misses every deadline rather than panicking.
-        if deadline.is_some_and(|d| now.checked_add(wait).is_none_or(|t| t >= d)) {
+        // The deadline first: the more specific reason.
+        if misses_deadline(wait) {
             metrics::counter!(m::DROPPED, "reason" => "deadline_wait", "stage" => "queue")
                 .increment(1);
             return Err(BatchError::Overloaded(format!(
@@ -509,7 +502,7 @@ impl Batcher {
                 wait.as_millis()
             )));
         }
-        if let Some(max) = self.shared.max_queue_delay.filter(|&max| wait > max) {
+        if let Some(max) = too_long(wait) {
             metrics::counter!(m::DROPPED, "reason" => "queue_delay", "stage" => "queue")
                 .increment(1);
             return Err(BatchError::Overloaded(format!(
