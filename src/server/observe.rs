@@ -90,6 +90,11 @@ pub fn request<T>(rpc: &'static str, t0: Instant, r: &Result<T, ServiceError>) {
             code
         }
     };
+    count(rpc, code, seconds);
+}
+
+/// One RPC in `tiergate_requests_total` and the latency histogram.
+fn count(rpc: &'static str, code: &'static str, seconds: f64) {
     metrics::counter!(m::REQUESTS, "rpc" => rpc, "code" => code).increment(1);
     metrics::histogram!(m::REQUEST_SECONDS, "rpc" => rpc).record(seconds);
 }
@@ -136,8 +141,7 @@ impl Drop for Unfinished {
             "CANCELLED"
         };
         tracing::debug!(target: ACCESS, code, latency_ms = seconds * 1e3, "abandoned");
-        metrics::counter!(m::REQUESTS, "rpc" => self.rpc, "code" => code).increment(1);
-        metrics::histogram!(m::REQUEST_SECONDS, "rpc" => self.rpc).record(seconds);
+        count(self.rpc, code, seconds);
     }
 }
 
