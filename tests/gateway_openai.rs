@@ -211,7 +211,7 @@ async fn the_openai_client_gets_the_cascade() {
     let base = format!("http://{http}/v1");
 
     let refusal = "I'm sorry, but I can't help with that.";
-    // The real verifier on CLOSE: p 0.61 for flash's refusal (below the learned 0.742), so
+    // The real verifier on CLOSE: flash's refusal falls below the learned default threshold, so
     // it escalates to sonnet, which Route rates above flash and opus; sonnet's answer ships.
     let good = "Autumn leaves falling / whispering to the cold ground / the year lets go now";
     let cases = vec![

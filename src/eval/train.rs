@@ -825,7 +825,7 @@ fn model_card(h: &Heads, a: &TrainArgs) -> String {
         "(length, refusal, hedging, abrupt ending, explicit final answer, lines, code, truncation, relative length), {} \
          features of the pair's text (`src/model/answer.rs`: for multiple-choice prompts the option picked, whether it is \
          valid, its length rank and position among the options, whether its text and numbers appear in the reasoning, \
-         changed picks; for any answer repetition and approximation words), products of these with the router logit, \
+         where its value sits among numeric options, changed picks; for any answer repetition and approximation words), products of these with the router logit, \
          the multiple-choice flag and a bare-letter flag, the answer's length against its model's usual, the \
          prompt–answer cosine and the answer's embedding (last {} tokens mostly); plus {} boosted depth-3 trees over the \
          non-embedding features (`src/model/trees.rs`, on the linear head's residual, cut at the round of least \

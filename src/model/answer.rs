@@ -6,11 +6,12 @@
 //! the pair's text carries cheap, strong cues. On dev (held out), these lift verifier AUROC on
 //! MMLU-Pro from 0.80 to about 0.85: no letter picked (3% pass), a letter out of range, the
 //! picked option's length rank among the options (benchmarks' distractors are often shorter),
-//! the picked option's text or numbers appearing in the reasoning.
+//! the picked option's text or numbers appearing in the reasoning, and where the picked
+//! option's value sits among numeric options (see [`pick_extremeness`]).
 #![forbid(unsafe_code)]
 
 /// Number of features [`text_features`] returns.
-pub const TEXT_FEATURES: usize = 14;
+pub const TEXT_FEATURES: usize = 16;
 
 const LETTERS: &[u8] = b"ABCDEFGHIJ";
 
@@ -256,7 +257,8 @@ fn canonical_number(n: &str) -> String {
 /// Features of the pair's text; see the module doc. Order: multiple choice, picked a valid
 /// option, picked none, changed its mind, picked option's length rank, picked the longest,
 /// picked position, picked text in the answer, picked option has numbers, share of them in
-/// the answer, repeated lines, repeated 4-grams, approximation words, options / 10.
+/// the answer, repeated lines, repeated 4-grams, approximation words, options / 10, picked
+/// one of numeric options, its value's distance from their middle.
 pub fn text_features(prompt: &str, answer: &str) -> [f32; TEXT_FEATURES] {
     let opts = options(prompt);
     let (c, distinct) = chosen(answer);
@@ -265,6 +267,7 @@ pub fn text_features(prompt: &str, answer: &str) -> [f32; TEXT_FEATURES] {
     let pick = c.and_then(letter_index).filter(|&i| i < opts.len());
     let (mut rank, mut longest, mut pos) = (0.0, 0.0, 0.0);
     let (mut in_resp, mut has_num, mut num_match) = (0.0, 0.0, 0.0);
+    let extreme = pick.and_then(|i| pick_extremeness(&opts, i));
     if let Some(i) = pick {
         let lens: Vec<usize> = opts.iter().map(|o| o.chars().count()).collect();
         let li = lens[i];
@@ -316,7 +319,37 @@ pub fn text_features(prompt: &str, answer: &str) -> [f32; TEXT_FEATURES] {
         dup_ratio(grams),
         flag(approx),
         opts.len().min(10) as f32 / 10.0,
+        flag(extreme.is_some()),
+        extreme.unwrap_or(0.0),
     ]
+}
+
+/// Where the picked option's value sits among the options' values, when there are at least
+/// four options and each is a distinct number (its first, commas dropped): 0 in the middle, 1
+/// at either end; None otherwise. Why: benchmarks that generate numeric distractors spread
+/// them around the key. In MMLU-Pro's train prompts with numeric options the key is one of
+/// the two middle values of ten in half of them and one of the four end values in 8% (40% by
+/// chance), so an answer that picked an end value is usually wrong (gemini-1.5-pro: 23% pass
+/// against 79% for a middle one). Traffic where that does not hold re-weighs it in
+/// calibration's verifier re-fit.
+fn pick_extremeness(opts: &[String], pick: usize) -> Option<f32> {
+    if opts.len() < 4 || pick >= opts.len() {
+        return None;
+    }
+    let mut vals = Vec::with_capacity(opts.len());
+    for o in opts {
+        let plain: String = o.chars().filter(|&c| c != ',').collect();
+        let v: f64 = numbers(&plain).first()?.parse().ok()?;
+        vals.push(v);
+    }
+    let below = vals.iter().filter(|&&v| v < vals[pick]).count();
+    let mut sorted = vals;
+    sorted.sort_unstable_by(f64::total_cmp);
+    if sorted.windows(2).any(|w| w[0] == w[1]) {
+        return None;
+    }
+    let mid = (opts.len() - 1) as f32 / 2.0;
+    Some((below as f32 - mid).abs() / mid)
 }
 
 #[cfg(test)]
@@ -426,6 +459,38 @@ mod tests {
         let free = text_features("Write a poem.", "Rain falls.\nRain falls.\nRain falls.");
         assert_eq!(free[0], 0.0);
         assert!((free[10] - 2.0 / 3.0).abs() < 1e-6, "repeated lines");
+    }
+
+    #[test]
+    fn where_a_numeric_pick_sits() {
+        let five = "Options: [\"10 m\", \"2 m\", \"1,000 m\", \"-3 m\", \"7.5 m\"]";
+        let at = |a: &str| {
+            let f = text_features(five, a);
+            (f[14], f[15])
+        };
+        // Sorted: -3 (D), 2 (B), 7.5 (E), 10 (A), 1000 (C); the middle of five is 7.5.
+        assert_eq!(at("The answer is (E)."), (1.0, 0.0), "the middle");
+        assert_eq!(at("The answer is (A)."), (1.0, 0.5));
+        assert_eq!(at("The answer is (C)."), (1.0, 1.0), "1,000 is the largest");
+        assert_eq!(at("The answer is (D)."), (1.0, 1.0), "-3 the smallest");
+        assert_eq!(at("I cannot tell."), (0.0, 0.0), "no pick");
+        // Four options: the two middle ones sit 1/3 from the middle.
+        let four = "Which?\nA) 4\nB) 1\nC) 3\nD) 2\nAnswer:";
+        let f = text_features(four, "D");
+        assert_eq!(f[14], 1.0);
+        assert!((f[15] - 1.0 / 3.0).abs() < 1e-6);
+        // Not applicable: a non-numeric option, a repeated value, fewer than four options.
+        for p in [
+            "Options: [\"1\", \"2\", \"three\", \"4\"]",
+            "Options: [\"1\", \"2\", \"2.0\", \"4\"]",
+            "Options: [\"1\", \"2\", \"3\"]",
+        ] {
+            assert_eq!(
+                text_features(p, "The answer is (A).")[14..],
+                [0.0, 0.0],
+                "{p}"
+            );
+        }
     }
 
     #[test]

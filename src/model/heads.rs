@@ -20,8 +20,9 @@ use super::answer::{self, TEXT_FEATURES};
 use super::trees::Forest;
 use crate::base::{dot, sigmoid};
 
-/// 4: the verifier adds boosted trees and the answer's relative length (3: the pair's text).
-pub const FORMAT: u32 = 4;
+/// 5: the pair's text adds where a numeric pick sits (4: the verifier's boosted trees and the
+/// answer's relative length; 3: the pair's text).
+pub const FORMAT: u32 = 5;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LinearHead {
