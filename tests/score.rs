@@ -61,6 +61,8 @@ fn score_writes_one_row_per_input_in_order_without_needing_labels() {
     rows[3]["response"] = Value::Null;
     rows[7].as_object_mut().unwrap().remove("response");
     rows[9]["response"] = Value::from("  \n");
+    // Not blank to `trim`, but the tokenizer keeps nothing of it: Verify's empty answer.
+    rows[11]["response"] = Value::from("\u{200b}\u{200b}\u{7}");
     let input = dir.path().join("in.jsonl");
     write_jsonl(&input, &rows);
     let out = dir.path().join("out.jsonl");
@@ -84,7 +86,10 @@ fn score_writes_one_row_per_input_in_order_without_needing_labels() {
         assert!((0.0..=1.0).contains(&pr));
         if r.get("response").is_none_or(|v| v.is_null()) {
             assert!(g["p_verify"].is_null(), "no response → null: {g}");
-        } else if r["response"].as_str().is_some_and(|a| a.trim().is_empty()) {
+        } else if r["response"]
+            .as_str()
+            .is_some_and(|a| a.trim().is_empty() || a.starts_with('\u{200b}'))
+        {
             // As the server's Verify: a blank answer never ships.
             assert_eq!(g["p_verify"].as_f64(), Some(0.0), "blank → 0: {g}");
         } else {

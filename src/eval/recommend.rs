@@ -1147,6 +1147,7 @@ mod tests {
             answer_of_row: vec![None; 2 * n],
             answer_emb: Vec::new(),
             answer_truncated: Vec::new(),
+            answer_empty: Vec::new(),
         };
         let before = cross_fitted(&heads, &rows, &f)?.p;
         let mut flipped = rows.clone();

@@ -34,6 +34,8 @@ pub enum Kind {
 pub struct EmbeddedTexts {
     pub emb: Vec<f32>,
     pub truncated: Vec<bool>,
+    /// The tokenizer kept nothing of the text ([CLS] [SEP] alone).
+    pub empty: Vec<bool>,
 }
 
 impl Embedder<'_> {
@@ -50,6 +52,7 @@ impl Embedder<'_> {
             }
         };
         let truncated: Vec<bool> = encoded.iter().map(|e| e.truncated).collect();
+        let empty: Vec<bool> = encoded.iter().map(|e| e.ids.len() <= 2).collect();
         let dim = self.enc.dim();
         // Content-addressed store: one record (text key, embedding) per text, appended, so any
         // later run (another split, a left-out source, eval) reuses what was computed.
@@ -134,7 +137,11 @@ impl Embedder<'_> {
                 .ok_or_else(|| anyhow::anyhow!("{label}: embedding missing after encoding"))?;
             emb.extend_from_slice(v);
         }
-        Ok(EmbeddedTexts { emb, truncated })
+        Ok(EmbeddedTexts {
+            emb,
+            truncated,
+            empty,
+        })
     }
 }
 
@@ -176,6 +183,9 @@ pub struct RowFeatures {
     pub answer_of_row: Vec<Option<usize>>,
     pub answer_emb: Vec<f32>,
     pub answer_truncated: Vec<bool>,
+    /// Per answer: the tokenizer kept nothing of it (zero-width or control characters only),
+    /// which Verify treats as blank.
+    pub answer_empty: Vec<bool>,
 }
 
 impl RowFeatures {
@@ -202,6 +212,7 @@ impl RowFeatures {
             EmbeddedTexts {
                 emb: vec![],
                 truncated: vec![],
+                empty: vec![],
             }
         } else {
             emb.embed(
@@ -217,6 +228,7 @@ impl RowFeatures {
             answer_of_row,
             answer_emb: a.emb,
             answer_truncated: a.truncated,
+            answer_empty: a.empty,
         })
     }
 
@@ -238,7 +250,8 @@ impl RowFeatures {
             })
             .collect();
         let mut aremap = std::collections::HashMap::new();
-        let (mut answer_emb, mut answer_truncated) = (Vec::new(), Vec::new());
+        let (mut answer_emb, mut answer_truncated, mut answer_empty) =
+            (Vec::new(), Vec::new(), Vec::new());
         let answer_of_row = idx
             .iter()
             .map(|&i| {
@@ -247,6 +260,7 @@ impl RowFeatures {
                     answer_emb
                         .extend_from_slice(&self.answer_emb[a * self.dim..(a + 1) * self.dim]);
                     answer_truncated.push(self.answer_truncated[a]);
+                    answer_empty.push(self.answer_empty[a]);
                     answer_truncated.len() - 1
                 }))
             })
@@ -258,6 +272,7 @@ impl RowFeatures {
             answer_of_row,
             answer_emb,
             answer_truncated,
+            answer_empty,
         }
     }
 
@@ -305,8 +320,10 @@ pub fn score_with(heads: &Heads, rows: &[Row], f: &RowFeatures) -> Vec<(f64, Opt
         .map(|(i, r)| {
             let (pf, near) = &parts[f.prompt_of_row[i]];
             let p_route = crate::service::decide::route_p(heads, pf, near.as_ref(), &r.model);
-            // As Verify: a blank answer has nothing to ship, p 0 without reading it.
-            let blank = r.response.as_deref().is_some_and(|a| a.trim().is_empty());
+            // As Verify: a blank answer, or one the tokenizer keeps nothing of, has nothing to
+            // ship: p 0 without reading it.
+            let blank = r.response.as_deref().is_some_and(|a| a.trim().is_empty())
+                || f.answer_of_row[i].is_some_and(|a| f.answer_empty.get(a) == Some(&true));
             let p_verify = if blank {
                 Some(0.0)
             } else {
@@ -1033,6 +1050,7 @@ pub(crate) mod tests {
             answer_of_row: (0..n).map(Some).collect(),
             answer_emb: e.repeat(n),
             answer_truncated: vec![false; n],
+            answer_empty: vec![false; n],
         };
         (rows, f)
     }
