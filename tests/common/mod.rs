@@ -62,15 +62,33 @@ impl Server {
 
     /// [`Self::spawn`] with environment variables set for the server.
     pub fn spawn_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
-        Self::spawn_with(extra, env, Stdio::inherit())
+        Self::spawn_with(extra, env, Stdio::inherit)
     }
 
     /// [`Self::spawn_env`] with the server's stderr (its log) written to `log`.
     pub fn spawn_logged(extra: &[&str], env: &[(&str, &str)], log: std::fs::File) -> Server {
-        Self::spawn_with(extra, env, log.into())
+        Self::spawn_with(extra, env, || {
+            log.try_clone()
+                .map_or_else(|_| Stdio::inherit(), Stdio::from)
+        })
     }
 
-    fn spawn_with(extra: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Server {
+    /// The metrics port is picked free before the server binds it, so another test can take
+    /// it in between; a server that exits before printing its address is started again on
+    /// another port (three tries), one still running without it is killed and fails.
+    fn spawn_with(extra: &[&str], env: &[(&str, &str)], stderr: impl Fn() -> Stdio) -> Server {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Self::try_spawn(extra, env, stderr()) {
+                Ok(s) => return s,
+                Err(why) if tries < 3 => eprintln!("tiergate exited at start ({why}); again"),
+                Err(why) => panic!("tiergate did not print its address: {why}"),
+            }
+        }
+    }
+
+    fn try_spawn(extra: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Result<Server, String> {
         let root = env!("CARGO_MANIFEST_DIR");
         assert!(
             std::path::Path::new(root)
@@ -112,15 +130,22 @@ impl Server {
             _ => None,
         };
         let Some(addr) = addr.map(str::to_string) else {
+            // Its stdout closes a moment before its exit status can be read.
+            for _ in 0..20 {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(format!("{status}, read {line:?}"));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
             let _ = child.kill();
             let _ = child.wait();
             panic!("tiergate did not print its address: {line:?}");
         };
-        Server {
+        Ok(Server {
             child,
             addr,
             metrics,
-        }
+        })
     }
 
     pub async fn client(&self) -> RouterClient<Channel> {
