@@ -1062,6 +1062,47 @@ pub(crate) mod tests {
         )))
     }
 
+    /// The shipped verifier learned where a numeric pick sits (`answer::pick_extremeness`):
+    /// the same answer picking option C, whose value is the middle one of ten or the largest,
+    /// with everything else alike (option lengths, letter, embeddings), is rated lower at the
+    /// end, for a strong and a weak MMLU-Pro model.
+    #[test]
+    fn an_end_value_pick_is_rated_lower_than_a_middle_one() -> Result<()> {
+        let h = trained_heads()?;
+        let options = |c: u32| {
+            let v: Vec<String> = (0..10u32)
+                .map(|i| match i {
+                    2 => format!("\"{c} J\""),
+                    i if i < 5 => format!("\"{} J\"", 10 + i),
+                    i => format!("\"{} J\"", 40 + i),
+                })
+                .collect();
+            format!(
+                "A 2 kg mass falls 1 m. Energy?\nOptions: [{}]",
+                v.join(", ")
+            )
+        };
+        // Option C is 25 (four values below it, five above: the middle) or 99 (the largest);
+        // every option is as long, and the answer names none of their numbers.
+        let (middle, end) = (options(25), options(99));
+        let answer = "E = mgh = 2 * 9.8 * 1 = 19.6 J. The answer is (C).";
+        let emb: Vec<f32> = (0..h.dim).map(|i| ((i % 7) as f32 - 3.0) / 40.0).collect();
+        for model in ["gemini-1.5-pro-002", "Mistral-7B-v0.1"] {
+            let p = |prompt: &str| {
+                let a = AnswerInput {
+                    text: answer,
+                    prompt,
+                    embedding: &emb,
+                    truncated: false,
+                };
+                h.verify_p(model, &emb, &a)
+            };
+            let (pm, pe) = (p(&middle), p(&end));
+            assert!(pe < pm - 0.05, "{model}: middle {pm:.3}, end {pe:.3}");
+        }
+        Ok(())
+    }
+
     fn verifier_auroc(h: &Heads, rows: &[Row], f: &RowFeatures) -> f64 {
         let s = score_with(h, rows, f);
         let p: Vec<f64> = s.iter().map(|(_, v)| v.unwrap_or(0.0)).collect();
