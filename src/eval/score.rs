@@ -15,7 +15,7 @@ use super::data::{read_rows, Row};
 use super::fit;
 use crate::config::{Config, Precision};
 use crate::model::heads::{self, AnswerInput, Heads, LinearHead, ModelInfo, VerifierHead};
-use crate::model::tokenize::TruncSide;
+use crate::model::tokenize::{kept_nothing, TruncSide};
 use crate::pipeline::TextPipeline;
 
 /// Embeds texts through the encoder's batcher, with an on-disk cache keyed by the encoder
@@ -34,7 +34,7 @@ pub enum Kind {
 pub struct EmbeddedTexts {
     pub emb: Vec<f32>,
     pub truncated: Vec<bool>,
-    /// The tokenizer kept nothing of the text ([CLS] [SEP] alone).
+    /// The tokenizer kept nothing of the text (`tokenize::kept_nothing`).
     pub empty: Vec<bool>,
 }
 
@@ -52,7 +52,7 @@ impl Embedder<'_> {
             }
         };
         let truncated: Vec<bool> = encoded.iter().map(|e| e.truncated).collect();
-        let empty: Vec<bool> = encoded.iter().map(|e| e.ids.len() <= 2).collect();
+        let empty: Vec<bool> = encoded.iter().map(|e| kept_nothing(e.ids.len())).collect();
         let dim = self.enc.dim();
         // Content-addressed store: one record (text key, embedding) per text, appended, so any
         // later run (another split, a left-out source, eval) reuses what was computed.

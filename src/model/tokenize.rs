@@ -39,6 +39,13 @@ pub enum TruncSide {
     Tail,
 }
 
+/// Whether a single text encoded to `tokens` tokens kept nothing of it: `[CLS] [SEP]` alone
+/// (a blank text, or one of characters the tokenizer drops: zero-width, control). Verify and
+/// `score` treat such an answer as empty.
+pub fn kept_nothing(tokens: usize) -> bool {
+    tokens <= 2
+}
+
 /// One encoded sequence, special tokens included.
 #[derive(Debug, Clone)]
 pub struct Encoded {

@@ -32,6 +32,7 @@ use crate::batch::Priority;
 use crate::config::{Config, Overrides};
 use crate::metrics as m;
 use crate::model::heads::AnswerInput;
+use crate::model::tokenize::kept_nothing;
 use crate::model::{Heads, TruncSide};
 use crate::pipeline::{EncodedInput, FastEncoded, Input, TextPipeline};
 use crate::policy;
@@ -415,8 +416,8 @@ impl Service {
             );
             let (pe, ae) = tokio::join!(encode_prompt, encode_answer);
             // An answer of characters the tokenizer drops (zero-width, control) is as empty
-            // as a blank one: [CLS] [SEP] alone.
-            (pe?, Some(ae?).filter(|a| a.enc_len > 2))
+            // as a blank one.
+            (pe?, Some(ae?).filter(|a| !kept_nothing(a.enc_len)))
         };
         let p = ae.as_ref().map_or(0.0, |ae| {
             verify_p(&d.heads, &model.head, &q.prompt, &q.answer, &pe, ae)
