@@ -796,6 +796,30 @@ impl Config {
         if self.drain.timeout_s == 0 {
             bail!("drain.timeout_s must be > 0");
         }
+        // Timers add a duration to the clock unchecked (hyper's header timeout, tokio's
+        // interval): a huge value meant as "no limit" would panic in a connection or in the
+        // re-fit task, not here. A year is far past any real timeout.
+        for (k, v) in [
+            ("max_connection_age_s", self.max_connection_age_s),
+            ("health.batch_watchdog_s", self.health.batch_watchdog_s),
+            ("drain.lame_duck_s", self.drain.lame_duck_s),
+            ("drain.timeout_s", self.drain.timeout_s),
+            ("feedback.refit_interval_s", self.feedback.refit_interval_s),
+            ("gateway.timeout_s", self.gateway.timeout_s),
+            ("gateway.head_timeout_s", self.gateway.head_timeout_s),
+            (
+                "batch.max_queue_delay_ms",
+                self.batch.max_queue_delay_ms / 1000,
+            ),
+            (
+                "gateway.ext_proc_route_ms",
+                self.gateway.ext_proc_route_ms / 1000,
+            ),
+        ] {
+            if v > MAX_DURATION_S {
+                bail!("{k} is above a year ({MAX_DURATION_S} s); use 0 where it means \"never\"");
+            }
+        }
         let b = &self.batch;
         for (k, v) in [
             ("batch.max_batch_tokens", b.max_batch_tokens),
@@ -1030,6 +1054,9 @@ fn upstream_ok(model: &str, u: &UpstreamConfig) -> Result<()> {
     Ok(())
 }
 
+/// The longest duration any setting may name (365 days).
+pub const MAX_DURATION_S: u64 = 365 * 24 * 3600;
+
 fn unit(key: &str, v: f64) -> Result<()> {
     if !(0.0..=1.0).contains(&v) {
         bail!("{key} = {v} must be in [0, 1]");
@@ -1110,6 +1137,19 @@ mod tests {
             assert!(with(|c| c.policy.fast_path_stability = Some(bad))
                 .contains("policy.fast_path_stability"));
         }
+        // Past a year a timer's unchecked clock arithmetic could panic at run time.
+        let year = MAX_DURATION_S;
+        assert!(with(|c| c.gateway.head_timeout_s = u64::MAX).contains("gateway.head_timeout_s"));
+        assert!(
+            with(|c| c.feedback.refit_interval_s = year + 1).contains("feedback.refit_interval_s")
+        );
+        assert!(with(|c| c.max_connection_age_s = u64::MAX).contains("max_connection_age_s"));
+        assert!(with(|c| c.batch.max_queue_delay_ms = u64::MAX).contains("max_queue_delay_ms"));
+        assert!(with(|c| c.gateway.ext_proc_route_ms = u64::MAX).contains("ext_proc_route_ms"));
+        let mut c = Config::embedded().unwrap();
+        c.gateway.head_timeout_s = year;
+        c.health.batch_watchdog_s = year;
+        c.validate().unwrap();
         assert!(with(|c| c.catalog.clear()).contains("catalog is empty"));
         assert!(with(|c| c.catalog[0].in_usd_per_mtok = -1.0).contains("in_usd_per_mtok"));
         assert!(with(|c| {

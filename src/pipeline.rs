@@ -47,7 +47,7 @@ impl Backlog {
     fn admit(self: &Arc<Self>, bytes: usize) -> Option<Admitted> {
         self.bytes
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                (used + bytes <= self.cap).then_some(used + bytes)
+                used.checked_add(bytes).filter(|&n| n <= self.cap)
             })
             .ok()?;
         metrics::gauge!(m::TOKENIZE_BACKLOG).increment(bytes as f64);

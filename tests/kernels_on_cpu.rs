@@ -445,6 +445,22 @@ fn wordpiece_kernel_on_the_cpu_equals_the_reference_on_dev_texts() {
     );
 }
 
+/// Heads of another width are refused with an error, not read out of bounds (the router
+/// check projects 384-wide embeddings through them).
+#[test]
+fn heads_of_another_width_are_refused() {
+    let Some(k) = CpuKernels::build() else {
+        return;
+    };
+    let mut h = heads();
+    h.dim = 128;
+    let e = kernel_check::kernel_checks(&k, &h, None)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("dim 128"), "{e}");
+}
+
 /// The stand-in can fail: kernels with deliberate bugs (LayerNorm variance over h - 1, the
 /// attention scores 1% off, one letter lowercased wrong) must fail the same checks.
 #[test]

@@ -222,6 +222,17 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
 
     // Each kernel against its CPU reference, on synthetic data.
     let heads = crate::model::heads::Heads::load(&a.heads)?;
+    // As every offline command and the server: heads of another width would be read out of
+    // bounds.
+    if heads.dim != model.dim() {
+        bail!(
+            "{}: heads have dim {} but the encoder in {} has {}",
+            a.heads.display(),
+            heads.dim,
+            dir.display(),
+            model.dim()
+        );
+    }
     let tok_path = a.model_dir.join("tokenizer.json");
     let table = if tok_path.exists() {
         Some(WordPieceTable::from_file(&tok_path)?)

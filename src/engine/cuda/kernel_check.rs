@@ -179,6 +179,12 @@ pub fn kernel_checks(
 ) -> Result<Vec<KernelCheck>> {
     let mut out = Vec::new();
     let (h, eps) = (384usize, 1e-12f32);
+    // The router check reads `h`-wide embeddings through the heads' projection.
+    ensure!(
+        heads.dim == h,
+        "the kernel checks run at width {h}; these heads have dim {}",
+        heads.dim
+    );
     let gamma: Vec<f32> = values(h, 1, 0.5).iter().map(|v| 1.0 + v).collect();
     let beta = values(h, 2, 0.1);
 
