@@ -817,7 +817,7 @@ impl Config {
             ),
         ] {
             if v > MAX_DURATION_S {
-                bail!("{k} is above a year ({MAX_DURATION_S} s); use 0 where it means \"never\"");
+                bail!("{k} is above a year ({MAX_DURATION_S} s)");
             }
         }
         let b = &self.batch;
