@@ -799,25 +799,31 @@ impl Config {
         // Timers add a duration to the clock unchecked (hyper's header timeout, tokio's
         // interval): a huge value meant as "no limit" would panic in a connection or in the
         // re-fit task, not here. A year is far past any real timeout.
-        for (k, v) in [
-            ("max_connection_age_s", self.max_connection_age_s),
-            ("health.batch_watchdog_s", self.health.batch_watchdog_s),
-            ("drain.lame_duck_s", self.drain.lame_duck_s),
-            ("drain.timeout_s", self.drain.timeout_s),
-            ("feedback.refit_interval_s", self.feedback.refit_interval_s),
-            ("gateway.timeout_s", self.gateway.timeout_s),
-            ("gateway.head_timeout_s", self.gateway.head_timeout_s),
+        for (k, v, unit_per_s) in [
+            ("max_connection_age_s", self.max_connection_age_s, 1),
+            ("health.batch_watchdog_s", self.health.batch_watchdog_s, 1),
+            ("drain.lame_duck_s", self.drain.lame_duck_s, 1),
+            ("drain.timeout_s", self.drain.timeout_s, 1),
+            (
+                "feedback.refit_interval_s",
+                self.feedback.refit_interval_s,
+                1,
+            ),
+            ("gateway.timeout_s", self.gateway.timeout_s, 1),
+            ("gateway.head_timeout_s", self.gateway.head_timeout_s, 1),
             (
                 "batch.max_queue_delay_ms",
-                self.batch.max_queue_delay_ms / 1000,
+                self.batch.max_queue_delay_ms,
+                1000,
             ),
             (
                 "gateway.ext_proc_route_ms",
-                self.gateway.ext_proc_route_ms / 1000,
+                self.gateway.ext_proc_route_ms,
+                1000,
             ),
         ] {
-            if v > MAX_DURATION_S {
-                bail!("{k} is above a year ({MAX_DURATION_S} s)");
+            if v > MAX_DURATION_S * unit_per_s {
+                bail!("{k} = {v} is above a year ({MAX_DURATION_S} s)");
             }
         }
         let b = &self.batch;
@@ -954,6 +960,14 @@ impl Config {
             if v == 0 {
                 bail!("{k} must be > 0");
             }
+        }
+        // The front bounds a request's deadline by a day (`gateway::http::deadline`): say so
+        // here rather than cut a longer setting short without a word.
+        if g.timeout_s > 86_400 {
+            bail!(
+                "gateway.timeout_s = {} must be at most 86400 (a day)",
+                g.timeout_s
+            );
         }
         // Far above any real load; a semaphore cannot count past usize::MAX >> 3.
         for (k, v) in [
@@ -1144,11 +1158,15 @@ mod tests {
             with(|c| c.feedback.refit_interval_s = year + 1).contains("feedback.refit_interval_s")
         );
         assert!(with(|c| c.max_connection_age_s = u64::MAX).contains("max_connection_age_s"));
-        assert!(with(|c| c.batch.max_queue_delay_ms = u64::MAX).contains("max_queue_delay_ms"));
+        assert!(with(|c| c.gateway.timeout_s = 86_401).contains("at most 86400"));
+        assert!(
+            with(|c| c.batch.max_queue_delay_ms = year * 1000 + 1).contains("max_queue_delay_ms")
+        );
         assert!(with(|c| c.gateway.ext_proc_route_ms = u64::MAX).contains("ext_proc_route_ms"));
         let mut c = Config::embedded().unwrap();
         c.gateway.head_timeout_s = year;
         c.health.batch_watchdog_s = year;
+        c.batch.max_queue_delay_ms = year * 1000;
         c.validate().unwrap();
         assert!(with(|c| c.catalog.clear()).contains("catalog is empty"));
         assert!(with(|c| c.catalog[0].in_usd_per_mtok = -1.0).contains("in_usd_per_mtok"));

@@ -212,18 +212,9 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
         (a.model_dir.clone(), None)
     };
     let model = Arc::new(MiniLm::load(&dir).with_context(|| format!("loading {}", dir.display()))?);
-    let t0 = std::time::Instant::now();
-    let mut gpu = CudaBackend::new(model.clone(), &dir)?;
-    println!(
-        "cuda backend on {} ready in {:.2}s (NVRTC compile + weight upload)",
-        gpu.device_name(),
-        t0.elapsed().as_secs_f64()
-    );
-
-    // Each kernel against its CPU reference, on synthetic data.
     let heads = crate::model::heads::Heads::load(&a.heads)?;
-    // As every offline command and the server: heads of another width would be read out of
-    // bounds.
+    // Before any GPU work. As every offline command and the server do: heads of another
+    // width would be read out of bounds.
     if heads.dim != model.dim() {
         bail!(
             "{}: heads have dim {} but the encoder in {} has {}",
@@ -233,6 +224,15 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
             model.dim()
         );
     }
+    let t0 = std::time::Instant::now();
+    let mut gpu = CudaBackend::new(model.clone(), &dir)?;
+    println!(
+        "cuda backend on {} ready in {:.2}s (NVRTC compile + weight upload)",
+        gpu.device_name(),
+        t0.elapsed().as_secs_f64()
+    );
+
+    // Each kernel against its CPU reference, on synthetic data.
     let tok_path = a.model_dir.join("tokenizer.json");
     let table = if tok_path.exists() {
         Some(WordPieceTable::from_file(&tok_path)?)
