@@ -5,7 +5,8 @@ verifier's within-model ranking?
 - `arith`: worked arithmetic re-computed (the issue's "re-compute the arithmetic in worked
   solutions"). Every `lhs = n` (or `\\approx`, `≈`) whose left side is plain arithmetic over
   numbers (+ - * / × ÷ \\times \\cdot and brackets, read leftwards from the `=` only across
-  those characters, so `1 - 298/352.5 = 0.154` is read whole) is evaluated; a step is wrong
+  those characters, so `1 - 298/352.5 = 0.154` is read whole) is evaluated, unless a word runs
+  into it (`x2 + 1`) or it is a variable's term (`x * 3 = 6`); a step is wrong
   when its value misses n by more than 2% and more than half a unit of n's last digit. Steps
   next to an exponent, a percent sign, a unit fraction or a variable are skipped. Indicators:
   a wrong step, any checked step, the share of wrong steps.
@@ -56,16 +57,25 @@ def check(text):
     for m in re.finditer(r"=|\\approx|≈", text):
         i = m.start()
         j = lhs_start(text, i)
+        if text[j:j + 1] == "(" and text[j - 1:j] == "\\":
+            j += 1  # LaTeX's `\(` opens the math, not a bracket
+        k = j
+        while k < i and text[k] in " \t":
+            k += 1
         pre = text[j - 1:j] if j > 0 else ""
-        if pre and (pre.isalnum() or pre in "^_{.\\}"):
+        first = text[k:k + 1]
+        if first in "+*/×÷" or (first in "-−" and pre.isalnum()):
+            continue  # a variable's term: `x * 3 = 6`, `x - 3 = 2`
+        if k == j and pre and (pre.isalnum() or pre in "^_{.\\}"):
             continue  # a variable, an exponent or a subscript runs into it
         r = RHS.match(text, m.end())
         if not r or SKIP_AFTER.match(text[r.end():r.end() + 12]):
             continue
         e = (text[j:i].replace("\\times", "*").replace("\\cdot", "*").replace("×", "*")
              .replace("÷", "/").replace("−", "-").replace(",", "").strip())
-        if not re.search(r"\d\s*[-+*/]\s*\(?\s*\d", e) or e.count("(") != e.count(")") or len(e) > 80:
-            continue
+        if (not re.search(r"\d\s*[-+*/]\s*\(?\s*\d", e) or e.count("(") != e.count(")")
+                or len(e) > 80 or "**" in e):
+            continue  # `**`: Markdown bold or a power, not a product
         try:
             v = eval(e, {"__builtins__": {}})  # digits, operators and brackets only
         except Exception:

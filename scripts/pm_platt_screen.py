@@ -8,6 +8,7 @@ a Gaussian pull (weight PM_L2, default 1) towards a = 1, b = 0; applied to the u
 rows' p, and the protocol run as it stands on them.
 
 usage: WORK=... BIN=... python3 scripts/pm_platt_screen.py [protocol.py's arguments]
+       (output tag pm-platt-l2-<PM_L2>-seed<N> unless --tag is given)
 needs: numpy. Compare its protocol.json with a plain protocol.py run of the same seed.
 """
 import json, math, os, subprocess, sys
@@ -28,22 +29,47 @@ def fit(z, y, l2):
     return a,b
 def patched(src, cal, uncal, a):
     got, info = orig(src, cal, uncal, a)
-    out = os.path.join(a.work, 'cache', f'{src}-{a.data_tag}-{a.heads_md5[:12]}-{P.file_md5(a.bin)[:8]}-calself.jsonl')
-    if not os.path.exists(out):
-        split = os.path.join(a.work, 'splits', f'{src}-{a.data_tag}')
-        cmd=[a.bin,'score','--heads',a.heads,'--data',os.path.join(split,'cal.jsonl'),'--calibration',os.path.join(split,'cal.jsonl'),'--out',out,'--cache-dir',os.path.join(P.ROOT,'models','cache')]
-        subprocess.run(cmd, cwd=P.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-    cs=[json.loads(l) for l in open(out)]
-    by={}
-    for r,s in zip(cal,cs):
-        if s.get('p_verify') is None or r['score'] is None: continue
-        by.setdefault(r['model'],([],[]))
-        by[r['model']][0].append(lg(s['p_verify'])); by[r['model']][1].append(float(r['score']>=0.5))
-    params={m:fit(np.array(z),np.array(y),L2) for m,(z,y) in by.items() if len(z)>=20}
-    P.log(f"{src}: per-model platt {[(m[:12],round(a,2),round(b,2)) for m,(a,b) in params.items() if m in ['Mistral-7B-v0.1','gemma-7b','gemini-1.5-flash-002','gemini-1.5-pro-002','mistralai/mistral-7b-chat','mistralai/mixtral-8x7b-chat','gpt-4-1106-preview']]}")
-    for r,g in zip(uncal,got):
-        if g.get('p_verify') is not None and g['p_verify']>0 and r['model'] in params:
-            a_,b_=params[r['model']]; g['p_verify']=1/(1+math.exp(-(a_*lg(g['p_verify'])+b_)))
+    if a.no_calibration:
+        sys.exit("pm_platt_screen: the scaling sits on calibrated p; drop --no-calibration")
+    mode = "-nomem" if a.no_memory else ""
+    out = os.path.join(a.work, "cache", f"{src}-{a.data_tag}-{a.heads_md5[:12]}-"
+                       f"{P.file_md5(a.bin)[:8]}-calself{mode}.jsonl")
+    want = [(r["prompt_id"], r["model"]) for r in cal]
+    cs = [json.loads(l) for l in open(out)] if os.path.exists(out) else None
+    if cs is None or [(g["prompt_id"], g["model"]) for g in cs] != want:
+        cal_p = os.path.join(a.work, "splits", f"{src}-{a.data_tag}", "cal-self.jsonl")
+        os.makedirs(os.path.dirname(cal_p), exist_ok=True)
+        P.write_jsonl(cal_p, cal)
+        cmd = [a.bin, "score", "--heads", a.heads, "--data", cal_p, "--calibration", cal_p,
+               "--out", out, "--cache-dir", os.path.join(P.ROOT, "models", "cache")]
+        if a.no_memory:
+            cmd.append("--no-memory")
+        subprocess.run(cmd, cwd=P.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       check=True)
+        cs = [json.loads(l) for l in open(out)]
+        if [(g["prompt_id"], g["model"]) for g in cs] != want:
+            sys.exit(f"{src}: {out} does not match the calibration rows")
+    by = {}
+    for r, s in zip(cal, cs):
+        if s.get("p_verify") is None or r["score"] is None:
+            continue
+        z, y = by.setdefault(r["model"], ([], []))
+        z.append(lg(s["p_verify"]))
+        y.append(float(r["score"] >= 0.5))
+    params = {m: fit(np.array(z), np.array(y), L2) for m, (z, y) in by.items() if len(z) >= 20}
+    P.log(f"{src}: per-model Platt (a, b) "
+          f"{ {m: (round(float(pa), 2), round(float(pb), 2)) for m, (pa, pb) in params.items()} }")
+    for r, g in zip(uncal, got):
+        if g.get("p_verify") is not None and g["p_verify"] > 0 and r["model"] in params:
+            pa, pb = params[r["model"]]
+            g["p_verify"] = 1 / (1 + math.exp(-(pa * lg(g["p_verify"]) + pb)))
     return got, info
+
+
 P.score_rows = patched
+# Its own tag by default: a plain protocol.py run's protocol.json in the same WORK is the
+# baseline to compare with, not to overwrite.
+if "--tag" not in sys.argv:
+    seed = next((sys.argv[i + 1] for i, x in enumerate(sys.argv[:-1]) if x == "--seed"), "0")
+    sys.argv += ["--tag", f"pm-platt-l2-{L2:g}-seed{seed}"]
 P.main()
