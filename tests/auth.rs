@@ -30,14 +30,14 @@ async fn only_known_bearer_tokens_get_in_and_health_stays_open() {
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, format!("# API tokens\n\n{FILE_TOKEN}\n")).unwrap();
     // The front needs a model with an upstream to start; /v1/models never calls it.
-    let http = format!("127.0.0.1:{}", common::free_port());
     let mut c = tiergate::config::Config::embedded().unwrap();
     c.catalog[0].upstream = Some(tiergate::config::UpstreamConfig {
         base_url: "http://127.0.0.1:9/v1".into(),
         model: None,
         api_key_env: None,
     });
-    c.gateway.http_listen = http.clone();
+    // Port 0: the server prints the port it bound.
+    c.gateway.http_listen = "127.0.0.1:0".into();
     c.auth.tokens_file = Some(tokens.clone());
     c.auth.tokens_env = Some("TIERGATE_TEST_TOKENS".into());
     let config = dir.path().join("tiergate.toml");
@@ -48,6 +48,7 @@ async fn only_known_bearer_tokens_get_in_and_health_stays_open() {
     );
     // Health needs no token: this is what a kubelet's gRPC probe does.
     s.ready().await;
+    let http = s.http_addr();
 
     let mut c = s.client().await;
     for (token, why) in [

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use common::upstream::{self, Stub};
-use common::{free_port, Server};
+use common::Server;
 use serde_json::{json, Value};
 use tiergate::config::{Config, ConsensusConfig, GatewayPolicy, UpstreamConfig, VerifyMode};
 
@@ -124,8 +124,8 @@ async fn front(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> Front {
-    let http = format!("127.0.0.1:{}", free_port());
-    let mut cfg = config(stub, &http);
+    // Port 0: the server prints the port it bound (no race with another test for it).
+    let mut cfg = config(stub, "127.0.0.1:0");
     tweak(&mut cfg);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiergate.toml");
@@ -136,6 +136,7 @@ async fn front(
     all_env.extend_from_slice(env);
     let srv = Server::spawn_env(&all, &all_env);
     srv.ready().await;
+    let http = srv.http_addr();
     Front {
         srv,
         http,
@@ -1021,8 +1022,7 @@ fn a_front_without_upstreams_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_front_logs_and_counts_each_request() {
     let stub = Stub::start("stub").await;
-    let http = format!("127.0.0.1:{}", free_port());
-    let cfg = config(&stub, &http);
+    let cfg = config(&stub, "127.0.0.1:0");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiergate.toml");
     std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
@@ -1037,6 +1037,7 @@ async fn the_front_logs_and_counts_each_request() {
         std::fs::File::create(&log_path).unwrap(),
     );
     srv.ready().await;
+    let http = srv.http_addr();
     let url = format!("http://{http}/v1/chat/completions");
     let web = reqwest::Client::new();
     let post = |id: &'static str, body: String| {

@@ -111,6 +111,13 @@ pub async fn start(
             .await
             .with_context(|| format!("binding gateway.http_listen {addr}"))?;
         let local = listener.local_addr()?;
+        // After the gRPC port's line, as that one: tests and scripts read it to find an
+        // ephemeral port (`http_listen` port 0). Written, not println!: a reader that stopped
+        // after the first line must not make the start fail.
+        {
+            use std::io::Write;
+            let _ = writeln!(std::io::stdout(), "tiergate http listening on {local}");
+        }
         tracing::info!(%local, "OpenAI-compatible front listening");
         let front = Arc::new(cascade::Front {
             svc: svc.clone(),

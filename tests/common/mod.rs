@@ -25,6 +25,9 @@ pub struct Server {
     child: Child,
     pub addr: String,
     pub metrics: String,
+    /// The server's later stdout lines (the front's address comes after the gRPC port's).
+    lines: std::sync::Mutex<std::sync::mpsc::Receiver<String>>,
+    http: std::sync::OnceLock<String>,
 }
 
 pub fn free_port() -> u16 {
@@ -119,10 +122,18 @@ impl Server {
         // it never comes, so a stalled start fails the test instead of hanging the suite.
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
+        let (later_tx, later_rx) = std::sync::mpsc::channel();
+        // Reads stdout to its end: the first line (or the error) to `tx`, the rest to
+        // `later_tx`, so the server never writes to a closed pipe.
         std::thread::spawn(move || {
+            let mut r = BufReader::new(stdout);
             let mut line = String::new();
-            let read = BufReader::new(stdout).read_line(&mut line).map(|_| line);
+            let read = r.read_line(&mut line).map(|_| line);
             let _ = tx.send(read);
+            for l in r.lines() {
+                let Ok(l) = l else { break };
+                let _ = later_tx.send(l);
+            }
         });
         let line = rx.recv_timeout(Duration::from_secs(180));
         let addr = match &line {
@@ -145,7 +156,31 @@ impl Server {
             child,
             addr,
             metrics,
+            lines: std::sync::Mutex::new(later_rx),
+            http: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The OpenAI-compatible front's address (the server was configured with one, port 0
+    /// for any free port), from the line it prints once bound; within 60 s.
+    pub fn http_addr(&self) -> String {
+        self.http
+            .get_or_init(|| {
+                let rx = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+                let until = Instant::now() + Duration::from_secs(60);
+                loop {
+                    let left = until.saturating_duration_since(Instant::now());
+                    match rx.recv_timeout(left) {
+                        Ok(l) => {
+                            if let Some(a) = l.trim().strip_prefix("tiergate http listening on ") {
+                                return a.to_string();
+                            }
+                        }
+                        Err(e) => panic!("the front's address was not printed: {e}"),
+                    }
+                }
+            })
+            .clone()
     }
 
     pub async fn client(&self) -> RouterClient<Channel> {
