@@ -209,3 +209,35 @@ max_concurrent = 8
         "{m}"
     );
 }
+
+/// Reloads asked for at once run one at a time: while one runs, the others are refused at once
+/// (ABORTED, retry after it) instead of each queueing a blocking thread a cancel cannot stop;
+/// the ones that ran applied, and the count of applied reloads says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_asked_at_once_run_one_at_a_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("tiergate.toml");
+    write(&cfg, tiergate::config::EMBEDDED_DEFAULT);
+    let server = common::Server::spawn(&["--config", cfg.to_str().expect("utf-8")]);
+    server.ready().await;
+    let admin = AdminClient::new(server.channel().await);
+    let calls = (0..32).map(|_| {
+        let mut a = admin.clone();
+        async move { a.reload(proto::ReloadRequest {}).await }
+    });
+    let results = common::within("32 reloads", futures::future::join_all(calls)).await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let aborted = results
+        .iter()
+        .filter(|r| matches!(r, Err(s) if s.code() == tonic::Code::Aborted))
+        .count();
+    assert_eq!(ok + aborted, 32, "{results:?}");
+    assert!(ok >= 1 && aborted >= 1, "{ok} applied, {aborted} refused");
+    let m = server.metrics_text();
+    assert!(
+        m.contains(&format!(
+            "tiergate_reloads_total{{result=\"applied\"}} {ok}"
+        )),
+        "{m}"
+    );
+}

@@ -8,7 +8,21 @@ use crate::proto::{self, admin_server::Admin};
 use crate::service::Service;
 
 pub struct AdminService {
-    pub svc: Arc<Service>,
+    svc: Arc<Service>,
+    /// One Reload or Refit at a time from this port: each runs on a blocking thread that a
+    /// client's cancel cannot stop, so calls that queued behind the one running would pile
+    /// up threads (and delay shutdown's). The one running holds the permit to its end.
+    running: Arc<tokio::sync::Semaphore>,
+}
+
+/// The permit for one Reload or Refit, or ABORTED while another runs (retry after it).
+fn one_at_a_time(
+    running: &Arc<tokio::sync::Semaphore>,
+) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+    running
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| Status::aborted("a reload or re-fit is already running; retry after it"))
 }
 
 #[tonic::async_trait]
@@ -17,10 +31,14 @@ impl Admin for AdminService {
         &self,
         _req: Request<proto::ReloadRequest>,
     ) -> Result<Response<proto::ReloadReply>, Status> {
+        let permit = one_at_a_time(&self.running)?;
         let svc = self.svc.clone();
-        let r = tokio::task::spawn_blocking(move || svc.reload())
-            .await
-            .map_err(|e| Status::internal(format!("reload task: {e}")))?;
+        let r = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            svc.reload()
+        })
+        .await
+        .map_err(|e| Status::internal(format!("reload task: {e}")))?;
         match r {
             Ok(revision) => Ok(Response::new(proto::ReloadReply { revision })),
             Err(e) => Err(to_status(&e)),
@@ -36,17 +54,28 @@ impl Admin for AdminService {
 }
 
 impl AdminService {
+    pub fn new(svc: Arc<Service>) -> Self {
+        AdminService {
+            svc,
+            running: Arc::new(tokio::sync::Semaphore::new(1)),
+        }
+    }
+
     async fn refit_now(&self) -> Result<proto::RefitReply, Status> {
         if !self.svc.decider().cfg.feedback.enabled() {
             return Err(to_status(&crate::service::ServiceError::Disabled(
                 "feedback is disabled: set feedback.overlay in the configuration".into(),
             )));
         }
+        let permit = one_at_a_time(&self.running)?;
         let svc = self.svc.clone();
-        let n = tokio::task::spawn_blocking(move || svc.refit_feedback())
-            .await
-            .map_err(|e| Status::internal(format!("re-fit task: {e}")))?
-            .map_err(|e| to_status(&e))?;
+        let n = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            svc.refit_feedback()
+        })
+        .await
+        .map_err(|e| Status::internal(format!("re-fit task: {e}")))?
+        .map_err(|e| to_status(&e))?;
         Ok(proto::RefitReply {
             models: n as u32,
             revision: self.svc.revision(),

@@ -206,9 +206,9 @@ pub async fn serve_with(
             proto::router_server::RouterServer::new(router)
                 .max_decoding_message_size(grpc::max_request_bytes(&cfg.batch)),
         )
-        .add_service(proto::admin_server::AdminServer::new(admin::AdminService {
-            svc: svc.clone(),
-        }));
+        .add_service(proto::admin_server::AdminServer::new(
+            admin::AdminService::new(svc.clone()),
+        ));
     let drain = async move {
         shutdown.await;
         // Probes see NOT_SERVING first, while the listener still accepts (the lame duck):
