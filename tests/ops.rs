@@ -274,3 +274,25 @@ async fn a_grpc_core_client_has_no_failed_request_across_max_connection_age() {
     );
     assert_eq!(served, Some(ok as f64));
 }
+
+/// The gRPC port bounds the streams one connection may hold (tonic's default is none) and
+/// says so in its HTTP/2 SETTINGS, as a client reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_port_bounds_streams_per_connection() {
+    let srv = common::Server::spawn(&[]);
+    srv.ready().await;
+    let tcp = tokio::net::TcpStream::connect(&srv.addr)
+        .await
+        .expect("connect");
+    let (send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let t0 = Instant::now();
+    let want = tiergate::server::MAX_STREAMS_PER_CONNECTION as usize;
+    // The server's SETTINGS arrive just after the handshake.
+    while send.current_max_send_streams() != want && t0.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(send.current_max_send_streams(), want);
+}

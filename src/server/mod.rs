@@ -45,6 +45,15 @@ pub type Attach = Box<
         + Send,
 >;
 
+/// Concurrent HTTP/2 streams one client connection may hold on the gRPC port (sent in its
+/// SETTINGS; streams past it wait in the client, or go on another connection, as Envoy's
+/// pool does).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+/// How often an idle gRPC connection is pinged (HTTP/2) and probed (TCP keepalive).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+/// A ping unanswered this long closes the connection.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Loads everything, listens, warms up (health NOT_SERVING until then), serves until
 /// `shutdown` resolves, then drains: accepted requests are answered before this returns.
 pub async fn serve(
@@ -185,7 +194,14 @@ pub async fn serve_with(
     // then, not from the start of serving.
     let drain_began = Arc::new(std::sync::OnceLock::new());
     let drain_began_set = drain_began.clone();
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = tonic::transport::Server::builder()
+        // tonic's default is no limit (hyper's own is 200): without one a single connection
+        // can open streams, each holding a partial message, without end.
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        // A peer that vanished without closing (a node lost, a NAT that dropped the flow)
+        // holds its connection and streams until a ping goes unanswered.
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
     if cfg.max_connection_age_s > 0 {
         // At this age tonic sends GOAWAY; the connection closes once its open requests end and
         // the client reconnects, re-resolving, so it reaches new replicas. Not with tonic's
@@ -233,8 +249,9 @@ pub async fn serve_with(
                     .await
             }
             None => {
-                let incoming =
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                let incoming = tonic::transport::server::TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(KEEPALIVE_INTERVAL));
                 served.serve_with_incoming_shutdown(incoming, drain).await
             }
         }
