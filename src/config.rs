@@ -386,6 +386,10 @@ pub struct FeedbackConfig {
     /// Route request ids remembered, so feedback can name a request instead of its prompt.
     #[serde(default = "default_remember")]
     pub remember_requests: usize,
+    /// Bytes of remembered ids and prompts (each prompt runs to `batch.max_input_bytes`);
+    /// the oldest are forgotten past it.
+    #[serde(default = "default_remember_bytes")]
+    pub remember_bytes: usize,
 }
 
 impl Default for FeedbackConfig {
@@ -396,6 +400,7 @@ impl Default for FeedbackConfig {
             min_rows: default_min_rows(),
             max_rows_per_model: default_max_rows(),
             remember_requests: default_remember(),
+            remember_bytes: default_remember_bytes(),
         }
     }
 }
@@ -417,6 +422,9 @@ fn default_max_rows() -> usize {
 }
 fn default_remember() -> usize {
     10000
+}
+fn default_remember_bytes() -> usize {
+    64 << 20
 }
 
 fn default_benchmarks() -> PathBuf {

@@ -57,6 +57,8 @@ impl ModelOutcomes {
 pub struct RequestMemory {
     requests: HashMap<String, String>,
     order: VecDeque<String>,
+    /// Bytes of the ids and prompts held (prompts run to `batch.max_input_bytes` each).
+    bytes: usize,
 }
 
 /// The outcomes feedback keeps in memory (bounded per model by the config) and their journal.
@@ -73,21 +75,24 @@ pub struct FeedbackStore {
 }
 
 impl RequestMemory {
-    /// Remembers a Route's prompt under its request id (the oldest forgotten past `cap`).
-    pub fn remember(&mut self, request_id: &str, prompt: String, cap: usize) {
-        if cap == 0 || request_id.is_empty() {
+    /// Remembers a Route's prompt under its request id; the oldest are forgotten past `cap`
+    /// ids or `cap_bytes` of ids and prompts (a prompt larger than that is not kept).
+    pub fn remember(&mut self, request_id: &str, prompt: String, cap: usize, cap_bytes: usize) {
+        let size = request_id.len() + prompt.len();
+        if cap == 0 || request_id.is_empty() || size > cap_bytes {
             return;
         }
-        if self
-            .requests
-            .insert(request_id.to_string(), prompt)
-            .is_none()
-        {
-            self.order.push_back(request_id.to_string());
+        self.bytes += size;
+        match self.requests.insert(request_id.to_string(), prompt) {
+            Some(old) => self.bytes -= request_id.len() + old.len(),
+            None => self.order.push_back(request_id.to_string()),
         }
-        while self.order.len() > cap {
-            if let Some(old) = self.order.pop_front() {
-                self.requests.remove(&old);
+        while self.order.len() > cap || self.bytes > cap_bytes {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(p) = self.requests.remove(&old) {
+                self.bytes -= old.len() + p.len();
             }
         }
     }
@@ -327,12 +332,33 @@ mod tests {
     fn memory_is_bounded() {
         let (mut st, mut ids) = (FeedbackStore::default(), RequestMemory::default());
         for i in 0..100 {
-            ids.remember(&format!("r{i}"), "p".into(), 10);
+            ids.remember(&format!("r{i}"), "p".into(), 10, usize::MAX);
             st.push("m", outcomes(1, 1.0).remove(0), 7).unwrap();
         }
         assert!(ids.prompt_of("r99").is_some() && ids.prompt_of("r0").is_none());
         assert_eq!((ids.requests.len(), ids.order.len()), (10, 10));
         assert_eq!(st.models["m"].rows.len(), 7);
+    }
+
+    /// Prompts run to `batch.max_input_bytes` each: the remembered ones are bounded by bytes
+    /// too, the oldest forgotten first; one id sent again is counted once.
+    #[test]
+    fn remembered_prompts_are_bounded_by_bytes() {
+        let mut ids = RequestMemory::default();
+        let big = "x".repeat(1000);
+        for i in 0..100 {
+            ids.remember(&format!("r{i:02}"), big.clone(), 10_000, 5_100);
+        }
+        // Five of 1003 bytes fit in 5100.
+        assert_eq!((ids.requests.len(), ids.order.len()), (5, 5));
+        assert_eq!(ids.bytes, 5 * 1003);
+        assert!(ids.prompt_of("r99").is_some() && ids.prompt_of("r94").is_none());
+        ids.remember("r99", "short".into(), 10_000, 5_100);
+        assert_eq!(ids.bytes, 4 * 1003 + 3 + 5);
+        // Larger than the whole budget: not kept, nothing forgotten for it.
+        ids.remember("huge", "y".repeat(6000), 10_000, 5_100);
+        assert!(ids.prompt_of("huge").is_none());
+        assert_eq!(ids.requests.len(), 5);
     }
 
     #[test]

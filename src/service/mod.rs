@@ -315,8 +315,12 @@ impl Service {
             None => decide(&e.embedding)?,
         };
         if let Some(prompt) = remember {
-            self.requests()
-                .remember(&q.request_id, prompt, d.cfg.feedback.remember_requests);
+            self.requests().remember(
+                &q.request_id,
+                prompt,
+                d.cfg.feedback.remember_requests,
+                d.cfg.feedback.remember_bytes,
+            );
         }
         let revision = self.revision_of(&d);
         let d = dec;
