@@ -27,8 +27,47 @@ pub fn ask(model: &str, auto_model: &str) -> Ask {
     }
 }
 
+/// Most JSON values a body may hold (commas and openings outside strings, which bound it).
+/// A parsed value takes tens of bytes (80 with the key order kept), so a body of bare
+/// numbers (`[0,0,…]`) would take some 40 times its size in memory; chat bodies, tools and
+/// schemas included, hold far fewer: their text is in strings.
+pub const MAX_JSON_VALUES: usize = 200_000;
+
+/// How many commas, `[` and `{` the JSON text holds outside strings, counting no further
+/// than `limit + 1`.
+fn structure_count(bytes: &[u8], limit: usize) -> usize {
+    let (mut n, mut in_str, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_str {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_str = false,
+                _ => {}
+            }
+        } else {
+            match b {
+                b'"' => in_str = true,
+                b',' | b'[' | b'{' => {
+                    n += 1;
+                    if n > limit {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    n
+}
+
 /// The body as a JSON object, with its `model`.
 pub fn parse(bytes: &[u8]) -> Result<(Value, String), GatewayError> {
+    if structure_count(bytes, MAX_JSON_VALUES) > MAX_JSON_VALUES {
+        return Err(GatewayError::BadRequest(format!(
+            "the body holds more than {MAX_JSON_VALUES} JSON values"
+        )));
+    }
     let body: Value = serde_json::from_slice(bytes)
         .map_err(|e| GatewayError::BadRequest(format!("the body is not JSON: {e}")))?;
     let model = body
@@ -239,6 +278,26 @@ pub fn finish(mut reply: Value, model: &str, total_cost: f64) -> Value {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A body of bare values is refused before it is parsed; the same count of commas inside
+    /// a string (a long prompt) is not a structure and parses.
+    #[test]
+    fn a_body_of_countless_values_is_refused_before_parsing() {
+        let n = MAX_JSON_VALUES + 10;
+        let many = format!(r#"{{"model":"auto","x":[{}0]}}"#, "0,".repeat(n));
+        let e = parse(many.as_bytes())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("JSON values"), "{e}");
+        let text = format!(
+            r#"{{"model":"auto","messages":[{{"role":"user","content":"{}\\\" ,"}}]}}"#,
+            ",".repeat(n)
+        );
+        let (body, model) = parse(text.as_bytes()).expect("commas in a string are text");
+        assert_eq!(model, "auto");
+        assert!(turns(&body).expect("turns")[0].1.len() > n);
+    }
 
     /// Key order is meaning to a provider: Structured Outputs answer in the schema's order (a
     /// `reasoning` field before `answer`), and tools' parameters read in theirs. A body passed
