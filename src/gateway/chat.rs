@@ -28,8 +28,8 @@ pub fn ask(model: &str, auto_model: &str) -> Ask {
 }
 
 /// Most JSON values a body may hold (commas and openings outside strings, which bound it).
-/// A parsed value takes tens of bytes (80 with the key order kept), so a body of bare
-/// numbers (`[0,0,…]`) would take some 40 times its size in memory; chat bodies, tools and
+/// A parsed value takes tens of bytes, against two for `0,` in the body, so a body of bare
+/// numbers (`[0,0,…]`) would take many times its size in memory; chat bodies, tools and
 /// schemas included, hold far fewer: their text is in strings.
 pub const MAX_JSON_VALUES: usize = 200_000;
 
