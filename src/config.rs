@@ -41,6 +41,10 @@ pub struct Config {
     /// and streams end, so clients reconnect and re-resolve; 0 = never.
     #[serde(default)]
     pub max_connection_age_s: u64,
+    /// gRPC connections open at once; at the cap, more wait in the listen backlog until one
+    /// closes (the HTTP front has its own, `gateway.max_connections`).
+    #[serde(default = "default_grpc_max_connections")]
+    pub max_connections: usize,
     pub batch: BatchConfig,
     pub threads: ThreadsConfig,
     pub policy: PolicyConfig,
@@ -425,6 +429,10 @@ fn default_remember() -> usize {
 }
 fn default_remember_bytes() -> usize {
     64 << 20
+}
+
+fn default_grpc_max_connections() -> usize {
+    4096
 }
 
 fn default_benchmarks() -> PathBuf {
@@ -962,6 +970,7 @@ impl Config {
             ("gateway.max_body_bytes", g.max_body_bytes as u64),
             ("gateway.max_concurrent", g.max_concurrent as u64),
             ("gateway.max_connections", g.max_connections as u64),
+            ("max_connections", self.max_connections as u64),
             ("gateway.head_timeout_s", g.head_timeout_s),
             ("gateway.ext_proc_route_ms", g.ext_proc_route_ms),
         ] {
@@ -981,6 +990,7 @@ impl Config {
         for (k, v) in [
             ("gateway.max_concurrent", g.max_concurrent),
             ("gateway.max_connections", g.max_connections),
+            ("max_connections", self.max_connections),
         ] {
             if v > 1 << 20 {
                 bail!("{k} = {v} must be at most {}", 1 << 20);

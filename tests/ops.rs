@@ -296,3 +296,67 @@ async fn the_grpc_port_bounds_streams_per_connection() {
     }
     assert_eq!(send.current_max_send_streams(), want);
 }
+
+/// A bare HTTP/2 connection to `addr`: its request handle and the task driving it (abort it
+/// to close the connection).
+async fn h2_connect(
+    addr: &str,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<()>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (send, task)
+}
+
+/// Whether the server's SETTINGS (its stream limit) reached `send` within `wait`: a
+/// connection the server serves gets them at once.
+async fn served<B: bytes::Buf>(send: &h2::client::SendRequest<B>, wait: Duration) -> bool {
+    let want = tiergate::server::MAX_STREAMS_PER_CONNECTION as usize;
+    let t0 = Instant::now();
+    while send.current_max_send_streams() != want && t0.elapsed() < wait {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    send.current_max_send_streams() == want
+}
+
+/// At `max_connections` the gRPC port takes no more connections until one closes: a third
+/// client waits in the listen backlog (no SETTINGS) while two are open, and is served once one
+/// of them closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_port_caps_its_connections() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("tiergate.toml");
+    let text = format!(
+        "max_connections = 2\n{}",
+        tiergate::config::EMBEDDED_DEFAULT
+    );
+    std::fs::write(&cfg, text).expect("config");
+    let srv = common::Server::spawn(&["--config", cfg.to_str().expect("utf-8")]);
+    srv.ready().await;
+    let (a, a_task) = h2_connect(&srv.addr).await;
+    assert!(
+        served(&a, Duration::from_secs(10)).await,
+        "first connection"
+    );
+    let (b, _b_task) = h2_connect(&srv.addr).await;
+    assert!(
+        served(&b, Duration::from_secs(10)).await,
+        "second connection"
+    );
+    let (c, _c_task) = h2_connect(&srv.addr).await;
+    assert!(
+        !served(&c, Duration::from_secs(1)).await,
+        "a third connection was served at max_connections = 2"
+    );
+    drop(a);
+    a_task.abort();
+    assert!(
+        served(&c, Duration::from_secs(10)).await,
+        "the third connection was not served once one closed"
+    );
+}

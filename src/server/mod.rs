@@ -6,6 +6,7 @@
 
 mod admin;
 mod auth;
+mod conns;
 mod convert;
 mod grpc;
 mod lifecycle;
@@ -241,17 +242,18 @@ pub async fn serve_with(
         drain_tx.send_replace(true);
         let _ = closed_tx.send(());
     };
+    let max_connections = cfg.max_connections;
     let server = async move {
         match tls {
             Some(tls) => {
-                served
-                    .serve_with_incoming_shutdown(tls::incoming(listener, tls), drain)
-                    .await
+                let incoming = conns::capped(tls::incoming(listener, tls), max_connections);
+                served.serve_with_incoming_shutdown(incoming, drain).await
             }
             None => {
                 let incoming = tonic::transport::server::TcpIncoming::from(listener)
                     .with_nodelay(Some(true))
                     .with_keepalive(Some(KEEPALIVE_INTERVAL));
+                let incoming = conns::capped(incoming, max_connections);
                 served.serve_with_incoming_shutdown(incoming, drain).await
             }
         }

@@ -59,6 +59,10 @@ fn restart_only(old: &Config, new: &Config) -> anyhow::Result<()> {
             "max_connection_age_s",
             old.max_connection_age_s == new.max_connection_age_s,
         ),
+        (
+            "max_connections",
+            old.max_connections == new.max_connections,
+        ),
         // The gateway's listeners, concurrency and connection limits and head timeout are set
         // up at start; its policies, upstreams, timeouts and body limit are read per request
         // and do reload.
