@@ -360,3 +360,49 @@ async fn the_grpc_port_caps_its_connections() {
         "the third connection was not served once one closed"
     );
 }
+
+/// A connection that never sends HTTP/2's preface does not keep its slot: at
+/// `max_connections = 1`, a silent socket is closed after `FIRST_BYTES_WITHIN` and the client
+/// behind it is served (hyper itself sets no limit there, so silent sockets could hold every
+/// slot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_gives_its_slot_back() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("tiergate.toml");
+    let text = format!(
+        "max_connections = 1\n{}",
+        tiergate::config::EMBEDDED_DEFAULT
+    );
+    std::fs::write(&cfg, text).expect("config");
+    let srv = common::Server::spawn(&["--config", cfg.to_str().expect("utf-8")]);
+    srv.ready().await;
+    // Its slot once ready()'s own connection has gone.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut silent = tokio::net::TcpStream::connect(&srv.addr)
+        .await
+        .expect("connect");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (next, _task) = h2_connect(&srv.addr).await;
+    assert!(
+        !served(&next, Duration::from_secs(1)).await,
+        "served beside a connection holding the only slot"
+    );
+    let limit = tiergate::server::FIRST_BYTES_WITHIN + Duration::from_secs(10);
+    assert!(
+        served(&next, limit).await,
+        "the silent connection kept the only slot"
+    );
+    // The server closed it (end of stream or a reset), after its SETTINGS.
+    let mut buf = vec![0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the silent connection is still open");
+}

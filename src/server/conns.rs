@@ -1,22 +1,33 @@
 //! The gRPC port's connection cap: an accepted connection holds a slot until it closes; at the
 //! cap accepting waits, so further clients stay in the listen backlog (as on the HTTP front,
 //! `gateway.max_connections`). Without it every client connection, each with its streams, is
-//! kept.
+//! kept. A connection must send HTTP/2's preface within [`FIRST_BYTES_WITHIN`] of getting its
+//! slot: hyper sets no limit there, and silent sockets would otherwise hold every slot (the
+//! HTTP/2 pings that close dead peers start only after it).
 #![forbid(unsafe_code)]
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::transport::server::Connected;
 
+/// How long a connection given a slot has to send HTTP/2's client preface.
+pub const FIRST_BYTES_WITHIN: Duration = Duration::from_secs(10);
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
+const PREFACE_BYTES: usize = 24;
+
 /// A connection and its slot, given back when the connection is dropped.
 pub struct Held<T> {
     io: T,
     _slot: OwnedSemaphorePermit,
+    /// Until the preface is in: its deadline and the bytes read so far.
+    waiting: Option<(Pin<Box<tokio::time::Sleep>>, usize)>,
 }
 
 /// `incoming` with at most `max` connections open at once. Each connection waits for its slot
@@ -35,7 +46,12 @@ where
                 .acquire_owned()
                 .await
                 .map_err(|_| io::Error::other("connection slots closed"))?;
-            Ok(Held { io, _slot: slot })
+            let deadline = Box::pin(tokio::time::sleep(FIRST_BYTES_WITHIN));
+            Ok(Held {
+                io,
+                _slot: slot,
+                waiting: Some((deadline, 0)),
+            })
         }
     })
 }
@@ -50,11 +66,28 @@ impl<T: Connected> Connected for Held<T> {
 
 impl<T: AsyncRead + Unpin> AsyncRead for Held<T> {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Some((deadline, _)) = &mut this.waiting {
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no HTTP/2 preface in time",
+                )));
+            }
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some((_, got))) = (&r, &mut this.waiting) {
+            *got += buf.filled().len() - before;
+            if *got >= PREFACE_BYTES {
+                this.waiting = None;
+            }
+        }
+        r
     }
 }
 

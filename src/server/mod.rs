@@ -50,6 +50,7 @@ pub type Attach = Box<
 /// SETTINGS; streams past it wait in the client, or go on another connection, as Envoy's
 /// pool does).
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+pub use conns::FIRST_BYTES_WITHIN;
 /// How often an idle gRPC connection is pinged (HTTP/2) and probed (TCP keepalive).
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
 /// A ping unanswered this long closes the connection.

@@ -79,7 +79,16 @@ impl RequestMemory {
     /// ids or `cap_bytes` of ids and prompts (a prompt larger than that is not kept).
     pub fn remember(&mut self, request_id: &str, prompt: String, cap: usize, cap_bytes: usize) {
         let size = request_id.len() + prompt.len();
-        if cap == 0 || request_id.is_empty() || size > cap_bytes {
+        if cap == 0 || request_id.is_empty() {
+            return;
+        }
+        if size > cap_bytes {
+            // Not kept; nor is an earlier prompt under the same id, which Feedback naming it
+            // would otherwise get.
+            if let Some(old) = self.requests.remove(request_id) {
+                self.bytes -= request_id.len() + old.len();
+                self.order.retain(|id| id != request_id);
+            }
             return;
         }
         self.bytes += size;
@@ -359,6 +368,11 @@ mod tests {
         ids.remember("huge", "y".repeat(6000), 10_000, 5_100);
         assert!(ids.prompt_of("huge").is_none());
         assert_eq!(ids.requests.len(), 5);
+        // An id sent again with a prompt too large: its earlier prompt is not answered for it.
+        ids.remember("r99", "y".repeat(6000), 10_000, 5_100);
+        assert!(ids.prompt_of("r99").is_none());
+        assert_eq!((ids.requests.len(), ids.order.len()), (4, 4));
+        assert_eq!(ids.bytes, 4 * 1003);
     }
 
     #[test]
