@@ -324,20 +324,26 @@ async fn served<B: bytes::Buf>(send: &h2::client::SendRequest<B>, wait: Duration
     send.current_max_send_streams() == want
 }
 
-/// At `max_connections` the gRPC port takes no more connections until one closes: a third
-/// client waits in the listen backlog (no SETTINGS) while two are open, and is served once one
-/// of them closes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_grpc_port_caps_its_connections() {
+/// A ready server with `max_connections = max`, and the directory holding its config.
+async fn capped_server(max: usize) -> (common::Server, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("tiergate.toml");
     let text = format!(
-        "max_connections = 2\n{}",
+        "max_connections = {max}\n{}",
         tiergate::config::EMBEDDED_DEFAULT
     );
     std::fs::write(&cfg, text).expect("config");
     let srv = common::Server::spawn(&["--config", cfg.to_str().expect("utf-8")]);
     srv.ready().await;
+    (srv, dir)
+}
+
+/// At `max_connections` the gRPC port takes no more connections until one closes: a third
+/// client waits in the listen backlog (no SETTINGS) while two are open, and is served once one
+/// of them closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_port_caps_its_connections() {
+    let (srv, _dir) = capped_server(2).await;
     let (a, a_task) = h2_connect(&srv.addr).await;
     assert!(
         served(&a, Duration::from_secs(10)).await,
@@ -368,15 +374,7 @@ async fn the_grpc_port_caps_its_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_connection_gives_its_slot_back() {
     use tokio::io::AsyncReadExt;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = dir.path().join("tiergate.toml");
-    let text = format!(
-        "max_connections = 1\n{}",
-        tiergate::config::EMBEDDED_DEFAULT
-    );
-    std::fs::write(&cfg, text).expect("config");
-    let srv = common::Server::spawn(&["--config", cfg.to_str().expect("utf-8")]);
-    srv.ready().await;
+    let (srv, _dir) = capped_server(1).await;
     // Its slot once ready()'s own connection has gone.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut silent = tokio::net::TcpStream::connect(&srv.addr)
