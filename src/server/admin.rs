@@ -15,31 +15,13 @@ pub struct AdminService {
     running: Arc<tokio::sync::Semaphore>,
 }
 
-/// The permit for one Reload or Refit, or ABORTED while another runs (retry after it).
-fn one_at_a_time(
-    running: &Arc<tokio::sync::Semaphore>,
-) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
-    running
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| Status::aborted("a reload or re-fit is already running; retry after it"))
-}
-
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn reload(
         &self,
         _req: Request<proto::ReloadRequest>,
     ) -> Result<Response<proto::ReloadReply>, Status> {
-        let permit = one_at_a_time(&self.running)?;
-        let svc = self.svc.clone();
-        let r = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            svc.reload()
-        })
-        .await
-        .map_err(|e| Status::internal(format!("reload task: {e}")))?;
-        match r {
+        match self.alone("reload", |svc| svc.reload()).await? {
             Ok(revision) => Ok(Response::new(proto::ReloadReply { revision })),
             Err(e) => Err(to_status(&e)),
         }
@@ -61,21 +43,35 @@ impl AdminService {
         }
     }
 
+    /// Runs `job` on a blocking thread, holding the one permit to its end; ABORTED at once
+    /// while another Reload or Refit runs (retry after it).
+    async fn alone<T: Send + 'static>(
+        &self,
+        what: &str,
+        job: impl FnOnce(&Service) -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        let permit = self.running.clone().try_acquire_owned().map_err(|_| {
+            Status::aborted("a reload or re-fit is already running; retry after it")
+        })?;
+        let svc = self.svc.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            job(&svc)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("{what} task: {e}")))
+    }
+
     async fn refit_now(&self) -> Result<proto::RefitReply, Status> {
         if !self.svc.decider().cfg.feedback.enabled() {
             return Err(to_status(&crate::service::ServiceError::Disabled(
                 "feedback is disabled: set feedback.overlay in the configuration".into(),
             )));
         }
-        let permit = one_at_a_time(&self.running)?;
-        let svc = self.svc.clone();
-        let n = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            svc.refit_feedback()
-        })
-        .await
-        .map_err(|e| Status::internal(format!("re-fit task: {e}")))?
-        .map_err(|e| to_status(&e))?;
+        let n = self
+            .alone("re-fit", |svc| svc.refit_feedback())
+            .await?
+            .map_err(|e| to_status(&e))?;
         Ok(proto::RefitReply {
             models: n as u32,
             revision: self.svc.revision(),
