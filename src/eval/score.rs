@@ -929,15 +929,7 @@ pub fn offline_encoder(e: &EncoderArgs, max_answer_tokens: usize) -> Result<Text
 /// agree on it but not on the encoder's revision.
 pub fn encoder_for(e: &EncoderArgs, heads: &Heads, heads_path: &Path) -> Result<TextPipeline> {
     let enc = offline_encoder(e, heads.max_answer_tokens)?;
-    if enc.dim() != heads.dim {
-        anyhow::bail!(
-            "{}: heads have dim {} but the encoder in {} has {}",
-            heads_path.display(),
-            heads.dim,
-            e.model_dir.display(),
-            enc.dim()
-        );
-    }
+    heads.check_width(heads_path, enc.dim(), &e.model_dir)?;
     // Same width, other weights: the heads (and any overlay fitted now) read another
     // embedding space. Said by every offline tool, as the server does at start.
     if !enc.fits_revision(&heads.encoder_revision) {

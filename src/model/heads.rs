@@ -183,6 +183,20 @@ impl Heads {
         Self::from_json(&text).with_context(|| format!("heads {}", path.display()))
     }
 
+    /// Refuses an encoder of another width than these heads (read from `path`) were fitted
+    /// on: their vectors would be read out of bounds. `model_dir` names the encoder.
+    pub fn check_width(&self, path: &Path, encoder_dim: usize, model_dir: &Path) -> Result<()> {
+        if encoder_dim != self.dim {
+            bail!(
+                "{}: heads have dim {} but the encoder in {} has {encoder_dim}",
+                path.display(),
+                self.dim,
+                model_dir.display()
+            );
+        }
+        Ok(())
+    }
+
     /// Heads from the text of a heads file, validated: what [`Self::load`] reads.
     pub fn from_json(text: &str) -> Result<Heads> {
         let h: Heads =

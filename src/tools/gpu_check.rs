@@ -213,17 +213,8 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
     };
     let model = Arc::new(MiniLm::load(&dir).with_context(|| format!("loading {}", dir.display()))?);
     let heads = crate::model::heads::Heads::load(&a.heads)?;
-    // Before any GPU work. As every offline command and the server do: heads of another
-    // width would be read out of bounds.
-    if heads.dim != model.dim() {
-        bail!(
-            "{}: heads have dim {} but the encoder in {} has {}",
-            a.heads.display(),
-            heads.dim,
-            dir.display(),
-            model.dim()
-        );
-    }
+    // Before any GPU work, as every offline command does.
+    heads.check_width(&a.heads, model.dim(), &dir)?;
     let t0 = std::time::Instant::now();
     let mut gpu = CudaBackend::new(model.clone(), &dir)?;
     println!(
