@@ -825,7 +825,6 @@ impl Config {
                 self.feedback.refit_interval_s,
                 1,
             ),
-            ("gateway.timeout_s", self.gateway.timeout_s, 1),
             ("gateway.head_timeout_s", self.gateway.head_timeout_s, 1),
             (
                 "batch.max_queue_delay_ms",
@@ -978,11 +977,12 @@ impl Config {
                 bail!("{k} must be > 0");
             }
         }
-        // The front bounds a request's deadline by a day (`gateway::http::deadline`): say so
-        // here rather than cut a longer setting short without a word.
-        if g.timeout_s > 86_400 {
+        // The front bounds a request's deadline by this (`gateway::http::deadline`): say so
+        // here rather than cut a longer setting short without a word. (It also keeps the
+        // setting under the year every other duration is held to.)
+        if g.timeout_s > MAX_REQUEST_TIMEOUT_S {
             bail!(
-                "gateway.timeout_s = {} must be at most 86400 (a day)",
+                "gateway.timeout_s = {} must be at most {MAX_REQUEST_TIMEOUT_S} (a day)",
                 g.timeout_s
             );
         }
@@ -1088,6 +1088,10 @@ fn upstream_ok(model: &str, u: &UpstreamConfig) -> Result<()> {
 
 /// The longest duration any setting may name (365 days).
 pub const MAX_DURATION_S: u64 = 365 * 24 * 3600;
+
+/// The longest deadline the HTTP front gives a request (a day): `gateway.timeout_s` and a
+/// client's `x-tiergate-timeout-ms` alike.
+pub const MAX_REQUEST_TIMEOUT_S: u64 = 24 * 3600;
 
 fn unit(key: &str, v: f64) -> Result<()> {
     if !(0.0..=1.0).contains(&v) {

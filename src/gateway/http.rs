@@ -136,7 +136,7 @@ fn deadline(headers: &HeaderMap, limit: Duration) -> Instant {
         .map(Duration::from_millis);
     // A day bounds any configured limit, so the instant is always representable.
     let d = asked.map_or(limit, |a| a.min(limit));
-    Instant::now() + d.min(Duration::from_secs(86_400))
+    Instant::now() + d.min(Duration::from_secs(crate::config::MAX_REQUEST_TIMEOUT_S))
 }
 
 fn set(h: &mut HeaderMap, name: &'static str, value: String) {
