@@ -281,20 +281,13 @@ async fn a_grpc_core_client_has_no_failed_request_across_max_connection_age() {
 async fn the_grpc_port_bounds_streams_per_connection() {
     let srv = common::Server::spawn(&[]);
     srv.ready().await;
-    let tcp = tokio::net::TcpStream::connect(&srv.addr)
-        .await
-        .expect("connect");
-    let (send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let t0 = Instant::now();
-    let want = tiergate::server::MAX_STREAMS_PER_CONNECTION as usize;
+    let (send, _task) = h2_connect(&srv.addr).await;
     // The server's SETTINGS arrive just after the handshake.
-    while send.current_max_send_streams() != want && t0.elapsed() < Duration::from_secs(10) {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(send.current_max_send_streams(), want);
+    assert!(served(&send, Duration::from_secs(10)).await);
+    assert_eq!(
+        send.current_max_send_streams(),
+        tiergate::server::MAX_STREAMS_PER_CONNECTION as usize
+    );
 }
 
 /// A bare HTTP/2 connection to `addr`: its request handle and the task driving it (abort it
