@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 
 use super::data::{read_rows, Row};
-use super::score::{encoder_for, Embedder, EncoderArgs, Kind};
+use super::embed::{Embedder, Kind};
+use super::score::{encoder_for, EncoderArgs};
 use super::util::hash_str;
 use crate::model::benchmarks::{BenchmarkFeatures, Benchmarks, BENCHMARKS_FORMAT};
 use crate::model::Heads;

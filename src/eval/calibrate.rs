@@ -7,11 +7,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 
+use super::adapt::adapt;
 use super::data::{read_rows, Row};
+use super::embed::{Embedder, RowFeatures};
 use super::recommend::{
     describe, recommend_floors, Floor, RecommendationFile, RECOMMENDATION_FORMAT,
 };
-use super::score::{adapt, encoder_for, Embedder, EncoderArgs, RowFeatures};
+use super::score::{encoder_for, EncoderArgs};
 use crate::model::overlay::{Overlay, OverlayModel, OVERLAY_FORMAT};
 use crate::model::Heads;
 
@@ -103,7 +105,7 @@ fn describe_thresholds(r: &serde_json::Value) -> String {
         return format!(
             "Verify thresholds: trained table kept: {} ({rows} held-out answers; {} needed)",
             r["why"].as_str().unwrap_or("not re-learned"),
-            super::score::MIN_ROWS_FOR_THRESHOLDS
+            super::adapt::MIN_ROWS_FOR_THRESHOLDS
         );
     }
     let pairs = |v: &serde_json::Value| -> Vec<(f64, f64)> {
@@ -247,7 +249,8 @@ pub fn fit_overlay(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::score::tests::{traffic, trained_heads};
+    use crate::eval::adapt::tests::traffic;
+    use crate::eval::score::tests::trained_heads;
 
     /// An overlay with a re-fitted verifier carries the table it was calibrated with (the
     /// trained one when too few answers re-learned it), so that a later overlay's verifier
@@ -256,7 +259,7 @@ mod tests {
     fn a_refitted_verifier_carries_its_thresholds() -> Result<()> {
         let heads = trained_heads()?;
         let (few, f) = traffic(
-            super::super::score::MIN_ROWS_FOR_THRESHOLDS - 20,
+            super::super::adapt::MIN_ROWS_FOR_THRESHOLDS - 20,
             0,
             heads.dim,
         );

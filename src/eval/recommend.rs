@@ -20,9 +20,11 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Result};
 use serde::Serialize;
 
+use super::adapt::adapt;
 use super::data::Row;
+use super::embed::RowFeatures;
 use super::replay::{covering, MIN_COVERAGE};
-use super::score::{adapt, score_with, RowFeatures};
+use super::score::score_with;
 use super::util::half_of;
 use crate::config::VerifyMode;
 use crate::model::Heads;

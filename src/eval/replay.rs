@@ -13,10 +13,11 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use super::data::{read_rows, Row};
+use super::embed::{Embedder, RowFeatures};
 use super::fit;
 use super::knn::KnnIndex;
 use super::plot;
-use super::score::{encoder_for, score_with, Embedder, EncoderArgs, RowFeatures};
+use super::score::{encoder_for, score_with, EncoderArgs};
 use super::util::{hash_str, judge_gaming};
 use crate::model::heads::Heads;
 pub use crate::service::decide::{cascade_stop, route_pick, utility_pick};

@@ -14,8 +14,9 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use super::data::{read_catalog, read_rows, Row};
+use super::embed::{Embedder, RowFeatures};
 use super::fit::{self, RouterFit, RouterRows};
-use super::score::{offline_encoder, score_with, Embedder, EncoderArgs, RowFeatures};
+use super::score::{offline_encoder, score_with, EncoderArgs};
 use super::util::{hash_str, judge_gaming};
 use crate::model::answer;
 use crate::model::heads::{self, Ability, Heads, LinearHead, ModelInfo, RouterHead, VerifierHead};
