@@ -1310,6 +1310,40 @@ async fn the_front_bounds_its_connections() {
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
 }
 
+/// A provider's reply within `gateway.max_body_bytes` (4 MiB here) but holding more JSON
+/// values than the gateway parses is refused unparsed, like a malformed reply: the next tier
+/// answers. (Parsed, each bare value would have taken tens of bytes: 400 KB of `0,` as much
+/// as several MB of memory, per request.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_of_countless_values_goes_to_the_next_tier() {
+    let stub = Stub::start("stub").await;
+    // The server runs as long as `_srv` is held.
+    let Front {
+        srv: _srv,
+        http,
+        _dir,
+        ..
+    } = front(&stub, |c| c.gateway.max_body_bytes = 4 << 20, &[], &[]).await;
+    let body = json!({"model": "auto:fast", "messages": [{"role": "user", "content": EASY}],
+        "stub": {"case": "values", "answer": {"stub-sonnet": "4"},
+            // Past the gateway's limit of 200,000 (`gateway::chat::MAX_JSON_VALUES`).
+            "values": {"stub-flash": 200_010}}});
+    let r = reqwest::Client::new()
+        .post(format!("http://{http}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let escalations = r.headers().get("x-tiergate-escalations").cloned();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(v["model"], SONNET, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], "4", "{v}");
+    assert_eq!(escalations.as_ref().map(|h| h.as_bytes()), Some(&b"1"[..]));
+    assert_eq!(stub.models("values"), ["stub-flash", "stub-sonnet"]);
+}
+
 /// With gateway.max_concurrent = 1, a second chat completion while one runs is a 429 at once
 /// (with retry-after), and the first still gets its answer; a body that trickles in is a 408
 /// at the client's deadline, and a head that never ends is closed at gateway.head_timeout_s:

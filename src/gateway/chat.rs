@@ -61,15 +61,20 @@ fn structure_count(bytes: &[u8], limit: usize) -> usize {
     n
 }
 
+/// JSON text parsed, unless it holds more than [`MAX_JSON_VALUES`] values (refused before
+/// parsing). Every JSON body the gateway reads goes through here: clients' requests and
+/// providers' replies alike (a reply is read whole, up to `gateway.max_body_bytes`).
+pub fn bounded_json(bytes: &[u8]) -> Result<Value, String> {
+    if structure_count(bytes, MAX_JSON_VALUES) > MAX_JSON_VALUES {
+        return Err(format!("holds more than {MAX_JSON_VALUES} JSON values"));
+    }
+    serde_json::from_slice(bytes).map_err(|e| format!("is not JSON: {e}"))
+}
+
 /// The body as a JSON object, with its `model`.
 pub fn parse(bytes: &[u8]) -> Result<(Value, String), GatewayError> {
-    if structure_count(bytes, MAX_JSON_VALUES) > MAX_JSON_VALUES {
-        return Err(GatewayError::BadRequest(format!(
-            "the body holds more than {MAX_JSON_VALUES} JSON values"
-        )));
-    }
-    let body: Value = serde_json::from_slice(bytes)
-        .map_err(|e| GatewayError::BadRequest(format!("the body is not JSON: {e}")))?;
+    let body =
+        bounded_json(bytes).map_err(|e| GatewayError::BadRequest(format!("the body {e}")))?;
     let model = body
         .get("model")
         .and_then(Value::as_str)

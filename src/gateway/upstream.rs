@@ -170,8 +170,8 @@ impl Upstreams {
             msg,
             billed: billed.map(Box::new),
         };
-        let v: Value =
-            serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}"), None))?;
+        let v =
+            super::chat::bounded_json(&bytes).map_err(|e| bad(format!("the reply {e}"), None))?;
         // A completion has at least one choice; an empty array is no answer at all (retried
         // at the next tier like any malformed reply).
         if v.get("choices")

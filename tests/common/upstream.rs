@@ -2,8 +2,9 @@
 //! SSE streams, and failures on request. A request's `stub` field (passed through by the
 //! gateway like any field it does not read) says what to do: `{"case": name, "answer":
 //! {model: text}, "choices": {model: the reply's whole choices array}, "fail": {model:
-//! status}, "delay_ms": {model: ms}, "break_stream": {model: true or "mid"}}` (a stream that
-//! breaks off after its first frame, or inside it). Every call is recorded.
+//! status}, "delay_ms": {model: ms}, "break_stream": {model: true or "mid"}, "values": {model:
+//! n}}` (a stream that breaks off after its first frame, or inside it; a reply padded with n
+//! bare values). Every call is recorded.
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -185,6 +186,11 @@ async fn handle(
             "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS}});
     if let Some(choices) = stub["choices"].get(&model) {
         reply["choices"] = choices.clone();
+    }
+    // A reply padded with that many bare values (a provider gone wrong; the gateway refuses
+    // to parse one past its value limit).
+    if let Some(n) = stub["values"][&model].as_u64() {
+        reply["padding"] = json!(vec![0u8; n as usize]);
     }
     ([("content-type", "application/json")], reply.to_string()).into_response()
 }
