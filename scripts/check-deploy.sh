@@ -109,6 +109,9 @@ say "tools: hadolint $("$bin/hadolint" --version | grep -o '[0-9][0-9.]*' | head
 pass "hadolint deploy/Dockerfile"
 
 # --- render and validate every overlay ----------------------------------------------------
+# --write: the ConfigMap's copy of tiergate.toml first, so that the manifests rendered below
+# (and committed) carry it.
+[ -n "$write" ] && cp tiergate.toml deploy/k8s/base/tiergate.toml
 for o in "${OVERLAYS[@]}"; do
   name="$(basename "$o")"
   "${kustomize[@]}" "deploy/k8s/$o" > "$work/$name.yaml" || die "kustomize deploy/k8s/$o"

@@ -646,18 +646,43 @@ pub struct Overrides {
     pub drain_timeout_s: Option<u64>,
 }
 
+/// `over` laid over `base`: tables merge recursively, anything else replaces.
+fn lay_over(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => lay_over(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
 impl Config {
     pub fn embedded() -> Result<Config> {
         toml::from_str(EMBEDDED_DEFAULT).context("embedded tiergate.toml")
     }
 
-    /// Embedded default, or the file, with overrides applied, validated.
+    /// A config file's text laid over the embedded default: the file's keys replace the
+    /// default's, tables merge key by key, and lists (`catalog`, `overlays`) replace whole. So
+    /// a file holds only what it changes; a key it leaves out keeps the default's value (not
+    /// the type's, which for `metrics_listen` or `batch.embedding_cache` would switch them off).
+    pub fn over_embedded(text: &str) -> Result<Config> {
+        let file: toml::Table = toml::from_str(text)?;
+        let mut merged: toml::Table =
+            toml::from_str(EMBEDDED_DEFAULT).context("embedded tiergate.toml")?;
+        lay_over(&mut merged, file);
+        Ok(toml::Value::Table(merged).try_into()?)
+    }
+
+    /// Embedded default, or the file laid over it, with overrides applied, validated.
     pub fn load(o: &Overrides) -> Result<Config> {
         let mut c = match &o.config {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .with_context(|| format!("reading config {}", p.display()))?;
-                toml::from_str(&text).with_context(|| format!("parsing config {}", p.display()))?
+                Config::over_embedded(&text)
+                    .with_context(|| format!("parsing config {}", p.display()))?
             }
             None => Config::embedded()?,
         };
@@ -1119,6 +1144,49 @@ mod tests {
         ] {
             assert!(names.contains(&m), "{m} missing from the default catalog");
         }
+    }
+
+    /// A file names only what it changes: the rest keeps the embedded default's values (before,
+    /// a short file switched metrics and the embedding cache off, dropped the relative floor,
+    /// and failed without `model_dir`). Tables merge key by key; a list replaces the default's.
+    #[test]
+    fn a_short_file_changes_only_what_it_names() {
+        let d = Config::embedded().unwrap();
+        let c =
+            Config::over_embedded("listen = \"127.0.0.1:7\"\n[batch]\nmax_queue = 10\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!((c.listen.as_str(), c.batch.max_queue), ("127.0.0.1:7", 10));
+        assert_eq!(c.metrics_listen, d.metrics_listen);
+        assert!(!c.metrics_listen.is_empty());
+        assert_eq!(c.batch.embedding_cache, d.batch.embedding_cache);
+        assert!(c.batch.embedding_cache > 0);
+        assert_eq!(c.batch.max_batch_tokens, d.batch.max_batch_tokens);
+        assert_eq!(c.policy.relative_floor, d.policy.relative_floor);
+        assert_eq!(
+            (c.model_dir, c.catalog.len()),
+            (d.model_dir, d.catalog.len())
+        );
+
+        let one = "[[catalog]]\nmodel = \"m\"\nin_usd_per_mtok = 1.0\nout_usd_per_mtok = 2.0\nlike = \"gpt-4-1106-preview\"\n";
+        let c = Config::over_embedded(one).unwrap();
+        assert_eq!(c.catalog.len(), 1, "a list replaces the default's whole");
+        assert_eq!(c.catalog[0].model, "m");
+    }
+
+    #[test]
+    fn a_bad_key_in_a_short_file_is_named() {
+        let e = format!(
+            "{:#}",
+            Config::over_embedded("[batch]\nmax_queue = \"x\"\n").unwrap_err()
+        );
+        assert!(e.contains("batch.max_queue"), "{e}");
+        let e = format!(
+            "{:#}",
+            Config::over_embedded("[batch]\nmax_queu = 1\n").unwrap_err()
+        );
+        assert!(e.contains("max_queu"), "{e}");
+        let e = format!("{:#}", Config::over_embedded("[batch\n").unwrap_err());
+        assert!(e.contains("line 1"), "{e}");
     }
 
     fn with(f: impl FnOnce(&mut Config)) -> String {
