@@ -594,7 +594,8 @@ pub struct Overrides {
     pub heads: Option<PathBuf>,
     #[arg(long, env = "TIERGATE_BACKEND", value_enum)]
     pub backend: Option<BackendKind>,
-    /// CPU backend arithmetic: auto (bf16 where the CPU has AVX512-BF16), f32, bf16.
+    /// CPU backend arithmetic: auto (int8 on AVX2 and AVX-512 CPUs with the embedded
+    /// encoder, else bf16 on AMD with AVX512-BF16, else f32), int8, bf16, f32 (README).
     #[arg(long, env = "TIERGATE_PRECISION", value_enum)]
     pub precision: Option<Precision>,
     #[arg(long, env = "TIERGATE_MAX_BATCH_TOKENS")]

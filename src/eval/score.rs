@@ -62,7 +62,8 @@ pub struct ScoreArgs {
     /// Calibrate without the memory of labelled prompts (for comparisons).
     #[arg(long)]
     pub no_memory: bool,
-    /// Output JSONL: one {"source","prompt_id","model","p_route","p_verify"} per input row.
+    /// Output JSONL: one {"source","prompt_id","model","p_route","p_verify","final_answer"} per
+    /// input row.
     #[arg(long)]
     pub out: PathBuf,
     #[arg(long, default_value = "models/heads.json")]

@@ -61,16 +61,28 @@ pub fn to_status(e: &ServiceError) -> Status {
     s
 }
 
-/// The code's name as the `code` label of `tiergate_requests_total`.
+/// The code's name as the `code` label of `tiergate_requests_total`. Every code is named:
+/// before, the ones not listed were counted (and logged at warn) as INTERNAL, so a refused
+/// Feedback or reload (FAILED_PRECONDITION) looked like a server fault.
 pub fn code_name(c: Code) -> &'static str {
     match c {
         Code::Ok => "OK",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::Unavailable => "UNAVAILABLE",
         Code::Cancelled => "CANCELLED",
-        _ => "INTERNAL",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
@@ -108,6 +120,17 @@ mod tests {
             to_status(&batch(BatchError::Overloaded("q".into()))).message(),
             "overloaded: q"
         );
+    }
+
+    /// Each of the 17 codes has its own label, spelled as gRPC's status codes doc does.
+    #[test]
+    fn every_code_has_its_own_name() {
+        let names: std::collections::BTreeSet<_> =
+            (0..17).map(|i| code_name(Code::from_i32(i))).collect();
+        assert_eq!(names.len(), 17, "{names:?}");
+        assert_eq!(code_name(Code::FailedPrecondition), "FAILED_PRECONDITION");
+        let refused = classify(&ServiceError::Disabled("feedback is off".into())).0;
+        assert_eq!(code_name(refused), "FAILED_PRECONDITION");
     }
 
     #[test]
