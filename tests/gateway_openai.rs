@@ -1022,7 +1022,9 @@ fn a_front_without_upstreams_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_front_logs_and_counts_each_request() {
     let stub = Stub::start("stub").await;
-    let cfg = config(&stub, "127.0.0.1:0");
+    let mut cfg = config(&stub, "127.0.0.1:0");
+    // One at a time: a request refused at the cap is logged too (below).
+    cfg.gateway.max_concurrent = 1;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiergate.toml");
     std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
@@ -1100,6 +1102,30 @@ async fn the_front_logs_and_counts_each_request() {
     .await
     .unwrap();
     assert_eq!(image.status(), 200);
+    // One more while a slow one runs: the cap's 429 has its access line in the request's span.
+    let slow = post(
+        "http-slow",
+        json!({"model": FLASH, "messages": [{"role": "user", "content": EASY}],
+            "stub": {"case": "slow", "delay_ms": {"stub-flash": 1500}}})
+        .to_string(),
+    );
+    let slow = tokio::spawn(slow);
+    let t0 = std::time::Instant::now();
+    while stub.models("slow").is_empty() {
+        assert!(
+            t0.elapsed().as_secs() < 60,
+            "the slow request never reached the stub"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let busy = post(
+        "http-busy",
+        json!({"model": FLASH, "messages": [{"role": "user", "content": EASY}]}).to_string(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(busy.status(), 429);
+    assert_eq!(slow.await.unwrap().unwrap().status(), 200);
     srv.sigterm();
     assert!(srv.wait_exit(std::time::Duration::from_secs(60)).success());
 
@@ -1129,6 +1155,7 @@ async fn the_front_logs_and_counts_each_request() {
     for (id, status, reason) in [
         ("http-b", 400, "invalid_request_error"),
         ("http-c", 404, "model_not_found"),
+        ("http-busy", 429, "rate_limit_error"),
     ] {
         let l = access(id);
         assert_eq!(l["status"], status, "{l}");

@@ -88,7 +88,8 @@ async fn admit(
         let busy =
             GatewayError::Busy("gateway.max_concurrent requests are running; retry shortly".into());
         let r: Result<(Response, Answered), _> = Err(busy);
-        observe(t0, &r);
+        // In the request's span, as the answers past the cap are.
+        request_span(req.headers()).in_scope(|| observe(t0, &r));
         return r.map_or_else(IntoResponse::into_response, |(resp, _)| resp);
     };
     next.run(req).await
@@ -147,11 +148,7 @@ fn set(h: &mut HeaderMap, name: &'static str, value: String) {
 
 async fn completions(State(front): State<Arc<Front>>, headers: HeaderMap, body: Body) -> Response {
     let t0 = Instant::now();
-    let id = headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .map_or("", clip_id);
-    let span = tracing::info_span!("request", rpc = "ChatCompletions", request_id = id);
+    let span = request_span(&headers);
     async move {
         let g = front.svc.decider().cfg.gateway.clone();
         let deadline = deadline(&headers, Duration::from_secs(g.timeout_s));
@@ -172,6 +169,15 @@ async fn completions(State(front): State<Arc<Front>>, headers: HeaderMap, body: 
 
 fn clip_id(s: &str) -> &str {
     crate::base::prefix(s, MAX_LOGGED_ID)
+}
+
+/// The span of one chat completion's log lines: `rpc` and the client's `x-request-id`.
+fn request_span(headers: &HeaderMap) -> tracing::Span {
+    let id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map_or("", clip_id);
+    tracing::info_span!("request", rpc = "ChatCompletions", request_id = id)
 }
 
 /// Counts, times and logs one chat completion (the model that answered, escalations and
