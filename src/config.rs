@@ -535,8 +535,10 @@ pub struct PolicyConfig {
     #[serde(default)]
     pub verify_threshold: Option<f64>,
     /// Route's default relative floor r: the cheapest candidate with p ≥ r · (highest p);
-    /// unset = the absolute floor.
-    #[serde(default)]
+    /// `false` = off (the absolute floor: `quality_floor`, else the heads' learned one).
+    /// Written `false`, not left out, because a file is laid over the embedded default,
+    /// which sets it, and TOML has no null.
+    #[serde(default, with = "number_or_off")]
     pub relative_floor: Option<f64>,
     /// Route's fast path: the static student (`model::student`) decides alone when its
     /// pick's stability (`decide::RouteDecision::stability`) reaches this, and the encoder
@@ -579,7 +581,7 @@ pub struct PriorConfig {
 /// Overrides from flags and the environment (clap fills these; `None` keeps the file's value).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct Overrides {
-    /// TOML config file (default: the embedded tiergate.toml).
+    /// TOML config file, laid over the embedded tiergate.toml: it names only what it changes.
     #[arg(long, env = "TIERGATE_CONFIG")]
     pub config: Option<PathBuf>,
     /// gRPC listen address, e.g. 127.0.0.1:50051 (port 0 picks a free port).
@@ -647,6 +649,35 @@ pub struct Overrides {
     pub drain_timeout_s: Option<u64>,
 }
 
+/// An optional number a file can switch off with `false` (and `tiergate config` prints so):
+/// a key the embedded default sets cannot be unset by leaving it out.
+mod number_or_off {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(x) => s.serialize_f64(*x),
+            None => s.serialize_bool(false),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum NumberOrOff {
+            Number(f64),
+            Off(bool),
+        }
+        match NumberOrOff::deserialize(d)? {
+            NumberOrOff::Number(x) => Ok(Some(x)),
+            NumberOrOff::Off(false) => Ok(None),
+            NumberOrOff::Off(true) => Err(D::Error::custom(
+                "a number, or false for off (true means nothing here)",
+            )),
+        }
+    }
+}
+
 /// `over` laid over `base`: tables merge recursively, anything else replaces.
 fn lay_over(base: &mut toml::Table, over: toml::Table) {
     for (k, v) in over {
@@ -673,7 +704,15 @@ impl Config {
         let mut merged: toml::Table =
             toml::from_str(EMBEDDED_DEFAULT).context("embedded tiergate.toml")?;
         lay_over(&mut merged, file);
-        Ok(toml::Value::Table(merged).try_into()?)
+        toml::Value::Table(merged).try_into().map_err(|merged_err| {
+            // The merged value has no positions. A wrong type or an unknown key is in the
+            // file's own text, where parsing it alone points at its line (and at the entry
+            // of a list); only what the file leaves out is missing from it alone.
+            match toml::from_str::<Config>(text) {
+                Err(e) if !e.message().starts_with("missing field") => anyhow::Error::new(e),
+                _ => anyhow::Error::new(merged_err),
+            }
+        })
     }
 
     /// Embedded default, or the file laid over it, with overrides applied, validated.
@@ -1176,18 +1215,25 @@ mod tests {
 
     #[test]
     fn a_bad_key_in_a_short_file_is_named() {
-        let e = format!(
-            "{:#}",
-            Config::over_embedded("[batch]\nmax_queue = \"x\"\n").unwrap_err()
-        );
-        assert!(e.contains("batch.max_queue"), "{e}");
-        let e = format!(
-            "{:#}",
-            Config::over_embedded("[batch]\nmax_queu = 1\n").unwrap_err()
-        );
+        let err = |text: &str| format!("{:#}", Config::over_embedded(text).unwrap_err());
+        // Named by the file's own line (the merged value has no positions).
+        let e = err("[batch]\nmax_queue = \"x\"\n");
+        assert!(e.contains("line 2") && e.contains("max_queue"), "{e}");
+        let e = err("[batch]\nmax_queu = 1\n");
         assert!(e.contains("max_queu"), "{e}");
-        let e = format!("{:#}", Config::over_embedded("[batch\n").unwrap_err());
-        assert!(e.contains("line 1"), "{e}");
+        assert!(err("[batch\n").contains("line 1"));
+        // Inside a list, the line points at the entry.
+        let entry = "[[catalog]]\nmodel = \"a\"\nin_usd_per_mtok = 1.0\nout_usd_per_mtok = 2.0\n";
+        let e = err(&format!(
+            "{entry}\n[[catalog]]\nmodel = \"b\"\nin_usd_per_mtok = \"x\"\n"
+        ));
+        assert!(e.contains("line 8"), "{e}");
+        // A file can switch the relative floor off, not on without a number.
+        assert!(err("[policy]\nrelative_floor = true\n").contains("false for off"));
+        let off = Config::over_embedded("[policy]\nrelative_floor = false\n").unwrap();
+        assert_eq!(off.policy.relative_floor, None);
+        let c = Config::over_embedded("[policy]\nrelative_floor = 1\n").unwrap();
+        assert_eq!(c.policy.relative_floor, Some(1.0));
     }
 
     fn with(f: impl FnOnce(&mut Config)) -> String {

@@ -80,6 +80,51 @@ fn a_config_file_is_read_and_unknown_keys_rejected() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("max_qeueu"));
 }
 
+/// A short file through the real loader: it changes what it names, keeps the default's other
+/// keys (metrics on, the relative floor), turns the relative floor off with `false`, and what
+/// `tiergate config` prints of it loads back to the same configuration.
+#[test]
+fn a_short_config_file_is_laid_over_the_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let short = dir.path().join("short.toml");
+    std::fs::write(&short, "[batch]\nmax_queue = 33\n").unwrap();
+    let o = tiergate(&["config", "--config", short.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let printed = String::from_utf8_lossy(&o.stdout).to_string();
+    for line in [
+        "max_queue = 33",
+        "metrics_listen = \"127.0.0.1:9464\"",
+        "embedding_cache = 4096",
+        "relative_floor = 0.94",
+    ] {
+        assert!(printed.contains(line), "{line} missing:\n{printed}");
+    }
+
+    let off = dir.path().join("off.toml");
+    std::fs::write(&off, "[policy]\nrelative_floor = false\n").unwrap();
+    let o = tiergate(&["config", "--config", off.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let printed = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(printed.contains("relative_floor = false"), "{printed}");
+    // Printed, then loaded again: still off.
+    let again = dir.path().join("again.toml");
+    std::fs::write(&again, &printed).unwrap();
+    let o = tiergate(&["config", "--config", again.to_str().unwrap()], &[]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), printed);
+
+    // A wrong type in a short file is named with its line in the file.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "listen = \"127.0.0.1:7\"\n\n[batch]\nmax_queue = \"x\"\n",
+    )
+    .unwrap();
+    let o = tiergate(&["config", "--config", bad.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("line 4") && err.contains("max_queue"), "{err}");
+}
+
 /// `TIERGATE_INT8_KERNEL` picks the kernel and with it the weights' width and the numerics'
 /// name: `avx2` runs 7-bit weights ("int8-w7"), the scalar reference 8-bit ("int8"), and the
 /// embeddings differ a little, not in direction.

@@ -167,7 +167,12 @@ fn recommend(a: &CalibrateArgs, heads: &Heads, rows: &[Row], f: &RowFeatures) ->
         config: a.config.clone(),
         ..Default::default()
     })?;
-    let default = cfg.policy.relative_floor.map(Floor::RelativeFloor);
+    // The default the server would serve: a configured quality_floor or cost_weight
+    // replaces the relative floor (`policy::effective`, the one rule).
+    let default = crate::policy::effective(None, &cfg.policy, 0.0)
+        .ok()
+        .and_then(|e| e.relative_floor)
+        .map(Floor::RelativeFloor);
     let recs = match recommend_floors(heads, rows, f, a.target, default, &cfg) {
         Ok(r) => r,
         Err(e) => {

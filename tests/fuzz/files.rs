@@ -545,7 +545,8 @@ fn config_toml_loads_or_fails_typed() {
     let heads = real_heads();
     let valid = std::cell::Cell::new(0u64);
     super::engine::run("config_toml", 1500, toml_inputs(), |text| {
-        let Ok(c) = toml::from_str::<Config>(&text) else {
+        // As `--config` loads a file: laid over the embedded default.
+        let Ok(c) = Config::over_embedded(&text) else {
             return Ok(());
         };
         if c.validate().is_err() {
