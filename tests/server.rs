@@ -269,21 +269,20 @@ async fn every_rpc_health_reflection_and_metrics() {
         assert_eq!(v.escalate_to, escalation(&haiku, model, 0.0), "{haiku:?}");
         to.push(v.escalate_to);
     }
-    // Characters the tokenizer drops (zero-width, control) are no answer either.
-    let v = c
-        .verify(verify(
-            "Write a haiku.",
-            "\u{200B}\u{1}",
-            "gemini-2.5-flash",
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        (v.decision, v.p_pass),
-        (Decision::Escalate as i32, 0.0),
-        "{v:?}"
-    );
+    // Characters the tokenizer drops (zero-width, control) are no answer either, nor is one
+    // without a letter or a digit (the verifier rated "." like a real answer).
+    for nothing in ["\u{200B}\u{1}", ".", "} } } ]", "?!"] {
+        let v = c
+            .verify(verify("Write a haiku.", nothing, "gemini-2.5-flash"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (v.decision, v.p_pass),
+            (Decision::Escalate as i32, 0.0),
+            "{nothing:?}: {v:?}"
+        );
+    }
     // With the landed heads Route rates deepseek-v4 and haiku below flash here, and gpt-5.5
     // the same as opus (the catalog gives both gpt-4-1106-preview's parameters).
     assert_eq!(to, ["claude-sonnet-4.6", "gpt-5.5"], "{haiku:?}");

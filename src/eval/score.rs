@@ -39,7 +39,10 @@ pub fn score_with(heads: &Heads, rows: &[Row], f: &RowFeatures) -> Vec<(f64, Opt
             let p_route = crate::service::decide::route_p(heads, pf, near.as_ref(), &r.model);
             // As Verify: a blank answer, or one the tokenizer keeps nothing of, has nothing to
             // ship: p 0 without reading it.
-            let blank = r.response.as_deref().is_some_and(|a| a.trim().is_empty())
+            let blank = r
+                .response
+                .as_deref()
+                .is_some_and(crate::model::answer::says_nothing)
                 || f.answer_of_row[i].is_some_and(|a| f.answer_empty.get(a) == Some(&true));
             let p_verify = if blank {
                 Some(0.0)

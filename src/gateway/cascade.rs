@@ -416,7 +416,8 @@ impl Front {
             v.record_or_fail(plan, &probes[i], i, r)?;
         }
         // A tool call (nothing to verify) counts as text.
-        let has_text = |r: &Value| chat::verifiable(r).is_none_or(|a| !a.trim().is_empty());
+        let has_text =
+            |r: &Value| chat::verifiable(r).is_none_or(|a| !crate::model::answer::says_nothing(a));
         let pick = v
             .replies
             .iter()
@@ -447,7 +448,7 @@ impl Front {
             return None;
         }
         let answer = chat::verifiable(reply)?;
-        let empty = answer.trim().is_empty();
+        let empty = crate::model::answer::says_nothing(answer);
         // Route asks for Verify only where it could send the answer somewhere better; an
         // empty answer goes on from any pick.
         if !(plan.verify || (plan.verify_empty && empty)) {

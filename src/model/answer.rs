@@ -161,6 +161,14 @@ fn declared_letter(rest: &str) -> Option<char> {
     Some(u)
 }
 
+/// An answer without a letter or a digit (blank, punctuation, brackets, emoji) says nothing a
+/// verifier could pass: Verify rates it 0 without reading it, as a blank one, and the gateway
+/// treats it as empty. Before, the verifier rated "." like a real answer (dev AlpacaEval: at or
+/// above the real answer's p for 56% of the rows; models/EVAL.md).
+pub fn says_nothing(answer: &str) -> bool {
+    !answer.chars().any(char::is_alphanumeric)
+}
+
 /// Lowercase with runs of whitespace collapsed to one space.
 fn norm(s: &str) -> String {
     s.split_whitespace()
@@ -355,6 +363,16 @@ fn pick_extremeness(opts: &[String], pick: usize) -> Option<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_without_letters_or_digits_says_nothing() {
+        for nothing in ["", "  ", ".", "...", "} } } ]", "?!", "\u{200B}", "👍"] {
+            assert!(says_nothing(nothing), "{nothing:?}");
+        }
+        for something in ["B", "(b)", "42", "-1", "½", "π", "no", "答"] {
+            assert!(!says_nothing(something), "{something:?}");
+        }
+    }
 
     #[test]
     fn final_answers_compare_picks_and_numbers() {

@@ -407,7 +407,7 @@ impl Service {
             q.priority,
             q.deadline,
         );
-        let (pe, ae) = if q.answer.trim().is_empty() {
+        let (pe, ae) = if crate::model::answer::says_nothing(&q.answer) {
             // Nothing to ship: p is 0 without reading it.
             (encode_prompt.await?, None)
         } else {
