@@ -72,6 +72,10 @@ pub struct TrainArgs {
           value_parser = clap::builder::TypedValueParser::map(
               clap::builder::StringValueParser::new(), PathBuf::from))]
     pub card: PathBuf,
+    /// Share of the verifier's fit rows that also get each kind of non-answer (another
+    /// prompt's answer, the prompt given back; see `non_answers`); 0 = none.
+    #[arg(long, default_value_t = 0.05)]
+    pub non_answers: f64,
     /// Use at most this many prompts per split (quick runs, tests); 0 = all.
     #[arg(long, default_value_t = 0)]
     pub max_prompts: usize,
@@ -301,6 +305,77 @@ fn model_infos(
         );
     }
     Ok(models)
+}
+
+/// Answers that do not answer their prompt, as verifier training rows: for a `share` of the
+/// fit part's rows each, another prompt's answer by the same model of the same source, and
+/// the prompt itself given back. Trained on matched pairs alone, the verifier rated both like
+/// real answers (dev AlpacaEval: another prompt's answer at or above the real one's p for 18%
+/// of the rows, the prompt echoed for 40%; models/EVAL.md). Labels: on a prompt that offers
+/// options, another answer passes when its pick is this prompt's key (read off the rows that
+/// passed; rows whose key is unknown are skipped); elsewhere, and for an echo, 0. Never in the
+/// calibration part: the trees' length, the Platt scaling and Verify's thresholds are
+/// learned on real answers only.
+fn non_answers(
+    vrows: &[Row],
+    train: &[Row],
+    part: impl Fn(&Row) -> Part,
+    seed: u64,
+    share: f64,
+) -> Vec<Row> {
+    if share <= 0.0 {
+        return Vec::new();
+    }
+    let cut = (share * 1e6) as u64;
+    let key = |r: &Row| format!("{}/{}", r.source, r.prompt_id);
+    // A prompt's key: the letter its passing answers picked.
+    let mut keys: BTreeMap<String, char> = BTreeMap::new();
+    for r in train.iter().filter(|r| r.score == Some(1.0)) {
+        if let (Some(c), 1) = answer::chosen(r.response.as_deref().unwrap_or("")) {
+            keys.entry(key(r)).or_insert(c);
+        }
+    }
+    // Donors: the fit part's answers by (source, model), in a fixed order.
+    let mut donors: BTreeMap<(&str, &str), Vec<&Row>> = BTreeMap::new();
+    for r in vrows.iter().filter(|r| part(r) != Part::Calibrate) {
+        donors
+            .entry((r.source.as_str(), r.model.as_str()))
+            .or_default()
+            .push(r);
+    }
+    let mut out = Vec::new();
+    for r in vrows.iter().filter(|r| part(r) != Part::Calibrate) {
+        let id = format!("{}/{}", key(r), r.model);
+        let h = hash_str(seed ^ 0xa11e, &id);
+        if h % 1_000_000 < cut {
+            let group = &donors[&(r.source.as_str(), r.model.as_str())];
+            let other = group[(h / 1_000_000) as usize % group.len()];
+            let has_options = !answer::options(&r.prompt).is_empty();
+            let label = match (has_options, keys.get(&key(r))) {
+                (false, _) => Some(0.0),
+                (true, Some(&k)) => {
+                    let picked = answer::chosen(other.response.as_deref().unwrap_or("")).0;
+                    Some(if picked == Some(k) { 1.0 } else { 0.0 })
+                }
+                (true, None) => None,
+            };
+            if let Some(y) = label.filter(|_| other.prompt_id != r.prompt_id) {
+                out.push(Row {
+                    response: other.response.clone(),
+                    score: Some(y),
+                    ..r.clone()
+                });
+            }
+        }
+        if hash_str(seed ^ 0xec40, &id) % 1_000_000 < cut {
+            out.push(Row {
+                response: Some(r.prompt.clone()),
+                score: Some(0.0),
+                ..r.clone()
+            });
+        }
+    }
+    out
 }
 
 /// The verifier's inputs and labels, fit part and calibration part (x row-major).
@@ -547,6 +622,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if a.verify_rows > 0 {
         vrows.truncate(a.verify_rows);
     }
+    let extra = non_answers(&vrows, &train, |r| part_of(seed, r), seed, a.non_answers);
+    eprintln!(
+        "verifier: {} non-answers added to its fit part",
+        extra.len()
+    );
+    vrows.extend(extra);
     let vf = RowFeatures::compute(&emb, "verify", &vrows, true, a.max_answer_tokens)?;
     let models = model_infos(&n.names, &train, &prices)?;
     let mut stage = Heads {
@@ -835,7 +916,16 @@ fn model_card(h: &Heads, a: &TrainArgs) -> String {
         h.max_answer_tokens,
         h.verifier.trees.trees.len()
     ));
-    s.push_str("Judge-gaming outputs (`gpt4_gamed`, `*_verbose`, `*_concise`) are excluded from its training.\n\n");
+    s.push_str("Judge-gaming outputs (`gpt4_gamed`, `*_verbose`, `*_concise`) are excluded from its training. ");
+    if a.non_answers > 0.0 {
+        s.push_str(&format!(
+            "Its fit part also holds non-answers ({:.0}% of its rows each): another prompt's answer by the same model \
+             (on a prompt with options, passing when its pick is this prompt's key, else failing) and the prompt given \
+             back (failing); never its calibration part.",
+            100.0 * a.non_answers
+        ));
+    }
+    s.push_str("\n\n");
     s.push_str("## Data and selection\n\n");
     s.push_str("Train split of `../shared/data` (see its README). Train prompts are split by a seeded hash: 70% fit the router ");
     s.push_str("while its rank, L2 and step count are chosen on the other 30%; ");
@@ -949,6 +1039,90 @@ mod tests {
             c.map(|c| c.train.card),
             Ok(PathBuf::from("models/README.md"))
         );
+    }
+
+    /// Non-answers: every one is labelled as the benchmark would grade it (another prompt's
+    /// pick passes only when it is this prompt's key; open-ended and echoed answers fail), only
+    /// fit-part rows get them, and a share of 0 adds none.
+    #[test]
+    fn non_answers_are_labelled_as_graded_and_stay_out_of_calibration() {
+        let row = |source: &str, id: usize, prompt: String, answer: &str, score: f64| Row {
+            source: source.into(),
+            task: None,
+            prompt_id: format!("p{id}"),
+            prompt,
+            model: "m".into(),
+            score: Some(score),
+            response: Some(answer.into()),
+            cost_usd: None,
+            prompt_tokens: None,
+            response_tokens: None,
+            line: 0,
+        };
+        let mut rows = Vec::new();
+        for i in 0..200 {
+            // Keys cycle A, B, C; the model picks A: right on a third of the prompts.
+            let key = ['A', 'B', 'C'][i % 3];
+            let prompt = format!("Question {i}?\nA) one\nB) two\nC) three\nAnswer:");
+            rows.push(row(
+                "mcq",
+                i,
+                prompt,
+                "The answer is (A).",
+                f64::from(key == 'A'),
+            ));
+            rows.push(row(
+                "chat",
+                i,
+                format!("Tell me about {i}."),
+                "Here it is.",
+                0.8,
+            ));
+        }
+        // What passed on prompt i is what the key of i is: passing answers there pick it.
+        let mut train = rows.clone();
+        for i in 0..200 {
+            let key = ['A', 'B', 'C'][i % 3];
+            let prompt = rows[2 * i].prompt.clone();
+            train.push(row(
+                "mcq",
+                i,
+                prompt,
+                &format!("The answer is ({key})."),
+                1.0,
+            ));
+        }
+        let calib = |r: &Row| {
+            if r.prompt_id.ends_with('7') {
+                Part::Calibrate
+            } else {
+                Part::VerifierFit
+            }
+        };
+        let extra = non_answers(&rows, &train, calib, 1, 0.5);
+        assert!(extra.len() > 100, "{}", extra.len());
+        assert!(extra.iter().all(|r| !r.prompt_id.ends_with('7')));
+        let (mut passed, mut mcq_swaps) = (0, 0);
+        for r in &extra {
+            let i: usize = r.prompt_id[1..].parse().unwrap();
+            let answer = r.response.as_deref().unwrap();
+            if answer == r.prompt {
+                assert_eq!(r.score, Some(0.0), "an echo fails");
+            } else if r.source == "chat" {
+                assert_eq!(r.score, Some(0.0), "another prompt's answer fails");
+            } else {
+                mcq_swaps += 1;
+                let key = ['A', 'B', 'C'][i % 3];
+                let picked = answer::chosen(answer).0;
+                assert_eq!(r.score, Some(f64::from(picked == Some(key))), "{r:?}");
+                passed += usize::from(r.score == Some(1.0));
+            }
+        }
+        assert!(
+            mcq_swaps > 20 && passed > 0 && passed < mcq_swaps,
+            "{passed} of {mcq_swaps}"
+        );
+        assert!(non_answers(&rows, &train, calib, 1, 0.0).is_empty());
     }
 
     #[test]
