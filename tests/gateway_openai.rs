@@ -1353,7 +1353,7 @@ async fn a_reply_of_countless_values_goes_to_the_next_tier() {
     } = front(&stub, |c| c.gateway.max_body_bytes = 4 << 20, &[], &[]).await;
     let body = json!({"model": "auto:fast", "messages": [{"role": "user", "content": EASY}],
         "stub": {"case": "values", "answer": {"stub-sonnet": "4"},
-            // Past the gateway's limit of 200,000 (`gateway::chat::MAX_JSON_VALUES`).
+            // Past the gateway's limit of 200,000 (`gateway::json::MAX_VALUES`).
             "values": {"stub-flash": 200_010}}});
     let r = reqwest::Client::new()
         .post(format!("http://{http}/v1/chat/completions"))

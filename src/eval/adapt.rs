@@ -583,21 +583,16 @@ pub(crate) mod tests {
                 1 => ("Reasoning done. The answer is (B).", 1.0),
                 _ => ("Reasoning done. The answer is (H).", 0.0),
             };
-            rows.push(Row {
-                source: "new-benchmark".into(),
-                task: None,
-                prompt_id: format!("q{id}"),
-                prompt: format!(
+            rows.push(Row::labelled(
+                "new-benchmark",
+                format!("q{id}"),
+                format!(
                     "Question {id}: which holds?\nOptions: [\"a long and detailed option number {id}\", \"b\", \"c\", \"d\"]"
                 ),
-                model: "brand-new-model".into(),
-                score: Some(score),
-                response: Some(answer.into()),
-                cost_usd: None,
-                prompt_tokens: None,
-                response_tokens: None,
-                line: 0,
-            });
+                "brand-new-model",
+                answer,
+                score,
+            ));
         }
         let unit = |v: Vec<f32>| {
             let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();

@@ -38,6 +38,33 @@ impl Row {
     }
 }
 
+#[cfg(test)]
+impl Row {
+    /// A labelled, answered row of `source` (tests).
+    pub(crate) fn labelled(
+        source: &str,
+        prompt_id: String,
+        prompt: String,
+        model: &str,
+        answer: &str,
+        score: f64,
+    ) -> Row {
+        Row {
+            source: source.into(),
+            task: None,
+            prompt_id,
+            prompt,
+            model: model.into(),
+            score: Some(score),
+            response: Some(answer.into()),
+            cost_usd: None,
+            prompt_tokens: None,
+            response_tokens: None,
+            line: 0,
+        }
+    }
+}
+
 /// Reads JSONL or JSONL.gz (detected by the gzip magic). A malformed line is an error naming
 /// its number; nothing is skipped silently (blank lines excepted).
 pub fn read_rows(path: &Path) -> Result<Vec<Row>> {

@@ -1046,18 +1046,8 @@ mod tests {
     /// fit-part rows get them, and a share of 0 adds none.
     #[test]
     fn non_answers_are_labelled_as_graded_and_stay_out_of_calibration() {
-        let row = |source: &str, id: usize, prompt: String, answer: &str, score: f64| Row {
-            source: source.into(),
-            task: None,
-            prompt_id: format!("p{id}"),
-            prompt,
-            model: "m".into(),
-            score: Some(score),
-            response: Some(answer.into()),
-            cost_usd: None,
-            prompt_tokens: None,
-            response_tokens: None,
-            line: 0,
+        let row = |source: &str, id: usize, prompt: String, answer: &str, score: f64| {
+            Row::labelled(source, format!("p{id}"), prompt, "m", answer, score)
         };
         let mut rows = Vec::new();
         for i in 0..200 {

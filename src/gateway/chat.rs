@@ -27,54 +27,10 @@ pub fn ask(model: &str, auto_model: &str) -> Ask {
     }
 }
 
-/// Most JSON values a body may hold (commas and openings outside strings, which bound it).
-/// A parsed value takes tens of bytes, against two for `0,` in the body, so a body of bare
-/// numbers (`[0,0,…]`) would take many times its size in memory; chat bodies, tools and
-/// schemas included, hold far fewer: their text is in strings.
-pub const MAX_JSON_VALUES: usize = 200_000;
-
-/// How many commas, `[` and `{` the JSON text holds outside strings, counting no further
-/// than `limit + 1`.
-fn structure_count(bytes: &[u8], limit: usize) -> usize {
-    let (mut n, mut in_str, mut escaped) = (0usize, false, false);
-    for &b in bytes {
-        if in_str {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_str = false,
-                _ => {}
-            }
-        } else {
-            match b {
-                b'"' => in_str = true,
-                b',' | b'[' | b'{' => {
-                    n += 1;
-                    if n > limit {
-                        break;
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-    n
-}
-
-/// JSON text parsed, unless it holds more than [`MAX_JSON_VALUES`] values (refused before
-/// parsing). Every JSON body the gateway reads goes through here: clients' requests and
-/// providers' replies alike (a reply is read whole, up to `gateway.max_body_bytes`).
-pub fn bounded_json(bytes: &[u8]) -> Result<Value, String> {
-    if structure_count(bytes, MAX_JSON_VALUES) > MAX_JSON_VALUES {
-        return Err(format!("holds more than {MAX_JSON_VALUES} JSON values"));
-    }
-    serde_json::from_slice(bytes).map_err(|e| format!("is not JSON: {e}"))
-}
-
 /// The body as a JSON object, with its `model`.
 pub fn parse(bytes: &[u8]) -> Result<(Value, String), GatewayError> {
-    let body =
-        bounded_json(bytes).map_err(|e| GatewayError::BadRequest(format!("the body {e}")))?;
+    let body = super::json::bounded(bytes)
+        .map_err(|e| GatewayError::BadRequest(format!("the body {e}")))?;
     let model = body
         .get("model")
         .and_then(Value::as_str)
@@ -288,7 +244,7 @@ mod tests {
     /// a string (a long prompt) is not a structure and parses.
     #[test]
     fn a_body_of_countless_values_is_refused_before_parsing() {
-        let n = MAX_JSON_VALUES + 10;
+        let n = super::super::json::MAX_VALUES + 10;
         let many = format!(r#"{{"model":"auto","x":[{}0]}}"#, "0,".repeat(n));
         let e = parse(many.as_bytes())
             .err()

@@ -192,7 +192,7 @@ impl Exchange {
                 // Only a whole reply is parsed: a partial one (over Envoy's buffer limit) is
                 // not JSON, and reading up to 4 MiB of it would be wasted.
                 let whole = self.routed.as_ref().filter(|_| b.end_of_stream);
-                let reply = whole.map(|r| (r, chat::bounded_json(&b.body)));
+                let reply = whole.map(|r| (r, super::json::bounded(&b.body)));
                 if let Some((r, Ok(reply))) = reply {
                     let d = svc.decider();
                     let (i, o) = prices(&d, &r.model);

@@ -9,6 +9,7 @@ mod cascade;
 mod chat;
 mod extproc;
 mod http;
+mod json;
 mod status;
 mod targets;
 mod upstream;

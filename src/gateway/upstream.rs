@@ -170,8 +170,7 @@ impl Upstreams {
             msg,
             billed: billed.map(Box::new),
         };
-        let v =
-            super::chat::bounded_json(&bytes).map_err(|e| bad(format!("the reply {e}"), None))?;
+        let v = super::json::bounded(&bytes).map_err(|e| bad(format!("the reply {e}"), None))?;
         // A completion has at least one choice; an empty array is no answer at all (retried
         // at the next tier like any malformed reply).
         if v.get("choices")
