@@ -72,9 +72,11 @@ fn relearn_thresholds(heads: &mut Heads, held: &[HeldOut], answers: usize) -> se
     }
     // Held-out p come from five fold fits, the p Verify will compare with the threshold from
     // the final fit on every fifth: differences of a few thousandths between them are noise.
-    // On a grid of 0.01 a cut cannot land inside such a cluster (on traffic the re-fit
+    // On a grid of 0.01 a cut rarely lands inside such a cluster (on traffic the re-fit
     // separates sharply, the failing answers' held-out p sat within 0.0005 of each other,
-    // the cut fell among them, and the final fit put them all above it).
+    // the cut fell among them, and the final fit put them all above it); a cluster that
+    // straddles a grid line can still be cut. The grid's cuts are a subset of the exact
+    // ones, so the table may stop at a lower floor than before.
     let (p, y): (Vec<f64>, Vec<f32>) = held
         .iter()
         .map(|h| ((h.p * 100.0).floor() / 100.0, h.y))
@@ -803,7 +805,7 @@ pub(crate) mod tests {
         Ok(())
     }
 
-    /// The answers the thresholds are learned on are held out: flipping one fifth's labels
+    /// The answers the thresholds are learned on are held out: flipping labels in one fifth
     /// leaves that fifth's p as they were (the re-fit's choice is the same both ways).
     #[test]
     fn held_out_verify_p_ignore_their_own_fifth() -> Result<()> {

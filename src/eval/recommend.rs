@@ -350,7 +350,9 @@ pub fn prompts_of(
                 s,
                 c,
                 pv,
-                r.response.as_deref().is_some_and(|a| a.trim().is_empty()),
+                r.response
+                    .as_deref()
+                    .is_some_and(crate::model::answer::says_nothing),
             ),
         );
     }

@@ -310,7 +310,7 @@ fn model_infos(
 /// Answers that do not answer their prompt, as verifier training rows: for a `share` of the
 /// fit part's rows each, another prompt's answer by the same model of the same source, and
 /// the prompt itself given back. Trained on matched pairs alone, the verifier rated both like
-/// real answers (dev AlpacaEval: another prompt's answer at or above the real one's p for 18%
+/// real answers (dev AlpacaEval: another prompt's answer at or above the real one's p for 16%
 /// of the rows, the prompt echoed for 40%; models/EVAL.md). Labels: on a prompt that offers
 /// options, another answer passes when its pick is this prompt's key (read off the rows that
 /// passed; rows whose key is unknown are skipped); elsewhere, and for an echo, 0. Never in the
