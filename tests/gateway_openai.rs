@@ -254,6 +254,14 @@ async fn the_openai_client_gets_the_cascade() {
             EASY,
             json!({"answer": {"stub-flash": "", "stub-sonnet": "4", "stub-opus": "4"}}),
         ),
+        // An answer without a letter or a digit is empty too: under `borderline` it is
+        // verified from any pick and sent on.
+        case(
+            "nothing_said",
+            "auto",
+            EASY,
+            json!({"answer": {"stub-flash": " . ", "stub-sonnet": "4"}}),
+        ),
         // `content: null` and no tool call: an empty answer, verified and sent on.
         case(
             "null_content",
@@ -514,7 +522,7 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(ve["headers"]["x-tiergate-escalations"], "1");
     let called = stub.models("verified_empty");
     assert!(called.len() == 2 && called[0] == "stub-flash", "{called:?}");
-    for name in ["null_content", "no_choices"] {
+    for name in ["null_content", "no_choices", "nothing_said"] {
         let r = &r[name];
         assert_eq!(r["model"], SONNET, "{name}: {r}");
         assert_eq!(r["text"], "4", "{name}: {r}");
