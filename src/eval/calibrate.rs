@@ -168,11 +168,8 @@ fn recommend(a: &CalibrateArgs, heads: &Heads, rows: &[Row], f: &RowFeatures) ->
         ..Default::default()
     })?;
     // The default the server would serve: a configured quality_floor or cost_weight
-    // replaces the relative floor (`policy::effective`, the one rule).
-    let default = crate::policy::effective(None, &cfg.policy, 0.0)
-        .ok()
-        .and_then(|e| e.relative_floor)
-        .map(Floor::RelativeFloor);
+    // replaces the relative floor.
+    let default = crate::policy::default_relative_floor(&cfg.policy).map(Floor::RelativeFloor);
     let recs = match recommend_floors(heads, rows, f, a.target, default, &cfg) {
         Ok(r) => r,
         Err(e) => {

@@ -180,6 +180,12 @@ pub struct Effective {
     pub relative_floor: Option<f64>,
 }
 
+/// Route's default relative floor under `d`, when the default is relative: what a request
+/// that asks for nothing gets ([`effective`]'s rule; the absolute floor plays no part).
+pub fn default_relative_floor(d: &PolicyConfig) -> Option<f64> {
+    effective(None, d, 0.0).ok().and_then(|e| e.relative_floor)
+}
+
 /// `default_floor` is the server's resolved default (config, else the heads' learned floor).
 pub fn effective(
     p: Option<&PolicyRequest>,

@@ -89,9 +89,7 @@ impl Decider {
     /// Route's default relative floor, when the default is relative: what a request that
     /// asks for nothing gets (the one rule, `policy::effective`).
     pub fn default_relative_floor(&self) -> Option<f64> {
-        crate::policy::effective(None, &self.policy, self.default_floor())
-            .ok()
-            .and_then(|e| e.relative_floor)
+        crate::policy::default_relative_floor(&self.policy)
     }
 }
 
