@@ -335,23 +335,28 @@ fn non_answers(
             keys.entry(key(r)).or_insert(c);
         }
     }
+    let fit: Vec<&Row> = vrows
+        .iter()
+        .filter(|r| part(r) != Part::Calibrate)
+        .collect();
     // Donors: the fit part's answers by (source, model), in a fixed order.
     let mut donors: BTreeMap<(&str, &str), Vec<&Row>> = BTreeMap::new();
-    for r in vrows.iter().filter(|r| part(r) != Part::Calibrate) {
+    for &r in &fit {
         donors
             .entry((r.source.as_str(), r.model.as_str()))
             .or_default()
             .push(r);
     }
     let mut out = Vec::new();
-    for r in vrows.iter().filter(|r| part(r) != Part::Calibrate) {
-        let id = format!("{}/{}", key(r), r.model);
+    for &r in &fit {
+        let prompt_key = key(r);
+        let id = format!("{prompt_key}/{}", r.model);
         let h = hash_str(seed ^ 0xa11e, &id);
         if h % 1_000_000 < cut {
             let group = &donors[&(r.source.as_str(), r.model.as_str())];
             let other = group[(h / 1_000_000) as usize % group.len()];
             let has_options = !answer::options(&r.prompt).is_empty();
-            let label = match (has_options, keys.get(&key(r))) {
+            let label = match (has_options, keys.get(&prompt_key)) {
                 (false, _) => Some(0.0),
                 (true, Some(&k)) => {
                     let picked = answer::chosen(other.response.as_deref().unwrap_or("")).0;
