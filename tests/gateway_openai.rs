@@ -145,6 +145,18 @@ async fn front(
     }
 }
 
+/// A POST of a JSON body (its text, well-formed or not) to `url`; headers may be added before
+/// it is sent.
+fn post_json(
+    url: impl reqwest::IntoUrl,
+    body: impl Into<reqwest::Body>,
+) -> reqwest::RequestBuilder {
+    reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+}
+
 fn case(name: &str, model: &str, prompt: &str, stub: Value) -> Value {
     let mut stub = stub;
     stub["case"] = json!(name);
@@ -906,10 +918,7 @@ async fn the_openai_client_gets_the_cascade() {
     // Byte for byte, the stream is the upstream's.
     let body = json!({"model": "auto:fast", "stream": true, "stub": {"case": "raw"},
         "messages": [{"role": "user", "content": EASY}]});
-    let resp = reqwest::Client::new()
-        .post(format!("{base}/chat/completions"))
-        .header("content-type", "application/json")
-        .body(body.to_string())
+    let resp = post_json(format!("{base}/chat/completions"), body.to_string())
         .send()
         .await
         .unwrap();
@@ -929,10 +938,7 @@ async fn the_openai_client_gets_the_cascade() {
     ] {
         let broken = json!({"model": FLASH, "stream": true, "messages": [{"role": "user",
             "content": EASY}], "stub": {"case": "broken", "break_stream": {"stub-flash": cut}}});
-        let resp = reqwest::Client::new()
-            .post(format!("{base}/chat/completions"))
-            .header("content-type", "application/json")
-            .body(broken.to_string())
+        let resp = post_json(format!("{base}/chat/completions"), broken.to_string())
             .send()
             .await
             .unwrap();
@@ -966,10 +972,7 @@ async fn the_openai_client_gets_the_cascade() {
     // A body over gateway.max_body_bytes: 413 in the same error format, nothing called.
     let big = json!({"model": "auto", "stub": {"case": "big"},
         "messages": [{"role": "user", "content": "x".repeat(100 << 10)}]});
-    let resp = reqwest::Client::new()
-        .post(format!("{base}/chat/completions"))
-        .header("content-type", "application/json")
-        .body(big.to_string())
+    let resp = post_json(format!("{base}/chat/completions"), big.to_string())
         .send()
         .await
         .unwrap();
@@ -980,10 +983,7 @@ async fn the_openai_client_gets_the_cascade() {
     // Turns: at most 4096 (a small body of empty turns is not multiplied into memory).
     let empty_turns = vec![json!({}); 4097];
     let many = json!({"model": FLASH, "stub": {"case": "many"}, "messages": empty_turns});
-    let resp = reqwest::Client::new()
-        .post(format!("{base}/chat/completions"))
-        .header("content-type", "application/json")
-        .body(many.to_string())
+    let resp = post_json(format!("{base}/chat/completions"), many.to_string())
         .send()
         .await
         .unwrap();
@@ -1049,14 +1049,8 @@ async fn the_front_logs_and_counts_each_request() {
     srv.ready().await;
     let http = srv.http_addr();
     let url = format!("http://{http}/v1/chat/completions");
-    let web = reqwest::Client::new();
-    let post = |id: &'static str, body: String| {
-        web.post(&url)
-            .header("content-type", "application/json")
-            .header("x-request-id", id)
-            .body(body)
-            .send()
-    };
+    let post =
+        |id: &'static str, body: String| post_json(&url, body).header("x-request-id", id).send();
     // A word that appears only in the prompt.
     let ok = post(
         "http-a",
@@ -1277,12 +1271,7 @@ async fn a_drain_long_after_start_still_answers_the_front_in_flight() {
     }
     let url = format!("http://{http}/v1/chat/completions");
     let sent = tokio::spawn(async move {
-        let r = reqwest::Client::new()
-            .post(url)
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await?;
+        let r = post_json(url, body.to_string()).send().await?;
         let status = r.status();
         let bytes = r.bytes().await?;
         Ok::<_, reqwest::Error>((
@@ -1363,13 +1352,13 @@ async fn a_reply_of_countless_values_goes_to_the_next_tier() {
         "stub": {"case": "values", "answer": {"stub-sonnet": "4"},
             // Past the gateway's limit of 200,000 (`gateway::json::MAX_VALUES`).
             "values": {"stub-flash": 200_010}}});
-    let r = reqwest::Client::new()
-        .post(format!("http://{http}/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(
+        format!("http://{http}/v1/chat/completions"),
+        body.to_string(),
+    )
+    .send()
+    .await
+    .unwrap();
     let escalations = r.headers().get("x-tiergate-escalations").cloned();
     assert_eq!(r.status().as_u16(), 200);
     let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
@@ -1406,13 +1395,7 @@ async fn the_front_bounds_concurrency_and_slow_bodies() {
             "stub": {"case": name, "answer": {"stub-flash": "4"},
                 "delay_ms": {"stub-flash": delay}}});
         async move {
-            let r = reqwest::Client::new()
-                .post(url)
-                .header("content-type", "application/json")
-                .body(body.to_string())
-                .send()
-                .await
-                .unwrap();
+            let r = post_json(url, body.to_string()).send().await.unwrap();
             let status = r.status().as_u16();
             let retry = r.headers().get("retry-after").cloned();
             let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
