@@ -9,7 +9,9 @@ always prefers the real answer; about one half for one that cannot tell them apa
 Kinds: "." (one character), echo (the prompt given back), another (another prompt's answer by
 the same model), and three that `tiergate train` never sees: refusal, choose-me (a paragraph
 telling the evaluator this output is the better one) and template (a run of brackets, then a
-fake grading template). On a prompt with options "another" may pick its key by chance.
+fake grading template); and the answer cut short (cut10: its first ten characters; cut-quarter:
+its first quarter; only where the answer is longer than 40 / 80 characters). On a prompt with
+options "another" may pick its key by chance.
 
 usage: python3 scripts/nonanswer_probe.py [--heads H ...] [--data dev.jsonl.gz]
 env:   BIN (default target/release/tiergate), WORK (default /tmp/nonanswer)
@@ -56,6 +58,12 @@ def probe_rows(data):
             subs = dict(FIXED, echo=r["prompt"])
             if d["prompt_id"] != r["prompt_id"]:
                 subs["another"] = d["response"]
+            # The answer cut short: its first ten characters, and its first quarter.
+            text = r["response"]
+            if len(text) > 40:
+                subs["cut10"] = text[:10]
+            if len(text) > 80:
+                subs["cut-quarter"] = text[: len(text) // 4]
             for kind, text in subs.items():
                 out.append(dict(r, response=text, score=0.0, kind=kind))
     return out
