@@ -11,12 +11,14 @@ the same model), and three that `tiergate train` never sees: refusal, choose-me 
 telling the evaluator this output is the better one) and template (a run of brackets, then a
 fake grading template); and the answer cut short (cut10: its first ten characters; cut-quarter:
 its first quarter; only where the answer is longer than 40 / 80 characters). On a prompt with
-options "another" may pick its key by chance.
+options "another" may pick its key by chance. Last, per heads: the data's own judge-gaming rows
+(AlpacaEval's gpt4_gamed, ten-character heads of answers) against every other model's answers
+to the same prompts, as an AUROC.
 
 usage: python3 scripts/nonanswer_probe.py [--heads H ...] [--data dev.jsonl.gz]
 env:   BIN (default target/release/tiergate), WORK (default /tmp/nonanswer)
 """
-import argparse, gzip, json, os, random, statistics, subprocess, sys
+import argparse, bisect, gzip, json, os, random, statistics, subprocess, sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {
@@ -26,6 +28,7 @@ MODELS = {
                  "gemini-1.5-pro-002"],
     "routerbench_0shot": ["gpt-4-1106-preview"],
 }
+GAMED_SOURCE, GAMED_MODEL = "alpaca_eval2_wgpt4t", "gpt4_gamed"
 FIXED = {
     ".": ".",
     "refusal": "I'm sorry, but I can't help with that.",
@@ -82,6 +85,11 @@ def main():
     with open(path, "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
+    gamed_path = os.path.join(work, "gamed.jsonl")
+    with gzip.open(a.data, "rt") as f, open(gamed_path, "w") as g:
+        for line in f:
+            if json.loads(line)["source"] == GAMED_SOURCE:
+                g.write(line)
     for heads in a.heads:
         out = os.path.join(work, "scored.jsonl")
         subprocess.run([binary, "score", "--heads", heads, "--data", path, "--out", out,
@@ -104,6 +112,22 @@ def main():
             mean = statistics.mean(p for p, _ in v)
             print(f"  {src:20s} {kind:10s} rows {len(v):5d}  mean p {mean:.3f}  "
                   f"p >= the real answer's: {share:.2f}")
+        # The data's own judge-gaming rows: gpt4_gamed's outputs are ten-character heads of
+        # answers (never in the verifier's training). AUROC of every other model's answers
+        # against them (1 = every real answer above every gamed one).
+        subprocess.run([binary, "score", "--heads", heads, "--data", gamed_path, "--out", out,
+                        "--cache-dir", os.path.join(ROOT, "models", "cache")],
+                       check=True, stderr=subprocess.DEVNULL)
+        with open(gamed_path) as f, open(out) as g:
+            pairs = [(json.loads(r)["model"], json.loads(s)["p_verify"]) for r, s in zip(f, g)]
+        gamed = sorted(p for m, p in pairs if m == GAMED_MODEL)
+        real = [p for m, p in pairs if m != GAMED_MODEL]
+        if gamed and real:
+            wins = sum(bisect.bisect_left(gamed, p) + 0.5 * (bisect.bisect_right(gamed, p)
+                       - bisect.bisect_left(gamed, p)) for p in real)
+            print(f"  {GAMED_SOURCE} {GAMED_MODEL}: {len(gamed)} rows, mean p "
+                  f"{statistics.mean(gamed):.3f}; AUROC of {len(real)} real answers against "
+                  f"them {wins / len(gamed) / len(real):.3f}")
     return 0
 
 
