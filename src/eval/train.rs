@@ -73,8 +73,7 @@ pub struct TrainArgs {
               clap::builder::StringValueParser::new(), PathBuf::from))]
     pub card: PathBuf,
     /// Share of the verifier's fit rows that also get each kind of non-answer (another
-    /// prompt's answer, the prompt given back, the answer cut short; see `non_answers`);
-    /// 0 = none.
+    /// prompt's answer, the prompt given back; see `non_answers`); 0 = none.
     #[arg(long, default_value_t = 0.05)]
     pub non_answers: f64,
     /// Use at most this many prompts per split (quick runs, tests); 0 = all.
@@ -309,14 +308,12 @@ fn model_infos(
 }
 
 /// Answers that do not answer their prompt, as verifier training rows: for a `share` of the
-/// fit part's rows each, another prompt's answer by the same model of the same source, the
-/// prompt itself given back, and the answer cut short (its head, see `cut_short`). Trained on
-/// matched pairs alone, the verifier rated these like real answers (dev AlpacaEval: another
-/// prompt's answer at or above the real one's p for 16% of the rows, the prompt echoed for 40%,
-/// the answer's first quarter for 60%; models/EVAL.md). Labels: on a prompt that offers
-/// options, another answer or a head passes when its pick is this prompt's key (read off the
-/// rows that passed; rows whose key is unknown are skipped); elsewhere, and for an echo, 0.
-/// Never in the
+/// fit part's rows each, another prompt's answer by the same model of the same source, and
+/// the prompt itself given back. Trained on matched pairs alone, the verifier rated both like
+/// real answers (dev AlpacaEval: another prompt's answer at or above the real one's p for 16%
+/// of the rows, the prompt echoed for 40%; models/EVAL.md). Labels: on a prompt that offers
+/// options, another answer passes when its pick is this prompt's key (read off the rows that
+/// passed; rows whose key is unknown are skipped); elsewhere, and for an echo, 0. Never in the
 /// calibration part: the trees' length, the Platt scaling and Verify's thresholds are
 /// learned on real answers only.
 fn non_answers(
@@ -382,45 +379,9 @@ fn non_answers(
                 ..r.clone()
             });
         }
-        let h = hash_str(seed ^ 0xc075, &id);
-        if h % 1_000_000 < cut {
-            let text = r.response.as_deref().unwrap_or("");
-            if let Some(short) = cut_short(text, (h / 1_000_000) % 1000) {
-                let has_options = !answer::options(&r.prompt).is_empty();
-                let label = match (has_options, keys.get(&prompt_key)) {
-                    (false, _) => Some(0.0),
-                    (true, Some(&k)) => {
-                        Some(f64::from(u8::from(answer::chosen(short).0 == Some(k))))
-                    }
-                    (true, None) => None,
-                };
-                if let Some(y) = label {
-                    out.push(Row {
-                        response: Some(short.to_string()),
-                        score: Some(y),
-                        ..r.clone()
-                    });
-                }
-            }
-        }
     }
     out
 }
-
-/// The head of an answer longer than [`CUT_MIN_CHARS`]: at least ten characters and at most
-/// 60% of it, `draw` (0..1000) placing the cut, on a character boundary. None for a shorter
-/// answer, whose head would be most of it (a bare letter has none).
-fn cut_short(text: &str, draw: u64) -> Option<&str> {
-    let chars = text.chars().count();
-    if chars <= CUT_MIN_CHARS {
-        return None;
-    }
-    let keep = 10 + (chars * 6 / 10 - 10) * draw as usize / 1000;
-    text.char_indices().nth(keep).map(|(at, _)| &text[..at])
-}
-
-/// Answers of at most this many characters are never cut short.
-const CUT_MIN_CHARS: usize = 40;
 
 /// The verifier's inputs and labels, fit part and calibration part (x row-major).
 struct VerifyXy {
@@ -964,9 +925,8 @@ fn model_card(h: &Heads, a: &TrainArgs) -> String {
     if a.non_answers > 0.0 {
         s.push_str(&format!(
             "Its fit part also holds non-answers ({:.0}% of its rows each): another prompt's answer by the same model \
-             (on a prompt with options, passing when its pick is this prompt's key, else failing), the prompt given \
-             back (failing) and the answer cut short, its head of 10 characters to 60% of it (failing, or on a prompt \
-             with options passing when the head already picks the key); never its calibration part.",
+             (on a prompt with options, passing when its pick is this prompt's key, else failing) and the prompt given \
+             back (failing); never its calibration part.",
             100.0 * a.non_answers
         ));
     }
@@ -1086,25 +1046,9 @@ mod tests {
         );
     }
 
-    /// A head is a prefix on a character boundary, 10 characters to 60% of the answer, over
-    /// every draw; answers of 40 characters or fewer are never cut.
-    #[test]
-    fn cut_short_keeps_a_head_of_bounded_length() {
-        let text = "é🙂x".repeat(30);
-        let n = text.chars().count();
-        for draw in 0..1000 {
-            let head = cut_short(&text, draw).unwrap();
-            assert!(text.starts_with(head));
-            let k = head.chars().count();
-            assert!((10..=n * 6 / 10).contains(&k), "{k} of {n} at {draw}");
-        }
-        assert_eq!(cut_short(&"a".repeat(CUT_MIN_CHARS), 999), None);
-        assert!(cut_short(&"a".repeat(CUT_MIN_CHARS + 1), 0).is_some());
-    }
-
     /// Non-answers: every one is labelled as the benchmark would grade it (another prompt's
-    /// pick passes only when it is this prompt's key; open-ended and echoed answers, and heads
-    /// cut before the pick, fail), only fit-part rows get them, and a share of 0 adds none.
+    /// pick passes only when it is this prompt's key; open-ended and echoed answers fail), only
+    /// fit-part rows get them, and a share of 0 adds none.
     #[test]
     fn non_answers_are_labelled_as_graded_and_stay_out_of_calibration() {
         let row = |source: &str, id: usize, prompt: String, answer: &str, score: f64| {
@@ -1119,14 +1063,14 @@ mod tests {
                 "mcq",
                 i,
                 prompt,
-                "Weighing each option in turn against the question, the answer is (A).",
+                "The answer is (A).",
                 f64::from(key == 'A'),
             ));
             rows.push(row(
                 "chat",
                 i,
                 format!("Tell me about {i}."),
-                "Here it is, told at length: a long and careful answer.",
+                "Here it is.",
                 0.8,
             ));
         }
@@ -1153,22 +1097,12 @@ mod tests {
         let extra = non_answers(&rows, &train, calib, 1, 0.5);
         assert!(extra.len() > 100, "{}", extra.len());
         assert!(extra.iter().all(|r| !r.prompt_id.ends_with('7')));
-        let (mut passed, mut mcq_swaps, mut heads) = (0, 0, 0);
+        let (mut passed, mut mcq_swaps) = (0, 0);
         for r in &extra {
             let i: usize = r.prompt_id[1..].parse().unwrap();
             let answer = r.response.as_deref().unwrap();
-            let real = rows
-                .iter()
-                .find(|o| o.source == r.source && o.prompt_id == r.prompt_id)
-                .and_then(|o| o.response.as_deref())
-                .unwrap();
             if answer == r.prompt {
                 assert_eq!(r.score, Some(0.0), "an echo fails");
-            } else if answer.len() < real.len() && real.starts_with(answer) {
-                heads += 1;
-                assert!(answer.chars().count() >= 10 && answer.len() * 10 <= real.len() * 6);
-                // A head never reaches the pick here: it fails on both kinds of prompt.
-                assert_eq!(r.score, Some(0.0), "a head fails: {r:?}");
             } else if r.source == "chat" {
                 assert_eq!(r.score, Some(0.0), "another prompt's answer fails");
             } else {
@@ -1183,7 +1117,6 @@ mod tests {
             mcq_swaps > 20 && passed > 0 && passed < mcq_swaps,
             "{passed} of {mcq_swaps}"
         );
-        assert!(heads > 20, "{heads} answers cut short");
         assert!(non_answers(&rows, &train, calib, 1, 0.0).is_empty());
     }
 
