@@ -352,6 +352,13 @@ async fn the_openai_client_gets_the_cascade() {
             json!({"answer": {"stub-flash": "(A)", "stub-sonnet": "(B)"},
                 "fail": {"stub-opus": 503}}),
         ),
+        case(
+            "vote_top_fails_empty",
+            "auto:vote",
+            MCQ,
+            json!({"answer": {"stub-flash": "... !?", "stub-sonnet": "(B)"},
+                "fail": {"stub-opus": 503}}),
+        ),
         {
             let mut c = case(
                 "vote_stream",
@@ -628,6 +635,13 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(vt["headers"]["x-tiergate-consensus"], "fallback");
     assert_eq!(vt["text"], "(A)");
     assert!(close(header_f64(vt, "x-tiergate-cost-usd"), probes));
+    // The same, but the cheapest probe's answer says nothing (no letter or digit): the
+    // cheapest one with something in it ships, the empty one still paid for.
+    let ve = &r["vote_top_fails_empty"];
+    assert_eq!(ve["model"], SONNET, "{ve}");
+    assert_eq!(ve["headers"]["x-tiergate-consensus"], "fallback");
+    assert_eq!(ve["text"], "(B)");
+    assert!(close(header_f64(ve, "x-tiergate-cost-usd"), probes));
     // A stream asked of a consensus: the probes are asked for whole answers, and the one that
     // ships comes back as server-sent events (one content chunk, one finishing).
     let vs = &r["vote_stream"];
@@ -662,7 +676,7 @@ async fn the_openai_client_gets_the_cascade() {
     for (outcome, n) in [
         ("agreed", 4.0),
         ("escalated", 3.0),
-        ("fallback", 2.0),
+        ("fallback", 3.0),
         ("failed", 2.0),
     ] {
         assert_eq!(
@@ -697,7 +711,7 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(routed(&srv.metrics_text()), before);
 
     // Probes by result: the slow ones of vote_probe_fails and vote_early were cancelled.
-    for (result, n) in [("answered", 14.0), ("failed", 8.0), ("cancelled", 2.0)] {
+    for (result, n) in [("answered", 16.0), ("failed", 8.0), ("cancelled", 2.0)] {
         assert_eq!(
             common::metric_sum(
                 &m,
@@ -1458,5 +1472,21 @@ async fn the_front_bounds_concurrency_and_slow_bodies() {
     .await
     .expect("closed, not held")
     .ok();
+    assert!(t0.elapsed().as_millis() >= 900, "{:?}", t0.elapsed());
+
+    // A kept-alive connection that goes quiet after its answer: closed at head_timeout_s too.
+    let mut conn = tokio::net::TcpStream::connect(&http).await.unwrap();
+    conn.write_all(format!("GET /v1/models HTTP/1.1\r\nhost: {http}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let mut all = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(30), conn.read_to_end(&mut all))
+        .await
+        .expect("an idle kept-alive connection is closed, not held")
+        .ok();
+    let all = String::from_utf8_lossy(&all);
+    assert!(all.starts_with("HTTP/1.1 200"), "{all}");
+    assert!(!all.contains("connection: close"), "kept alive at first: {all}");
     assert!(t0.elapsed().as_millis() >= 900, "{:?}", t0.elapsed());
 }

@@ -63,6 +63,10 @@ fn score_writes_one_row_per_input_in_order_without_needing_labels() {
     rows[9]["response"] = Value::from("  \n");
     // Not blank to `trim`, but the tokenizer keeps nothing of it: Verify's empty answer.
     rows[11]["response"] = Value::from("\u{200b}\u{200b}\u{7}");
+    // Text without a letter or a digit (punctuation, emoji): says nothing, as in Verify.
+    rows[13]["response"] = Value::from("... —!?");
+    rows[15]["response"] = Value::from("🙌😅🎉");
+    let says_nothing = [9, 11, 13, 15];
     let input = dir.path().join("in.jsonl");
     write_jsonl(&input, &rows);
     let out = dir.path().join("out.jsonl");
@@ -76,7 +80,7 @@ fn score_writes_one_row_per_input_in_order_without_needing_labels() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("rows/s"));
     let got = read_out(&out);
     assert_eq!(got.len(), rows.len());
-    for (g, r) in got.iter().zip(&rows) {
+    for (i, (g, r)) in got.iter().zip(&rows).enumerate() {
         let keys: Vec<&str> = g.as_object().unwrap().keys().map(|k| k.as_str()).collect();
         assert_eq!(keys.len(), 6, "{g}");
         for k in ["source", "prompt_id", "model"] {
@@ -86,10 +90,7 @@ fn score_writes_one_row_per_input_in_order_without_needing_labels() {
         assert!((0.0..=1.0).contains(&pr));
         if r.get("response").is_none_or(|v| v.is_null()) {
             assert!(g["p_verify"].is_null(), "no response → null: {g}");
-        } else if r["response"]
-            .as_str()
-            .is_some_and(|a| a.trim().is_empty() || a.starts_with('\u{200b}'))
-        {
+        } else if says_nothing.contains(&i) {
             // As the server's Verify: a blank answer never ships.
             assert_eq!(g["p_verify"].as_f64(), Some(0.0), "blank → 0: {g}");
         } else {
