@@ -1481,12 +1481,18 @@ async fn the_front_bounds_concurrency_and_slow_bodies() {
         .unwrap();
     let t0 = std::time::Instant::now();
     let mut all = Vec::new();
-    tokio::time::timeout(std::time::Duration::from_secs(30), conn.read_to_end(&mut all))
-        .await
-        .expect("an idle kept-alive connection is closed, not held")
-        .ok();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        conn.read_to_end(&mut all),
+    )
+    .await
+    .expect("an idle kept-alive connection is closed, not held")
+    .ok();
     let all = String::from_utf8_lossy(&all);
     assert!(all.starts_with("HTTP/1.1 200"), "{all}");
-    assert!(!all.contains("connection: close"), "kept alive at first: {all}");
+    assert!(
+        !all.contains("connection: close"),
+        "kept alive at first: {all}"
+    );
     assert!(t0.elapsed().as_millis() >= 900, "{:?}", t0.elapsed());
 }
