@@ -17,7 +17,7 @@ use super::data::{read_catalog, read_rows, Row};
 use super::embed::{Embedder, RowFeatures};
 use super::fit::{self, RouterFit, RouterRows};
 use super::score::{offline_encoder, score_with, EncoderArgs};
-use super::util::{hash_str, judge_gaming};
+use super::util::{hash_str, judge_biased, judge_gaming};
 use crate::model::answer;
 use crate::model::heads::{self, Ability, Heads, LinearHead, ModelInfo, RouterHead, VerifierHead};
 use crate::model::trees::{boost, BoostParams, Rows};
@@ -615,7 +615,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let mut vrows: Vec<Row> = train
         .iter()
         .filter(|r| verifier_part(r) && r.response.is_some() && r.score.is_some())
-        .filter(|r| !judge_gaming(&r.model))
+        .filter(|r| !judge_biased(&r.model))
         .cloned()
         .collect();
     vrows.sort_by_key(|r| {
@@ -921,7 +921,8 @@ fn model_card(h: &Heads, a: &TrainArgs) -> String {
         h.max_answer_tokens,
         h.verifier.trees.trees.len()
     ));
-    s.push_str("Judge-gaming outputs (`gpt4_gamed`, `*_verbose`, `*_concise`) are excluded from its training. ");
+    s.push_str("Outputs whose grade rides the judge's length bias (`*_verbose`, `*_concise`) are excluded from its training; \
+         `gpt4_gamed`'s (ten-character heads of answers, graded failing) are in it. ");
     if a.non_answers > 0.0 {
         s.push_str(&format!(
             "Its fit part also holds non-answers ({:.0}% of its rows each): another prompt's answer by the same model \

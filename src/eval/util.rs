@@ -101,9 +101,18 @@ impl Sip13 {
 }
 
 /// Outputs built to flatter a judge (AlpacaEval's gamed, verbose and concise variants): the
-/// verifier does not learn from them, so it cannot learn to love them.
+/// replay leaves them out of its tiers, and the model card reports how far the verifier
+/// over-rates them.
 pub fn judge_gaming(model: &str) -> bool {
-    model == "gpt4_gamed" || model.ends_with("_verbose") || model.ends_with("_concise")
+    model == "gpt4_gamed" || judge_biased(model)
+}
+
+/// Outputs whose grade rides the judge's length bias (the verbose and concise variants): the
+/// verifier does not learn from them, so it cannot learn to love them. `gpt4_gamed`'s outputs,
+/// ten-character heads of answers that the judge failed (score 0.02 on dev), are graded
+/// honestly and are what a verifier must learn to fail: it trains on them.
+pub fn judge_biased(model: &str) -> bool {
+    model.ends_with("_verbose") || model.ends_with("_concise")
 }
 
 #[cfg(test)]
