@@ -18,9 +18,11 @@ to the same prompts, as an AUROC.
 usage: python3 scripts/nonanswer_probe.py [--heads H ...] [--data dev.jsonl.gz]
 env:   BIN (default target/release/tiergate), WORK (default /tmp/nonanswer)
 """
-import argparse, bisect, gzip, json, os, random, statistics, subprocess, sys
+import argparse, gzip, json, os, random, statistics, subprocess, sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from protocol import auroc  # noqa: E402  (ties rank-averaged, as every figure of EVAL)
 MODELS = {
     "alpaca_eval2_wgpt4t": ["Mixtral-8x7B-Instruct-v0.1_concise", "Qwen-14B-Chat",
                             "OpenHermes-2.5-Mistral-7B", "FuseChat-Llama-3.1-8B-Instruct"],
@@ -120,14 +122,12 @@ def main():
                        check=True, stderr=subprocess.DEVNULL)
         with open(gamed_path) as f, open(out) as g:
             pairs = [(json.loads(r)["model"], json.loads(s)["p_verify"]) for r, s in zip(f, g)]
-        gamed = sorted(p for m, p in pairs if m == GAMED_MODEL)
-        real = [p for m, p in pairs if m != GAMED_MODEL]
-        if gamed and real:
-            wins = sum(bisect.bisect_left(gamed, p) + 0.5 * (bisect.bisect_right(gamed, p)
-                       - bisect.bisect_left(gamed, p)) for p in real)
+        gamed = [p for m, p in pairs if m == GAMED_MODEL]
+        gamed_auroc = auroc([p for _, p in pairs], [int(m != GAMED_MODEL) for m, _ in pairs])
+        if gamed_auroc is not None:
             print(f"  {GAMED_SOURCE} {GAMED_MODEL}: {len(gamed)} rows, mean p "
-                  f"{statistics.mean(gamed):.3f}; AUROC of {len(real)} real answers against "
-                  f"them {wins / len(gamed) / len(real):.3f}")
+                  f"{statistics.mean(gamed):.3f}; AUROC of {len(pairs) - len(gamed)} real "
+                  f"answers against them {gamed_auroc:.3f}")
     return 0
 
 
