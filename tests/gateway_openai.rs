@@ -282,6 +282,37 @@ async fn the_openai_client_gets_the_cascade() {
             json!({"answer": {"stub-sonnet": "4"}, "choices": {"stub-flash": [{"index": 0,
                 "finish_reason": "stop", "message": {"role": "assistant", "content": null}}]}}),
         ),
+        // Cut at the provider's token limit, a limit the request did not set: empty too.
+        case(
+            "cut_short",
+            "auto",
+            EASY,
+            json!({"answer": {"stub-sonnet": "4"}, "choices": {"stub-flash": [{"index": 0,
+                "finish_reason": "length", "message": {"role": "assistant",
+                    "content": "Let me work this out step by step. First"}}]}}),
+        ),
+        // ... at the client's own `max_tokens`: the length asked for, shipped as Route chose.
+        {
+            let mut c = case(
+                "cut_capped",
+                "auto",
+                EASY,
+                json!({"answer": {"stub-sonnet": "4"}, "choices": {"stub-flash": [{"index": 0,
+                    "finish_reason": "length", "message": {"role": "assistant",
+                        "content": "Let me work this out step by step. First"}}]}}),
+            );
+            c["extra_body"]["max_tokens"] = json!(8);
+            c
+        },
+        // ... under a policy that never verifies: shipped as it came.
+        case(
+            "cut_fast",
+            "auto:fast",
+            EASY,
+            json!({"answer": {"stub-sonnet": "4"}, "choices": {"stub-flash": [{"index": 0,
+                "finish_reason": "length", "message": {"role": "assistant",
+                    "content": "Let me work this out step by step. First"}}]}}),
+        ),
         // No choices at all: a malformed reply, retried at the next tier.
         case(
             "no_choices",
@@ -541,7 +572,7 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(ve["headers"]["x-tiergate-escalations"], "1");
     let called = stub.models("verified_empty");
     assert!(called.len() == 2 && called[0] == "stub-flash", "{called:?}");
-    for name in ["null_content", "no_choices", "nothing_said"] {
+    for name in ["null_content", "no_choices", "nothing_said", "cut_short"] {
         let r = &r[name];
         assert_eq!(r["model"], SONNET, "{name}: {r}");
         assert_eq!(r["text"], "4", "{name}: {r}");
@@ -554,6 +585,17 @@ async fn the_openai_client_gets_the_cascade() {
             "{name}: {r}"
         );
     }
+    for name in ["cut_capped", "cut_fast"] {
+        let r = &r[name];
+        assert_eq!(r["model"], FLASH, "{name}: {r}");
+        assert_eq!(
+            r["text"], "Let me work this out step by step. First",
+            "{name}: {r}"
+        );
+        assert_eq!(r["headers"]["x-tiergate-escalations"], "0", "{name}: {r}");
+        assert_eq!(stub.models(name), ["stub-flash"], "{name}");
+    }
+    assert_eq!(stub.calls("cut_capped")[0].body["max_tokens"], 8);
     let tc = &r["tool_call"];
     assert_eq!(tc["model"], FLASH, "{tc}");
     assert_eq!(tc["text"], Value::Null, "{tc}");

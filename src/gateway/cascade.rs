@@ -1,8 +1,10 @@
 //! The whole cascade for one chat completion: Route over the catalog models that have an
 //! upstream, call the chosen one, Verify its answer when the policy asks, and escalate: after
 //! a rejected answer to where Verify says (the pricier model Route rates most likely to pass;
-//! none, and the answer ships; an empty one up the prices when Verify cannot run), after a
-//! failed upstream to the next model up in price within the policy's `max_cost_usd`; at most
+//! none, and the answer ships; an empty one, or one the provider cut at a token limit the
+//! request did not set, to the likeliest pricier model, or up the prices when Verify cannot
+//! run), after a failed upstream to the next model up in price within the policy's
+//! `max_cost_usd`; at most
 //! `gateway.max_escalations` times, all before the request's deadline. A named policy with a
 //! `consensus` asks its cheap models together instead and ships what they agree on (a stream
 //! asked of it gets the shipped answer as server-sent events).
@@ -202,7 +204,9 @@ impl Front {
                     // Earlier tiers' answers are not sent as Verify peers: agreement moves a
                     // decision only with a peer_threshold, which did not pay on dev
                     // (models/EVAL.md), and past 8 peers or a long answer Verify would refuse.
-                    let to = self.escalate(&plan, &at, &reply, hops, deadline).await;
+                    let to = self
+                        .escalate(&plan, &at, &reply, &body, hops, deadline)
+                        .await;
                     if let Some(to) = to {
                         rejected = Some((std::mem::replace(&mut at, to), reply));
                         hops += 1;
@@ -441,6 +445,7 @@ impl Front {
         plan: &Plan,
         at: &str,
         reply: &Value,
+        body: &Value,
         hops: u32,
         deadline: Instant,
     ) -> Option<String> {
@@ -448,6 +453,11 @@ impl Front {
             return None;
         }
         let answer = chat::verifiable(reply)?;
+        // An answer the provider cut short counts as empty: Verify is asked with nothing in
+        // it (p 0), so it goes to the likeliest pricier model, and ships only when nothing
+        // pricier is left or every later tier fails.
+        let cut = chat::cut_short(body, reply);
+        let answer = if cut { "" } else { answer };
         let empty = crate::model::answer::says_nothing(answer);
         // Route asks for Verify only where it could send the answer somewhere better; an
         // empty answer goes on from any pick.
@@ -456,6 +466,9 @@ impl Front {
         }
         // Nothing pricier, or no escalations left: nothing to ask Verify.
         let next = plan.next(at, hops)?;
+        if cut {
+            tracing::debug!(model = %at, "answer cut at the provider's token limit; treated as empty");
+        }
         let v = self
             .svc
             .verify(VerifyQuery {

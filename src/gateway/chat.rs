@@ -200,6 +200,22 @@ pub fn verifiable(reply: &Value) -> Option<&str> {
     nothing.then_some("")
 }
 
+/// Whether the provider cut the first choice at a token limit the request did not set:
+/// `finish_reason` "length" with neither `max_tokens` nor `max_completion_tokens` in the
+/// body. Such an answer stops mid-way, and the verifier reads its head like a whole answer
+/// (models/EVAL.md, "Answers cut short"), so the cascade treats it as empty. An answer cut at
+/// the client's own limit is the length asked for, and is verified as any other.
+pub fn cut_short(body: &Value, reply: &Value) -> bool {
+    let capped = ["max_tokens", "max_completion_tokens"]
+        .iter()
+        .any(|k| body.get(*k).is_some_and(|v| !v.is_null()));
+    !capped
+        && reply
+            .pointer("/choices/0/finish_reason")
+            .and_then(Value::as_str)
+            == Some("length")
+}
+
 /// Token counts of one call: the reply's `usage`, else ceil(bytes / 4) of the prompt and
 /// the answer (the catalog's own rule).
 pub fn tokens(reply: &Value, prompt_bytes: usize) -> (u64, u64) {
@@ -333,6 +349,28 @@ mod tests {
         assert!(!wants_usage(&json!({"stream": true})));
         let body = json!({"model": "x", "stream": true, "stream_options": {"include_usage": true}});
         assert_eq!(without_stream(&body), json!({"model": "x"}));
+    }
+
+    #[test]
+    fn an_answer_cut_at_a_limit_the_request_did_not_set_is_cut_short() {
+        let reply = |finish: &str| json!({"choices": [{"finish_reason": finish, "message": {"content": "To cook a"}}]});
+        let body = json!({"model": "auto", "messages": []});
+        assert!(cut_short(&body, &reply("length")));
+        assert!(!cut_short(&body, &reply("stop")));
+        assert!(!cut_short(&body, &json!({"choices": []})));
+        for cap in ["max_tokens", "max_completion_tokens"] {
+            let mut capped = body.clone();
+            capped[cap] = json!(64);
+            assert!(
+                !cut_short(&capped, &reply("length")),
+                "{cap}: the client's own limit"
+            );
+            capped[cap] = Value::Null;
+            assert!(
+                cut_short(&capped, &reply("length")),
+                "{cap}: null sets no limit"
+            );
+        }
     }
 
     #[test]
