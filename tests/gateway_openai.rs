@@ -390,6 +390,15 @@ async fn the_openai_client_gets_the_cascade() {
             json!({"answer": {"stub-flash": "... !?", "stub-sonnet": "(B)"},
                 "fail": {"stub-opus": 503}}),
         ),
+        // ... or was cut at the provider's token limit: the next probe's answer ships.
+        case(
+            "vote_top_fails_cut",
+            "auto:vote",
+            MCQ,
+            json!({"answer": {"stub-sonnet": "(B)"}, "fail": {"stub-opus": 503},
+                "choices": {"stub-flash": [{"index": 0, "finish_reason": "length",
+                    "message": {"role": "assistant", "content": "Mars is small; Jupiter"}}]}}),
+        ),
         {
             let mut c = case(
                 "vote_stream",
@@ -679,11 +688,14 @@ async fn the_openai_client_gets_the_cascade() {
     assert!(close(header_f64(vt, "x-tiergate-cost-usd"), probes));
     // The same, but the cheapest probe's answer says nothing (no letter or digit): the
     // cheapest one with something in it ships, the empty one still paid for.
-    let ve = &r["vote_top_fails_empty"];
-    assert_eq!(ve["model"], SONNET, "{ve}");
-    assert_eq!(ve["headers"]["x-tiergate-consensus"], "fallback");
-    assert_eq!(ve["text"], "(B)");
-    assert!(close(header_f64(ve, "x-tiergate-cost-usd"), probes));
+    // Cut at the provider's token limit: the same.
+    for name in ["vote_top_fails_empty", "vote_top_fails_cut"] {
+        let ve = &r[name];
+        assert_eq!(ve["model"], SONNET, "{name}: {ve}");
+        assert_eq!(ve["headers"]["x-tiergate-consensus"], "fallback");
+        assert_eq!(ve["text"], "(B)");
+        assert!(close(header_f64(ve, "x-tiergate-cost-usd"), probes));
+    }
     // A stream asked of a consensus: the probes are asked for whole answers, and the one that
     // ships comes back as server-sent events (one content chunk, one finishing).
     let vs = &r["vote_stream"];
@@ -718,7 +730,7 @@ async fn the_openai_client_gets_the_cascade() {
     for (outcome, n) in [
         ("agreed", 4.0),
         ("escalated", 3.0),
-        ("fallback", 3.0),
+        ("fallback", 4.0),
         ("failed", 2.0),
     ] {
         assert_eq!(
@@ -753,7 +765,7 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(routed(&srv.metrics_text()), before);
 
     // Probes by result: the slow ones of vote_probe_fails and vote_early were cancelled.
-    for (result, n) in [("answered", 16.0), ("failed", 8.0), ("cancelled", 2.0)] {
+    for (result, n) in [("answered", 18.0), ("failed", 8.0), ("cancelled", 2.0)] {
         assert_eq!(
             common::metric_sum(
                 &m,

@@ -414,14 +414,16 @@ impl Front {
                 }
             }
         }
-        // The cheapest probe answer with text in it (else the cheapest at all), once every
-        // probe has had its say; else the last error.
+        // The cheapest probe answer with text in it and not cut short (else the cheapest at
+        // all), once every probe has had its say; else the last error.
         while let Some((i, r)) = calls.next().await {
             v.record_or_fail(plan, &probes[i], i, r)?;
         }
         // A tool call (nothing to verify) counts as text.
-        let has_text =
-            |r: &Value| chat::verifiable(r).is_none_or(|a| !crate::model::answer::says_nothing(a));
+        let has_text = |r: &Value| {
+            !chat::cut_short(body, r)
+                && chat::verifiable(r).is_none_or(|a| !crate::model::answer::says_nothing(a))
+        };
         let pick = v
             .replies
             .iter()
