@@ -137,6 +137,19 @@ async fn the_python_client_routes_verifies_and_cascades() {
     assert_eq!(ce["called"][0], ce["routed"], "{ce}");
     assert_eq!(ce["escalations"], 1, "{ce}");
     assert_eq!(ce["answer"], "The answer is B.");
+    // So does an answer without a letter or digit, and one the provider cut short (asked
+    // about as empty: p 0); a Reply not marked cut is an answer as any other, and ships.
+    for name in ["cascade_symbols", "cascade_cut"] {
+        let r = &o[name];
+        assert_eq!(r["called"][0], ce["routed"], "{name}: {r}");
+        assert_eq!(r["escalations"], 1, "{name}: {r}");
+        assert_eq!(r["answer"], "The answer is B.", "{name}: {r}");
+        assert_eq!(r["p_pass"], 0.0, "{name}: {r}");
+    }
+    let cc = &o["cascade_capped"];
+    assert_eq!(cc["called"], json!([ce["routed"]]), "{cc}");
+    assert_eq!(cc["escalations"], 0, "{cc}");
+    assert_eq!(cc["p_pass"], Value::Null, "not verified: {cc}");
 
     // Feedback by the earlier Route's request id reached the server.
     assert_eq!(o["feedback_accepted"], 1);

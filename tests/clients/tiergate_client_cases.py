@@ -7,7 +7,7 @@ import sys
 
 import grpc
 
-from tiergate_client import Client, Policy, TiergateError
+from tiergate_client import Client, Policy, Reply, TiergateError
 
 EASY = "What is 2 + 2?"
 HARD = ("Prove that there are infinitely many primes p such that p + 2 is also prime, or "
@@ -125,6 +125,23 @@ def main():
         out["cascade_empty"] = {"routed": re_.model, "verify_recommended": re_.verify_recommended,
                                 "called": list(called), "escalations": rb.escalations,
                                 "answer": rb.answer}
+
+        # The same for an answer without a letter or digit, and for one the provider cut
+        # short (a Reply saying so), which Verify is asked about as empty; one cut at the
+        # caller's own limit (a plain str) is verified as it reads, and ships here.
+        cut_text = "Let me work this out step by step. First"
+        for name, first in [("cascade_symbols", " . "),
+                            ("cascade_cut", Reply(cut_text, cut_short=True)),
+                            ("cascade_capped", Reply(cut_text))]:
+            called.clear()
+
+            def call_first(model, first=first):
+                called.append(model)
+                return first if len(called) == 1 else GOOD
+
+            rc = c.cascade(EASY, call_model=call_first, policy=top)
+            out[name] = {"called": list(called), "escalations": rc.escalations,
+                         "answer": rc.answer, "p_pass": rc.attempts[0].p_pass}
 
         # An answer Verify refuses to read (over max_input_bytes, 256 KiB): paid for, so it
         # ships unverified rather than being lost to an exception.

@@ -36,6 +36,22 @@ class Policy:
         return p
 
 
+@dataclass(frozen=True)
+class Reply:
+    """What `call_model` may return instead of the bare text: the answer, and whether the
+    provider cut it short, i.e. stopped at its own token limit (OpenAI's `finish_reason:
+    "length"`) where the request set no `max_tokens`. A cut answer counts as empty, as on the
+    HTTP front: its head reads to the verifier much like the whole answer."""
+
+    text: str
+    cut_short: bool = False
+
+
+def _says_nothing(text: object) -> bool:
+    # As the server's: no letter or digit (blank, punctuation, emoji) is an empty answer.
+    return isinstance(text, str) and not any(ch.isalnum() for ch in text)
+
+
 @dataclass
 class Attempt:
     """One model called in a cascade: its answer and what the verifier said (p_pass and
@@ -264,7 +280,7 @@ class Client:
         prompt: str | None = None,
         *,
         messages: Sequence[Message] | None = None,
-        call_model: Callable[[str], str],
+        call_model: Callable[[str], str | Reply],
         verify: VerifyMode = "borderline",
         max_escalations: int = 2,
         candidates: Sequence[str] = (),
@@ -273,11 +289,12 @@ class Client:
         timeout: float | None = None,
     ) -> CascadeResult:
         """Route, call `call_model(model)` (the caller's code: it calls the provider and
-        returns the answer text), Verify, and escalate to Verify's escalate_to, at most
-        `max_escalations` times. `verify` as the HTTP front's policies: "never" (the routed
-        model's answer ships), "borderline" (verify when Route says verify_recommended, and
-        an empty answer from any pick), or "always". The last answer ships when no escalation
-        is left. An exception from
+        returns the answer text, or a `Reply` saying the provider cut it short), Verify, and
+        escalate to Verify's escalate_to, at most `max_escalations` times. `verify` as the HTTP
+        front's policies: "never" (the routed model's answer ships), "borderline" (verify when
+        Route says verify_recommended, and an empty answer from any pick: one without a letter
+        or digit, or cut short), or "always". The last answer ships when no escalation is
+        left. An exception from
         call_model propagates. A Verify that fails (busy, past the timeout, unreachable, an
         answer over its limits) never loses the answer in hand: it ships unverified, or, if
         empty, goes up the prices; the attempt's `verify_error` says why."""
@@ -288,20 +305,24 @@ class Client:
         costs = {c.model: c.expected_cost_usd for c in r.candidates}
         model, attempts = r.model, []
         while True:
-            answer = call_model(model)
+            reply = call_model(model)
+            cut = isinstance(reply, Reply) and reply.cut_short
+            answer = reply.text if isinstance(reply, Reply) else reply
             attempt = Attempt(model=model, answer=answer)
             attempts.append(attempt)
             hops_left = len(attempts) - 1 < max_escalations
-            # As the HTTP front: an empty answer is verified (and so escalated) from any pick.
-            empty = isinstance(answer, str) and not answer.strip()
+            # As the HTTP front: an empty answer is verified (and so escalated) from any pick,
+            # and one cut short is verified as empty (p 0: it goes to the likeliest pricier
+            # model).
+            empty = cut or _says_nothing(answer)
             check = verify == "always" or (
                 verify == "borderline" and (r.verify_recommended or empty))
             if not check or not hops_left:
                 break
             try:
-                v = self.verify(answer, model, prompt, messages=messages, candidates=candidates,
-                                policy=policy, expected_output_tokens=expected_output_tokens,
-                                timeout=timeout)
+                v = self.verify("" if cut else answer, model, prompt, messages=messages,
+                                candidates=candidates, policy=policy,
+                                expected_output_tokens=expected_output_tokens, timeout=timeout)
             except TiergateError as e:
                 # The answer is paid for: whatever kept Verify from judging it (busy, past
                 # the timeout, unreachable, an answer over its limits), it ships unverified,
