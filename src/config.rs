@@ -205,6 +205,9 @@ pub struct GatewayConfig {
     /// When `auto` checks an answer with Verify before shipping it.
     #[serde(default)]
     pub verify: VerifyMode,
+    /// What a streaming chat completion under `auto` gets (a named policy may say otherwise).
+    #[serde(default)]
+    pub stream: StreamMode,
     /// Upstream calls after the first (a rejected answer or a failed upstream), at most.
     #[serde(default = "default_max_escalations")]
     pub max_escalations: u32,
@@ -249,6 +252,7 @@ impl Default for GatewayConfig {
             ext_proc: true,
             auto_model: default_auto_model(),
             verify: VerifyMode::default(),
+            stream: StreamMode::default(),
             max_escalations: default_max_escalations(),
             timeout_s: default_gateway_timeout(),
             max_body_bytes: default_max_body(),
@@ -287,6 +291,20 @@ pub enum VerifyMode {
     Always,
 }
 
+/// What the HTTP front does with a streaming chat completion (`"stream": true`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamMode {
+    /// Route only: the chosen upstream's events pass through as they come, never verified
+    /// (by the time an answer could be read the client has it).
+    #[default]
+    Pass,
+    /// The whole cascade, as for a request without `stream`: answers are read whole, verified
+    /// and escalated as the policy says, and the one that ships is sent as events. The first
+    /// byte waits for the shipped answer.
+    Cascade,
+}
+
 /// A consensus policy: call `models` together and ship when `agree` of their answers commit
 /// to the same final answer (a multiple-choice pick or a declared number), else call the most
 /// expensive candidate too. Pays where cheap models' agreement is a strong signal
@@ -309,7 +327,8 @@ fn default_agree() -> usize {
     2
 }
 
-/// A policy a client names as `auto:<name>`: Route's policy fields and the verify mode.
+/// A policy a client names as `auto:<name>`: Route's policy fields, the verify mode and what a
+/// stream gets.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayPolicy {
@@ -323,6 +342,9 @@ pub struct GatewayPolicy {
     pub max_cost_usd: Option<f64>,
     #[serde(default)]
     pub verify: Option<VerifyMode>,
+    /// What a stream asked of this policy gets; unset = `gateway.stream`.
+    #[serde(default)]
+    pub stream: Option<StreamMode>,
     /// Ask cheap models together first and ship what they agree on (chat completions; a stream
     /// gets the shipped answer as events once decided; ext_proc routes as the other fields say).
     #[serde(default)]

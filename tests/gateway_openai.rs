@@ -12,7 +12,9 @@ use std::process::{Command, Stdio};
 use common::upstream::{self, Stub};
 use common::Server;
 use serde_json::{json, Value};
-use tiergate::config::{Config, ConsensusConfig, GatewayPolicy, UpstreamConfig, VerifyMode};
+use tiergate::config::{
+    Config, ConsensusConfig, GatewayPolicy, StreamMode, UpstreamConfig, VerifyMode,
+};
 
 const FLASH: &str = "gemini-2.5-flash";
 const SONNET: &str = "claude-sonnet-4.6";
@@ -74,6 +76,14 @@ fn config(stub: &Stub, http: &str) -> Config {
     c.gateway
         .policies
         .insert("verified".into(), verify(VerifyMode::Always));
+    // The same, and a stream asked of it gets the whole cascade.
+    let verified_stream = GatewayPolicy {
+        stream: Some(StreamMode::Cascade),
+        ..verify(VerifyMode::Always)
+    };
+    c.gateway
+        .policies
+        .insert("verified_stream".into(), verified_stream);
     // Listed dearest first: the gateway asks them cheapest first whatever the order here.
     let vote = GatewayPolicy {
         consensus: Some(ConsensusConfig {
@@ -495,6 +505,29 @@ async fn the_openai_client_gets_the_cascade() {
             c["stream"] = json!(true);
             c
         },
+        // A stream under `verified` passes through unverified (stream = "pass", the default);
+        // under `verified_stream` the refusal is verified and escalated first.
+        {
+            let mut c = case(
+                "stream_unverified",
+                "auto:verified",
+                CLOSE,
+                json!({"answer": {"stub-flash": refusal, "stub-sonnet": good}}),
+            );
+            c["stream"] = json!(true);
+            c
+        },
+        {
+            let mut c = case(
+                "stream_verified",
+                "auto:verified_stream",
+                CLOSE,
+                json!({"answer": {"stub-flash": refusal, "stub-sonnet": good}}),
+            );
+            c["stream"] = json!(true);
+            c["extra_body"]["stream_options"] = json!({"include_usage": true});
+            c
+        },
         {
             let mut c = case(
                 "stream_failover",
@@ -906,6 +939,26 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(sf["headers"]["x-tiergate-model"], SONNET, "{sf}");
     assert_eq!(sf["headers"]["x-tiergate-escalations"], "1");
     assert_eq!(sf["text"], "Hello from stub-sonnet via stub");
+    let su = &r["stream_unverified"];
+    assert_eq!(su["headers"]["x-tiergate-model"], FLASH, "{su}");
+    assert_eq!(su["text"], "Hello from stub-flash via stub");
+    assert_eq!(stub.models("stream_unverified"), ["stub-flash"]);
+    // stream = "cascade": both asked without `stream`, the refusal turned down, sonnet's answer
+    // sent as events (a content chunk, a finishing one, usage with the whole request's cost).
+    let sv = &r["stream_verified"];
+    assert_eq!(sv["headers"]["x-tiergate-model"], SONNET, "{sv}");
+    assert_eq!(sv["headers"]["x-tiergate-escalations"], "1");
+    assert_eq!(sv["text"], good);
+    assert_eq!(sv["chunks"], 3);
+    let spent = cost(FLASH, &cfg) + cost(SONNET, &cfg);
+    assert!(close(header_f64(sv, "x-tiergate-cost-usd"), spent), "{sv}");
+    assert!(close(sv["usage"]["cost"].as_f64().unwrap(), spent), "{sv}");
+    let calls = stub.calls("stream_verified");
+    assert_eq!(calls.len(), 2);
+    for c in &calls {
+        assert!(c.body.get("stream").is_none(), "{:?}", c.body);
+        assert!(c.body.get("stream_options").is_none(), "{:?}", c.body);
+    }
 
     assert_eq!(
         r["model_policy"],
@@ -941,6 +994,7 @@ async fn the_openai_client_gets_the_cascade() {
             "auto:budget",
             "auto:fast",
             "auto:verified",
+            "auto:verified_stream",
             "auto:vote",
             "auto:vote3",
             FLASH,

@@ -17,10 +17,10 @@ use serde_json::Value;
 
 use super::chat::{self, Ask};
 use super::status::GatewayError;
-use super::targets::{callable, entry, policy, prices, route_query};
+use super::targets::{callable, entry, policy, prices, route_query, stream_mode};
 use super::upstream::{UpstreamError, Upstreams};
 use crate::batch::Priority;
-use crate::config::{ConsensusConfig, UpstreamConfig, VerifyMode};
+use crate::config::{ConsensusConfig, StreamMode, UpstreamConfig, VerifyMode};
 use crate::policy::{proxy_tokens, PolicyRequest};
 use crate::service::{
     decide, Decider, RouteInput, RouteOutcome, Service, ServiceError, VerifyQuery,
@@ -175,12 +175,13 @@ impl Front {
         }
     }
 
-    /// Whether `ask` names a policy with a consensus (which reads whole answers, so a stream
-    /// asked of it is answered from the shipped one: `chat::as_sse`).
-    pub fn is_consensus(&self, ask: &Ask) -> bool {
+    /// Whether a stream asked as `ask` runs the whole cascade (a consensus, or `stream =
+    /// "cascade"`): answers are read whole and the shipped one is sent as events
+    /// (`chat::as_sse`). A model named directly always streams through.
+    pub fn streams_whole(&self, ask: &Ask) -> bool {
         let d = self.svc.decider();
         matches!(ask, Ask::Auto(name)
-            if policy(&d.cfg.gateway, name.as_deref()).is_ok_and(|(_, _, c)| c.is_some()))
+            if stream_mode(&d.cfg.gateway, name.as_deref()) == StreamMode::Cascade)
     }
 
     /// Route, call, verify, escalate; the answer that ships and what the request cost.

@@ -282,7 +282,7 @@ async fn answer(
     let (body, model) = chat::parse(body)?;
     let ask = chat::ask(&model, &g.auto_model);
     let streamed = chat::is_stream(&body);
-    if streamed && !front.is_consensus(&ask) {
+    if streamed && !front.streams_whole(&ask) {
         let s = front.stream(body, ask, deadline).await?;
         let mut out = HeaderMap::new();
         if let Some(ct) = s.resp.headers().get(header::CONTENT_TYPE) {
@@ -312,7 +312,8 @@ async fn answer(
         ));
         return Ok(((StatusCode::OK, out, stream).into_response(), answered));
     }
-    // A consensus asked to stream reads whole answers, then streams the one that ships.
+    // A stream asked of a consensus or of `stream = "cascade"` reads whole answers, then
+    // streams the one that ships.
     let usage = chat::wants_usage(&body);
     let body = if streamed {
         chat::without_stream(&body)

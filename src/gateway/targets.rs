@@ -2,7 +2,7 @@
 //! their prices, and the named policies of `auto:<name>`.
 #![forbid(unsafe_code)]
 use super::status::GatewayError;
-use crate::config::{CatalogEntryConfig, ConsensusConfig, GatewayConfig, VerifyMode};
+use crate::config::{CatalogEntryConfig, ConsensusConfig, GatewayConfig, StreamMode, VerifyMode};
 use crate::policy::PolicyRequest;
 use crate::service::Decider;
 
@@ -62,6 +62,18 @@ pub fn policy<'a>(
     ))
 }
 
+/// What a stream asked of `auto` (`name` None) or a named policy gets: the policy's `stream`,
+/// else `gateway.stream`. A consensus always reads whole answers: [`StreamMode::Cascade`].
+/// An unknown policy is `Pass` here; the request is refused where it is planned.
+pub fn stream_mode(g: &GatewayConfig, name: Option<&str>) -> StreamMode {
+    match name.and_then(|n| g.policies.get(n)) {
+        Some(p) if p.consensus.is_some() => StreamMode::Cascade,
+        Some(p) => p.stream.unwrap_or(g.stream),
+        None if name.is_some() => StreamMode::Pass,
+        None => g.stream,
+    }
+}
+
 /// The Route the gateway asks for a conversation: among `candidates`, under `policy`, at normal
 /// priority with the server's truncation, by `deadline` (the front's and ext_proc's alike).
 pub fn route_query(
@@ -79,5 +91,41 @@ pub fn route_query(
         truncation: crate::model::TruncSide::HeadTail,
         expected_output_tokens: None,
         deadline: Some(deadline),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::GatewayPolicy;
+
+    /// A policy's own `stream` wins, else `gateway.stream`; a consensus always reads whole
+    /// answers; an unknown policy streams through (its request is refused when planned).
+    #[test]
+    fn a_stream_gets_the_policys_mode_else_the_gateways() {
+        let mut g = GatewayConfig::default();
+        let named = |stream| GatewayPolicy {
+            stream,
+            ..Default::default()
+        };
+        g.policies
+            .insert("own".into(), named(Some(StreamMode::Pass)));
+        g.policies.insert("inherit".into(), named(None));
+        let vote = GatewayPolicy {
+            consensus: Some(ConsensusConfig {
+                models: vec!["a".into(), "b".into()],
+                agree: 2,
+            }),
+            ..named(Some(StreamMode::Pass))
+        };
+        g.policies.insert("vote".into(), vote);
+        for gw in [StreamMode::Pass, StreamMode::Cascade] {
+            g.stream = gw;
+            assert_eq!(stream_mode(&g, None), gw);
+            assert_eq!(stream_mode(&g, Some("inherit")), gw);
+            assert_eq!(stream_mode(&g, Some("own")), StreamMode::Pass);
+            assert_eq!(stream_mode(&g, Some("vote")), StreamMode::Cascade);
+            assert_eq!(stream_mode(&g, Some("nope")), StreamMode::Pass);
+        }
     }
 }
