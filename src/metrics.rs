@@ -13,6 +13,8 @@ pub const HTTP_CONNECTIONS: &str = "tiergate_http_connections";
 pub const EXT_PROC_PASSED: &str = "tiergate_ext_proc_passed_total";
 pub const GATEWAY_CONSENSUS: &str = "tiergate_gateway_consensus_total";
 pub const GATEWAY_CONSENSUS_PROBES: &str = "tiergate_gateway_consensus_probes_total";
+pub const GATEWAY_COST: &str = "tiergate_gateway_cost_usd_total";
+pub const GATEWAY_BASELINE: &str = "tiergate_gateway_baseline_usd_total";
 pub const QUEUE_DEPTH: &str = "tiergate_queue_depth";
 pub const BATCH_SIZE: &str = "tiergate_batch_size";
 pub const BATCH_TOKENS: &str = "tiergate_batch_tokens";
@@ -112,6 +114,17 @@ fn describe() {
         "Consensus probe calls, by result: answered, failed, or cancelled (still out when the \
          answers in settled the decision; not in the request's cost, though a provider may \
          bill it)."
+    );
+    describe_gauge!(
+        GATEWAY_COST,
+        "HTTP front: USD spent on answered chat completions (every upstream call a request made, \
+         at catalog prices on the upstreams' usage), by the model that shipped; streams passed \
+         through are not in it. Only grows."
+    );
+    describe_gauge!(
+        GATEWAY_BASELINE,
+        "HTTP front: USD the most expensive candidate would have cost for the same answers, by \
+         the model that shipped; minus tiergate_gateway_cost_usd_total, the saving. Only grows."
     );
     describe_histogram!(
         HTTP_REQUEST_SECONDS,

@@ -756,6 +756,34 @@ async fn the_openai_client_gets_the_cascade() {
     assert_eq!(vr["status"], 400, "{vr}");
     assert_eq!(sorted("vote_refused"), ["stub-flash", "stub-sonnet"]);
     let m = srv.metrics_text();
+    // What answered requests spent, and what the dearest candidate would have, are the sums of
+    // their x-tiergate-cost-usd and cost + saved; a stream passed through (no cost header, its
+    // bill is in its events) and a refused request add nothing.
+    let (mut spent_all, mut base_all, mut answered) = (0.0, 0.0, 0);
+    for o in r.as_object().unwrap().values() {
+        if o["headers"]["x-tiergate-cost-usd"].is_string() {
+            let c = header_f64(o, "x-tiergate-cost-usd");
+            spent_all += c;
+            base_all += c + header_f64(o, "x-tiergate-saved-usd");
+            answered += 1;
+        }
+    }
+    assert!(answered >= 30, "{answered}");
+    let series = |name: &str, label: &[(&str, &str)]| common::metric_sum(&m, name, label);
+    let spent_m = series("tiergate_gateway_cost_usd_total", &[]).unwrap_or(f64::NAN);
+    let base_m = series("tiergate_gateway_baseline_usd_total", &[]).unwrap_or(f64::NAN);
+    assert!(
+        (spent_m - spent_all).abs() < 1e-9,
+        "{spent_m} vs {spent_all}"
+    );
+    assert!((base_m - base_all).abs() < 1e-9, "{base_m} vs {base_all}");
+    assert!(
+        base_all > spent_all,
+        "the cascade saved: {base_all} vs {spent_all}"
+    );
+    // Labelled by the model that shipped (opus shipped `hard`, among others).
+    let opus_only = series("tiergate_gateway_cost_usd_total", &[("model", OPUS)]);
+    assert!(opus_only.is_some_and(|c| c > 0.0), "{m}");
     // The refusal kept on EASY is counted apart from escalations.
     let kept = [("decision", "kept")];
     let kept = common::metric_sum(&m, "tiergate_verify_decisions_total", &kept);

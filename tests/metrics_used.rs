@@ -20,9 +20,9 @@ fn may_be_absent(name: &str, backend: &str) -> Option<&'static str> {
         "tiergate_http_requests_total"
         | "tiergate_http_request_duration_seconds_bucket"
         | "tiergate_gateway_consensus_total"
-        | "tiergate_gateway_consensus_probes_total" => {
-            Some("needs the HTTP front and its upstreams")
-        }
+        | "tiergate_gateway_consensus_probes_total"
+        | "tiergate_gateway_cost_usd_total"
+        | "tiergate_gateway_baseline_usd_total" => Some("needs the HTTP front and its upstreams"),
         _ => None,
     }
 }

@@ -35,6 +35,9 @@ struct Answered {
     model: String,
     escalations: u32,
     cost_usd: f64,
+    /// What the most expensive candidate would have cost for the shipped answer's tokens;
+    /// None for a stream passed through, whose bill is in its events.
+    baseline_usd: Option<f64>,
     stream: bool,
     /// A consensus policy's outcome (logged only then).
     consensus: Option<&'static str>,
@@ -191,6 +194,17 @@ fn observe(t0: Instant, r: &Result<(Response, Answered), GatewayError>) {
             tracing::debug!(target: ACCESS, status = 200u16, model = %a.model,
                 escalations = a.escalations, cost_usd = a.cost_usd, stream = a.stream,
                 consensus = a.consensus, latency_ms, "answered");
+            // What answered requests cost at catalog prices on the upstreams' usage, and what
+            // the dearest candidate would have: their difference is the saving (either may
+            // grow faster; a counter cannot fall, so the saving is not one). Gauges that only
+            // grow, as Route's expected cost and saving.
+            if let Some(base) = a.baseline_usd {
+                for (name, usd) in [(m::GATEWAY_COST, a.cost_usd), (m::GATEWAY_BASELINE, base)] {
+                    if usd.is_finite() {
+                        metrics::gauge!(name, "model" => a.model.clone()).increment(usd.max(0.0));
+                    }
+                }
+            }
             StatusCode::OK
         }
         Err(e) => {
@@ -292,6 +306,7 @@ async fn answer(
             model: s.model.clone(),
             escalations: s.escalations,
             cost_usd: s.expected_cost_usd,
+            baseline_usd: None,
             stream: true,
             consensus: None,
         };
@@ -325,6 +340,7 @@ async fn answer(
         model: s.model.clone(),
         escalations: s.escalations,
         cost_usd: s.cost_usd,
+        baseline_usd: Some(s.cost_usd + s.saved_usd),
         stream: streamed,
         consensus: s.consensus,
     };
