@@ -1114,6 +1114,15 @@ impl Config {
                         key("max_cost_usd")
                     );
                 }
+                // A consensus reads whole answers: a stream asked of it cannot pass through.
+                if p.stream == Some(StreamMode::Pass) {
+                    bail!(
+                        "{} and {} = \"pass\" do not go together: a consensus reads whole \
+                         answers and sends the shipped one as events",
+                        key("consensus"),
+                        key("stream")
+                    );
+                }
                 let n = c.models.len();
                 if !(2..=MAX_CONSENSUS_MODELS).contains(&n) {
                     bail!(
@@ -1387,6 +1396,22 @@ mod tests {
         assert!(consensus(&[a, other], 2, None).contains("not a catalog model with an `upstream`"));
         assert!(consensus(&[a, "nope"], 2, None).contains("\"nope\""));
         assert!(consensus(&[a, b], 2, Some(0.01)).contains("do not go together"));
+        let streamed = |stream| {
+            with(|c| {
+                c.catalog[0].upstream = Some(up("https://api.example/v1"));
+                c.catalog[1].upstream = Some(up("https://api.example/v1"));
+                let p = GatewayPolicy {
+                    stream,
+                    consensus: Some(ConsensusConfig {
+                        models: vec![a.clone(), b.clone()],
+                        agree: 2,
+                    }),
+                    ..Default::default()
+                };
+                c.gateway.policies.insert("vote".into(), p);
+            })
+        };
+        assert!(streamed(Some(StreamMode::Pass)).contains("gateway.policies.vote.stream"));
         // A front with one callable model is valid.
         let mut c = Config::embedded().unwrap();
         c.gateway.http_listen = "127.0.0.1:0".into();

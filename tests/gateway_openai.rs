@@ -301,6 +301,18 @@ async fn the_openai_client_gets_the_cascade() {
                 "finish_reason": "length", "message": {"role": "assistant",
                     "content": "Let me work this out step by step. First"}}]}}),
         ),
+        // Cut twice: the request wants more than the providers' limits give; the second cut
+        // answer is not sent on again (it ships as Route's borderline flow reads it).
+        case(
+            "cut_twice",
+            "auto",
+            EASY,
+            json!({"answer": {"stub-opus": "4"}, "choices": {
+                "stub-flash": [{"index": 0, "finish_reason": "length", "message": {
+                    "role": "assistant", "content": "Let me work this out step by step. First"}}],
+                "stub-sonnet": [{"index": 0, "finish_reason": "length", "message": {
+                    "role": "assistant", "content": "Two plus two: first, take two and"}}]}}),
+        ),
         // ... at the client's own `max_tokens`: the length asked for, shipped as Route chose.
         {
             let mut c = case(
@@ -627,6 +639,11 @@ async fn the_openai_client_gets_the_cascade() {
             "{name}: {r}"
         );
     }
+    let ct = &r["cut_twice"];
+    assert_eq!(ct["model"], SONNET, "{ct}");
+    assert_eq!(ct["text"], "Two plus two: first, take two and", "{ct}");
+    assert_eq!(ct["headers"]["x-tiergate-escalations"], "1", "{ct}");
+    assert_eq!(stub.models("cut_twice"), ["stub-flash", "stub-sonnet"]);
     for name in ["cut_capped", "cut_fast"] {
         let r = &r[name];
         assert_eq!(r["model"], FLASH, "{name}: {r}");

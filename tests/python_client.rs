@@ -146,6 +146,13 @@ async fn the_python_client_routes_verifies_and_cascades() {
         assert_eq!(r["answer"], "The answer is B.", "{name}: {r}");
         assert_eq!(r["p_pass"], 0.0, "{name}: {r}");
     }
+    let c2 = &o["cascade_cut_twice"];
+    assert_eq!(c2["called"].as_array().map(Vec::len), Some(2), "{c2}");
+    assert_eq!(c2["escalations"], 1, "{c2}");
+    assert!(
+        c2["answer"].as_str().is_some_and(|a| a.ends_with("(2)")),
+        "{c2}"
+    );
     let cc = &o["cascade_capped"];
     assert_eq!(cc["called"], json!([ce["routed"]]), "{cc}");
     assert_eq!(cc["escalations"], 0, "{cc}");

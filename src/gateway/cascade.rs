@@ -198,15 +198,23 @@ impl Front {
         let (mut at, mut hops, mut spent) = (plan.start.clone(), 0u32, 0.0);
         // The last answer the verifier turned down: shipped if every later tier fails.
         let mut rejected: Option<(String, Value)> = None;
+        let mut cut_seen = false;
         loop {
             match self.call(&plan, &at, &body, deadline).await? {
                 Ok(reply) => {
                     spent += plan.cost(&at, &reply);
+                    // An answer cut short counts as empty once per request: when a pricier
+                    // tier's is cut too, the request wants more than the providers' limits
+                    // give, and going on would pay for another cut answer. That one is
+                    // verified as it reads.
+                    let cut = chat::cut_short(&body, &reply);
+                    let treat_cut = cut && !cut_seen;
+                    cut_seen |= cut;
                     // Earlier tiers' answers are not sent as Verify peers: agreement moves a
                     // decision only with a peer_threshold, which did not pay on dev
                     // (models/EVAL.md), and past 8 peers or a long answer Verify would refuse.
                     let to = self
-                        .escalate(&plan, &at, &reply, &body, hops, deadline)
+                        .escalate(&plan, &at, &reply, treat_cut, hops, deadline)
                         .await;
                     if let Some(to) = to {
                         rejected = Some((std::mem::replace(&mut at, to), reply));
@@ -422,8 +430,8 @@ impl Front {
         }
         // A tool call (nothing to verify) counts as text.
         let has_text = |r: &Value| {
-            !chat::cut_short(body, r)
-                && chat::verifiable(r).is_none_or(|a| !crate::model::answer::says_nothing(a))
+            chat::verifiable(r)
+                .is_none_or(|a| !crate::model::answer::says_nothing(a) && !chat::cut_short(body, r))
         };
         let pick = v
             .replies
@@ -448,7 +456,7 @@ impl Front {
         plan: &Plan,
         at: &str,
         reply: &Value,
-        body: &Value,
+        cut: bool,
         hops: u32,
         deadline: Instant,
     ) -> Option<String> {
@@ -456,10 +464,9 @@ impl Front {
             return None;
         }
         let answer = chat::verifiable(reply)?;
-        // An answer the provider cut short counts as empty: Verify is asked with nothing in
-        // it (p 0), so it goes to the likeliest pricier model, and ships only when nothing
-        // pricier is left or every later tier fails.
-        let cut = chat::cut_short(body, reply);
+        // An answer the provider cut short (`cut`) counts as empty: Verify is asked with
+        // nothing in it (p 0), so it goes to the likeliest pricier model, and ships only when
+        // nothing pricier is left or every later tier fails.
         let answer = if cut { "" } else { answer };
         let empty = crate::model::answer::says_nothing(answer);
         // Route asks for Verify only where it could send the answer somewhere better; an

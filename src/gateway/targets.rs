@@ -100,7 +100,8 @@ mod tests {
     use crate::config::GatewayPolicy;
 
     /// A policy's own `stream` wins, else `gateway.stream`; a consensus always reads whole
-    /// answers; an unknown policy streams through (its request is refused when planned).
+    /// answers (config validation refuses one set to `pass`); an unknown policy streams
+    /// through (its request is refused when planned).
     #[test]
     fn a_stream_gets_the_policys_mode_else_the_gateways() {
         let mut g = GatewayConfig::default();
@@ -116,7 +117,7 @@ mod tests {
                 models: vec!["a".into(), "b".into()],
                 agree: 2,
             }),
-            ..named(Some(StreamMode::Pass))
+            ..named(None)
         };
         g.policies.insert("vote".into(), vote);
         for gw in [StreamMode::Pass, StreamMode::Cascade] {

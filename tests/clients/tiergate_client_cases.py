@@ -127,8 +127,9 @@ def main():
                                 "answer": rb.answer}
 
         # The same for an answer without a letter or digit, and for one the provider cut
-        # short (a Reply saying so), which Verify is asked about as empty; one cut at the
-        # caller's own limit (a plain str) is verified as it reads, and ships here.
+        # short (a Reply saying so), which Verify is asked about as empty; a Reply not marked
+        # cut (say, cut at the caller's own limit) is an answer as any other: under borderline
+        # on this pick it is not verified, and ships.
         cut_text = "Let me work this out step by step. First"
         for name, first in [("cascade_symbols", " . "),
                             ("cascade_cut", Reply(cut_text, cut_short=True)),
@@ -142,6 +143,16 @@ def main():
             rc = c.cascade(EASY, call_model=call_first, policy=top)
             out[name] = {"called": list(called), "escalations": rc.escalations,
                          "answer": rc.answer, "p_pass": rc.attempts[0].p_pass}
+        # Cut twice: the second cut answer is not sent on again.
+        called.clear()
+
+        def call_cut(model):
+            called.append(model)
+            return Reply(f"{cut_text} ({len(called)})", cut_short=True)
+
+        rc = c.cascade(EASY, call_model=call_cut, policy=top)
+        out["cascade_cut_twice"] = {"called": list(called), "escalations": rc.escalations,
+                                    "answer": rc.answer}
 
         # An answer Verify refuses to read (over max_input_bytes, 256 KiB): paid for, so it
         # ships unverified rather than being lost to an exception.

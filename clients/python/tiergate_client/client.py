@@ -303,10 +303,13 @@ class Client:
         r = self.route(prompt, messages=messages, candidates=candidates, policy=policy,
                        expected_output_tokens=expected_output_tokens, timeout=timeout)
         costs = {c.model: c.expected_cost_usd for c in r.candidates}
-        model, attempts = r.model, []
+        model, attempts, cut_seen = r.model, [], False
         while True:
             reply = call_model(model)
-            cut = isinstance(reply, Reply) and reply.cut_short
+            # As the HTTP front, a cut answer counts as empty once per cascade: when a pricier
+            # model's is cut too, the request wants more than the providers' limits give.
+            was_cut = isinstance(reply, Reply) and reply.cut_short
+            cut, cut_seen = was_cut and not cut_seen, cut_seen or was_cut
             answer = reply.text if isinstance(reply, Reply) else reply
             attempt = Attempt(model=model, answer=answer)
             attempts.append(attempt)
