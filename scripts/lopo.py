@@ -10,7 +10,8 @@ SOURCE's train prompts leaves training:
 1. $WORK/data-lopo-<slug>/train.jsonl.gz: train rows without SOURCE's prompts whose
    md5("lopo:" + prompt_id) falls under SHARE; dev and catalog linked.
 2. `tiergate train` on it (TRAIN_FLAGS, default none: the shipped recipe) ->
-   $WORK/heads-lopo-<slug>.json (kept between runs; <slug> hashes DATA, SHARE and TRAIN_FLAGS).
+   $WORK/heads-lopo-<slug>-<md5 of BIN>.json (kept between runs of one binary; <slug> hashes
+   DATA, SHARE and TRAIN_FLAGS).
 3. Those prompts' train rows and SOURCE's dev rows (neither fitted those heads) become one
    traffic source named SOURCE:lopo -> $WORK/traffic-lopo-<slug>.jsonl.gz.
 4. scripts/protocol.py on it with those heads; extra arguments go to protocol.py

@@ -10,8 +10,9 @@ mbpp) leaves training while the source's other tasks keep its models known:
 1. $WORK/data-wo-<slug>/train.jsonl.gz: train rows without (SOURCE, TASK); dev and catalog
    linked. <slug> is SOURCE-TASK-<hash of DATA and TRAIN_FLAGS>.
 2. `tiergate train` on it (flags in TRAIN_FLAGS, default the quick recipe loso used:
-   --verify-rows 3000 --verify-folds 0) -> $WORK/heads-wo-<slug>.json (kept between runs:
-   a change of DATA or TRAIN_FLAGS makes another slug).
+   --verify-rows 3000 --verify-folds 0) -> $WORK/heads-wo-<slug>-<md5 of BIN>.json (kept
+   between runs: a change of DATA or TRAIN_FLAGS makes another slug, another binary other
+   heads).
 3. The task's rows from train *and* dev (neither fitted those heads) become one traffic
    source named SOURCE:TASK -> $WORK/traffic-<slug>.jsonl.gz.
 4. scripts/protocol.py on it with those heads (calibration on 20% of its prompts, thresholds
@@ -86,12 +87,18 @@ def split_out(data, train_out, traffic, leaves, name):
 
 
 def train_and_run(bin_, data, work, ddir, tag, flags, traffic, source, rest):
-    """Links dev and the catalog into ddir, trains $WORK/heads-<tag>.json on ddir (kept
-    between runs) and runs protocol.py on `traffic`'s `source` with them; its exit code."""
+    """Links dev and the catalog into ddir, trains $WORK/heads-<tag>-<binary md5>.json on ddir
+    (kept between runs of the same binary: another build may train other heads) and runs
+    protocol.py on `traffic`'s `source` with them; its exit code."""
     for name in ("dev.jsonl.gz", "catalog.json"):
         link = os.path.join(ddir, name)
         if not os.path.lexists(link):
             os.symlink(os.path.join(data, name), link)
+    h = hashlib.md5()
+    with open(bin_, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    tag = f"{tag}-{h.hexdigest()[:8]}"
     heads = os.path.join(work, f"heads-{tag}.json")
     if not os.path.exists(heads):
         cmd = [bin_, "train", "--data-dir", ddir, "--out", heads + ".part",
