@@ -1373,12 +1373,13 @@ mod tests {
             c.gateway.policies.insert("cheap".into(), p);
         })
         .contains("gateway.policies.cheap.relative_floor"));
-        let consensus = |models: &[&str], agree, max_cost_usd| {
+        let consensus = |models: &[&str], agree, max_cost_usd, stream| {
             with(|c| {
                 c.catalog[0].upstream = Some(up("https://api.example/v1"));
                 c.catalog[1].upstream = Some(up("https://api.example/v1"));
                 let p = GatewayPolicy {
                     max_cost_usd,
+                    stream,
                     consensus: Some(ConsensusConfig {
                         models: models.iter().map(|m| m.to_string()).collect(),
                         agree,
@@ -1390,28 +1391,15 @@ mod tests {
         };
         let cat = Config::embedded().unwrap().catalog;
         let (a, b, other) = (&cat[0].model, &cat[1].model, &cat[2].model);
-        assert!(consensus(&[a], 2, None).contains("lists 1 models"));
-        assert!(consensus(&[a, b], 3, None).contains("consensus.agree = 3"));
-        assert!(consensus(&[a, a], 2, None).contains("twice"));
-        assert!(consensus(&[a, other], 2, None).contains("not a catalog model with an `upstream`"));
-        assert!(consensus(&[a, "nope"], 2, None).contains("\"nope\""));
-        assert!(consensus(&[a, b], 2, Some(0.01)).contains("do not go together"));
-        let streamed = |stream| {
-            with(|c| {
-                c.catalog[0].upstream = Some(up("https://api.example/v1"));
-                c.catalog[1].upstream = Some(up("https://api.example/v1"));
-                let p = GatewayPolicy {
-                    stream,
-                    consensus: Some(ConsensusConfig {
-                        models: vec![a.clone(), b.clone()],
-                        agree: 2,
-                    }),
-                    ..Default::default()
-                };
-                c.gateway.policies.insert("vote".into(), p);
-            })
-        };
-        assert!(streamed(Some(StreamMode::Pass)).contains("gateway.policies.vote.stream"));
+        let plain = |models: &[&str], agree| consensus(models, agree, None, None);
+        assert!(plain(&[a], 2).contains("lists 1 models"));
+        assert!(plain(&[a, b], 3).contains("consensus.agree = 3"));
+        assert!(plain(&[a, a], 2).contains("twice"));
+        assert!(plain(&[a, other], 2).contains("not a catalog model with an `upstream`"));
+        assert!(plain(&[a, "nope"], 2).contains("\"nope\""));
+        assert!(consensus(&[a, b], 2, Some(0.01), None).contains("do not go together"));
+        let pass = Some(StreamMode::Pass);
+        assert!(consensus(&[a, b], 2, None, pass).contains("gateway.policies.vote.stream"));
         // A front with one callable model is valid.
         let mut c = Config::embedded().unwrap();
         c.gateway.http_listen = "127.0.0.1:0".into();

@@ -222,6 +222,21 @@ fn close(a: f64, b: f64) -> bool {
     (a - b).abs() < 1e-12
 }
 
+/// The case asked as a stream.
+fn streamed(mut c: Value) -> Value {
+    c["stream"] = json!(true);
+    c
+}
+
+/// A reply's `choices` with one answer the provider cut at its token limit.
+fn cut_at_limit(text: &str) -> Value {
+    json!([{"index": 0, "finish_reason": "length",
+        "message": {"role": "assistant", "content": text}}])
+}
+
+/// The head of an answer `cut_at_limit` returns.
+const CUT: &str = "Let me work this out step by step. First";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_client_gets_the_cascade() {
     let stub = Stub::start("stub").await;
@@ -297,9 +312,7 @@ async fn the_openai_client_gets_the_cascade() {
             "cut_short",
             "auto",
             EASY,
-            json!({"answer": {"stub-sonnet": "4"}, "choices": {"stub-flash": [{"index": 0,
-                "finish_reason": "length", "message": {"role": "assistant",
-                    "content": "Let me work this out step by step. First"}}]}}),
+            json!({"answer": {"stub-sonnet": "4"}, "choices": {"stub-flash": cut_at_limit(CUT)}}),
         ),
         // Cut twice: the request wants more than the providers' limits give; the second cut
         // answer is not sent on again (it ships as Route's borderline flow reads it).
@@ -307,11 +320,8 @@ async fn the_openai_client_gets_the_cascade() {
             "cut_twice",
             "auto",
             EASY,
-            json!({"answer": {"stub-opus": "4"}, "choices": {
-                "stub-flash": [{"index": 0, "finish_reason": "length", "message": {
-                    "role": "assistant", "content": "Let me work this out step by step. First"}}],
-                "stub-sonnet": [{"index": 0, "finish_reason": "length", "message": {
-                    "role": "assistant", "content": "Two plus two: first, take two and"}}]}}),
+            json!({"answer": {"stub-opus": "4"}, "choices": {"stub-flash": cut_at_limit(CUT),
+                "stub-sonnet": cut_at_limit("Two plus two: first, take two and")}}),
         ),
         // ... at the client's own `max_tokens`: the length asked for, shipped as Route chose.
         {
@@ -319,9 +329,7 @@ async fn the_openai_client_gets_the_cascade() {
                 "cut_capped",
                 "auto",
                 EASY,
-                json!({"answer": {"stub-sonnet": "4"}, "choices": {"stub-flash": [{"index": 0,
-                    "finish_reason": "length", "message": {"role": "assistant",
-                        "content": "Let me work this out step by step. First"}}]}}),
+                json!({"answer": {"stub-sonnet": "4"}, "choices": {"stub-flash": cut_at_limit(CUT)}}),
             );
             c["extra_body"]["max_tokens"] = json!(8);
             c
@@ -331,9 +339,7 @@ async fn the_openai_client_gets_the_cascade() {
             "cut_fast",
             "auto:fast",
             EASY,
-            json!({"answer": {"stub-sonnet": "4"}, "choices": {"stub-flash": [{"index": 0,
-                "finish_reason": "length", "message": {"role": "assistant",
-                    "content": "Let me work this out step by step. First"}}]}}),
+            json!({"answer": {"stub-sonnet": "4"}, "choices": {"stub-flash": cut_at_limit(CUT)}}),
         ),
         // No choices at all: a malformed reply, retried at the next tier.
         case(
@@ -418,27 +424,21 @@ async fn the_openai_client_gets_the_cascade() {
             "auto:vote",
             MCQ,
             json!({"answer": {"stub-sonnet": "(B)"}, "fail": {"stub-opus": 503},
-                "choices": {"stub-flash": [{"index": 0, "finish_reason": "length",
-                    "message": {"role": "assistant", "content": "Mars is small; Jupiter"}}]}}),
+                "choices": {"stub-flash": cut_at_limit("Mars is small; Jupiter")}}),
         ),
+        streamed(case(
+            "vote_stream",
+            "auto:vote",
+            MCQ,
+            json!({"answer": {"stub-flash": "The answer is (B).", "stub-sonnet": "B"}}),
+        )),
         {
-            let mut c = case(
-                "vote_stream",
-                "auto:vote",
-                MCQ,
-                json!({"answer": {"stub-flash": "The answer is (B).", "stub-sonnet": "B"}}),
-            );
-            c["stream"] = json!(true);
-            c
-        },
-        {
-            let mut c = case(
+            let mut c = streamed(case(
                 "vote_stream_usage",
                 "auto:vote",
                 MCQ,
                 json!({"answer": {"stub-flash": "The answer is (B).", "stub-sonnet": "B"}}),
-            );
-            c["stream"] = json!(true);
+            ));
             c["extra_body"]["stream_options"] = json!({"include_usage": true});
             c
         },
@@ -512,44 +512,31 @@ async fn the_openai_client_gets_the_cascade() {
             c["headers"] = json!({"x-tiergate-timeout-ms": "500"});
             c
         },
-        {
-            let mut c = case("stream", "auto:fast", EASY, json!({}));
-            c["stream"] = json!(true);
-            c
-        },
+        streamed(case("stream", "auto:fast", EASY, json!({}))),
         // A stream under `verified` passes through unverified (stream = "pass", the default);
         // under `verified_stream` the refusal is verified and escalated first.
+        streamed(case(
+            "stream_unverified",
+            "auto:verified",
+            CLOSE,
+            json!({"answer": {"stub-flash": refusal, "stub-sonnet": good}}),
+        )),
         {
-            let mut c = case(
-                "stream_unverified",
-                "auto:verified",
-                CLOSE,
-                json!({"answer": {"stub-flash": refusal, "stub-sonnet": good}}),
-            );
-            c["stream"] = json!(true);
-            c
-        },
-        {
-            let mut c = case(
+            let mut c = streamed(case(
                 "stream_verified",
                 "auto:verified_stream",
                 CLOSE,
                 json!({"answer": {"stub-flash": refusal, "stub-sonnet": good}}),
-            );
-            c["stream"] = json!(true);
+            ));
             c["extra_body"]["stream_options"] = json!({"include_usage": true});
             c
         },
-        {
-            let mut c = case(
-                "stream_failover",
-                "auto:fast",
-                EASY,
-                json!({"fail": {"stub-flash": 502}}),
-            );
-            c["stream"] = json!(true);
-            c
-        },
+        streamed(case(
+            "stream_failover",
+            "auto:fast",
+            EASY,
+            json!({"fail": {"stub-flash": 502}}),
+        )),
         json!({"name": "models", "kind": "models"}),
         json!({"name": "model_policy", "kind": "model", "model": "auto:fast"}),
         json!({"name": "model_unknown", "kind": "model", "model": "gpt-nope"}),
@@ -647,10 +634,7 @@ async fn the_openai_client_gets_the_cascade() {
     for name in ["cut_capped", "cut_fast"] {
         let r = &r[name];
         assert_eq!(r["model"], FLASH, "{name}: {r}");
-        assert_eq!(
-            r["text"], "Let me work this out step by step. First",
-            "{name}: {r}"
-        );
+        assert_eq!(r["text"], CUT, "{name}: {r}");
         assert_eq!(r["headers"]["x-tiergate-escalations"], "0", "{name}: {r}");
         assert_eq!(stub.models(name), ["stub-flash"], "{name}");
     }
