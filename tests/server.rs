@@ -604,18 +604,14 @@ async fn bad_inputs_get_typed_errors() {
     }
 
     // A deadline shorter than the work, sent as grpc-timeout only (no client-side timer): the
-    // server answers DEADLINE_EXCEEDED (our batcher) or CANCELLED (tonic's timeout layer,
-    // whichever fires first), never OK and never a hang.
+    // server answers DEADLINE_EXCEEDED, never OK, never a hang, and never the CANCELLED
+    // "Timeout expired" of tonic's own timer, which clients do not read as a deadline.
+    // (tests/faults.rs has the deadline passing while the backend computes.)
     let mut req = tonic::Request::new(route(&prompt_of(250, 3)));
     req.metadata_mut()
         .insert("grpc-timeout", "1u".parse().unwrap());
     let e = c.route(req).await.unwrap_err();
-    assert!(
-        matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled),
-        "{:?} {}",
-        e.code(),
-        e.message()
-    );
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message());
 
     // The server is still healthy after all that.
     assert!(c.route(route("still alive?")).await.is_ok());

@@ -12,6 +12,8 @@ use super::convert::{self, deadline_of};
 use super::observe::{self, TraceParent};
 use super::status::{classify, message, to_status};
 use super::stream::{serve_stream, BoxStream};
+use crate::batch::BatchError;
+use crate::pipeline::EncodeError;
 use crate::proto::{self, router_server::Router};
 use crate::service::{Service, ServiceError};
 
@@ -24,6 +26,27 @@ pub fn max_request_bytes(b: &crate::config::BatchConfig) -> usize {
     b.max_input_bytes
         .saturating_mul(2 + crate::service::MAX_PEERS)
         .saturating_add(64 * 1024)
+}
+
+/// How long before the client's deadline a unary call answers DEADLINE_EXCEEDED itself.
+/// tonic's own grpc-timeout timer, started a moment earlier from the same header, would
+/// otherwise end the call with CANCELLED "Timeout expired", which gRPC clients do not read as
+/// a deadline. Polled first inside that timer's future, ours wins once it has passed.
+const ANSWER_BEFORE_DEADLINE: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// `work`, or DEADLINE_EXCEEDED just before `deadline` if it is still running then.
+async fn by_deadline<T>(
+    deadline: Option<Instant>,
+    work: impl std::future::Future<Output = Result<T, ServiceError>>,
+) -> Result<T, ServiceError> {
+    let Some(d) = deadline else {
+        return work.await;
+    };
+    let at = d.checked_sub(ANSWER_BEFORE_DEADLINE).unwrap_or(d);
+    match tokio::time::timeout_at(at.into(), work).await {
+        Ok(r) => r,
+        Err(_) => Err(EncodeError::from(BatchError::DeadlineExceeded).into()),
+    }
 }
 
 pub struct RouterService {
@@ -85,7 +108,7 @@ impl RouterService {
         let span = observe::span("Route", &r.request_id, trace.as_ref());
         async move {
             let guard = observe::Unfinished::new("Route", Instant::now(), deadline);
-            let res = self.route_inner(r, deadline).await;
+            let res = by_deadline(deadline, self.route_inner(r, deadline)).await;
             guard.finish(&res);
             res.map_err(|e| to_status(&e))
         }
@@ -103,7 +126,7 @@ impl RouterService {
         let span = observe::span("Verify", &r.request_id, trace.as_ref());
         async move {
             let guard = observe::Unfinished::new("Verify", Instant::now(), deadline);
-            let res = self.verify_inner(r, deadline).await;
+            let res = by_deadline(deadline, self.verify_inner(r, deadline)).await;
             guard.finish(&res);
             res.map_err(|e| to_status(&e))
         }
