@@ -700,6 +700,26 @@ mod number_or_off {
     }
 }
 
+/// The line in `text` (a TOML document) of the value at the dotted key `path`, if the
+/// document has it (a key with a dot of its own in quotes is not found).
+fn line_of(text: &str, path: &str) -> Option<usize> {
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut table = doc.get_ref();
+    let mut segs = path.split('.').peekable();
+    let value = loop {
+        let seg = segs.next()?;
+        let v = table.iter().find(|(k, _)| k.get_ref() == seg)?.1;
+        if segs.peek().is_none() {
+            break v;
+        }
+        match v.get_ref() {
+            toml::de::DeValue::Table(t) => table = t,
+            _ => return None,
+        }
+    };
+    Some(text.get(..value.span().start)?.matches('\n').count() + 1)
+}
+
 /// `over` laid over `base`: tables merge recursively, anything else replaces.
 fn lay_over(base: &mut toml::Table, over: toml::Table) {
     for (k, v) in over {
@@ -732,7 +752,21 @@ impl Config {
             // of a list); only what the file leaves out is missing from it alone.
             match toml::from_str::<Config>(text) {
                 Err(e) if !e.message().starts_with("missing field") => anyhow::Error::new(e),
-                _ => anyhow::Error::new(merged_err),
+                // Alone, the file stops at a table it holds in part: name the line of the key
+                // the merged error names, when the file has it.
+                _ => {
+                    let msg = merged_err.to_string();
+                    let line = msg
+                        .rsplit_once("in `")
+                        .and_then(|(_, k)| k.split('`').next())
+                        .and_then(|path| line_of(text, path));
+                    match line {
+                        Some(n) => {
+                            anyhow::anyhow!("line {n}: {}", msg.trim_end().replace('\n', " "))
+                        }
+                        None => anyhow::Error::new(merged_err),
+                    }
+                }
             }
         })
     }
@@ -1253,6 +1287,10 @@ mod tests {
         let e = err("[batch]\nmax_queu = 1\n");
         assert!(e.contains("max_queu"), "{e}");
         assert!(err("[batch\n").contains("line 1"));
+        // After a table the file holds in part (alone, it stops there: missing fields), the
+        // line of the key the merged value names.
+        let e = err("[batch]\nmax_batch_tokens = 4096\n\n[gateway]\nverify = \"sometimes\"\n");
+        assert!(e.contains("line 5") && e.contains("gateway.verify"), "{e}");
         // Inside a list, the line points at the entry.
         let entry = "[[catalog]]\nmodel = \"a\"\nin_usd_per_mtok = 1.0\nout_usd_per_mtok = 2.0\n";
         let e = err(&format!(
