@@ -43,6 +43,15 @@ pub const ROUTE_P_PASS: &str = "tiergate_route_p_pass";
 pub const FAST_PATH: &str = "tiergate_route_fast_path_total";
 pub const TOKENIZE_BACKLOG: &str = "tiergate_tokenize_backlog_bytes";
 
+/// Adds `usd` to a running USD sum labelled by `model`: a gauge that only grows, since the
+/// `metrics` crate's counters count integers (`rate()` it). A non-finite amount would stay in
+/// the sum for the life of the process and is not added; a negative one adds nothing.
+pub fn add_usd(name: &'static str, model: &str, usd: f64) {
+    if usd.is_finite() {
+        metrics::gauge!(name, "model" => model.to_string()).increment(usd.max(0.0));
+    }
+}
+
 const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];

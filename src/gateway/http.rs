@@ -196,14 +196,10 @@ fn observe(t0: Instant, r: &Result<(Response, Answered), GatewayError>) {
                 consensus = a.consensus, latency_ms, "answered");
             // What answered requests cost at catalog prices on the upstreams' usage, and what
             // the dearest candidate would have: their difference is the saving (either may
-            // grow faster; a counter cannot fall, so the saving is not one). Gauges that only
-            // grow, as Route's expected cost and saving.
+            // grow faster; a running sum cannot fall, so the saving is not one).
             if let Some(base) = a.baseline_usd {
-                for (name, usd) in [(m::GATEWAY_COST, a.cost_usd), (m::GATEWAY_BASELINE, base)] {
-                    if usd.is_finite() {
-                        metrics::gauge!(name, "model" => a.model.clone()).increment(usd.max(0.0));
-                    }
-                }
+                m::add_usd(m::GATEWAY_COST, &a.model, a.cost_usd);
+                m::add_usd(m::GATEWAY_BASELINE, &a.model, base);
             }
             StatusCode::OK
         }

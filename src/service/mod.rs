@@ -328,16 +328,9 @@ impl Service {
         metrics::counter!(m::DECISIONS, "model" => chosen.model.clone(), "reason" => d.reason)
             .increment(1);
         // Here, not at an edge, so every entry point's Routes (gRPC, the HTTP front, Envoy's
-        // ext_proc) are counted. A non-finite amount would stay in the running sum for the
-        // life of the process.
-        for (name, usd) in [
-            (m::EXPECTED_COST, chosen.cost),
-            (m::EXPECTED_SAVING, d.expected_saving),
-        ] {
-            if usd.is_finite() {
-                metrics::gauge!(name, "model" => chosen.model.clone()).increment(usd.max(0.0));
-            }
-        }
+        // ext_proc) are counted.
+        m::add_usd(m::EXPECTED_COST, &chosen.model, chosen.cost);
+        m::add_usd(m::EXPECTED_SAVING, &chosen.model, d.expected_saving);
         metrics::histogram!(m::ROUTE_P_PASS, "model" => chosen.model.clone()).record(chosen.p_pass);
         Ok(RouteOutcome {
             request_id: q.request_id,
