@@ -40,8 +40,9 @@ class Policy:
 class Reply:
     """What `call_model` may return instead of the bare text: the answer, and whether the
     provider cut it short, i.e. stopped at its own token limit (OpenAI's `finish_reason:
-    "length"`) where the request set no `max_tokens`. A cut answer counts as empty, as on the
-    HTTP front: its head reads to the verifier much like the whole answer."""
+    "length"`) where the request set neither `max_tokens` nor `max_completion_tokens`. A cut
+    answer counts as empty, as on the HTTP front: its head reads to the verifier much like the
+    whole answer."""
 
     text: str
     cut_short: bool = False
@@ -308,9 +309,9 @@ class Client:
             reply = call_model(model)
             # As the HTTP front, a cut answer counts as empty once per cascade: when a pricier
             # model's is cut too, the request wants more than the providers' limits give.
-            was_cut = isinstance(reply, Reply) and reply.cut_short
+            answer, was_cut = ((reply.text, reply.cut_short) if isinstance(reply, Reply)
+                               else (reply, False))
             cut, cut_seen = was_cut and not cut_seen, cut_seen or was_cut
-            answer = reply.text if isinstance(reply, Reply) else reply
             attempt = Attempt(model=model, answer=answer)
             attempts.append(attempt)
             hops_left = len(attempts) - 1 < max_escalations
